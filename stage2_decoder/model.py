@@ -1,0 +1,60 @@
+"""Show-and-Tell decoder: projected image feature as the LSTM's first input, then the words."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+
+@dataclass
+class DecoderConfig:
+    feature_dim: int  # D of the cached backbone features
+    vocab_size: int
+    embed_size: int = 256
+    hidden_size: int = 512
+    num_layers: int = 1
+    dropout: float = 0.0  # on word embeddings / LSTM outputs (and between LSTM layers)
+
+
+class CaptionDecoder(nn.Module):
+    """features (B, D) -> Linear+BatchNorm -> (B, E) image embedding fed at t=0; then the LSTM
+    reads <start> w1 .. wn and is trained to emit w1 .. wn <end>."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.project = nn.Linear(cfg.feature_dim, cfg.embed_size)
+        self.bn = nn.BatchNorm1d(cfg.embed_size, momentum=0.01)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_size, padding_idx=0)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.lstm = nn.LSTM(cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True,
+                            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
+        self.out = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+
+    def image_embedding(self, features: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.project(features.float()))  # (B, E)
+
+    def init_state(self, features: torch.Tensor):
+        """Run the t=0 step on the image embedding; returns the LSTM state (h, c), each (L, B, H)."""
+        _, state = self.lstm(self.image_embedding(features).unsqueeze(1))
+        return state
+
+    def forward(self, features: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Logits for the packed targets.
+
+        features (B, D); inputs (B, T) = <start> w1 .. wn, padded; lengths (B,) = n + 1.
+        Returns (sum(lengths), V), in the order of `pack_padded_sequence(targets, lengths,
+        batch_first=True, enforce_sorted=False).data`.
+        """
+        state = self.init_state(features)
+        emb = self.drop(self.embed(inputs))  # (B, T, E)
+        packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        hidden, _ = self.lstm(packed, state)  # the LSTM permutes `state` to the packed order itself
+        return self.out(self.drop(hidden.data))  # (sum(lengths), V)
+
+    def step(self, tokens: torch.Tensor, state):
+        """One decoding step: tokens (B,) -> log-probs (B, V), new state."""
+        h, state = self.lstm(self.embed(tokens).unsqueeze(1), state)
+        return torch.log_softmax(self.out(h.squeeze(1)).float(), dim=-1), state
