@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.data
 from PIL import Image, ImageOps
 from torch import nn
 
@@ -123,6 +124,27 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent -> white
         im = Image.alpha_composite(bg, im)
     return im.convert("RGB")
+
+
+class ImageRows(torch.utils.data.Dataset):
+    """(row, path) pairs -> (row, uint8 image, error message or ""), for DataLoader workers.
+
+    The row travels with the image so results are stored by row, whatever order workers
+    finish in; an unreadable file yields a zero image and its error instead of raising.
+    """
+
+    def __init__(self, items: list[tuple[int, str]], pp: Preprocess):
+        self.items, self.pp = items, pp
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        row, path = self.items[i]
+        try:
+            return row, load_image_u8(path, self.pp), ""
+        except ImageError as e:
+            return row, torch.zeros(3, self.pp.crop, self.pp.crop, dtype=torch.uint8), str(e)
 
 
 class Backbone:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common.backbones import DEFAULT_BACKBONE, ImageError, Preprocess, load_backbone, load_image_u8, resolve_device
+from common.backbones import DEFAULT_BACKBONE, ImageRows, load_backbone, resolve_device
 from common.datasets import guess_format, load_dataset
 from common.feature_cache import DONE, FAILED, PENDING, CacheError, CacheMeta, CacheWriter, mismatch, read_meta
 
@@ -45,24 +45,6 @@ class ExtractSummary:
     @property
     def images_per_s(self) -> float:
         return (self.done_now + self.failed_now) / self.seconds if self.seconds > 0 else 0.0
-
-
-class ImageRows(Dataset):
-    """(row, path) pairs -> (row, uint8 image, error). The row travels with the image, so
-    results are written by row whatever order workers finish in."""
-
-    def __init__(self, items: list[tuple[int, str]], pp: Preprocess):
-        self.items, self.pp = items, pp
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        row, path = self.items[i]
-        try:
-            return row, load_image_u8(path, self.pp), ""
-        except ImageError as e:
-            return row, torch.zeros(3, self.pp.crop, self.pp.crop, dtype=torch.uint8), str(e)
 
 
 def extract(cfg: ExtractConfig) -> ExtractSummary:

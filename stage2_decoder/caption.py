@@ -25,6 +25,7 @@ class Captioner:
     backbone: object  # common.backbones.Backbone
     decoder: object  # stage2_decoder.model.CaptionDecoder
     vocab: object  # common.vocab.Vocabulary
+    decode_cfg: object = None  # stage2_decoder.decode.DecodeConfig used by callers that set it
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "auto", weights: str | None = None) -> "Captioner":
@@ -49,12 +50,14 @@ class Captioner:
         batch = torch.stack([load_image_u8(p, self.backbone.preprocess) for p in paths])
         return self.backbone.encode(batch)
 
-    def caption_features(self, feats: torch.Tensor, beam_size: int = 3, max_len: int = 20) -> list[str]:
-        from stage2_decoder.decode import beam_search, greedy
+    def caption_features(self, feats: torch.Tensor, beam_size: int = 3, max_len: int = 20,
+                         decode_cfg=None) -> list[str]:
+        """(B, D) features -> captions; `decode_cfg` (DecodeConfig) overrides beam_size/max_len."""
+        from stage2_decoder.decode import DecodeConfig, decode
 
+        cfg = decode_cfg or DecodeConfig(beam_size=beam_size, max_len=max_len)
         feats = feats.to(next(self.decoder.parameters()).device)
-        ids = greedy(self.decoder, feats, max_len) if beam_size == 1 else beam_search(self.decoder, feats, beam_size, max_len)
-        return [" ".join(self.vocab.decode(s)) for s in ids]
+        return [" ".join(self.vocab.decode(s)) for s in decode(self.decoder, feats, cfg)]
 
 
 def collect_images(inputs: list[str]) -> list[str]:
@@ -70,7 +73,7 @@ def collect_images(inputs: list[str]) -> list[str]:
 
 
 def caption_paths(cap: Captioner, paths: list[str], beam_size: int = 3, max_len: int = 20, batch_size: int = 32,
-                  progress: bool = False):
+                  progress: bool = False, decode_cfg=None):
     """Yield (path, caption or None, error or None) for each path, batching the readable ones."""
     from common.backbones import ImageError, load_image_u8
 
@@ -87,7 +90,7 @@ def caption_paths(cap: Captioner, paths: list[str], beam_size: int = 3, max_len:
         captions = {}
         if tensors:
             feats = cap.backbone.encode(torch.stack(tensors))
-            captions = dict(zip(good, cap.caption_features(feats, beam_size, max_len)))
+            captions = dict(zip(good, cap.caption_features(feats, beam_size, max_len, decode_cfg)))
         for p in chunk:
             yield p, captions.get(p), errors.get(p)
         bar.update(len(chunk))
@@ -99,13 +102,22 @@ def caption_paths(cap: Captioner, paths: list[str], beam_size: int = 3, max_len:
 @click.option("--checkpoint", required=True, type=click.Path(), help="A best.pt / last.pt from training.")
 @click.option("--beam-size", type=click.IntRange(min=1), default=3, show_default=True, help="1 = greedy.")
 @click.option("--max-len", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--min-len", type=click.IntRange(min=0), default=1, show_default=True, help="Words before <end> may end it.")
+@click.option("--length-penalty", type=float, default=0.7, show_default=True,
+              help="Beam score = log p / length ** this (0 = plain sum).")
+@click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Forbid repeating n-grams of this size (0 = off).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--weights", default=None, help="Backbone weights file, if it moved since extraction.")
 @click.option("--json", "as_json", is_flag=True, help='Print a JSON list of {"image", "caption"}.')
-def main(images, checkpoint, beam_size, max_len, batch_size, device, weights, as_json):
+def main(images, checkpoint, beam_size, max_len, min_len, length_penalty, no_repeat_ngram, batch_size, device,
+         weights, as_json):
     """Caption image files (or every image in a folder)."""
     from common.cli import run_guarded
+    from stage2_decoder.decode import DecodeConfig
+
+    dcfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
 
     def work():
         cap = Captioner.from_checkpoint(checkpoint, device, weights)
@@ -114,7 +126,7 @@ def main(images, checkpoint, beam_size, max_len, batch_size, device, weights, as
             raise ValueError(f"no image files in {' '.join(images)}")
         results, failed = [], 0
         for path, caption, err in caption_paths(cap, paths, beam_size, max_len, batch_size,
-                                                progress=len(paths) > batch_size):
+                                                progress=len(paths) > batch_size, decode_cfg=dcfg):
             if err is not None:
                 failed += 1
                 click.echo(f"error: {err}", err=True)

@@ -1,6 +1,8 @@
 """Greedy and beam-search decoding of a trained CaptionDecoder (call in eval mode)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from stage2_decoder.model import CaptionDecoder
@@ -8,8 +10,17 @@ from stage2_decoder.model import CaptionDecoder
 START_ID, END_ID = 1, 2
 
 
+@dataclass
+class DecodeConfig:
+    beam_size: int = 3  # 1 = greedy
+    max_len: int = 20
+    min_len: int = 1  # words before <end> may be chosen
+    length_penalty: float = 0.7  # beam score = sum log p / len ** length_penalty (0 = plain sum)
+    no_repeat_ngram: int = 0  # forbid repeating any n-gram of this size (0 = off)
+
+
 @torch.inference_mode()
-def greedy(model: CaptionDecoder, features: torch.Tensor, max_len: int = 20) -> list[list[int]]:
+def greedy(model: CaptionDecoder, features: torch.Tensor, max_len: int = 20, min_len: int = 0) -> list[list[int]]:
     """features (B, D) -> per image, the word ids up to (not including) <end>."""
     state = model.init_state(features)
     b = features.shape[0]
@@ -17,7 +28,9 @@ def greedy(model: CaptionDecoder, features: torch.Tensor, max_len: int = 20) -> 
     out = torch.zeros(b, max_len, dtype=torch.long, device=features.device)
     finished = torch.zeros(b, dtype=torch.bool, device=features.device)
     for t in range(max_len):
-        logp, state = model.step(tokens, state)
+        logp, state = model.step(tokens, state)  # (B, V)
+        if t < min_len:
+            logp[:, END_ID] = float("-inf")
         tokens = logp.argmax(-1)
         out[:, t] = tokens
         finished |= tokens == END_ID
@@ -30,47 +43,85 @@ def _until_end(ids: list[int]) -> list[int]:
     return ids[: ids.index(END_ID)] if END_ID in ids else ids
 
 
-@torch.inference_mode()
+def decode(model: CaptionDecoder, features: torch.Tensor, cfg: DecodeConfig) -> list[list[int]]:
+    """Greedy when beam_size == 1 (and no n-gram blocking), beam search otherwise."""
+    if cfg.beam_size == 1 and cfg.no_repeat_ngram == 0:
+        return greedy(model, features, cfg.max_len, cfg.min_len)
+    return [hyps[0][0] for hyps in beam_search_nbest(model, features, cfg)]
+
+
 def beam_search(model: CaptionDecoder, features: torch.Tensor, beam_size: int = 3, max_len: int = 20,
-                length_penalty: float = 0.0) -> list[list[int]]:
-    """Beam search per image; returns the best hypothesis' word ids (no <end>).
-
-    Scores are summed log-probs divided by len**length_penalty (0 = plain sum). With
-    beam_size=1 this is exactly greedy decoding.
-    """
-    results = []
-    for i in range(features.shape[0]):
-        results.append(_beam_one(model, features[i:i + 1], beam_size, max_len, length_penalty))
-    return results
+                length_penalty: float = 0.0, min_len: int = 0, no_repeat_ngram: int = 0) -> list[list[int]]:
+    """Best hypothesis per image (word ids, no <end>). With beam_size=1 this equals greedy."""
+    cfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
+    return [hyps[0][0] for hyps in beam_search_nbest(model, features, cfg)]
 
 
-def _beam_one(model, feature, k, max_len, alpha):
-    h, c = model.init_state(feature)  # (L, 1, H)
-    device = feature.device
-    seqs = torch.empty(1, 0, dtype=torch.long, device=device)
-    scores = torch.zeros(1, device=device)
-    tokens = torch.full((1,), START_ID, dtype=torch.long, device=device)
-    state = (h, c)
-    done: list[tuple[float, list[int]]] = []
-    for t in range(max_len):
-        logp, state = model.step(tokens, state)  # (n, V)
-        cand = (scores.unsqueeze(1) + logp).view(-1)  # (n * V,)
-        top, idx = cand.topk(min(k, cand.numel()))
+@torch.inference_mode()
+def beam_search_nbest(model: CaptionDecoder, features: torch.Tensor, cfg: DecodeConfig
+                      ) -> list[list[tuple[list[int], float]]]:
+    """Batched beam search: per image, up to beam_size (ids, normalised score), best first."""
+    b, k, dev = features.shape[0], cfg.beam_size, features.device
+    h, c = model.init_state(features)  # (L, B, H)
+    state = (h.repeat_interleave(k, dim=1), c.repeat_interleave(k, dim=1))  # (L, B*k, H)
+    scores = torch.full((b, k), float("-inf"), device=dev)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    tokens = torch.full((b * k,), START_ID, dtype=torch.long, device=dev)
+    seqs = torch.zeros(b, k, 0, dtype=torch.long, device=dev)
+    finished: list[list[tuple[list[int], float]]] = [[] for _ in range(b)]
+    done = [False] * b
+    offsets = (torch.arange(b, device=dev) * k).unsqueeze(1)  # (B, 1)
+    for t in range(cfg.max_len):
+        logp, state = model.step(tokens, state)  # (B*k, V)
         v = logp.shape[1]
-        beam_idx, word = idx // v, idx % v
-        seqs = torch.cat([seqs[beam_idx], word.unsqueeze(1)], dim=1)
-        scores = top
-        state = (state[0][:, beam_idx], state[1][:, beam_idx])
-        ended = word == END_ID
-        for j in torch.nonzero(ended).flatten().tolist():
-            length = t + 1
-            done.append((float(scores[j]) / (length ** alpha), seqs[j, :-1].tolist()))
-        keep = ~ended
-        if len(done) >= k or not bool(keep.any()):
+        logp = logp.view(b, k, v)
+        if t < cfg.min_len:
+            logp[:, :, END_ID] = float("-inf")
+        if cfg.no_repeat_ngram > 0 and t + 1 >= cfg.no_repeat_ngram:
+            _block_repeats(logp, seqs, cfg.no_repeat_ngram)
+        cand = (scores.unsqueeze(-1) + logp).view(b, k * v)
+        top, idx = cand.topk(k, dim=1)  # (B, k)
+        beam, word = idx // v, idx % v
+        seqs = torch.cat([seqs.gather(1, beam.unsqueeze(-1).expand(-1, -1, seqs.shape[2])), word.unsqueeze(-1)], 2)
+        flat = (offsets + beam).view(-1)
+        state = (state[0][:, flat], state[1][:, flat])
+        scores = top.clone()
+        ended = (word == END_ID) & torch.isfinite(top)
+        if bool(ended.any()):
+            for i, j in ended.nonzero().tolist():
+                if not done[i]:
+                    finished[i].append((seqs[i, j, :-1].tolist(), float(top[i, j]) / ((t + 1) ** cfg.length_penalty)))
+            scores[ended] = float("-inf")  # a finished beam is not extended
+        for i in range(b):
+            if not done[i] and (len(finished[i]) >= k or not bool(torch.isfinite(scores[i]).any())):
+                done[i] = True
+        if all(done):
             break
-        seqs, scores, tokens = seqs[keep], scores[keep], word[keep]
-        state = (state[0][:, keep], state[1][:, keep])
-    if not done:  # nothing ended within max_len: take the best unfinished
-        j = int(scores.argmax())
-        return seqs[j].tolist()
-    return max(done, key=lambda d: d[0])[1]
+        for i in range(b):
+            if done[i]:
+                scores[i] = float("-inf")
+        tokens = word.view(-1)
+    out = []
+    for i in range(b):
+        hyps = finished[i]
+        if len(hyps) < k:  # fill with unfinished beams (ran into max_len)
+            for j in range(k):
+                if torch.isfinite(scores[i, j]):
+                    hyps.append((seqs[i, j].tolist(), float(scores[i, j]) / (cfg.max_len ** cfg.length_penalty)))
+        out.append(sorted(hyps, key=lambda h: -h[1])[:k] or [([], float("-inf"))])
+    return out
+
+
+def _block_repeats(logp: torch.Tensor, seqs: torch.Tensor, n: int) -> None:
+    """Set -inf on words that would repeat an n-gram already in the beam's sequence."""
+    b, k, t = seqs.shape
+    if t < n - 1:
+        return
+    rows = seqs.tolist()
+    for i in range(b):
+        for j in range(k):
+            s = rows[i][j]
+            prefix = tuple(s[t - n + 1:]) if n > 1 else ()
+            banned = [s[p + n - 1] for p in range(t - n + 1) if tuple(s[p:p + n - 1]) == prefix]
+            if banned:
+                logp[i, j, banned] = float("-inf")

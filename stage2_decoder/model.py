@@ -57,4 +57,6 @@ class CaptionDecoder(nn.Module):
     def step(self, tokens: torch.Tensor, state):
         """One decoding step: tokens (B,) -> log-probs (B, V), new state."""
         h, state = self.lstm(self.embed(tokens).unsqueeze(1), state)
-        return torch.log_softmax(self.out(h.squeeze(1)).float(), dim=-1), state
+        logits = self.out(h.squeeze(1)).float()
+        logits[:, :2] = float("-inf")  # never emit <pad> (0) or <start> (1)
+        return torch.log_softmax(logits, dim=-1), state

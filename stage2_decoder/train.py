@@ -51,6 +51,12 @@ class TrainConfig:
     val_frac: float = 0.05
     test_frac: float = 0.05
     split_seed: int = 0
+    label_smoothing: float = 0.0
+    select_by: str = "cider"  # best.pt by validation "cider" (greedy decode) or "loss"
+    patience: int = 0  # early stop after this many epochs without a better best (0 = never)
+    lr_patience: int = 1  # halve (lr_factor) the learning rate after this many epochs without improvement
+    lr_factor: float = 0.5
+    val_images: int = 500  # validation images greedy-decoded for CIDEr each epoch (0 = all)
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -58,7 +64,7 @@ class TrainConfig:
 
     # settings that must not change when a run resumes from last.pt
     RESUME_FIXED = ("features", "embed_size", "hidden_size", "num_layers", "vocab_threshold", "max_caption_len",
-                    "val_frac", "test_frac", "split_seed", "dropout")
+                    "val_frac", "test_frac", "split_seed", "dropout", "select_by")
 
 
 @dataclass
@@ -68,6 +74,7 @@ class TrainResult:
     best_epoch: int
     best_val_loss: float
     history: list[dict]
+    best_val_cider: float = float("nan")
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -77,6 +84,8 @@ def _check(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.select_by not in ("cider", "loss"):
+        raise ValueError(f"--select-by must be cider or loss, got {cfg.select_by!r}")
     if not 0 <= cfg.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
 
@@ -120,7 +129,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     model = CaptionDecoder(dcfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                            fused=device.type == "cuda")
-    history, start_epoch, best = _resume(run, cfg, model, opt, vocab, device)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.lr_factor,
+                                                       patience=cfg.lr_patience)
+    history, start_epoch, best = _resume(run, cfg, model, opt, sched, vocab, device)
+    val_keys = [r.key for r in parts["val"]][: cfg.val_images or None]
+    val_refs = {r.key: r.captions for r in parts["val"] if r.key in set(val_keys)}
     if start_epoch == 0:
         (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         write_split(split, run / "split.json")
@@ -140,7 +153,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                    disable=not cfg.progress, dynamic_ncols=True)
         for s in bar:
             b = train_set.gather(perm[s * cfg.batch_size:(s + 1) * cfg.batch_size], features)
-            loss, n = _batch_loss(model, b, device)
+            loss, n = _batch_loss(model, b, device, cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -151,34 +164,63 @@ def train(cfg: TrainConfig) -> TrainResult:
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}; lower --lr")
         val_loss = evaluate_loss(model, val_set, features, cfg.batch_size * 4, device, cfg.dry_run)
+        val_cider = validation_cider(model, vocab, features, rows, val_refs) if val_refs else 0.0
+        lr_now = opt.param_groups[0]["lr"]
         rec = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
-               "val_perplexity": round(math.exp(min(val_loss, 50)), 3),
-               "seconds": round(time.perf_counter() - t0, 3), "train_pairs": n_train, "lr": cfg.lr}
+               "val_perplexity": round(math.exp(min(val_loss, 50)), 3), "val_cider": round(val_cider, 4),
+               "seconds": round(time.perf_counter() - t0, 3), "train_pairs": n_train, "lr": lr_now}
         history.append(rec)
         with open(run / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         if cfg.progress:
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-                       f"val ppl {rec['val_perplexity']:.2f}  {rec['seconds']:.1f}s")
-        is_best = val_loss < best["val_loss"]
+                       f"val ppl {rec['val_perplexity']:.2f}  val CIDEr {val_cider:.3f}  lr {lr_now:.2g}  "
+                       f"{rec['seconds']:.1f}s")
+        score = val_cider if cfg.select_by == "cider" else -val_loss  # higher is better
+        is_best = score > best["score"]
         if is_best:
-            best = {"val_loss": val_loss, "epoch": epoch + 1}
-        extra = dict(epoch=epoch + 1, optimizer_state=opt.state_dict(), rng_state=torch.get_rng_state(),
-                     train_config=asdict(cfg), history=history, best=best)
+            best = {"score": score, "epoch": epoch + 1, "val_loss": val_loss, "val_cider": val_cider}
+        sched.step(score)
+        extra = dict(epoch=epoch + 1, optimizer_state=opt.state_dict(), scheduler_state=sched.state_dict(),
+                     rng_state=torch.get_rng_state(), train_config=asdict(cfg), history=history, best=best,
+                     split={"val": split["val"], "test": split["test"]})
         save_checkpoint(run / "last.pt", model, vocab, backbone, **extra)
         if is_best:
             save_checkpoint(run / "best.pt", model, vocab, backbone, **extra)
-    return TrainResult(str(run), len(history), best["epoch"], best["val_loss"], history)
+        if cfg.patience and epoch + 1 - best["epoch"] >= cfg.patience:
+            if cfg.progress:
+                tqdm.write(f"early stop: no better validation {cfg.select_by} for {cfg.patience} epochs")
+            break
+    return TrainResult(str(run), len(history), best["epoch"], best.get("val_loss", float("nan")), history,
+                       best.get("val_cider", float("nan")))
 
 
-def _batch_loss(model: CaptionDecoder, b, device):
+@torch.no_grad()
+def validation_cider(model: CaptionDecoder, vocab: Vocabulary, features: torch.Tensor, rows: dict[str, int],
+                     refs: dict[str, list[str]], batch_size: int = 256) -> float:
+    """Greedy-decode the validation images from the cache and score them with CIDEr (in-process)."""
+    from stage2_decoder.decode import greedy
+    from stage2_decoder.metrics import cider
+
+    model.eval()
+    keys = sorted(refs)
+    res = {}
+    for s in range(0, len(keys), batch_size):
+        chunk = keys[s:s + batch_size]
+        ids = greedy(model, features[torch.tensor([rows[k] for k in chunk])], max_len=20)
+        res.update({k: " ".join(vocab.decode(x)) for k, x in zip(chunk, ids)})
+    return cider(refs, res)[0]
+
+
+def _batch_loss(model: CaptionDecoder, b, device, label_smoothing: float = 0.0):
     from torch.nn.utils.rnn import pack_padded_sequence
 
     feats = b.features.to(device, non_blocking=True)
     logits = model(feats, b.inputs.to(device, non_blocking=True), b.lengths)  # (sum(lengths), V)
     targets = pack_padded_sequence(b.targets, b.lengths, batch_first=True, enforce_sorted=False).data
     n = int(b.lengths.sum())
-    return F.cross_entropy(logits.float(), targets.to(device, non_blocking=True)), n
+    return F.cross_entropy(logits.float(), targets.to(device, non_blocking=True),
+                           label_smoothing=label_smoothing), n
 
 
 @torch.no_grad()
@@ -198,10 +240,10 @@ def evaluate_loss(model: CaptionDecoder, pairs: CaptionPairs, features: torch.Te
     return float(total) / max(count, 1)
 
 
-def _resume(run: Path, cfg: TrainConfig, model, opt, vocab: Vocabulary, device):
+def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, device):
     last = run / "last.pt"
     if not last.exists():
-        return [], 0, {"val_loss": float("inf"), "epoch": 0}
+        return [], 0, {"score": float("-inf"), "epoch": 0}
     ckpt = load_checkpoint(last, map_location=device)
     old = ckpt.get("train_config", {})
     changed = [k for k in TrainConfig.RESUME_FIXED
@@ -214,6 +256,7 @@ def _resume(run: Path, cfg: TrainConfig, model, opt, vocab: Vocabulary, device):
     try:
         model.load_state_dict(ckpt["model_state"], strict=True)
         opt.load_state_dict(ckpt["optimizer_state"])
+        sched.load_state_dict(ckpt["scheduler_state"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot resume from {last}: {e}") from e
     torch.set_rng_state(ckpt["rng_state"].cpu())
@@ -243,7 +286,8 @@ def main(features, out, captions, images, dataset, device, no_progress, dry_run,
 
     def work():
         r = train(cfg)
-        click.echo(f"trained {r.epochs_run} epochs; best epoch {r.best_epoch} (val loss {r.best_val_loss:.4f}); "
+        click.echo(f"trained {r.epochs_run} epochs; best epoch {r.best_epoch} (val loss {r.best_val_loss:.4f}, "
+                   f"val CIDEr {r.best_val_cider:.3f}); "
                    f"checkpoint {Path(r.run_dir) / 'best.pt'}")
         return 0
 

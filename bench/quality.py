@@ -1,0 +1,132 @@
+"""Caption quality benchmark: seed recipe vs nearest neighbour vs this project's defaults.
+
+    .venv/bin/python bench/quality.py [--data ../shared/data] [--datasets coco,flickr8k] [--quick]
+
+For each shared dataset: one MobileNetV2 cache (real ImageNet weights), then on the *test*
+split (never used for model selection) three captioners scored side by side:
+  1. the seed recipe: embed 256, hidden 512, 1 layer, no dropout, Adam 1e-3, batch 128,
+     5 epochs, vocabulary threshold 4, best = last epoch, greedy decoding;
+  2. nearest neighbour: the consensus caption (the reference that agrees most, by CIDEr, with
+     the other references) of the most similar training image (cosine on cached features);
+  3. this project's default `make train` settings and default decoding.
+Prints one table and the CIDEr ratios. `--quick` is a tiny smoke mode (few images, 1 epoch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.feature_cache import load_cache  # noqa: E402
+from stage1_extract.extract import ExtractConfig, extract  # noqa: E402
+from stage2_decoder.caption import Captioner  # noqa: E402
+from stage2_decoder.checkpoint import load_checkpoint  # noqa: E402
+from stage2_decoder.decode import DecodeConfig  # noqa: E402
+from stage2_decoder.evaluate import captions_from_cache, evaluate_captions  # noqa: E402
+from stage2_decoder.metrics import cider  # noqa: E402
+from stage2_decoder.train import TrainConfig, train  # noqa: E402
+
+DATASETS = {"coco": ("coco2017-mini/images", "coco2017-mini/captions.json"),
+            "flickr8k": ("flickr8k-mini/Images", "flickr8k-mini/captions.txt")}
+
+
+def nearest_neighbour(cache, records_by_key, train_keys, test_keys) -> dict[str, str]:
+    rows = cache.rows_by_key()
+    tr = [k for k in train_keys if k in rows]
+    f_tr = torch.nn.functional.normalize(torch.from_numpy(cache.features[[rows[k] for k in tr]]).float(), dim=1)
+    f_te = torch.nn.functional.normalize(torch.from_numpy(cache.features[[rows[k] for k in test_keys]]).float(), dim=1)
+    nn_idx = (f_te @ f_tr.T).argmax(1).tolist()
+    out = {}
+    for key, j in zip(test_keys, nn_idx):
+        caps = records_by_key[tr[j]].captions
+        # consensus: the reference with the highest CIDEr against the image's other references
+        scores = [cider({"x": caps[:i] + caps[i + 1:]}, {"x": c})[0] if len(caps) > 1 else 0.0
+                  for i, c in enumerate(caps)]
+        out[key] = caps[int(np.argmax(scores))]
+    return out
+
+
+def run_dataset(name: str, data: Path, work: Path, quick: bool) -> dict:
+    images, captions = (data / p for p in DATASETS[name])
+    cache_path = work / f"{name}-mobilenet_v2.h5"
+    limit = 80 if quick else None
+    t0 = time.perf_counter()
+    extract(ExtractConfig(images=str(images), captions=str(captions), out=str(cache_path), backbone="mobilenet_v2",
+                          limit=limit, progress=False, workers=2))
+    t_extract = time.perf_counter() - t0
+    seed_cfg = TrainConfig(features=str(cache_path), out=str(work / f"{name}-seed"), embed_size=256, hidden_size=512,
+                           num_layers=1, dropout=0.0, lr=1e-3, batch_size=128, epochs=1 if quick else 5,
+                           vocab_threshold=4, select_by="loss", patience=0, lr_patience=10_000, progress=False)
+    ours_cfg = TrainConfig(features=str(cache_path), out=str(work / f"{name}-ours"), progress=False)
+    if quick:
+        ours_cfg = replace(ours_cfg, epochs=1)
+    results, timings = {}, {"extract_s": round(t_extract, 1)}
+    for label, cfg, ckpt_name, dcfg in (("seed recipe", seed_cfg, "last.pt", DecodeConfig(beam_size=1, min_len=0)),
+                                        ("ours (default)", ours_cfg, "best.pt", DecodeConfig())):
+        t0 = time.perf_counter()
+        train(cfg)
+        timings[f"train {label} s"] = round(time.perf_counter() - t0, 1)
+        ckpt_path = Path(cfg.out) / ckpt_name
+        cap = Captioner.from_checkpoint(ckpt_path, "cpu")
+        cap.decode_cfg = dcfg
+        res, recs = captions_from_cache(cap, load_checkpoint(ckpt_path), str(cache_path), "test")
+        results[label] = evaluate_captions(res, recs)
+    # nearest neighbour on the same test split (the seed run's split = ours: same split settings)
+    split = json.loads((Path(seed_cfg.out) / "split.json").read_text())
+    from common.datasets import load_dataset
+    cache = load_cache(cache_path)
+    by_key = {r.key: r for r in load_dataset(name, captions, images)}
+    test_keys = [k for k in split["test"] if k in by_key]
+    nn_res = nearest_neighbour(cache, by_key, split["train"], test_keys)
+    results["nearest neighbour"] = evaluate_captions(nn_res, [by_key[k] for k in test_keys])
+    return {"results": results, "timings": timings, "n_test": len(test_keys)}
+
+
+def table(name: str, out: dict) -> str:
+    rows = [f"### {name} (test split, {out['n_test']} images, MobileNetV2 features)", "",
+            "| captioner | BLEU-4 | METEOR | ROUGE-L | CIDEr | distinct captions | most common caption share |",
+            "|---|---|---|---|---|---|---|"]
+    for label in ("seed recipe", "nearest neighbour", "ours (default)"):
+        r = out["results"][label]
+        m, s = r["metrics"], r["stats"]
+        rows.append(f"| {label} | {m['BLEU-4']:.3f} | {m.get('METEOR', float('nan')):.3f} | {m['ROUGE-L']:.3f} | "
+                    f"{m['CIDEr']:.3f} | {s['distinct_fraction']:.1%} | {s['most_common_fraction']:.1%} |")
+    c = {k: out["results"][k]["metrics"]["CIDEr"] for k in out["results"]}
+    rows += ["", f"CIDEr ours / seed recipe = {c['ours (default)'] / max(c['seed recipe'], 1e-9):.2f}x; "
+                 f"ours / nearest neighbour = {c['ours (default)'] / max(c['nearest neighbour'], 1e-9):.2f}x", "",
+             f"timings: {out['timings']}"]
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+    ap.add_argument("--datasets", default="coco,flickr8k")
+    ap.add_argument("--work", default="runs/bench-quality")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke mode")
+    ap.add_argument("--json", default=None, help="also write the full results here")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    allout = {}
+    for name in a.datasets.split(","):
+        out = run_dataset(name, Path(a.data), work, a.quick)
+        allout[name] = {"timings": out["timings"], "n_test": out["n_test"],
+                        "metrics": {k: v["metrics"] | {"stats": v["stats"]} for k, v in out["results"].items()}}
+        print(table(name, out), flush=True)
+        print(flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(allout, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Score a checkpoint with the standard caption metrics.
+
+    python -m stage2_decoder.evaluate --checkpoint FILE --features FILE.h5 --split test [--beam-size K] [--json OUT]
+    python -m stage2_decoder.evaluate --checkpoint FILE --dataset coco --images DIR --captions FILE [--limit N]
+
+From the cache (fast: a split of the training dataset, the split stored in the checkpoint) or
+from raw images with their captions file (any supported format), through stage 1's preprocessing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.cli import run_guarded
+from common.datasets import ImageRecord, load_dataset
+from stage2_decoder.decode import DecodeConfig
+
+
+def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_override: dict | None = None
+                        ) -> tuple[dict[str, str], list[ImageRecord]]:
+    """Decode the split's images from the cache. Returns ({key: caption}, records)."""
+    from common.feature_cache import load_cache
+
+    bb = ckpt["backbone"]
+    cache = load_cache(features, backbone=bb["name"], feature_dim=bb["feature_dim"], preprocess=bb["preprocess"])
+    keys = (ckpt.get("split") or {}).get(split)
+    if keys is None:
+        raise ValueError(f"the checkpoint records no {split!r} split; evaluate raw images instead")
+    m = cache.meta
+    o = records_override or {}
+    recs = {r.key: r for r in load_dataset(o.get("dataset") or m.dataset_format, o.get("captions") or m.captions_file,
+                                           o.get("images") or m.images_dir)}
+    rows = cache.rows_by_key()
+    keys = [k for k in keys if k in rows and k in recs]
+    if not keys:
+        raise ValueError(f"no image of the {split!r} split has features in {features}")
+    feats = torch.from_numpy(cache.features[[rows[k] for k in keys]]).float()
+    return _decode_all(cap, keys, feats), [recs[k] for k in keys]
+
+
+def captions_from_images(cap, records: list[ImageRecord], workers: int = 2, batch_size: int = 64,
+                         progress: bool = True) -> tuple[dict[str, str], list[ImageRecord], dict[str, str]]:
+    """Encode raw images (stage 1's preprocessing, in DataLoader workers) and decode them."""
+    from torch.utils.data import DataLoader
+
+    from common.backbones import ImageRows
+
+    loader = DataLoader(ImageRows(list(enumerate(r.path for r in records)), cap.backbone.preprocess),
+                        batch_size=batch_size, num_workers=workers)
+    feats = torch.zeros(len(records), cap.backbone.feature_dim)
+    ok = np.zeros(len(records), dtype=bool)
+    errors = {}
+    for rows, images, errs in tqdm(loader, desc="encode", unit="batch", disable=not progress, leave=False):
+        good = torch.tensor([not e for e in errs])
+        if good.any():
+            feats[rows[good]] = cap.backbone.encode(images[good]).cpu()
+            ok[rows[good].numpy()] = True
+        for r, e in zip(rows.tolist(), errs):
+            if e:
+                errors[records[r].key] = e
+    kept = [r for r, g in zip(records, ok) if g]
+    return _decode_all(cap, [r.key for r in kept], feats[torch.from_numpy(ok)]), kept, errors
+
+
+def _decode_all(cap, keys: list[str], feats: torch.Tensor, batch_size: int = 256) -> dict[str, str]:
+    out = {}
+    for s in range(0, len(keys), batch_size):
+        out.update(zip(keys[s:s + batch_size], cap.caption_features(feats[s:s + batch_size], decode_cfg=cap.decode_cfg)))
+    return out
+
+
+def evaluate_captions(res: dict[str, str], records: list[ImageRecord], spice: bool = False) -> dict:
+    """Metrics + diversity stats + per-image results, as one JSON-able dict."""
+    from stage2_decoder.metrics import caption_stats, score_captions
+
+    gts = {r.key: r.captions for r in records}
+    metrics, per_cider, notes = score_captions(gts, res, spice=spice)
+    images = [{"key": r.key, "image": r.path, "caption": res[r.key], "references": r.captions,
+               "cider": per_cider.get(r.key)} for r in records]
+    return {"metrics": metrics, "stats": caption_stats(res), "notes": notes, "n_images": len(records),
+            "images": images}
+
+
+def format_table(report: dict) -> str:
+    m, s = report["metrics"], report["stats"]
+    names = [k for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE") if k in m]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names),
+             "| " + " | ".join(f"{m[k]:.3f}" for k in names) + " |",
+             f"images: {report['n_images']}   words used: {s['vocab_used']}   distinct captions: "
+             f"{s['distinct_fraction']:.1%}   most repeated ({s['most_common_fraction']:.1%}): "
+             f"\"{s['most_common_caption']}\""]
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--checkpoint", required=True, type=click.Path())
+@click.option("--features", type=click.Path(), help="Evaluate a split of this cache (fast path).")
+@click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
+@click.option("--dataset", type=click.Choice(["auto", "coco", "flickr8k"]), default=None,
+              help="Raw-image mode: captions file format.")
+@click.option("--images", type=click.Path(), default=None, help="Raw-image mode: images folder.")
+@click.option("--captions", type=click.Path(), default=None, help="Raw-image mode: captions file.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Raw-image mode: first N images.")
+@click.option("--beam-size", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--max-len", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--min-len", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--length-penalty", type=float, default=0.7, show_default=True)
+@click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--spice", is_flag=True, help="Also try SPICE (needs a download on first use).")
+@click.option("--workers", type=click.IntRange(min=0), default=min(2, os.cpu_count() or 1), show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Write metrics + every caption here.")
+def main(checkpoint, features, split, dataset, images, captions, limit, beam_size, max_len, min_len, length_penalty,
+         no_repeat_ngram, spice, workers, device, json_out):
+    """Score a checkpoint with BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE where it runs)."""
+    from stage2_decoder.caption import Captioner
+    from stage2_decoder.checkpoint import load_checkpoint
+
+    def work():
+        t0 = time.perf_counter()
+        raw = images is not None or captions is not None
+        if raw == (features is not None):
+            raise click.UsageError("give either --features (cache split) or --images and --captions (raw images)")
+        if raw and not (images and captions):
+            raise click.UsageError("raw-image mode needs both --images and --captions")
+        cap = Captioner.from_checkpoint(checkpoint, device)
+        cap.decode_cfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
+        errors = {}
+        if raw:
+            recs = load_dataset(dataset or "auto", captions, images, limit)
+            res, recs, errors = captions_from_images(cap, recs, workers)
+            for k, e in errors.items():
+                click.echo(f"skipped {k}: {e}", err=True)
+        else:
+            res, recs = captions_from_cache(cap, load_checkpoint(checkpoint), features, split)
+        if not res:
+            raise ValueError("no image could be captioned")
+        report = evaluate_captions(res, recs, spice)
+        report.update({"checkpoint": os.path.abspath(checkpoint), "decode": vars(cap.decode_cfg),
+                       "source": "images" if raw else f"cache:{split}", "skipped": errors,
+                       "seconds": round(time.perf_counter() - t0, 2)})
+        click.echo(format_table(report))
+        click.echo(f"{report['seconds']:.1f}s")
+        if json_out:
+            tmp = Path(json_out + ".tmp")
+            tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+            os.replace(tmp, json_out)
+        return 0
+
+    raise SystemExit(run_guarded(work))
+
+
+if __name__ == "__main__":
+    main()

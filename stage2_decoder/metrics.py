@@ -1,0 +1,92 @@
+"""Caption metrics: the COCO caption evaluation code (pycocoevalcap) plus what users check
+when a captioner goes wrong (vocabulary used, distinct captions, the most repeated caption).
+
+`score_captions` is the reported evaluation: PTB tokenizer (Java), BLEU-1..4, METEOR (Java),
+ROUGE-L, CIDEr, and SPICE when asked and it can run. `cider` is the fast in-process CIDEr
+(our own tokenizer, pure Python) used for validation during training.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+from collections import Counter
+
+from common.tokenizer import tokenize
+
+
+def caption_stats(res: dict[str, str]) -> dict:
+    """Diversity of generated captions: words used, distinct fraction, the most repeated caption."""
+    caps = list(res.values())
+    if not caps:
+        return {"vocab_used": 0, "distinct_fraction": 0.0, "most_common_caption": "", "most_common_fraction": 0.0}
+    counts = Counter(caps)
+    top, n = counts.most_common(1)[0]
+    return {"vocab_used": len({w for c in caps for w in c.split()}), "distinct_fraction": len(counts) / len(caps),
+            "most_common_caption": top, "most_common_fraction": n / len(caps)}
+
+
+def cider(gts: dict[str, list[str]], res: dict[str, str]) -> tuple[float, dict[str, float]]:
+    """CIDEr-D with pycocoevalcap's scorer on our tokenizer's output (no Java): corpus score and per image."""
+    from pycocoevalcap.cider.cider import Cider
+
+    keys = sorted(res)
+    g = {k: [" ".join(tokenize(r)) for r in gts[k]] for k in keys}
+    r = {k: [" ".join(tokenize(res[k])) or "<empty>"] for k in keys}
+    score, per = Cider().compute_score(g, r)
+    return float(score), {k: float(s) for k, s in zip(keys, per)}
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def score_captions(gts: dict[str, list[str]], res: dict[str, str], spice: bool = False) -> tuple[dict, dict, list[str]]:
+    """Standard COCO caption metrics. Returns (corpus metrics, per-image CIDEr, notes about skipped parts)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    keys = sorted(res)
+    notes: list[str] = []
+    if java_available():
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+        tok = PTBTokenizer()
+        g = tok.tokenize({k: [{"caption": c} for c in gts[k]] for k in keys})
+        r = tok.tokenize({k: [{"caption": res[k]}] for k in keys})
+    else:
+        notes.append("Java not found: PTB tokenizer, METEOR and SPICE skipped (our tokenizer used for the rest)")
+        g = {k: [" ".join(tokenize(c)) for c in gts[k]] for k in keys}
+        r = {k: [" ".join(tokenize(res[k]))] for k in keys}
+    r = {k: [v[0] if v and v[0].strip() else "<empty>"] for k, v in r.items()}  # scorers reject empty strings
+    metrics: dict[str, float] = {}
+    with contextlib.redirect_stdout(io.StringIO()):  # BLEU prints its internals
+        bleu, _ = Bleu(4).compute_score(g, r)
+    for n, b in enumerate(bleu, start=1):
+        metrics[f"BLEU-{n}"] = float(b)
+    if java_available():
+        from pycocoevalcap.meteor.meteor import Meteor
+        m = Meteor()
+        try:
+            metrics["METEOR"] = float(m.compute_score(g, r)[0])
+        finally:
+            _close_meteor(m)
+    metrics["ROUGE-L"] = float(Rouge().compute_score(g, r)[0])
+    c, per = Cider().compute_score(g, r)
+    metrics["CIDEr"] = float(c)
+    if spice:
+        try:
+            from pycocoevalcap.spice.spice import Spice
+            with contextlib.redirect_stdout(io.StringIO()):
+                metrics["SPICE"] = float(Spice().compute_score(g, r)[0])
+        except Exception as e:  # it downloads Stanford CoreNLP models on first use
+            notes.append(f"SPICE skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return metrics, {k: float(s) for k, s in zip(keys, per)}, notes
+
+
+def _close_meteor(m) -> None:
+    with contextlib.suppress(Exception):
+        with m.lock:
+            m.meteor_p.stdin.close()
+            m.meteor_p.kill()
+            m.meteor_p.wait()
