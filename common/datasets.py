@@ -58,6 +58,8 @@ def load_coco(captions_file: str | os.PathLike, images_dir: str | os.PathLike) -
             coco = COCO(str(captions_file))
     except json.JSONDecodeError as e:
         raise DatasetError(f"{captions_file} is not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{captions_file} is not UTF-8 text: {e}") from e
     except (KeyError, TypeError, AttributeError, AssertionError) as e:
         raise DatasetError(f"{captions_file} is not a COCO captions file (needs 'images' and "
                            f"'annotations' lists): {e!r}") from e
@@ -136,6 +138,11 @@ def split_keys(keys: list[str], val_frac: float = 0.05, test_frac: float = 0.05,
         return max(1, round(n * frac)) if frac > 0 and n >= 3 else int(n * frac)
 
     n_val, n_test = count(val_frac), count(test_frac)
+    while n_val + n_test > max(n - 1, 0) and n_val + n_test > 0:  # always leave a training image
+        if n_val >= n_test:
+            n_val -= 1
+        else:
+            n_test -= 1
     return {"val": sorted(ranked[:n_val]), "test": sorted(ranked[n_val:n_val + n_test]),
             "train": sorted(ranked[n_val + n_test:])}
 

@@ -181,6 +181,12 @@ def read_meta(path: str | os.PathLike) -> CacheMeta:
         return _read_meta(f, path)
 
 
+def read_keys(path: str | os.PathLike) -> list[str]:
+    with _open(path) as f:
+        _read_meta(f, path)
+        return [k.decode() if isinstance(k, bytes) else k for k in f["keys"][:]]
+
+
 def _open(path) -> h5py.File:
     path = Path(path)
     if not path.exists():

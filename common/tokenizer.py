@@ -1,6 +1,8 @@
 """The one caption tokenizer, used for the vocabulary, training and evaluation alike."""
 from __future__ import annotations
 
+import string
+
 from nltk.tokenize import word_tokenize
 
 
@@ -12,5 +14,13 @@ def tokenize(text: str) -> list[str]:
     digit (".", ",", "--") are dropped: they carry no content and the COCO evaluation
     strips them too, so keeping them would only teach the decoder to emit punctuation.
     """
-    tokens = word_tokenize(text.lower(), preserve_line=True)
-    return [t for t in tokens if any(ch.isalnum() for ch in t)]
+    out = []
+    for t in word_tokenize(text.lower(), preserve_line=True):
+        if not (t.startswith("'") or t == "n't"):  # keep clitics ('s, 're, n't); strip glued "man." / ":a"
+            t = t.strip(_PUNCT)
+        if any(ch.isalnum() for ch in t):
+            out.append(t)
+    return out
+
+
+_PUNCT = string.punctuation + "“”‘’«»…–—"

@@ -19,6 +19,8 @@ class VocabError(ValueError):
 class Vocabulary:
     def __init__(self, words: Sequence[str], threshold: int | None = None):
         words = list(words)
+        if not all(isinstance(w, str) for w in words):
+            raise VocabError("vocabulary words must all be strings")
         if tuple(words[: len(SPECIALS)]) != SPECIALS:
             raise VocabError(f"vocabulary must start with {SPECIALS}, got {words[:4]}")
         if len(set(words)) != len(words):
@@ -62,6 +64,8 @@ class Vocabulary:
     def from_dict(cls, d: dict) -> "Vocabulary":
         if not isinstance(d, dict) or d.get("format") != VOCAB_FORMAT or not isinstance(d.get("words"), list):
             raise VocabError(f"not a {VOCAB_FORMAT} vocabulary")
+        if not all(isinstance(w, str) for w in d["words"]):
+            raise VocabError("vocabulary words must all be strings")
         return cls(d["words"], d.get("threshold"))
 
     def save(self, path: str | os.PathLike) -> None:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from common.backbones import DEFAULT_BACKBONE, ImageRows, load_backbone, resolve_device
 from common.datasets import guess_format, load_dataset
-from common.feature_cache import DONE, FAILED, PENDING, CacheError, CacheMeta, CacheWriter, mismatch, read_meta
+from common.feature_cache import DONE, FAILED, PENDING, CacheError, CacheMeta, CacheWriter, mismatch, read_keys, read_meta
 
 
 @dataclass
@@ -73,6 +73,8 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     if out.exists():
         have = read_meta(out)
         diffs = mismatch(have, meta)
+        if read_keys(out) != keys:
+            diffs.append("its image list differs (other --limit, captions file or images)")
         if diffs:
             raise CacheError(f"{out} already exists and was made differently ({'; '.join(diffs)}): "
                              f"delete it or choose another --out")

@@ -46,8 +46,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} holds objects other than plain values and tensors; refusing to "
                               f"unpickle it (weights_only=True)") from e
     except Exception as e:  # zip/format errors: not a torch file at all, or truncated
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint file (or it is truncated): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a capcache checkpoint")
     if ckpt.get("version") != CHECKPOINT_VERSION:

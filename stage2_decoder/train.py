@@ -118,7 +118,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     cache = load_cache(cfg.features)
     parts, split, vocab, rows = prepare_data(cfg, cache)
     train_set = CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len)
-    val_set = CaptionPairs(parts["val"] or parts["train"][:1], rows, vocab, cfg.max_caption_len)
+    if not parts["val"] and cfg.progress:
+        tqdm.write("no validation images (--val-frac 0): validating on training images")
+    val_records = parts["val"] or parts["train"][:50]
+    val_set = CaptionPairs(val_records, rows, vocab, cfg.max_caption_len)
     features = torch.from_numpy(cache.features).float().to(device)  # (N, D), all in memory once
     backbone = {"name": cache.meta.backbone, "weights": cache.meta.weights,
                 "weights_sha256": cache.meta.weights_sha256 or None, "feature_dim": cache.meta.feature_dim,
@@ -132,13 +135,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.lr_factor,
                                                        patience=cfg.lr_patience)
     history, start_epoch, best = _resume(run, cfg, model, opt, sched, vocab, device)
-    val_keys = [r.key for r in parts["val"]][: cfg.val_images or None]
-    val_refs = {r.key: r.captions for r in parts["val"] if r.key in set(val_keys)}
+    val_keys = set([r.key for r in val_records][: cfg.val_images or None])
+    val_refs = {r.key: r.captions for r in val_records if r.key in val_keys}
     if start_epoch == 0:
         (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         write_split(split, run / "split.json")
         vocab.save(run / "vocab.json")
-        (run / "metrics.jsonl").unlink(missing_ok=True)
+    # metrics.jsonl = the checkpoint's history (drops a line from an epoch whose last.pt never landed)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
     n_train = len(train_set)
     steps = 1 if cfg.dry_run else math.ceil(n_train / cfg.batch_size)
@@ -152,7 +156,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
                    disable=not cfg.progress, dynamic_ncols=True)
         for s in bar:
-            b = train_set.gather(perm[s * cfg.batch_size:(s + 1) * cfg.batch_size], features)
+            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            if len(idx) < 2:  # BatchNorm cannot train on one sample; this pair is seen in other epochs
+                continue
+            b = train_set.gather(idx, features)
             loss, n = _batch_loss(model, b, device, cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -170,8 +177,6 @@ def train(cfg: TrainConfig) -> TrainResult:
                "val_perplexity": round(math.exp(min(val_loss, 50)), 3), "val_cider": round(val_cider, 4),
                "seconds": round(time.perf_counter() - t0, 3), "train_pairs": n_train, "lr": lr_now}
         history.append(rec)
-        with open(run / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
         if cfg.progress:
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
                        f"val ppl {rec['val_perplexity']:.2f}  val CIDEr {val_cider:.3f}  lr {lr_now:.2g}  "
@@ -187,6 +192,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         save_checkpoint(run / "last.pt", model, vocab, backbone, **extra)
         if is_best:
             save_checkpoint(run / "best.pt", model, vocab, backbone, **extra)
+        with open(run / "metrics.jsonl", "a") as f:  # after last.pt: a resume never repeats a line
+            f.write(json.dumps(rec) + "\n")
         if cfg.patience and epoch + 1 - best["epoch"] >= cfg.patience:
             if cfg.progress:
                 tqdm.write(f"early stop: no better validation {cfg.select_by} for {cfg.patience} epochs")
