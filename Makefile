@@ -48,9 +48,10 @@ train: install
 # demo: the whole pipeline offline on the shared COCO photos with MobileNetV2 (real ImageNet weights)
 DEMO_OUT := cache/demo-coco-mobilenet_v2.h5
 DEMO_RUN := runs/demo
+DEMO_EPOCHS ?= 6
 demo: install
 	$(MAKE) --no-print-directory features BACKBONE=mobilenet_v2 OUT=$(DEMO_OUT)
-	$(MAKE) --no-print-directory train OUT=$(DEMO_OUT) RUN=$(DEMO_RUN) EPOCHS=$(EPOCHS)
+	$(MAKE) --no-print-directory train OUT=$(DEMO_OUT) RUN=$(DEMO_RUN) EPOCHS=$(DEMO_EPOCHS)
 	@echo "== captions for 8 test-split photos (never seen in training) =="
 	$(PY) -m stage2_decoder.caption --checkpoint $(DEMO_RUN)/best.pt \
 	    $$($(PY) -m stage2_decoder.samples $(DEMO_RUN) --features $(DEMO_OUT) --split test -n 8)
