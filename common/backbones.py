@@ -18,6 +18,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.utils.data
 from PIL import Image, ImageOps
@@ -116,7 +117,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits
-        arr = torch.from_numpy(__import__("numpy").asarray(im, dtype="float32"))
+        arr = torch.from_numpy(np.asarray(im, dtype="float32"))
         hi = float(arr.max()) or 1.0
         im = Image.fromarray((arr / hi * 255).clamp(0, 255).byte().numpy(), mode="L")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):

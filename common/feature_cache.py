@@ -75,6 +75,10 @@ def _read_meta(f: h5py.File, path) -> CacheMeta:
         raise CacheError(f"{path} lacks the cache attribute {e}") from e
 
 
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
 def _plain(v):
     if isinstance(v, bytes):
         return v.decode()
@@ -106,7 +110,7 @@ class CacheWriter:
             except OSError as e:
                 raise CacheError(f"cannot reopen the unfinished cache {self.tmp} ({e}); delete it to start over") from e
             have = _read_meta(f, self.tmp)
-            stored = [k.decode() if isinstance(k, bytes) else k for k in f["keys"][:]]
+            stored = [_text(k) for k in f["keys"][:]]
             diffs = mismatch(have, self.meta)
             if stored != keys:
                 diffs.append("the image list differs (other --limit, captions file or images)")
@@ -134,6 +138,11 @@ class CacheWriter:
 
     def status(self) -> np.ndarray:
         return self.f["status"][:]
+
+    def failures(self) -> dict[int, str]:
+        """row -> reason for every failed row."""
+        status, errs = self.status(), self.f["errors"][:]
+        return {int(i): _text(errs[i]) for i in np.flatnonzero(status == FAILED)}
 
     def write(self, rows: np.ndarray, feats: np.ndarray) -> None:
         """Store features for `rows` (any order), then mark them done and flush."""
@@ -184,7 +193,7 @@ def read_meta(path: str | os.PathLike) -> CacheMeta:
 def read_keys(path: str | os.PathLike) -> list[str]:
     with _open(path) as f:
         _read_meta(f, path)
-        return [k.decode() if isinstance(k, bytes) else k for k in f["keys"][:]]
+        return [_text(k) for k in f["keys"][:]]
 
 
 def _open(path) -> h5py.File:
@@ -220,14 +229,14 @@ def load_cache(path: str | os.PathLike, backbone: str | None = None, feature_dim
                              f"or use a checkpoint trained on this cache")
         try:
             feats = f["features"][:]
-            keys = [k.decode() if isinstance(k, bytes) else k for k in f["keys"][:]]
+            keys = [_text(k) for k in f["keys"][:]]
             status = f["status"][:]
             errs = f["errors"][:]
         except (KeyError, OSError) as e:
             raise CacheError(f"{path} is corrupt ({e}); re-run stage 1 to rebuild it") from e
     if feats.shape != (len(keys), meta.feature_dim):
         raise CacheError(f"{path}: features have shape {feats.shape}, expected ({len(keys)}, {meta.feature_dim})")
-    errors = {keys[i]: (e.decode() if isinstance(e, bytes) else e) for i, e in enumerate(errs) if status[i] == FAILED}
+    errors = {keys[i]: _text(e) for i, e in enumerate(errs) if status[i] == FAILED}
     return FeatureCache(str(path), meta, feats, keys, status, errors)
 
 

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from common.backbones import DEFAULT_BACKBONE, ImageRows, load_backbone, resolve_device
 from common.datasets import guess_format, load_dataset
-from common.feature_cache import DONE, FAILED, PENDING, CacheError, CacheMeta, CacheWriter, mismatch, read_keys, read_meta
+from common.feature_cache import DONE, PENDING, CacheError, CacheMeta, CacheWriter, mismatch, read_keys, read_meta
 
 
 @dataclass
@@ -105,9 +105,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
                 tqdm.write(f"skipped {keys[row]}: {err}")
             bar.update(len(rows))
         bar.close()
-        status = writer.status()
-        failed = {keys[i]: writer.f["errors"][i].decode() if isinstance(writer.f["errors"][i], bytes)
-                  else writer.f["errors"][i] for i in np.flatnonzero(status == FAILED)}
+        failed = {keys[i]: reason for i, reason in writer.failures().items()}
         writer.finish()
     finally:
         writer.close()
