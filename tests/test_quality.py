@@ -1,0 +1,209 @@
+"""Caption quality machinery: metric wrappers, the no-Java fallback, beam-search properties,
+best-checkpoint selection and early stopping, and `evaluate` end to end on real images."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stage2_decoder import metrics
+from stage2_decoder.checkpoint import load_checkpoint
+from stage2_decoder.decode import END_ID, DecodeConfig, beam_search_nbest, greedy
+from stage2_decoder.model import CaptionDecoder, DecoderConfig
+
+REFS = {"a": ["a man riding a wave on top of a surfboard", "a surfer riding a large wave in the ocean"],
+        "b": ["two dogs playing with a red ball in the grass", "a pair of dogs chase a ball on a lawn"]}
+
+
+# --- metric wrappers on hand-made cases ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("java", [True, False], ids=["java", "no-java"])
+def test_identical_captions_score_perfect_bleu(monkeypatch, java):
+    if java and not metrics.java_available():
+        pytest.skip("Java is not installed")
+    monkeypatch.setattr(metrics, "java_available", lambda: java)
+    res = {k: refs[0] for k, refs in REFS.items()}
+    scores, per_image, notes = metrics.score_captions(REFS, res)
+    for n in range(1, 5):
+        assert scores[f"BLEU-{n}"] == pytest.approx(1.0, abs=1e-6)
+    assert scores["ROUGE-L"] == pytest.approx(1.0, abs=1e-6)
+    assert scores["CIDEr"] > 0.5 and set(per_image) == set(REFS)
+    assert ("METEOR" in scores) == java
+    if java:
+        assert scores["METEOR"] > 0.9 and notes == []
+
+
+def test_disjoint_captions_score_zero():
+    res = {"a": "purple elephants juggle violins", "b": "quantum soup evaporates slowly"}
+    scores, per_image, _ = metrics.score_captions(REFS, res)
+    assert scores["BLEU-1"] < 1e-6 and scores["BLEU-4"] < 1e-6
+    assert scores["CIDEr"] == pytest.approx(0.0, abs=1e-9) and all(v == 0 for v in per_image.values())
+    assert scores["ROUGE-L"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_without_java_the_java_parts_are_skipped_with_a_note(monkeypatch):
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    res = {"a": "a man riding a wave", "b": "two dogs in the grass"}
+    scores, _, notes = metrics.score_captions(REFS, res)
+    assert "METEOR" not in scores and "SPICE" not in scores
+    assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(scores) and scores["CIDEr"] > 0
+    assert len(notes) == 1 and "Java" in notes[0]
+
+
+def test_fast_cider_ranks_like_the_reference_scorer():
+    good = {"a": "a man riding a wave on a surfboard", "b": "two dogs playing with a ball in the grass"}
+    bad = {"a": "a plate of food on a table", "b": "a red bus on the street"}
+    assert metrics.cider(REFS, good)[0] > metrics.cider(REFS, bad)[0] + 0.5
+    # an empty caption is scored (as nothing), not rejected
+    assert metrics.cider(REFS, {"a": "", "b": good["b"]})[1]["a"] == 0.0
+
+
+def test_caption_stats():
+    stats = metrics.caption_stats({"1": "a dog", "2": "a dog", "3": "a cat on a mat", "4": "a dog"})
+    assert stats == {"vocab_used": 5, "distinct_fraction": 0.5, "most_common_caption": "a dog",
+                     "most_common_fraction": 0.75}
+
+
+# --- beam search properties ---------------------------------------------------------------------------------
+
+V, D = 12, 16
+
+
+def _model(seed: int) -> CaptionDecoder:
+    torch.manual_seed(seed)
+    m = CaptionDecoder(DecoderConfig(D, V, embed_size=8, hidden_size=16))
+    with torch.no_grad():
+        m.out.weight.mul_(6.0)  # peaky, image-dependent distributions
+        m.bn.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+@torch.no_grad()
+def _logprob(model: CaptionDecoder, feat: torch.Tensor, ids: list[int], ended: bool) -> float:
+    state = model.init_state(feat[None])
+    tok, total = torch.tensor([1]), 0.0
+    for w in ids + ([END_ID] if ended else []):
+        logp, state = model.step(tok, state)
+        total += float(logp[0, w])
+        tok = torch.tensor([w])
+    return total
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_nbest_scores_are_sorted_and_equal_the_model_log_probability(seed):
+    model, feats = _model(seed), torch.randn(3, D)
+    cfg = DecodeConfig(beam_size=4, max_len=8, min_len=0, length_penalty=0.7)
+    for i, hyps in enumerate(beam_search_nbest(model, feats, cfg)):
+        scores = [s for _, s in hyps]
+        assert scores == sorted(scores, reverse=True) and len(hyps) >= 1
+        for ids, score in hyps:
+            ended = len(ids) < cfg.max_len
+            norm = (len(ids) + 1 if ended else cfg.max_len) ** cfg.length_penalty
+            assert score == pytest.approx(_logprob(model, feats[i], ids, ended) / norm, abs=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_beam_of_one_is_greedy_and_min_len_holds(seed):
+    model, feats = _model(seed), torch.randn(5, D)
+    one = [h[0][0] for h in beam_search_nbest(model, feats, DecodeConfig(1, 10, 0, 0.0))]
+    assert one == greedy(model, feats, 10)
+    for hyps in beam_search_nbest(model, feats, DecodeConfig(3, 10, min_len=4)):
+        assert all(len(ids) >= 4 for ids, _ in hyps)
+
+
+def test_ngram_blocking_holds_even_when_the_model_wants_to_repeat():
+    model = _model(0)
+    with torch.no_grad():  # a model that loves words 5 and 6 and never wants to stop
+        model.out.weight.zero_()
+        model.out.bias.fill_(-5.0)
+        model.out.bias[5], model.out.bias[6], model.out.bias[END_ID] = 3.0, 2.9, -20.0
+    feats = torch.randn(2, D)
+    plain = beam_search_nbest(model, feats, DecodeConfig(3, 12, no_repeat_ngram=0))[0][0][0]
+    assert len(plain) - len({tuple(plain[i:i + 2]) for i in range(len(plain) - 1)}) > 1  # repeats unblocked
+    for n in (1, 2, 3):
+        for hyps in beam_search_nbest(model, feats, DecodeConfig(3, 12, no_repeat_ngram=n)):
+            for ids, _ in hyps:
+                grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+                assert len(grams) == len(set(grams)), (n, ids)
+
+
+# --- best checkpoint by validation CIDEr, early stopping --------------------------------------------------
+
+def test_best_checkpoint_and_early_stopping_follow_the_validation_metric(shared_cache, tmp_path, monkeypatch):
+    from stage2_decoder import train as train_mod
+
+    sequence = iter([0.10, 0.30, 0.20, 0.25, 0.29, 0.90, 0.95])
+    monkeypatch.setattr(train_mod, "validation_cider", lambda *a, **k: next(sequence))
+    cfg = train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=7, patience=3,
+                                lr_patience=1, embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True,
+                                device="cpu", progress=False)
+    result = train_mod.train(cfg)
+    # epochs 3, 4, 5 do not beat epoch 2's 0.30: stop after epoch 5, never see the 0.90
+    assert [h["val_cider"] for h in result.history] == [0.1, 0.3, 0.2, 0.25, 0.29]
+    assert result.epochs_run == 5 and result.best_epoch == 2 and result.best_val_cider == 0.30
+    best, last = load_checkpoint(tmp_path / "run" / "best.pt"), load_checkpoint(tmp_path / "run" / "last.pt")
+    assert best["epoch"] == 2 and last["epoch"] == 5 and best["best"]["val_cider"] == 0.30
+    lrs = [h["lr"] for h in result.history]  # plateau schedule halved the lr after a flat epoch
+    assert lrs[0] == cfg.lr and lrs[-1] < cfg.lr
+
+
+def test_select_by_loss_ignores_cider(shared_cache, tmp_path, monkeypatch):
+    from stage2_decoder import train as train_mod
+
+    monkeypatch.setattr(train_mod, "validation_cider", lambda *a, **k: 0.0)
+    cfg = train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=3, select_by="loss",
+                                embed_size=16, hidden_size=32, vocab_threshold=2, batch_size=64, device="cpu",
+                                progress=False)
+    result = train_mod.train(cfg)
+    losses = [h["val_loss"] for h in result.history]
+    assert result.best_epoch == 1 + losses.index(min(losses))
+
+
+# --- evaluate end to end -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_run(shared_cache, tmp_path_factory):
+    from stage2_decoder.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("quality") / "run"
+    train(TrainConfig(features=str(shared_cache), out=str(run), epochs=2, batch_size=32, embed_size=32,
+                      hidden_size=64, vocab_threshold=2, val_frac=0.1, test_frac=0.2, device="cpu",
+                      progress=False))
+    return run
+
+
+def test_evaluate_cache_split(cli, small_run, shared_cache, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = cli("stage2_decoder.evaluate", "--checkpoint", small_run / "best.pt", "--features", shared_cache,
+               "--split", "test", "--beam-size", "2", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    test_keys = load_checkpoint(small_run / "best.pt")["split"]["test"]
+    assert sorted(i["key"] for i in report["images"]) == sorted(test_keys) and report["n_images"] == len(test_keys)
+    for name in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"):
+        assert name in report["metrics"] and 0.0 <= report["metrics"][name] <= 10.0
+    assert report["decode"]["beam_size"] == 2
+    assert 0 < report["stats"]["distinct_fraction"] <= 1 and report["stats"]["vocab_used"] > 0
+    for word in ("BLEU-4", "CIDEr", "distinct"):
+        assert word in proc.stdout
+
+
+def test_evaluate_raw_images_matches_the_cache_path(cli, small_run, coco_dir, tmp_path):
+    out = tmp_path / "raw.json"
+    proc = cli("stage2_decoder.evaluate", "--checkpoint", small_run / "best.pt", "--dataset", "coco",
+               "--images", coco_dir / "images", "--captions", coco_dir / "captions.json", "--limit", "6",
+               "--workers", "0", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["source"] == "images" and report["metrics"]["CIDEr"] >= 0
+    assert len(report["images"]) == 6
+    for item in report["images"]:
+        assert item["caption"].strip() and len(item["references"]) >= 5 and item["cider"] >= 0
+
+
+def test_evaluate_needs_exactly_one_input_mode(cli, small_run, shared_cache, coco_dir):
+    proc = cli("stage2_decoder.evaluate", "--checkpoint", small_run / "best.pt", "--features", shared_cache,
+               "--images", coco_dir / "images", "--captions", coco_dir / "captions.json")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "either --features" in proc.stderr
