@@ -59,22 +59,36 @@ class Captioner:
         feats = feats.to(next(self.decoder.parameters()).device)
         return [" ".join(self.vocab.decode(s)) for s in decode(self.decoder, feats, cfg)]
 
+    def caption_features_nbest(self, feats: torch.Tensor, decode_cfg) -> list[list[tuple[str, float]]]:
+        """(B, D) features -> per image the beam's [(caption, score)], best first (the first is what
+        `caption_features` returns for a beam search with the same settings)."""
+        from stage2_decoder.decode import beam_search_nbest
+
+        feats = feats.to(next(self.decoder.parameters()).device)
+        return [[(" ".join(self.vocab.decode(ids)), score) for ids, score in hyps]
+                for hyps in beam_search_nbest(self.decoder, feats, decode_cfg)]
+
 
 def collect_images(inputs: list[str]) -> list[str]:
-    """Files as given; folders expanded to their image files (sorted, not recursive)."""
+    """Files as given; folders expanded to their entries with an image suffix (sorted, not recursive).
+
+    An entry named like an image that is not a readable file (a folder `x.jpg`, a dangling or
+    looping symlink) is kept, so it gets its own error line instead of vanishing silently.
+    """
     out = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out.extend(str(f) for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            out.extend(str(f) for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES)
         else:
             out.append(item)
     return out
 
 
 def caption_paths(cap: Captioner, paths: list[str], beam_size: int = 3, max_len: int = 20, batch_size: int = 32,
-                  progress: bool = False, decode_cfg=None):
-    """Yield (path, caption or None, error or None) for each path, batching the readable ones."""
+                  progress: bool = False, decode_cfg=None, nbest: bool = False):
+    """Yield (path, caption or None, error or None) for each path, batching the readable ones.
+    With `nbest` (needs `decode_cfg`) the caption is the beam's [(caption, score)] list, best first."""
     from common.backbones import ImageError, load_image_u8
 
     bar = tqdm(total=len(paths), unit="img", desc="caption", disable=not progress, leave=False)
@@ -90,7 +104,9 @@ def caption_paths(cap: Captioner, paths: list[str], beam_size: int = 3, max_len:
         captions = {}
         if tensors:
             feats = cap.backbone.encode(torch.stack(tensors))
-            captions = dict(zip(good, cap.caption_features(feats, beam_size, max_len, decode_cfg)))
+            out = (cap.caption_features_nbest(feats, decode_cfg) if nbest
+                   else cap.caption_features(feats, beam_size, max_len, decode_cfg))
+            captions = dict(zip(good, out))
         for p in chunk:
             yield p, captions.get(p), errors.get(p)
         bar.update(len(chunk))
@@ -111,8 +127,10 @@ def caption_paths(cap: Captioner, paths: list[str], beam_size: int = 3, max_len:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--weights", default=None, help="Backbone weights file, if it moved since extraction.")
 @click.option("--json", "as_json", is_flag=True, help='Print a JSON list of {"image", "caption"}.')
+@click.option("--save-figure", "figure_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write DIR/<image>.png: the photo, its caption and (beam > 1) the alternatives with scores.")
 def main(images, checkpoint, beam_size, max_len, min_len, length_penalty, no_repeat_ngram, batch_size, device,
-         weights, as_json):
+         weights, as_json, figure_dir):
     """Caption image files (or every image in a folder)."""
     from common.cli import run_guarded
     from stage2_decoder.decode import DecodeConfig
@@ -124,18 +142,27 @@ def main(images, checkpoint, beam_size, max_len, min_len, length_penalty, no_rep
         paths = collect_images(list(images))
         if not paths:
             raise ValueError(f"no image files in {' '.join(images)}")
-        results, failed = [], 0
+        results, failed, figure_names = [], 0, set()
+        nbest = figure_dir is not None and beam_size > 1  # the figure lists the beam's alternatives
         for path, caption, err in caption_paths(cap, paths, beam_size, max_len, batch_size,
-                                                progress=len(paths) > batch_size, decode_cfg=dcfg):
+                                                progress=len(paths) > batch_size, decode_cfg=dcfg, nbest=nbest):
             if err is not None:
                 failed += 1
                 click.echo(f"error: {err}", err=True)
                 continue
+            if figure_dir is not None:
+                from stage2_decoder.figures import figure_path, save_caption_figure  # matplotlib only when asked
+
+                hyps, caption = (caption, caption[0][0]) if nbest else (None, caption)
+                save_caption_figure(path, caption, figure_path(figure_dir, path, figure_names), hyps,
+                                    label=Path(path).name)
             results.append({"image": path, "caption": caption})
             if not as_json:
                 click.echo(f"{path}\t{caption}")
         if as_json:
             click.echo(json.dumps(results, indent=2, ensure_ascii=False))
+        if figure_dir is not None:
+            click.echo(f"{len(figure_names)} figures in {figure_dir}", err=True)
         if failed:
             click.echo(f"{failed} of {len(paths)} images could not be read", err=True)
         return 1 if failed else 0

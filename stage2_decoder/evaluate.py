@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from common.cli import run_guarded
-from common.datasets import ImageRecord, load_dataset
+from common.datasets import FORMATS, ImageRecord, load_dataset
 from stage2_decoder.decode import DecodeConfig
 
 
@@ -80,8 +80,15 @@ def evaluate_captions(res: dict[str, str], records: list[ImageRecord], spice: bo
     """Metrics + diversity stats + per-image results, as one JSON-able dict."""
     from stage2_decoder.metrics import caption_stats, score_captions
 
+    unscored = sum(1 for r in records if not r.captions)  # pycocoevalcap asserts on an empty reference list
+    records = [r for r in records if r.captions]
+    if not records:
+        raise ValueError("none of these images has a reference caption to score against")
+    res = {r.key: res[r.key] for r in records}
     gts = {r.key: r.captions for r in records}
     metrics, per_cider, notes = score_captions(gts, res, spice=spice)
+    if unscored:
+        notes.append(f"{unscored} images without reference captions were captioned but not scored")
     images = [{"key": r.key, "image": r.path, "caption": res[r.key], "references": r.captions,
                "cider": per_cider.get(r.key)} for r in records]
     return {"metrics": metrics, "stats": caption_stats(res), "notes": notes, "n_images": len(records),
@@ -104,7 +111,7 @@ def format_table(report: dict) -> str:
 @click.option("--checkpoint", required=True, type=click.Path())
 @click.option("--features", type=click.Path(), help="Evaluate a split of this cache (fast path).")
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
-@click.option("--dataset", type=click.Choice(["auto", "coco", "flickr8k"]), default=None,
+@click.option("--dataset", type=click.Choice(["auto", *FORMATS]), default=None,
               help="Raw-image mode: captions file format.")
 @click.option("--images", type=click.Path(), default=None, help="Raw-image mode: images folder.")
 @click.option("--captions", type=click.Path(), default=None, help="Raw-image mode: captions file.")
@@ -118,8 +125,10 @@ def format_table(report: dict) -> str:
 @click.option("--workers", type=click.IntRange(min=0), default=min(2, os.cpu_count() or 1), show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write metrics + every caption here.")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None,
+              help="Write a self-contained HTML gallery: metrics, then every photo with its captions and CIDEr.")
 def main(checkpoint, features, split, dataset, images, captions, limit, beam_size, max_len, min_len, length_penalty,
-         no_repeat_ngram, spice, workers, device, json_out):
+         no_repeat_ngram, spice, workers, device, json_out, html_out):
     """Score a checkpoint with BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE where it runs)."""
     from stage2_decoder.caption import Captioner
     from stage2_decoder.checkpoint import load_checkpoint
@@ -153,6 +162,12 @@ def main(checkpoint, features, split, dataset, images, captions, limit, beam_siz
             tmp = Path(json_out + ".tmp")
             tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False))
             os.replace(tmp, json_out)
+        if html_out:
+            from stage2_decoder.report import write_html
+
+            write_html(report, html_out, f"Caption evaluation: {Path(checkpoint).name}, {report['source']}",
+                       progress=True)
+            click.echo(f"gallery: {html_out}")
         return 0
 
     raise SystemExit(run_guarded(work))

@@ -1,0 +1,152 @@
+"""Training curves as a PNG: python -m stage2_decoder.plot RUN_DIR (or a sweep directory).
+
+For a run directory (it has metrics.jsonl, written by train.py each epoch) this writes
+RUN_DIR/curves.png: train/val loss, train/val perplexity and validation CIDEr per epoch, the best
+epoch marked. train() calls `plot_run` itself when it finishes. A sweep directory is handed to
+`stage2_decoder.sweep.plot_sweep`. matplotlib is imported only when drawing (headless Agg canvas).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import click
+
+CURVES_NAME = "curves.png"
+CURVES_SIZE = (1500, 450)  # px of curves.png
+DPI = 100
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The per-epoch records of RUN_DIR/metrics.jsonl, one per epoch (the last line wins), by epoch."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a training run directory?")
+    by_epoch = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            by_epoch[int(rec["epoch"])] = rec
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} line {n} is not a metrics record: {e}") from e
+    if not by_epoch:
+        raise ValueError(f"{path} has no epochs yet: nothing to plot")
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _series(records: list[dict], key: str, fn=None) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            xs.append(r["epoch"])
+            ys.append(fn(v) if fn else v)
+    return xs, ys
+
+
+def _best_epoch(run_dir: Path, records: list[dict]) -> int | None:
+    """The epoch best.pt holds, by the run's --select-by rule (config.json), without loading torch."""
+    try:
+        select_by = json.loads((run_dir / "config.json").read_text()).get("select_by", "cider")
+    except (OSError, json.JSONDecodeError):
+        select_by = "cider"
+    key, sign = ("val_cider", 1) if select_by == "cider" else ("val_loss", -1)
+    scored = [(sign * r[key], -r["epoch"]) for r in records if isinstance(r.get(key), (int, float))]
+    return -max(scored)[1] if scored else None  # ties: the earliest epoch, as train.py keeps the first best
+
+
+def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Draw RUN_DIR's metrics.jsonl into `out` (default RUN_DIR/curves.png), atomically. Returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    best = _best_epoch(run_dir, records)
+    w, h = CURVES_SIZE
+    fig = Figure(figsize=(w / DPI, h / DPI), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_ppl, ax_cider = fig.subplots(1, 3)
+    style = {"marker": "o", "markersize": 4}  # a 1-epoch run still shows its points
+    ax_loss.plot(*_series(records, "train_loss"), label="train", **style)
+    ax_loss.plot(*_series(records, "val_loss"), label="validation", **style)
+    ax_loss.set(title="loss (cross-entropy per word)", xlabel="epoch", ylabel="loss")
+    # train perplexity is not recorded; exp(train loss) is it (capped like train.py caps val's)
+    ax_ppl.plot(*_series(records, "train_loss", lambda v: math.exp(min(v, 50))), label="train", **style)
+    ax_ppl.plot(*_series(records, "val_perplexity"), label="validation", **style)
+    ax_ppl.set(title="perplexity", xlabel="epoch", ylabel="perplexity", yscale="log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 60, not 6x10^1
+    ax_ppl.yaxis.set_major_formatter(plain)
+    ax_ppl.yaxis.set_minor_formatter(plain)
+    xs, ys = _series(records, "val_cider")
+    if xs:
+        ax_cider.plot(xs, ys, color="tab:green", label="validation (greedy)", **style)
+    else:
+        ax_cider.text(0.5, 0.5, "no validation CIDEr recorded", ha="center", va="center",
+                      transform=ax_cider.transAxes)
+    ax_cider.set(title="validation CIDEr", xlabel="epoch", ylabel="CIDEr")
+    for ax in (ax_loss, ax_ppl, ax_cider):
+        if best is not None:
+            ax.axvline(best, color="grey", linestyle=":", label=f"best.pt (epoch {best})")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=9)
+    fig.suptitle(f"{run_dir.resolve().name}: {len(records)} epochs")
+    out = Path(out) if out is not None else run_dir / CURVES_NAME
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _is_sweep_dir(path: Path) -> bool:
+    """A sweep writes sweep.json and its results tables (results.csv/.json) beside its run directories."""
+    return any((path / name).is_file() for name in ("sweep.json", "results.json", "results.csv"))
+
+
+def plot_path(path: str | os.PathLike) -> list[Path]:
+    """Curves for a run directory, or the sweep plot for a sweep directory. Returns the PNGs written."""
+    p = Path(path)
+    if not p.is_dir():
+        raise NotADirectoryError(f"{path} is not a directory (give a run or sweep directory)")
+    if (p / "metrics.jsonl").is_file():
+        return [plot_run(p)]
+    if _is_sweep_dir(p):
+        try:
+            from stage2_decoder.sweep import plot_sweep  # lazily: sweeps are optional here
+        except ImportError as e:
+            raise ValueError(f"{path} looks like a sweep directory, but stage2_decoder.sweep.plot_sweep "
+                             f"is not available ({e})") from e
+        written = plot_sweep(p)
+        if written is None:
+            return []
+        return [Path(x) for x in written] if isinstance(written, (list, tuple)) else [Path(written)]
+    raise ValueError(f"{path} is neither a training run (no metrics.jsonl) nor a sweep directory (no results.csv)")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run_dir", type=click.Path())
+def main(run_dir):
+    """Plot a training run's curves (RUN_DIR/curves.png) or a sweep directory's results."""
+    from common.cli import run_guarded
+
+    def work():
+        written = plot_path(run_dir)
+        for w in written:
+            click.echo(f"wrote {w}")
+        return 0
+
+    raise SystemExit(run_guarded(work))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""An evaluation as one self-contained HTML page: look at every photo next to its caption.
+
+    python -m stage2_decoder.evaluate --checkpoint best.pt --features F.h5 --split test --html report.html
+    python -m stage2_decoder.report EVAL.json --out report.html    # from a saved `evaluate --json`
+
+The page has the summary metrics table at the top, then one card per image: a small JPEG
+thumbnail embedded as base64 (the page needs no server and no other file), the generated caption,
+the reference captions and the image's CIDEr; ordered best to worst, re-sortable in the page.
+A Content-Security-Policy forbids every external request, so the page cannot depend on one.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from html import escape
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from common.cli import run_guarded
+
+THUMB_PX = 256
+METRIC_ORDER = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:20px;color:#222;background:#fafafa}
+h1{font-size:20px;margin:0 0 8px}
+table.metrics{border-collapse:collapse;margin:8px 0}
+table.metrics th,table.metrics td{border:1px solid #ccc;padding:4px 10px;text-align:right}
+table.metrics th{background:#eee}
+.meta{color:#555;font-size:13px}
+.meta code{font-size:12px}
+.controls{margin:12px 0}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:12px}
+.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px}
+.card img{display:block;max-width:100%;max-height:256px;margin:0 auto 8px}
+.card .missing{height:120px;display:flex;align-items:center;justify-content:center;background:#eee;color:#777}
+.caption{font-weight:600;font-size:15px;margin:4px 0}
+.score{float:right;font-variant-numeric:tabular-nums;padding:1px 6px;border-radius:4px;background:#eef}
+.refs{margin:6px 0 0;padding-left:18px;color:#444;font-size:13px}
+.key{color:#888;font-size:12px;word-break:break-all}
+"""
+
+# Re-orders the cards by data-cider or data-index; without JavaScript they stay best -> worst.
+_JS = """
+(function () {
+  var select = document.getElementById('order');
+  var box = document.getElementById('cards');
+  select.addEventListener('change', function () {
+    var cards = Array.prototype.slice.call(box.querySelectorAll('.card'));
+    var how = select.value;
+    cards.sort(function (a, b) {
+      if (how === 'index') { return a.dataset.index - b.dataset.index; }
+      var d = parseFloat(a.dataset.cider) - parseFloat(b.dataset.cider);
+      return how === 'worst' ? d : -d;
+    });
+    cards.forEach(function (c) { box.appendChild(c); });
+  });
+})();
+"""
+
+
+def thumbnail_data_uri(path: str | os.PathLike, size: int = THUMB_PX) -> str | None:
+    """The image as a data: URI of a JPEG at most `size` px on its longer side; None if unreadable."""
+    from stage2_decoder.figures import FigureError, load_display_image
+
+    try:
+        im = load_display_image(path, max_side=size)
+    except FigureError:
+        return None
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=80, optimize=True)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _metrics_table(report: dict) -> str:
+    m = report.get("metrics", {})
+    names = [k for k in METRIC_ORDER if k in m] + sorted(k for k in m if k not in METRIC_ORDER)
+    head = "".join(f"<th>{escape(k)}</th>" for k in names)
+    row = "".join(f"<td>{m[k]:.3f}</td>" if isinstance(m[k], (int, float)) else f"<td>{escape(str(m[k]))}</td>"
+                  for k in names)
+    return f'<table class="metrics" id="metrics"><tr>{head}</tr><tr>{row}</tr></table>'
+
+
+def _summary(report: dict) -> str:
+    parts = [f"images: {report.get('n_images', len(report.get('images', [])))}"]
+    s = report.get("stats")
+    if s:
+        parts += [f"words used: {s['vocab_used']}", f"distinct captions: {s['distinct_fraction']:.1%}",
+                  f"most repeated ({s['most_common_fraction']:.1%}): \u201c{escape(s['most_common_caption'])}\u201d"]
+    lines = [" &middot; ".join(parts)]
+    for label, key in (("checkpoint", "checkpoint"), ("source", "source")):
+        if report.get(key):
+            lines.append(f"{label}: <code>{escape(str(report[key]))}</code>")
+    if report.get("decode"):
+        lines.append("decoding: <code>" + escape(", ".join(f"{k}={v}" for k, v in report["decode"].items()))
+                     + "</code>")
+    lines += [f"note: {escape(n)}" for n in report.get("notes", [])]
+    lines += [f"skipped {escape(str(k))}: {escape(str(e))}" for k, e in (report.get("skipped") or {}).items()]
+    return "".join(f'<p class="meta">{ln}</p>' for ln in lines)
+
+
+def _card(index: int, item: dict, thumb: str | None) -> str:
+    cider = item.get("cider")
+    score = float(cider) if cider is not None else float("nan")
+    shown = f"{score:.3f}" if cider is not None else "n/a"
+    img = (f'<img src="{thumb}" alt="{escape(item.get("key", ""))}">' if thumb
+           else '<div class="missing">image not readable</div>')
+    refs = "".join(f"<li>{escape(r)}</li>" for r in item.get("references", []))
+    sort_value = score if cider is not None else -1.0  # no score sorts last among best-first
+    return (f'<div class="card" data-index="{index}" data-cider="{sort_value:.6f}">{img}'
+            f'<span class="score" title="CIDEr of this image">CIDEr {shown}</span>'
+            f'<p class="caption">{escape(item.get("caption") or "")}</p>'
+            f'<ol class="refs">{refs}</ol>'
+            f'<p class="key">{escape(str(item.get("image") or item.get("key", "")))}</p></div>')
+
+
+def render_html(report: dict, title: str = "Caption evaluation", thumb_px: int = THUMB_PX,
+                progress: bool = False) -> str:
+    """The page for an `evaluate` report (metrics, stats, notes, images[{key, image, caption,
+    references, cider}]) as a string; cards ordered by CIDEr, best first."""
+    images = list(enumerate(report.get("images", [])))
+    images.sort(key=lambda p: -(p[1]["cider"] if p[1].get("cider") is not None else -1.0))
+    cards = [_card(i, item, thumbnail_data_uri(item["image"], thumb_px) if item.get("image") else None)
+             for i, item in tqdm(images, desc="thumbnails", unit="img", disable=not progress, leave=False)]
+    csp = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{csp}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>{escape(title)}</title>
+<style>{_CSS}</style></head>
+<body>
+<h1>{escape(title)}</h1>
+{_metrics_table(report)}
+{_summary(report)}
+<div class="controls"><label for="order">order: </label><select id="order">
+<option value="best">CIDEr, best first</option><option value="worst">CIDEr, worst first</option>
+<option value="index">evaluation order</option></select> &middot; {len(cards)} images</div>
+<div class="cards" id="cards">
+{chr(10).join(cards)}
+</div>
+<script>{_JS}</script>
+</body></html>
+"""
+
+
+def write_html(report: dict, out: str | os.PathLike, title: str = "Caption evaluation", progress: bool = False
+               ) -> Path:
+    """Render the page and write it atomically to `out`."""
+    page = render_html(report, title, progress=progress)
+    out = Path(out)
+    if out.parent != Path(""):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("eval_json", type=click.Path())
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The HTML page to write.")
+@click.option("--title", default="Caption evaluation", show_default=True)
+def main(eval_json, out, title):
+    """Turn an `evaluate --json` file into a self-contained HTML gallery."""
+    def work():
+        try:
+            report = json.loads(Path(eval_json).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{eval_json} is not JSON: {e}") from e
+        if not (isinstance(report, dict) and isinstance(report.get("images"), list)
+                and all(isinstance(i, dict) for i in report["images"])):
+            raise ValueError(f"{eval_json} is not an `evaluate --json` output (no 'images' list)")
+        write_html(report, out, title, progress=True)
+        click.echo(f"wrote {out} ({len(report['images'])} images)")
+        return 0
+
+    raise SystemExit(run_guarded(work))
+
+
+if __name__ == "__main__":
+    main()
