@@ -25,7 +25,7 @@ TRAIN_ARGS ?=
 
 LIMIT_ARG := $(if $(LIMIT),--limit $(LIMIT),)
 
-.PHONY: install features train caption demo test test-all clean
+.PHONY: install features train caption demo test test-all clean data coco2014
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -55,6 +55,21 @@ demo: install
 	@echo "== captions for 8 test-split photos (never seen in training) =="
 	$(PY) -m stage2_decoder.caption --checkpoint $(DEMO_RUN)/best.pt \
 	    $$($(PY) -m stage2_decoder.samples $(DEMO_RUN) --features $(DEMO_OUT) --split test -n 8)
+
+# downloads (python -m common.data; layout in its docstring): make data DATASET=coco2014|coco2017|flickr8k|flickr30k
+DATA_ROOT ?= data
+DATA_ARGS ?=
+data: install
+	$(PY) -m common.data download $(if $(filter coco,$(DATASET)),coco2014,$(DATASET)) --root $(DATA_ROOT) $(DATA_ARGS)
+
+# full MS-COCO 2014, Karpathy split: from nothing to a trained model (README "Full MS-COCO")
+FULL_OUT ?= cache/coco2014-$(BACKBONE).h5
+FULL_RUN ?= runs/coco2014-$(BACKBONE)
+coco2014: install
+	$(MAKE) --no-print-directory data DATASET=coco2014
+	$(MAKE) --no-print-directory features DATASET=karpathy IMAGES=$(DATA_ROOT)/coco2014 \
+	    CAPTIONS=$(DATA_ROOT)/coco2014/karpathy/dataset_coco.json OUT=$(FULL_OUT)
+	$(MAKE) --no-print-directory train OUT=$(FULL_OUT) RUN=$(FULL_RUN)
 
 test: install
 	$(PY) -m pytest -q -m "not slow"

@@ -1,7 +1,9 @@
-"""Caption datasets: MS-COCO captions JSON and Flickr8k `captions.txt`, read into one record type.
+"""Caption datasets, read into one record type: MS-COCO captions JSON, Flickr8k `captions.txt`,
+Karpathy's split files (`dataset_{coco,flickr8k,flickr30k}.json`) and Flickr30k's caption files.
 
 Every image gets a string `key` that names it everywhere else (the feature cache rows, the
-split file, evaluation output): the COCO image id as a decimal string, or the Flickr8k file name.
+split file, evaluation output): the COCO image id as a decimal string, or the Flickr file name.
+A Karpathy file also fixes each image's split (`ImageRecord.split`; see `official_split`).
 """
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ import hashlib
 import io
 import json
 import os
-from collections import OrderedDict
+import re
+import warnings
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FORMATS = ("coco", "flickr8k")
+FORMATS = ("coco", "flickr8k", "karpathy", "flickr30k")
 SPLITS = ("train", "val", "test")
 
 
@@ -29,16 +33,39 @@ class ImageRecord:
     image_id: int | str
     path: str  # absolute path of the image file
     captions: list[str] = field(default_factory=list)
+    split: str | None = None  # train | val | test when the dataset file prescribes it (Karpathy's), else None
+
+
+def _head(path: str | os.PathLike, n: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n).decode("utf-8", errors="replace")
+    except OSError:
+        return ""  # a missing file: the reader will say so
+
+
+_TOKEN_LINE = re.compile(r"^[^\t#]+#\d+\t")  # `1000092795.jpg#0<TAB>caption` (Flickr30k/Flickr8k .token)
 
 
 def guess_format(captions_file: str | os.PathLike) -> str:
-    """'coco' for a .json captions file, 'flickr8k' for .txt/.csv."""
+    """From the extension, and the first bytes where they tell formats apart.
+
+    .json: 'karpathy' if its images carry "sentences", else 'coco'; .token: 'flickr30k';
+    .txt/.csv: 'flickr30k' for `NAME#N<TAB>caption` lines or an `image_name| comment_number| comment`
+    header, else 'flickr8k'.
+    """
     suffix = Path(captions_file).suffix.lower()
     if suffix == ".json":
-        return "coco"
+        # Karpathy's files start with the first image and its sentences; COCO's have no "sentences"
+        return "karpathy" if re.search(r'"sentences"\s*:', _head(captions_file, 1 << 16)) else "coco"
+    if suffix == ".token":
+        return "flickr30k"
     if suffix in (".txt", ".csv"):
-        return "flickr8k"
-    raise DatasetError(f"cannot tell the dataset format of {captions_file}; pass --dataset coco|flickr8k")
+        first = _head(captions_file, 4096).lstrip("\ufeff").split("\n", 1)[0]
+        return "flickr30k" if _TOKEN_LINE.match(first) or first.replace(" ", "").startswith("image_name|") \
+            else "flickr8k"
+    raise DatasetError(f"cannot tell the dataset format of {captions_file}; pass --dataset "
+                       f"{'|'.join(FORMATS)}")
 
 
 def _sort_key(rec: ImageRecord):
@@ -46,58 +73,226 @@ def _sort_key(rec: ImageRecord):
     return (0, rec.image_id, "") if isinstance(rec.image_id, int) else (1, 0, str(rec.image_id))
 
 
+class DatasetWarning(UserWarning):
+    """Entries of a captions file that were skipped; the rest of the file is used."""
+
+
+_HAS_WORD = re.compile(r"[^\W_]")  # a letter or digit: what `tokenize` needs to keep a token
+
+
+def _clean_captions(captions: list, skipped: Counter) -> list[str]:
+    """One image's captions without the unusable ones, counted into `skipped` by reason: non-text
+    values, and captions without a letter or digit (empty, punctuation only: they tokenise to
+    nothing). Two annotators writing the same sentence is not a repeat: both stay references."""
+    kept = []
+    for c in captions:
+        if not isinstance(c, str):
+            skipped["captions that are not text"] += 1
+        elif not _HAS_WORD.search(c):
+            skipped["captions without a word (empty or punctuation only)"] += 1
+        else:
+            kept.append(c)
+    return kept
+
+
+def _warn_skipped(captions_file, skipped: Counter) -> None:
+    if skipped:
+        warnings.warn(DatasetWarning(f"{captions_file}: skipped " +
+                                     "; ".join(f"{n} {why}" for why, n in skipped.items())), stacklevel=3)
+
+
 def load_coco(captions_file: str | os.PathLike, images_dir: str | os.PathLike) -> list[ImageRecord]:
-    """Read an official MS-COCO captions JSON (through pycocotools)."""
+    """Read an official MS-COCO captions JSON (indexed by pycocotools).
+
+    A file of the wrong shape is a DatasetError; unusable entries in a usable file (captions
+    that are empty or punctuation only, annotations of image ids the file does not list, an
+    annotation id or an identical image entry given twice) are skipped with one DatasetWarning.
+    """
     from pycocotools.coco import COCO
 
     captions_file, images_dir = Path(captions_file), Path(images_dir)
     if not captions_file.is_file():
         raise DatasetError(f"captions file not found: {captions_file}")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress chatter
-            coco = COCO(str(captions_file))
+    try:  # read it here, not in COCO(): UTF-8 whatever the locale, a BOM tolerated
+        data = json.loads(captions_file.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise DatasetError(f"{captions_file} is not valid JSON: {e}") from e
     except UnicodeDecodeError as e:
         raise DatasetError(f"{captions_file} is not UTF-8 text: {e}") from e
-    except (KeyError, TypeError, AttributeError, AssertionError) as e:
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations", []), list):
         raise DatasetError(f"{captions_file} is not a COCO captions file (needs 'images' and "
-                           f"'annotations' lists): {e!r}") from e
+                           f"'annotations' lists)")
+    coco = COCO()
+    coco.dataset = data
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # createIndex() prints progress chatter
+            coco.createIndex()
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DatasetError(f"{captions_file} is not a COCO captions file (each image needs an 'id', each "
+                           f"annotation an 'id' and 'image_id'): {e!r}") from e
     if not coco.imgs:
         raise DatasetError(f"{captions_file} lists no images")
+    skipped: Counter = Counter()
+    names: dict = {}
+    for img in data["images"]:  # createIndex keeps the last of repeated ids: refuse conflicting ones
+        first = names.setdefault(img["id"], img.get("file_name"))
+        if first != img.get("file_name"):
+            raise DatasetError(f"{captions_file}: image id {img['id']!r} is listed twice, as {first!r} "
+                               f"and {img.get('file_name')!r}")
+    if len(data["images"]) > len(coco.imgs):
+        skipped["repeated image entries"] += len(data["images"]) - len(coco.imgs)
+    orphans = [i for i in coco.imgToAnns if i not in coco.imgs]
+    if orphans:
+        skipped[f"annotations of image ids not in 'images' (e.g. {orphans[0]!r})"] += \
+            sum(len(coco.imgToAnns[i]) for i in orphans)
+    seen_ann: set = set()
     records = []
     for img_id, img in coco.imgs.items():
+        anns = []
+        for a in coco.imgToAnns.get(img_id, []):
+            if a["id"] in seen_ann:
+                skipped["repeated annotations (same id)"] += 1
+            else:
+                seen_ann.add(a["id"])
+                anns.append(a)
         try:
-            caps = [a["caption"] for a in coco.imgToAnns.get(img_id, []) if isinstance(a.get("caption"), str)]
+            caps = _clean_captions([a.get("caption") for a in anns], skipped)
             records.append(ImageRecord(str(img_id), img_id, os.path.abspath(images_dir / img["file_name"]),
                                        caps))
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise DatasetError(f"{captions_file}: malformed image entry {img!r}: {e!r}") from e
+    _warn_skipped(captions_file, skipped)
     return sorted(records, key=_sort_key)
 
 
 def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLike) -> list[ImageRecord]:
-    """Read a Flickr8k `captions.txt`: CSV with header `image,caption`, one row per caption."""
+    """Read a Flickr8k `captions.txt`: CSV with header `image,caption`, one row per caption.
+
+    A file without that header is a DatasetError; rows without an image or caption, a row
+    repeated exactly, and unusable captions (see `_clean_captions`) are skipped with one
+    DatasetWarning. A caption with unquoted commas (more fields than the header) is joined back.
+    """
     captions_file, images_dir = Path(captions_file), Path(images_dir)
     if not captions_file.is_file():
         raise DatasetError(f"captions file not found: {captions_file}")
     by_image: OrderedDict[str, list[str]] = OrderedDict()
+    skipped: Counter = Counter()
+    bad_rows: list[int] = []
     try:
-        with open(captions_file, newline="", encoding="utf-8") as f:
+        with open(captions_file, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
             reader = csv.DictReader(f)
             if reader.fieldnames is None or not {"image", "caption"} <= set(reader.fieldnames):
                 raise DatasetError(f"{captions_file}: expected a CSV header 'image,caption', "
                                    f"got {reader.fieldnames}")
-            for line_no, row in enumerate(reader, start=2):
-                image, caption = row.get("image"), row.get("caption")
+            for row in reader:
+                image, caption = (row.get("image") or "").strip(), row.get("caption")
                 if not image or caption is None:
-                    raise DatasetError(f"{captions_file}:{line_no}: row without image or caption")
-                by_image.setdefault(image.strip(), []).append(caption)
+                    bad_rows.append(reader.line_num)
+                    continue
+                if row.get(None):  # `a.jpg,A dog, running` -> caption "A dog, running"
+                    caption = ",".join([caption, *row[None]])
+                caps = by_image.setdefault(image, [])
+                if caption in caps:
+                    skipped["repeated rows"] += 1
+                else:
+                    caps.append(caption)
     except UnicodeDecodeError as e:
         raise DatasetError(f"{captions_file} is not UTF-8 text: {e}") from e
-    records = [ImageRecord(name, name, os.path.abspath(images_dir / name), caps) for name, caps in by_image.items()]
+    except csv.Error as e:
+        raise DatasetError(f"{captions_file}: not a readable CSV file: {e}") from e
+    if bad_rows:
+        skipped[f"rows without an image or caption (e.g. line {bad_rows[0]})"] = len(bad_rows)
+    records = [ImageRecord(name, name, os.path.abspath(images_dir / name), _clean_captions(caps, skipped))
+               for name, caps in by_image.items()]
     if not records:
         raise DatasetError(f"{captions_file} lists no images")
+    _warn_skipped(captions_file, skipped)
+    return sorted(records, key=_sort_key)
+
+
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}  # restval trains
+
+
+def load_karpathy(captions_file: str | os.PathLike, images_dir: str | os.PathLike) -> list[ImageRecord]:
+    """Read a Karpathy split file: `{"images": [{"filepath"?, "filename", "split", "sentences": [{"raw"}],
+    "cocoid"?}, ...]}` (dataset_coco.json, dataset_flickr8k.json, dataset_flickr30k.json).
+
+    The image is images_dir/filepath/filename (COCO: images_dir holds train2014/ and val2014/; Flickr
+    files have no filepath). Keys match the other readers: the COCO id where there is one, else the
+    file name. Each record carries its split, "restval" counted as "train" (the usual 113k/5k/5k).
+    Unusable captions are skipped with one DatasetWarning, as by the other readers.
+    """
+    captions_file, images_dir = Path(captions_file), Path(images_dir)
+    if not captions_file.is_file():
+        raise DatasetError(f"captions file not found: {captions_file}")
+    try:
+        with open(captions_file, encoding="utf-8-sig") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{captions_file} is not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{captions_file} is not UTF-8 text: {e}") from e
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list) or not images:
+        raise DatasetError(f"{captions_file} is not a Karpathy split file (needs a non-empty 'images' list)")
+    records, seen, skipped = [], set(), Counter()
+    for i, img in enumerate(images):
+        try:
+            name, split = img["filename"], KARPATHY_SPLITS[img["split"]]
+            image_id = int(img["cocoid"]) if "cocoid" in img else name
+            path = images_dir / img.get("filepath", "") / name
+            caps = _clean_captions([s.get("raw") for s in img["sentences"]], skipped)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DatasetError(f"{captions_file}: malformed image entry #{i} ({e!r}); needs filename, "
+                               f"split (train|val|test|restval) and sentences[].raw") from e
+        key = str(image_id)
+        if key in seen:
+            raise DatasetError(f"{captions_file}: image {key} is listed twice")
+        seen.add(key)
+        records.append(ImageRecord(key, image_id, os.path.abspath(path), caps, split))
+    _warn_skipped(captions_file, skipped)
+    return sorted(records, key=_sort_key)
+
+
+def load_flickr30k(captions_file: str | os.PathLike, images_dir: str | os.PathLike) -> list[ImageRecord]:
+    """Read Flickr30k captions: `results_20130124.token` (`NAME.jpg#N<TAB>caption`, also Flickr8k's
+    `Flickr8k.token.txt`) or Kaggle's `results.csv` (`image_name| comment_number| comment`).
+    A line of neither shape is a DatasetError; unusable captions are skipped with one DatasetWarning."""
+    captions_file, images_dir = Path(captions_file), Path(images_dir)
+    if not captions_file.is_file():
+        raise DatasetError(f"captions file not found: {captions_file}")
+    by_image: OrderedDict[str, list[tuple[int, str]]] = OrderedDict()  # name -> [(caption number, caption)]
+    try:
+        lines = captions_file.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{captions_file} is not UTF-8 text: {e}") from e
+    piped = bool(lines) and lines[0].replace(" ", "").startswith("image_name|")
+    for line_no, line in enumerate(lines[1:] if piped else lines, start=2 if piped else 1):
+        if not line.strip():
+            continue
+        if piped:
+            parts = [p.strip() for p in line.split("|", 2)]
+            if len(parts) == 2:  # Kaggle's copy has a row or two with the second '|' missing: "name| 4 text"
+                m = re.match(r"(\d+)\s+(.*)", parts[1])
+                parts = [parts[0], *m.groups()] if m else parts
+            if len(parts) != 3 or not parts[0] or not parts[1].isdigit():
+                raise DatasetError(f"{captions_file}:{line_no}: expected 'image_name| comment_number| comment'")
+            image, number, caption = parts
+        else:
+            head, tab, caption = line.partition("\t")
+            image, _, number = head.strip().rpartition("#")
+            if not tab or not image or not number.isdigit():
+                raise DatasetError(f"{captions_file}:{line_no}: expected 'IMAGE#N<TAB>caption'")
+        by_image.setdefault(image, []).append((int(number), caption.strip()))
+    skipped: Counter = Counter()
+    # captions in their numbered order, whatever the order of the lines
+    records = [ImageRecord(name, name, os.path.abspath(images_dir / name),
+                           _clean_captions([c for _, c in sorted(caps)], skipped))
+               for name, caps in by_image.items()]
+    if not records:
+        raise DatasetError(f"{captions_file} lists no images")
+    _warn_skipped(captions_file, skipped)
     return sorted(records, key=_sort_key)
 
 
@@ -110,7 +305,8 @@ def load_dataset(fmt: str, captions_file: str | os.PathLike, images_dir: str | o
         raise DatasetError(f"unknown dataset format {fmt!r}; choose from {', '.join(FORMATS)}")
     if not Path(images_dir).is_dir():
         raise DatasetError(f"images folder not found: {images_dir}")
-    records = (load_coco if fmt == "coco" else load_flickr8k)(captions_file, images_dir)
+    loaders = {"coco": load_coco, "flickr8k": load_flickr8k, "karpathy": load_karpathy, "flickr30k": load_flickr30k}
+    records = loaders[fmt](captions_file, images_dir)
     if limit is not None:
         if limit < 1:
             raise DatasetError(f"--limit must be at least 1, got {limit}")
@@ -147,7 +343,23 @@ def split_keys(keys: list[str], val_frac: float = 0.05, test_frac: float = 0.05,
             "train": sorted(ranked[n_val + n_test:])}
 
 
+def official_split(records: list[ImageRecord]) -> dict[str, list[str]] | None:
+    """The split the dataset file prescribes (Karpathy's), shaped as `split_keys` returns it; None if it has none."""
+    if not records or any(r.split is None for r in records):
+        return None
+    split: dict[str, list[str]] = {"val": [], "test": [], "train": []}
+    for r in records:
+        split[r.split].append(r.key)
+    if not split["train"]:
+        raise DatasetError("the dataset file's own split puts none of these images in train")
+    return {name: sorted(keys) for name, keys in split.items()}
+
+
 def write_split(split: dict[str, list[str]], path: str | os.PathLike) -> None:
     tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(split, indent=0))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(split, indent=0))
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk names no file by itself
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot write the split: {e.strerror}", str(path)) from e

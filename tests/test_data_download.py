@@ -1,0 +1,320 @@
+"""`common.data`: download, resume, verify, extract and rerun, against a loopback HTTP server the test starts.
+
+The server serves tiny archives built here and honours `Range: bytes=N-` (the stdlib handler does
+not), so resuming is really exercised: it logs every request and counts the body bytes it sent.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import random
+import re
+import socket
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import common.data as data
+from common.data import REGISTRY, Archive, DatasetSpec, DownloadError, download_dataset, extract_archive
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (the stdlib's name)
+        srv = self.server
+        name = self.path.lstrip("/")
+        rng = self.headers.get("Range")
+        srv.log.append((name, rng))
+        body = srv.files.get(name)
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        if rng and srv.ranges:
+            start = int(re.fullmatch(r"bytes=(\d+)-", rng)[1])
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        payload = body[start:]
+        if srv.cut_next:  # announce the whole length, send half, hang up: a connection that breaks
+            srv.cut_next -= 1
+            payload = payload[: len(payload) // 2]
+            self.close_connection = True
+        self.wfile.write(payload)
+        srv.sent += len(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.files, srv.log, srv.sent, srv.ranges, srv.cut_next = {}, [], 0, True, 0
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _zip(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, content in entries.items():
+            zf.writestr(name, content)
+    return buf.getvalue()
+
+
+def _targz(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, content in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tf.addfile(info, io.BytesIO(content))
+    return buf.getvalue()
+
+
+RNG = random.Random(0)
+IMAGE_A, IMAGE_B = RNG.randbytes(60_000), RNG.randbytes(45_000)  # incompressible: the zip stays ~100 kB
+CAPTIONS = json.dumps({"images": [], "annotations": []}).encode()
+KARPATHY = {"dataset_coco.json": b'{"images": [], "dataset": "coco"}', "dataset_flickr8k.json": b'{"images": []}'}
+
+
+@pytest.fixture
+def tiny(server):
+    """A three-archive dataset spec (zip with an md5, tar.gz without, a zip of which one member is kept)."""
+    images = _zip({"train2014/COCO_train2014_000000000009.jpg": IMAGE_A,
+                   "train2014/COCO_train2014_000000000025.jpg": IMAGE_B,
+                   "__MACOSX/train2014/._COCO_train2014_000000000009.jpg": b"resource fork"})
+    ann = _targz({"annotations/captions_train2014.json": CAPTIONS})
+    karpathy = _zip(KARPATHY)
+    server.files.update({"train2014.zip": images, "annotations.tar.gz": ann, "caption_datasets.zip": karpathy})
+    spec = DatasetSpec("tiny", "test data",
+                       (Archive("http://official.invalid/zips/train2014.zip", len(images),
+                                hashlib.md5(images).hexdigest()),
+                        Archive("http://official.invalid/annotations.tar.gz"),
+                        Archive("http://official.invalid/caption_datasets.zip", members=("dataset_coco.json",),
+                                into="karpathy")),
+                       images=".", captions="karpathy/dataset_coco.json", fmt="karpathy")
+    return spec
+
+
+def _get(spec, root, server, **kw):
+    return download_dataset(spec, root, mirror=server.url, progress=False, **kw)
+
+
+def _check_layout(root: Path):
+    d = root / "tiny"
+    assert (d / "train2014/COCO_train2014_000000000009.jpg").read_bytes() == IMAGE_A
+    assert (d / "train2014/COCO_train2014_000000000025.jpg").read_bytes() == IMAGE_B
+    assert (d / "annotations/captions_train2014.json").read_bytes() == CAPTIONS
+    assert (d / "karpathy/dataset_coco.json").read_bytes() == KARPATHY["dataset_coco.json"]
+    assert not (d / "karpathy/dataset_flickr8k.json").exists()  # only the member asked for
+    assert not (d / "__MACOSX").exists()
+    assert not list(d.glob(".extracting-*")) and not list((root / "archives").glob("*.part"))
+
+
+def test_fresh_download_layout_and_manifest(tmp_path, server, tiny):
+    steps = _get(tiny, tmp_path, server)
+    assert [s.fetched for s in steps] == ["downloaded"] * 3
+    assert [s.extracted for s in steps] == ["extracted (2 files)", "extracted (1 files)", "extracted (1 files)"]
+    assert sorted(name for name, _ in server.log) == ["annotations.tar.gz", "caption_datasets.zip", "train2014.zip"]
+    assert all(rng is None for _, rng in server.log)
+    _check_layout(tmp_path)
+    manifest = json.loads((tmp_path / "archives/manifest.json").read_text())
+    for name, body in server.files.items():
+        assert (tmp_path / "archives" / name).read_bytes() == body
+        assert manifest[name]["sha256"] == hashlib.sha256(body).hexdigest()
+        assert manifest[name]["size"] == len(body)
+
+
+def test_rerun_downloads_nothing(tmp_path, server, tiny):
+    _get(tiny, tmp_path, server)
+    server.log.clear()
+    steps = _get(tiny, tmp_path, server)
+    assert server.log == []
+    assert [s.fetched for s in steps] == ["present (verified)"] * 3
+    assert [s.extracted for s in steps] == ["already extracted"] * 3
+    assert [s.fetched for s in _get(tiny, tmp_path, server, quick=True)] == ["present (size checked)"] * 3
+    assert server.log == []
+    _check_layout(tmp_path)
+
+
+def test_resume_fetches_only_the_missing_bytes(tmp_path, server, tiny):
+    body = server.files["train2014.zip"]
+    half = len(body) // 2
+    (tmp_path / "archives").mkdir()
+    (tmp_path / "archives/train2014.zip.part").write_bytes(body[:half])
+    steps = _get(tiny, tmp_path, server)
+    assert steps[0].fetched == "resumed"
+    assert ("train2014.zip", f"bytes={half}-") in server.log
+    others = sum(len(server.files[n]) for n in ("annotations.tar.gz", "caption_datasets.zip"))
+    assert server.sent == len(body) - half + others  # the first half was not sent again
+    _check_layout(tmp_path)
+
+
+def test_connection_cut_midway_is_resumed(tmp_path, server, tiny, monkeypatch):
+    monkeypatch.setattr(data, "RETRY_WAIT_S", 0.0)
+    server.cut_next = 1
+    _get(tiny, tmp_path, server)
+    first, second = [rng for name, rng in server.log if name == "train2014.zip"]
+    assert first is None and second == f"bytes={len(server.files['train2014.zip']) // 2}-"
+    _check_layout(tmp_path)
+
+
+def test_server_ignoring_range_restarts_from_zero(tmp_path, server, tiny):
+    server.ranges = False  # answers 200 with the whole file: the partial file must be replaced, not appended to
+    body = server.files["train2014.zip"]
+    (tmp_path / "archives").mkdir()
+    (tmp_path / "archives/train2014.zip.part").write_bytes(b"x" * 1000)
+    _get(tiny, tmp_path, server)
+    assert (tmp_path / "archives/train2014.zip").read_bytes() == body
+    _check_layout(tmp_path)
+
+
+@pytest.mark.parametrize("extra", [0, 100])  # a whole part (size known only to the server), or a longer one
+def test_part_at_or_past_the_end(tmp_path, server, tiny, extra):
+    body = server.files["annotations.tar.gz"]  # no size in the spec: the server's 416 answer decides
+    (tmp_path / "archives").mkdir()
+    (tmp_path / "archives/annotations.tar.gz.part").write_bytes(body + b"x" * extra)
+    _get(tiny, tmp_path, server)
+    ranges = [rng for name, rng in server.log if name == "annotations.tar.gz"]
+    assert ranges == ([f"bytes={len(body)}-"] if extra == 0 else [f"bytes={len(body) + extra}-", None])
+    _check_layout(tmp_path)
+
+
+def test_archives_put_there_by_hand_are_verified_and_used(tmp_path, server, tiny):
+    (tmp_path / "archives").mkdir()
+    for name, body in server.files.items():  # what the offline error message asks a user to do
+        (tmp_path / "archives" / name).write_bytes(body)
+    steps = _get(tiny, tmp_path, server)
+    assert server.log == [] and [s.fetched for s in steps] == ["present (verified)"] * 3
+    _check_layout(tmp_path)
+    manifest = json.loads((tmp_path / "archives/manifest.json").read_text())
+    assert manifest["annotations.tar.gz"]["sha256"] == hashlib.sha256(server.files["annotations.tar.gz"]).hexdigest()
+
+
+def test_checksum_mismatch_leaves_no_complete_file(tmp_path, server, tiny):
+    good = tiny.archives[0]
+    bad = DatasetSpec("tiny", "", (Archive(good.url, good.size, "0" * 32),), ".", "x", "coco")
+    with pytest.raises(DownloadError, match="md5") as e:
+        _get(bad, tmp_path, server)
+    assert "\n" not in str(e.value)
+    arch = tmp_path / "archives"
+    assert not (arch / "train2014.zip").exists() and not (arch / "train2014.zip.part").exists()
+    assert "train2014.zip" not in json.loads((arch / "manifest.json").read_text() if (arch / "manifest.json").exists()
+                                             else "{}")
+    assert not (tmp_path / "tiny/train2014").exists()
+    _get(tiny, tmp_path, server)  # with the right checksum the next run succeeds
+    _check_layout(tmp_path)
+
+
+def test_size_mismatch_is_refused_before_writing(tmp_path, server, tiny):
+    good = tiny.archives[0]
+    spec = DatasetSpec("tiny", "", (Archive(good.url, good.size + 1, good.md5),), ".", "x", "coco")
+    with pytest.raises(DownloadError, match="should be"):
+        _get(spec, tmp_path, server)
+    assert not list((tmp_path / "archives").iterdir())
+
+
+def test_tampered_archive_is_caught_on_rerun(tmp_path, server, tiny):
+    _get(tiny, tmp_path, server)
+    path = tmp_path / "archives/annotations.tar.gz"  # no published checksum: the manifest's sha256 guards it
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DownloadError, match="sha256"):
+        _get(tiny, tmp_path, server)
+    assert not path.exists() and (tmp_path / "archives/annotations.tar.gz.bad").exists()
+    server.log.clear()
+    _get(tiny, tmp_path, server)
+    assert [n for n, _ in server.log] == ["annotations.tar.gz"]
+    assert path.read_bytes() == server.files["annotations.tar.gz"]
+
+
+def test_remove_archives_then_rerun(tmp_path, server, tiny):
+    _get(tiny, tmp_path, server, remove_archives=True)
+    assert not [p for p in (tmp_path / "archives").iterdir() if p.name != "manifest.json"]
+    _check_layout(tmp_path)
+    server.log.clear()
+    steps = _get(tiny, tmp_path, server)
+    assert server.log == [] and [s.fetched for s in steps] == ["removed earlier"] * 3
+
+
+def test_unsafe_member_is_refused(tmp_path):
+    evil = tmp_path / "evil.zip"
+    evil.write_bytes(_zip({"ok.txt": b"fine", "../escaped.txt": b"no"}))
+    with pytest.raises(DownloadError, match="outside its folder"):
+        extract_archive(evil, tmp_path / "out", progress=False)
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "out/ok.txt").exists()
+    not_an_archive = tmp_path / "x.zip"
+    not_an_archive.write_bytes(b"plain text")
+    with pytest.raises(DownloadError, match="neither a zip nor a tar"):
+        extract_archive(not_an_archive, tmp_path / "out", progress=False)
+
+
+def test_registry_uses_official_addresses():
+    coco = [a for s in REGISTRY.values() for a in s.archives if "cocodataset" in a.url]
+    assert len(coco) == 6 and all(a.url.startswith("http://images.cocodataset.org/") for a in coco)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", a.md5) and a.size > 10**8 for a in coco)
+    names = {a.filename for a in REGISTRY["coco2014"].archives}
+    assert names == {"train2014.zip", "val2014.zip", "annotations_trainval2014.zip", "caption_datasets.zip"}
+    assert REGISTRY["flickr30k"].archives[0].url.endswith("/deepimagesent/caption_datasets.zip")
+
+
+# --- through the CLI, in a subprocess --------------------------------------------------------------------------
+
+def _one_error_line(proc) -> str:
+    assert proc.returncode == 1, proc
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_cli_unreachable_host_one_line(tmp_path, cli):
+    with socket.socket() as s:  # a port nobody listens on: connection refused, like a machine offline
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = cli("common.data", "download", "flickr30k", "--root", tmp_path, "--no-progress",
+                   env={"CAPCACHE_DATA_MIRROR": f"http://127.0.0.1:{port}"}, timeout=120)
+    line = _one_error_line(proc)
+    assert f"could not reach 127.0.0.1:{port}" in line
+    assert "caption_datasets.zip by hand into" in line and str(tmp_path / "archives") in line
+
+
+def test_cli_real_registry_entry_end_to_end(tmp_path, server, cli):
+    server.files["caption_datasets.zip"] = _zip({**KARPATHY, "dataset_flickr30k.json": b'{"images": []}'})
+    args = ["common.data", "download", "flickr30k", "--root", tmp_path, "--mirror", server.url, "--no-progress"]
+    proc = cli(*args, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "flickr30k/karpathy/dataset_flickr30k.json").read_bytes() == b'{"images": []}'
+    assert "next: python -m stage1_extract --dataset karpathy" in proc.stdout
+    server.log.clear()
+    steps = download_dataset("flickr30k", tmp_path, mirror=server.url, progress=False)  # the CLI's own call
+    assert server.log == [] and [(s.fetched, s.extracted) for s in steps] == [("present (verified)",
+                                                                               "already extracted")]
+
+
+def test_cli_wrong_file_from_mirror(tmp_path, server, cli):
+    server.files["train2014.zip"] = _zip({"train2014/a.jpg": b"tiny"})  # not the 13.5 GB archive
+    proc = cli("common.data", "download", "coco2014", "--root", tmp_path, "--no-progress",
+                   env={"CAPCACHE_DATA_MIRROR": server.url}, timeout=120)
+    assert "should be 13,510,573,713" in _one_error_line(proc)
+    assert not (tmp_path / "coco2014/train2014").exists()
