@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -99,10 +100,19 @@ def load_image_u8(path: str | os.PathLike, pp: Preprocess) -> torch.Tensor:
 
     path = str(path)
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that (and raises above); the
+            # check below refuses such images instead, unless JPEG draft mode shrinks them enough
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             if pp.jpeg_draft and im.format == "JPEG":
                 # ask for a decode at least resize x resize: both sides stay >= the target
                 im.draft("RGB", (pp.resize, pp.resize))
+            if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(
+                    f"{im.width}x{im.height} pixels exceed the decompression-bomb limit of "
+                    f"{Image.MAX_IMAGE_PIXELS} pixels")
             if pp.exif_transpose:
                 im = ImageOps.exif_transpose(im)
             im = _to_rgb(im)
@@ -218,7 +228,8 @@ def _pretrained_state_dict(spec: BackboneSpec) -> dict:
             shutil.copyfile(packaged, tmp)
             os.replace(tmp, target)
     try:
-        return enum.get_state_dict(progress=True, check_hash=False)
+        # weights_only: torchvision's default (False) would unpickle whatever sits in the hub cache
+        return enum.get_state_dict(progress=True, check_hash=False, weights_only=True)
     except Exception as e:  # URLError, HTTPError, socket errors: no internet, no cached file
         raise WeightsNotFound(
             f"{spec.name} ImageNet weights ({spec.weights}) are not available offline: put {filename} "
@@ -288,6 +299,10 @@ def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda when available, else cpu."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:  # "gpu", "cuda:x": torch's message spans lines and names no option
+        raise BackboneError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackboneError(f"--device {device} asked for, but CUDA is not available")
-    return torch.device(device)
+    return dev

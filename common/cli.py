@@ -3,20 +3,24 @@ from __future__ import annotations
 
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Collection
 from dataclasses import MISSING, fields
 
 import click
+import torch
 
 from common.backbones import BackboneError, ImageError
 from common.datasets import DatasetError
 from common.feature_cache import CacheError
 from common.vocab import VocabError
 
-# the errors a user can cause with bad input; anything else is a bug and keeps its traceback
+# the errors a user can cause with bad input (or a full disk, or a diverging run: FloatingPointError
+# is train's "loss became nan"); anything else is a bug and keeps its traceback
 USER_ERRORS: tuple[type[BaseException], ...] = (BackboneError, ImageError, DatasetError, CacheError, VocabError,
                                                 ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
-                                                NotADirectoryError, OSError)
+                                                NotADirectoryError, OSError, FloatingPointError, MemoryError,
+                                                torch.cuda.OutOfMemoryError)  # = torch.OutOfMemoryError in 2.5+
 
 
 class Terminated(Exception):
@@ -27,9 +31,28 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as one line: library messages (h5py, torch) often span several."""
+    return " ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    # one line per warning (a skipped caption, a corrupt EXIF tag), not Python's two-line format
+    # with the source line of the library that warned
+    name = "" if issubclass(category, UserWarning) else f"{category.__name__}: "
+    print(f"warning: {name}{one_line(message) if isinstance(message, Exception) else message}",
+          file=file or sys.stderr)
+
+
 def run_guarded(work: Callable[[], int], interrupted_msg: str = "interrupted") -> int:
-    """Run `work`, mapping user errors to 'error: ...' + exit 1, Ctrl-C to 130, SIGTERM to 143."""
+    """Run `work`, mapping user errors to one 'error: ...' line + exit 1, Ctrl-C to 130, SIGTERM to 143.
+
+    Warnings print as one 'warning: ...' line each while `work` runs (DataLoader workers forked
+    meanwhile inherit that).
+    """
     old = signal.signal(signal.SIGTERM, _on_sigterm)
+    old_show = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         return work()
     except KeyboardInterrupt:
@@ -39,9 +62,10 @@ def run_guarded(work: Callable[[], int], interrupted_msg: str = "interrupted") -
         click.echo(f"\n{interrupted_msg}", err=True)
         return 143
     except USER_ERRORS as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {one_line(e)}", err=True)
         return 1
     finally:
+        warnings.showwarning = old_show
         signal.signal(signal.SIGTERM, old)
         sys.stdout.flush()
 

@@ -69,16 +69,21 @@ class Vocabulary:
         return cls(d["words"], d.get("threshold"))
 
     def save(self, path: str | os.PathLike) -> None:
+        # UTF-8 whatever the locale: the words may be any script (and emoji)
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as e:  # a full disk names no file by itself
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, f"cannot write vocabulary: {e.strerror}", str(path)) from e
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocabulary":
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError, VocabError) as e:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as e:  # ValueError: bad JSON, not UTF-8, VocabError
             raise VocabError(f"cannot read vocabulary {path}: {e}") from e
 
 

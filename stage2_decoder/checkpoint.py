@@ -6,6 +6,8 @@ the training state for resuming (epoch, optimizer state, RNG state, metrics).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pickle
 from dataclasses import asdict
@@ -26,20 +28,46 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | os.PathLike, model: CaptionDecoder, vocab: Vocabulary, backbone: dict,
                     **extra) -> None:
-    """Write atomically (temporary name + os.replace): a crash never leaves a truncated .pt."""
+    """Write atomically: a crash, a kill or a full disk never leaves a truncated .pt at `path`.
+
+    The checkpoint is serialised in memory first, so torch's zip writer never meets a failing
+    disk (it reports that as a bare RuntimeError); the bytes go to `path`.tmp, created afresh
+    (O_EXCL: a leftover or planted link there is removed, never followed), are fsynced, then
+    renamed over `path`. On any failure the temporary file is removed and the previous `path`,
+    if any, is left as it was.
+    """
     ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
             "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "decoder_config": asdict(model.cfg), "vocab": vocab.to_dict(), "backbone": dict(backbone), **extra}
     path = Path(path)
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # left by a killed run
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:  # disk full, read-only or vanished folder
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+BACKBONE_KEYS = ("name", "weights", "feature_dim", "preprocess")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}" if not path.exists() else f"{path} is not a file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -50,12 +78,20 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a capcache checkpoint")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}; this capcache reads "
-                              f"version {CHECKPOINT_VERSION}")
+    version = ckpt.get("version")
+    if version != CHECKPOINT_VERSION:
+        newer = "; it was written by a newer capcache: upgrade" if isinstance(version, int) \
+            and version > CHECKPOINT_VERSION else ""
+        raise CheckpointError(f"{path} has checkpoint version {version!r}; this capcache reads version "
+                              f"{CHECKPOINT_VERSION}{newer}")
     for k in ("model_state", "decoder_config", "vocab", "backbone"):
         if k not in ckpt:
             raise CheckpointError(f"{path} lacks {k!r}")
+    bb = ckpt["backbone"]
+    if not isinstance(bb, dict) or any(k not in bb for k in BACKBONE_KEYS):
+        raise CheckpointError(f"{path}: its backbone description lacks one of {', '.join(BACKBONE_KEYS)}")
+    if not isinstance(ckpt["model_state"], dict) or not isinstance(ckpt["decoder_config"], dict):
+        raise CheckpointError(f"{path}: model_state and decoder_config must be dicts")
     return ckpt
 
 
@@ -68,7 +104,10 @@ def model_from_checkpoint(ckpt: dict, device="cpu") -> tuple[CaptionDecoder, Voc
         raise CheckpointError(f"checkpoint has a malformed vocabulary or decoder config: {e}") from e
     if cfg.vocab_size != len(vocab):
         raise CheckpointError(f"checkpoint's decoder has {cfg.vocab_size} words but its vocabulary {len(vocab)}")
-    model = CaptionDecoder(cfg)
+    try:
+        model = CaptionDecoder(cfg)
+    except (TypeError, ValueError, RuntimeError) as e:  # sizes that are not positive ints
+        raise CheckpointError(f"checkpoint has an unusable decoder config {ckpt['decoder_config']}: {e}") from e
     try:
         model.load_state_dict(ckpt["model_state"], strict=True)
     except RuntimeError as e:

@@ -86,7 +86,7 @@ def test_mobilenet_real_weights_recognise_real_photos(mobilenet, coco_dir):
     import torchvision.models as tvm
 
     weights = tvm.MobileNet_V2_Weights.IMAGENET1K_V1
-    head = weights.get_state_dict(progress=False)
+    head = weights.get_state_dict(progress=False, weights_only=True)
     categories = weights.meta["categories"]
     paths = [coco_dir / "images" / "000000000285.jpg", coco_dir / "images" / "000000000724.jpg"]
     x = torch.stack([load_image_u8(p, mobilenet.preprocess) for p in paths])
@@ -120,7 +120,7 @@ def test_resnet152_random_weights_deterministic(coco_image, flickr_image):
 def mobilenet_state_dict(mobilenet):
     import torchvision.models as tvm
 
-    sd = tvm.MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    sd = tvm.MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False, weights_only=True)
     assert any(k.startswith("classifier.") for k in sd)  # the full model, head included
     return sd
 

@@ -406,8 +406,10 @@ def chromium_exe() -> str:
                     "install it with: apt-get install chromium")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     try:
-        proc = subprocess.run("apt-get update -q && apt-get install -y -q --no-install-recommends chromium",
-                              shell=True, capture_output=True, text=True, env=env, timeout=900)
+        proc = subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True, env=env, timeout=900)
+        if proc.returncode == 0:
+            proc = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"],
+                                  capture_output=True, text=True, env=env, timeout=900)
     except subprocess.TimeoutExpired:
         pytest.skip("installing chromium with apt-get took over 15 minutes")
     found = shutil.which("chromium")
