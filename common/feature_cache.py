@@ -15,15 +15,40 @@ Schema (version 1), one file per (dataset, backbone):
       dataset_format ("coco" | "flickr8k"), images_dir, captions_file (absolute paths), limit (-1 = all)
       dtype, complete (True once every row is done or failed), capcache_version, torch_version
 
-Rows are addressed by key, never by the order a DataLoader yields them: a row is written,
-then marked done in /status, and the file is flushed, so an interrupted run resumes with
-exactly the rows still pending (a row written but not yet marked is simply recomputed).
-While extraction runs the file is `OUT.partial`; it is renamed to OUT only when complete,
-so a file at the final name is always whole.
+A file at the final name OUT is always whole: it only ever appears there by `os.replace`.
+
+While extraction runs, the work lives in the directory `OUT.parts/` (HDF5 itself is not
+crash-safe: a kill in the middle of a write or flush can leave the whole file unreadable):
+
+    OUT.parts/meta.json           {"schema", "schema_version", "meta": CacheMeta fields, "keys": [...]},
+                                  written first; a resumed run must match it (same backbone,
+                                  weights, preprocessing, dtype and image list) or is refused
+    OUT.parts/rank000-000017.npz  one shard per written batch (np.savez, loaded with allow_pickle=False):
+                                    rows          int64 (n,)    rows whose features follow
+                                    features      dtype (n, D)  their features, in the same order
+                                    failed_rows   int64 (m,)    rows whose image could not be read
+                                    failed_errors str (m,)      why, in the same order
+                                  named by the writing rank (torchrun) and a per-rank sequence number
+    OUT.parts/.rank000-000018.npz.tmp   a shard being written: ignored, its rows are recomputed
+    OUT.parts/assembling.h5             the final file being assembled (rebuilt on a rerun)
+
+A shard is written to its `.tmp` name, fsynced, then `os.replace`d to its final name, so
+the set of shard files *is* the record of finished rows: features and bookkeeping are one
+atomic step, and a SIGKILL at any instant loses at most the shards not yet renamed. A rerun
+reads only the row lists of the shards present and computes the rest. When every row is done
+or failed, the shards are streamed (one at a time, never the whole cache twice in RAM) into
+`assembling.h5`, which is fsynced and renamed to OUT; then OUT.parts/ is removed.
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
+import queue
+import re
+import shutil
+import threading
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -34,6 +59,12 @@ SCHEMA = "capcache-features"
 SCHEMA_VERSION = 1
 PENDING, DONE, FAILED = 0, 1, 2
 _STR = h5py.string_dtype("utf-8")
+
+META_FILE = "meta.json"
+ASSEMBLING_FILE = "assembling.h5"
+_SHARD = re.compile(r"^rank(\d{3,})-(\d{6,})\.npz$")
+_TMP_SHARD = re.compile(r"^\.rank(\d{3,})-(\d{6,})\.npz\.tmp$")
+_QUEUED_SHARDS = 8  # shards waiting for the writer thread before write() blocks (back-pressure)
 
 
 class CacheError(ValueError):
@@ -53,12 +84,17 @@ class CacheMeta:
     limit: int = -1
     dtype: str = "float16"
 
-    # what must match for a partial file to be resumed, or a cache to be used with a model
+    # what must match for unfinished work to be resumed, or a cache to be used with a model
     IDENTITY = ("backbone", "weights", "weights_sha256", "feature_dim", "preprocess", "dtype")
 
 
-def partial_path(path: str | os.PathLike) -> Path:
-    return Path(str(path) + ".partial")
+def parts_dir(path: str | os.PathLike) -> Path:
+    """Where the unfinished work of the cache `path` lives: `path.parts/`."""
+    return Path(str(path) + ".parts")
+
+
+def shard_name(rank: int, seq: int) -> str:
+    return f"rank{rank:03d}-{seq:06d}.npz"
 
 
 def _read_meta(f: h5py.File, path) -> CacheMeta:
@@ -93,81 +129,310 @@ def mismatch(have: CacheMeta, want: CacheMeta) -> list[str]:
             if getattr(have, k) != getattr(want, k)]
 
 
+def _why(e: OSError) -> str:
+    """One line for an OSError, including h5py's long ones (which carry errno only in their text)."""
+    if e.errno == errno.ENOSPC or "No space left" in str(e):
+        return "No space left on device"
+    return e.strerror or str(e).splitlines()[0]
+
+
+@dataclass
+class _Shard:
+    path: Path
+    rows: np.ndarray  # (n,) int64
+    failed_rows: np.ndarray  # (m,) int64
+    failed_errors: list[str]
+
+
+def _read_shard_rows(path: Path) -> _Shard:
+    """The bookkeeping half of a shard (its features are read only when assembling)."""
+    with np.load(path, allow_pickle=False) as z:
+        return _Shard(path, z["rows"].astype(np.int64), z["failed_rows"].astype(np.int64),
+                      [str(s) for s in z["failed_errors"]])
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    """`write(file)` into `.NAME.tmp` beside `path`, fsync, rename: `path` is whole or absent.
+
+    O_EXCL: never follow a link planted at the scratch name (only `path`'s folder is written).
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.unlink()
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # data on disk before the rename makes it count
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
 class CacheWriter:
-    """Writes (or resumes writing) `OUT.partial`; `finish()` renames it to OUT."""
+    """Writes (or resumes writing) the shards of OUT into `OUT.parts/`; `finish()` assembles OUT.
 
-    def __init__(self, out: str | os.PathLike, keys: list[str], meta: CacheMeta):
+    Under torchrun each rank has its own writer (its own shard names); rank 0 creates the
+    parts folder (`create=True`), the others only join it, and rank 0 alone calls `finish()`
+    once every rank has closed its writer. Shards are written by a background thread, so the
+    caller never waits on the disk (unless it is `_QUEUED_SHARDS` shards behind).
+    """
+
+    def __init__(self, out: str | os.PathLike, keys: list[str], meta: CacheMeta, rank: int = 0,
+                 create: bool = True):
         self.out = Path(out)
-        self.tmp = partial_path(out)
+        self.parts = parts_dir(out)
+        self.keys = list(keys)
         self.meta = meta
+        self.rank = rank
         self.resumed = False
-        self.f = self._open_or_create(keys)
+        self._status = np.zeros(len(self.keys), dtype=np.uint8)  # (N,) as of opening + own writes
+        self._errors: dict[int, str] = {}
+        self._open_or_create(create)
+        self._seq = 1 + max((int(m.group(2)) for m in map(_SHARD.match, os.listdir(self.parts))
+                             if m and int(m.group(1)) == rank), default=-1)
+        self._queue: queue.Queue = queue.Queue(maxsize=_QUEUED_SHARDS)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write_loop, name=f"shard-writer-{rank}", daemon=True)
+        self._thread.start()
 
-    def _open_or_create(self, keys: list[str]) -> h5py.File:
-        if self.tmp.exists():
-            try:
-                f = h5py.File(self.tmp, "r+")
-            except OSError as e:
-                raise CacheError(f"cannot reopen the unfinished cache {self.tmp} ({e}); delete it to start over") from e
-            have = _read_meta(f, self.tmp)
-            stored = [_text(k) for k in f["keys"][:]]
-            diffs = mismatch(have, self.meta)
-            if stored != keys:
-                diffs.append("the image list differs (other --limit, captions file or images)")
-            if diffs:
-                f.close()
-                raise CacheError(f"unfinished cache {self.tmp} was started with other settings "
-                                 f"({'; '.join(diffs)}): delete it or use another --out")
+    # --- opening -----------------------------------------------------------------------------------------
+    def _open_or_create(self, create: bool) -> None:
+        meta_file = self.parts / META_FILE
+        if self.parts.is_symlink() or (self.parts.exists() and not self.parts.is_dir()):
+            raise CacheError(f"{self.parts} is in the way (not a folder); it holds extraction work for "
+                             f"{self.out.name}: move it away or use another --out")
+        if meta_file.exists():
+            self._check_meta(meta_file)
             self.resumed = True
-            return f
-        self.tmp.parent.mkdir(parents=True, exist_ok=True)
-        # build the empty layout under a scratch name first, so `.partial` is never a bare file
-        new = Path(str(self.tmp) + ".new")
-        f = h5py.File(new, "w")
-        n, d = len(keys), self.meta.feature_dim
-        f.create_dataset("features", (n, d), dtype=self.meta.dtype, chunks=(min(n, 256), d))
-        f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=_STR)
-        f.create_dataset("status", (n,), dtype="uint8", fillvalue=PENDING)
-        f.create_dataset("errors", (n,), dtype=_STR)
-        f.attrs.update({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "complete": False,
-                        "capcache_version": _version(), "torch_version": _torch_version()})
-        f.attrs.update({k: str(v) if isinstance(v, str) else v for k, v in asdict(self.meta).items()})
-        f.close()
-        os.replace(new, self.tmp)
-        return h5py.File(self.tmp, "r+")
+        elif create:
+            if any(map(_SHARD.match, os.listdir(self.parts) if self.parts.is_dir() else [])):
+                raise CacheError(f"{self.parts} holds shards but no {META_FILE} (how they were made is unknown): "
+                                 f"delete it to start over")
+            try:
+                self.parts.mkdir(parents=True, exist_ok=True)
+                doc = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "meta": asdict(self.meta),
+                       "keys": self.keys}
+                _atomic_write_bytes(meta_file, lambda fh: fh.write(json.dumps(doc).encode()))
+            except OSError as e:
+                raise CacheError(f"cannot write {meta_file}: {_why(e)}") from e
+        else:
+            raise CacheError(f"{meta_file} not found: rank 0 should have created it (is {self.parts} "
+                             f"on a filesystem every node shares?)")
+        self._remove_own_scratch()
+        for shard in self._scan():
+            self._record(shard.rows, shard.failed_rows, shard.failed_errors)
 
+    def _check_meta(self, meta_file: Path) -> None:
+        try:
+            doc = json.loads(meta_file.read_text())
+            have = CacheMeta(**doc["meta"])
+            stored_keys = doc["keys"]
+            if doc.get("schema") != SCHEMA or doc.get("schema_version") != SCHEMA_VERSION:
+                raise ValueError(f"schema {doc.get('schema')!r} version {doc.get('schema_version')!r}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CacheError(f"cannot resume from {meta_file} ({type(e).__name__}: {e}); "
+                             f"delete {self.parts} to start over") from e
+        diffs = mismatch(have, self.meta)
+        if stored_keys != self.keys:
+            diffs.append("the image list differs (other --limit, captions file or images)")
+        if diffs:
+            raise CacheError(f"unfinished cache {self.parts} was started with other settings "
+                             f"({'; '.join(diffs)}): delete it or use another --out")
+
+    def _remove_own_scratch(self) -> None:
+        """Torn shards of this rank from a killed run (other ranks may be writing theirs right now)."""
+        for name in os.listdir(self.parts):
+            m = _TMP_SHARD.match(name)
+            if m and int(m.group(1)) == self.rank:
+                (self.parts / name).unlink(missing_ok=True)
+
+    def _scan(self) -> list[_Shard]:
+        """Every readable shard of every rank, in name order. An unreadable one (only possible if the
+        disk lost data: shards appear by rename) is skipped, so its rows count as pending again."""
+        shards, self.unreadable = [], []
+        for name in sorted(os.listdir(self.parts)):
+            if not _SHARD.match(name):
+                continue
+            try:
+                shard = _read_shard_rows(self.parts / name)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+                self.unreadable.append(name)
+                continue
+            rows = np.concatenate([shard.rows, shard.failed_rows])
+            if rows.size and (rows.min() < 0 or rows.max() >= len(self.keys)):
+                self.unreadable.append(name)  # not a shard of this image list
+                continue
+            shards.append(shard)
+        return shards
+
+    def _record(self, rows: np.ndarray, failed_rows, failed_errors) -> None:
+        self._status[rows] = DONE
+        for r, e in zip(failed_rows, failed_errors):
+            self._status[r] = FAILED
+            self._errors[int(r)] = e
+
+    # --- writing -------------------------------------------------------------------------------------------
     def status(self) -> np.ndarray:
-        return self.f["status"][:]
+        """(N,) PENDING/DONE/FAILED: the shards found on opening plus this writer's own writes."""
+        return self._status.copy()
 
     def failures(self) -> dict[int, str]:
-        """row -> reason for every failed row."""
-        status, errs = self.status(), self.f["errors"][:]
-        return {int(i): _text(errs[i]) for i in np.flatnonzero(status == FAILED)}
+        """row -> reason for every failed row (every rank's, after `finish()`)."""
+        return dict(sorted(self._errors.items()))
 
-    def write(self, rows: np.ndarray, feats: np.ndarray) -> None:
-        """Store features for `rows` (any order), then mark them done and flush."""
-        order = np.argsort(rows)  # h5py fancy indexing needs increasing indices
-        rows, feats = rows[order], feats[order]
-        self.f["features"][rows] = feats.astype(self.meta.dtype)
-        self.f["status"][rows] = DONE
-        self.f.flush()
+    def write(self, rows: np.ndarray, feats: np.ndarray | None, failed: dict[int, str] | None = None) -> None:
+        """Queue one shard: features for `rows` (any order), and the rows that failed (row -> reason)."""
+        self._raise_writer_error()
+        rows = np.asarray(rows, dtype=np.int64)
+        d = self.meta.feature_dim
+        feats = np.zeros((0, d), self.meta.dtype) if feats is None else np.asarray(feats)
+        if feats.shape != (len(rows), d):
+            raise ValueError(f"features of shape {feats.shape} for {len(rows)} rows of size {d}")
+        failed = failed or {}
+        failed_rows = np.array(list(failed), dtype=np.int64)
+        failed_errors = list(failed.values())
+        path = self.parts / shard_name(self.rank, self._seq)
+        self._seq += 1
+        self._queue.put((path, rows, feats, failed_rows, failed_errors))
+        self._record(rows, failed_rows, failed_errors)
 
     def fail(self, row: int, reason: str) -> None:
-        self.f["errors"][row] = reason
-        self.f["status"][row] = FAILED
-        self.f.flush()
+        self.write(np.zeros(0, np.int64), None, {int(row): reason})
 
-    def finish(self) -> None:
-        status = self.status()
-        if (status == PENDING).any():
-            raise CacheError(f"{int((status == PENDING).sum())} rows still pending in {self.tmp}")
-        self.f.attrs["complete"] = True
-        self.f.close()
-        os.replace(self.tmp, self.out)
+    def _write_loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                if self._error is None:  # after a failure, drop the rest: they are recomputed on a rerun
+                    self._write_shard(*item)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _write_shard(self, path: Path, rows, feats, failed_rows, failed_errors) -> None:
+        arrays = dict(rows=rows, features=feats.astype(self.meta.dtype, copy=False), failed_rows=failed_rows,
+                      failed_errors=np.array(failed_errors, dtype=str) if failed_errors else np.zeros(0, "U1"))
+        try:
+            _atomic_write_bytes(path, lambda fh: np.savez(fh, **arrays))
+        except OSError as e:
+            raise CacheError(f"cannot write {path}: {_why(e)}; finished batches are kept in {self.parts}, "
+                             f"re-run the same command to resume") from e
+
+    def _raise_writer_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def flush(self) -> None:
+        """Wait until every queued shard is on disk; raise the writer's error if one failed."""
+        self._queue.join()
+        self._raise_writer_error()
 
     def close(self) -> None:
-        if self.f.id.valid:
-            self.f.close()
+        """Write what is queued (finished work is kept, also on Ctrl-C) and stop the writer thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    # --- assembling ---------------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Assemble every rank's shards into OUT (atomically), then remove OUT.parts/.
+
+        Streams one shard at a time into a contiguous dataset: memory stays at one shard plus
+        the (N,) bookkeeping, whatever the cache size.
+        """
+        self.flush()
+        self.close()
+        shards = self._scan()
+        n, d = len(self.keys), self.meta.feature_dim
+        self._status[:] = PENDING
+        self._errors = {}
+        owner = np.full(n, -1, dtype=np.int64)  # which shard provides row i's features (first one wins)
+        for i, s in enumerate(shards):
+            fresh = s.rows[self._status[s.rows] == PENDING]
+            owner[fresh] = i
+            self._record(fresh, s.failed_rows, s.failed_errors)
+        pending = int((self._status == PENDING).sum())
+        if pending:
+            bad = f" (unreadable shards skipped: {', '.join(self.unreadable)})" if self.unreadable else ""
+            raise CacheError(f"{pending} rows still pending in {self.parts}{bad}: re-run the same command "
+                             f"to compute them")
+        need = n * d * np.dtype(self.meta.dtype).itemsize
+        free = shutil.disk_usage(self.parts).free
+        if need > free:
+            raise CacheError(f"cannot write {self.out}: it needs {need / 2**20:.1f} MiB, only {free / 2**20:.1f} MiB "
+                             f"free; finished batches are kept in {self.parts}, free space and re-run")
+        tmp = self.parts / ASSEMBLING_FILE
+        try:
+            self._assemble(tmp, shards, owner)
+            os.replace(tmp, self.out)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)  # give the space back; the shards are untouched
+            raise CacheError(f"cannot write {self.out} (assembling {tmp}): {_why(e)}; finished batches are "
+                             f"kept in {self.parts}, re-run the same command to finish") from e
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        remove_parts(self.out)
+
+    def _assemble(self, tmp: Path, shards: list[_Shard], owner: np.ndarray) -> None:
+        n, d = len(self.keys), self.meta.feature_dim
+        with h5py.File(tmp, "w") as f:
+            feats = f.create_dataset("features", (n, d), dtype=self.meta.dtype)  # contiguous: fast full reads
+            f.create_dataset("keys", data=np.array(self.keys, dtype=object), dtype=_STR)
+            f.create_dataset("status", data=self._status)
+            errs = np.array([""] * n, dtype=object)
+            for r, e in self._errors.items():
+                errs[r] = e
+            f.create_dataset("errors", data=errs, dtype=_STR)
+            for i, s in enumerate(shards):
+                keep = owner[s.rows] == i
+                if keep.any():
+                    _copy_shard(feats, s, keep)
+            f.attrs.update({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "complete": True,
+                            "capcache_version": _version(), "torch_version": _torch_version()})
+            f.attrs.update({k: str(v) if isinstance(v, str) else v for k, v in asdict(self.meta).items()})
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the whole file on disk before it takes the final name
+        finally:
+            os.close(fd)
+
+
+def _copy_shard(feats: h5py.Dataset, shard: _Shard, keep: np.ndarray) -> None:
+    """Copy the features of `shard.rows[keep]` into their rows of the cache's (N, D) dataset."""
+    try:
+        with np.load(shard.path, allow_pickle=False) as z:
+            block = z["features"]  # (n_s, D), row order of shard.rows
+    except (ValueError, KeyError, zipfile.BadZipFile) as e:
+        shard.path.unlink(missing_ok=True)
+        raise CacheError(f"shard {shard.path} was unreadable ({type(e).__name__}: {e}) and is removed: "
+                         f"re-run the same command to recompute its rows") from e
+    rows, block = shard.rows[keep], block[keep]
+    order = np.argsort(rows)  # h5py point selections need increasing rows
+    feats[rows[order]] = block[order]
+
+
+def remove_parts(out: str | os.PathLike) -> None:
+    """Delete OUT.parts/ once OUT is whole: only the files extraction writes there, then the folder."""
+    parts = parts_dir(out)
+    if not parts.is_dir() or parts.is_symlink():
+        return
+    for name in os.listdir(parts):
+        if name in (META_FILE, ASSEMBLING_FILE, f".{META_FILE}.tmp") or _SHARD.match(name) or _TMP_SHARD.match(name):
+            (parts / name).unlink(missing_ok=True)
+    try:
+        parts.rmdir()
+    except OSError:
+        pass  # something else was put there: leave it to its owner
 
 
 @dataclass
@@ -199,8 +464,8 @@ def read_keys(path: str | os.PathLike) -> list[str]:
 def _open(path) -> h5py.File:
     path = Path(path)
     if not path.exists():
-        if partial_path(path).exists():
-            raise CacheError(f"{path} is not finished ({partial_path(path).name} exists): re-run stage 1 "
+        if parts_dir(path).exists():
+            raise CacheError(f"{path} is not finished ({parts_dir(path).name}/ exists): re-run stage 1 "
                              f"with the same --out to complete it")
         raise CacheError(f"feature cache not found: {path}")
     try:

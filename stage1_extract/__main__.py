@@ -5,16 +5,19 @@ import click
 
 from common.backbones import DEFAULT_BACKBONE, REGISTRY
 from common.cli import run_guarded
+from common.datasets import FORMATS
+from stage1_extract.distributed import RankFailed
 from stage1_extract.extract import ExtractConfig, extract
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--dataset", type=click.Choice(["auto", "coco", "flickr8k"]), default="auto", show_default=True,
-              help="Captions file format (auto: .json -> coco, .txt/.csv -> flickr8k).")
+@click.option("--dataset", type=click.Choice(["auto", *FORMATS]), default="auto", show_default=True,
+              help="Captions file format (auto: from its extension and first bytes).")
 @click.option("--images", required=True, type=click.Path(), help="Folder of the dataset's images.")
-@click.option("--captions", required=True, type=click.Path(), help="Captions file (COCO JSON or Flickr8k captions.txt).")
+@click.option("--captions", required=True, type=click.Path(),
+              help="Captions file (COCO JSON, Karpathy dataset_*.json, Flickr8k captions.txt, Flickr30k .token/.csv).")
 @click.option("--backbone", type=click.Choice(list(REGISTRY)), default=DEFAULT_BACKBONE, show_default=True)
-@click.option("--out", required=True, type=click.Path(), help="Output HDF5 cache (written as OUT.partial until complete).")
+@click.option("--out", required=True, type=click.Path(), help="Output HDF5 cache (work in progress lives in OUT.parts/ until complete).")
 @click.option("--weights", default="default", show_default=True,
               help="'default' (torchvision ImageNet weights), 'none' (random, plumbing tests only) or a state_dict file.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=ExtractConfig.batch_size, show_default=True)
@@ -24,15 +27,24 @@ from stage1_extract.extract import ExtractConfig, extract
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images (by image id).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def main(dataset, images, captions, backbone, out, weights, batch_size, workers, device, limit, dtype, no_progress):
+@click.option("--dist-timeout", type=click.FloatRange(min=1), default=ExtractConfig.dist_timeout_s, show_default=True,
+              help="Under torchrun: seconds a rank waits for the others before giving up.")
+def main(dataset, images, captions, backbone, out, weights, batch_size, workers, device, limit, dtype, no_progress,
+         dist_timeout):
     """Extract pooled CNN features for every image of a captions dataset into an HDF5 cache."""
     cfg = ExtractConfig(images=images, captions=captions, out=out, dataset=dataset, backbone=backbone,
                         weights=weights, batch_size=batch_size, workers=workers, device=device, limit=limit,
-                        dtype=dtype, progress=not no_progress)
+                        dtype=dtype, progress=not no_progress, dist_timeout_s=dist_timeout)
 
     def work():
-        s = extract(cfg)
-        if s.done_now == 0 and s.failed_now == 0 and s.already_done == s.total:
+        try:
+            s = extract(cfg)
+        except RankFailed as e:  # torchrun: this rank is fine, another one printed the real error
+            click.echo(f"error: {e}", err=True)
+            return 1
+        if s.rank != 0:  # under torchrun rank 0 speaks for all
+            return 0
+        if s.was_complete:
             click.echo(f"{s.out} is already complete ({s.total} images); nothing to do")
             return 0
         click.echo(f"wrote {s.out}: {s.total} images, {s.done_now} extracted now, {s.already_done} resumed, "
@@ -41,8 +53,8 @@ def main(dataset, images, captions, backbone, out, weights, batch_size, workers,
             click.echo(f"  skipped {key}: {reason}")
         return 0
 
-    raise SystemExit(run_guarded(work, interrupted_msg="extraction interrupted; finished rows are kept in "
-                                                        f"{out}.partial, re-run the same command to resume"))
+    raise SystemExit(run_guarded(work, interrupted_msg="extraction interrupted; finished batches are kept in "
+                                                        f"{out}.parts/, re-run the same command to resume"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,16 @@
-"""Run a frozen backbone once over every image of a captions dataset and cache the features."""
+"""Run a frozen backbone once over every image of a captions dataset and cache the features.
+
+Crash-safe and resumable: finished batches are atomic shard files in `OUT.parts/` (see
+common.feature_cache), assembled into OUT at the end; re-running the same command after a
+kill, Ctrl-C or a full disk computes only the rows no shard holds. Under torchrun every rank
+takes its own share of the rows (stage1_extract.distributed) and rank 0 assembles.
+"""
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +20,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common.backbones import DEFAULT_BACKBONE, ImageRows, load_backbone, resolve_device
-from common.datasets import guess_format, load_dataset
-from common.feature_cache import DONE, PENDING, CacheError, CacheMeta, CacheWriter, mismatch, read_keys, read_meta
+from common.backbones import DEFAULT_BACKBONE, Backbone, ImageRows, load_backbone
+from common.datasets import ImageRecord, guess_format, load_dataset
+from common.feature_cache import (DONE, PENDING, CacheError, CacheMeta, CacheWriter, mismatch, parts_dir, read_keys,
+                                  read_meta, remove_parts)
+from stage1_extract.distributed import Dist, device_for, from_env
 
 
 @dataclass
@@ -30,17 +41,21 @@ class ExtractConfig:
     limit: int | None = None
     dtype: str = "float16"
     progress: bool = True
+    dist_timeout_s: float = 1800.0  # torchrun: how long a rank waits for the others at a sync point
 
 
 @dataclass
 class ExtractSummary:
     out: str
     total: int
-    done_now: int
+    done_now: int  # over all ranks
     failed_now: int
     already_done: int
-    failed: dict[str, str]
+    failed: dict[str, str]  # key -> reason, every failed row of the cache (on rank 0)
     seconds: float
+    rank: int = 0
+    world_size: int = 1
+    was_complete: bool = False  # OUT was already finished: nothing done
 
     @property
     def images_per_s(self) -> float:
@@ -55,58 +70,159 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         raise ValueError(f"--workers must be >= 0, got {cfg.workers}")
     if cfg.dtype not in ("float16", "float32"):
         raise ValueError(f"--dtype must be float16 or float32, got {cfg.dtype}")
+    d = from_env(cfg.dist_timeout_s)
+    try:
+        return _extract(cfg, d)
+    finally:
+        d.close()
+
+
+def _setup(cfg: ExtractConfig, d: Dist) -> tuple[list[ImageRecord], Path, Backbone, CacheMeta]:
     records = load_dataset(cfg.dataset, cfg.captions, cfg.images, cfg.limit)
     fmt = cfg.dataset if cfg.dataset != "auto" else guess_format(cfg.captions)
     out = Path(os.path.abspath(cfg.out))
     images_dir = Path(os.path.abspath(cfg.images))
     if out.is_relative_to(images_dir):
         raise ValueError(f"--out {out} is inside the images folder {images_dir}; write the cache elsewhere")
-
-    device = resolve_device(cfg.device)
-    backbone = load_backbone(cfg.backbone, cfg.weights, device)
+    backbone = load_backbone(cfg.backbone, cfg.weights, device_for(cfg.device, d))
     info = backbone.describe()
     meta = CacheMeta(backbone=info["name"], weights=info["weights"], weights_sha256=info["weights_sha256"] or "",
                      feature_dim=info["feature_dim"], preprocess=info["preprocess"], dataset_format=fmt,
                      images_dir=str(images_dir), captions_file=os.path.abspath(cfg.captions),
                      limit=cfg.limit or -1, dtype=cfg.dtype)
+    return records, out, backbone, meta
+
+
+def _check_finished(out: Path, meta: CacheMeta, keys: list[str]) -> None:
+    diffs = mismatch(read_meta(out), meta)
+    if read_keys(out) != keys:
+        diffs.append("its image list differs (other --limit, captions file or images)")
+    if diffs:
+        raise CacheError(f"{out} already exists and was made differently ({'; '.join(diffs)}): "
+                         f"delete it or choose another --out")
+
+
+def _extract(cfg: ExtractConfig, d: Dist) -> ExtractSummary:
+    records, out, backbone, meta = d.agree("setting up", lambda: _setup(cfg, d))
     keys = [r.key for r in records]
     if out.exists():
-        have = read_meta(out)
-        diffs = mismatch(have, meta)
-        if read_keys(out) != keys:
-            diffs.append("its image list differs (other --limit, captions file or images)")
-        if diffs:
-            raise CacheError(f"{out} already exists and was made differently ({'; '.join(diffs)}): "
-                             f"delete it or choose another --out")
-        return ExtractSummary(str(out), len(keys), 0, 0, len(keys), {}, 0.0)
+        d.agree(f"checking {out}", lambda: _check_finished(out, meta, keys))
+        if d.rank == 0:
+            remove_parts(out)  # left over if a run was killed between its final rename and this clean-up
+        return ExtractSummary(str(out), len(keys), 0, 0, len(keys), {}, 0.0, d.rank, d.world_size, was_complete=True)
 
     t0 = time.perf_counter()
-    writer = CacheWriter(out, keys, meta)
+    # rank 0 creates OUT.parts/ (or checks it was started with these settings), then the others join it
+    writer = d.agree(f"preparing {parts_dir(out)}", lambda: CacheWriter(out, keys, meta) if d.rank == 0 else None)
     try:
+        if d.active:
+            joined = d.agree(f"joining {parts_dir(out)}",
+                             lambda: CacheWriter(out, keys, meta, rank=d.rank, create=False) if d.rank else None)
+            writer = writer or joined
         status = writer.status()
-        pending = [(i, records[i].path) for i in np.flatnonzero(status == PENDING)]
         already = int((status == DONE).sum())
-        loader = DataLoader(ImageRows(pending, backbone.preprocess), batch_size=cfg.batch_size,
-                            num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                            persistent_workers=False, prefetch_factor=4 if cfg.workers > 0 else None)
-        done_now = failed_now = 0
-        bar = tqdm(total=len(keys), initial=len(keys) - len(pending), unit="img", desc=f"extract {cfg.backbone}",
-                   disable=not cfg.progress, dynamic_ncols=True)
-        for rows, images, errors in loader:
-            rows = rows.numpy()
-            ok = np.array([not e for e in errors])
-            if ok.any():
-                feats = backbone.encode(images[torch.from_numpy(ok)] if not ok.all() else images)  # (b, D)
-                writer.write(rows[ok], feats.cpu().numpy())
-                done_now += int(ok.sum())
-            for row, err in zip(rows[~ok], [e for e in errors if e]):
-                writer.fail(int(row), err)
-                failed_now += 1
-                tqdm.write(f"skipped {keys[row]}: {err}")
-            bar.update(len(rows))
-        bar.close()
-        failed = {keys[i]: reason for i, reason in writer.failures().items()}
-        writer.finish()
+        mine = d.mine(np.flatnonzero(status == PENDING))
+        share = len(d.mine(range(len(keys))))
+        done_here, failed_here = d.agree("extracting", lambda: _extract_rows(cfg, d, writer, backbone, records, mine,
+                                                                             share))
+        _, (done_now, failed_now) = d.reduce(True, done_here, failed_here)
+        d.agree(f"assembling {out}", lambda: writer.finish() if d.rank == 0 else None)
     finally:
-        writer.close()
-    return ExtractSummary(str(out), len(keys), done_now, failed_now, already, failed, time.perf_counter() - t0)
+        if writer is not None:
+            writer.close()
+    failed = {keys[i]: reason for i, reason in writer.failures().items()} if d.rank == 0 else {}
+    return ExtractSummary(str(out), len(keys), done_now, failed_now, already, failed, time.perf_counter() - t0,
+                          d.rank, d.world_size)
+
+
+def _extract_rows(cfg: ExtractConfig, d: Dist, writer: CacheWriter, backbone: Backbone,
+                  records: list[ImageRecord], rows: list[int], share: int) -> tuple[int, int]:
+    """Encode `rows` batch by batch, one shard per batch; returns (rows done, rows failed)."""
+    device = backbone.device
+    loader = DataLoader(ImageRows([(i, records[i].path) for i in rows], backbone.preprocess),
+                        batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=4 if cfg.workers > 0 else None,
+                        worker_init_fn=_leave_signals_to_main if cfg.workers > 0 else None)
+    desc = f"extract {cfg.backbone}" + (f" (rank 0 of {d.world_size})" if d.active else "")
+    bar = tqdm(total=share, initial=share - len(rows), unit="img", desc=desc,
+               disable=not cfg.progress or d.rank != 0, dynamic_ncols=True)
+    done_now = failed_now = 0
+    stop = _StopRequest()
+    batches = iter(loader)
+    watched = stop.watch(batches)
+    try:
+        for batch_rows, images, errors in watched:
+            batch_rows = batch_rows.numpy()
+            ok = np.array([not e for e in errors])
+            feats = None
+            if ok.any():
+                feats = backbone.encode(images[torch.from_numpy(ok)] if not ok.all() else images).cpu().numpy()  # (b, D)
+            failed = {int(r): e for r, e in zip(batch_rows, errors) if e}
+            writer.write(batch_rows[ok], feats, failed)  # queued; a background thread writes the shard
+            done_now += int(ok.sum())
+            failed_now += len(failed)
+            for r, e in failed.items():
+                tqdm.write(f"skipped {records[r].key}: {e}")
+            bar.update(len(batch_rows))
+        writer.flush()
+    finally:
+        watched.close()
+        del batches  # the last reference: DataLoader workers shut down now, also on an error
+        bar.close()
+        writer.close()  # shards of the batches already computed are still written
+    stop.act()
+    return done_now, failed_now
+
+
+def _leave_signals_to_main(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C / SIGTERM: the main process stops them in order (and they exit on
+    their own if it dies)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _StopRequest:
+    """Ctrl-C / SIGTERM while extracting: finish the batch in hand, write its shard, stop the workers, then
+    act on the signal as before (run_guarded: exit 130 / 143). A second signal acts at once.
+
+    Why not raise at once: interrupting the main process while it receives a batch from a worker
+    resets the worker's file-descriptor-sharing connection (a traceback on stderr), and the batch
+    being encoded would be lost.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def watch(self, batches):
+        """Iterate `batches` until exhausted or a stop is requested, handling SIGINT/SIGTERM meanwhile."""
+        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        try:
+            for batch in batches:
+                yield batch
+                if self.signum is not None:
+                    return
+        finally:
+            self._restore()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # asked twice: no more waiting
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after the current batch (again to stop at once)",
+                   file=sys.stderr)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def act(self) -> None:
+        """Deliver the deferred signal to the handler that was there before (after the clean-up)."""
+        if self.signum is not None:
+            signal.raise_signal(self.signum)

@@ -1,4 +1,7 @@
-"""The HDF5 feature cache: round trip by key, atomic finish, schema/identity checks, strict resume."""
+"""The HDF5 feature cache: round trip by key, atomic finish, schema/identity checks, strict resume.
+
+Crash safety of the shard layout (OUT.parts/) and the CLI under kills: tests/test_extract_faults.py.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from common.feature_cache import (DONE, FAILED, PENDING, CacheError, CacheMeta, CacheWriter, load_cache, partial_path,
+from common.feature_cache import (DONE, FAILED, PENDING, CacheError, CacheMeta, CacheWriter, load_cache, parts_dir,
                                   read_meta)
 
 D = 8
@@ -80,16 +83,19 @@ def test_file_appears_at_final_name_only_after_finish(tmp_path):
     out = tmp_path / "f.h5"
     w = CacheWriter(out, KEYS, _meta())
     try:
-        assert partial_path(out).is_file() and not out.exists()
-        assert partial_path(out) == tmp_path / "f.h5.partial"
+        assert parts_dir(out).is_dir() and not out.exists()
+        assert parts_dir(out) == tmp_path / "f.h5.parts"
+        assert (parts_dir(out) / "meta.json").is_file()
         w.write(np.arange(len(KEYS)), _feats())
+        w.flush()
+        assert [p.name for p in parts_dir(out).glob("*.npz")] == ["rank000-000000.npz"]  # one shard per write
         assert not out.exists()
         with pytest.raises(CacheError, match="not finished"):
             load_cache(out)
         w.finish()
     finally:
         w.close()
-    assert out.is_file() and not partial_path(out).exists()
+    assert out.is_file() and not parts_dir(out).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]  # no scratch files left
     with h5py.File(out, "r") as f:
         assert bool(f.attrs["complete"])
@@ -102,7 +108,7 @@ def test_finish_refuses_pending_rows(tmp_path):
     with pytest.raises(CacheError, match="3 rows still pending"):
         w.finish()
     w.close()
-    assert not out.exists() and partial_path(out).exists()
+    assert not out.exists() and parts_dir(out).is_dir()
 
 
 def test_resume_keeps_done_rows(tmp_path):
@@ -129,8 +135,8 @@ def test_resume_with_other_meta_raises(tmp_path, change):
     with pytest.raises(CacheError) as ei:
         CacheWriter(out, KEYS, _meta(**change))
     field = next(iter(change))
-    assert field in str(ei.value) and "f.h5.partial" in str(ei.value)
-    again = CacheWriter(out, KEYS, _meta())  # the partial file is untouched and still resumable
+    assert field in str(ei.value) and "f.h5.parts" in str(ei.value)
+    again = CacheWriter(out, KEYS, _meta())  # the unfinished work is untouched and still resumable
     assert again.resumed and again.status()[0] == DONE
     again.close()
 

@@ -63,7 +63,7 @@ def _metrics(run):
 # --- stage 1 -----------------------------------------------------------------------------------------------
 
 def test_extract_cli_writes_a_complete_cache(cache50, coco_records):
-    assert cache50.is_file() and not cache50.with_name(cache50.name + ".partial").exists()
+    assert cache50.is_file() and not cache50.with_name(cache50.name + ".parts").exists()
     c = load_cache(cache50, backbone="mobilenet_v2", feature_dim=1280)
     assert c.keys == [r.key for r in coco_records[:LIMIT]]
     assert c.features.shape == (LIMIT, 1280) and c.errors == {}
