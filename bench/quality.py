@@ -5,7 +5,7 @@
 For each shared dataset: one MobileNetV2 cache (real ImageNet weights), then on the *test*
 split (never used for model selection) three captioners scored side by side:
   1. the seed recipe: embed 256, hidden 512, 1 layer, no dropout, Adam 1e-3, batch 128,
-     5 epochs, vocabulary threshold 4, best = last epoch, greedy decoding;
+     5 epochs, vocabulary threshold 4, best = last epoch, greedy decoding (no SCST, no LR schedule);
   2. nearest neighbour: the consensus caption (the reference that agrees most, by CIDEr, with
      the other references) of the most similar training image (cosine on cached features);
   3. this project's default `make train` settings and default decoding.
@@ -64,7 +64,8 @@ def run_dataset(name: str, data: Path, work: Path, quick: bool) -> dict:
     t_extract = time.perf_counter() - t0
     seed_cfg = TrainConfig(features=str(cache_path), out=str(work / f"{name}-seed"), embed_size=256, hidden_size=512,
                            num_layers=1, dropout=0.0, lr=1e-3, batch_size=128, epochs=1 if quick else 5,
-                           vocab_threshold=4, select_by="loss", patience=0, lr_patience=10_000, progress=False)
+                           vocab_threshold=4, select_by="loss", patience=0, lr_patience=10_000, scst_epochs=0,
+                           progress=False)
     ours_cfg = TrainConfig(features=str(cache_path), out=str(work / f"{name}-ours"), progress=False)
     if quick:
         ours_cfg = replace(ours_cfg, epochs=1)

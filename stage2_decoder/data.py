@@ -53,6 +53,12 @@ class CaptionPairs(Dataset):
             raise ValueError("no usable captions for this split")
         self.rows = torch.tensor(rows, dtype=torch.long)  # (M,)
         self.tokens, self.token_lengths = pad_captions(seqs, vocab.pad_id)  # (M, n_max + 2), (M,)
+        # teacher-forcing views made once, so a batch is only gathered: inputs <start> w1 .. wn
+        # (the <end> of each caption becomes padding), targets w1 .. wn <end>; lengths n + 1 stay
+        # on the CPU (packing and the batch's padded width are read there without a device sync)
+        self.lengths = self.token_lengths - 1  # (M,)
+        self.inputs = self.tokens[:, :-1].masked_fill(self.tokens[:, :-1] == vocab.end_id, vocab.pad_id)
+        self.targets = self.tokens[:, 1:]  # (M, n_max + 1) each
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -62,12 +68,36 @@ class CaptionPairs(Dataset):
             return int(self.rows[i]), self.tokens[i, : self.token_lengths[i]].tolist()
         return self.gather(i)
 
+    def to(self, device: torch.device | str) -> "CaptionPairs":
+        """Keep the gathered tensors on `device` (the GPU, next to the cached features); lengths stay on the CPU."""
+        self.rows, self.inputs, self.targets = (t.to(device) for t in (self.rows, self.inputs, self.targets))
+        return self
+
+    def batches(self, batch_size: int, generator: torch.Generator, pool: int = 16) -> list[torch.Tensor]:
+        """One epoch's batches of pair indices (each (B,), on the CPU), length-bucketed.
+
+        The pairs are shuffled, each run of `pool` batches is sorted by caption length and cut into
+        batches, and the batch order is shuffled again: every pair is seen once per epoch in a
+        seeded random order, but a batch holds captions of about one length, so the LSTM runs over
+        little padding (bench/stage2.py measures the gain). Depends on the generator only.
+        """
+        perm = torch.randperm(len(self), generator=generator)
+        chunk = batch_size * pool
+        out: list[torch.Tensor] = []
+        for s in range(0, len(perm), chunk):
+            part = perm[s:s + chunk]
+            out.extend(part[torch.sort(self.lengths[part], stable=True).indices].split(batch_size))
+        return [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
+
     def gather(self, idx: torch.Tensor, features: torch.Tensor | None = None) -> CaptionBatch:
-        """Batch of pairs `idx` (B,); features looked up by row in `features` (N, D)."""
-        lengths = self.token_lengths[idx] - 1  # inputs drop <end>, targets drop <start>
-        t = int(lengths.max())
-        toks = self.tokens[idx, : t + 1]
-        inputs = toks[:, :-1].clone()
-        inputs[inputs == 2] = 0  # <end> of the longest caption is never an input; others are padding
-        return CaptionBatch(features[self.rows[idx]] if features is not None else self.rows[idx],
-                            inputs, toks[:, 1:], lengths)
+        """Batch of pairs `idx` (B,); features looked up by row in `features` (N, D).
+
+        Tensor indexing only, no Python loop over captions; lengths and the padded width are read
+        on the CPU, so gathering from tensors on a GPU (`to`) never waits for the device.
+        """
+        lengths = self.lengths[idx.cpu()]  # (B,)
+        t = int(lengths.max())  # the batch's padded width, read on the CPU
+        dev_idx = idx.to(self.inputs.device, non_blocking=True)
+        rows = self.rows[dev_idx]
+        return CaptionBatch(features[rows] if features is not None else rows,
+                            self.inputs[dev_idx, :t], self.targets[dev_idx, :t], lengths)

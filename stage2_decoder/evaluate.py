@@ -88,7 +88,7 @@ def evaluate_captions(res: dict[str, str], records: list[ImageRecord], spice: bo
     gts = {r.key: r.captions for r in records}
     metrics, per_cider, notes = score_captions(gts, res, spice=spice)
     if unscored:
-        notes.append(f"{unscored} images without reference captions were captioned but not scored")
+        notes.append(f"{unscored} images without reference captions were left out of the scores")
     images = [{"key": r.key, "image": r.path, "caption": res[r.key], "references": r.captions,
                "cider": per_cider.get(r.key)} for r in records]
     return {"metrics": metrics, "stats": caption_stats(res), "notes": notes, "n_images": len(records),
@@ -140,6 +140,9 @@ def main(checkpoint, features, split, dataset, images, captions, limit, beam_siz
             raise click.UsageError("give either --features (cache split) or --images and --captions (raw images)")
         if raw and not (images and captions):
             raise click.UsageError("raw-image mode needs both --images and --captions")
+        if not raw:  # a wrong --features path fails now, not after building the backbone
+            from common.feature_cache import read_meta
+            read_meta(features)
         cap = Captioner.from_checkpoint(checkpoint, device)
         cap.decode_cfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
         errors = {}

@@ -48,11 +48,15 @@ class CaptionDecoder(nn.Module):
         Returns (sum(lengths), V), in the order of `pack_padded_sequence(targets, lengths,
         batch_first=True, enforce_sorted=False).data`.
         """
-        state = self.init_state(features)
+        img = self.image_embedding(features).unsqueeze(1)  # (B, 1, E): the t=0 input
         emb = self.drop(self.embed(inputs))  # (B, T, E)
-        packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        hidden, _ = self.lstm(packed, state)  # the LSTM permutes `state` to the packed order itself
-        return self.out(self.drop(hidden.data))  # (sum(lengths), V)
+        # One LSTM call over [image, words], padded: the fused kernels (oneDNN on CPU, cuDNN) run a
+        # whole padded sequence several times faster than the per-step loop a packed sequence takes on
+        # the CPU. Padding only follows a caption's words, so it never changes their outputs; packing
+        # the outputs then drops it before the (large) vocabulary layer.
+        hidden, _ = self.lstm(torch.cat([img, emb], 1))  # (B, 1 + T, H)
+        words = pack_padded_sequence(hidden[:, 1:], lengths.cpu(), batch_first=True, enforce_sorted=False).data
+        return self.out(self.drop(words))  # (sum(lengths), V)
 
     def step(self, tokens: torch.Tensor, state):
         """One decoding step: tokens (B,) -> log-probs (B, V), new state."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,8 +22,8 @@ from tqdm import tqdm
 
 from common.backbones import resolve_device
 from common.cli import config_options, run_guarded
-from common.datasets import load_dataset, split_keys, write_split
-from common.feature_cache import FeatureCache, load_cache
+from common.datasets import FORMATS, load_dataset, official_split, split_keys, write_split
+from common.feature_cache import CacheError, FeatureCache, load_cache
 from common.tokenizer import tokenize
 from common.vocab import Vocabulary, build_vocab
 from stage2_decoder.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -37,7 +38,7 @@ class TrainConfig:
     captions: str | None = None  # default: the captions file recorded in the cache
     images: str | None = None  # default: the images folder recorded in the cache
     dataset: str | None = None  # default: the format recorded in the cache
-    epochs: int = 10
+    epochs: int = 12
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -45,17 +46,21 @@ class TrainConfig:
     embed_size: int = 256
     hidden_size: int = 512
     num_layers: int = 1
-    dropout: float = 0.0
+    dropout: float = 0.5  # on word embeddings and LSTM outputs: COCO-mini val CIDEr 0.469 -> 0.503
     vocab_threshold: int = 4
     max_caption_len: int = 50
     val_frac: float = 0.05
     test_frac: float = 0.05
     split_seed: int = 0
     label_smoothing: float = 0.0
+    length_buckets: int = 16  # batch captions of like length, sorted within runs of this many batches (1 = random)
     select_by: str = "cider"  # best.pt by validation "cider" (greedy decode) or "loss"
     patience: int = 0  # early stop after this many epochs without a better best (0 = never)
     lr_patience: int = 1  # halve (lr_factor) the learning rate after this many epochs without improvement
     lr_factor: float = 0.5
+    scst_epochs: int = 2  # then this many self-critical epochs (CIDEr-D reward) from the best model
+    scst_lr: float = 5e-5
+    scst_samples: int = 5  # captions sampled per image; each one's baseline is the mean of the others
     val_images: int = 500  # validation images greedy-decoded for CIDEr each epoch (0 = all)
     seed: int = 0
     device: str = "auto"
@@ -79,7 +84,7 @@ class TrainResult:
 
 def _check(cfg: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "embed_size", "hidden_size", "num_layers", "vocab_threshold",
-                 "max_caption_len"):
+                 "max_caption_len", "length_buckets"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
@@ -88,6 +93,17 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"--select-by must be cider or loss, got {cfg.select_by!r}")
     if not 0 <= cfg.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise ValueError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if not 0 < cfg.lr_factor < 1:
+        raise ValueError(f"--lr-factor must be in (0, 1), got {cfg.lr_factor}")
+    if not cfg.grad_clip > 0:
+        raise ValueError(f"--grad-clip must be positive, got {cfg.grad_clip}")
+    if cfg.scst_epochs and (cfg.scst_samples < 2 or not cfg.scst_lr > 0):
+        raise ValueError("--scst-samples must be at least 2 and --scst-lr positive for self-critical training")
+    for name in ("weight_decay", "patience", "lr_patience", "val_images", "scst_epochs"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
 
 
 def prepare_data(cfg: TrainConfig, cache: FeatureCache):
@@ -100,7 +116,9 @@ def prepare_data(cfg: TrainConfig, cache: FeatureCache):
     if len(records) < 3:
         raise ValueError(f"only {len(records)} images of {cfg.captions or m.captions_file} have features in "
                          f"{cache.path}; is this the captions file the cache was made from?")
-    split = split_keys([r.key for r in records], cfg.val_frac, cfg.test_frac, cfg.split_seed)
+    # a Karpathy file fixes the split (comparable numbers); otherwise our deterministic hash split
+    split = official_split(records) or split_keys([r.key for r in records], cfg.val_frac, cfg.test_frac,
+                                                  cfg.split_seed)
     by_split = {name: set(keys) for name, keys in split.items()}
     parts = {name: [r for r in records if r.key in by_split[name]] for name in split}
     vocab = build_vocab((tokenize(c) for r in parts["train"] for c in r.captions), cfg.vocab_threshold)
@@ -113,16 +131,22 @@ def train(cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-
     cache = load_cache(cfg.features)
+    images_dir = Path(os.path.abspath(cfg.images or cache.meta.images_dir))
+    if Path(os.path.abspath(run)).is_relative_to(images_dir):
+        raise ValueError(f"--out {run} is inside the images folder {images_dir}; write the run elsewhere")
     parts, split, vocab, rows = prepare_data(cfg, cache)
-    train_set = CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len)
-    if not parts["val"] and cfg.progress:
-        tqdm.write("no validation images (--val-frac 0): validating on training images")
-    val_records = parts["val"] or parts["train"][:50]
-    val_set = CaptionPairs(val_records, rows, vocab, cfg.max_caption_len)
+    run.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be usable
+    train_set = CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len).to(device)  # beside the features
+    val_records = [r for r in parts["val"] if r.captions]  # images without references cannot validate
+    if not val_records and cfg.progress:
+        tqdm.write("no validation images with captions (--val-frac 0?): validating on training images")
+    val_records = val_records or parts["train"][:50]
+    val_set = CaptionPairs(val_records, rows, vocab, cfg.max_caption_len).to(device)
     features = torch.from_numpy(cache.features).float().to(device)  # (N, D), all in memory once
+    done = torch.tensor(sorted(rows.values()), dtype=torch.long, device=device)
+    if not torch.isfinite(features[done]).all():  # HDF5 has no checksums: a damaged file reads as garbage
+        raise CacheError(f"{cfg.features} holds non-finite (nan/inf) features: it is damaged; re-run stage 1")
     backbone = {"name": cache.meta.backbone, "weights": cache.meta.weights,
                 "weights_sha256": cache.meta.weights_sha256 or None, "feature_dim": cache.meta.feature_dim,
                 "preprocess": cache.meta.preprocess}
@@ -134,9 +158,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                            fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.lr_factor,
                                                        patience=cfg.lr_patience)
-    history, start_epoch, best = _resume(run, cfg, model, opt, sched, vocab, device)
+    history, start_epoch, best = _resume(run, cfg, model, opt, sched, vocab, device, backbone)
     val_keys = set([r.key for r in val_records][: cfg.val_images or None])
-    val_refs = {r.key: r.captions for r in val_records if r.key in val_keys}
+    val_refs = {r.key: r.captions for r in val_records if r.key in val_keys and r.captions}
     if start_epoch == 0:
         (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         write_split(split, run / "split.json")
@@ -146,28 +170,18 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     n_train = len(train_set)
     steps = 1 if cfg.dry_run else math.ceil(n_train / cfg.batch_size)
-    for epoch in range(start_epoch, cfg.epochs):
+    scst = None
+    for epoch in range(start_epoch, cfg.epochs + cfg.scst_epochs):
+        if _patience_ran_out(cfg, best, epoch):  # stateless, so a resumed run decides the same way
+            if epoch < cfg.epochs and cfg.scst_epochs:
+                continue  # skip the rest of the cross-entropy phase, go on to SCST
+            break
         t0 = time.perf_counter()
-        model.train()
-        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # order depends on (seed, epoch) only
-        perm = torch.randperm(n_train, generator=g)
-        loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
-        n_tokens = 0
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=not cfg.progress, dynamic_ncols=True)
-        for s in bar:
-            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            if len(idx) < 2:  # BatchNorm cannot train on one sample; this pair is seen in other epochs
-                continue
-            b = train_set.gather(idx, features)
-            loss, n = _batch_loss(model, b, device, cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            loss_sum += loss.detach() * n
-            n_tokens += n
-        train_loss = float(loss_sum) / max(n_tokens, 1)
+        if epoch < cfg.epochs:
+            train_loss = _xe_epoch(model, opt, train_set, features, device, cfg, epoch, steps)
+        else:  # self-critical fine-tuning of the best cross-entropy model (stage2_decoder/scst.py)
+            scst = scst or _start_scst(cfg, run, model, opt, sched, parts["train"], epoch, device)
+            train_loss = -_scst_epoch(cfg, scst, model, opt, features, rows, vocab, epoch)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}; lower --lr")
         val_loss = evaluate_loss(model, val_set, features, cfg.batch_size * 4, device, cfg.dry_run)
@@ -176,9 +190,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         rec = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
                "val_perplexity": round(math.exp(min(val_loss, 50)), 3), "val_cider": round(val_cider, 4),
                "seconds": round(time.perf_counter() - t0, 3), "train_pairs": n_train, "lr": lr_now}
+        if epoch >= cfg.epochs:  # SCST maximises a reward (mean sampled-caption CIDEr-D); it has no XE loss
+            reward = -rec.pop("train_loss")
+            rec = {**rec, "phase": "scst", "train_reward": round(reward, 4)}
         history.append(rec)
         if cfg.progress:
-            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
+            what = f"reward {-train_loss:.4f}" if epoch >= cfg.epochs else f"loss {train_loss:.4f}"
+            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs + cfg.scst_epochs}  train {what}  val loss {val_loss:.4f}  "
                        f"val ppl {rec['val_perplexity']:.2f}  val CIDEr {val_cider:.3f}  lr {lr_now:.2g}  "
                        f"{rec['seconds']:.1f}s")
         score = val_cider if cfg.select_by == "cider" else -val_loss  # higher is better
@@ -189,17 +207,95 @@ def train(cfg: TrainConfig) -> TrainResult:
         extra = dict(epoch=epoch + 1, optimizer_state=opt.state_dict(), scheduler_state=sched.state_dict(),
                      rng_state=torch.get_rng_state(), train_config=asdict(cfg), history=history, best=best,
                      split={"val": split["val"], "test": split["test"]})
-        save_checkpoint(run / "last.pt", model, vocab, backbone, **extra)
-        if is_best:
+        if is_best:  # before last.pt: a kill between the two redoes this epoch, best.pt included
             save_checkpoint(run / "best.pt", model, vocab, backbone, **extra)
+        save_checkpoint(run / "last.pt", model, vocab, backbone, **extra)
         with open(run / "metrics.jsonl", "a") as f:  # after last.pt: a resume never repeats a line
             f.write(json.dumps(rec) + "\n")
-        if cfg.patience and epoch + 1 - best["epoch"] >= cfg.patience:
-            if cfg.progress:
-                tqdm.write(f"early stop: no better validation {cfg.select_by} for {cfg.patience} epochs")
-            break
+        if _patience_ran_out(cfg, best, epoch + 1) and cfg.progress:
+            tqdm.write(f"early stop: no better validation {cfg.select_by} for {cfg.patience} epochs")
+    try:  # RUN_DIR/curves.png is a convenience: a plotting failure must never fail a finished run
+        from stage2_decoder.plot import plot_run
+        plot_run(run)
+    except Exception as e:  # noqa: BLE001
+        tqdm.write(f"warning: training curves not plotted: {e}", file=sys.stderr)
     return TrainResult(str(run), len(history), best["epoch"], best.get("val_loss", float("nan")), history,
                        best.get("val_cider", float("nan")))
+
+
+def _patience_ran_out(cfg: TrainConfig, best: dict, epochs_done: int) -> bool:
+    """Early stopping: `patience` epochs of the current phase (cross-entropy, then SCST) without a new best."""
+    since = max(best["epoch"], cfg.epochs) if epochs_done >= cfg.epochs else best["epoch"]
+    return bool(cfg.patience) and epochs_done > 0 and epochs_done - since >= cfg.patience
+
+
+def _xe_epoch(model: CaptionDecoder, opt, train_set: CaptionPairs, features: torch.Tensor, device, cfg: TrainConfig,
+              epoch: int, steps: int) -> float:
+    """One cross-entropy (teacher-forcing) epoch; returns the mean per-token training loss."""
+    model.train()
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # order depends on (seed, epoch) only
+    batches = train_set.batches(cfg.batch_size, g, cfg.length_buckets)
+    # Length-bucketed batches differ in token count (short captions, few tokens). Weighting each batch's mean
+    # token loss by its tokens / the epoch's mean gives every token the weight random batches give it; left
+    # unweighted, a batch of short captions pulls as hard as one of long ones (0.07 worse validation loss).
+    tokens_per_batch = float(train_set.lengths.sum()) / len(batches)
+    loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
+    n_tokens = 0
+    for idx in tqdm(batches[:steps], desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                    disable=not cfg.progress, dynamic_ncols=True):
+        if len(idx) < 2:  # BatchNorm cannot train on one sample; this pair is seen in other epochs
+            continue
+        b = train_set.gather(idx, features)
+        loss, n = train_step(model, opt, b, device, cfg.grad_clip, cfg.label_smoothing,
+                             weight=float(b.lengths.sum()) / tokens_per_batch)
+        loss_sum += loss * n
+        n_tokens += n
+    return float(loss_sum) / max(n_tokens, 1)
+
+
+def train_step(model: CaptionDecoder, opt, b, device, grad_clip: float, label_smoothing: float = 0.0,
+               weight: float = 1.0):
+    """One optimisation step on a gathered batch, its mean token loss scaled by `weight` for the
+    gradient; returns (detached mean token loss, token count).
+
+    The whole step of the training loop (bench/stage2.py times exactly this against a bare
+    LSTM + Linear + Adam step). Nothing in it waits for the device: the token count comes from
+    the CPU-side lengths and the loss stays a device tensor.
+    """
+    loss, n = _batch_loss(model, b, device, label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    (loss * weight).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.detach(), n
+
+
+def _start_scst(cfg: TrainConfig, run: Path, model: CaptionDecoder, opt, sched, train_records, epoch: int, device):
+    """Enter the SCST phase: from the best cross-entropy weights (at its first epoch), at --scst-lr."""
+    from stage2_decoder.scst import CiderD, scst_refs
+
+    if epoch == cfg.epochs:  # not when resuming inside the phase: last.pt already holds SCST weights and state
+        model.load_state_dict(load_checkpoint(run / "best.pt", map_location=device)["model_state"], strict=True)
+        opt.state.clear()
+        for group in opt.param_groups:
+            group["lr"] = cfg.scst_lr
+        sched.best, sched.num_bad_epochs, sched.cooldown_counter = sched.mode_worse, 0, 0  # a fresh plateau count
+    if cfg.progress:
+        tqdm.write(f"self-critical training (CIDEr-D reward, {cfg.scst_samples} samples per image)")
+    return CiderD(scst_refs(train_records))
+
+
+def _scst_epoch(cfg: TrainConfig, scorer, model: CaptionDecoder, opt, features, rows, vocab: Vocabulary,
+                epoch: int) -> float:
+    """One SCST epoch over the training images; returns the mean sampled-caption CIDEr-D."""
+    from stage2_decoder.scst import scst_epoch
+
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    n_batches = 1 if cfg.dry_run else math.ceil(len(scorer.refs) / cfg.batch_size)
+    with tqdm(total=n_batches, desc=f"scst {epoch + 1}/{cfg.epochs + cfg.scst_epochs}", unit="batch", leave=False,
+              disable=not cfg.progress, dynamic_ncols=True) as bar:
+        return scst_epoch(model, opt, features, rows, scorer, vocab.itos, cfg.batch_size, g, cfg.scst_samples,
+                          cfg.grad_clip, max_batches=n_batches, progress=bar)
 
 
 @torch.no_grad()
@@ -223,7 +319,9 @@ def _batch_loss(model: CaptionDecoder, b, device, label_smoothing: float = 0.0):
     from torch.nn.utils.rnn import pack_padded_sequence
 
     feats = b.features.to(device, non_blocking=True)
-    logits = model(feats, b.inputs.to(device, non_blocking=True), b.lengths)  # (sum(lengths), V)
+    # bf16 autocast on CUDA (tensor cores; bf16 needs no loss scaling); the loss is taken in fp32
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+        logits = model(feats, b.inputs.to(device, non_blocking=True), b.lengths)  # (sum(lengths), V)
     targets = pack_padded_sequence(b.targets, b.lengths, batch_first=True, enforce_sorted=False).data
     n = int(b.lengths.sum())
     return F.cross_entropy(logits.float(), targets.to(device, non_blocking=True),
@@ -236,7 +334,7 @@ def evaluate_loss(model: CaptionDecoder, pairs: CaptionPairs, features: torch.Te
     """Mean per-token cross-entropy of the pairs, in eval mode."""
     model.eval()
     total, count = torch.zeros((), device=device), 0
-    idx = torch.arange(len(pairs))
+    idx = torch.argsort(pairs.lengths, stable=True)  # by length: batches with little padding, same sum
     for s in range(0, len(pairs), batch_size):
         b = pairs.gather(idx[s:s + batch_size], features)
         loss, n = _batch_loss(model, b, device)
@@ -247,7 +345,7 @@ def evaluate_loss(model: CaptionDecoder, pairs: CaptionPairs, features: torch.Te
     return float(total) / max(count, 1)
 
 
-def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, device):
+def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, device, backbone: dict):
     last = run / "last.pt"
     if not last.exists():
         return [], 0, {"score": float("-inf"), "epoch": 0}
@@ -257,6 +355,9 @@ def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, d
                if k != "features" and old.get(k) != getattr(cfg, k)]
     if os.path.abspath(old.get("features", "")) != os.path.abspath(cfg.features):
         changed.append("features")
+    # the same cache path may now hold features of another backbone (same size, other meaning)
+    changed += [f"backbone {k}" for k in ("name", "weights", "feature_dim", "preprocess")
+                if ckpt["backbone"].get(k) != backbone[k]]
     if changed or Vocabulary.from_dict(ckpt["vocab"]) != vocab:
         raise CheckpointError(f"{last} was trained with other settings ({', '.join(changed) or 'vocabulary'}); "
                               f"use a new --out or delete {run}")
@@ -264,12 +365,13 @@ def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, d
         model.load_state_dict(ckpt["model_state"], strict=True)
         opt.load_state_dict(ckpt["optimizer_state"])
         sched.load_state_dict(ckpt["scheduler_state"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"cannot resume from {last}: {e}") from e
-    torch.set_rng_state(ckpt["rng_state"].cpu())
+        torch.set_rng_state(ckpt["rng_state"].cpu())
+        history, epoch, best = list(ckpt.get("history", [])), int(ckpt["epoch"]), dict(ckpt["best"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"cannot resume from {last}: {type(e).__name__}: {e}") from e
     if cfg.progress:
-        tqdm.write(f"resuming {run} after epoch {ckpt['epoch']}")
-    return list(ckpt.get("history", [])), int(ckpt["epoch"]), dict(ckpt["best"])
+        tqdm.write(f"resuming {run} after epoch {epoch}")
+    return history, epoch, best
 
 
 _CLI_OWN = {"features", "out", "captions", "images", "dataset", "device", "progress", "dry_run"}
@@ -280,7 +382,7 @@ _CLI_OWN = {"features", "out", "captions", "images", "dataset", "device", "progr
 @click.option("--out", required=True, type=click.Path(), help="Run directory (resumed if it has last.pt).")
 @click.option("--captions", default=None, help="Override the captions file recorded in the cache.")
 @click.option("--images", default=None, help="Override the images folder recorded in the cache.")
-@click.option("--dataset", type=click.Choice(["coco", "flickr8k"]), default=None,
+@click.option("--dataset", type=click.Choice(list(FORMATS)), default=None,
               help="Override the dataset format recorded in the cache.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
 @click.option("--no-progress", is_flag=True, help="No progress bars or per-epoch lines.")

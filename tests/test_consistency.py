@@ -17,7 +17,7 @@ def shared_run(shared_cache, tmp_path_factory):
     from stage2_decoder.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("consistency_run")
-    result = train(TrainConfig(features=str(shared_cache), out=str(out), epochs=4, batch_size=16, embed_size=32,
+    result = train(TrainConfig(features=str(shared_cache), out=str(out), epochs=4, scst_epochs=0, batch_size=16, embed_size=32,
                                hidden_size=64, vocab_threshold=2, device="cpu", progress=False))
     assert result.epochs_run == 4
     assert (out / "best.pt").is_file()

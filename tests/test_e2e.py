@@ -51,7 +51,7 @@ def cache50(cli, coco_dir, e2e_dir):
 @pytest.fixture(scope="module")
 def run4(cli, cache50, e2e_dir):
     run = e2e_dir / "run"
-    _ok(cli("stage2_decoder.train", "--features", cache50, "--out", run, "--epochs", 4, "--batch-size", 32,
+    _ok(cli("stage2_decoder.train", "--features", cache50, "--out", run, "--epochs", 4, "--scst-epochs", 0, "--batch-size", 32,
             "--vocab-threshold", 2, "--no-progress"))
     return run
 
@@ -149,14 +149,14 @@ def test_resume_continues_to_more_epochs(cli, run4, cache50, tmp_path):
     run = tmp_path / "resumed"
     shutil.copytree(run4, run)
     before = _metrics(run)
-    _ok(cli("stage2_decoder.train", "--features", cache50, "--out", run, "--epochs", 6, "--batch-size", 32,
+    _ok(cli("stage2_decoder.train", "--features", cache50, "--out", run, "--epochs", 6, "--scst-epochs", 0, "--batch-size", 32,
             "--vocab-threshold", 2, "--no-progress"))
     after = _metrics(run)
     assert [m["epoch"] for m in after] == [1, 2, 3, 4, 5, 6]
     assert after[:4] == before  # history kept, not recomputed
     assert load_checkpoint(run / "last.pt")["epoch"] == 6
     # resuming with a setting that must not change is refused, and names it
-    proc = cli("stage2_decoder.train", "--features", cache50, "--out", run, "--epochs", 8, "--batch-size", 32,
+    proc = cli("stage2_decoder.train", "--features", cache50, "--out", run, "--epochs", 8, "--scst-epochs", 0, "--batch-size", 32,
                "--vocab-threshold", 2, "--hidden-size", 64, "--no-progress")
     assert "hidden_size" in _one_error_line(proc)
     assert len(_metrics(run)) == 6
@@ -236,7 +236,7 @@ def test_decoder_trained_on_a_handful_of_images_reproduces_a_caption(cli, coco_d
     # no validation images: train.py measures validation loss on a training image instead; select
     # best.pt by that loss where the option exists (validation CIDEr has nothing to score)
     select = ["--select-by", "loss"] if "select_by" in {f.name for f in dataclasses.fields(TrainConfig)} else []
-    _ok(cli("stage2_decoder.train", "--features", cache, "--out", run, "--epochs", 30, "--batch-size", 4,
+    _ok(cli("stage2_decoder.train", "--features", cache, "--out", run, "--epochs", 30, "--scst-epochs", 0, "--batch-size", 4,
             "--vocab-threshold", 1, "--val-frac", 0, "--test-frac", 0, "--dropout", 0, *select, "--no-progress"))
     split = json.loads((run / "split.json").read_text())
     assert split["val"] == [] and split["test"] == [] and len(split["train"]) == n
@@ -251,7 +251,7 @@ def test_decoder_trained_on_a_handful_of_images_reproduces_a_caption(cli, coco_d
 # --- train() behaviour found while writing these tests (library bugs: see the report) -------------------
 
 def _small(cfg_cls, **kw):
-    return cfg_cls(**{"embed_size": 16, "hidden_size": 32, "device": "cpu", "progress": False, **kw})
+    return cfg_cls(**{"embed_size": 16, "hidden_size": 32, "device": "cpu", "progress": False, "scst_epochs": 0, **kw})
 
 
 def test_training_survives_a_last_batch_of_one(shared_cache, tmp_path):

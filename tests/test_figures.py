@@ -44,7 +44,7 @@ def run_dir(shared_cache, tmp_path_factory):
     from stage2_decoder.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("figures") / "run"
-    train(TrainConfig(features=str(shared_cache), out=str(out), epochs=8, batch_size=32, lr=5e-3, embed_size=64,
+    train(TrainConfig(features=str(shared_cache), out=str(out), epochs=8, scst_epochs=0, batch_size=32, lr=5e-3, embed_size=64,
                       hidden_size=128, vocab_threshold=2, test_frac=0.3, select_by="loss", device="cpu",
                       progress=False))
     return out
@@ -223,7 +223,7 @@ def test_a_plotting_failure_does_not_fail_training(shared_cache, tmp_path, monke
         raise RuntimeError("no fonts today")
 
     monkeypatch.setattr(plot, "plot_run", broken)
-    result = train(TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=1, embed_size=16,
+    result = train(TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=1, scst_epochs=0, embed_size=16,
                                hidden_size=32, vocab_threshold=2, device="cpu", progress=False, dry_run=True))
     assert result.epochs_run == 1 and (tmp_path / "run" / "best.pt").is_file()
     assert "warning: training curves not plotted: no fonts today" in capsys.readouterr().err

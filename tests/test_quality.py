@@ -136,7 +136,7 @@ def test_best_checkpoint_and_early_stopping_follow_the_validation_metric(shared_
     sequence = iter([0.10, 0.30, 0.20, 0.25, 0.29, 0.90, 0.95])
     monkeypatch.setattr(train_mod, "validation_cider", lambda *a, **k: next(sequence))
     cfg = train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=7, patience=3,
-                                lr_patience=1, embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True,
+                                scst_epochs=0, lr_patience=1, embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True,
                                 device="cpu", progress=False)
     result = train_mod.train(cfg)
     # epochs 3, 4, 5 do not beat epoch 2's 0.30: stop after epoch 5, never see the 0.90
@@ -153,7 +153,7 @@ def test_select_by_loss_ignores_cider(shared_cache, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "validation_cider", lambda *a, **k: 0.0)
     cfg = train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=3, select_by="loss",
-                                embed_size=16, hidden_size=32, vocab_threshold=2, batch_size=64, device="cpu",
+                                scst_epochs=0, embed_size=16, hidden_size=32, vocab_threshold=2, batch_size=64, device="cpu",
                                 progress=False)
     result = train_mod.train(cfg)
     losses = [h["val_loss"] for h in result.history]
@@ -207,3 +207,50 @@ def test_evaluate_needs_exactly_one_input_mode(cli, small_run, shared_cache, coc
                "--images", coco_dir / "images", "--captions", coco_dir / "captions.json")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "either --features" in proc.stderr
+
+
+# --- self-critical training ---------------------------------------------------------------------------------
+
+def test_cider_d_with_corpus_frequencies_equals_the_reference_scorer(coco_records):
+    from pycocoevalcap.cider.cider import Cider
+
+    from common.tokenizer import tokenize
+    from stage2_decoder.scst import CiderD
+
+    recs = coco_records[:40]
+    refs = {r.key: r.captions[1:] for r in recs}
+    hyps = {r.key: (r.captions[0] if i % 3 else recs[(i + 7) % 40].captions[0]) for i, r in enumerate(recs)}
+    mine = CiderD(refs)
+    keys = sorted(hyps)
+    _, theirs = Cider().compute_score({k: [" ".join(tokenize(c)) for c in refs[k]] for k in keys},
+                                      {k: [" ".join(tokenize(hyps[k]))] for k in keys})
+    for k, want in zip(keys, theirs):
+        assert mine.score(k, tokenize(hyps[k])) == pytest.approx(float(want), abs=1e-9)
+
+
+def test_sampled_captions_are_masked_after_end():
+    from stage2_decoder.scst import sample
+
+    model = _model(1)
+    torch.manual_seed(0)
+    ids, logp, mask = sample(model, torch.randn(3, D), k=4, max_len=9)
+    assert ids.shape == logp.shape == mask.shape and ids.shape[0] == 12 and logp.requires_grad
+    for row, m in zip(ids.tolist(), mask.tolist()):
+        if END_ID in row:
+            e = row.index(END_ID)
+            assert all(w == 0 for w in row[e + 1:]) and m[:e + 1] == [1.0] * (e + 1) and not any(m[e + 1:])
+        else:
+            assert all(m) and 0 not in row
+
+
+def test_scst_phase_follows_cross_entropy_from_the_best_epoch(shared_cache, tmp_path):
+    from stage2_decoder.train import TrainConfig, train
+
+    cfg = TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=2, scst_epochs=2, batch_size=16,
+                      embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True, device="cpu", progress=False)
+    result = train(cfg)
+    phases = [h.get("phase", "xe") for h in result.history]
+    assert phases == ["xe", "xe", "scst", "scst"]
+    assert all("train_reward" in h and "train_loss" not in h for h in result.history[2:])
+    assert [h["lr"] for h in result.history[2:]] == [cfg.scst_lr, cfg.scst_lr]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 4

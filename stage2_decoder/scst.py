@@ -1,0 +1,136 @@
+"""Self-critical sequence training (SCST, Rennie et al. 2017): fine-tune a cross-entropy-trained
+decoder to maximise CIDEr-D of its own sampled captions.
+
+For every training image K captions are sampled from the model; each one's reward is its CIDEr-D
+against the image's references, and its baseline is the mean reward of the image's other K-1
+samples (the "new self-critical" variant of ruotianluo/self-critical.pytorch: no extra greedy pass).
+The loss is -(reward - baseline) * log p(caption), averaged over the sampled tokens.
+
+CIDEr-D needs document frequencies from a fixed corpus (pycocoevalcap recomputes them from whatever
+set it is given, which for a batch of 64 images would be meaningless), so `CiderD` takes them once
+from the training references, with the same formula as pycocoevalcap's scorer (n = 1..4, clipped
+counts, Gaussian length penalty sigma = 6, x10).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+
+import torch
+
+from common.tokenizer import tokenize
+from stage2_decoder.decode import END_ID, START_ID
+from stage2_decoder.model import CaptionDecoder
+
+NGRAMS, SIGMA = 4, 6.0
+
+
+def _counts(words: list[str]) -> list[Counter]:
+    return [Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1)) for n in range(1, NGRAMS + 1)]
+
+
+class CiderD:
+    """CIDEr-D of a caption against one image's references, with corpus document frequencies."""
+
+    def __init__(self, refs: dict[str, list[str]]):
+        self.refs = {k: [tokenize(c) for c in caps] for k, caps in refs.items()}
+        df: Counter = Counter()
+        for caps in self.refs.values():
+            df.update({g for c in caps for order in _counts(c) for g in order})
+        self.log_n = math.log(max(len(self.refs), 1))
+        self.df = df
+        self._ref_vecs = {k: [self._vec(c) for c in caps] for k, caps in self.refs.items()}
+
+    def _vec(self, words: list[str]):
+        vec, norm = [], []
+        for order in _counts(words):
+            v = {g: tf * (self.log_n - math.log(max(1.0, self.df.get(g, 0.0)))) for g, tf in order.items()}
+            vec.append(v)
+            norm.append(math.sqrt(sum(x * x for x in v.values())))
+        return vec, norm, len(words)
+
+    def score(self, key: str, words: list[str]) -> float:
+        refs = self._ref_vecs[key]
+        if not refs:
+            return 0.0
+        hv, hn, hl = self._vec(words)
+        total = 0.0
+        for rv, rn, rl in refs:
+            penalty = math.exp(-((hl - rl) ** 2) / (2 * SIGMA ** 2))
+            for n in range(NGRAMS):
+                if hn[n] and rn[n]:
+                    dot = sum(min(x, rv[n].get(g, 0.0)) * rv[n].get(g, 0.0) for g, x in hv[n].items())
+                    total += penalty * dot / (hn[n] * rn[n])
+        return 10.0 * total / (NGRAMS * len(refs))
+
+
+def sample(model: CaptionDecoder, features: torch.Tensor, k: int, max_len: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample k captions per image, keeping the graph.
+
+    features (B, D) -> ids (B*k, T) (0 after <end>), log-probs of the chosen tokens (B*k, T) and
+    their mask (B*k, T): 1 for every word and the <end> that closes the caption.
+    """
+    h, c = model.init_state(features)  # (L, B, H)
+    state = (h.repeat_interleave(k, dim=1), c.repeat_interleave(k, dim=1))
+    n = features.shape[0] * k
+    tokens = torch.full((n,), START_ID, dtype=torch.long, device=features.device)
+    alive = torch.ones(n, dtype=torch.bool, device=features.device)
+    ids, logps, masks = [], [], []
+    for _ in range(max_len):
+        logp, state = model.step(tokens, state)  # (n, V)
+        tokens = torch.multinomial(logp.detach().exp(), 1).squeeze(1)
+        masks.append(alive.clone())
+        logps.append(logp.gather(1, tokens[:, None]).squeeze(1))
+        ids.append(torch.where(alive, tokens, torch.zeros_like(tokens)))
+        alive &= tokens != END_ID
+        if not bool(alive.any()):
+            break
+    return torch.stack(ids, 1), torch.stack(logps, 1), torch.stack(masks, 1).float()
+
+
+def scst_loss(model: CaptionDecoder, features: torch.Tensor, keys: list[str], scorer: CiderD, itos: list[str],
+              k: int = 5, max_len: int = 16) -> tuple[torch.Tensor, float]:
+    """One SCST batch: returns (loss to minimise, mean reward of the samples)."""
+    ids, logp, mask = sample(model, features, k, max_len)
+    rewards = torch.zeros(len(keys) * k)
+    for i, row in enumerate(ids.tolist()):
+        words = [itos[w] for w in row if w not in (0, END_ID)]
+        rewards[i] = scorer.score(keys[i // k], words)
+    r = rewards.view(-1, k)
+    baseline = (r.sum(1, keepdim=True) - r) / max(k - 1, 1)  # mean of the image's other samples
+    adv = (r - baseline).view(-1, 1).to(logp.device)  # (B*k, 1)
+    loss = -(adv * logp * mask).sum() / mask.sum().clamp(min=1)
+    return loss, float(rewards.mean())
+
+
+def scst_epoch(model: CaptionDecoder, opt: torch.optim.Optimizer, features: torch.Tensor, rows: dict[str, int],
+               scorer: CiderD, itos: list[str], batch_images: int, generator: torch.Generator, k: int = 5,
+               grad_clip: float = 5.0, max_batches: int | None = None, progress=None) -> float:
+    """One pass of SCST over the scorer's images (in a seeded random order); returns the mean reward."""
+    model.eval()  # BatchNorm keeps its running statistics; gradients still flow
+    keys = [key for key in scorer.refs if key in rows and scorer.refs[key]]
+    order = torch.randperm(len(keys), generator=generator).tolist()
+    total, batches = 0.0, 0
+    for s in range(0, len(order), batch_images):
+        chunk = [keys[i] for i in order[s:s + batch_images]]
+        feats = features[torch.tensor([rows[key] for key in chunk], device=features.device)]
+        loss, reward = scst_loss(model, feats, chunk, scorer, itos, k)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        total, batches = total + reward, batches + 1
+        if progress is not None:
+            progress.update(1)
+        if max_batches and batches >= max_batches:
+            break
+    return total / max(batches, 1)
+
+
+def scst_refs(records) -> dict[str, list[str]]:
+    """{key: captions} of the training images: the corpus of the rewards' document frequencies."""
+    refs: dict[str, list[str]] = defaultdict(list)
+    for r in records:
+        refs[r.key].extend(c for c in r.captions if c.strip())
+    return dict(refs)
