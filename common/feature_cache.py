@@ -477,6 +477,15 @@ def _open(path) -> h5py.File:
 def load_cache(path: str | os.PathLike, backbone: str | None = None, feature_dim: int | None = None,
                preprocess: str | None = None) -> FeatureCache:
     """Load a complete cache into RAM, refusing one made with another backbone/feature size."""
+    try:
+        return _load_cache(path, backbone, feature_dim, preprocess)
+    except CacheError:
+        raise
+    except (OSError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:  # a damaged file, read by h5py
+        raise CacheError(f"{path} is corrupt ({type(e).__name__}: {e}); re-run stage 1 to rebuild it") from e
+
+
+def _load_cache(path, backbone, feature_dim, preprocess) -> FeatureCache:
     with _open(path) as f:
         meta = _read_meta(f, path)
         if not bool(f.attrs.get("complete", False)):

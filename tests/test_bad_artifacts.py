@@ -284,11 +284,6 @@ def fuzz_cache(cache: Path, scratch: Path, seeds: range) -> dict[int, str]:
     return outcomes
 
 
-@pytest.mark.xfail(strict=True, reason="common/feature_cache.py (another helper's file): load_cache lets "
-                                       "errors of a damaged file escape as OSError (attribute reads, outside its "
-                                       "try), TypeError ('Datatype' object is not subscriptable) and "
-                                       "UnicodeDecodeError (keys); only CacheError naming the file should. "
-                                       "Wrap its whole body; drop this mark when fixed")
 def test_randomly_damaged_cache_only_ever_raises_cache_error(shared_cache, tmp_path):
     outcomes = fuzz_cache(shared_cache, tmp_path / "damaged.h5", range(40))
     bad = {s: o for s, o in outcomes.items() if o not in ("loads", "CacheError", "crash")}
