@@ -20,7 +20,7 @@ LIMIT ?=
 OUT ?= cache/$(DATASET)-$(BACKBONE).h5
 # stage 2
 RUN ?= runs/$(DATASET)-$(BACKBONE)
-EPOCHS ?= 10
+EPOCHS ?= 12
 TRAIN_ARGS ?=
 
 LIMIT_ARG := $(if $(LIMIT),--limit $(LIMIT),)
@@ -55,6 +55,20 @@ demo: install
 	@echo "== captions for 8 test-split photos (never seen in training) =="
 	$(PY) -m stage2_decoder.caption --checkpoint $(DEMO_RUN)/best.pt \
 	    $$($(PY) -m stage2_decoder.samples $(DEMO_RUN) --features $(DEMO_OUT) --split test -n 8)
+
+# sweep: many decoders at once from the demo cache (built first if missing); results in SWEEP_OUT/results.md
+SWEEP_GRID ?= configs/sweep-default.json
+SWEEP_OUT ?= runs/sweep-demo
+SWEEP_ARGS ?=
+.PHONY: sweep
+sweep: install
+	test -f $(DEMO_OUT) || $(MAKE) --no-print-directory features BACKBONE=mobilenet_v2 OUT=$(DEMO_OUT)
+	$(PY) -m stage2_decoder.sweep --features $(DEMO_OUT) --out $(SWEEP_OUT) --grid $(SWEEP_GRID) $(SWEEP_ARGS)
+
+# performance benchmarks: each prints its measured ratios and PASS/FAIL per target (bench/RESULTS.md)
+.PHONY: bench
+bench: install
+	$(PY) bench/stage1.py && $(PY) bench/stage2.py && $(PY) bench/caption.py
 
 # downloads (python -m common.data; layout in its docstring): make data DATASET=coco2014|coco2017|flickr8k|flickr30k
 DATA_ROOT ?= data

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+FIRST_CHUNK = 4  # images in the first batch of a folder (time to the first caption)
 
 
 @dataclass
@@ -92,8 +93,11 @@ def caption_paths(cap: Captioner, paths: list[str], beam_size: int = 3, max_len:
     from common.backbones import ImageError, load_image_u8
 
     bar = tqdm(total=len(paths), unit="img", desc="caption", disable=not progress, leave=False)
-    for s in range(0, len(paths), batch_size):
-        chunk = paths[s:s + batch_size]
+    # a small first chunk, so a folder's first caption prints after a few images rather than a whole
+    # batch (bench/caption.py: cold start); full batches after it
+    starts = [0, *range(min(FIRST_CHUNK, batch_size), len(paths), batch_size)]
+    for s, end in zip(starts, [*starts[1:], len(paths)]):
+        chunk = paths[s:end]
         good, tensors, errors = [], [], {}
         for p in chunk:
             try:

@@ -1,0 +1,700 @@
+"""Decoder hyperparameter sweeps from one feature cache, many runs at once.
+
+    python -m stage2_decoder.sweep --features FILE.h5 --out runs/sweep-NAME --grid sweep.json
+        [--n-jobs N] [--random N] [--seed S] [--metric cider|loss] [--threads N]
+        [--backend local|dask --scheduler ADDRESS] [--retry-failed] [--dry-run]
+
+The grid file is a JSON object mapping TrainConfig field names to a list of values (a plain
+value, or a list of one, fixes the setting for every run):
+
+    {"lr": [0.001, 0.003], "hidden_size": [256, 512], "epochs": 3}
+
+Every point of the product (or `--random N` points of it, drawn with `--seed`) is one run of the
+same `train(cfg)` the train CLI calls, in its own directory OUT/<name>, named by its varied
+settings plus a hash of all of them (`lr=0.003,hidden_size=512-1f0c2a9e`). Beside train's own
+files a run directory gets params.json, train.log (what the run printed) and, once it has
+finished, result.json: the completion marker. Rerunning the same sweep skips runs that have a
+result.json and redoes the others (train resumes them from their last.pt); a failed run is
+finished too and is redone only with `--retry-failed`. A run fails, without stopping the
+others, when train raises (a setting it rejects, out of memory, a loss that became nan) or its
+history holds a non-finite loss; its error is recorded in the table. OUT gets results.csv,
+results.md and results.json (every run, ranked by validation CIDEr, or loss with `--metric loss`,
+which also picks best.pt by loss unless the grid sets select_by), sweep.json (what was asked)
+and sweep.png (the metric against each varied setting).
+
+How runs share the machine (`--backend local`, the default), and why, measured on 2 cores with
+the 2,511-image MobileNetV2 demo cache (peak proportional set size, PSS, summed over the process
+tree, i.e. real memory with shared pages counted once; two 1-epoch runs at once):
+
+- Memory is dominated by the torch runtime, not by the cache. Importing torch leaves ~300 MB of
+  private pages in a process (relocated libraries, module objects) and a run adds ~250-350 MB of
+  its own; the demo cache is 6 MB on disk and 19 MB per run once train() holds it as float16 plus
+  its float32 copy. joblib's default loky workers are fresh interpreters, each importing torch
+  again: 1,633 MB for two parallel runs against 737 MB for the same runs one after another (2.2x).
+- So each run is a fork of this process, which has imported torch and the training code but never
+  run a torch op (safe to fork: no OpenMP pool, no CUDA context yet). The imported pages stay
+  shared copy-on-write: 1,049 MB for the two parallel runs (1.4x). joblib (threading backend)
+  schedules the runs; each thread forks one run and waits for it. A fork per run also isolates
+  runs: one that dies (killed by the out-of-memory killer) is recorded as failed, where a dead
+  worker of a process pool would hang or abort the whole sweep.
+- The cache is read once into the OS page cache before the runs start, and every run's train()
+  loads it from there (a 6 MB cache loads in ~0.04 s): its pages are shared by the kernel. A
+  shared memory-map would save at most the ~19 MB per run, because train() keeps its own float32
+  copy of the features; for a cache of hundreds of MB that copy would dominate, and train() would
+  have to accept preloaded features to share it.
+- Threads: each run gets max(1, cores // concurrent runs) torch threads (`--threads` overrides),
+  so runs do not fight over cores.
+
+`--backend dask --scheduler ADDRESS` sends the same runs to a Dask cluster through joblib's Dask
+backend (each run in a Dask worker thread, `--threads` torch threads each, default 1): the
+workers must see the cache and OUT at the same paths (a shared file system), and pass absolute
+paths. Concurrency is the cluster's thread count (n_jobs is not used there).
+
+GPU: each forked run opens its own CUDA context (this process never touches CUDA), so `--n-jobs N`
+puts N decoders on one GPU at once. Small decoders leave most of a GPU idle, so 2-4 runs at once
+raise throughput; each costs a CUDA context (~0.5 GB of GPU memory) plus its model and cached
+features, and still one CPU core for its Python loop, so keep N at most the number of cores.
+"""
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import io
+import itertools
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from common.cli import run_guarded
+from common.feature_cache import read_meta
+from stage2_decoder.train import TrainConfig, train
+
+METRICS = {"cider": ("val_cider", True), "loss": ("val_loss", False)}  # column, higher is better
+SWEEP_OWNED = ("features", "out", "progress")  # set by the sweep itself, not by the grid
+RESULT, PARAMS, LOG = "result.json", "params.json", "train.log"
+INTERRUPTED_EXIT = 130  # a run stopped by Ctrl-C / SIGTERM: unfinished, not failed
+MAX_NAME = 96
+
+
+class SweepError(ValueError):
+    """A grid or sweep setting that cannot work (unknown key, wrong type, empty list...)."""
+
+
+# --- the grid --------------------------------------------------------------------------------------------------
+
+def _train_fields() -> dict:
+    return {f.name: f for f in fields(TrainConfig)}
+
+
+def _coerce(name: str, value, default):
+    """`value` as the type of the TrainConfig field's default (ints stay ints: run names depend on it)."""
+    kind = ("true or false" if isinstance(default, bool) else "an integer" if isinstance(default, int)
+            else "a number" if isinstance(default, float) else "a string")
+    bad = SweepError(f"grid value {value!r} for {name!r} should be {kind}")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and not value.is_integer()):
+            raise bad
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if value is None and default is None:
+        return None
+    if not isinstance(value, str):
+        raise bad
+    return value
+
+
+def normalize_grid(grid: dict) -> dict[str, list]:
+    """Check a grid against TrainConfig: known keys, values of the field's type; scalars -> [scalar]."""
+    if not isinstance(grid, dict) or not grid:
+        raise SweepError("the grid must be a non-empty JSON object mapping training settings to lists of values")
+    known = _train_fields()
+    out = {}
+    for key, values in grid.items():
+        if key in SWEEP_OWNED:
+            raise SweepError(f"grid key {key!r} is set by the sweep itself (--{key}), not by the grid")
+        fl = known.get(key)
+        if fl is None:
+            names = [k for k in known if k not in SWEEP_OWNED]
+            close = difflib.get_close_matches(key, names, n=1)
+            raise SweepError(f"unknown grid key {key!r}: " + (f"did you mean {close[0]!r}?" if close else
+                                                              f"the training settings are {', '.join(names)}"))
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise SweepError(f"grid key {key!r} has an empty list of values")
+        default = None if fl.default is MISSING else fl.default
+        vals = [_coerce(key, v, default) for v in values]
+        if len(set(map(repr, vals))) != len(vals):
+            raise SweepError(f"grid key {key!r} lists a value twice: {values}")
+        out[key] = vals
+    return out
+
+
+def load_grid(path: str | os.PathLike) -> dict[str, list]:
+    """Read and check a JSON grid file."""
+    path = Path(path)
+    try:
+        grid = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"grid file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SweepError(f"{path} is not valid JSON: {e}") from e
+    return normalize_grid(grid)
+
+
+def expand_grid(grid: dict) -> list[dict]:
+    """Every point of the grid's product, in file order (the last key varies fastest)."""
+    g = normalize_grid(grid)
+    return [dict(zip(g, combo)) for combo in itertools.product(*g.values())]
+
+
+def sample_grid(grid: dict, n: int, seed: int = 0) -> list[dict]:
+    """`n` distinct points of the product drawn with `seed` (all of it if n >= its size), in product order.
+
+    Points are drawn by index, so a huge product is never built in memory.
+    """
+    if n < 1:
+        raise SweepError(f"--random must be at least 1, got {n}")
+    g = normalize_grid(grid)
+    sizes = [len(v) for v in g.values()]
+    total = math.prod(sizes)
+    chosen = sorted(random.Random(seed).sample(range(total), min(n, total)))
+    points = []
+    for index in chosen:
+        combo = []
+        for size in reversed(sizes):  # mixed radix, the last key is the fastest digit
+            index, digit = divmod(index, size)
+            combo.append(digit)
+        points.append({k: v[d] for (k, v), d in zip(g.items(), reversed(combo))})
+    return points
+
+
+def varied_keys(grid: dict[str, list]) -> list[str]:
+    return [k for k, v in grid.items() if len(v) > 1]
+
+
+def _fmt(v) -> str:
+    return format(v, "g") if isinstance(v, float) else str(v)
+
+
+def run_name(params: dict, varied: list[str], features: str) -> str:
+    """Deterministic, readable, file-system-safe: the varied settings plus a hash of everything."""
+    ident = json.dumps({"features": os.path.abspath(features), **params}, sort_keys=True)
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:8]
+    readable = ",".join(f"{k}={_fmt(params[k])}" for k in varied)
+    readable = re.sub(r"[^A-Za-z0-9._=,+-]", "_", readable)[:MAX_NAME]
+    return f"{readable}-{digest}" if readable else f"run-{digest}"
+
+
+# --- one run ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunSpec:
+    name: str
+    run_dir: str
+    features: str
+    params: dict  # TrainConfig fields this run sets (grid point + fixed settings)
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def _finite(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _divergence(history: list[dict]) -> str | None:
+    """Why a finished run's history is unusable (a nan/inf loss or reward), or None.
+
+    Only the values an epoch records are checked: self-critical epochs record a reward, no train loss.
+    """
+    if not history:
+        return "no epoch finished"
+    for h in history:
+        for key in ("train_loss", "val_loss", "train_reward"):
+            v = h.get(key, 0.0)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                return f"diverged: {key} is {v} in epoch {h.get('epoch')}"
+    return None
+
+
+def _record(spec: RunSpec, status: str, error: str = "", **values) -> dict:
+    return {"run": spec.name, "status": status, "val_cider": _finite(values.get("val_cider")),
+            "val_loss": _finite(values.get("val_loss")), "best_epoch": values.get("best_epoch"),
+            "epochs_run": values.get("epochs_run"), "seconds": values.get("seconds"),
+            "checkpoint": values.get("checkpoint", ""), "error": error, "params": spec.params}
+
+
+def _run_one(spec: RunSpec, threads: int | None) -> dict:
+    """Train one configuration and write its result.json. Never raises for a failure of the run itself."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_dir / PARAMS, {"run": spec.name, "features": spec.features, "params": spec.params})
+    t0, started = time.perf_counter(), time.time()
+    try:
+        r = train(TrainConfig(features=spec.features, out=spec.run_dir, progress=False, **spec.params))
+        seconds = round(time.perf_counter() - t0, 2)
+        why = _divergence(r.history)
+        ckpt = str(Path(r.run_dir) / "best.pt")
+        rec = _record(spec, "failed" if why else "ok", why or "", val_cider=r.best_val_cider,
+                      val_loss=r.best_val_loss, best_epoch=r.best_epoch, epochs_run=r.epochs_run, seconds=seconds,
+                      checkpoint=ckpt if not why and os.path.exists(ckpt) else "")
+    except Exception as e:  # noqa: BLE001 - any error of one run is that run's failure, not the sweep's
+        traceback.print_exc(file=sys.stderr)  # into train.log for the full story
+        msg = (str(e).strip().splitlines() or [""])[0]
+        rec = _record(spec, "failed", f"{type(e).__name__}: {msg}" if msg else type(e).__name__,
+                      seconds=round(time.perf_counter() - t0, 2))
+    rec.update(started_at=started, host=socket.gethostname(), pid=os.getpid())  # where and when it ran
+    _write_json(run_dir / RESULT, rec)
+    return rec
+
+
+def _read_result(spec: RunSpec) -> dict | None:
+    path = Path(spec.run_dir) / RESULT
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    # same name = same settings (the hash), unless the directory was edited by hand
+    return rec if isinstance(rec, dict) and rec.get("params") == spec.params and rec.get("status") else None
+
+
+# Forked runs. Forks come from joblib's threads; these locks keep the main thread from printing (tqdm)
+# while a fork happens, so no child inherits a held stdout lock, and let an interrupt stop new forks.
+_FORK = mp.get_context("fork")
+_LIVE: set = set()
+_LIVE_LOCK = threading.Lock()
+_STOP = threading.Event()
+
+
+def _child_main(spec: RunSpec, threads: int | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's click handler: just stop (SIGINT as inherited)
+    log = open(Path(spec.run_dir) / LOG, "a")
+    os.dup2(log.fileno(), 1)  # whatever the run prints goes to its own log, not over the progress bar
+    os.dup2(log.fileno(), 2)
+    try:
+        _run_one(spec, threads)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        os._exit(INTERRUPTED_EXIT)
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        sig = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+        return f"the run's process was killed by {sig}{hint}"
+    return f"the run's process exited with code {code} without a result"
+
+
+def _run_forked(spec: RunSpec, threads: int | None) -> dict | None:
+    """Run `spec` in a forked child and wait; None if the sweep was interrupted meanwhile."""
+    Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
+    p = _FORK.Process(target=_child_main, args=(spec, threads), name=f"sweep-run {spec.name}", daemon=True)
+    with _LIVE_LOCK:
+        if _STOP.is_set():
+            return None
+        p.start()
+        _LIVE.add(p)
+    p.join()
+    with _LIVE_LOCK:
+        _LIVE.discard(p)
+    rec = _read_result(spec)
+    if rec is not None:
+        return rec
+    if _STOP.is_set() or p.exitcode in (INTERRUPTED_EXIT, -signal.SIGINT, -signal.SIGTERM):
+        return None  # interrupted, not failed: a rerun redoes it
+    rec = _record(spec, "failed", _exit_reason(p.exitcode))
+    _write_json(Path(spec.run_dir) / RESULT, rec)
+    return rec
+
+
+def _stop_children() -> None:
+    with _LIVE_LOCK:
+        _STOP.set()
+        for p in list(_LIVE):
+            p.terminate()
+
+
+# --- the sweep -------------------------------------------------------------------------------------------------
+
+@dataclass
+class SweepConfig:
+    features: str
+    out: str
+    grid: str | dict  # a JSON grid file, or the grid itself
+    n_jobs: int | None = None  # concurrent runs (default: number of cores); local backend only
+    random: int = 0  # sample this many points of the product (0 = all of it)
+    seed: int = 0  # for --random
+    metric: str = "cider"  # rank by validation "cider" (higher is better) or "loss" (lower is better)
+    threads: int | None = None  # torch threads per run (default: cores // concurrent runs; 1 on dask)
+    backend: str = "local"  # local (forked runs on this machine) | dask
+    scheduler: str | None = None  # Dask scheduler address, for backend="dask"
+    retry_failed: bool = False  # redo runs recorded as failed
+    dry_run: bool = False  # every run one batch per epoch (smoke test)
+    progress: bool = True
+    plot: bool = True
+
+
+@dataclass
+class SweepResult:
+    out: str
+    rows: list[dict]  # every run, ranked: ok runs by the metric, then failed / not run
+    varied: list[str]
+    metric: str
+    ran: int
+    skipped: int
+    seconds: float
+    tables: list[str] = field(default_factory=list)  # results.csv, results.md, results.json
+    plot: str | None = None
+
+    @property
+    def best(self) -> dict | None:
+        return self.rows[0] if self.rows and self.rows[0]["status"] == "ok" else None
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r in self.rows if r["status"] != "ok"]
+
+
+def _check_config(cfg: SweepConfig) -> None:
+    if cfg.metric not in METRICS:
+        raise SweepError(f"--metric must be one of {', '.join(METRICS)}, got {cfg.metric!r}")
+    if cfg.backend not in ("local", "dask"):
+        raise SweepError(f"--backend must be local or dask, got {cfg.backend!r}")
+    if cfg.backend == "dask" and not cfg.scheduler:
+        raise SweepError("--backend dask needs --scheduler ADDRESS (e.g. tcp://127.0.0.1:8786)")
+    if cfg.n_jobs is not None and cfg.n_jobs < 1:
+        raise SweepError(f"--n-jobs must be at least 1, got {cfg.n_jobs}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise SweepError(f"--threads must be at least 1, got {cfg.threads}")
+    if cfg.random < 0:
+        raise SweepError(f"--random must not be negative, got {cfg.random}")
+
+
+def plan_runs(cfg: SweepConfig) -> tuple[list[RunSpec], dict[str, list], list[str]]:
+    """The runs a sweep consists of (grid checked, points expanded or sampled, names fixed)."""
+    grid = load_grid(cfg.grid) if isinstance(cfg.grid, (str, os.PathLike)) else normalize_grid(cfg.grid)
+    points = sample_grid(grid, cfg.random, cfg.seed) if cfg.random else expand_grid(grid)
+    varied = varied_keys(grid)
+    features = os.path.abspath(cfg.features)  # runs may execute elsewhere (forked cwd, Dask workers)
+    out = Path(os.path.abspath(cfg.out))
+    specs = []
+    for point in points:
+        params = dict(point)
+        if cfg.metric == "loss" and "select_by" not in params:
+            params["select_by"] = "loss"  # best.pt and the ranked number are then the same thing
+        if cfg.dry_run:
+            params["dry_run"] = True
+        name = run_name(params, varied, features)
+        specs.append(RunSpec(name, str(out / name), features, params))
+    return specs, grid, varied
+
+
+def _warm_page_cache(path: str) -> None:
+    """Read the cache file once so the runs, starting together, load it from the OS page cache."""
+    with open(path, "rb") as f:
+        while f.read(16 << 20):
+            pass
+
+
+def _preload() -> None:
+    """Import in this process what every run imports later, so forked runs share it instead of each
+    importing its own copy (matplotlib for train's curves.png, the CIDEr scorer, the decoder search)."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+    import pycocoevalcap.cider.cider  # noqa: F401
+
+    import stage2_decoder.decode  # noqa: F401
+    import stage2_decoder.metrics  # noqa: F401
+    import stage2_decoder.plot  # noqa: F401
+
+
+def _cpu_count() -> int:
+    import joblib
+
+    return max(1, joblib.cpu_count())
+
+
+def _execute(cfg: SweepConfig, pending: list[RunSpec], bar) -> dict[str, dict]:
+    """Run the pending specs; returns their records by name (a run interrupted or lost has none)."""
+    from joblib import Parallel, delayed, parallel_config
+
+    done: dict[str, dict] = {}
+    if not pending:
+        return done
+    if cfg.backend == "dask":
+        from distributed import Client
+
+        threads = cfg.threads or 1
+        with Client(cfg.scheduler, timeout="30s") as client, parallel_config(backend="dask", client=client):
+            try:
+                # batch_size=1: one run per Dask task, so a long run never holds others hostage
+                for rec in Parallel(batch_size=1, return_as="generator_unordered")(
+                        delayed(_run_one)(s, threads) for s in pending):
+                    done[rec["run"]] = rec
+                    bar.update()
+            except Exception as e:  # noqa: BLE001 - e.g. KilledWorker: keep what finished, report the rest
+                tqdm.write(f"warning: the Dask cluster lost runs ({type(e).__name__}: {e}); "
+                           f"rerun the sweep to redo them", file=sys.stderr)
+        return done
+
+    _preload()
+    n_jobs = min(cfg.n_jobs or _cpu_count(), len(pending))
+    threads = cfg.threads or max(1, _cpu_count() // n_jobs)
+    _STOP.clear()
+    try:
+        with parallel_config(backend="threading", n_jobs=n_jobs):
+            for rec in Parallel(batch_size=1, return_as="generator_unordered")(
+                    delayed(_run_forked)(s, threads) for s in pending):
+                if rec is not None:
+                    done[rec["run"]] = rec
+                with _LIVE_LOCK:
+                    bar.update()
+    except BaseException:
+        _stop_children()  # Ctrl-C / SIGTERM: the running runs stop now and are redone by a rerun
+        raise
+    return done
+
+
+def _rank(rows: list[dict], metric: str) -> list[dict]:
+    col, higher = METRICS[metric]
+
+    def key(r):
+        v = r.get(col)
+        if r["status"] != "ok":
+            return (2, 0.0, r["run"])
+        if v is None:
+            return (1, 0.0, r["run"])
+        return (0, -v if higher else v, r["run"])
+
+    ranked = sorted(rows, key=key)
+    for i, r in enumerate(ranked, 1):
+        r["rank"] = i
+    return ranked
+
+
+def run_sweep(cfg: SweepConfig) -> SweepResult:
+    """Run (or resume) a sweep; writes the results tables and plot, returns the ranked runs."""
+    _check_config(cfg)
+    t0 = time.perf_counter()
+    specs, grid, varied = plan_runs(cfg)
+    read_meta(cfg.features)  # a missing or foreign cache is one clear error, not N failed runs
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "sweep.json", {"features": os.path.abspath(cfg.features), "grid": grid, "varied": varied,
+                                     "metric": cfg.metric, "random": cfg.random, "seed": cfg.seed,
+                                     "dry_run": cfg.dry_run, "runs": [s.name for s in specs]})
+    records: dict[str, dict] = {}
+    pending = []
+    for s in specs:
+        rec = _read_result(s)
+        if rec is not None and (rec["status"] == "ok" or not cfg.retry_failed):
+            records[s.name] = rec
+        else:
+            pending.append(s)
+    skipped = len(records)
+    if pending:
+        _warm_page_cache(cfg.features)
+    tqdm.monitor_interval = 0  # no tqdm monitor thread: nothing else may print while runs fork
+    with tqdm(total=len(pending), desc="sweep", unit="run", disable=not cfg.progress, dynamic_ncols=True) as bar:
+        records.update(_execute(cfg, pending, bar))
+    rows = [records.get(s.name) or _record(s, "not run", "interrupted or lost; rerun the sweep to redo it")
+            for s in specs]
+    rows = _rank([dict(r) for r in rows], cfg.metric)
+    result = SweepResult(str(out), rows, varied, cfg.metric, ran=len(pending), skipped=skipped,
+                         seconds=round(time.perf_counter() - t0, 1))
+    result.tables = [str(p) for p in write_results(out, rows, grid, varied, cfg.metric)]
+    if cfg.plot:
+        result.plot = str(plot_sweep(out))
+    return result
+
+
+# --- results ---------------------------------------------------------------------------------------------------
+
+def _columns(varied: list[str], metric: str) -> list[str]:
+    first = ["val_cider", "val_loss"] if metric == "cider" else ["val_loss", "val_cider"]
+    return ["rank", "run", "status", *first, "best_epoch", "epochs_run", "seconds", *varied, "checkpoint", "error"]
+
+
+def _flat(row: dict, varied: list[str]) -> dict:
+    return {**{k: v for k, v in row.items() if k != "params"}, **{k: row["params"].get(k) for k in varied}}
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_results(out: Path, rows: list[dict], grid: dict[str, list], varied: list[str], metric: str) -> list[Path]:
+    """results.csv, results.md and results.json in `out`, rows as ranked. Returns the paths."""
+    cols = _columns(varied, metric)
+    flat = [_flat(r, varied) for r in rows]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(flat)
+    paths = [out / "results.csv", out / "results.md", out / "results.json"]
+    tmp = paths[0].with_name(paths[0].name + ".tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, paths[0])
+
+    col, higher = METRICS[metric]
+    fixed = {k: v[0] for k, v in grid.items() if len(v) == 1}
+    n_ok = sum(r["status"] == "ok" for r in rows)
+    lines = [f"# Sweep: {len(rows)} runs, {n_ok} ok", "",
+             f"Ranked by {col} ({'higher' if higher else 'lower'} is better)."
+             + (f" Fixed: {', '.join(f'{k}={_fmt(v)}' for k, v in fixed.items())}." if fixed else ""), "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in flat:
+        lines.append("| " + " | ".join(_cell(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in cols) + " |")
+    tmp = paths[1].with_name(paths[1].name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, paths[1])
+    _write_json(paths[2], {"metric": metric, "varied": varied, "fixed": fixed, "rows": rows})
+    return paths
+
+
+def plot_sweep(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Draw the metric against each varied setting from SWEEP_DIR/results.json into sweep.png (atomically)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazily, no pyplot: no global backend state
+    from matplotlib.figure import Figure
+
+    sweep_dir = Path(sweep_dir)
+    try:
+        res = json.loads((sweep_dir / "results.json").read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{sweep_dir / 'results.json'} not found: is {sweep_dir} a sweep directory?") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{sweep_dir / 'results.json'} is damaged ({e}); rerun the sweep to rewrite it") from e
+    metric, varied = res["metric"], res["varied"] or ["run"]
+    col, higher = METRICS[metric]
+    ok = [r for r in res["rows"] if r["status"] == "ok" and r.get(col) is not None]
+    fig = Figure(figsize=(4.2 * len(varied), 3.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(varied), squeeze=False)[0]
+    for ax, key in zip(axes, varied):
+        xs = [r["params"].get(key) if key != "run" else r["run"] for r in ok]
+        ys = [r[col] for r in ok]
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs) and xs
+        if numeric:
+            levels = sorted(set(xs))
+            if min(levels) > 0 and max(levels) / min(levels) >= 10:
+                ax.set_xscale("log")  # learning rates and other settings swept by factors
+            pos = xs
+        else:  # strings, booleans: one slot per value, in the grid's order
+            levels = list(dict.fromkeys(map(str, xs)))
+            pos = [levels.index(str(x)) for x in xs]
+            ax.set_xticks(range(len(levels)), levels, rotation=30 if key == "run" else 0, fontsize=8)
+        ax.scatter(pos, ys, alpha=0.6, label="runs")
+        if levels:  # the mean over the other settings, per value of this one
+            lv = levels if numeric else list(range(len(levels)))
+            means = [sum(y for p, y in zip(pos, ys) if p == v) / max(1, sum(p == v for p in pos)) for v in lv]
+            ax.plot(lv, means, color="tab:red", marker="_", label="mean")
+        ax.set(xlabel=key, ylabel=col, title=f"{col} vs {key}")
+        ax.grid(alpha=0.3)
+    if not ok:
+        axes[0].text(0.5, 0.5, "no finished run", ha="center", va="center", transform=axes[0].transAxes)
+    elif len(ok) > 1:
+        axes[0].legend(fontsize=8)
+    fig.suptitle(f"{sweep_dir.resolve().name}: {len(ok)} of {len(res['rows'])} runs "
+                 f"({'higher' if higher else 'lower'} {col} is better)")
+    out = Path(out) if out is not None else sweep_dir / "sweep.png"
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+# --- CLI -------------------------------------------------------------------------------------------------------
+
+def _report(r: SweepResult) -> None:
+    col = METRICS[r.metric][0]
+    n_fail = sum(x["status"] == "failed" for x in r.rows)
+    click.echo(f"sweep: {len(r.rows)} runs ({r.ran} run now, {r.skipped} already finished, {n_fail} failed) "
+               f"in {r.seconds:.1f}s")
+    for x in r.failed:
+        click.echo(f"  {x['status']}: {x['run']}: {x['error']}")
+    click.echo(f"results: {', '.join(r.tables)}" + (f", {r.plot}" if r.plot else ""))
+    b = r.best
+    if b is None:
+        return
+    other = "val_loss" if col == "val_cider" else "val_cider"
+    click.echo(f"best: {b['run']}  {col} {_cell(b[col])}  {other} {_cell(b[other])}  (epoch {b['best_epoch']})")
+    click.echo(f"checkpoint: {b['checkpoint']}")
+    click.echo(f"config: {json.dumps(b['params'], sort_keys=True)}  "
+               f"(full: {Path(b['checkpoint']).parent / 'config.json'})")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--features", required=True, type=click.Path(), help="Feature cache from stage 1 (shared by all runs).")
+@click.option("--out", required=True, type=click.Path(), help="Sweep directory (resumed when it exists).")
+@click.option("--grid", required=True, type=click.Path(), help="JSON: training setting -> list of values.")
+@click.option("--n-jobs", type=int, default=None, help="Runs at once (default: number of cores).")
+@click.option("--random", "random_n", type=int, default=0, help="Sample N points of the grid instead of all.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
+@click.option("--metric", type=click.Choice(list(METRICS)), default="cider", show_default=True,
+              help="Rank runs by validation CIDEr or validation loss.")
+@click.option("--threads", type=int, default=None, help="Torch threads per run (default: cores // n-jobs).")
+@click.option("--backend", type=click.Choice(["local", "dask"]), default="local", show_default=True)
+@click.option("--scheduler", default=None, help="Dask scheduler address (with --backend dask).")
+@click.option("--retry-failed", is_flag=True, help="Redo runs recorded as failed.")
+@click.option("--dry-run", is_flag=True, help="Every run one batch per epoch (smoke test).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def main(features, out, grid, n_jobs, random_n, seed, metric, threads, backend, scheduler, retry_failed, dry_run,
+         no_progress):
+    """Train many decoders from one feature cache, in parallel, and rank them."""
+    cfg = SweepConfig(features=features, out=out, grid=grid, n_jobs=n_jobs, random=random_n, seed=seed,
+                      metric=metric, threads=threads, backend=backend, scheduler=scheduler,
+                      retry_failed=retry_failed, dry_run=dry_run, progress=not no_progress)
+
+    def work():
+        r = run_sweep(cfg)
+        _report(r)
+        if r.best is None:
+            first = next((x["error"] for x in r.rows if x["error"]), "")
+            click.echo(f"error: no run of the sweep finished{': ' + first if first else ''}", err=True)
+            return 1
+        return 0
+
+    raise SystemExit(run_guarded(work, interrupted_msg=f"sweep interrupted; finished runs are kept in {out}, "
+                                                       f"re-run the same command to resume"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The performance benchmarks run end to end in their tiny modes and print their ratio lines.
+
+No timing is asserted: the numbers of a tiny run on a shared machine mean nothing; what is
+checked is that each script runs the real pipeline, measures, and reports every ratio it owes.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TEST_THREADS
+
+RATIO = re.compile(r"^ratio (?P<name>\S.*?): (?P<value>-?\d+\.\d+)", re.M)
+
+EXPECTED = {
+    "stage1.py": ["stage1.mobilenet_v2 pipeline/bare"],
+    "stage2.py": ["stage2.per_epoch seed/ours", "stage2.2_epochs seed/ours", "stage2.step_overhead bare/ours - 1",
+                  "stage2.peak_rss / limit"],
+    "caption.py": ["caption.cold_start mobilenet_v2 greedy 1 image",
+                   "caption.warm_greedy mobilenet_v2 1 image ours/bare",
+                   "caption.warm_greedy mobilenet_v2 folder of 4 ours/bare"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_bench_tiny_mode_prints_its_ratios(script, data_dir, coco_dir):
+    p = subprocess.run([sys.executable, f"bench/{script}", "--tiny", "--data", str(data_dir),
+                        "--threads", TEST_THREADS], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    found = {m["name"]: float(m["value"]) for m in RATIO.finditer(p.stdout)}
+    assert set(EXPECTED[script]) <= set(found), p.stdout
+    assert all(v == v and v != float("inf") for v in found.values()), found  # measured, not nan/inf
+    assert "Traceback" not in p.stderr

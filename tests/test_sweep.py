@@ -1,0 +1,221 @@
+"""Decoder sweeps: grid expansion and sampling, names, a real 2-worker sweep with a failing setting,
+resume, the results tables and plot, the CLI's errors, the Dask backend on a local cluster, the bench."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from stage2_decoder.sweep import (SweepConfig, SweepError, _divergence, expand_grid, normalize_grid, plot_sweep,
+                                  run_name, run_sweep, sample_grid)
+
+REPO = Path(__file__).resolve().parents[1]
+# tiny runs: one batch per epoch (dry_run), small decoder, few validation images
+TINY = {"embed_size": 16, "epochs": 1, "val_images": 8, "scst_epochs": 0}
+
+
+# --- grid ------------------------------------------------------------------------------------------------------
+
+def test_expand_grid_is_the_product_in_file_order_with_fixed_values():
+    pts = expand_grid({"lr": [0.001, 0.003], "hidden_size": [64, 128, 256], "epochs": 2})
+    assert len(pts) == 6
+    assert pts[0] == {"lr": 0.001, "hidden_size": 64, "epochs": 2}
+    assert pts[1] == {"lr": 0.001, "hidden_size": 128, "epochs": 2}  # the last key varies fastest
+    assert pts[-1] == {"lr": 0.003, "hidden_size": 256, "epochs": 2}
+    assert len({json.dumps(p, sort_keys=True) for p in pts}) == 6
+    # values take the TrainConfig field's type: an int lr becomes a float, 256.0 an int
+    assert expand_grid({"lr": [1], "hidden_size": [256.0]}) == [{"lr": 1.0, "hidden_size": 256}]
+    assert isinstance(expand_grid({"hidden_size": [256.0]})[0]["hidden_size"], int)
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"hiden_size": [64]}, "unknown grid key 'hiden_size': did you mean 'hidden_size'?"),
+    ({"zzz": [1]}, "unknown grid key 'zzz': the training settings are "),
+    ({"out": ["x"]}, "set by the sweep"),
+    ({"lr": []}, "empty list"),
+    ({"hidden_size": ["big"]}, "'big' for 'hidden_size' should be an integer"),
+    ({"hidden_size": [64.5]}, "should be an integer"),
+    ({"lr": [True]}, "should be a number"),
+    ({"dry_run": [1]}, "should be true or false"),
+    ({"lr": [0.001, 0.001]}, "lists a value twice"),
+    ({}, "non-empty JSON object"),
+    ([1, 2], "non-empty JSON object"),
+])
+def test_bad_grids_are_refused_with_the_key_named(grid, message):
+    with pytest.raises(SweepError) as e:
+        normalize_grid(grid)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sample_grid_is_deterministic_distinct_and_from_the_product():
+    grid = {"lr": [1e-4, 3e-4, 1e-3, 3e-3], "hidden_size": [128, 256, 512], "dropout": [0.0, 0.2, 0.5], "epochs": 3}
+    full = expand_grid(grid)
+    a, b = sample_grid(grid, 7, seed=1), sample_grid(grid, 7, seed=1)
+    assert a == b and len(a) == 7
+    assert len({json.dumps(p, sort_keys=True) for p in a}) == 7
+    assert all(p in full for p in a)
+    assert [full.index(p) for p in a] == sorted(full.index(p) for p in a)  # product order
+    assert sample_grid(grid, 7, seed=2) != a
+    assert sample_grid(grid, 100, seed=0) == full  # asking for more than there is: all of it
+    with pytest.raises(SweepError):
+        sample_grid(grid, 0)
+
+
+def test_run_names_are_deterministic_safe_and_distinct(tmp_path):
+    f = str(tmp_path / "c.h5")
+    a = run_name({"lr": 0.001, "hidden_size": 512, "epochs": 3}, ["lr", "hidden_size"], f)
+    assert a == run_name({"hidden_size": 512, "epochs": 3, "lr": 0.001}, ["lr", "hidden_size"], f)
+    assert a.startswith("lr=0.001,hidden_size=512-")
+    # a fixed setting that changes gives another run (nothing stale is reused), same readable part
+    b = run_name({"lr": 0.001, "hidden_size": 512, "epochs": 4}, ["lr", "hidden_size"], f)
+    assert b != a and b.split("-")[0] == a.split("-")[0]
+    odd = run_name({"device": "cuda:0/x y"}, ["device"], f)
+    assert "/" not in odd and " " not in odd
+    assert run_name({"epochs": 3}, [], f).startswith("run-")
+
+
+def test_divergence_is_read_from_the_history():
+    ok = [{"epoch": 1, "train_loss": 4.2, "val_loss": 4.0}]
+    assert _divergence(ok) is None
+    assert "val_loss is nan in epoch 2" in _divergence(ok + [{"epoch": 2, "train_loss": 3.9, "val_loss": math.nan}])
+    assert "train_loss is inf" in _divergence([{"epoch": 1, "train_loss": math.inf, "val_loss": 4.0}])
+    assert _divergence([]) == "no epoch finished"
+    # a self-critical epoch records a reward and no train loss: fine unless the reward is not finite
+    scst = {"epoch": 2, "val_loss": 4.1, "phase": "scst", "train_reward": 0.03}
+    assert _divergence(ok + [scst]) is None
+    assert "train_reward is nan" in _divergence(ok + [{**scst, "train_reward": math.nan}])
+
+
+# --- real sweeps on the shared 48-image cache ------------------------------------------------------------------
+
+def _result_mtimes(out: Path) -> dict[str, float]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
+
+
+def test_two_worker_sweep_records_a_failure_ranks_resumes_and_plots(shared_cache, tmp_path):
+    out = tmp_path / "sweep"
+    # dropout 1.5 is refused inside train(): a real failure of two runs that must not stop the others
+    grid = {"hidden_size": [16, 24], "dropout": [0.0, 1.5], **TINY}
+    cfg = SweepConfig(features=str(shared_cache), out=str(out), grid=grid, n_jobs=2, threads=1, dry_run=True,
+                      progress=False)
+    r = run_sweep(cfg)
+    assert (r.ran, r.skipped) == (4, 0)
+    assert [x["status"] for x in r.rows] == ["ok", "ok", "failed", "failed"]
+    ok, failed = r.rows[:2], r.rows[2:]
+    assert all(x["params"]["dropout"] == 1.5 for x in failed)
+    assert all("ValueError: --dropout must be in [0, 1), got 1.5" == x["error"] for x in failed)
+    assert {x["params"]["hidden_size"] for x in ok} == {16, 24} and all(x["params"]["dropout"] == 0.0 for x in ok)
+    assert ok[0]["val_cider"] >= ok[1]["val_cider"]  # ranked by validation CIDEr, best first
+    assert [x["rank"] for x in r.rows] == [1, 2, 3, 4]
+    for x in ok:
+        assert Path(x["checkpoint"]).is_file() and x["checkpoint"].startswith(str(out))
+        assert math.isfinite(x["val_loss"]) and x["best_epoch"] == 1 and x["epochs_run"] == 1
+    assert r.best == ok[0]
+    # the runs ran at the same time in two processes other than this one
+    a, b = ok
+    assert a["pid"] != b["pid"]
+    assert a["started_at"] < b["started_at"] + b["seconds"] and b["started_at"] < a["started_at"] + a["seconds"]
+
+    with open(out / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [t["run"] for t in table] == [x["run"] for x in r.rows]
+    assert {"rank", "status", "val_cider", "val_loss", "hidden_size", "dropout", "checkpoint", "error"} <= set(table[0])
+    assert [t["hidden_size"] for t in table[:2]] == [str(x["params"]["hidden_size"]) for x in ok]
+    assert table[3]["error"].startswith("ValueError: --dropout") and table[0]["error"] == ""
+    assert float(table[0]["val_cider"]) == pytest.approx(ok[0]["val_cider"])
+    md = (out / "results.md").read_text()
+    assert "Ranked by val_cider (higher is better)" in md and "Fixed: embed_size=16, epochs=1, val_images=8, scst_epochs=0" in md
+    assert md.index(ok[0]["run"]) < md.index(ok[1]["run"]) < md.index(failed[0]["run"])
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and r.plot == str(out / "sweep.png")
+    assert json.loads((out / "sweep.json").read_text())["varied"] == ["hidden_size", "dropout"]
+
+    # rerun: every run has its result.json (ok or failed) -> nothing is trained again
+    before = _result_mtimes(out)
+    r2 = run_sweep(cfg)
+    assert (r2.ran, r2.skipped) == (0, 4) and _result_mtimes(out) == before
+    assert [x["run"] for x in r2.rows] == [x["run"] for x in r.rows]
+    # an unfinished run (no result.json) is redone, the others are kept
+    (Path(ok[1]["checkpoint"]).parent / "result.json").unlink()
+    r3 = run_sweep(cfg)
+    assert (r3.ran, r3.skipped) == (1, 3)
+    after = _result_mtimes(out)
+    assert {k for k in after if after[k] != before.get(k)} == {ok[1]["run"]}
+    # failed runs are redone only when asked
+    r4 = run_sweep(replace(cfg, retry_failed=True))
+    assert (r4.ran, r4.skipped) == (2, 2) and len(r4.failed) == 2
+
+    # stage2_decoder.plot hands a sweep directory to plot_sweep
+    from stage2_decoder.plot import plot_path
+
+    assert plot_path(out) == [out / "sweep.png"] and plot_sweep(out, tmp_path / "again.png").is_file()
+
+
+def test_metric_loss_ranks_ascending_and_picks_best_by_loss(shared_cache, tmp_path):
+    out = tmp_path / "sweep"
+    r = run_sweep(SweepConfig(features=str(shared_cache), out=str(out), grid={"lr": [0.001, 0.01], **TINY},
+                              n_jobs=1, threads=1, metric="loss", dry_run=True, progress=False, plot=False))
+    losses = [x["val_loss"] for x in r.rows]
+    assert losses == sorted(losses) and all(x["status"] == "ok" for x in r.rows)
+    assert all(x["params"]["select_by"] == "loss" for x in r.rows)
+    assert json.loads((Path(r.rows[0]["checkpoint"]).parent / "config.json").read_text())["select_by"] == "loss"
+    head = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert head.index("val_loss") < head.index("val_cider")
+    assert not (out / "sweep.png").exists()
+
+
+def test_sweep_refuses_a_missing_cache_before_running_anything(tmp_path):
+    from common.feature_cache import CacheError
+
+    with pytest.raises(CacheError, match="not found"):
+        run_sweep(SweepConfig(features=str(tmp_path / "none.h5"), out=str(tmp_path / "s"), grid={"lr": [0.001]}))
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_bad_grid_is_one_error_line(cli, shared_cache, tmp_path):
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"hiden_size": [64, 128]}))
+    p = cli("stage2_decoder.sweep", "--features", shared_cache, "--out", tmp_path / "s", "--grid", grid)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.strip().startswith("error: unknown grid key 'hiden_size'")
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    grid.write_text("{not json")
+    p = cli("stage2_decoder.sweep", "--features", shared_cache, "--out", tmp_path / "s", "--grid", grid)
+    assert p.returncode == 1 and "is not valid JSON" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_dask_backend_on_a_local_cluster(cli, shared_cache, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"hidden_size": [16, 24], **TINY}))
+    out = tmp_path / "sweep"
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  worker_dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        worker_pids = set(client.run(lambda: __import__("os").getpid()).values())
+        p = cli("stage2_decoder.sweep", "--features", shared_cache, "--out", out, "--grid", grid, "--dry-run",
+                "--backend", "dask", "--scheduler", cluster.scheduler_address, "--no-progress", timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "best: hidden_size=" in p.stdout and "checkpoint: " in p.stdout
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert {r["pid"] for r in rows} <= worker_pids  # trained inside the Dask workers
+    assert all(Path(r["checkpoint"]).is_file() for r in rows)
+
+
+@pytest.mark.slow  # two sweep processes and a CNN: ~30 s of CPU
+def test_bench_tiny_prints_the_comparison(shared_cache, tmp_path):
+    import subprocess
+
+    p = subprocess.run([sys.executable, str(REPO / "bench" / "sweep.py"), "--tiny", "--features", str(shared_cache),
+                        "--work", str(tmp_path / "bench")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    for line in ("sequential n_jobs=1", "parallel   n_jobs=2", "speed-up n_jobs=2 vs sequential:",
+                 "peak memory parallel / sequential:", "seed end-to-end with mobilenet_v2"):
+        assert line in out, out
+    seq = next(ln for ln in out.splitlines() if ln.startswith("sequential"))
+    assert float(seq.split("peak memory ")[1].split(" MB")[0]) > 100  # a torch process at least
