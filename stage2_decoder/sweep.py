@@ -33,10 +33,12 @@ tree, i.e. real memory with shared pages counted once; two 1-epoch runs at once)
   again: 1,633 MB for two parallel runs against 737 MB for the same runs one after another (2.2x).
 - So each run is a fork of this process, which has imported torch and the training code but never
   run a torch op (safe to fork: no OpenMP pool, no CUDA context yet). The imported pages stay
-  shared copy-on-write: 1,049 MB for the two parallel runs (1.4x). joblib (threading backend)
-  schedules the runs; each thread forks one run and waits for it. A fork per run also isolates
-  runs: one that dies (killed by the out-of-memory killer) is recorded as failed, where a dead
-  worker of a process pool would hang or abort the whole sweep.
+  shared copy-on-write: 1,049 MB for the two parallel runs (1.4x); bench/sweep.py's 8-run grid:
+  896 MB sequential, 1,250 MB with n_jobs=2 (1.40x; summed RSS, which counts shared pages again in
+  every process, 1.55x). joblib (threading backend) schedules the runs; each thread forks one run
+  and waits for it. A fork per run also isolates runs: one that dies (killed by the out-of-memory
+  killer) is recorded as failed, where a dead worker of a process pool would hang or abort the
+  whole sweep.
 - The cache is read once into the OS page cache before the runs start, and every run's train()
   loads it from there (a 6 MB cache loads in ~0.04 s): its pages are shared by the kernel. A
   shared memory-map would save at most the ~19 MB per run, because train() keeps its own float32
