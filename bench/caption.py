@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import harness  # noqa: F401  (puts the repository on sys.path)
-from harness import Report, default_data, median, pin_threads, timed
+from harness import WEIGHTS, Report, cache_dtype, default_data, median, pin_threads, timed
 
 import torch  # noqa: E402
 
@@ -36,7 +36,6 @@ from stage2_decoder.caption import Captioner, caption_paths  # noqa: E402
 from stage2_decoder.decode import DecodeConfig, greedy  # noqa: E402
 from stage2_decoder.train import TrainConfig, train  # noqa: E402
 
-WEIGHTS = {"resnet152": "none", "resnet101": "none", "resnet50": "none", "mobilenet_v2": "default"}
 FOLDER_BATCH = 32  # the CLI's --batch-size default
 
 
@@ -44,8 +43,7 @@ def make_checkpoint(coco: Path, name: str, n_images: int, epochs: int, tmp: Path
     cache = tmp / f"{name}.h5"
     extract(ExtractConfig(images=str(coco / "images"), captions=str(coco / "captions.json"), out=str(cache),
                           dataset="coco", backbone=name, weights=WEIGHTS[name], batch_size=16, workers=1,
-                          device="cpu", limit=n_images, dtype="float32" if WEIGHTS[name] == "none" else "float16",
-                          progress=False))
+                          device="cpu", limit=n_images, dtype=cache_dtype(name), progress=False))
     run = tmp / f"run-{name}"
     train(TrainConfig(features=str(cache), out=str(run), epochs=epochs, scst_epochs=0, device="cpu", progress=False))
     return run / "best.pt"

@@ -19,6 +19,15 @@ if str(REPO) not in sys.path:  # run as `python bench/x.py` from a checkout
     sys.path.insert(0, str(REPO))
 
 
+# ImageNet weights for the ResNets cannot be had offline: they run with random weights (the same compute), and
+# their caches are float32, as a random ResNet-152's features (~1e8) overflow float16
+WEIGHTS = {"resnet152": "none", "resnet101": "none", "resnet50": "none", "mobilenet_v2": "default"}
+
+
+def cache_dtype(backbone: str) -> str:
+    return "float32" if WEIGHTS[backbone] == "none" else "float16"
+
+
 def default_data() -> Path:
     """$CAPCACHE_DATA, else ../shared/data next to the repository (as the tests use)."""
     return Path(os.environ.get("CAPCACHE_DATA", REPO / ".." / "shared" / "data")).resolve()

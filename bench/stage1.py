@@ -30,18 +30,15 @@ import time
 from pathlib import Path
 
 import harness  # noqa: F401  (puts the repository on sys.path)
-from harness import Report, default_data, median, pin_threads
+from harness import WEIGHTS, Report, cache_dtype, default_data, median, pin_threads
 
 import torch  # noqa: E402
 
 from common.backbones import load_backbone, load_image_u8  # noqa: E402
 from stage1_extract.extract import ExtractConfig, extract  # noqa: E402
 
-# resnet152 ImageNet weights cannot be had offline: random weights, same compute (float32 cache:
-# a random ResNet-152's features overflow float16)
-WEIGHTS = {"resnet152": "none", "resnet101": "none", "resnet50": "none", "mobilenet_v2": "default"}
 # per backbone on CPU: (batch size, batches per run), so a run takes several seconds on one core
-CPU_PLAN = {"resnet152": (16, 2), "resnet101": (16, 2), "resnet50": (16, 4), "mobilenet_v2": (32, 8)}
+CPU_PLAN = {"resnet152": (16, 2), "resnet101": (16, 2), "resnet50": (16, 4), "mobilenet_v2": (32, 6)}
 GPU_PLAN = (256, 8)
 
 
@@ -73,7 +70,7 @@ def pipeline_run(args, name: str, out: Path, batch: int, n_images: int):
     s = extract(ExtractConfig(images=str(args.images_dir), captions=str(args.captions), out=str(out),
                               dataset="auto", backbone=name, weights=WEIGHTS[name], batch_size=batch,
                               workers=args.workers, device=args.device, limit=n_images,
-                              dtype="float32" if WEIGHTS[name] == "none" else "float16", progress=False))
+                              dtype=cache_dtype(name), progress=False))
     wall = time.perf_counter() - t0
     if s.done_now != n_images:
         raise SystemExit(f"extraction did {s.done_now} of {n_images} images ({len(s.failed)} failed)")

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import harness  # noqa: F401  (puts the repository on sys.path)
-from harness import Report, default_data, median, pin_threads, timed
+from harness import WEIGHTS, Report, cache_dtype, default_data, median, pin_threads, timed
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -43,8 +43,6 @@ from stage1_extract.extract import ExtractConfig, extract  # noqa: E402
 from stage2_decoder.data import CaptionBatch, CaptionPairs  # noqa: E402
 from stage2_decoder.model import CaptionDecoder, DecoderConfig  # noqa: E402
 from stage2_decoder.train import TrainConfig, _xe_epoch, prepare_data, train_step  # noqa: E402
-
-WEIGHTS = {"resnet152": "none", "resnet101": "none", "resnet50": "none", "mobilenet_v2": "default"}
 
 # the child that runs train() alone in its process, so its peak RSS is training's own
 _CHILD = """
@@ -197,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         t_extract, s = timed(lambda: extract(ExtractConfig(
             images=str(coco / "images"), captions=str(coco / "captions.json"), out=str(cache), dataset="coco",
             backbone=backbone, weights=WEIGHTS[backbone], batch_size=args.batch_size, workers=args.workers,
-            device="cpu", limit=args.images, progress=False,
-            dtype="float32" if WEIGHTS[backbone] == "none" else "float16")))  # random ResNet-152 overflows fp16
+            device="cpu", limit=args.images, progress=False, dtype=cache_dtype(backbone))))
         # ours, part 2: train() for the epochs, alone in a child process
         child = run_ours_training(cache, tmp / "run", args.epochs, args.threads)
         ours_epoch = child["seconds"] / args.epochs  # all in: data, vocab, validation, checkpoints, plots
