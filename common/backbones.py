@@ -272,7 +272,10 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = "default",
     if weights == "none":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            model = getattr(tvm, spec.builder)(weights=None)
+            # a random ResNet's activations grow block by block (pooled features near 1e8, past float16's
+            # range): each residual branch starting at zero keeps them near 1, so any cache dtype holds them
+            extra = {"zero_init_residual": True} if spec.builder.startswith("resnet") else {}
+            model = getattr(tvm, spec.builder)(weights=None, **extra)
         desc = "none"
     else:
         model = getattr(tvm, spec.builder)(weights=None)
