@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from common.backbones import resolve_device
@@ -53,6 +54,7 @@ class TrainConfig:
     test_frac: float = 0.05
     split_seed: int = 0
     label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # >0: validate and save an exponential moving average of the weights (per step)
     length_buckets: int = 16  # batch captions of like length, sorted within runs of this many batches (1 = random)
     select_by: str = "cider"  # best.pt by validation "cider" (greedy decode) or "loss"
     patience: int = 0  # early stop after this many epochs without a better best (0 = never)
@@ -93,6 +95,8 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"--select-by must be cider or loss, got {cfg.select_by!r}")
     if not 0 <= cfg.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if not 0 <= cfg.label_smoothing < 1:
         raise ValueError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if not 0 < cfg.lr_factor < 1:
@@ -158,7 +162,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                            fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.lr_factor,
                                                        patience=cfg.lr_patience)
-    history, start_epoch, best = _resume(run, cfg, model, opt, sched, vocab, device, backbone)
+    # with --ema-decay the weights validated, selected and saved (model_state) are a moving average of the
+    # trained ones, which the checkpoints also keep (train_model_state) so a resumed run goes on exactly
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
+        if cfg.ema_decay else None
+    history, start_epoch, best = _resume(run, cfg, model, opt, sched, vocab, device, backbone, ema)
+    saved = ema.module if ema is not None else model
     val_keys = set([r.key for r in val_records][: cfg.val_images or None])
     val_refs = {r.key: r.captions for r in val_records if r.key in val_keys and r.captions}
     if start_epoch == 0:
@@ -178,14 +187,14 @@ def train(cfg: TrainConfig) -> TrainResult:
             break
         t0 = time.perf_counter()
         if epoch < cfg.epochs:
-            train_loss = _xe_epoch(model, opt, train_set, features, device, cfg, epoch, steps)
+            train_loss = _xe_epoch(model, opt, train_set, features, device, cfg, epoch, steps, ema)
         else:  # self-critical fine-tuning of the best cross-entropy model (stage2_decoder/scst.py)
-            scst = scst or _start_scst(cfg, run, model, opt, sched, parts["train"], epoch, device)
-            train_loss = -_scst_epoch(cfg, scst, model, opt, features, rows, vocab, epoch)
+            scst = scst or _start_scst(cfg, run, model, opt, sched, parts["train"], epoch, device, ema)
+            train_loss = -_scst_epoch(cfg, scst, model, opt, features, rows, vocab, epoch, ema)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}; lower --lr")
-        val_loss = evaluate_loss(model, val_set, features, cfg.batch_size * 4, device, cfg.dry_run)
-        val_cider = validation_cider(model, vocab, features, rows, val_refs) if val_refs else 0.0
+        val_loss = evaluate_loss(saved, val_set, features, cfg.batch_size * 4, device, cfg.dry_run)
+        val_cider = validation_cider(saved, vocab, features, rows, val_refs) if val_refs else 0.0
         lr_now = opt.param_groups[0]["lr"]
         rec = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
                "val_perplexity": round(math.exp(min(val_loss, 50)), 3), "val_cider": round(val_cider, 4),
@@ -207,9 +216,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         extra = dict(epoch=epoch + 1, optimizer_state=opt.state_dict(), scheduler_state=sched.state_dict(),
                      rng_state=torch.get_rng_state(), train_config=asdict(cfg), history=history, best=best,
                      split={"val": split["val"], "test": split["test"]})
+        if ema is not None:
+            extra["train_model_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if is_best:  # before last.pt: a kill between the two redoes this epoch, best.pt included
-            save_checkpoint(run / "best.pt", model, vocab, backbone, **extra)
-        save_checkpoint(run / "last.pt", model, vocab, backbone, **extra)
+            save_checkpoint(run / "best.pt", saved, vocab, backbone, **extra)
+        save_checkpoint(run / "last.pt", saved, vocab, backbone, **extra)
         with open(run / "metrics.jsonl", "a") as f:  # after last.pt: a resume never repeats a line
             f.write(json.dumps(rec) + "\n")
         if _patience_ran_out(cfg, best, epoch + 1) and cfg.progress:
@@ -230,7 +241,7 @@ def _patience_ran_out(cfg: TrainConfig, best: dict, epochs_done: int) -> bool:
 
 
 def _xe_epoch(model: CaptionDecoder, opt, train_set: CaptionPairs, features: torch.Tensor, device, cfg: TrainConfig,
-              epoch: int, steps: int) -> float:
+              epoch: int, steps: int, ema: AveragedModel | None = None) -> float:
     """One cross-entropy (teacher-forcing) epoch; returns the mean per-token training loss."""
     model.train()
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # order depends on (seed, epoch) only
@@ -248,6 +259,8 @@ def _xe_epoch(model: CaptionDecoder, opt, train_set: CaptionPairs, features: tor
         b = train_set.gather(idx, features)
         loss, n = train_step(model, opt, b, device, cfg.grad_clip, cfg.label_smoothing,
                              weight=float(b.lengths.sum()) / tokens_per_batch)
+        if ema is not None:
+            ema.update_parameters(model)
         loss_sum += loss * n
         n_tokens += n
     return float(loss_sum) / max(n_tokens, 1)
@@ -270,12 +283,16 @@ def train_step(model: CaptionDecoder, opt, b, device, grad_clip: float, label_sm
     return loss.detach(), n
 
 
-def _start_scst(cfg: TrainConfig, run: Path, model: CaptionDecoder, opt, sched, train_records, epoch: int, device):
+def _start_scst(cfg: TrainConfig, run: Path, model: CaptionDecoder, opt, sched, train_records, epoch: int, device,
+                ema: AveragedModel | None = None):
     """Enter the SCST phase: from the best cross-entropy weights (at its first epoch), at --scst-lr."""
     from stage2_decoder.scst import CiderD, scst_refs
 
     if epoch == cfg.epochs:  # not when resuming inside the phase: last.pt already holds SCST weights and state
         model.load_state_dict(load_checkpoint(run / "best.pt", map_location=device)["model_state"], strict=True)
+        if ema is not None:  # the average starts again from these weights
+            ema.module.load_state_dict(model.state_dict())
+            ema.n_averaged.zero_()
         opt.state.clear()
         for group in opt.param_groups:
             group["lr"] = cfg.scst_lr
@@ -286,7 +303,7 @@ def _start_scst(cfg: TrainConfig, run: Path, model: CaptionDecoder, opt, sched, 
 
 
 def _scst_epoch(cfg: TrainConfig, scorer, model: CaptionDecoder, opt, features, rows, vocab: Vocabulary,
-                epoch: int) -> float:
+                epoch: int, ema: AveragedModel | None = None) -> float:
     """One SCST epoch over the training images; returns the mean sampled-caption CIDEr-D."""
     from stage2_decoder.scst import scst_epoch
 
@@ -295,7 +312,8 @@ def _scst_epoch(cfg: TrainConfig, scorer, model: CaptionDecoder, opt, features, 
     with tqdm(total=n_batches, desc=f"scst {epoch + 1}/{cfg.epochs + cfg.scst_epochs}", unit="batch", leave=False,
               disable=not cfg.progress, dynamic_ncols=True) as bar:
         return scst_epoch(model, opt, features, rows, scorer, vocab.itos, cfg.batch_size, g, cfg.scst_samples,
-                          cfg.grad_clip, max_batches=n_batches, progress=bar)
+                          cfg.grad_clip, max_batches=n_batches, progress=bar,
+                          after_step=ema.update_parameters if ema is not None else None)
 
 
 @torch.no_grad()
@@ -345,7 +363,8 @@ def evaluate_loss(model: CaptionDecoder, pairs: CaptionPairs, features: torch.Te
     return float(total) / max(count, 1)
 
 
-def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, device, backbone: dict):
+def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, device, backbone: dict,
+            ema: AveragedModel | None = None):
     last = run / "last.pt"
     if not last.exists():
         return [], 0, {"score": float("-inf"), "epoch": 0}
@@ -362,7 +381,10 @@ def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, d
         raise CheckpointError(f"{last} was trained with other settings ({', '.join(changed) or 'vocabulary'}); "
                               f"use a new --out or delete {run}")
     try:
-        model.load_state_dict(ckpt["model_state"], strict=True)
+        model.load_state_dict(ckpt.get("train_model_state", ckpt["model_state"]), strict=True)
+        if ema is not None:
+            ema.module.load_state_dict(ckpt["model_state"], strict=True)
+            ema.n_averaged.fill_(1)  # go on averaging (0 would restart it from the trained weights)
         opt.load_state_dict(ckpt["optimizer_state"])
         sched.load_state_dict(ckpt["scheduler_state"])
         torch.set_rng_state(ckpt["rng_state"].cpu())
