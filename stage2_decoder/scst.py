@@ -106,7 +106,7 @@ def scst_loss(model: CaptionDecoder, features: torch.Tensor, keys: list[str], sc
 
 def scst_epoch(model: CaptionDecoder, opt: torch.optim.Optimizer, features: torch.Tensor, rows: dict[str, int],
                scorer: CiderD, itos: list[str], batch_images: int, generator: torch.Generator, k: int = 5,
-               grad_clip: float = 5.0, max_batches: int | None = None, progress=None, after_step=None) -> float:
+               grad_clip: float = 5.0, max_batches: int | None = None, progress=None) -> float:
     """One pass of SCST over the scorer's images (in a seeded random order); returns the mean reward."""
     model.eval()  # BatchNorm keeps its running statistics; gradients still flow
     keys = [key for key in scorer.refs if key in rows and scorer.refs[key]]
@@ -120,8 +120,6 @@ def scst_epoch(model: CaptionDecoder, opt: torch.optim.Optimizer, features: torc
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
-        if after_step is not None:
-            after_step(model)
         total, batches = total + reward, batches + 1
         if progress is not None:
             progress.update(1)

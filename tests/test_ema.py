@@ -43,3 +43,10 @@ def test_saved_weights_are_the_moving_average_and_a_resume_goes_on_exactly(share
 def test_without_ema_the_checkpoint_has_one_set_of_weights(shared_cache, tmp_path):
     train(TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=1, ema_decay=0.0, **TINY))
     assert "train_model_state" not in load_checkpoint(tmp_path / "run" / "last.pt")
+
+
+def test_the_self_critical_phase_is_not_averaged(shared_cache, tmp_path):
+    train(TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=1, ema_decay=0.5,
+                      **{**TINY, "scst_epochs": 1}))
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["history"][-1]["phase"] == "scst" and "train_model_state" not in ckpt
