@@ -77,8 +77,7 @@ def run_dataset(name: str, data: Path, work: Path, quick: bool) -> dict:
         timings[f"train {label} s"] = round(time.perf_counter() - t0, 1)
         ckpt_path = Path(cfg.out) / ckpt_name
         cap = Captioner.from_checkpoint(ckpt_path, "cpu")
-        cap.decode_cfg = dcfg
-        res, recs = captions_from_cache(cap, load_checkpoint(ckpt_path), str(cache_path), "test")
+        res, recs = captions_from_cache(cap, load_checkpoint(ckpt_path), str(cache_path), "test", decode_cfg=dcfg)
         results[label] = evaluate_captions(res, recs)
     # nearest neighbour on the same test split (the seed run's split = ours: same split settings)
     split = json.loads((Path(seed_cfg.out) / "split.json").read_text())

@@ -26,7 +26,6 @@ class Captioner:
     backbone: object  # common.backbones.Backbone
     decoder: object  # stage2_decoder.model.CaptionDecoder
     vocab: object  # common.vocab.Vocabulary
-    decode_cfg: object = None  # stage2_decoder.decode.DecodeConfig used by callers that set it
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "auto", weights: str | None = None) -> "Captioner":

@@ -23,8 +23,8 @@ from common.datasets import FORMATS, ImageRecord, load_dataset
 from stage2_decoder.decode import DecodeConfig
 
 
-def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_override: dict | None = None
-                        ) -> tuple[dict[str, str], list[ImageRecord]]:
+def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_override: dict | None = None,
+                        decode_cfg: DecodeConfig | None = None) -> tuple[dict[str, str], list[ImageRecord]]:
     """Decode the split's images from the cache. Returns ({key: caption}, records)."""
     from common.feature_cache import load_cache
 
@@ -42,11 +42,12 @@ def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_over
     if not keys:
         raise ValueError(f"no image of the {split!r} split has features in {features}")
     feats = torch.from_numpy(cache.features[[rows[k] for k in keys]]).float()
-    return _decode_all(cap, keys, feats), [recs[k] for k in keys]
+    return _decode_all(cap, keys, feats, decode_cfg), [recs[k] for k in keys]
 
 
 def captions_from_images(cap, records: list[ImageRecord], workers: int = 2, batch_size: int = 64,
-                         progress: bool = True) -> tuple[dict[str, str], list[ImageRecord], dict[str, str]]:
+                         progress: bool = True, decode_cfg: DecodeConfig | None = None
+                         ) -> tuple[dict[str, str], list[ImageRecord], dict[str, str]]:
     """Encode raw images (stage 1's preprocessing, in DataLoader workers) and decode them."""
     from torch.utils.data import DataLoader
 
@@ -66,13 +67,14 @@ def captions_from_images(cap, records: list[ImageRecord], workers: int = 2, batc
             if e:
                 errors[records[r].key] = e
     kept = [r for r, g in zip(records, ok) if g]
-    return _decode_all(cap, [r.key for r in kept], feats[torch.from_numpy(ok)]), kept, errors
+    return _decode_all(cap, [r.key for r in kept], feats[torch.from_numpy(ok)], decode_cfg), kept, errors
 
 
-def _decode_all(cap, keys: list[str], feats: torch.Tensor, batch_size: int = 256) -> dict[str, str]:
+def _decode_all(cap, keys: list[str], feats: torch.Tensor, decode_cfg: DecodeConfig | None,
+                batch_size: int = 256) -> dict[str, str]:
     out = {}
     for s in range(0, len(keys), batch_size):
-        out.update(zip(keys[s:s + batch_size], cap.caption_features(feats[s:s + batch_size], decode_cfg=cap.decode_cfg)))
+        out.update(zip(keys[s:s + batch_size], cap.caption_features(feats[s:s + batch_size], decode_cfg=decode_cfg)))
     return out
 
 
@@ -144,19 +146,19 @@ def main(checkpoint, features, split, dataset, images, captions, limit, beam_siz
             from common.feature_cache import read_meta
             read_meta(features)
         cap = Captioner.from_checkpoint(checkpoint, device)
-        cap.decode_cfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
+        dcfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
         errors = {}
         if raw:
             recs = load_dataset(dataset or "auto", captions, images, limit)
-            res, recs, errors = captions_from_images(cap, recs, workers)
+            res, recs, errors = captions_from_images(cap, recs, workers, decode_cfg=dcfg)
             for k, e in errors.items():
                 click.echo(f"skipped {k}: {e}", err=True)
         else:
-            res, recs = captions_from_cache(cap, load_checkpoint(checkpoint), features, split)
+            res, recs = captions_from_cache(cap, load_checkpoint(checkpoint), features, split, decode_cfg=dcfg)
         if not res:
             raise ValueError("no image could be captioned")
         report = evaluate_captions(res, recs, spice)
-        report.update({"checkpoint": os.path.abspath(checkpoint), "decode": vars(cap.decode_cfg),
+        report.update({"checkpoint": os.path.abspath(checkpoint), "decode": vars(dcfg),
                        "source": "images" if raw else f"cache:{split}", "skipped": errors,
                        "seconds": round(time.perf_counter() - t0, 2)})
         click.echo(format_table(report))

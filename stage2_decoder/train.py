@@ -308,7 +308,8 @@ def _scst_epoch(cfg: TrainConfig, scorer, model: CaptionDecoder, opt, features, 
     from stage2_decoder.scst import scst_epoch
 
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    n_batches = 1 if cfg.dry_run else math.ceil(len(scorer.refs) / cfg.batch_size)
+    n_images = sum(1 for key, caps in scorer.refs.items() if key in rows and caps)  # the ones scst_epoch takes
+    n_batches = 1 if cfg.dry_run else math.ceil(n_images / cfg.batch_size)
     with tqdm(total=n_batches, desc=f"scst {epoch + 1}/{cfg.epochs + cfg.scst_epochs}", unit="batch", leave=False,
               disable=not cfg.progress, dynamic_ncols=True) as bar:
         return scst_epoch(model, opt, features, rows, scorer, vocab.itos, cfg.batch_size, g, cfg.scst_samples,
