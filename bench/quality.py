@@ -65,7 +65,8 @@ def run_dataset(name: str, data: Path, work: Path, quick: bool) -> dict:
     seed_cfg = TrainConfig(features=str(cache_path), out=str(work / f"{name}-seed"), embed_size=256, hidden_size=512,
                            num_layers=1, dropout=0.0, lr=1e-3, batch_size=128, epochs=1 if quick else 5,
                            vocab_threshold=4, select_by="loss", patience=0, lr_patience=10_000, scst_epochs=0,
-                           length_buckets=1, progress=False)  # the book's randomly drawn batches
+                           length_buckets=1, ema_decay=0.0,  # the book's randomly drawn batches, plain weights
+                           progress=False)
     ours_cfg = TrainConfig(features=str(cache_path), out=str(work / f"{name}-ours"), progress=False)
     if quick:
         ours_cfg = replace(ours_cfg, epochs=1)
