@@ -34,3 +34,25 @@ def test_bench_tiny_mode_prints_its_ratios(script, data_dir, coco_dir):
     assert set(EXPECTED[script]) <= set(found), p.stdout
     assert all(v == v and v != float("inf") for v in found.values()), found  # measured, not nan/inf
     assert "Traceback" not in p.stderr
+
+
+def test_quality_ratio_interval_brackets_the_ratio_and_narrows_with_agreement():
+    sys.path.insert(0, str(REPO / "bench"))
+    import numpy as np
+    from quality import ratio_interval
+
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0, 2, 300)
+    other = {"images": [{"key": str(i), "cider": float(c)} for i, c in enumerate(base)]}
+    # every image scored exactly 1.3x: every resample gives 1.3
+    scaled = {"images": [{"key": str(i), "cider": 1.3 * float(c)} for i, c in enumerate(base)]}
+    lo, hi = ratio_interval(scaled, other)
+    assert lo == pytest.approx(1.3) and hi == pytest.approx(1.3)
+    # noisy per image, 1.3x on average: the interval holds the corpus ratio and has width
+    noisy = {"images": [{"key": str(i), "cider": float(c * rng.uniform(0.6, 2.0))} for i, c in enumerate(base)]}
+    ratio = np.mean([i["cider"] for i in noisy["images"]]) / base.mean()
+    lo, hi = ratio_interval(noisy, other)
+    assert lo < ratio < hi and hi - lo > 0.05
+    # only images both sides scored are paired
+    lo2, hi2 = ratio_interval(noisy, {"images": other["images"][:150]})
+    assert (lo2, hi2) != (lo, hi)
