@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
 
         fc = load_cache(cache)
         cfg = TrainConfig(features=str(cache), out=str(tmp / "unused"), progress=False)
-        parts, _, vocab, rows = prepare_data(cfg, fc)
-        pairs = CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len)
+        parts, _, vocab, rows, tokens = prepare_data(cfg, fc)
+        pairs = CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len, tokens)
         paths_by_row = {rows[r.key]: r.path for r in parts["train"]}
 
         # the seed approach: the same train pairs, the CNN on each of them

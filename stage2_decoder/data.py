@@ -37,14 +37,17 @@ class CaptionPairs(Dataset):
     """
 
     def __init__(self, records: Sequence[ImageRecord], rows_by_key: dict[str, int], vocab: Vocabulary,
-                 max_len: int = 50):
+                 max_len: int = 50, tokens: dict[str, list[list[str]]] | None = None):
+        """`tokens` ({key: one word list per caption}, as `train.prepare_data` makes once) spares
+        tokenising the captions again."""
         rows, seqs = [], []
         for rec in records:
             row = rows_by_key.get(rec.key)
             if row is None:  # image skipped by stage 1 (unreadable)
                 continue
-            for cap in rec.captions:
-                words = tokenize(cap)[: max_len]
+            tokenised = tokens[rec.key] if tokens is not None else [tokenize(c) for c in rec.captions]
+            for words in tokenised:
+                words = words[: max_len]
                 if not words:  # empty or punctuation-only caption teaches nothing
                     continue
                 rows.append(row)

@@ -30,10 +30,13 @@ def _counts(words: list[str]) -> list[Counter]:
 
 
 class CiderD:
-    """CIDEr-D of a caption against one image's references, with corpus document frequencies."""
+    """CIDEr-D of a caption against one image's references, with corpus document frequencies.
 
-    def __init__(self, refs: dict[str, list[str]]):
-        self.refs = {k: [tokenize(c) for c in caps] for k, caps in refs.items()}
+    `refs`: {key: captions}, each a string or already a word list (`scst_refs` makes those).
+    """
+
+    def __init__(self, refs: dict[str, list[str] | list[list[str]]]):
+        self.refs = {k: [c if isinstance(c, list) else tokenize(c) for c in caps] for k, caps in refs.items()}
         df: Counter = Counter()
         for caps in self.refs.values():
             df.update({g for c in caps for order in _counts(c) for g in order})
@@ -128,9 +131,13 @@ def scst_epoch(model: CaptionDecoder, opt: torch.optim.Optimizer, features: torc
     return total / max(batches, 1)
 
 
-def scst_refs(records) -> dict[str, list[str]]:
-    """{key: captions} of the training images: the corpus of the rewards' document frequencies."""
-    refs: dict[str, list[str]] = defaultdict(list)
+def scst_refs(records, tokens: dict[str, list[list[str]]] | None = None) -> dict[str, list[list[str]]]:
+    """{key: tokenised captions} of the training images: the corpus of the rewards' document frequencies.
+
+    `tokens` ({key: one word list per caption}, from `train.prepare_data`) spares tokenising again.
+    """
+    refs: dict[str, list[list[str]]] = defaultdict(list)
     for r in records:
-        refs[r.key].extend(c for c in r.captions if c.strip())
+        words = tokens[r.key] if tokens is not None else [tokenize(c) for c in r.captions]
+        refs[r.key].extend(w for c, w in zip(r.captions, words) if c.strip())
     return dict(refs)

@@ -260,7 +260,7 @@ def test_training_survives_a_last_batch_of_one(shared_cache, tmp_path):
     from stage2_decoder.train import TrainConfig, prepare_data, train
 
     cfg = _small(TrainConfig, features=str(shared_cache), out=str(tmp_path / "run"), epochs=1, vocab_threshold=2)
-    parts, _, vocab, rows = prepare_data(cfg, _load(cfg.features))
+    parts, _, vocab, rows, _ = prepare_data(cfg, _load(cfg.features))
     n_pairs = len(CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len))
     cfg.batch_size = n_pairs - 1  # batches of n-1 and 1
     assert train(cfg).epochs_run == 1

@@ -254,3 +254,33 @@ def test_scst_phase_follows_cross_entropy_from_the_best_epoch(shared_cache, tmp_
     assert all("train_reward" in h and "train_loss" not in h for h in result.history[2:])
     assert [h["lr"] for h in result.history[2:]] == [cfg.scst_lr, cfg.scst_lr]
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 4
+
+
+def test_training_captions_are_tokenised_once_for_vocab_tensors_and_rewards(shared_cache, tmp_path, monkeypatch):
+    import stage2_decoder.data as data_mod
+    import stage2_decoder.scst as scst_mod
+    import stage2_decoder.train as train_mod
+    from common.feature_cache import load_cache
+    from stage2_decoder.data import CaptionPairs
+    from stage2_decoder.scst import CiderD, scst_refs
+
+    cfg = train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), vocab_threshold=2)
+    calls = []
+    real = train_mod.tokenize
+    monkeypatch.setattr(train_mod, "tokenize", lambda c: calls.append(c) or real(c))
+    parts, _, vocab, rows, tokens = train_mod.prepare_data(cfg, load_cache(shared_cache))
+    assert len(calls) == sum(len(r.captions) for name in ("train", "val") for r in parts[name])
+
+    # the tokenised pass gives exactly what tokenising at each use gives
+    plain_pairs = CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len)
+    plain_cider = CiderD(scst_refs(parts["train"]))
+
+    def refuse(c):
+        raise AssertionError("tokenised again")
+
+    monkeypatch.setattr(data_mod, "tokenize", refuse)
+    monkeypatch.setattr(scst_mod, "tokenize", refuse)
+    pairs = CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len, tokens)
+    cider_d = CiderD(scst_refs(parts["train"], tokens))
+    assert torch.equal(pairs.tokens, plain_pairs.tokens) and torch.equal(pairs.rows, plain_pairs.rows)
+    assert cider_d.refs == plain_cider.refs and cider_d.df == plain_cider.df
