@@ -116,11 +116,31 @@ def load_image_u8(path: str | os.PathLike, pp: Preprocess) -> torch.Tensor:
             if pp.exif_transpose:
                 im = ImageOps.exif_transpose(im)
             im = _to_rgb(im)
+            im = _trim_long_side(im, MAX_ASPECT)
             im = F.resize(im, pp.resize, interpolation=F.InterpolationMode.BILINEAR, antialias=True)
             im = F.center_crop(im, pp.crop)
             return F.pil_to_tensor(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"{path}: {type(e).__name__}: {e}") from e
+
+
+MAX_ASPECT = 3  # longer side kept at most this many times the shorter one before resizing
+
+
+def _trim_long_side(im: Image.Image, max_aspect: float) -> Image.Image:
+    """Centre-crop the longer side to `max_aspect` x the shorter one.
+
+    The final centre crop only ever sees (crop / resize) x the shorter side of the longer one, so
+    this drops pixels it would never use; it keeps resizing a 1 x 20000 strip from making a
+    256 x 5,120,000 intermediate (~4 GB) on the way.
+    """
+    w, h = im.size
+    short, long = min(w, h), max(w, h)
+    if long <= short * max_aspect:
+        return im
+    keep = int(short * max_aspect)
+    off = (long - keep) // 2
+    return im.crop((off, 0, off + keep, h) if w > h else (0, off, w, off + keep))
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

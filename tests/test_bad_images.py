@@ -270,3 +270,29 @@ def test_images_between_one_and_two_bomb_limits_are_refused_unless_draft_shrinks
     t = load_image_u8(jpg, MB_PP)  # decoded at 1/2 scale (600x500 pixels): under the limit
     assert t.shape == (3, 224, 224)
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+@pytest.mark.parametrize("size", [(20000, 1), (3, 9000)])
+def test_extreme_strips_are_trimmed_before_resizing(tmp_path, monkeypatch, size):
+    """Resizing a 20000 x 1 strip's short side to 256 would make a ~4 GB intermediate (5 GB, 18 s
+    measured): the long side is centre-cropped to 3x the short one first."""
+    from torchvision.transforms import functional as F
+
+    import common.backbones as bb
+
+    path = tmp_path / "strip.png"
+    Image.new("RGB", size, (10, 200, 30)).save(path)
+    seen, real = [], F.resize
+    monkeypatch.setattr(F, "resize", lambda im, *a, **k: seen.append(im.size) or real(im, *a, **k))
+    x = load_image_u8(path, preprocess_for("mobilenet_v2"))
+    assert x.shape == (3, 224, 224) and (x[:, 112, 112] == torch.tensor([10, 200, 30], dtype=torch.uint8)).all()
+    (w, h), = seen
+    assert max(w, h) <= bb.MAX_ASPECT * min(w, h) and min(w, h) == min(size)
+
+
+def test_ordinary_shapes_are_not_trimmed():
+    from common.backbones import MAX_ASPECT, _trim_long_side
+
+    for size in [(640, 480), (480, 640), (300, 100), (100, 300)]:
+        im = Image.new("RGB", size)
+        assert _trim_long_side(im, MAX_ASPECT) is im
