@@ -43,6 +43,7 @@ from stage1_extract.extract import ExtractConfig, extract  # noqa: E402
 from stage2_decoder.data import CaptionBatch, CaptionPairs  # noqa: E402
 from stage2_decoder.model import CaptionDecoder, DecoderConfig  # noqa: E402
 from stage2_decoder.train import TrainConfig, _xe_epoch, prepare_data, train_step  # noqa: E402
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
 
 # the child that runs train() alone in its process, so its peak RSS is training's own
 _CHILD = """
@@ -149,13 +150,15 @@ def step_efficiency(pairs: CaptionPairs, features: torch.Tensor, vocab_size: int
     model = CaptionDecoder(DecoderConfig(features.shape[1], vocab_size, cfg.embed_size, cfg.hidden_size,
                                          cfg.num_layers, cfg.dropout)).train()  # as train() builds it
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # as train() builds it on the CPU
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
+        if cfg.ema_decay else None  # the default weight average, updated after each step as train() does
     bare = BareStep(shapes, cfg.embed_size, cfg.hidden_size, cfg.num_layers, vocab_size)
     n = sum(len(b.lengths) for b in shapes)
     steps = math.ceil(len(pairs) / cfg.batch_size)
 
-    def ours() -> None:  # gather, train_step (forward, loss, backward, clip, Adam), loss bookkeeping
+    def ours() -> None:  # gather, train_step (forward, loss, backward, clip, Adam), loss bookkeeping, EMA
         for epoch in range(passes):
-            _xe_epoch(model, opt, pairs, features, "cpu", cfg, epoch, steps)
+            _xe_epoch(model, opt, pairs, features, "cpu", cfg, epoch, steps, ema)
 
     ours(), bare.run()  # warm-up: allocator, oneDNN kernel selection
     t_ours, t_bare = [], []
@@ -225,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         cache_mb = cache.stat().st_size / 2**20
         decoder = CaptionDecoder(DecoderConfig(fc.meta.feature_dim, len(vocab), cfg.embed_size, cfg.hidden_size))
         model_params = sum(p.numel() for p in decoder.parameters())
-        model_mb = model_params * 4 * 3 / 2**20  # weights + Adam's two moments, float32
+        # weights + Adam's two moments + the weight average (--ema-decay, on by default), float32
+        model_mb = model_params * 4 * (4 if cfg.ema_decay else 3) / 2**20
         rss_mb = child["maxrss_kb"] / 1024
         limit_mb = cache_mb + model_mb + 1536
 
