@@ -54,7 +54,7 @@ def nearest_neighbour(cache, records_by_key, train_keys, test_keys) -> dict[str,
     return out
 
 
-def run_dataset(name: str, data: Path, work: Path, quick: bool) -> dict:
+def run_dataset(name: str, data: Path, work: Path, quick: bool, seed: int = 0) -> dict:
     images, captions = (data / p for p in DATASETS[name])
     cache_path = work / f"{name}-mobilenet_v2.h5"
     limit = 80 if quick else None
@@ -66,8 +66,8 @@ def run_dataset(name: str, data: Path, work: Path, quick: bool) -> dict:
                            num_layers=1, dropout=0.0, lr=1e-3, batch_size=128, epochs=1 if quick else 5,
                            vocab_threshold=4, select_by="loss", patience=0, lr_patience=10_000, scst_epochs=0,
                            length_buckets=1, ema_decay=0.0,  # the book's randomly drawn batches, plain weights
-                           progress=False)
-    ours_cfg = TrainConfig(features=str(cache_path), out=str(work / f"{name}-ours"), progress=False)
+                           seed=seed, progress=False)
+    ours_cfg = TrainConfig(features=str(cache_path), out=str(work / f"{name}-ours"), seed=seed, progress=False)
     if quick:
         ours_cfg = replace(ours_cfg, epochs=1)
     results, timings = {}, {"extract_s": round(t_extract, 1)}
@@ -133,13 +133,14 @@ def main() -> None:
     ap.add_argument("--work", default="runs/bench-quality")
     ap.add_argument("--quick", action="store_true", help="tiny smoke mode")
     ap.add_argument("--json", default=None, help="also write the full results here")
+    ap.add_argument("--seed", type=int, default=0, help="training seed of both trained captioners (same split)")
     a = ap.parse_args()
     torch.manual_seed(0)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     allout = {}
     for name in a.datasets.split(","):
-        out = run_dataset(name, Path(a.data), work, a.quick)
+        out = run_dataset(name, Path(a.data), work, a.quick, a.seed)
         allout[name] = {"timings": out["timings"], "n_test": out["n_test"], "table": table(name, out),
                         "metrics": {k: v["metrics"] | {"stats": v["stats"]} for k, v in out["results"].items()}}
         print(table(name, out), flush=True)
