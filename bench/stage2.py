@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         ["bare: LSTM + Linear + Adam", bare_cps, "same batch shapes, in-memory inputs"],
     ])
     print(f"memory: training peak RSS {rss_mb:.0f} MB; limit cache {cache_mb:.1f} MB + model {model_mb:.1f} MB "
-          f"(weights + Adam) + 1536 MB = {limit_mb:.0f} MB")
+          f"(weights, Adam moments, weight average) + 1536 MB = {limit_mb:.0f} MB")
     rep.ratio("stage2.per_epoch seed/ours", seed_epoch / ours_epoch, 50, note="seed extrapolated")
     rep.ratio(f"stage2.{args.epochs}_epochs seed/ours", seed_run / (t_extract + child["seconds"]), 15,
               note="seed extrapolated")
