@@ -20,7 +20,7 @@ LIMIT ?=
 OUT ?= cache/$(DATASET)-$(BACKBONE).h5
 # stage 2
 RUN ?= runs/$(DATASET)-$(BACKBONE)
-EPOCHS ?= 12
+EPOCHS ?= 20
 TRAIN_ARGS ?=
 
 LIMIT_ARG := $(if $(LIMIT),--limit $(LIMIT),)

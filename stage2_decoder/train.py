@@ -39,7 +39,9 @@ class TrainConfig:
     captions: str | None = None  # default: the captions file recorded in the cache
     images: str | None = None  # default: the images folder recorded in the cache
     dataset: str | None = None  # default: the format recorded in the cache
-    epochs: int = 12
+    # with the weight average validation keeps climbing past 12 epochs: COCO-mini val CIDEr 0.474 (12) -> 0.536 (16),
+    # and 20 + SCST reaches 0.557 (12 + SCST: 0.505)
+    epochs: int = 20
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
