@@ -26,6 +26,11 @@ class CheckpointError(ValueError):
     """A file that is not a usable capcache checkpoint."""
 
 
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state_dict as detached CPU tensors: what a checkpoint stores."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def save_checkpoint(path: str | os.PathLike, model: CaptionDecoder, vocab: Vocabulary, backbone: dict,
                     **extra) -> None:
     """Write atomically: a crash, a kill or a full disk never leaves a truncated .pt at `path`.
@@ -37,7 +42,7 @@ def save_checkpoint(path: str | os.PathLike, model: CaptionDecoder, vocab: Vocab
     if any, is left as it was.
     """
     ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model_state": cpu_state(model),
             "decoder_config": asdict(model.cfg), "vocab": vocab.to_dict(), "backbone": dict(backbone), **extra}
     path = Path(path)
     buf = io.BytesIO()

@@ -112,7 +112,7 @@ def scst_epoch(model: CaptionDecoder, opt: torch.optim.Optimizer, features: torc
                grad_clip: float = 5.0, max_batches: int | None = None, progress=None) -> float:
     """One pass of SCST over the scorer's images (in a seeded random order); returns the mean reward."""
     model.eval()  # BatchNorm keeps its running statistics; gradients still flow
-    keys = [key for key in scorer.refs if key in rows and scorer.refs[key]]
+    keys = scst_keys(scorer, rows)
     order = torch.randperm(len(keys), generator=generator).tolist()
     total, batches = 0.0, 0
     for s in range(0, len(order), batch_images):
@@ -129,6 +129,11 @@ def scst_epoch(model: CaptionDecoder, opt: torch.optim.Optimizer, features: torc
         if max_batches and batches >= max_batches:
             break
     return total / max(batches, 1)
+
+
+def scst_keys(scorer: CiderD, rows: dict[str, int]) -> list[str]:
+    """The images an SCST epoch trains on: cached (in `rows`) and with references."""
+    return [key for key, caps in scorer.refs.items() if key in rows and caps]
 
 
 def scst_refs(records, tokens: dict[str, list[list[str]]] | None = None) -> dict[str, list[list[str]]]:

@@ -27,7 +27,7 @@ from common.datasets import FORMATS, load_dataset, official_split, split_keys, w
 from common.feature_cache import CacheError, FeatureCache, load_cache
 from common.tokenizer import tokenize
 from common.vocab import Vocabulary, build_vocab
-from stage2_decoder.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from stage2_decoder.checkpoint import CheckpointError, cpu_state, load_checkpoint, save_checkpoint
 from stage2_decoder.data import CaptionPairs
 from stage2_decoder.model import CaptionDecoder, DecoderConfig
 
@@ -231,7 +231,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                      rng_state=torch.get_rng_state(), train_config=asdict(cfg), history=history, best=best,
                      split={"val": split["val"], "test": split["test"]})
         if averaged:
-            extra["train_model_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            extra["train_model_state"] = cpu_state(model)
         if is_best:  # before last.pt: a kill between the two redoes this epoch, best.pt included
             save_checkpoint(run / "best.pt", saved, vocab, backbone, **extra)
         save_checkpoint(run / "last.pt", saved, vocab, backbone, **extra)
@@ -316,11 +316,10 @@ def _start_scst(cfg: TrainConfig, run: Path, model: CaptionDecoder, opt, sched, 
 def _scst_epoch(cfg: TrainConfig, scorer, model: CaptionDecoder, opt, features, rows, vocab: Vocabulary,
                 epoch: int) -> float:
     """One SCST epoch over the training images; returns the mean sampled-caption CIDEr-D."""
-    from stage2_decoder.scst import scst_epoch
+    from stage2_decoder.scst import scst_epoch, scst_keys
 
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    n_images = sum(1 for key, caps in scorer.refs.items() if key in rows and caps)  # the ones scst_epoch takes
-    n_batches = 1 if cfg.dry_run else math.ceil(n_images / cfg.batch_size)
+    n_batches = 1 if cfg.dry_run else math.ceil(len(scst_keys(scorer, rows)) / cfg.batch_size)
     with tqdm(total=n_batches, desc=f"scst {epoch + 1}/{cfg.epochs + cfg.scst_epochs}", unit="batch", leave=False,
               disable=not cfg.progress, dynamic_ncols=True) as bar:
         return scst_epoch(model, opt, features, rows, scorer, vocab.itos, cfg.batch_size, g, cfg.scst_samples,
