@@ -17,6 +17,7 @@ BATCH ?= 64
 WORKERS ?= 2
 DEVICE ?= auto
 LIMIT ?=
+VIEWS ?= 1
 OUT ?= cache/$(DATASET)-$(BACKBONE).h5
 # stage 2
 RUN ?= runs/$(DATASET)-$(BACKBONE)
@@ -40,7 +41,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 features: install
 	$(PY) -m stage1_extract --dataset $(DATASET) --images $(IMAGES) --captions $(CAPTIONS) \
 	    --backbone $(BACKBONE) --weights $(WEIGHTS) --out $(OUT) --batch-size $(BATCH) \
-	    --workers $(WORKERS) --device $(DEVICE) $(LIMIT_ARG)
+	    --workers $(WORKERS) --device $(DEVICE) --views $(VIEWS) $(LIMIT_ARG)
 
 train: install
 	$(PY) -m stage2_decoder.train --features $(OUT) --out $(RUN) --epochs $(EPOCHS) --device $(DEVICE) $(TRAIN_ARGS)

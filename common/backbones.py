@@ -94,10 +94,26 @@ def preprocess_for(name: str) -> Preprocess:
     return Preprocess(spec.resize, spec.crop)
 
 
+VIEWS = ("centre", "centre-flip", "whole", "whole-flip")  # the cached views of an image, in cache order
+
+
 def load_image_u8(path: str | os.PathLike, pp: Preprocess) -> torch.Tensor:
-    """Read one image file into a (3, crop, crop) uint8 tensor. Raises ImageError."""
+    """Read one image file into a (3, crop, crop) uint8 tensor (the centre view). Raises ImageError."""
+    return load_image_views(path, pp, 1)[0]
+
+
+def load_image_views(path: str | os.PathLike, pp: Preprocess, views: int = 1) -> torch.Tensor:
+    """Read one image file into (views, 3, crop, crop) uint8: the first `views` of VIEWS. Raises ImageError.
+
+    View 0 ("centre") is the one preprocessing path of extraction and captioning. The others are
+    training-time augmentations stage 1 can cache beside it (`--views`): the centre crop mirrored,
+    and the whole image squeezed to crop x crop (nothing cut off), plain and mirrored. The file is
+    decoded once for all of them.
+    """
     from torchvision.transforms import functional as F
 
+    if not 1 <= views <= len(VIEWS):
+        raise ValueError(f"views must be 1..{len(VIEWS)}, got {views}")
     path = str(path)
     try:
         with warnings.catch_warnings():
@@ -117,9 +133,14 @@ def load_image_u8(path: str | os.PathLike, pp: Preprocess) -> torch.Tensor:
                 im = ImageOps.exif_transpose(im)
             im = _to_rgb(im)
             im = _trim_long_side(im, MAX_ASPECT)
-            im = F.resize(im, pp.resize, interpolation=F.InterpolationMode.BILINEAR, antialias=True)
-            im = F.center_crop(im, pp.crop)
-            return F.pil_to_tensor(im)
+            centre = F.pil_to_tensor(F.center_crop(
+                F.resize(im, pp.resize, interpolation=F.InterpolationMode.BILINEAR, antialias=True), pp.crop))
+            out = [centre, centre.flip(-1)]
+            if views > 2:
+                whole = F.pil_to_tensor(F.resize(im, [pp.crop, pp.crop], interpolation=F.InterpolationMode.BILINEAR,
+                                                 antialias=True))
+                out += [whole, whole.flip(-1)]
+            return torch.stack(out[:views])
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"{path}: {type(e).__name__}: {e}") from e
 
@@ -162,10 +183,11 @@ class ImageRows(torch.utils.data.Dataset):
 
     The row travels with the image so results are stored by row, whatever order workers
     finish in; an unreadable file yields a zero image and its error instead of raising.
+    The image is (3, crop, crop), or (views, 3, crop, crop) when `views` > 1 (`load_image_views`).
     """
 
-    def __init__(self, items: list[tuple[int, str]], pp: Preprocess):
-        self.items, self.pp = items, pp
+    def __init__(self, items: list[tuple[int, str]], pp: Preprocess, views: int = 1):
+        self.items, self.pp, self.views = items, pp, views
 
     def __len__(self) -> int:
         return len(self.items)
@@ -173,9 +195,11 @@ class ImageRows(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         row, path = self.items[i]
         try:
-            return row, load_image_u8(path, self.pp), ""
+            x = load_image_views(path, self.pp, self.views)
+            return row, x[0] if self.views == 1 else x, ""
         except ImageError as e:
-            return row, torch.zeros(3, self.pp.crop, self.pp.crop, dtype=torch.uint8), str(e)
+            shape = (3, self.pp.crop, self.pp.crop) if self.views == 1 else (self.views, 3, self.pp.crop, self.pp.crop)
+            return row, torch.zeros(shape, dtype=torch.uint8), str(e)
 
 
 class Backbone:

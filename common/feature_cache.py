@@ -7,13 +7,19 @@ Schema (version 1), one file per (dataset, backbone):
                                                   Flickr8k file name), rows in dataset order
     /status     uint8, shape (N,)                 0 = not done yet, 1 = done, 2 = failed
     /errors     UTF-8 strings, shape (N,)         why a failed row failed ("" otherwise)
+    /views      like /features, shape (N, V-1, D) only when views = V > 1: the extra views of image
+                                                  row i, in the order of common.backbones.VIEWS after
+                                                  the first ("centre-flip", "whole", "whole-flip");
+                                                  /features is always the centre view, the one that
+                                                  captioning computes from a raw photo
 
     attributes of the file:
       schema = "capcache-features", schema_version = 1
       backbone, weights, weights_sha256 ("" unless a weights file), feature_dim,
       preprocess (canonical JSON of common.backbones.Preprocess)
       dataset_format ("coco" | "flickr8k"), images_dir, captions_file (absolute paths), limit (-1 = all)
-      dtype, complete (True once every row is done or failed), capcache_version, torch_version
+      dtype, views (1 when absent: caches written before views existed),
+      complete (True once every row is done or failed), capcache_version, torch_version
 
 A file at the final name OUT is always whole: it only ever appears there by `os.replace`.
 
@@ -26,6 +32,7 @@ crash-safe: a kill in the middle of a write or flush can leave the whole file un
     OUT.parts/rank000-000017.npz  one shard per written batch (np.savez, loaded with allow_pickle=False):
                                     rows          int64 (n,)    rows whose features follow
                                     features      dtype (n, D)  their features, in the same order
+                                    views         dtype (n, V-1, D)  their extra views (only if V > 1)
                                     failed_rows   int64 (m,)    rows whose image could not be read
                                     failed_errors str (m,)      why, in the same order
                                   named by the writing rank (torchrun) and a per-rank sequence number
@@ -83,9 +90,11 @@ class CacheMeta:
     captions_file: str
     limit: int = -1
     dtype: str = "float16"
+    views: int = 1  # cached views per image (common.backbones.VIEWS): /features + (views - 1) in /views
 
-    # what must match for unfinished work to be resumed, or a cache to be used with a model
-    IDENTITY = ("backbone", "weights", "weights_sha256", "feature_dim", "preprocess", "dtype")
+    # what must match for unfinished work to be resumed or a finished cache to count as already made
+    IDENTITY = ("backbone", "weights", "weights_sha256", "feature_dim", "preprocess", "dtype", "views")
+    OPTIONAL = {"views": 1}  # attributes older caches lack, and what they mean there
 
 
 def parts_dir(path: str | os.PathLike) -> Path:
@@ -106,7 +115,8 @@ def _read_meta(f: h5py.File, path) -> CacheMeta:
         raise CacheError(f"{path} has cache schema version {version}, this capcache reads version "
                          f"{SCHEMA_VERSION}: re-run stage 1 (make features) to rebuild it")
     try:
-        return CacheMeta(**{fl.name: _plain(a[fl.name]) for fl in fields(CacheMeta)})
+        return CacheMeta(**{fl.name: _plain(a[fl.name] if fl.name in a or fl.name not in CacheMeta.OPTIONAL
+                                            else CacheMeta.OPTIONAL[fl.name]) for fl in fields(CacheMeta)})
     except KeyError as e:
         raise CacheError(f"{path} lacks the cache attribute {e}") from e
 
@@ -233,7 +243,7 @@ class CacheWriter:
     def _check_meta(self, meta_file: Path) -> None:
         try:
             doc = json.loads(meta_file.read_text())
-            have = CacheMeta(**doc["meta"])
+            have = CacheMeta(**{**CacheMeta.OPTIONAL, **doc["meta"]})
             stored_keys = doc["keys"]
             if doc.get("schema") != SCHEMA or doc.get("schema_version") != SCHEMA_VERSION:
                 raise ValueError(f"schema {doc.get('schema')!r} version {doc.get('schema_version')!r}")
@@ -288,20 +298,28 @@ class CacheWriter:
         """row -> reason for every failed row (every rank's, after `finish()`)."""
         return dict(sorted(self._errors.items()))
 
-    def write(self, rows: np.ndarray, feats: np.ndarray | None, failed: dict[int, str] | None = None) -> None:
-        """Queue one shard: features for `rows` (any order), and the rows that failed (row -> reason)."""
+    def write(self, rows: np.ndarray, feats: np.ndarray | None, failed: dict[int, str] | None = None,
+              views: np.ndarray | None = None) -> None:
+        """Queue one shard: features for `rows` (any order), their extra views (n, V-1, D) when the
+        cache has V > 1, and the rows that failed (row -> reason)."""
         self._raise_writer_error()
         rows = np.asarray(rows, dtype=np.int64)
-        d = self.meta.feature_dim
+        d, extra = self.meta.feature_dim, self.meta.views - 1
         feats = np.zeros((0, d), self.meta.dtype) if feats is None else np.asarray(feats)
         if feats.shape != (len(rows), d):
             raise ValueError(f"features of shape {feats.shape} for {len(rows)} rows of size {d}")
+        if extra:
+            views = np.zeros((0, extra, d), self.meta.dtype) if views is None else np.asarray(views)
+            if views.shape != (len(rows), extra, d):
+                raise ValueError(f"views of shape {views.shape} for {len(rows)} rows, {extra} extra views of size {d}")
+        elif views is not None:
+            raise ValueError("views given for a cache of one view")
         failed = failed or {}
         failed_rows = np.array(list(failed), dtype=np.int64)
         failed_errors = list(failed.values())
         path = self.parts / shard_name(self.rank, self._seq)
         self._seq += 1
-        self._queue.put((path, rows, feats, failed_rows, failed_errors))
+        self._queue.put((path, rows, feats, failed_rows, failed_errors, views))
         self._record(rows, failed_rows, failed_errors)
 
     def fail(self, row: int, reason: str) -> None:
@@ -318,9 +336,11 @@ class CacheWriter:
                 self._queue.task_done()
         self._queue.task_done()
 
-    def _write_shard(self, path: Path, rows, feats, failed_rows, failed_errors) -> None:
+    def _write_shard(self, path: Path, rows, feats, failed_rows, failed_errors, views=None) -> None:
         arrays = dict(rows=rows, features=feats.astype(self.meta.dtype, copy=False), failed_rows=failed_rows,
                       failed_errors=np.array(failed_errors, dtype=str) if failed_errors else np.zeros(0, "U1"))
+        if views is not None:
+            arrays["views"] = views.astype(self.meta.dtype, copy=False)
         try:
             _atomic_write_bytes(path, lambda fh: np.savez(fh, **arrays))
         except OSError as e:
@@ -365,7 +385,7 @@ class CacheWriter:
             bad = f" (unreadable shards skipped: {', '.join(self.unreadable)})" if self.unreadable else ""
             raise CacheError(f"{pending} rows still pending in {self.parts}{bad}: re-run the same command "
                              f"to compute them")
-        need = n * d * np.dtype(self.meta.dtype).itemsize
+        need = n * d * self.meta.views * np.dtype(self.meta.dtype).itemsize
         free = shutil.disk_usage(self.parts).free
         if need > free:
             raise CacheError(f"cannot write {self.out}: it needs {need / 2**20:.1f} MiB, only {free / 2**20:.1f} MiB "
@@ -387,6 +407,8 @@ class CacheWriter:
         n, d = len(self.keys), self.meta.feature_dim
         with h5py.File(tmp, "w") as f:
             feats = f.create_dataset("features", (n, d), dtype=self.meta.dtype)  # contiguous: fast full reads
+            views = (f.create_dataset("views", (n, self.meta.views - 1, d), dtype=self.meta.dtype)
+                     if self.meta.views > 1 else None)
             f.create_dataset("keys", data=np.array(self.keys, dtype=object), dtype=_STR)
             f.create_dataset("status", data=self._status)
             errs = np.array([""] * n, dtype=object)
@@ -396,7 +418,7 @@ class CacheWriter:
             for i, s in enumerate(shards):
                 keep = owner[s.rows] == i
                 if keep.any():
-                    _copy_shard(feats, s, keep)
+                    _copy_shard(feats, s, keep, views)
             f.attrs.update({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "complete": True,
                             "capcache_version": _version(), "torch_version": _torch_version()})
             f.attrs.update({k: str(v) if isinstance(v, str) else v for k, v in asdict(self.meta).items()})
@@ -407,11 +429,13 @@ class CacheWriter:
             os.close(fd)
 
 
-def _copy_shard(feats: h5py.Dataset, shard: _Shard, keep: np.ndarray) -> None:
-    """Copy the features of `shard.rows[keep]` into their rows of the cache's (N, D) dataset."""
+def _copy_shard(feats: h5py.Dataset, shard: _Shard, keep: np.ndarray, views: h5py.Dataset | None = None) -> None:
+    """Copy the features of `shard.rows[keep]` into their rows of the cache's (N, D) dataset (and
+    their extra views into the (N, V-1, D) one)."""
     try:
         with np.load(shard.path, allow_pickle=False) as z:
             block = z["features"]  # (n_s, D), row order of shard.rows
+            extra = z["views"] if views is not None else None  # (n_s, V-1, D)
     except (ValueError, KeyError, zipfile.BadZipFile) as e:
         shard.path.unlink(missing_ok=True)
         raise CacheError(f"shard {shard.path} was unreadable ({type(e).__name__}: {e}) and is removed: "
@@ -419,6 +443,8 @@ def _copy_shard(feats: h5py.Dataset, shard: _Shard, keep: np.ndarray) -> None:
     rows, block = shard.rows[keep], block[keep]
     order = np.argsort(rows)  # h5py point selections need increasing rows
     feats[rows[order]] = block[order]
+    if views is not None:
+        views[rows[order]] = extra[keep][order]
 
 
 def remove_parts(out: str | os.PathLike) -> None:
@@ -440,10 +466,11 @@ class FeatureCache:
     """A complete cache loaded into RAM: `features[i]` belongs to image `keys[i]`."""
     path: str
     meta: CacheMeta
-    features: np.ndarray  # (N, D)
+    features: np.ndarray  # (N, D): the centre view
     keys: list[str]
     status: np.ndarray  # (N,) uint8
     errors: dict[str, str]
+    views: np.ndarray | None = None  # (N, V-1, D): the extra views, when the cache has them (meta.views > 1)
 
     def rows_by_key(self) -> dict[str, int]:
         """key -> row for the rows whose features are valid."""
@@ -506,12 +533,16 @@ def _load_cache(path, backbone, feature_dim, preprocess) -> FeatureCache:
             keys = [_text(k) for k in f["keys"][:]]
             status = f["status"][:]
             errs = f["errors"][:]
+            views = f["views"][:] if meta.views > 1 else None
         except (KeyError, OSError) as e:
             raise CacheError(f"{path} is corrupt ({e}); re-run stage 1 to rebuild it") from e
     if feats.shape != (len(keys), meta.feature_dim):
         raise CacheError(f"{path}: features have shape {feats.shape}, expected ({len(keys)}, {meta.feature_dim})")
+    if views is not None and views.shape != (len(keys), meta.views - 1, meta.feature_dim):
+        raise CacheError(f"{path}: views have shape {views.shape}, expected "
+                         f"({len(keys)}, {meta.views - 1}, {meta.feature_dim})")
     errors = {keys[i]: _text(e) for i, e in enumerate(errs) if status[i] == FAILED}
-    return FeatureCache(str(path), meta, feats, keys, status, errors)
+    return FeatureCache(str(path), meta, feats, keys, status, errors, views)
 
 
 def _version() -> str:

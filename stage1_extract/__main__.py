@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from common.backbones import DEFAULT_BACKBONE, REGISTRY
+from common.backbones import DEFAULT_BACKBONE, REGISTRY, VIEWS
 from common.cli import run_guarded
 from common.datasets import FORMATS
 from stage1_extract.distributed import RankFailed
@@ -26,15 +26,19 @@ from stage1_extract.extract import ExtractConfig, extract
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images (by image id).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--views", type=click.IntRange(1, len(VIEWS)), default=ExtractConfig.views, show_default=True,
+              help=f"Views cached per image, in this order: {', '.join(VIEWS)}. The centre crop is what captioning "
+                   f"sees; the others are training augmentations (stage 2 draws one at random per caption). "
+                   f"Each view costs one more forward pass.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--dist-timeout", type=click.FloatRange(min=1), default=ExtractConfig.dist_timeout_s, show_default=True,
               help="Under torchrun: seconds a rank waits for the others before giving up.")
-def main(dataset, images, captions, backbone, out, weights, batch_size, workers, device, limit, dtype, no_progress,
-         dist_timeout):
+def main(dataset, images, captions, backbone, out, weights, batch_size, workers, device, limit, dtype, views,
+         no_progress, dist_timeout):
     """Extract pooled CNN features for every image of a captions dataset into an HDF5 cache."""
     cfg = ExtractConfig(images=images, captions=captions, out=out, dataset=dataset, backbone=backbone,
                         weights=weights, batch_size=batch_size, workers=workers, device=device, limit=limit,
-                        dtype=dtype, progress=not no_progress, dist_timeout_s=dist_timeout)
+                        dtype=dtype, views=views, progress=not no_progress, dist_timeout_s=dist_timeout)
 
     def work():
         try:

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common.backbones import DEFAULT_BACKBONE, Backbone, ImageRows, load_backbone
+from common.backbones import DEFAULT_BACKBONE, VIEWS, Backbone, ImageRows, load_backbone
 from common.datasets import ImageRecord, guess_format, load_dataset
 from common.feature_cache import (DONE, PENDING, CacheError, CacheMeta, CacheWriter, mismatch, parts_dir, read_keys,
                                   read_meta, remove_parts)
@@ -40,6 +40,7 @@ class ExtractConfig:
     device: str = "auto"
     limit: int | None = None
     dtype: str = "float16"
+    views: int = 1  # 1 = the centre crop only; 2-4 also cache VIEWS[1:views] (flips, whole image) for training
     progress: bool = True
     dist_timeout_s: float = 1800.0  # torchrun: how long a rank waits for the others at a sync point
 
@@ -70,6 +71,8 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         raise ValueError(f"--workers must be >= 0, got {cfg.workers}")
     if cfg.dtype not in ("float16", "float32"):
         raise ValueError(f"--dtype must be float16 or float32, got {cfg.dtype}")
+    if not 1 <= cfg.views <= len(VIEWS):
+        raise ValueError(f"--views must be 1..{len(VIEWS)} ({', '.join(VIEWS)}), got {cfg.views}")
     d = from_env(cfg.dist_timeout_s)
     try:
         return _extract(cfg, d)
@@ -89,7 +92,7 @@ def _setup(cfg: ExtractConfig, d: Dist) -> tuple[list[ImageRecord], Path, Backbo
     meta = CacheMeta(backbone=info["name"], weights=info["weights"], weights_sha256=info["weights_sha256"] or "",
                      feature_dim=info["feature_dim"], preprocess=info["preprocess"], dataset_format=fmt,
                      images_dir=str(images_dir), captions_file=os.path.abspath(cfg.captions),
-                     limit=cfg.limit or -1, dtype=cfg.dtype)
+                     limit=cfg.limit or -1, dtype=cfg.dtype, views=cfg.views)
     return records, out, backbone, meta
 
 
@@ -139,7 +142,7 @@ def _extract_rows(cfg: ExtractConfig, d: Dist, writer: CacheWriter, backbone: Ba
                   records: list[ImageRecord], rows: list[int], share: int) -> tuple[int, int]:
     """Encode `rows` batch by batch, one shard per batch; returns (rows done, rows failed)."""
     device = backbone.device
-    loader = DataLoader(ImageRows([(i, records[i].path) for i in rows], backbone.preprocess),
+    loader = DataLoader(ImageRows([(i, records[i].path) for i in rows], backbone.preprocess, cfg.views),
                         batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if cfg.workers > 0 else None,
                         worker_init_fn=_leave_signals_to_main if cfg.workers > 0 else None)
@@ -154,11 +157,16 @@ def _extract_rows(cfg: ExtractConfig, d: Dist, writer: CacheWriter, backbone: Ba
         for batch_rows, images, errors in watched:
             batch_rows = batch_rows.numpy()
             ok = np.array([not e for e in errors])
-            feats = None
+            feats = views = None
             if ok.any():
-                feats = backbone.encode(images[torch.from_numpy(ok)] if not ok.all() else images).cpu().numpy()  # (b, D)
+                images = images[torch.from_numpy(ok)] if not ok.all() else images  # (b, 3, H, W) or (b, V, 3, H, W)
+                if cfg.views > 1:  # every view of the batch in one forward pass
+                    both = backbone.encode(images.flatten(0, 1)).unflatten(0, (-1, cfg.views)).cpu().numpy()
+                    feats, views = both[:, 0], both[:, 1:]  # (b, D), (b, V-1, D)
+                else:
+                    feats = backbone.encode(images).cpu().numpy()  # (b, D)
             failed = {int(r): e for r, e in zip(batch_rows, errors) if e}
-            writer.write(batch_rows[ok], feats, failed)  # queued; a background thread writes the shard
+            writer.write(batch_rows[ok], feats, failed, views)  # queued; a background thread writes the shard
             done_now += int(ok.sum())
             failed_now += len(failed)
             for r, e in failed.items():
