@@ -92,8 +92,10 @@ class CaptionPairs(Dataset):
             out.extend(part[torch.sort(self.lengths[part], stable=True).indices].split(batch_size))
         return [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
 
-    def gather(self, idx: torch.Tensor, features: torch.Tensor | None = None) -> CaptionBatch:
-        """Batch of pairs `idx` (B,); features looked up by row in `features` (N, D).
+    def gather(self, idx: torch.Tensor, features: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> CaptionBatch:
+        """Batch of pairs `idx` (B,); features looked up by row in `features` (N, D), or in (V, N, D)
+        (V views of each image) from a view drawn at random per pair with `generator`.
 
         Tensor indexing only, no Python loop over captions; lengths and the padded width are read
         on the CPU, so gathering from tensors on a GPU (`to`) never waits for the device.
@@ -102,5 +104,10 @@ class CaptionPairs(Dataset):
         t = int(lengths.max())  # the batch's padded width, read on the CPU
         dev_idx = idx.to(self.inputs.device, non_blocking=True)
         rows = self.rows[dev_idx]
-        return CaptionBatch(features[rows] if features is not None else rows,
+        if features is not None and features.dim() == 3:
+            view = torch.randint(features.shape[0], (len(idx),), generator=generator).to(rows.device, non_blocking=True)
+            feats = features[view, rows]
+        else:
+            feats = features[rows] if features is not None else rows
+        return CaptionBatch(feats,
                             self.inputs[dev_idx, :t], self.targets[dev_idx, :t], lengths)

@@ -59,6 +59,7 @@ class TrainConfig:
     # >0: validate, select and save a per-step exponential moving average of the cross-entropy phase's weights
     # (0.995 ~ the last 200 steps). Flickr8k-mini val CIDEr (greedy, best of 12 epochs) 0.381 -> 0.422
     ema_decay: float = 0.995
+    train_views: bool = True  # cross-entropy: each caption's image from a random cached view, if the cache has several
     length_buckets: int = 16  # batch captions of like length, sorted within runs of this many batches (1 = random)
     select_by: str = "cider"  # best.pt by validation "cider" (greedy decode) or "loss"
     patience: int = 0  # early stop after this many epochs without a better best (0 = never)
@@ -161,7 +162,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     val_set = CaptionPairs(val_records, rows, vocab, cfg.max_caption_len, tokens).to(device)
     features = torch.from_numpy(cache.features).float().to(device)  # (N, D), all in memory once
     done = torch.tensor(sorted(rows.values()), dtype=torch.long, device=device)
-    if not torch.isfinite(features[done]).all():  # HDF5 has no checksums: a damaged file reads as garbage
+    # cross-entropy batches draw each caption's image feature from one of the cached views (stage 1 --views:
+    # centre crop, mirrored, whole image), (V, N, D) kept in the cache's dtype; validation, SCST and
+    # captioning see the centre view only, the one a raw photo gets
+    train_features = features
+    if cfg.train_views and cache.views is not None:
+        train_features = torch.cat([torch.from_numpy(cache.features)[None],
+                                    torch.from_numpy(cache.views).transpose(0, 1)]).to(device)
+    if not (torch.isfinite(features[done]).all() and torch.isfinite(train_features[..., done, :]).all()):
+        # HDF5 has no checksums: a damaged file reads as garbage
         raise CacheError(f"{cfg.features} holds non-finite (nan/inf) features: it is damaged; re-run stage 1")
     backbone = {"name": cache.meta.backbone, "weights": cache.meta.weights,
                 "weights_sha256": cache.meta.weights_sha256 or None, "feature_dim": cache.meta.feature_dim,
@@ -199,7 +208,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             break
         t0 = time.perf_counter()
         if epoch < cfg.epochs:
-            train_loss = _xe_epoch(model, opt, train_set, features, device, cfg, epoch, steps, ema)
+            train_loss = _xe_epoch(model, opt, train_set, train_features, device, cfg, epoch, steps, ema)
         else:  # self-critical fine-tuning of the best cross-entropy model (stage2_decoder/scst.py)
             scst = scst or _start_scst(cfg, run, model, opt, sched, parts["train"], tokens, epoch, device)
             train_loss = -_scst_epoch(cfg, scst, model, opt, features, rows, vocab, epoch)
@@ -256,7 +265,9 @@ def _patience_ran_out(cfg: TrainConfig, best: dict, epochs_done: int) -> bool:
 
 def _xe_epoch(model: CaptionDecoder, opt, train_set: CaptionPairs, features: torch.Tensor, device, cfg: TrainConfig,
               epoch: int, steps: int, ema: AveragedModel | None = None) -> float:
-    """One cross-entropy (teacher-forcing) epoch; returns the mean per-token training loss."""
+    """One cross-entropy (teacher-forcing) epoch; returns the mean per-token training loss.
+
+    `features` (N, D), or (V, N, D) for V cached views of each image, one drawn at random per caption."""
     model.train()
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # order depends on (seed, epoch) only
     batches = train_set.batches(cfg.batch_size, g, cfg.length_buckets)
@@ -270,7 +281,7 @@ def _xe_epoch(model: CaptionDecoder, opt, train_set: CaptionPairs, features: tor
                     disable=not cfg.progress, dynamic_ncols=True):
         if len(idx) < 2:  # BatchNorm cannot train on one sample; this pair is seen in other epochs
             continue
-        b = train_set.gather(idx, features)
+        b = train_set.gather(idx, features, g)
         loss, n = train_step(model, opt, b, device, cfg.grad_clip, cfg.label_smoothing,
                              weight=float(b.lengths.sum()) / tokens_per_batch)
         if ema is not None:
