@@ -2,8 +2,10 @@
 
     .venv/bin/python bench/quality.py [--data ../shared/data] [--datasets coco,flickr8k] [--quick]
 
-For each shared dataset: one MobileNetV2 cache (real ImageNet weights), then on the *test*
-split (never used for model selection) three captioners scored side by side:
+For each shared dataset: one MobileNetV2 cache (real ImageNet weights, stage 1 `--views 4`: the
+centre crop, which the seed recipe, the nearest neighbour and every captioner's test images use,
+plus 3 training views that only our defaults draw from), then on the *test* split (never used for
+model selection) three captioners scored side by side:
   1. the seed recipe: embed 256, hidden 512, 1 layer, no dropout, Adam 1e-3, batch 128,
      5 epochs, vocabulary threshold 4, best = last epoch, greedy decoding (no SCST, no LR schedule);
   2. nearest neighbour: the consensus caption (the reference that agrees most, by CIDEr, with
@@ -34,6 +36,7 @@ from stage2_decoder.evaluate import captions_from_cache, evaluate_captions  # no
 from stage2_decoder.metrics import cider  # noqa: E402
 from stage2_decoder.train import TrainConfig, train  # noqa: E402
 
+VIEWS = 4
 DATASETS = {"coco": ("coco2017-mini/images", "coco2017-mini/captions.json"),
             "flickr8k": ("flickr8k-mini/Images", "flickr8k-mini/captions.txt")}
 
@@ -56,16 +59,18 @@ def nearest_neighbour(cache, records_by_key, train_keys, test_keys) -> dict[str,
 
 def run_dataset(name: str, data: Path, work: Path, quick: bool, seed: int = 0) -> dict:
     images, captions = (data / p for p in DATASETS[name])
-    cache_path = work / f"{name}-mobilenet_v2.h5"
+    views = VIEWS  # stage 1 --views 4: the centre crop (all the seed recipe and the nearest neighbour see) + 3 training views
+    cache_path = work / f"{name}-mobilenet_v2{f'-{views}views' if views > 1 else ''}.h5"
     limit = 80 if quick else None
     t0 = time.perf_counter()
     extract(ExtractConfig(images=str(images), captions=str(captions), out=str(cache_path), backbone="mobilenet_v2",
-                          limit=limit, progress=False, workers=2))
+                          limit=limit, progress=False, workers=2, views=views))
     t_extract = time.perf_counter() - t0
     seed_cfg = TrainConfig(features=str(cache_path), out=str(work / f"{name}-seed"), embed_size=256, hidden_size=512,
                            num_layers=1, dropout=0.0, lr=1e-3, batch_size=128, epochs=1 if quick else 5,
                            vocab_threshold=4, select_by="loss", patience=0, lr_patience=10_000, scst_epochs=0,
                            length_buckets=1, ema_decay=0.0,  # the book's randomly drawn batches, plain weights
+                           train_views=False,  # and the centre crop only
                            seed=seed, progress=False)
     ours_cfg = TrainConfig(features=str(cache_path), out=str(work / f"{name}-ours"), seed=seed, progress=False)
     if quick:
