@@ -470,7 +470,7 @@ class FeatureCache:
     keys: list[str]
     status: np.ndarray  # (N,) uint8
     errors: dict[str, str]
-    views: np.ndarray | None = None  # (N, V-1, D): the extra views, when the cache has them (meta.views > 1)
+    views: np.ndarray | None = None  # (N, V-1, D): the extra views, if asked for and the cache has them
 
     def rows_by_key(self) -> dict[str, int]:
         """key -> row for the rows whose features are valid."""
@@ -502,17 +502,21 @@ def _open(path) -> h5py.File:
 
 
 def load_cache(path: str | os.PathLike, backbone: str | None = None, feature_dim: int | None = None,
-               preprocess: str | None = None) -> FeatureCache:
-    """Load a complete cache into RAM, refusing one made with another backbone/feature size."""
+               preprocess: str | None = None, views: bool = False) -> FeatureCache:
+    """Load a complete cache into RAM, refusing one made with another backbone/feature size.
+
+    `views`: also read the extra views (`FeatureCache.views`) when the cache has them; only
+    training draws from them, so every other reader leaves them on disk.
+    """
     try:
-        return _load_cache(path, backbone, feature_dim, preprocess)
+        return _load_cache(path, backbone, feature_dim, preprocess, views)
     except CacheError:
         raise
     except (OSError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:  # a damaged file, read by h5py
         raise CacheError(f"{path} is corrupt ({type(e).__name__}: {e}); re-run stage 1 to rebuild it") from e
 
 
-def _load_cache(path, backbone, feature_dim, preprocess) -> FeatureCache:
+def _load_cache(path, backbone, feature_dim, preprocess, with_views) -> FeatureCache:
     with _open(path) as f:
         meta = _read_meta(f, path)
         if not bool(f.attrs.get("complete", False)):
@@ -533,7 +537,7 @@ def _load_cache(path, backbone, feature_dim, preprocess) -> FeatureCache:
             keys = [_text(k) for k in f["keys"][:]]
             status = f["status"][:]
             errs = f["errors"][:]
-            views = f["views"][:] if meta.views > 1 else None
+            views = f["views"][:] if with_views and meta.views > 1 else None
         except (KeyError, OSError) as e:
             raise CacheError(f"{path} is corrupt ({e}); re-run stage 1 to rebuild it") from e
     if feats.shape != (len(keys), meta.feature_dim):

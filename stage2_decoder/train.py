@@ -148,7 +148,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     run = Path(cfg.out)
-    cache = load_cache(cfg.features)
+    cache = load_cache(cfg.features, views=cfg.train_views)
     images_dir = Path(os.path.abspath(cfg.images or cache.meta.images_dir))
     if Path(os.path.abspath(run)).is_relative_to(images_dir):
         raise ValueError(f"--out {run} is inside the images folder {images_dir}; write the run elsewhere")

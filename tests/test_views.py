@@ -39,7 +39,8 @@ def test_cache_round_trip_with_views(tmp_path):
     with pytest.raises(ValueError, match="views"):
         w.write(np.array([0]), feats[[0]])  # a 3-view cache needs the extra views
     w.finish()
-    c = load_cache(out)
+    assert load_cache(out).views is None  # left on disk unless asked for
+    c = load_cache(out, views=True)
     assert c.meta.views == 3
     np.testing.assert_array_equal(c.features, feats)
     np.testing.assert_array_equal(c.views, views)
@@ -51,7 +52,7 @@ def test_cache_from_before_views_reads_as_one_view(tmp_path):
     with h5py.File(out, "a") as f:
         del f.attrs["views"]  # as every cache written before views existed
     assert read_meta(out).views == 1
-    c = load_cache(out)
+    c = load_cache(out, views=True)
     assert c.views is None
     np.testing.assert_array_equal(c.features, feats)
 
@@ -70,7 +71,7 @@ def test_extracted_views_are_the_encoded_views(coco_dir, mobilenet, tmp_path):
     extract(ExtractConfig(images=str(coco_dir / "images"), captions=str(coco_dir / "captions.json"), out=str(out),
                           backbone="mobilenet_v2", batch_size=3, workers=0, device="cpu", limit=4, views=4,
                           progress=False))
-    c = load_cache(out)
+    c = load_cache(out, views=True)
     assert c.views.shape == (4, 3, mobilenet.feature_dim)
     from common.datasets import load_coco
     recs = {r.key: r for r in load_coco(coco_dir / "captions.json", coco_dir / "images")}
