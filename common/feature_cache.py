@@ -114,9 +114,17 @@ def _read_meta(f: h5py.File, path) -> CacheMeta:
     if version != SCHEMA_VERSION:
         raise CacheError(f"{path} has cache schema version {version}, this capcache reads version "
                          f"{SCHEMA_VERSION}: re-run stage 1 (make features) to rebuild it")
+
+    def attr(name: str):  # `name in a` itself raises RuntimeError on a damaged attribute table
+        try:
+            return _plain(a[name])
+        except KeyError:
+            if name in CacheMeta.OPTIONAL:
+                return CacheMeta.OPTIONAL[name]
+            raise
+
     try:
-        return CacheMeta(**{fl.name: _plain(a[fl.name] if fl.name in a or fl.name not in CacheMeta.OPTIONAL
-                                            else CacheMeta.OPTIONAL[fl.name]) for fl in fields(CacheMeta)})
+        return CacheMeta(**{fl.name: attr(fl.name) for fl in fields(CacheMeta)})
     except KeyError as e:
         raise CacheError(f"{path} lacks the cache attribute {e}") from e
 
