@@ -169,8 +169,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.train_views and cache.views is not None:
         train_features = torch.cat([torch.from_numpy(cache.features)[None],
                                     torch.from_numpy(cache.views).transpose(0, 1)]).to(device)
-    if not (torch.isfinite(features[done]).all() and torch.isfinite(train_features[..., done, :]).all()):
-        # HDF5 has no checksums: a damaged file reads as garbage
+    # train_features holds the centre view itself (or is `features`): one check covers both
+    if not torch.isfinite(train_features[..., done, :]).all():  # HDF5 has no checksums: a damaged file reads as garbage
         raise CacheError(f"{cfg.features} holds non-finite (nan/inf) features: it is damaged; re-run stage 1")
     backbone = {"name": cache.meta.backbone, "weights": cache.meta.weights,
                 "weights_sha256": cache.meta.weights_sha256 or None, "feature_dim": cache.meta.feature_dim,
