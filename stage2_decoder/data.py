@@ -104,10 +104,15 @@ class CaptionPairs(Dataset):
         t = int(lengths.max())  # the batch's padded width, read on the CPU
         dev_idx = idx.to(self.inputs.device, non_blocking=True)
         rows = self.rows[dev_idx]
-        if features is not None and features.dim() == 3:
-            view = torch.randint(features.shape[0], (len(idx),), generator=generator).to(rows.device, non_blocking=True)
-            feats = features[view, rows]
-        else:
-            feats = features[rows] if features is not None else rows
+        feats = view_rows(features, rows, generator) if features is not None else rows
         return CaptionBatch(feats,
                             self.inputs[dev_idx, :t], self.targets[dev_idx, :t], lengths)
+
+
+def view_rows(features: torch.Tensor, rows: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`features[rows]` from (N, D), or from (V, N, D) (V cached views of each image) with one view
+    per row drawn at random with `generator` (no draw at all from (N, D))."""
+    if features.dim() == 3:
+        view = torch.randint(features.shape[0], (len(rows),), generator=generator).to(rows.device, non_blocking=True)
+        return features[view, rows]
+    return features[rows]

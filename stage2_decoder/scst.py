@@ -19,6 +19,7 @@ from collections import Counter, defaultdict
 import torch
 
 from common.tokenizer import tokenize
+from stage2_decoder.data import view_rows
 from stage2_decoder.decode import END_ID, START_ID
 from stage2_decoder.model import CaptionDecoder
 
@@ -110,14 +111,18 @@ def scst_loss(model: CaptionDecoder, features: torch.Tensor, keys: list[str], sc
 def scst_epoch(model: CaptionDecoder, opt: torch.optim.Optimizer, features: torch.Tensor, rows: dict[str, int],
                scorer: CiderD, itos: list[str], batch_images: int, generator: torch.Generator, k: int = 5,
                grad_clip: float = 5.0, max_batches: int | None = None, progress=None) -> float:
-    """One pass of SCST over the scorer's images (in a seeded random order); returns the mean reward."""
+    """One pass of SCST over the scorer's images (in a seeded random order); returns the mean reward.
+
+    `features` (N, D), or (V, N, D) for V cached views: then each image of a batch gets a random one."""
     model.eval()  # BatchNorm keeps its running statistics; gradients still flow
     keys = scst_keys(scorer, rows)
     order = torch.randperm(len(keys), generator=generator).tolist()
     total, batches = 0.0, 0
     for s in range(0, len(order), batch_images):
         chunk = [keys[i] for i in order[s:s + batch_images]]
-        feats = features[torch.tensor([rows[key] for key in chunk], device=features.device)]
+        # (V, N, D) features: each image of the batch from a random cached view (--scst-views)
+        feats = view_rows(features, torch.tensor([rows[key] for key in chunk], device=features.device), generator)
+        feats = feats.float()
         loss, reward = scst_loss(model, feats, chunk, scorer, itos, k)
         opt.zero_grad(set_to_none=True)
         loss.backward()

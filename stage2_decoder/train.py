@@ -69,6 +69,7 @@ class TrainConfig:
     # Flickr8k-mini val CIDEr (greedy) from the EMA model's 0.422, first SCST epoch: 0.461 at 1e-4 (batch 128);
     # 0.438 at 5e-5 with 4x the steps (batch 32); later epochs only raised the training reward (overfitting)
     scst_lr: float = 1e-4
+    scst_views: bool = False  # SCST: each image's feature from a random cached view too (as --train-views does)
     scst_samples: int = 5  # captions sampled per image; each one's baseline is the mean of the others
     val_images: int = 500  # validation images greedy-decoded for CIDEr each epoch (0 = all)
     seed: int = 0
@@ -211,7 +212,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             train_loss = _xe_epoch(model, opt, train_set, train_features, device, cfg, epoch, steps, ema)
         else:  # self-critical fine-tuning of the best cross-entropy model (stage2_decoder/scst.py)
             scst = scst or _start_scst(cfg, run, model, opt, sched, parts["train"], tokens, epoch, device)
-            train_loss = -_scst_epoch(cfg, scst, model, opt, features, rows, vocab, epoch)
+            scst_features = train_features if cfg.scst_views else features
+            train_loss = -_scst_epoch(cfg, scst, model, opt, scst_features, rows, vocab, epoch)
         averaged = ema is not None and epoch < cfg.epochs
         saved = ema.module if averaged else model
         if not math.isfinite(train_loss):

@@ -117,22 +117,78 @@ def _with_views(src, dst, views: np.ndarray):
         f.attrs["views"] = views.shape[1] + 1
 
 
-def test_training_draws_the_cached_views(shared_cache, tmp_path):
+@pytest.fixture
+def view_caches(shared_cache, tmp_path):
+    """(same, other): the shared cache plus 3 extra views equal to the centre one (training must not
+    change), or holding other images' features (training must change)."""
+    feats = load_cache(shared_cache).features
+    same, other = tmp_path / "same.h5", tmp_path / "other.h5"
+    _with_views(shared_cache, same, np.repeat(feats[:, None], 3, axis=1))
+    _with_views(shared_cache, other, np.repeat(np.roll(feats, 1, axis=0)[:, None], 3, axis=1))
+    return same, other
+
+
+def _train_tiny(cache, tmp_path, **kw) -> list[dict]:
     from stage2_decoder.train import TrainConfig, train
 
-    feats = load_cache(shared_cache).features
-    same = tmp_path / "same.h5"  # extra views equal to the centre one: training must not change
-    _with_views(shared_cache, same, np.repeat(feats[:, None], 3, axis=1))
-    other = tmp_path / "other.h5"  # extra views of other images: training must change
-    _with_views(shared_cache, other, np.repeat(np.roll(feats, 1, axis=0)[:, None], 3, axis=1))
+    r = train(TrainConfig(**{"features": str(cache), "out": str(tmp_path / f"run{len(list(tmp_path.iterdir()))}"),
+                             "epochs": 1, "scst_epochs": 0, "batch_size": 16, "val_images": 4, "dry_run": True,
+                             "progress": False, **kw}))
+    return r.history
+
+
+def test_training_draws_the_cached_views(shared_cache, view_caches, tmp_path):
+    same, other = view_caches
 
     def loss(cache, **kw):
-        r = train(TrainConfig(features=str(cache), out=str(tmp_path / f"run{len(list(tmp_path.iterdir()))}"),
-                              epochs=1, scst_epochs=0, batch_size=16, val_images=4, dry_run=True, progress=False,
-                              **kw))
-        return r.history[0]["train_loss"]
+        return _train_tiny(cache, tmp_path, **kw)[0]["train_loss"]
 
     base = loss(shared_cache)
     assert loss(same) == base
     assert loss(other) != base
     assert loss(other, train_views=False) == base  # --train-views false: the centre view only
+
+
+def test_self_critical_training_gets_the_views_only_when_asked(view_caches, tmp_path, monkeypatch):
+    import stage2_decoder.scst as scst
+
+    shapes = []
+
+    def fake_epoch(model, opt, features, *a, **kw):
+        shapes.append(tuple(features.shape))
+        return 0.5
+
+    monkeypatch.setattr(scst, "scst_epoch", fake_epoch)
+    _, other = view_caches
+    for scst_views in (False, True):
+        assert _train_tiny(other, tmp_path, scst_epochs=1, scst_views=scst_views)[-1]["phase"] == "scst"
+    n, d = load_cache(other).features.shape
+    assert shapes == [(n, d), (4, n, d)]  # --scst-views: the centre crop and the 3 cached views
+
+
+def test_scst_epoch_draws_one_view_per_image():
+    import stage2_decoder.scst as scst
+
+    n, v = 12, 4
+    feats = (torch.arange(v)[:, None, None] * 100 + torch.arange(n)[None, :, None]).expand(v, n, 3).half()
+    rows = {f"k{i}": i for i in range(n)}
+    scorer = type("Refs", (), {"refs": {k: [["a"]] for k in rows}})()
+    seen = []
+
+    def fake_loss(model, f, keys, *a, **kw):
+        seen.append((f, keys))
+        return model.weight.sum() * 0, 1.0
+
+    model = torch.nn.Linear(3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(scst, "scst_loss", fake_loss)
+        scst.scst_epoch(model, opt, feats, rows, scorer, [], 5, torch.Generator().manual_seed(0))
+        got = torch.cat([f for f, _ in seen])
+        keys = [k for _, ks in seen for k in ks]
+        assert got.dtype == torch.float32 and sorted(keys) == sorted(rows)  # every image once, as float32
+        assert torch.equal(got[:, 0] % 100, torch.tensor([float(rows[k]) for k in keys]))  # its own image
+        assert len(set((got[:, 0] // 100).tolist())) > 1 and (got == got[:, :1]).all()  # several views, one each
+        seen.clear()
+        scst.scst_epoch(model, opt, feats[0], rows, scorer, [], 5, torch.Generator().manual_seed(0))
+        assert torch.equal(torch.cat([f for f, _ in seen])[:, 0], torch.tensor([float(rows[k]) for k in keys]))
