@@ -120,9 +120,8 @@ def scst_epoch(model: CaptionDecoder, opt: torch.optim.Optimizer, features: torc
     total, batches = 0.0, 0
     for s in range(0, len(order), batch_images):
         chunk = [keys[i] for i in order[s:s + batch_images]]
-        # (V, N, D) features: each image of the batch from a random cached view (--scst-views)
-        feats = view_rows(features, torch.tensor([rows[key] for key in chunk], device=features.device), generator)
-        feats = feats.float()
+        batch_rows = torch.tensor([rows[key] for key in chunk], device=features.device)
+        feats = view_rows(features, batch_rows, generator).float()  # cached views are in the cache's float16
         loss, reward = scst_loss(model, feats, chunk, scorer, itos, k)
         opt.zero_grad(set_to_none=True)
         loss.backward()

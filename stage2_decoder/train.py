@@ -69,7 +69,7 @@ class TrainConfig:
     # Flickr8k-mini val CIDEr (greedy) from the EMA model's 0.422, first SCST epoch: 0.461 at 1e-4 (batch 128);
     # 0.438 at 5e-5 with 4x the steps (batch 32); later epochs only raised the training reward (overfitting)
     scst_lr: float = 1e-4
-    scst_views: bool = False  # SCST: each image's feature from a random cached view too (as --train-views does)
+    scst_views: bool = False  # SCST: each image's feature from a random cached view (as --train-views does)
     scst_samples: int = 5  # captions sampled per image; each one's baseline is the mean of the others
     val_images: int = 500  # validation images greedy-decoded for CIDEr each epoch (0 = all)
     seed: int = 0
@@ -149,7 +149,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     run = Path(cfg.out)
-    cache = load_cache(cfg.features, views=cfg.train_views)
+    cache = load_cache(cfg.features, views=cfg.train_views or cfg.scst_views)
     images_dir = Path(os.path.abspath(cfg.images or cache.meta.images_dir))
     if Path(os.path.abspath(run)).is_relative_to(images_dir):
         raise ValueError(f"--out {run} is inside the images folder {images_dir}; write the run elsewhere")
@@ -163,15 +163,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     val_set = CaptionPairs(val_records, rows, vocab, cfg.max_caption_len, tokens).to(device)
     features = torch.from_numpy(cache.features).float().to(device)  # (N, D), all in memory once
     done = torch.tensor(sorted(rows.values()), dtype=torch.long, device=device)
-    # cross-entropy batches draw each caption's image feature from one of the cached views (stage 1 --views:
-    # centre crop, mirrored, whole image), (V, N, D) kept in the cache's dtype; validation, SCST and
-    # captioning see the centre view only, the one a raw photo gets
-    train_features = features
-    if cfg.train_views and cache.views is not None:
-        train_features = torch.cat([torch.from_numpy(cache.features)[None],
-                                    torch.from_numpy(cache.views).transpose(0, 1)]).to(device)
-    # train_features holds the centre view itself (or is `features`): one check covers both
-    if not torch.isfinite(train_features[..., done, :]).all():  # HDF5 has no checksums: a damaged file reads as garbage
+    # with --train-views (--scst-views) cross-entropy (SCST) batches draw each image feature from one of the
+    # cached views (stage 1 --views: centre crop, mirrored, whole image), (V, N, D) kept in the cache's dtype;
+    # validation and captioning see the centre view only, the one a raw photo gets
+    all_views = features
+    if cache.views is not None:  # loaded only when one of the two asks for it
+        all_views = torch.cat([torch.from_numpy(cache.features)[None],
+                               torch.from_numpy(cache.views).transpose(0, 1)]).to(device)
+    train_features = all_views if cfg.train_views else features
+    scst_features = all_views if cfg.scst_views else features
+    # all_views holds the centre view itself (or is `features`): one check covers both
+    if not torch.isfinite(all_views[..., done, :]).all():  # HDF5 has no checksums: a damaged file reads as garbage
         raise CacheError(f"{cfg.features} holds non-finite (nan/inf) features: it is damaged; re-run stage 1")
     backbone = {"name": cache.meta.backbone, "weights": cache.meta.weights,
                 "weights_sha256": cache.meta.weights_sha256 or None, "feature_dim": cache.meta.feature_dim,
@@ -212,7 +214,6 @@ def train(cfg: TrainConfig) -> TrainResult:
             train_loss = _xe_epoch(model, opt, train_set, train_features, device, cfg, epoch, steps, ema)
         else:  # self-critical fine-tuning of the best cross-entropy model (stage2_decoder/scst.py)
             scst = scst or _start_scst(cfg, run, model, opt, sched, parts["train"], tokens, epoch, device)
-            scst_features = train_features if cfg.scst_views else features
             train_loss = -_scst_epoch(cfg, scst, model, opt, scst_features, rows, vocab, epoch)
         averaged = ema is not None and epoch < cfg.epochs
         saved = ema.module if averaged else model

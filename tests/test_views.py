@@ -160,10 +160,12 @@ def test_self_critical_training_gets_the_views_only_when_asked(view_caches, tmp_
 
     monkeypatch.setattr(scst, "scst_epoch", fake_epoch)
     _, other = view_caches
-    for scst_views in (False, True):
-        assert _train_tiny(other, tmp_path, scst_epochs=1, scst_views=scst_views)[-1]["phase"] == "scst"
+    for scst_views, train_views in ((False, True), (True, True), (True, False)):
+        h = _train_tiny(other, tmp_path, scst_epochs=1, scst_views=scst_views, train_views=train_views)
+        assert h[-1]["phase"] == "scst"
     n, d = load_cache(other).features.shape
-    assert shapes == [(n, d), (4, n, d)]  # --scst-views: the centre crop and the 3 cached views
+    # --scst-views: the centre crop and the 3 cached views, whether cross-entropy draws them or not
+    assert shapes == [(n, d), (4, n, d), (4, n, d)]
 
 
 def test_scst_epoch_draws_one_view_per_image():
