@@ -56,3 +56,25 @@ def test_quality_ratio_interval_brackets_the_ratio_and_narrows_with_agreement():
     # only images both sides scored are paired
     lo2, hi2 = ratio_interval(noisy, {"images": other["images"][:150]})
     assert (lo2, hi2) != (lo, hi)
+
+
+def test_quality_mean_of_runs_averages_metrics_and_each_image():
+    sys.path.insert(0, str(REPO / "bench"))
+    from quality import mean_of_runs, ratio_interval
+
+    def report(ciders, bleu, distinct):
+        return {"metrics": {"CIDEr": sum(ciders) / len(ciders), "BLEU-4": bleu},
+                "stats": {"distinct_fraction": distinct, "most_common_fraction": 0.1},
+                "images": [{"key": k, "cider": c} for k, c in zip("abc", ciders)]}
+
+    runs = [report([0.3, 0.6, 0.9], 0.2, 0.8), report([0.1, 0.2, 0.6], 0.1, 0.6)]
+    m = mean_of_runs(runs)
+    assert m["runs"] == pytest.approx([0.6, 0.3])
+    assert m["metrics"]["CIDEr"] == pytest.approx(0.45) and m["metrics"]["BLEU-4"] == pytest.approx(0.15)
+    assert m["stats"]["distinct_fraction"] == pytest.approx(0.7)
+    assert [i["cider"] for i in m["images"]] == pytest.approx([0.2, 0.4, 0.75])
+    # the corpus CIDEr stays the mean of the per-image scores, so the bootstrap pairs the right figures
+    assert m["metrics"]["CIDEr"] == pytest.approx(sum(i["cider"] for i in m["images"]) / 3)
+    ours = report([0.5, 0.7, 1.6], 0.3, 0.9)
+    lo, hi = ratio_interval(ours, m)
+    assert lo <= ours["metrics"]["CIDEr"] / m["metrics"]["CIDEr"] <= hi
