@@ -16,9 +16,6 @@ import click
 import torch
 from tqdm import tqdm
 
-from stage2_decoder.decode import DecodeConfig
-
-DEFAULT_VIEWS = DecodeConfig.views
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FIRST_CHUNK = 4  # images in the first batch of a folder (time to the first caption)
 
@@ -46,25 +43,16 @@ class Captioner:
                                 f"(feature size or preprocessing differ)")
         return cls(backbone, decoder, vocab)
 
-    def features(self, paths: list[str], views: int = 1) -> torch.Tensor:
-        """Raw image files -> (B, D) features, exactly as stage 1 computes them, or (B, V, D) for
-        their first `views` views (common.backbones.VIEWS). Raises ImageError."""
-        from common.backbones import load_image_views
+    def features(self, paths: list[str]) -> torch.Tensor:
+        """Raw image files -> (B, D) features, exactly as stage 1 computes them. Raises ImageError."""
+        from common.backbones import load_image_u8
 
-        return self.encode_views(torch.stack([load_image_views(p, self.backbone.preprocess, views) for p in paths]))
-
-    def encode_views(self, images_u8: torch.Tensor) -> torch.Tensor:
-        """(B, V, 3, H, W) uint8 views -> (B, V, D) features, or (B, D) when V is 1; (B, 3, H, W) -> (B, D)."""
-        if images_u8.dim() == 4:
-            return self.backbone.encode(images_u8)
-        b, v = images_u8.shape[:2]
-        feats = self.backbone.encode(images_u8.flatten(0, 1)).view(b, v, -1)  # one forward pass for all views
-        return feats[:, 0] if v == 1 else feats
+        batch = torch.stack([load_image_u8(p, self.backbone.preprocess) for p in paths])
+        return self.backbone.encode(batch)
 
     def caption_features(self, feats: torch.Tensor, beam_size: int = 3, max_len: int = 20,
                          decode_cfg=None) -> list[str]:
-        """(B, D) features, or (B, V, D) views of each image -> captions; `decode_cfg` (DecodeConfig)
-        overrides beam_size/max_len."""
+        """(B, D) features -> captions; `decode_cfg` (DecodeConfig) overrides beam_size/max_len."""
         from stage2_decoder.decode import DecodeConfig, decode
 
         cfg = decode_cfg or DecodeConfig(beam_size=beam_size, max_len=max_len)
@@ -101,9 +89,8 @@ def caption_paths(cap: Captioner, paths: list[str], beam_size: int = 3, max_len:
                   progress: bool = False, decode_cfg=None, nbest: bool = False):
     """Yield (path, caption or None, error or None) for each path, batching the readable ones.
     With `nbest` (needs `decode_cfg`) the caption is the beam's [(caption, score)] list, best first."""
-    from common.backbones import ImageError, load_image_views
+    from common.backbones import ImageError, load_image_u8
 
-    views = decode_cfg.views if decode_cfg is not None else 1
     bar = tqdm(total=len(paths), unit="img", desc="caption", disable=not progress, leave=False)
     # a small first chunk, so a folder's first caption prints after a few images rather than a whole
     # batch (bench/caption.py: cold start); full batches after it
@@ -113,13 +100,13 @@ def caption_paths(cap: Captioner, paths: list[str], beam_size: int = 3, max_len:
         good, tensors, errors = [], [], {}
         for p in chunk:
             try:
-                tensors.append(load_image_views(p, cap.backbone.preprocess, views))  # (V, 3, H, W)
+                tensors.append(load_image_u8(p, cap.backbone.preprocess))
                 good.append(p)
             except ImageError as e:
                 errors[p] = str(e)
         captions = {}
         if tensors:
-            feats = cap.encode_views(torch.stack(tensors))  # (B, D) or (B, V, D)
+            feats = cap.backbone.encode(torch.stack(tensors))
             out = (cap.caption_features_nbest(feats, decode_cfg) if nbest
                    else cap.caption_features(feats, beam_size, max_len, decode_cfg))
             captions = dict(zip(good, out))
@@ -139,21 +126,19 @@ def caption_paths(cap: Captioner, paths: list[str], beam_size: int = 3, max_len:
               help="Beam score = log p / length ** this (0 = plain sum).")
 @click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=0, show_default=True,
               help="Forbid repeating n-grams of this size (0 = off).")
-@click.option("--views", type=click.IntRange(1, 4), default=DEFAULT_VIEWS, show_default=True,
-              help="Test-time views: decode from the mean word distribution of the centre crop (1), "
-                   "+ mirrored (2), + whole photo (3), + mirrored (4).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--weights", default=None, help="Backbone weights file, if it moved since extraction.")
 @click.option("--json", "as_json", is_flag=True, help='Print a JSON list of {"image", "caption"}.')
 @click.option("--save-figure", "figure_dir", type=click.Path(file_okay=False), default=None,
               help="Also write DIR/<image>.png: the photo, its caption and (beam > 1) the alternatives with scores.")
-def main(images, checkpoint, beam_size, max_len, min_len, length_penalty, no_repeat_ngram, views, batch_size, device,
+def main(images, checkpoint, beam_size, max_len, min_len, length_penalty, no_repeat_ngram, batch_size, device,
          weights, as_json, figure_dir):
     """Caption image files (or every image in a folder)."""
     from common.cli import run_guarded
+    from stage2_decoder.decode import DecodeConfig
 
-    dcfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram, views)
+    dcfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
 
     def work():
         cap = Captioner.from_checkpoint(checkpoint, device, weights)

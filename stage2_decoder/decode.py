@@ -1,7 +1,6 @@
 """Greedy and beam-search decoding of a trained CaptionDecoder (call in eval mode)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -18,22 +17,18 @@ class DecodeConfig:
     min_len: int = 1  # words before <end> may be chosen
     length_penalty: float = 0.7  # beam score = sum log p / len ** length_penalty (0 = plain sum)
     no_repeat_ngram: int = 0  # forbid repeating any n-gram of this size (0 = off)
-    # test-time views: decode from the mean next-word distribution of an image's first `views` views
-    # (common.backbones.VIEWS: centre crop, mirrored, whole photo, mirrored; the ones stage 1 caches)
-    views: int = 1
 
 
 @torch.inference_mode()
 def greedy(model: CaptionDecoder, features: torch.Tensor, max_len: int = 20, min_len: int = 0) -> list[list[int]]:
-    """features (B, D) or (B, V, D) -> per image, the word ids up to (not including) <end>."""
-    model = _for_views(model, features)
+    """features (B, D) -> per image, the word ids up to (not including) <end>."""
     state = model.init_state(features)
     b = features.shape[0]
     tokens = torch.full((b,), START_ID, dtype=torch.long, device=features.device)
     out = torch.zeros(b, max_len, dtype=torch.long, device=features.device)
     finished = torch.zeros(b, dtype=torch.bool, device=features.device)
     for t in range(max_len):
-        logp, state = model.step(tokens, state)  # (B, W)
+        logp, state = model.step(tokens, state)  # (B, V)
         if t < min_len:
             logp[:, END_ID] = float("-inf")
         tokens = logp.argmax(-1)
@@ -44,45 +39,12 @@ def greedy(model: CaptionDecoder, features: torch.Tensor, max_len: int = 20, min
     return [_until_end(row) for row in out.tolist()]
 
 
-def _for_views(model, features: torch.Tensor):
-    return ViewEnsemble(model, features.shape[1]) if features.dim() == 3 else model
-
-
 def _until_end(ids: list[int]) -> list[int]:
     return ids[: ids.index(END_ID)] if END_ID in ids else ids
 
 
-class ViewEnsemble:
-    """Decode from V views of each image at once: features (B, V, D); each step's next-word
-    distribution is the mean of the V views' distributions (one LSTM state per view).
-
-    It has the decoder's decoding interface (`init_state`, `step`), so greedy and beam search run
-    on it unchanged: the V states of an image travel side by side in the hidden dimension,
-    (L, B, V*H), and every view of a beam receives the same chosen word.
-    """
-
-    def __init__(self, model: CaptionDecoder, views: int):
-        self.model, self.views = model, views
-
-    def init_state(self, features: torch.Tensor):
-        b, v, d = features.shape  # (B, V, D)
-        h, c = self.model.init_state(features.reshape(b * v, d))  # (L, B*V, H), image-major
-        return h.reshape(h.shape[0], b, -1), c.reshape(c.shape[0], b, -1)  # (L, B, V*H)
-
-    def step(self, tokens: torch.Tensor, state):
-        h, c = state
-        n_layers, b, vh = h.shape
-        v = self.views
-        per_view = (h.reshape(n_layers, b * v, vh // v), c.reshape(n_layers, b * v, vh // v))
-        logp, (h, c) = self.model.step(tokens.repeat_interleave(v), per_view)  # (B*V, W)
-        logp = torch.logsumexp(logp.view(b, v, -1), dim=1) - math.log(v)  # log of the mean probability (B, W)
-        return logp, (h.reshape(n_layers, b, vh), c.reshape(n_layers, b, vh))
-
-
 def decode(model: CaptionDecoder, features: torch.Tensor, cfg: DecodeConfig) -> list[list[int]]:
-    """Greedy when beam_size == 1 (and no n-gram blocking), beam search otherwise.
-
-    `features` (B, D), or (B, V, D) for V views of each image, decoded as one (ViewEnsemble)."""
+    """Greedy when beam_size == 1 (and no n-gram blocking), beam search otherwise."""
     if cfg.beam_size == 1 and cfg.no_repeat_ngram == 0:
         return greedy(model, features, cfg.max_len, cfg.min_len)
     return [hyps[0][0] for hyps in beam_search_nbest(model, features, cfg)]
@@ -98,10 +60,7 @@ def beam_search(model: CaptionDecoder, features: torch.Tensor, beam_size: int = 
 @torch.inference_mode()
 def beam_search_nbest(model: CaptionDecoder, features: torch.Tensor, cfg: DecodeConfig
                       ) -> list[list[tuple[list[int], float]]]:
-    """Batched beam search: per image, up to beam_size (ids, normalised score), best first.
-
-    `features` (B, D), or (B, V, D): V views of each image decoded as one (ViewEnsemble)."""
-    model = _for_views(model, features)
+    """Batched beam search: per image, up to beam_size (ids, normalised score), best first."""
     b, k, dev = features.shape[0], cfg.beam_size, features.device
     h, c = model.init_state(features)  # (L, B, H)
     state = (h.repeat_interleave(k, dim=1), c.repeat_interleave(k, dim=1))  # (L, B*k, H)

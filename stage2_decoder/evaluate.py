@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -26,16 +25,11 @@ from stage2_decoder.decode import DecodeConfig
 
 def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_override: dict | None = None,
                         decode_cfg: DecodeConfig | None = None) -> tuple[dict[str, str], list[ImageRecord]]:
-    """Decode the split's images from the cache. Returns ({key: caption}, records).
-
-    With test-time views (`decode_cfg.views` > 1) the cached views are decoded together; a cache
-    holding fewer (stage 1 `--views`) gives what it has, with a note on stderr."""
+    """Decode the split's images from the cache. Returns ({key: caption}, records)."""
     from common.feature_cache import load_cache
 
     bb = ckpt["backbone"]
-    want = decode_cfg.views if decode_cfg is not None else 1
-    cache = load_cache(features, backbone=bb["name"], feature_dim=bb["feature_dim"], preprocess=bb["preprocess"],
-                       views=want > 1)
+    cache = load_cache(features, backbone=bb["name"], feature_dim=bb["feature_dim"], preprocess=bb["preprocess"])
     keys = (ckpt.get("split") or {}).get(split)
     if keys is None:
         raise ValueError(f"the checkpoint records no {split!r} split; evaluate raw images instead")
@@ -47,15 +41,7 @@ def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_over
     keys = [k for k in keys if k in rows and k in recs]
     if not keys:
         raise ValueError(f"no image of the {split!r} split has features in {features}")
-    idx = [rows[k] for k in keys]
-    feats = torch.from_numpy(cache.features[idx]).float()  # (n, D): the centre view
-    if want > 1:
-        have = min(want, cache.meta.views)
-        if have < want:
-            tqdm.write(f"note: {features} holds {cache.meta.views} view(s) of each image; decoding from "
-                       f"{have}, not {want} (stage 1 --views {want} caches more)", file=sys.stderr)
-        if have > 1:  # (n, V, D): the centre view, then the cached extra ones
-            feats = torch.cat([feats[:, None], torch.from_numpy(cache.views[idx, :have - 1]).float()], 1)
+    feats = torch.from_numpy(cache.features[[rows[k] for k in keys]]).float()
     return _decode_all(cap, keys, feats, decode_cfg), [recs[k] for k in keys]
 
 
@@ -67,16 +53,15 @@ def captions_from_images(cap, records: list[ImageRecord], workers: int = 2, batc
 
     from common.backbones import ImageRows
 
-    views = decode_cfg.views if decode_cfg is not None else 1
-    loader = DataLoader(ImageRows(list(enumerate(r.path for r in records)), cap.backbone.preprocess, views),
+    loader = DataLoader(ImageRows(list(enumerate(r.path for r in records)), cap.backbone.preprocess),
                         batch_size=batch_size, num_workers=workers)
-    feats = torch.zeros(len(records), views, cap.backbone.feature_dim).squeeze(1)  # (N, D) or (N, V, D)
+    feats = torch.zeros(len(records), cap.backbone.feature_dim)
     ok = np.zeros(len(records), dtype=bool)
     errors = {}
     for rows, images, errs in tqdm(loader, desc="encode", unit="batch", disable=not progress, leave=False):
         good = torch.tensor([not e for e in errs])
         if good.any():
-            feats[rows[good]] = cap.encode_views(images[good]).cpu()
+            feats[rows[good]] = cap.backbone.encode(images[good]).cpu()
             ok[rows[good].numpy()] = True
         for r, e in zip(rows.tolist(), errs):
             if e:
@@ -138,9 +123,6 @@ def format_table(report: dict) -> str:
 @click.option("--min-len", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--length-penalty", type=float, default=0.7, show_default=True)
 @click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--views", type=click.IntRange(1, 4), default=DecodeConfig.views, show_default=True,
-              help="Test-time views: decode from the mean word distribution of the centre crop (1), "
-                   "+ mirrored (2), + whole photo (3), + mirrored (4).")
 @click.option("--spice", is_flag=True, help="Also try SPICE (needs a download on first use).")
 @click.option("--workers", type=click.IntRange(min=0), default=min(2, os.cpu_count() or 1), show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -148,7 +130,7 @@ def format_table(report: dict) -> str:
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None,
               help="Write a self-contained HTML gallery: metrics, then every photo with its captions and CIDEr.")
 def main(checkpoint, features, split, dataset, images, captions, limit, beam_size, max_len, min_len, length_penalty,
-         no_repeat_ngram, views, spice, workers, device, json_out, html_out):
+         no_repeat_ngram, spice, workers, device, json_out, html_out):
     """Score a checkpoint with BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE where it runs)."""
     from stage2_decoder.caption import Captioner
     from stage2_decoder.checkpoint import load_checkpoint
@@ -164,7 +146,7 @@ def main(checkpoint, features, split, dataset, images, captions, limit, beam_siz
             from common.feature_cache import read_meta
             read_meta(features)
         cap = Captioner.from_checkpoint(checkpoint, device)
-        dcfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram, views)
+        dcfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
         errors = {}
         if raw:
             recs = load_dataset(dataset or "auto", captions, images, limit)
