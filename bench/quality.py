@@ -160,7 +160,7 @@ def table(name: str, out: dict) -> str:
                       f"(95% bootstrap interval over test images {lo:.2f}-{hi:.2f})")
     runs = out["results"]["seed recipe"].get("runs", [])
     if len(runs) > 1:
-        ratios.append(f"against the seed recipe's single runs {c['ours (default)'] / max(runs):.2f}x (its best run)"
+        ratios.append(f"against the seed recipe's single runs {c['ours (default)'] / max(max(runs), 1e-9):.2f}x (its best run)"
                       f" to {c['ours (default)'] / max(min(runs), 1e-9):.2f}x (its worst)")
     rows += ["", "CIDEr " + "; ".join(ratios), "", f"timings: {out['timings']}"]
     return "\n".join(rows)

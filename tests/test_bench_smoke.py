@@ -5,6 +5,8 @@ checked is that each script runs the real pipeline, measures, and reports every 
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -78,3 +80,19 @@ def test_quality_mean_of_runs_averages_metrics_and_each_image():
     ours = report([0.5, 0.7, 1.6], 0.3, 0.9)
     lo, hi = ratio_interval(ours, m)
     assert lo <= ours["metrics"]["CIDEr"] / m["metrics"]["CIDEr"] <= hi
+
+
+def test_quality_quick_mode_scores_the_seed_recipe_as_a_mean_of_runs(data_dir, coco_dir, tmp_path):
+    out = tmp_path / "q.json"
+    p = subprocess.run([sys.executable, "bench/quality.py", "--quick", "--datasets", "coco", "--seed-runs", "2",
+                        "--data", str(data_dir), "--work", str(tmp_path / "work"), "--json", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": TEST_THREADS})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "mean of 2 training seeds" in p.stdout and "its worst" in p.stdout
+    report = json.loads(out.read_text())["coco"]
+    assert {"seed recipe", "nearest neighbour", "ours (default)"} <= set(report["metrics"])
+    assert sorted(k for k in report["timings"] if k.startswith("train seed recipe")) == \
+        ["train seed recipe seed 0 s", "train seed recipe seed 1 s"]
+    assert (tmp_path / "work" / "coco-seed" / "last.pt").is_file()  # the first run keeps the old directory
+    assert (tmp_path / "work" / "coco-seed-s1" / "last.pt").is_file()
