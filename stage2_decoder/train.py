@@ -61,7 +61,7 @@ class TrainConfig:
     ema_decay: float = 0.995
     train_views: bool = True  # cross-entropy: each caption's image from a random cached view, if the cache has several
     length_buckets: int = 16  # batch captions of like length, sorted within runs of this many batches (1 = random)
-    select_by: str = "cider"  # best.pt by validation "cider" (greedy decode) or "loss"
+    select_by: str = "cider"  # best.pt by validation "cider" (decoded as --val-beam-size says) or "loss"
     patience: int = 0  # early stop after this many epochs without a better best (0 = never)
     lr_patience: int = 1  # halve (lr_factor) the learning rate after this many epochs without improvement
     lr_factor: float = 0.5
@@ -71,7 +71,11 @@ class TrainConfig:
     scst_lr: float = 1e-4
     scst_views: bool = False  # SCST: each image's feature from a random cached view (as --train-views does)
     scst_samples: int = 5  # captions sampled per image; each one's baseline is the mean of the others
-    val_images: int = 500  # validation images greedy-decoded for CIDEr each epoch (0 = all)
+    # beam width of the validation decode that selects best.pt and drives the plateau schedule (1 = greedy), the
+    # rest as DecodeConfig's defaults: the deployed decoder (beam 3). Greedy picked the model greedy decodes best,
+    # not the one users get: best validation CIDEr with beam 3, Flickr8k-mini 0.439 -> 0.474, COCO-mini 0.579 -> 0.652
+    val_beam_size: int = 3
+    val_images: int = 500  # validation images decoded for CIDEr each epoch (0 = all)
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -79,7 +83,8 @@ class TrainConfig:
 
     # settings that must not change when a run resumes from last.pt
     RESUME_FIXED = ("features", "embed_size", "hidden_size", "num_layers", "vocab_threshold", "max_caption_len",
-                    "val_frac", "test_frac", "split_seed", "dropout", "select_by")
+                    "val_frac", "test_frac", "split_seed", "dropout", "select_by", "val_beam_size")
+    RESUME_LEGACY = {"val_beam_size": 1}  # what a run from before the setting existed did
 
 
 @dataclass
@@ -94,7 +99,7 @@ class TrainResult:
 
 def _check(cfg: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "embed_size", "hidden_size", "num_layers", "vocab_threshold",
-                 "max_caption_len", "length_buckets"):
+                 "max_caption_len", "length_buckets", "val_beam_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
@@ -220,7 +225,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}; lower --lr")
         val_loss = evaluate_loss(saved, val_set, features, cfg.batch_size * 4, device, cfg.dry_run)
-        val_cider = validation_cider(saved, vocab, features, rows, val_refs) if val_refs else 0.0
+        val_cider = validation_cider(saved, vocab, features, rows, val_refs, beam_size=cfg.val_beam_size) \
+            if val_refs else 0.0
         lr_now = opt.param_groups[0]["lr"]
         rec = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
                "val_perplexity": round(math.exp(min(val_loss, 50)), 3), "val_cider": round(val_cider, 4),
@@ -342,9 +348,10 @@ def _scst_epoch(cfg: TrainConfig, scorer, model: CaptionDecoder, opt, features, 
 
 @torch.no_grad()
 def validation_cider(model: CaptionDecoder, vocab: Vocabulary, features: torch.Tensor, rows: dict[str, int],
-                     refs: dict[str, list[str]], batch_size: int = 256) -> float:
-    """Greedy-decode the validation images from the cache and score them with CIDEr (in-process)."""
-    from stage2_decoder.decode import greedy
+                     refs: dict[str, list[str]], batch_size: int = 256, beam_size: int = 1) -> float:
+    """Decode the validation images from the cache (greedy, or a beam search of `beam_size` with the
+    deployed decoder's other settings) and score them with CIDEr (in-process)."""
+    from stage2_decoder.decode import DecodeConfig, decode, greedy
     from stage2_decoder.metrics import cider
 
     model.eval()
@@ -352,7 +359,8 @@ def validation_cider(model: CaptionDecoder, vocab: Vocabulary, features: torch.T
     res = {}
     for s in range(0, len(keys), batch_size):
         chunk = keys[s:s + batch_size]
-        ids = greedy(model, features[torch.tensor([rows[k] for k in chunk])], max_len=20)
+        feats = features[torch.tensor([rows[k] for k in chunk])]
+        ids = greedy(model, feats, max_len=20) if beam_size == 1 else decode(model, feats, DecodeConfig(beam_size))
         res.update({k: " ".join(vocab.decode(x)) for k, x in zip(chunk, ids)})
     return cider(refs, res)[0]
 
@@ -395,7 +403,7 @@ def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, d
     ckpt = load_checkpoint(last, map_location=device)
     old = ckpt.get("train_config", {})
     changed = [k for k in TrainConfig.RESUME_FIXED
-               if k != "features" and old.get(k) != getattr(cfg, k)]
+               if k != "features" and old.get(k, TrainConfig.RESUME_LEGACY.get(k)) != getattr(cfg, k)]
     if os.path.abspath(old.get("features", "")) != os.path.abspath(cfg.features):
         changed.append("features")
     # the same cache path may now hold features of another backbone (same size, other meaning)

@@ -229,6 +229,19 @@ def test_resuming_from_a_last_pt_with_another_vocabulary_is_refused(shared_cache
     assert "vocabulary" in line and str(run) in line
 
 
+def test_resuming_with_another_validation_decoder_is_refused_and_old_runs_resume_as_greedy(shared_cache, tmp_path):
+    """best.pt's score so far came from one decoder; switching it mid-run would compare unlike numbers.
+    A last.pt from before --val-beam-size existed validated greedily, and resumes as that."""
+    run = tmp_path / "run"
+    assert _train(shared_cache, run, "--scst-epochs", "0", "--val-beam-size", "1").exit_code == 0
+    line = one_error_line(_train(shared_cache, run, "--epochs", "2", "--scst-epochs", "0", "--val-beam-size", "3"))
+    assert "val_beam_size" in line and str(run) in line
+    _doctored_checkpoint(run / "last.pt", run / "last.pt", lambda c: c["train_config"].pop("val_beam_size"))
+    result = _train(shared_cache, run, "--epochs", "2", "--scst-epochs", "0", "--val-beam-size", "1")
+    assert result.exit_code == 0, result.output
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+
+
 @pytest.mark.parametrize("missing", ["optimizer_state", "rng_state", "epoch", "best"])
 def test_resuming_from_a_last_pt_missing_training_state(shared_cache, tmp_path, missing):
     run = tmp_path / "run"

@@ -148,6 +148,40 @@ def test_best_checkpoint_and_early_stopping_follow_the_validation_metric(shared_
     assert lrs[0] == cfg.lr and lrs[-1] < cfg.lr
 
 
+def test_validation_cider_scores_the_decoder_it_is_asked_for():
+    from common.vocab import SPECIALS, Vocabulary
+    from stage2_decoder.decode import decode
+    from stage2_decoder.train import validation_cider
+
+    model, feats = _model(1), torch.randn(16, D)
+    vocab = Vocabulary([*SPECIALS, *(f"w{i}" for i in range(V - len(SPECIALS)))])
+    assert len(vocab) == V
+    rows = {f"k{i}": i for i in range(16)}
+
+    def captions(cfg):
+        return {k: " ".join(vocab.decode(ids)) for k, ids in zip(rows, decode(model, feats, cfg))}
+    by_greedy, by_beam = captions(DecodeConfig(beam_size=1, min_len=0)), captions(DecodeConfig(beam_size=3))
+    refs = {k: [by_beam[k], "w3 w4 w5"] for k in rows}  # the beam's own captions score best
+    assert metrics.cider(refs, by_beam)[0] > metrics.cider(refs, by_greedy)[0] + 0.5  # the test tells them apart
+    assert validation_cider(model, vocab, feats, rows, refs) == pytest.approx(metrics.cider(refs, by_greedy)[0])
+    assert validation_cider(model, vocab, feats, rows, refs, beam_size=3) == \
+        pytest.approx(metrics.cider(refs, by_beam)[0])
+
+
+def test_training_validates_with_the_configured_beam(shared_cache, tmp_path, monkeypatch):
+    from stage2_decoder import train as train_mod
+
+    seen = []
+    monkeypatch.setattr(train_mod, "validation_cider", lambda *a, **k: seen.append(k.get("beam_size")) or 0.1)
+    cfg = train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=2, scst_epochs=1,
+                                val_beam_size=3, embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True,
+                                device="cpu", progress=False)
+    train_mod.train(cfg)
+    assert seen == [3, 3, 3]  # both phases select by the same decoder
+    with pytest.raises(ValueError, match="val-beam-size"):
+        train_mod.train(train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "r2"), val_beam_size=0))
+
+
 def test_select_by_loss_ignores_cider(shared_cache, tmp_path, monkeypatch):
     from stage2_decoder import train as train_mod
 
