@@ -48,12 +48,16 @@ def _series(records: list[dict], key: str, fn=None) -> tuple[list[int], list[flo
     return xs, ys
 
 
+def _run_config(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def _best_epoch(run_dir: Path, records: list[dict]) -> int | None:
     """The epoch best.pt holds, by the run's --select-by rule (config.json), without loading torch."""
-    try:
-        select_by = json.loads((run_dir / "config.json").read_text()).get("select_by", "cider")
-    except (OSError, json.JSONDecodeError):
-        select_by = "cider"
+    select_by = _run_config(run_dir).get("select_by", "cider")
     key, sign = ("val_cider", 1) if select_by == "cider" else ("val_loss", -1)
     scored = [(sign * r[key], -r["epoch"]) for r in records if isinstance(r.get(key), (int, float))]
     return -max(scored)[1] if scored else None  # ties: the earliest epoch, as train.py keeps the first best
@@ -85,7 +89,9 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     ax_ppl.yaxis.set_minor_formatter(plain)
     xs, ys = _series(records, "val_cider")
     if xs:
-        ax_cider.plot(xs, ys, color="tab:green", label="validation (greedy)", **style)
+        beam = _run_config(run_dir).get("val_beam_size", 1)  # runs from before the setting decoded greedily
+        label = "validation (greedy)" if beam == 1 else f"validation (beam {beam})"
+        ax_cider.plot(xs, ys, color="tab:green", label=label, **style)
     else:
         ax_cider.text(0.5, 0.5, "no validation CIDEr recorded", ha="center", va="center",
                       transform=ax_cider.transAxes)
