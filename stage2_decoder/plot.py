@@ -49,15 +49,16 @@ def _series(records: list[dict], key: str, fn=None) -> tuple[list[int], list[flo
 
 
 def _run_config(run_dir: Path) -> dict:
+    """RUN_DIR/config.json ({} if missing or unreadable: the plot then assumes the defaults of old runs)."""
     try:
         return json.loads((run_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return {}
 
 
-def _best_epoch(run_dir: Path, records: list[dict]) -> int | None:
-    """The epoch best.pt holds, by the run's --select-by rule (config.json), without loading torch."""
-    select_by = _run_config(run_dir).get("select_by", "cider")
+def _best_epoch(config: dict, records: list[dict]) -> int | None:
+    """The epoch best.pt holds, by the run's --select-by rule (its config.json), without loading torch."""
+    select_by = config.get("select_by", "cider")
     key, sign = ("val_cider", 1) if select_by == "cider" else ("val_loss", -1)
     scored = [(sign * r[key], -r["epoch"]) for r in records if isinstance(r.get(key), (int, float))]
     return -max(scored)[1] if scored else None  # ties: the earliest epoch, as train.py keeps the first best
@@ -71,7 +72,8 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
 
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
-    best = _best_epoch(run_dir, records)
+    config = _run_config(run_dir)
+    best = _best_epoch(config, records)
     w, h = CURVES_SIZE
     fig = Figure(figsize=(w / DPI, h / DPI), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
@@ -89,7 +91,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     ax_ppl.yaxis.set_minor_formatter(plain)
     xs, ys = _series(records, "val_cider")
     if xs:
-        beam = _run_config(run_dir).get("val_beam_size", 1)  # runs from before the setting decoded greedily
+        beam = config.get("val_beam_size", 1)  # runs from before the setting decoded greedily
         label = "validation (greedy)" if beam == 1 else f"validation (beam {beam})"
         ax_cider.plot(xs, ys, color="tab:green", label=label, **style)
     else:
