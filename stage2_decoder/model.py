@@ -16,6 +16,9 @@ class DecoderConfig:
     hidden_size: int = 512
     num_layers: int = 1
     dropout: float = 0.0  # on word embeddings / LSTM outputs (and between LSTM layers)
+    # the output layer shares the word embedding matrix: logits = embed.W @ Linear(H -> E)(h) + b
+    # (Press & Wolf 2017, Inan et al. 2017); absent from checkpoints written before it existed
+    tie_embeddings: bool = False
 
 
 class CaptionDecoder(nn.Module):
@@ -31,7 +34,17 @@ class CaptionDecoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.lstm = nn.LSTM(cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True,
                             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
-        self.out = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        if cfg.tie_embeddings:
+            self.out_proj = nn.Linear(cfg.hidden_size, cfg.embed_size)
+            self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        else:
+            self.out = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """LSTM outputs (..., H) -> next-word logits (..., V)."""
+        if self.cfg.tie_embeddings:
+            return nn.functional.linear(self.out_proj(h), self.embed.weight, self.out_bias)
+        return self.out(h)
 
     def image_embedding(self, features: torch.Tensor) -> torch.Tensor:
         return self.bn(self.project(features.float()))  # (B, E)
@@ -56,11 +69,11 @@ class CaptionDecoder(nn.Module):
         # the outputs then drops it before the (large) vocabulary layer.
         hidden, _ = self.lstm(torch.cat([img, emb], 1))  # (B, 1 + T, H)
         words = pack_padded_sequence(hidden[:, 1:], lengths.cpu(), batch_first=True, enforce_sorted=False).data
-        return self.out(self.drop(words))  # (sum(lengths), V)
+        return self.logits(self.drop(words))  # (sum(lengths), V)
 
     def step(self, tokens: torch.Tensor, state):
         """One decoding step: tokens (B,) -> log-probs (B, V), new state."""
         h, state = self.lstm(self.embed(tokens).unsqueeze(1), state)
-        logits = self.out(h.squeeze(1)).float()
+        logits = self.logits(h.squeeze(1)).float()
         logits[:, :2] = float("-inf")  # never emit <pad> (0) or <start> (1)
         return torch.log_softmax(logits, dim=-1), state

@@ -50,6 +50,7 @@ class TrainConfig:
     hidden_size: int = 512
     num_layers: int = 1
     dropout: float = 0.5  # on word embeddings and LSTM outputs: COCO-mini val CIDEr 0.469 -> 0.503
+    tie_embeddings: bool = False  # the output layer scores words against the word embeddings
     vocab_threshold: int = 4
     max_caption_len: int = 50
     val_frac: float = 0.05
@@ -85,8 +86,9 @@ class TrainConfig:
 
     # settings that must not change when a run resumes from last.pt
     RESUME_FIXED = ("features", "embed_size", "hidden_size", "num_layers", "vocab_threshold", "max_caption_len",
-                    "val_frac", "test_frac", "split_seed", "dropout", "select_by", "val_beam_size")
-    RESUME_LEGACY = {"val_beam_size": 1}  # what a run from before the setting existed did
+                    "val_frac", "test_frac", "split_seed", "dropout", "select_by", "val_beam_size",
+                    "tie_embeddings")
+    RESUME_LEGACY = {"val_beam_size": 1, "tie_embeddings": False}  # what a run from before the setting existed did
 
 
 @dataclass
@@ -187,7 +189,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "preprocess": cache.meta.preprocess}
 
     dcfg = DecoderConfig(cache.meta.feature_dim, len(vocab), cfg.embed_size, cfg.hidden_size, cfg.num_layers,
-                         cfg.dropout)
+                         cfg.dropout, cfg.tie_embeddings)
     model = CaptionDecoder(dcfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                            fused=device.type == "cuda")

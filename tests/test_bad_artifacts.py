@@ -242,6 +242,19 @@ def test_resuming_with_another_validation_decoder_is_refused_and_old_runs_resume
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
 
 
+def test_resuming_with_the_other_output_layer_is_refused_and_old_runs_resume_untied(shared_cache, tmp_path):
+    """A tied decoder has no output weight of its own: last.pt's weights only fit the layer they were
+    trained with. A last.pt from before --tie-embeddings existed had its own output layer."""
+    run = tmp_path / "run"
+    assert _train(shared_cache, run, "--scst-epochs", "0", "--tie-embeddings", "false").exit_code == 0
+    line = one_error_line(_train(shared_cache, run, "--epochs", "2", "--scst-epochs", "0", "--tie-embeddings", "true"))
+    assert "tie_embeddings" in line and str(run) in line
+    _doctored_checkpoint(run / "last.pt", run / "last.pt", lambda c: c["train_config"].pop("tie_embeddings"))
+    result = _train(shared_cache, run, "--epochs", "2", "--scst-epochs", "0", "--tie-embeddings", "false")
+    assert result.exit_code == 0, result.output
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+
+
 @pytest.mark.parametrize("missing", ["optimizer_state", "rng_state", "epoch", "best"])
 def test_resuming_from_a_last_pt_missing_training_state(shared_cache, tmp_path, missing):
     run = tmp_path / "run"

@@ -39,9 +39,10 @@ def _decoder(vocab_size: int, seed: int = 0, **kw) -> CaptionDecoder:
 
 def _randomise(model: CaptionDecoder, out_scale: float = 8.0, end_bias: float = 0.0) -> CaptionDecoder:
     """Make a random decoder's outputs image-dependent and its BatchNorm running stats non-trivial."""
+    tied = model.cfg.tie_embeddings
     with torch.no_grad():
-        model.out.weight.mul_(out_scale)
-        model.out.bias[END] += end_bias
+        (model.out_proj if tied else model.out).weight.mul_(out_scale)
+        (model.out_bias if tied else model.out.bias)[END] += end_bias
         model.bn.running_mean.normal_()
         model.bn.running_var.uniform_(0.5, 2.0)
     return model.eval()
@@ -96,9 +97,10 @@ def test_caption_pairs_skips_uncached_and_empty(vocab):
         CaptionPairs(recs[-2:-1], {}, vocab)
 
 
-def test_teacher_forcing_matches_stepwise_decoding(vocab):
+@pytest.mark.parametrize("tie", [False, True])
+def test_teacher_forcing_matches_stepwise_decoding(vocab, tie):
     """What training optimises (forward) is what decoding computes (init_state + step), position by position."""
-    model = _randomise(_decoder(len(vocab)))
+    model = _randomise(_decoder(len(vocab), tie_embeddings=tie))
     pairs = CaptionPairs(_records(), {f"k{i}": i for i in range(5)}, vocab)
     feats = torch.randn(5, D)
     b = pairs.gather(torch.arange(5), feats)
@@ -220,8 +222,9 @@ def test_batch_of_one_in_eval_mode(vocab):
 
 # --- checkpoints -------------------------------------------------------------------------------------------
 
-def test_checkpoint_round_trip_identical_outputs(tmp_path, vocab):
-    model = _randomise(_decoder(len(vocab), seed=4, num_layers=2, dropout=0.1), end_bias=1.25)
+@pytest.mark.parametrize("tie", [False, True])
+def test_checkpoint_round_trip_identical_outputs(tmp_path, vocab, tie):
+    model = _randomise(_decoder(len(vocab), seed=4, num_layers=2, dropout=0.1, tie_embeddings=tie), end_bias=1.25)
     path = tmp_path / "best.pt"
     save_checkpoint(path, model, vocab, BACKBONE, epoch=3, history=[{"epoch": 3, "val_loss": 1.5}])
     assert not (tmp_path / "best.pt.tmp").exists()
@@ -239,6 +242,29 @@ def test_checkpoint_round_trip_identical_outputs(tmp_path, vocab):
         assert torch.equal(model2(b.features, b.inputs, b.lengths), model(b.features, b.inputs, b.lengths))
     for k, v in model.state_dict().items():
         assert torch.equal(model2.state_dict()[k], v), k
+
+
+def test_tied_output_layer_is_the_word_embedding(tmp_path, vocab):
+    """--tie-embeddings: next-word logits are scored against the embedding matrix itself (no V x H output
+    weight of its own), so changing one word's embedding moves that word's logit, and only its."""
+    tied, untied = _decoder(len(vocab), tie_embeddings=True).eval(), _decoder(len(vocab)).eval()
+    assert not hasattr(tied, "out") and "out.weight" not in tied.state_dict()
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(untied) - n(tied) == 32 * len(vocab) - (32 * 16 + 16)  # H*V weights out, H->E projection in
+    feats, word = torch.randn(3, D), len(vocab) - 1
+    state = tied.init_state(feats)
+    before, _ = tied.step(torch.full((3,), START), state)
+    with torch.no_grad():
+        tied.embed.weight[word] += 1.0
+    after, _ = tied.step(torch.full((3,), START), tied.init_state(feats))
+    raw = lambda lp: lp - lp[:, 2:3]  # noqa: E731  log-probs relative to <end>'s: the softmax's shift cancels
+    changed = (raw(after) - raw(before)).abs().amax(0) > 1e-6
+    assert changed[word] and not changed[3:word].any()
+    # a checkpoint written before the setting existed has no such key, and loads untied
+    save_checkpoint(tmp_path / "old.pt", untied, vocab, BACKBONE)
+    ckpt = load_checkpoint(tmp_path / "old.pt")
+    del ckpt["decoder_config"]["tie_embeddings"]
+    assert not model_from_checkpoint(ckpt)[0].cfg.tie_embeddings
 
 
 @dataclasses.dataclass
