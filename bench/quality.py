@@ -76,6 +76,7 @@ def run_dataset(name: str, data: Path, work: Path, quick: bool, seed: int = 0, s
                            vocab_threshold=4, select_by="loss", patience=0, lr_patience=10_000, scst_epochs=0,
                            length_buckets=1, ema_decay=0.0,  # the book's randomly drawn batches, plain weights
                            train_views=False,  # and the centre crop only
+                           tie_embeddings=False,  # its own output layer
                            val_beam_size=1,  # its validation CIDEr (logged, not selecting) greedy, as it decodes
                            seed=run_seed, progress=False)
 

@@ -247,7 +247,7 @@ def test_resuming_with_the_other_output_layer_is_refused_and_old_runs_resume_unt
     trained with. A last.pt from before --tie-embeddings existed had its own output layer."""
     run = tmp_path / "run"
     assert _train(shared_cache, run, "--scst-epochs", "0", "--tie-embeddings", "false").exit_code == 0
-    line = one_error_line(_train(shared_cache, run, "--epochs", "2", "--scst-epochs", "0", "--tie-embeddings", "true"))
+    line = one_error_line(_train(shared_cache, run, "--epochs", "2", "--scst-epochs", "0"))  # the default: tied
     assert "tie_embeddings" in line and str(run) in line
     _doctored_checkpoint(run / "last.pt", run / "last.pt", lambda c: c["train_config"].pop("tie_embeddings"))
     result = _train(shared_cache, run, "--epochs", "2", "--scst-epochs", "0", "--tie-embeddings", "false")
