@@ -24,7 +24,7 @@ def test_saved_weights_are_the_moving_average_and_a_resume_goes_on_exactly(share
     train(TrainConfig(features=str(shared_cache), out=str(tmp_path / "two"), epochs=2, ema_decay=decay, **TINY))
     second = load_checkpoint(tmp_path / "two" / "last.pt")
     w1, w2 = first["train_model_state"], second["train_model_state"]
-    assert not torch.equal(w1["out.weight"], w2["out.weight"])
+    assert not torch.equal(w1["embed.weight"], w2["embed.weight"])
     for k, v in second["model_state"].items():  # after step 2: decay * w1 + (1 - decay) * w2
         if v.is_floating_point():
             torch.testing.assert_close(v, decay * w1[k] + (1 - decay) * w2[k], rtol=1e-5, atol=1e-6)
@@ -37,7 +37,7 @@ def test_saved_weights_are_the_moving_average_and_a_resume_goes_on_exactly(share
         assert a[part].keys() == b[part].keys()
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     # inference loads model_state: the average, not the last trained weights
-    assert not torch.equal(a["model_state"]["out.weight"], a["train_model_state"]["out.weight"])
+    assert not torch.equal(a["model_state"]["embed.weight"], a["train_model_state"]["embed.weight"])
 
 
 def test_without_ema_the_checkpoint_has_one_set_of_weights(shared_cache, tmp_path):
