@@ -118,11 +118,14 @@ def seed_per_pair(cnn: nn.Module, pairs: CaptionPairs, paths_by_row: dict[int, s
 
 
 class BareStep:
-    """The reference: nn.LSTM + output Linear + Adam on in-memory inputs of our batches' shapes."""
+    """The reference: nn.LSTM + output Linear + Adam on in-memory inputs of our batches' shapes.
+    `tie`: the output layer's matmuls of a tied decoder (hidden -> embed -> vocabulary)."""
 
-    def __init__(self, batches: list[CaptionBatch], embed: int, hidden: int, layers: int, vocab_size: int):
+    def __init__(self, batches: list[CaptionBatch], embed: int, hidden: int, layers: int, vocab_size: int,
+                 tie: bool = False):
         self.lstm = nn.LSTM(embed, hidden, layers, batch_first=True)
-        self.out = nn.Linear(hidden, vocab_size)
+        self.out = nn.Sequential(nn.Linear(hidden, embed), nn.Linear(embed, vocab_size)) if tie \
+            else nn.Linear(hidden, vocab_size)
         self.opt = torch.optim.Adam([*self.lstm.parameters(), *self.out.parameters()], lr=1e-3)
         self.data = []
         for b in batches:
@@ -148,11 +151,11 @@ def step_efficiency(pairs: CaptionPairs, features: torch.Tensor, vocab_size: int
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         shapes += [pairs.gather(i) for i in pairs.batches(cfg.batch_size, g, cfg.length_buckets) if len(i) > 1]
     model = CaptionDecoder(DecoderConfig(features.shape[1], vocab_size, cfg.embed_size, cfg.hidden_size,
-                                         cfg.num_layers, cfg.dropout)).train()  # as train() builds it
+                                         cfg.num_layers, cfg.dropout, cfg.tie_embeddings)).train()  # as train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # as train() builds it on the CPU
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
         if cfg.ema_decay else None  # the default weight average, updated after each step as train() does
-    bare = BareStep(shapes, cfg.embed_size, cfg.hidden_size, cfg.num_layers, vocab_size)
+    bare = BareStep(shapes, cfg.embed_size, cfg.hidden_size, cfg.num_layers, vocab_size, cfg.tie_embeddings)
     n = sum(len(b.lengths) for b in shapes)
     steps = math.ceil(len(pairs) / cfg.batch_size)
 
@@ -226,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         ours_cps, bare_cps, n_step = step_efficiency(pairs, features, len(vocab), cfg, args.repeats, passes)
 
         cache_mb = cache.stat().st_size / 2**20
-        decoder = CaptionDecoder(DecoderConfig(fc.meta.feature_dim, len(vocab), cfg.embed_size, cfg.hidden_size))
+        decoder = CaptionDecoder(DecoderConfig(fc.meta.feature_dim, len(vocab), cfg.embed_size, cfg.hidden_size,
+                                               tie_embeddings=cfg.tie_embeddings))
         model_params = sum(p.numel() for p in decoder.parameters())
         # weights + Adam's two moments + the weight average (--ema-decay, on by default), float32
         model_mb = model_params * 4 * (4 if cfg.ema_decay else 3) / 2**20
