@@ -361,16 +361,18 @@ def validation_cider(model: CaptionDecoder, vocab: Vocabulary, features: torch.T
                      refs: dict[str, list[str]], batch_size: int = 256, beam_size: int = 1) -> float:
     """Decode the validation images from the cache (greedy, or a beam search of `beam_size` with the
     deployed decoder's other settings) and score them with CIDEr (in-process)."""
-    from stage2_decoder.decode import DecodeConfig, decode, greedy
+    from stage2_decoder.decode import DecodeConfig, decode
     from stage2_decoder.metrics import cider
 
+    # beam 1 is the greedy validation of old runs (no minimum length); decode() dispatches to greedy for it
+    how = DecodeConfig(1, min_len=0) if beam_size == 1 else DecodeConfig(beam_size)
     model.eval()
     keys = sorted(refs)
     res = {}
     for s in range(0, len(keys), batch_size):
         chunk = keys[s:s + batch_size]
         feats = features[torch.tensor([rows[k] for k in chunk])]
-        ids = greedy(model, feats, max_len=20) if beam_size == 1 else decode(model, feats, DecodeConfig(beam_size))
+        ids = decode(model, feats, how)
         res.update({k: " ".join(vocab.decode(x)) for k, x in zip(chunk, ids)})
     return cider(refs, res)[0]
 
