@@ -150,8 +150,7 @@ def step_efficiency(pairs: CaptionPairs, features: torch.Tensor, vocab_size: int
     for epoch in range(passes):  # _xe_epoch seeds each epoch's batch order with (seed, epoch) like this
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         shapes += [pairs.gather(i) for i in pairs.batches(cfg.batch_size, g, cfg.length_buckets) if len(i) > 1]
-    model = CaptionDecoder(DecoderConfig(features.shape[1], vocab_size, cfg.embed_size, cfg.hidden_size,
-                                         cfg.num_layers, cfg.dropout, cfg.tie_embeddings)).train()  # as train()
+    model = CaptionDecoder(cfg.decoder_config(features.shape[1], vocab_size)).train()  # as train() builds it
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # as train() builds it on the CPU
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
         if cfg.ema_decay else None  # the default weight average, updated after each step as train() does
@@ -229,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         ours_cps, bare_cps, n_step = step_efficiency(pairs, features, len(vocab), cfg, args.repeats, passes)
 
         cache_mb = cache.stat().st_size / 2**20
-        decoder = CaptionDecoder(DecoderConfig(fc.meta.feature_dim, len(vocab), cfg.embed_size, cfg.hidden_size,
-                                               tie_embeddings=cfg.tie_embeddings))
+        decoder = CaptionDecoder(cfg.decoder_config(fc.meta.feature_dim, len(vocab)))
         model_params = sum(p.numel() for p in decoder.parameters())
         # weights + Adam's two moments + the weight average (--ema-decay, on by default), float32
         model_mb = model_params * 4 * (4 if cfg.ema_decay else 3) / 2**20

@@ -96,6 +96,11 @@ class TrainConfig:
                     "tie_embeddings")
     RESUME_LEGACY = {"val_beam_size": 1, "tie_embeddings": False}  # what a run from before the setting existed did
 
+    def decoder_config(self, feature_dim: int, vocab_size: int) -> DecoderConfig:
+        """The decoder these settings train (train() and the benchmarks build it from here)."""
+        return DecoderConfig(feature_dim, vocab_size, self.embed_size, self.hidden_size, self.num_layers,
+                             self.dropout, self.tie_embeddings)
+
 
 @dataclass
 class TrainResult:
@@ -194,9 +199,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "weights_sha256": cache.meta.weights_sha256 or None, "feature_dim": cache.meta.feature_dim,
                 "preprocess": cache.meta.preprocess}
 
-    dcfg = DecoderConfig(cache.meta.feature_dim, len(vocab), cfg.embed_size, cfg.hidden_size, cfg.num_layers,
-                         cfg.dropout, cfg.tie_embeddings)
-    model = CaptionDecoder(dcfg).to(device)
+    model = CaptionDecoder(cfg.decoder_config(cache.meta.feature_dim, len(vocab))).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                            fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.lr_factor,
