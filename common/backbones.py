@@ -340,16 +340,3 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = "default",
     model.eval().requires_grad_(False)
     model = model.to(device, memory_format=torch.channels_last)
     return Backbone(spec, model, desc, sha, device)
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:  # "gpu", "cuda:x": torch's message spans lines and names no option
-        raise BackboneError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackboneError(f"--device {device} asked for, but CUDA is not available")
-    return dev

@@ -57,6 +57,10 @@ class Vocabulary:
             out.append(self.itos[i])
         return out
 
+    def caption(self, ids: Iterable[int]) -> str:
+        """Ids -> the caption text (words joined as the tokenizer splits them)."""
+        return " ".join(self.decode(ids))
+
     def to_dict(self) -> dict:
         return {"format": VOCAB_FORMAT, "threshold": self.threshold, "words": list(self.itos)}
 

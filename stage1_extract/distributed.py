@@ -21,7 +21,8 @@ from typing import TypeVar
 
 import torch
 
-from common.backbones import BackboneError, resolve_device
+from common.backbones import BackboneError
+from common.device import resolve_device
 
 T = TypeVar("T")
 

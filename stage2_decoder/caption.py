@@ -30,7 +30,8 @@ class Captioner:
     @classmethod
     def from_checkpoint(cls, path, device: str = "auto", weights: str | None = None) -> "Captioner":
         """`weights` overrides the backbone weights the checkpoint names (e.g. a moved file)."""
-        from common.backbones import BackboneError, load_backbone, resolve_device
+        from common.backbones import BackboneError, load_backbone
+        from common.device import resolve_device
         from stage2_decoder.checkpoint import load_checkpoint, model_from_checkpoint
 
         dev = resolve_device(device)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from common.backbones import resolve_device
+from common.device import resolve_device
 from common.cli import config_options, run_guarded
 from common.datasets import FORMATS, load_dataset, official_split, split_keys, write_split
 from common.feature_cache import CacheError, FeatureCache, load_cache

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from common.backbones import (REGISTRY, BackboneError, ImageError, WeightsNotFound, get_spec, load_backbone,
-                              load_image_u8, preprocess_for, resolve_device)
+                              load_image_u8, preprocess_for)
 
 MB_PP = preprocess_for("mobilenet_v2")
 
@@ -58,11 +58,16 @@ def test_preprocess_matches_the_weights_own_transforms(name):
 
 
 def test_resolve_device():
+    from common.device import DeviceError, resolve_device
+
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(BackboneError, match="CUDA"):
+        with pytest.raises(DeviceError, match="CUDA"):
             resolve_device("cuda")
+    for bad in ("meta", "xla", "mps", "gpu"):
+        with pytest.raises(DeviceError, match="--device"):
+            resolve_device(bad)
 
 
 # --- features ----------------------------------------------------------------------------------------------

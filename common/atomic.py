@@ -1,0 +1,84 @@
+"""The one way every output file is written: whole or not at all, never through a planted link.
+
+`atomic_write(path, data)` and `atomic_path(path)` create a fresh temporary file in the target's
+own folder with exclusive-create semantics (`tempfile.mkstemp`: O_CREAT | O_EXCL, a random name,
+so a symlink or file someone placed beside the target is never opened, let alone followed),
+write, flush and fsync it, then `os.replace` it over the target. A crash, a kill or a full disk
+leaves the previous target (if any) untouched and no stray temporary file behind (except after
+SIGKILL, when a `.NAME.*.tmp` file may stay; it is never read). The target itself, if it is a
+symlink, is replaced by the new file, not written through.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+
+class AtomicWriteError(OSError):
+    """An output that could not be written; names the file."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened or fsynced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, what: str = "", mode: int = 0o644) -> Iterator[Path]:
+    """Yield a fresh, empty temporary path beside `path` for a writer that needs a file name (h5py,
+    matplotlib, np.savez); when the block ends without error it is fsynced and renamed to `path`.
+
+    `what` names the output in the error ("checkpoint", "vocabulary"): an OSError becomes one
+    AtomicWriteError "cannot write WHAT PATH: reason".
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    tmp: Path | None = None
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.chmod(name, mode)
+        tmp = Path(name)
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            os.fsync(fd)  # the data on disk before the rename makes it count
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(folder)
+    except OSError as e:
+        if isinstance(e, AtomicWriteError):
+            raise
+        label = f"{what} " if what else ""
+        raise AtomicWriteError(e.errno, f"cannot write {label}{path}: {_why(e)}") from e
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], object], what: str = "",
+                 mode: int = 0o644) -> Path:
+    """Write `data` (bytes, text as UTF-8, or a function writing to a binary file) to `path` atomically."""
+    with atomic_path(path, what, mode) as tmp:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+    return Path(path)

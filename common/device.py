@@ -1,0 +1,26 @@
+"""The one device resolver every entry point uses (extraction, training, captioning, serving)."""
+from __future__ import annotations
+
+import torch
+
+
+class DeviceError(ValueError):
+    """A --device value that names no usable device."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cpu', 'cuda', 'cuda:N' as asked (refused when absent)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:  # "gpu", "cuda:x": torch's message spans lines and names no option
+        raise DeviceError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {device} asked for, but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
