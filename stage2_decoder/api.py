@@ -171,12 +171,14 @@ class Captioner:
         from dataclasses import replace
 
         from stage2_decoder.decode import beam_search_nbest
-        from stage2_decoder.sampling import sample_captions
+        from stage2_decoder.sampling import greedy_scored, sample_captions
 
         feats = feats.to(next(self.decoder.parameters()).device)
         if scfg.sample:
             hyps = sample_captions(self.decoder, feats, scfg.num_captions, dcfg.max_len, dcfg.min_len,
                                    scfg.temperature, scfg.top_p, scfg.seed)
+        elif dcfg.beam_size == scfg.num_captions == 1 and dcfg.no_repeat_ngram == 0:  # a beam of one, faster
+            hyps = greedy_scored(self.decoder, feats, dcfg.max_len, dcfg.min_len, dcfg.length_penalty)
         else:  # the beam holds at least N hypotheses
             hyps = beam_search_nbest(self.decoder, feats, replace(dcfg, beam_size=max(dcfg.beam_size,
                                                                                       scfg.num_captions)))
