@@ -5,7 +5,8 @@
     for r in cap.caption(["photo.jpg", pil_image, array], num_captions=3):
         print(r["image"], r["caption"], r["captions"])
 
-The caption CLI, evaluation and the web service all call this class. Images of every kind go through
+The caption CLI, evaluation and the web service all call this class. Importing this module is cheap
+(torch loads with the first model), so finding a checkpoint costs nothing. Images of every kind go through
 stage 1's preprocessing (common.backbones), so their features match the cached ones.
 """
 from __future__ import annotations
@@ -13,9 +14,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-
-import torch
-from tqdm import tqdm
 
 from stage2_decoder.decode_config import DecodeConfig, SampleConfig, check_bounds
 
@@ -108,6 +106,9 @@ class Captioner:
     def caption_iter(self, images: Sequence, batch_size: int = 32, on_error: str = "raise", progress: bool = False,
                      **decode) -> Iterator[dict]:
         """`caption`, yielding each result as soon as its batch is decoded (a small first batch)."""
+        import torch
+        from tqdm import tqdm
+
         from common.backbones import ImageError
 
         if on_error not in ON_ERROR:
