@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from common.vocab import Vocabulary
 from reliability_helpers import tiny_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,7 +208,7 @@ def _old_step(model):
     def step(tokens, state):
         h, state = model.lstm(model.embed(tokens).unsqueeze(1), state)
         logits = model.logits(h.squeeze(1)).float()
-        logits[:, :2] = float("-inf")
+        logits[:, [Vocabulary.pad_id, Vocabulary.start_id]] = float("-inf")
         return torch.log_softmax(logits, dim=-1), state
     return step
 
@@ -233,3 +234,17 @@ def test_no_unk_from_greedy_beam_or_sampling(unk_model, shared_cache, monkeypatc
     texts = [x["caption"] for r in cap.caption_features(feats, num_captions=3) for x in r["captions"]]
     texts += [x["caption"] for r in cap.caption_features(feats, sample=True, num_captions=3) for x in r["captions"]]
     assert texts and not any("<unk>" in t for t in texts) and all(t.strip() for t in texts)
+
+
+def test_caption_defaults_are_the_decode_configs():
+    """Captioner.caption spells its keyword arguments out; their defaults are DecodeConfig's and SampleConfig's."""
+    import inspect
+    from dataclasses import fields
+
+    from stage2_decoder.api import Captioner
+    from stage2_decoder.decode_config import DecodeConfig, SampleConfig
+
+    params = inspect.signature(Captioner.caption).parameters
+    declared = {f.name: f.default for cls in (DecodeConfig, SampleConfig) for f in fields(cls)}
+    assert {k: params[k].default for k in declared} == declared
+    assert set(params) - set(declared) == {"self", "images", "batch_size", "on_error"}
