@@ -34,31 +34,39 @@ def _text() -> str:
     return README.read_text(encoding="utf-8")
 
 
-def _snippets(text: str) -> list[str]:
-    """Shell lines of the README: fenced blocks (continuations joined, comments cut) and inline code spans."""
-    out = []
+def _block_lines(text: str) -> list[str]:
+    """Lines of the fenced blocks, continuations joined and comments cut."""
+    lines = []
     for block in CODE_BLOCK.findall(text):
-        for line in block.replace("\\\n", " ").splitlines():
-            out.append(line.split(" #")[0].strip())
-    prose = CODE_BLOCK.sub("", text)
-    out += [" ".join(span.split()) for span in CODE_SPAN.findall(prose)]
-    return [s for s in out if s]
+        lines += [line.split(" #")[0].strip() for line in block.replace("\\\n", " ").splitlines()]
+    return [line for line in lines if line]
 
 
-def _module_commands(text: str) -> list[tuple[str, list[str]]]:
-    """(module, words after it) for every `python -m MODULE ...` shown, one command per occurrence."""
+def _snippets(text: str) -> list[str]:
+    """Shell lines of the README: the fenced blocks' lines and the inline code spans."""
+    spans = [" ".join(span.split()) for span in CODE_SPAN.findall(CODE_BLOCK.sub("", text))]
+    return _block_lines(text) + [s for s in spans if s]
+
+
+def _module_commands(text: str) -> list[tuple[str, list[str], bool]]:
+    """(module, words after it, whether it is a complete example) for every `python -m MODULE ...` shown.
+
+    A complete example (arguments given, no [optional] parts, `|` alternatives or `...`) must parse as
+    written; elsewhere (the entry-point table, synopses) only the option names are checked.
+    """
     found = []
     for row in re.findall(r"^\|(.*)\|$", text, re.M):  # entry-point table: command | does | main options
         cells = row.split("|")
         m = re.match(r"\s*`python -m ([\w.]+)`", cells[0])
         if m and len(cells) >= 3:
-            found.append((m.group(1), " ".join(CODE_SPAN.findall(cells[2])).split()))
+            found.append((m.group(1), " ".join(CODE_SPAN.findall(cells[2])).split(), False))
     for snippet in _snippets(text):
         for part in re.split(r"(?=(?:\S*/)?python -m )", snippet):
-            m = re.match(r"(?:\S*/)?python -m ([A-Za-z_][\w.]*)(.*)", part)
+            m = re.match(r"(?:\S*/)?python -m ([A-Za-z_][\w.]*)(.*?)(?:\s*(?:&&|;|\|\|).*)?$", part)
             if m:
                 words = shlex.split(m.group(2).replace("[", " ").replace("]", " ").replace("|", " "))
-                found.append((m.group(1), words))
+                complete = bool(words) and not re.search(r"\[|\||\.\.\.", m.group(2))
+                found.append((m.group(1), words, complete))
     return found
 
 
@@ -71,20 +79,23 @@ def _make_targets(text: str) -> set[str]:
     return targets
 
 
-def _command(module: str, words: list[str]) -> click.Command:
-    mod = importlib.import_module(module if module != "stage1_extract" else "stage1_extract.__main__")
-    cmds = [v for v in vars(mod).values()
-            if isinstance(v, click.Command) and getattr(v.callback, "__module__", None) == mod.__name__]
+def _command(module: str, words: list[str]) -> tuple[click.Command, list[str]]:
+    """The click command `python -m module words...` runs, and the words it parses."""
+    package_main = (REPO / Path(*module.split(".")) / "__main__.py").is_file()
+    mod = importlib.import_module(f"{module}.__main__" if package_main else module)
+    imported = [v for v in vars(mod).values() if isinstance(v, click.Command)]
+    # the module's own command(s); else the one it imports to run
+    cmds = [c for c in imported if getattr(c.callback, "__module__", None) == mod.__name__] or imported
     assert cmds, f"README shows `python -m {module}`, which defines no click command"
     groups = [c for c in cmds if isinstance(c, click.Group)]
     cmd = groups[0] if groups else next((c for c in cmds if c.callback.__name__ == "main"), cmds[0])
     if isinstance(cmd, click.Group):
         sub = next((w for w in words if not w.startswith("-")), None)
         if sub is None:  # the group itself, e.g. in the entry-point table
-            return cmd
+            return cmd, words
         assert sub in cmd.commands, f"README shows `python -m {module} {sub}`: no such subcommand"
-        cmd = cmd.commands[sub]
-    return cmd
+        return cmd.commands[sub], words[words.index(sub) + 1:]
+    return cmd, words
 
 
 def test_readme_is_a_short_guide():
@@ -96,17 +107,17 @@ def test_readme_is_a_short_guide():
 
 def test_readme_modules_and_their_options_exist():
     shown = _module_commands(_text())
-    assert len({m for m, _ in shown}) >= 8, "the entry-point table is missing from the README"
+    assert len({m for m, _, _ in shown}) >= 8, "the entry-point table is missing from the README"
     problems = []
-    for module, words in shown:
+    for module, words, complete in shown:
         path = REPO / Path(*module.split("."))
         if not (path.with_suffix(".py").is_file() or (path / "__main__.py").is_file()):
             problems.append(f"`python -m {module}` does not exist")
             continue
-        if path.with_suffix(".py").is_file() and \
-                'if __name__ == "__main__"' not in path.with_suffix(".py").read_text(encoding="utf-8"):
+        if path.with_suffix(".py").is_file() and not re.search(
+                r"""^if __name__ == ["']__main__["']""", path.with_suffix(".py").read_text(encoding="utf-8"), re.M):
             problems.append(f"`python -m {module}` would do nothing: it has no __main__ guard")
-        cmd = _command(module, words)
+        cmd, args = _command(module, words)
         result = CliRunner().invoke(cmd, ["--help"])
         if result.exit_code != 0:
             problems.append(f"`python -m {module} --help` failed: {result.output}")
@@ -115,6 +126,11 @@ def test_readme_modules_and_their_options_exist():
             option = word.split("=")[0]
             if re.fullmatch(r"--?[a-z][\w-]*", option) and option not in known:
                 problems.append(f"`python -m {module}` has no option {option}")
+        if complete:
+            try:
+                cmd.make_context(f"python -m {module}", list(args))
+            except click.ClickException as exc:
+                problems.append(f"`python -m {module} {' '.join(words)}` does not parse: {exc.format_message()}")
     assert not problems, "README shows commands that do not parse:\n" + "\n".join(sorted(set(problems)))
 
 
