@@ -4,58 +4,13 @@
         [--n-jobs N] [--random N] [--seed S] [--metric cider|loss] [--threads N]
         [--backend local|dask --scheduler ADDRESS] [--retry-failed] [--dry-run]
 
-The grid file is a JSON object mapping TrainConfig field names to a list of values (a plain
-value, or a list of one, fixes the setting for every run):
-
-    {"lr": [0.001, 0.003], "hidden_size": [256, 512], "epochs": 3}
-
-Every point of the product (or `--random N` points of it, drawn with `--seed`) is one run of the
-same `train(cfg)` the train CLI calls, in its own directory OUT/<name>, named by its varied
-settings plus a hash of all of them (`lr=0.003,hidden_size=512-1f0c2a9e`). Beside train's own
-files a run directory gets params.json, train.log (what the run printed) and, once it has
-finished, result.json: the completion marker. Rerunning the same sweep skips runs that have a
-result.json and redoes the others (train resumes them from their last.pt); a failed run is
-finished too and is redone only with `--retry-failed`. A run fails, without stopping the
-others, when train raises (a setting it rejects, out of memory, a loss that became nan) or its
-history holds a non-finite loss; its error is recorded in the table. OUT gets results.csv,
-results.md and results.json (every run, ranked by validation CIDEr, or loss with `--metric loss`,
-which also picks best.pt by loss unless the grid sets select_by), sweep.json (what was asked)
-and sweep.png (the metric against each varied setting).
-
-How runs share the machine (`--backend local`, the default), and why, measured on 2 cores with
-the 2,511-image MobileNetV2 demo cache (peak proportional set size, PSS, summed over the process
-tree, i.e. real memory with shared pages counted once; two 1-epoch runs at once):
-
-- Memory is dominated by the torch runtime, not by the cache. Importing torch leaves ~300 MB of
-  private pages in a process (relocated libraries, module objects) and a run adds ~250-350 MB of
-  its own; the demo cache is 6 MB on disk and 19 MB per run once train() holds it as float16 plus
-  its float32 copy. joblib's default loky workers are fresh interpreters, each importing torch
-  again: 1,633 MB for two parallel runs against 737 MB for the same runs one after another (2.2x).
-- So each run is a fork of this process, which has imported torch and the training code but never
-  run a torch op (safe to fork: no OpenMP pool, no CUDA context yet). The imported pages stay
-  shared copy-on-write: 1,049 MB for the two parallel runs (1.4x); bench/sweep.py's 8-run grid:
-  896 MB sequential, 1,250 MB with n_jobs=2 (1.40x; summed RSS, which counts shared pages again in
-  every process, 1.55x). joblib (threading backend) schedules the runs; each thread forks one run
-  and waits for it. A fork per run also isolates runs: one that dies (killed by the out-of-memory
-  killer) is recorded as failed, where a dead worker of a process pool would hang or abort the
-  whole sweep.
-- The cache is read once into the OS page cache before the runs start, and every run's train()
-  loads it from there (a 6 MB cache loads in ~0.04 s): its pages are shared by the kernel. A
-  shared memory-map would save at most the ~19 MB per run, because train() keeps its own float32
-  copy of the features; for a cache of hundreds of MB that copy would dominate, and train() would
-  have to accept preloaded features to share it.
-- Threads: each run gets max(1, cores // concurrent runs) torch threads (`--threads` overrides),
-  so runs do not fight over cores.
-
-`--backend dask --scheduler ADDRESS` sends the same runs to a Dask cluster through joblib's Dask
-backend (each run in a Dask worker thread, `--threads` torch threads each, default 1): the
-workers must see the cache and OUT at the same paths (a shared file system), and pass absolute
-paths. Concurrency is the cluster's thread count (n_jobs is not used there).
-
-GPU: each forked run opens its own CUDA context (this process never touches CUDA), so `--n-jobs N`
-puts N decoders on one GPU at once. Small decoders leave most of a GPU idle, so 2-4 runs at once
-raise throughput; each costs a CUDA context (~0.5 GB of GPU memory) plus its model and cached
-features, and still one CPU core for its Python loop, so keep N at most the number of cores.
+The grid file maps TrainConfig field names to lists of values ({"lr": [0.001, 0.003], "epochs": 3});
+every point (or `--random N` of them) is one run of the same `train(cfg)` the train CLI calls, in
+OUT/<varied settings>-<hash>, with params.json, train.log and, once finished, result.json (the
+completion marker: a rerun skips those runs and resumes the others). OUT gets results.csv/.md/.json
+ranked by the metric, sweep.json and sweep.png. Locally each run is a fork of this process, which has
+imported torch but never run a torch op, so torch's pages stay shared; with `--backend dask` the runs
+go to a Dask cluster. User guide and the memory measurements behind the fork design: docs/sweeps.md.
 """
 from __future__ import annotations
 

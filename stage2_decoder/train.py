@@ -39,8 +39,7 @@ class TrainConfig:
     captions: str | None = None  # default: the captions file recorded in the cache
     images: str | None = None  # default: the images folder recorded in the cache
     dataset: str | None = None  # default: the format recorded in the cache
-    # with the weight average validation keeps climbing past 12 epochs: COCO-mini val CIDEr 0.474 (12) -> 0.536 (16),
-    # and 20 + SCST reaches 0.557 (12 + SCST: 0.505)
+    # with the weight average, validation still improves past 12 epochs (docs/defaults.md)
     epochs: int = 20
     batch_size: int = 128
     lr: float = 1e-3
@@ -49,10 +48,8 @@ class TrainConfig:
     embed_size: int = 256
     hidden_size: int = 512
     num_layers: int = 1
-    dropout: float = 0.5  # on word embeddings and LSTM outputs: COCO-mini val CIDEr 0.469 -> 0.503
-    # the output layer scores words against the word embeddings (DecoderConfig.tie_embeddings): with
-    # --lr-patience 3, best validation CIDEr (beam 3) Flickr8k-mini 0.482 / 0.449 -> 0.475 / 0.494 (seeds 0 / 1),
-    # COCO-mini 0.652 / 0.596 (untied, --lr-patience 1) -> 0.623 / 0.621
+    dropout: float = 0.5  # on word embeddings and LSTM outputs (docs/defaults.md)
+    # score words against their own input embeddings (DecoderConfig.tie_embeddings): helps rare words (docs/defaults.md)
     tie_embeddings: bool = True
     vocab_threshold: int = 4
     max_caption_len: int = 50
@@ -60,29 +57,21 @@ class TrainConfig:
     test_frac: float = 0.05
     split_seed: int = 0
     label_smoothing: float = 0.0
-    # >0: validate, select and save a per-step exponential moving average of the cross-entropy phase's weights
-    # (0.995 ~ the last 200 steps). Flickr8k-mini val CIDEr (greedy, best of 12 epochs) 0.381 -> 0.422
+    # >0: validate, select and save a per-step moving average of the cross-entropy weights (~1/(1-decay) steps)
     ema_decay: float = 0.995
     train_views: bool = True  # cross-entropy: each caption's image from a random cached view, if the cache has several
     length_buckets: int = 16  # batch captions of like length, sorted within runs of this many batches (1 = random)
     select_by: str = "cider"  # best.pt by validation "cider" (decoded as --val-beam-size says) or "loss"
     patience: int = 0  # early stop after this many epochs without a better best (0 = never)
-    # halve (lr_factor) the learning rate after this many epochs without improvement. At 1 the noise of a
-    # 250-image validation CIDEr halved it from epoch 10 on (Flickr8k-mini seed 1, best 0.434); at 3 it stays
-    # put for 20 epochs there, best validation CIDEr (beam 3) 0.474 / 0.434 -> 0.482 / 0.449 (seeds 0 / 1)
+    # halve (lr_factor) the rate after this many epochs without a better score; 1 chased noise (docs/defaults.md)
     lr_patience: int = 3
     lr_factor: float = 0.5
     scst_epochs: int = 2  # then this many self-critical epochs (CIDEr-D reward) from the best model
-    # Flickr8k-mini val CIDEr (greedy) from the EMA model's 0.422, first SCST epoch: 0.461 at 1e-4 (batch 128);
-    # 0.438 at 5e-5 with 4x the steps (batch 32); later epochs only raised the training reward (overfitting)
+    # one SCST epoch at this rate beat a lower rate with 4x the steps; more epochs overfit (docs/defaults.md)
     scst_lr: float = 1e-4
     scst_views: bool = False  # SCST: each image's feature from a random cached view (as --train-views does)
     scst_samples: int = 5  # captions sampled per image; each one's baseline is the mean of the others
-    # beam width of the validation decode that selects best.pt and drives the plateau schedule (1 = greedy), the
-    # rest as DecodeConfig's defaults: the deployed decoder (beam 3). Greedy picked the model greedy decodes best,
-    # not the one users get. Picked on one half of the validation split, scored with beam 3 on the other half,
-    # by beam vs by greedy: Flickr8k-mini 0.450 vs 0.396 and 0.504 vs 0.504, COCO-mini 0.638 vs 0.516 and 0.687
-    # vs 0.671 (bench/RESULTS.md, seventh session)
+    # validation decodes as the captioner does (1 = greedy) to pick best.pt and the schedule (docs/defaults.md)
     val_beam_size: int = 3
     val_images: int = 500  # validation images decoded for CIDEr each epoch (0 = all)
     seed: int = 0
