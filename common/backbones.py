@@ -83,6 +83,12 @@ def load_image_views(path: str | os.PathLike, pp: Preprocess, views: int = 1) ->
     return torch.from_numpy(load_views(path, pp, views))
 
 
+def preprocess_pil(im, pp: Preprocess, views: int = 1) -> torch.Tensor:
+    """A decoded (or opened) PIL image -> (views, 3, crop, crop) uint8: everything after the file is opened
+    (`common.preprocess.load_views`); the caller's image is not modified. Raises ImageError."""
+    return torch.from_numpy(load_views(im, pp, views))
+
+
 class ImageRows(torch.utils.data.Dataset):
     """(row, path) pairs -> (row, uint8 image, error message or ""), for DataLoader workers.
 

@@ -53,7 +53,8 @@ class Preprocess:
 def load_views(source, pp: Preprocess, views: int = 1, name: str | None = None) -> np.ndarray:
     """An image -> (views, 3, crop, crop) uint8: the first `views` of VIEWS. Raises ImageError.
 
-    `source` is a file path, the encoded bytes of an image (an upload), or a PIL image. View 0
+    `source` is a file path, the encoded bytes of an image (an upload: decoded exactly as the same
+    file would be), or a PIL image (never modified: no JPEG draft, so pass bytes to match files). View 0
     ("centre") is the one preprocessing path of extraction and captioning; the others are the
     training-time augmentations stage 1 can cache beside it: the centre crop mirrored, and the
     whole image squeezed to crop x crop (nothing cut off), plain and mirrored. `name` labels errors.
@@ -61,7 +62,7 @@ def load_views(source, pp: Preprocess, views: int = 1, name: str | None = None) 
     if not 1 <= views <= len(VIEWS):
         raise ValueError(f"views must be 1..{len(VIEWS)}, got {views}")
     if isinstance(source, Image.Image):
-        return _guarded(name or "image", lambda: _views(source, pp, views))
+        return _guarded(name or "image", lambda: _views(source, pp, views, draft=False))
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _guarded(name or "upload", lambda: _views_of_file(io.BytesIO(bytes(source)), pp, views))
     path = os.fspath(source)
@@ -115,8 +116,8 @@ def _views_of_file(f, pp: Preprocess, views: int) -> np.ndarray:
         return _views(im, pp, views)
 
 
-def _views(im: Image.Image, pp: Preprocess, views: int) -> np.ndarray:
-    if pp.jpeg_draft and im.format == "JPEG":
+def _views(im: Image.Image, pp: Preprocess, views: int, draft: bool = True) -> np.ndarray:
+    if draft and pp.jpeg_draft and im.format == "JPEG":
         # ask for a decode at least resize x resize: both sides stay >= the target (a no-op once loaded)
         im.draft("RGB", (pp.resize, pp.resize))
     if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:

@@ -119,13 +119,20 @@ def test_other_sizes_and_the_padding_rule_match_too(pp, coco_dir, flickr_dir, tm
         assert np.array_equal(load_views(p, pp, 4), _reference_views(p, pp, 4)), (p, pp)
 
 
-def test_pil_images_and_encoded_bytes_take_the_same_path(coco_dir):
+def test_pil_images_and_encoded_bytes_take_the_same_path(coco_dir, tmp_path):
     pp = Preprocess(256, 224)
-    photo = _real_photos(coco_dir, coco_dir.parent / "flickr8k-mini", 1)[0]
+    photo = sorted((coco_dir / "images").iterdir())[3]
     from_file = load_views(photo, pp, 2)
-    assert np.array_equal(load_views(photo.read_bytes(), pp, 2), from_file)
-    with Image.open(photo) as im:  # not yet loaded: the JPEG draft applies as for a file
-        assert np.array_equal(load_views(im, pp, 2), from_file)
+    assert np.array_equal(load_views(photo.read_bytes(), pp, 2), from_file)  # an upload decodes as its file
+    png = tmp_path / "photo.png"
+    Image.open(photo).save(png)
+    with Image.open(png) as im:
+        size = im.size
+        assert np.array_equal(load_views(im, pp, 2), load_views(png, pp, 2))
+        assert im.size == size  # the caller's image is left as it was
+    with Image.open(photo) as im:  # a JPEG handed over as an image is not draft-decoded
+        assert np.array_equal(load_views(im, Preprocess(256, 224, jpeg_draft=False), 2),
+                              load_views(photo, Preprocess(256, 224, jpeg_draft=False), 2))
 
 
 def test_the_torch_wrappers_return_the_same_bytes(coco_dir):
