@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from stage2_decoder.decode_config import DecodeConfig, SampleConfig
+from stage2_decoder.decode_config import DecodeConfig, SampleConfig, check_bounds
 
 CHECKPOINT_ENV = "CAPCACHE_CHECKPOINT"
 FIRST_CHUNK = 4  # images in the first batch (time to the first caption of a folder: bench/caption.py)
@@ -64,15 +63,8 @@ def decode_settings(num_captions: int = 1, beam_size: int = 3, max_len: int = 20
     """Check the decode keyword arguments (ValueError naming the one at fault) and group them."""
     dcfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
     scfg = SampleConfig(num_captions, sample, temperature, top_p, seed)
-    for cfg in (dcfg, scfg):
-        for name, value in asdict(cfg).items():
-            meta = type(cfg).__dataclass_fields__[name].metadata
-            if value is None or isinstance(value, bool):
-                continue
-            if meta.get("min") is not None and value < meta["min"]:
-                raise ValueError(f"{name} must be at least {meta['min']}, got {value}")
-            if meta.get("max") is not None and value > meta["max"]:
-                raise ValueError(f"{name} must be at most {meta['max']}, got {value}")
+    check_bounds(dcfg)
+    check_bounds(scfg)
     return dcfg, scfg
 
 
@@ -179,12 +171,14 @@ class Captioner:
         from dataclasses import replace
 
         from stage2_decoder.decode import beam_search_nbest
-        from stage2_decoder.sampling import sample_captions
+        from stage2_decoder.sampling import greedy_scored, sample_captions
 
         feats = feats.to(next(self.decoder.parameters()).device)
         if scfg.sample:
             hyps = sample_captions(self.decoder, feats, scfg.num_captions, dcfg.max_len, dcfg.min_len,
                                    scfg.temperature, scfg.top_p, scfg.seed)
+        elif dcfg.beam_size == scfg.num_captions == 1 and dcfg.no_repeat_ngram == 0:  # a beam of one, faster
+            hyps = greedy_scored(self.decoder, feats, dcfg.max_len, dcfg.min_len, dcfg.length_penalty)
         else:  # the beam holds at least N hypotheses
             hyps = beam_search_nbest(self.decoder, feats, replace(dcfg, beam_size=max(dcfg.beam_size,
                                                                                       scfg.num_captions)))
