@@ -34,6 +34,30 @@ def greedy(step: Step, h: np.ndarray, c: np.ndarray, start_id: int, end_id: int,
     return [_until_end(row, end_id) for row in out.tolist()]
 
 
+def greedy_scored(step: Step, h: np.ndarray, c: np.ndarray, start_id: int, end_id: int, max_len: int = 20,
+                  min_len: int = 1, length_penalty: float = 0.0) -> list[list[tuple[list[int], float]]]:
+    """Per image [(word ids, score)]: `greedy`'s caption with the score a beam of one gives it (sum log p /
+    tokens ** length_penalty, <end> counted), as `stage2_decoder.sampling.greedy_scored` (float32 sums)."""
+    b = h.shape[1]
+    tokens = np.full((b,), start_id, dtype=np.int64)
+    out = np.zeros((b, max_len), dtype=np.int64)
+    total, count = np.zeros(b, dtype=np.float32), np.zeros(b, dtype=np.float32)
+    alive = np.ones(b, dtype=bool)
+    for t in range(max_len):
+        logp, h, c = step(tokens, h, c)  # (B, V)
+        if t < min_len:
+            logp[:, end_id] = NEG_INF
+        tokens = logp.argmax(-1).astype(np.int64)
+        out[:, t] = tokens
+        total += logp[np.arange(b), tokens] * alive
+        count += alive
+        alive &= tokens != end_id
+        if not alive.any():
+            break
+    scores = (total / np.maximum(count, np.float32(1)) ** np.float32(length_penalty)).tolist()
+    return [[(_until_end(row, end_id), s)] for row, s in zip(out.tolist(), scores)]
+
+
 def _until_end(ids: list[int], end_id: int) -> list[int]:
     return ids[: ids.index(end_id)] if end_id in ids else ids
 

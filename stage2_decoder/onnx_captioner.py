@@ -20,7 +20,7 @@ import numpy as np
 
 from common.preprocess import ImageError, Preprocess, load_views
 from common.vocab import Vocabulary
-from stage2_decoder.numpy_decode import beam_search_nbest
+from stage2_decoder.numpy_decode import beam_search_nbest, greedy_scored
 
 # kept equal to stage2_decoder.export's (which imports torch, so it is not imported here)
 ONNX_FORMAT = "capcache-onnx"
@@ -137,8 +137,12 @@ class OnnxCaptioner:
 
     def search(self, feats: np.ndarray, beam_size: int = 3, max_len: int = 20, min_len: int = 1,
                length_penalty: float = 0.7, no_repeat_ngram: int = 0) -> list[list[tuple[list[int], float]]]:
-        """(B, D) features -> per image the beam's [(ids, score)], best first (decode.beam_search_nbest)."""
+        """(B, D) features -> per image the beam's [(ids, score)], best first (decode.beam_search_nbest;
+        a beam of one without n-gram blocking decodes greedily, as the PyTorch API does)."""
         h, c = self.init.run(None, {"features": np.ascontiguousarray(feats, dtype=np.float32)})
+        if beam_size == 1 and no_repeat_ngram == 0:
+            return greedy_scored(self._step, h, c, self.vocab.start_id, self.vocab.end_id, max_len, min_len,
+                                 length_penalty)
         return beam_search_nbest(self._step, h, c, self.vocab.start_id, self.vocab.end_id, beam_size, max_len,
                                  min_len, length_penalty, no_repeat_ngram)
 
