@@ -33,7 +33,7 @@ OPSET = 17
 
 @dataclass
 class ExportConfig:
-    checkpoint: str | None = None  # None: the caption CLI's default checkpoint lookup
+    checkpoint: str | None = None  # None: stage2_decoder.api.find_checkpoint (the caption CLI's lookup)
     out: str = "onnx"
     weights: str | None = None  # backbone weights file, if it moved since extraction
 
@@ -44,15 +44,6 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def default_checkpoint() -> str:
-    """The caption CLI's default checkpoint, where that lookup exists; else --checkpoint is needed."""
-    try:
-        from stage2_decoder.api import find_checkpoint
-    except ImportError:
-        raise ValueError("no --checkpoint given: pass --checkpoint runs/NAME/best.pt") from None
-    return str(find_checkpoint())
 
 
 def _modules(cap):
@@ -97,13 +88,13 @@ def export(cfg: ExportConfig) -> Path:
     import torch
 
     from common.atomic import atomic_path, atomic_write
-    from stage2_decoder.caption import Captioner
+    from stage2_decoder.api import Captioner, find_checkpoint
     from stage2_decoder.checkpoint import load_checkpoint
     from stage2_decoder.decode import DecodeConfig
 
-    ckpt_path = Path(cfg.checkpoint or default_checkpoint())
+    ckpt_path = find_checkpoint(cfg.checkpoint)  # None: $CAPCACHE_CHECKPOINT, else the newest runs/*/best.pt
     ckpt = load_checkpoint(ckpt_path)
-    cap = Captioner.from_checkpoint(ckpt_path, "cpu", cfg.weights)
+    cap = Captioner.load(ckpt_path, "cpu", cfg.weights)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a folder")
@@ -159,7 +150,7 @@ def export(cfg: ExportConfig) -> Path:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--checkpoint", type=click.Path(), default=None,
-              help="A best.pt / last.pt from training (default: the caption CLI's lookup).")
+              help="A best.pt / last.pt from training (default: $CAPCACHE_CHECKPOINT, else the newest runs/*/best.pt).")
 @click.option("--out", required=True, type=click.Path(), help="Folder for the .onnx files and capcache-onnx.json.")
 @click.option("--weights", default=None, help="Backbone weights file, if it moved since extraction.")
 def main(checkpoint, out, weights):
@@ -167,6 +158,10 @@ def main(checkpoint, out, weights):
     from common.cli import run_guarded
 
     def work():
+        if checkpoint is None:
+            from stage2_decoder.api import find_checkpoint
+
+            click.echo(f"using checkpoint {find_checkpoint()}", err=True)
         manifest = export(ExportConfig(checkpoint, out, weights))
         click.echo(f"wrote {', '.join(GRAPHS)} and {manifest.name} to {manifest.parent}")
         return 0
