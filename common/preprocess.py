@@ -43,12 +43,6 @@ class Preprocess:
         """Canonical JSON, stored in caches and checkpoints and compared for equality."""
         return json.dumps(asdict(self), sort_keys=True)
 
-    @classmethod
-    def from_describe(cls, text: str) -> "Preprocess":
-        """The inverse of `describe` (lists back to tuples)."""
-        d = json.loads(text)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
 
 def load_views(source, pp: Preprocess, views: int = 1, name: str | None = None) -> np.ndarray:
     """An image -> (views, 3, crop, crop) uint8: the first `views` of VIEWS. Raises ImageError.

@@ -92,12 +92,12 @@ def export(cfg: ExportConfig) -> Path:
     from stage2_decoder.checkpoint import load_checkpoint
     from stage2_decoder.decode import DecodeConfig
 
-    ckpt_path = find_checkpoint(cfg.checkpoint)  # None: $CAPCACHE_CHECKPOINT, else the newest runs/*/best.pt
-    ckpt = load_checkpoint(ckpt_path)
-    cap = Captioner.load(ckpt_path, "cpu", cfg.weights)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a folder")
+    ckpt_path = find_checkpoint(cfg.checkpoint)  # None: $CAPCACHE_CHECKPOINT, else the newest runs/*/best.pt
+    ckpt = load_checkpoint(ckpt_path)
+    cap = Captioner.load(ckpt_path, "cpu", cfg.weights)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the new manifest lands
 

@@ -158,9 +158,18 @@ def _torchless_env(tmp_path: Path) -> dict:
     return env
 
 
-def test_onnx_captioner_runs_where_torch_cannot_be_imported(export_dir, photos, tmp_path):
-    from stage2_decoder.api import Captioner  # noqa: F401  (here, in the test process, torch is fine)
+# what docs/deploy.md says to ship beside the export folder
+SHIP_FILES = ("common/__init__.py", "common/preprocess.py", "common/vocab.py", "stage2_decoder/__init__.py",
+              "stage2_decoder/onnx_captioner.py", "stage2_decoder/numpy_decode.py")
 
+
+def test_onnx_captioner_runs_from_the_shipped_files_where_torch_cannot_be_imported(export_dir, photos, tmp_path):
+    shipped = tmp_path / "shipped"
+    for f in SHIP_FILES:
+        (shipped / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / f, shipped / f)
+    env = _torchless_env(tmp_path)
+    env["PYTHONPATH"] = env["PYTHONPATH"].replace(str(REPO), str(shipped))
     code = ("import json, sys\n"
             "try:\n    import torch\nexcept ImportError:\n    pass\nelse:\n    sys.exit('torch imported')\n"
             "from stage2_decoder.onnx_captioner import OnnxCaptioner\n"
@@ -168,7 +177,7 @@ def test_onnx_captioner_runs_where_torch_cannot_be_imported(export_dir, photos, 
             "assert not any(m.split('.')[0] in ('torch', 'torchvision') for m in sys.modules if sys.modules[m])\n"
             "print(json.dumps([r['caption'] for r in out]))\n")
     p = subprocess.run([sys.executable, "-c", code, str(export_dir), *photos[:3]], cwd=tmp_path,
-                       env=_torchless_env(tmp_path), capture_output=True, text=True, timeout=120)
+                       env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     from stage2_decoder.onnx_captioner import OnnxCaptioner
 
@@ -249,7 +258,16 @@ def test_caption_cli_on_a_broken_export_prints_one_error_line(export_dir, photos
     assert "Traceback" not in p.stderr
 
 
-def test_export_cli_errors_are_one_line(tmp_path, cli):
-    p = cli("stage2_decoder.export", "--checkpoint", tmp_path / "missing.pt", "--out", tmp_path / "o")
-    assert p.returncode == 1 and p.stderr.strip().startswith("error:") and "missing.pt" in p.stderr, p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize("case", ["missing checkpoint", "out is a file"])
+def test_export_cli_errors_are_one_line(tiny_checkpoint, tmp_path, case):
+    from click.testing import CliRunner
+
+    from stage2_decoder.export import main
+
+    (tmp_path / "taken").write_text("")
+    args = {"missing checkpoint": ["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")],
+            "out is a file": ["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "taken")]}[case]
+    r = CliRunner().invoke(main, args)
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert ("missing.pt" if case == "missing checkpoint" else "taken") in lines[0]

@@ -145,11 +145,6 @@ def test_the_torch_wrappers_return_the_same_bytes(coco_dir):
     assert np.array_equal(load_image_u8(photo, pp).numpy(), views[0])
 
 
-def test_describe_round_trips():
-    pp = Preprocess(256, 224, jpeg_draft=False)
-    assert Preprocess.from_describe(pp.describe()) == pp
-
-
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
 def test_a_fifo_named_jpg_is_an_image_error_not_a_hang(tmp_path):
     fifo = tmp_path / "photo.jpg"
