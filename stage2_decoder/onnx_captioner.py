@@ -73,7 +73,6 @@ class OnnxCaptioner:
     def __init__(self, folder: Path, manifest: dict, sessions: dict, vocab: Vocabulary, pp: Preprocess):
         self.folder, self.manifest, self.vocab, self.preprocess = folder, manifest, vocab, pp
         self.encoder, self.init, self.step_session = (sessions[n] for n in GRAPHS)
-        self.defaults = dict(manifest["decode"])  # DecodeConfig's defaults at export time
 
     @classmethod
     def load(cls, folder: str | os.PathLike, threads: int = 0) -> "OnnxCaptioner":

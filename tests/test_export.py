@@ -137,11 +137,14 @@ def test_unreadable_images_are_returned_or_raised(export_dir, photos, tmp_path):
 
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
+    fifo = tmp_path / "fifo.jpg"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
     oc = OnnxCaptioner.load(export_dir, threads=1)
-    out = oc.caption([photos[0], str(bad), np.asarray(Image.open(photos[1]).convert("RGB"))], beam_size=1,
-                     on_error="return")
+    out = oc.caption([photos[0], str(bad), np.asarray(Image.open(photos[1]).convert("RGB")), str(fifo)],
+                     beam_size=1, on_error="return")
     assert out[0]["caption"] and out[2]["caption"] and out[2]["image"] is None
     assert out[1]["image"] == str(bad) and "broken.jpg" in out[1]["error"] and "caption" not in out[1]
+    assert "fifo.jpg: a FIFO, not a regular file" in out[3]["error"]
     with pytest.raises(ImageError, match="broken.jpg"):
         oc.caption([str(bad)])
     with pytest.raises(ValueError, match="sampling"):
