@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -111,7 +112,8 @@ def test_views_are_byte_identical_to_the_torchvision_path_on_real_photos(coco_di
 
 
 @pytest.mark.parametrize("pp", [Preprocess(232, 224), Preprocess(100, 120), Preprocess(64, 63, jpeg_draft=False),
-                                Preprocess(31, 45, exif_transpose=False)], ids=str)
+                                Preprocess(31, 45, exif_transpose=False)],
+                         ids=lambda pp: f"resize{pp.resize}-crop{pp.crop}")
 def test_other_sizes_and_the_padding_rule_match_too(pp, coco_dir, flickr_dir, tmp_path):
     # crop > resize: torchvision pads the resized image with black before cropping
     photos = _real_photos(coco_dir, flickr_dir, 3) + _variants(_real_photos(coco_dir, flickr_dir, 1)[-1], tmp_path)[6:]
@@ -184,3 +186,26 @@ def test_the_module_imports_no_torch():
     code = "import sys, common.preprocess; print(any(m.split('.')[0] in ('torch', 'torchvision') for m in sys.modules))"
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.stdout.strip() == "False", p.stdout + p.stderr
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGALRM") or not hasattr(os, "mkfifo"), reason="no FIFOs or alarms here")
+def test_stage1_rows_report_a_fifo_and_keep_the_good_image(tmp_path, coco_dir):
+    from common.backbones import ImageRows, preprocess_for
+
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    photo = sorted((coco_dir / "images").iterdir())[0]
+    rows = ImageRows([(0, str(fifo)), (1, str(photo))], preprocess_for("mobilenet_v2"))
+
+    def hung(signum, frame):
+        raise TimeoutError("opening a FIFO hung")
+
+    old = signal.signal(signal.SIGALRM, hung)  # a regression blocks in open(): the alarm turns it into a failure
+    signal.alarm(20)
+    try:
+        (r0, x0, e0), (r1, x1, e1) = rows[0], rows[1]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert (r0, int(x0.sum())) == (0, 0) and "photo.jpg: a FIFO, not a regular file" in e0
+    assert (r1, e1) == (1, "") and int(x1.sum()) > 0
