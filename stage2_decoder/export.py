@@ -15,7 +15,6 @@ has it is complete):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import warnings
@@ -24,10 +23,9 @@ from pathlib import Path
 
 import click
 
-ONNX_FORMAT = "capcache-onnx"
-ONNX_VERSION = 1
-MANIFEST = "capcache-onnx.json"
-GRAPHS = ("encoder.onnx", "decoder_init.onnx", "decoder_step.onnx")
+# the reader owns the format
+from stage2_decoder.onnx_captioner import GRAPHS, MANIFEST, ONNX_FORMAT, ONNX_VERSION, sha256_file  # noqa: F401
+
 OPSET = 17
 
 
@@ -36,14 +34,6 @@ class ExportConfig:
     checkpoint: str | None = None  # None: stage2_decoder.api.find_checkpoint (the caption CLI's lookup)
     out: str = "onnx"
     weights: str | None = None  # backbone weights file, if it moved since extraction
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _modules(cap):
@@ -127,7 +117,10 @@ def export(cfg: ExportConfig) -> Path:
             warnings.simplefilter("ignore")
             torch.onnx.export(module, args, str(tmp), input_names=inputs, output_names=outputs,
                               dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
-            onnx.checker.check_model(str(tmp), full_check=True)
+            try:
+                onnx.checker.check_model(str(tmp), full_check=True)
+            except onnx.checker.ValidationError as e:
+                raise ValueError(f"the exported {name} fails onnx.checker: {e}") from e
         digests[name] = sha256_file(out / name)
 
     manifest = {

@@ -22,7 +22,7 @@ from common.preprocess import ImageError, Preprocess, load_views
 from common.vocab import Vocabulary
 from stage2_decoder.numpy_decode import beam_search_nbest, greedy_scored
 
-# kept equal to stage2_decoder.export's (which imports torch, so it is not imported here)
+# the export folder's format (stage2_decoder.export writes it)
 ONNX_FORMAT = "capcache-onnx"
 ONNX_VERSION = 1
 MANIFEST = "capcache-onnx.json"
@@ -34,7 +34,7 @@ class OnnxExportError(ValueError):
     """An export folder that cannot be used; the message names the file at fault."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -101,7 +101,7 @@ class OnnxCaptioner:
                 raise OnnxExportError(f"{path} is missing (listed in {mpath})")
             if not want:
                 raise OnnxExportError(f"{mpath} lists no sha256 for {name}")
-            if _sha256(path) != want:
+            if sha256_file(path) != want:
                 raise OnnxExportError(f"{path} differs from the file exported (sha256 mismatch with {mpath}): "
                                       f"corrupted or replaced; export again")
             try:
