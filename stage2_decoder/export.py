@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 
 # the reader owns the format
-from stage2_decoder.onnx_captioner import GRAPHS, MANIFEST, ONNX_FORMAT, ONNX_VERSION, sha256_file  # noqa: F401
+from stage2_decoder.onnx_captioner import GRAPHS, MANIFEST, ONNX_FORMAT, ONNX_VERSION, sha256_file
 
 OPSET = 17
 
