@@ -72,6 +72,25 @@ def _modules(cap):
     return Encoder(cap.backbone), Init(cap.decoder), Step(cap.decoder)
 
 
+def _check_outputs(name: str, path: Path, module, args: tuple, inputs: list[str]) -> None:
+    """Run the written graph with onnxruntime on the example inputs: it must compute what the module does."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    with torch.inference_mode():
+        want = module(*args)
+    want = [t.numpy() for t in (want if isinstance(want, tuple) else (want,))]
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {k: a.numpy() for k, a in zip(inputs, args)})
+    for w, g in zip(want, got):
+        finite = np.isfinite(w)  # the step's masked words are -inf on both sides
+        if g.shape != w.shape or not np.array_equal(finite, np.isfinite(g)) or \
+                not np.allclose(g[finite], w[finite], rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(w[finite]).max()))):
+            raise ValueError(f"the exported {name} does not compute what the PyTorch model does "
+                             f"(onnxruntime {ort.__version__}): export not kept")
+
+
 def export(cfg: ExportConfig) -> Path:
     """Write the ONNX folder for `cfg.checkpoint`; returns the manifest's path."""
     import onnx
@@ -94,10 +113,11 @@ def export(cfg: ExportConfig) -> Path:
     encoder, init, step = _modules(cap)
     pp, dcfg = cap.backbone.preprocess, cap.decoder.cfg
     b = 2  # example batch; every batch axis is dynamic
-    images = torch.zeros(b, 3, pp.crop, pp.crop, dtype=torch.uint8)
-    features = torch.zeros(b, dcfg.feature_dim)
-    h = torch.zeros(dcfg.num_layers, b, dcfg.hidden_size)
-    tokens = torch.full((b,), cap.vocab.start_id, dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)  # example inputs, also used to check each graph against torch
+    images = torch.randint(0, 256, (b, 3, pp.crop, pp.crop), dtype=torch.uint8, generator=gen)
+    features = torch.rand(b, dcfg.feature_dim, generator=gen)
+    h = torch.rand(dcfg.num_layers, b, dcfg.hidden_size, generator=gen) - 0.5
+    tokens = torch.tensor([cap.vocab.start_id, cap.vocab.end_id + 2][:b])
     specs = {
         "encoder.onnx": (encoder, (images,), ["images"], ["features"],
                          {"images": {0: "batch"}, "features": {0: "batch"}}),
@@ -121,6 +141,7 @@ def export(cfg: ExportConfig) -> Path:
                 onnx.checker.check_model(str(tmp), full_check=True)
             except onnx.checker.ValidationError as e:
                 raise ValueError(f"the exported {name} fails onnx.checker: {e}") from e
+            _check_outputs(name, tmp, module, args, inputs)
         digests[name] = sha256_file(out / name)
 
     manifest = {

@@ -274,3 +274,24 @@ def test_export_cli_errors_are_one_line(tiny_checkpoint, tmp_path, case):
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
     assert ("missing.pt" if case == "missing checkpoint" else "taken") in lines[0]
+
+
+def test_export_refuses_a_graph_that_computes_something_else(export_dir, tiny_checkpoint):
+    import torch
+
+    from stage2_decoder.api import Captioner
+    from stage2_decoder.export import _check_outputs, _modules
+
+    cap = Captioner.load(tiny_checkpoint, device="cpu")
+    _, _, step = _modules(cap)
+    h = torch.rand(1, 2, cap.decoder.cfg.hidden_size) - 0.5
+    args, inputs = (torch.tensor([1, 7]), h, h.clone()), ["tokens", "h_in", "c_in"]
+    _check_outputs("decoder_step.onnx", export_dir / "decoder_step.onnx", step, args, inputs)  # the real one passes
+
+    class Shifted(torch.nn.Module):  # what a wrong export would compute
+        def forward(self, *a):
+            logp, h, c = step(*a)
+            return logp + 0.01, h, c
+
+    with pytest.raises(ValueError, match="decoder_step.onnx does not compute what the PyTorch model does"):
+        _check_outputs("decoder_step.onnx", export_dir / "decoder_step.onnx", Shifted(), args, inputs)
