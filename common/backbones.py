@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.utils.data
-from PIL import Image, ImageOps
 from torch import nn
+
+# the image path itself is torch-free (the ONNX captioner shares it); re-exported here for stage 1
+from common.preprocess import (IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT, VIEWS, ImageError,  # noqa: F401
+                               Preprocess, _to_rgb, _trim_long_side, load_views)
 
 # torchvision.models is imported lazily: it is the slowest import of a caption run.
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_INIT_SEED = 0  # `--weights none` is random but reproducible, so caption matches extraction
 
 
@@ -38,10 +36,6 @@ class BackboneError(ValueError):
 
 class WeightsNotFound(BackboneError):
     """Pretrained weights are not in torchvision's cache and could not be downloaded."""
-
-
-class ImageError(ValueError):
-    """An image file that cannot be read or decoded."""
 
 
 @dataclass(frozen=True)
@@ -73,28 +67,9 @@ def get_spec(name: str) -> BackboneSpec:
         raise BackboneError(f"unknown backbone {name!r}; choose from {', '.join(REGISTRY)}") from None
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    """Decode -> RGB -> resize shorter side (bilinear, antialiased) -> centre crop -> normalise."""
-    resize: int
-    crop: int
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    interpolation: str = "bilinear"
-    jpeg_draft: bool = True  # JPEGs decode at a reduced DCT scale that still covers `resize`
-    exif_transpose: bool = True
-
-    def describe(self) -> str:
-        """Canonical JSON, stored in caches and checkpoints and compared for equality."""
-        return json.dumps(asdict(self), sort_keys=True)
-
-
 def preprocess_for(name: str) -> Preprocess:
     spec = get_spec(name)
     return Preprocess(spec.resize, spec.crop)
-
-
-VIEWS = ("centre", "centre-flip", "whole", "whole-flip")  # the cached views of an image, in cache order
 
 
 def load_image_u8(path: str | os.PathLike, pp: Preprocess) -> torch.Tensor:
@@ -103,90 +78,15 @@ def load_image_u8(path: str | os.PathLike, pp: Preprocess) -> torch.Tensor:
 
 
 def load_image_views(path: str | os.PathLike, pp: Preprocess, views: int = 1) -> torch.Tensor:
-    """Read one image file into (views, 3, crop, crop) uint8: the first `views` of VIEWS. Raises ImageError.
-
-    View 0 ("centre") is the one preprocessing path of extraction and captioning. The others are
-    training-time augmentations stage 1 can cache beside it (`--views`): the centre crop mirrored,
-    and the whole image squeezed to crop x crop (nothing cut off), plain and mirrored. The file is
-    decoded once for all of them.
-    """
-    if not 1 <= views <= len(VIEWS):
-        raise ValueError(f"views must be 1..{len(VIEWS)}, got {views}")
-    path = str(path)
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that (and raises above); the
-            # check below refuses such images instead, unless JPEG draft mode shrinks them enough
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-        with im:
-            if pp.jpeg_draft and im.format == "JPEG":
-                # ask for a decode at least resize x resize: both sides stay >= the target
-                im.draft("RGB", (pp.resize, pp.resize))
-            if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
-                raise Image.DecompressionBombError(
-                    f"{im.width}x{im.height} pixels exceed the decompression-bomb limit of "
-                    f"{Image.MAX_IMAGE_PIXELS} pixels")
-            return preprocess_pil(im, pp, views)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{path}: {type(e).__name__}: {e}") from e
+    """Read one image file into (views, 3, crop, crop) uint8: the first `views` of VIEWS (see
+    `common.preprocess.load_views`, the torch-free path this wraps). Raises ImageError."""
+    return torch.from_numpy(load_views(path, pp, views))
 
 
-def preprocess_pil(im: Image.Image, pp: Preprocess, views: int = 1) -> torch.Tensor:
-    """A decoded (or opened) PIL image -> (views, 3, crop, crop) uint8: everything after the file is opened.
-
-    EXIF transpose -> RGB -> trim -> resize the shorter side -> centre crop, as for files; the caller's
-    image is not modified. An HxWx3 uint8 array goes through `Image.fromarray` first.
-    """
-    from torchvision.transforms import functional as F
-
-    if not 1 <= views <= len(VIEWS):
-        raise ValueError(f"views must be 1..{len(VIEWS)}, got {views}")
-    if pp.exif_transpose:
-        im = ImageOps.exif_transpose(im)
-    im = _to_rgb(im)
-    im = _trim_long_side(im, MAX_ASPECT)
-    centre = F.pil_to_tensor(F.center_crop(
-        F.resize(im, pp.resize, interpolation=F.InterpolationMode.BILINEAR, antialias=True), pp.crop))
-    out = [centre, centre.flip(-1)]
-    if views > 2:
-        whole = F.pil_to_tensor(F.resize(im, [pp.crop, pp.crop], interpolation=F.InterpolationMode.BILINEAR,
-                                         antialias=True))
-        out += [whole, whole.flip(-1)]
-    return torch.stack(out[:views])
-
-
-MAX_ASPECT = 3  # longer side kept at most this many times the shorter one before resizing
-
-
-def _trim_long_side(im: Image.Image, max_aspect: float) -> Image.Image:
-    """Centre-crop the longer side to `max_aspect` x the shorter one.
-
-    The final centre crop only ever sees (crop / resize) x the shorter side of the longer one, so
-    this drops pixels it would never use; it keeps resizing a 1 x 20000 strip from making a
-    256 x 5,120,000 intermediate (~4 GB) on the way.
-    """
-    w, h = im.size
-    short, long = min(w, h), max(w, h)
-    if long <= short * max_aspect:
-        return im
-    keep = int(short * max_aspect)
-    off = (long - keep) // 2
-    return im.crop((off, 0, off + keep, h) if w > h else (0, off, w, off + keep))
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits
-        arr = torch.from_numpy(np.asarray(im, dtype="float32"))
-        hi = float(arr.max()) or 1.0
-        im = Image.fromarray((arr / hi * 255).clamp(0, 255).byte().numpy(), mode="L")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent -> white
-        im = Image.alpha_composite(bg, im)
-    return im.convert("RGB")
+def preprocess_pil(im, pp: Preprocess, views: int = 1) -> torch.Tensor:
+    """A decoded (or opened) PIL image -> (views, 3, crop, crop) uint8: everything after the file is opened
+    (`common.preprocess.load_views`); the caller's image is not modified. Raises ImageError."""
+    return torch.from_numpy(load_views(im, pp, views))
 
 
 class ImageRows(torch.utils.data.Dataset):

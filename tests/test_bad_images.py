@@ -276,14 +276,13 @@ def test_images_between_one_and_two_bomb_limits_are_refused_unless_draft_shrinks
 def test_extreme_strips_are_trimmed_before_resizing(tmp_path, monkeypatch, size):
     """Resizing a 20000 x 1 strip's short side to 256 would make a ~4 GB intermediate (5 GB, 18 s
     measured): the long side is centre-cropped to 3x the short one first."""
-    from torchvision.transforms import functional as F
-
     import common.backbones as bb
+    import common.preprocess as pre
 
     path = tmp_path / "strip.png"
     Image.new("RGB", size, (10, 200, 30)).save(path)
-    seen, real = [], F.resize
-    monkeypatch.setattr(F, "resize", lambda im, *a, **k: seen.append(im.size) or real(im, *a, **k))
+    seen, real = [], pre.resize_shorter
+    monkeypatch.setattr(pre, "resize_shorter", lambda im, *a, **k: seen.append(im.size) or real(im, *a, **k))
     x = load_image_u8(path, preprocess_for("mobilenet_v2"))
     assert x.shape == (3, 224, 224) and (x[:, 112, 112] == torch.tensor([10, 200, 30], dtype=torch.uint8)).all()
     (w, h), = seen

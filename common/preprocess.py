@@ -1,0 +1,193 @@
+"""The one image path of extraction and captioning, in numpy and Pillow alone (no torch).
+
+open (regular files only) -> JPEG draft -> decompression-bomb check -> EXIF transpose -> RGB ->
+trim an extreme long side -> resize the shorter side (Pillow bilinear, antialiased) -> centre crop
+-> uint8 views. It reproduces, byte for byte, what torchvision's `F.resize` / `F.center_crop` /
+`F.pil_to_tensor` do on a PIL image, so the ONNX captioner (no torch installed) sees exactly the
+pixels stage 1 cached features from. `common.backbones` wraps it into torch tensors.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VIEWS = ("centre", "centre-flip", "whole", "whole-flip")  # the cached views of an image, in cache order
+MAX_ASPECT = 3  # longer side kept at most this many times the shorter one before resizing
+
+
+class ImageError(ValueError):
+    """An image file that cannot be read or decoded."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Decode -> RGB -> resize shorter side (bilinear, antialiased) -> centre crop -> normalise."""
+    resize: int
+    crop: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    jpeg_draft: bool = True  # JPEGs decode at a reduced DCT scale that still covers `resize`
+    exif_transpose: bool = True
+
+    def describe(self) -> str:
+        """Canonical JSON, stored in caches and checkpoints and compared for equality."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def load_views(source, pp: Preprocess, views: int = 1, name: str | None = None) -> np.ndarray:
+    """An image -> (views, 3, crop, crop) uint8: the first `views` of VIEWS. Raises ImageError.
+
+    `source` is a file path, the encoded bytes of an image (an upload: decoded exactly as the same
+    file would be), or a PIL image (never modified: no JPEG draft, so pass bytes to match files). View 0
+    ("centre") is the one preprocessing path of extraction and captioning; the others are the
+    training-time augmentations stage 1 can cache beside it: the centre crop mirrored, and the
+    whole image squeezed to crop x crop (nothing cut off), plain and mirrored. `name` labels errors.
+    """
+    if not 1 <= views <= len(VIEWS):
+        raise ValueError(f"views must be 1..{len(VIEWS)}, got {views}")
+    if isinstance(source, Image.Image):
+        return _guarded(name or "image", lambda: _views(source, pp, views, draft=False))
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _guarded(name or "upload", lambda: _views_of_file(io.BytesIO(bytes(source)), pp, views))
+    path = os.fspath(source)
+    return _guarded(name or path, lambda: _views_of_path(path, pp, views))
+
+
+def _guarded(label: str, work) -> np.ndarray:
+    # any failure while decoding one image is that image's error (Pillow raises OSError, ValueError,
+    # SyntaxError, DecompressionBombError, but also NotImplementedError for formats it knows yet cannot decode)
+    try:
+        return work()
+    except ImageError:
+        raise
+    except Exception as e:
+        raise ImageError(f"{label}: {type(e).__name__}: {e}") from e
+
+
+def _views_of_path(path: str, pp: Preprocess, views: int) -> np.ndarray:
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise ImageError(f"{path}: {_kind(mode)}, not a regular file")
+    # O_NONBLOCK: if the path became a FIFO after the stat, opening it must not wait for a writer
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageError(f"{path}: {_kind(mode)}, not a regular file")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        return _views_of_file(f, pp, views)
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def _views_of_file(f, pp: Preprocess, views: int) -> np.ndarray:
+    with warnings.catch_warnings():
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that (and raises above); `_views`
+        # refuses such images instead, unless JPEG draft mode shrinks them enough
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(f)
+    with im:
+        return _views(im, pp, views)
+
+
+def _views(im: Image.Image, pp: Preprocess, views: int, draft: bool = True) -> np.ndarray:
+    if draft and pp.jpeg_draft and im.format == "JPEG":
+        # ask for a decode at least resize x resize: both sides stay >= the target (a no-op once loaded)
+        im.draft("RGB", (pp.resize, pp.resize))
+    if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(
+            f"{im.width}x{im.height} pixels exceed the decompression-bomb limit of "
+            f"{Image.MAX_IMAGE_PIXELS} pixels")
+    if pp.exif_transpose:
+        im = ImageOps.exif_transpose(im)
+    im = _trim_long_side(_to_rgb(im), MAX_ASPECT)
+    centre = _to_chw(center_crop(resize_shorter(im, pp.resize), pp.crop))  # (3, crop, crop)
+    out = [centre, centre[:, :, ::-1]]
+    if views > 2:
+        whole = _to_chw(_resize_to(im, pp.crop, pp.crop))
+        out += [whole, whole[:, :, ::-1]]
+    return np.ascontiguousarray(np.stack(out[:views]))
+
+
+def _to_chw(im: Image.Image) -> np.ndarray:
+    """An RGB PIL image -> (3, H, W) uint8 (torchvision's `pil_to_tensor`)."""
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _resize_to(im: Image.Image, w: int, h: int) -> Image.Image:
+    # torchvision returns the image itself when the size already matches
+    return im if im.size == (w, h) else im.resize((w, h), Image.BILINEAR)
+
+
+def resize_shorter(im: Image.Image, size: int) -> Image.Image:
+    """The shorter side to `size`, the longer one scaled and truncated (torchvision's `F.resize(im, size)`)."""
+    w, h = im.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    return _resize_to(im, *((size, new_long) if w <= h else (new_long, size)))
+
+
+def center_crop(im: Image.Image, size: int) -> Image.Image:
+    """A size x size centre crop with torchvision's rounding; a smaller image is first padded with black."""
+    w, h = im.size
+    if size > w or size > h:
+        pad_l, pad_t = max(size - w, 0) // 2, max(size - h, 0) // 2
+        pad_r, pad_b = (max(size - w, 0) + 1) // 2, (max(size - h, 0) + 1) // 2
+        padded = Image.new(im.mode, (w + pad_l + pad_r, h + pad_t + pad_b), 0)
+        padded.paste(im, (pad_l, pad_t))
+        im, (w, h) = padded, padded.size
+        if (w, h) == (size, size):
+            return im
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return im.crop((left, top, left + size, top + size))
+
+
+def _trim_long_side(im: Image.Image, max_aspect: float) -> Image.Image:
+    """Centre-crop the longer side to `max_aspect` x the shorter one.
+
+    The final centre crop only ever sees (crop / resize) x the shorter side of the longer one, so
+    this drops pixels it would never use; it keeps resizing a 1 x 20000 strip from making a
+    256 x 5,120,000 intermediate (~4 GB) on the way.
+    """
+    w, h = im.size
+    short, long = min(w, h), max(w, h)
+    if long <= short * max_aspect:
+        return im
+    keep = int(short * max_aspect)
+    off = (long - keep) // 2
+    return im.crop((off, 0, off + keep, h) if w > h else (0, off, w, off + keep))
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits
+        arr = np.asarray(im, dtype=np.float32)
+        hi = np.float32(arr.max()) or np.float32(1.0)
+        # float32 throughout, truncated to uint8 as torch's .byte() does
+        im = Image.fromarray(np.clip(arr / hi * np.float32(255), 0, 255).astype(np.uint8), mode="L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent -> white
+        im = Image.alpha_composite(bg, im)
+    return im.convert("RGB")
