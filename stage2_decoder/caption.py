@@ -58,7 +58,7 @@ class Captioner:
 
         cfg = decode_cfg or DecodeConfig(beam_size=beam_size, max_len=max_len)
         feats = feats.to(next(self.decoder.parameters()).device)
-        return [" ".join(self.vocab.decode(s)) for s in decode(self.decoder, feats, cfg)]
+        return [self.vocab.caption(s) for s in decode(self.decoder, feats, cfg)]
 
     def caption_features_nbest(self, feats: torch.Tensor, decode_cfg) -> list[list[tuple[str, float]]]:
         """(B, D) features -> per image the beam's [(caption, score)], best first (the first is what
@@ -66,7 +66,7 @@ class Captioner:
         from stage2_decoder.decode import beam_search_nbest
 
         feats = feats.to(next(self.decoder.parameters()).device)
-        return [[(" ".join(self.vocab.decode(ids)), score) for ids, score in hyps]
+        return [[(self.vocab.caption(ids), score) for ids, score in hyps]
                 for hyps in beam_search_nbest(self.decoder, feats, decode_cfg)]
 
 
