@@ -59,13 +59,19 @@ def _rows(captions_file: Path):
                     raise DatasetError(f"{captions_file}: expected a CSV header naming image and caption once "
                                        f"each (and optionally split), got {header}")
                 unknown.update(n for n in header if n not in COLUMNS)
+                line_no = reader.line_num + 1  # where the next row starts
                 for fields in reader:
                     if not any(v.strip() for v in fields):
+                        line_no = reader.line_num + 1
                         continue
+                    if any("\n" in v or "\r" in v for v in fields):  # a quote left open swallows the lines after it
+                        raise DatasetError(f"{captions_file}:{line_no}: a field runs on over several lines (a double "
+                                           f"quote left open?); quote a whole caption, or double a quote inside one")
                     if len(fields) > len(header):
-                        raise DatasetError(f"{captions_file}:{reader.line_num}: {len(fields)} fields, the header "
+                        raise DatasetError(f"{captions_file}:{line_no}: {len(fields)} fields, the header "
                                            f"has {len(header)}; put captions that contain commas in double quotes")
-                    yield reader.line_num, dict(zip(header, fields))  # fields left out at the end read as absent
+                    yield line_no, dict(zip(header, fields))  # fields left out at the end read as absent
+                    line_no = reader.line_num + 1
     except UnicodeDecodeError as e:
         raise DatasetError(f"{captions_file} is not UTF-8 text: {e}") from e
     except csv.Error as e:

@@ -111,6 +111,9 @@ def test_an_image_put_in_two_splits_is_refused_with_its_line(tmp_path):
     ("image,caption,split\na.jpg,a dog, running,train\n", r"c\.csv:2: 4 fields, the header has 3; put captions"),
     ("image,split\na.jpg,train\n", r"expected a CSV header naming image and caption"),
     ("image,caption,split\n", r"lists no images"),
+    ('image,caption,split\na.jpg,"a big dog,train\nb.jpg,a cat,val\n', r"c\.csv:2: a field runs on over several lines"),
+    ('image,caption,split\na.jpg,a dog,train\nb.jpg,"a big cat,val\nc.jpg,a "cow",val\n', r"c\.csv:3: a field runs on"),
+    ('image,caption,split\n\na.jpg,"a dog",train\n"b.jpg",a cat,,\n', r"c\.csv:4: 4 fields"),
 ])
 def test_bad_csv_files_name_the_line_at_fault(tmp_path, text, match):
     f = tmp_path / "c.csv"
