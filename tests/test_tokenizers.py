@@ -192,3 +192,24 @@ def test_a_japanese_run_trains_on_characters_and_captions_without_spaces(cli, co
                "--hidden-size", 32, "--embed-size", 32, "--vocab-threshold", 1, "--val-frac", 0.2, "--no-progress")
     assert proc.returncode != 0 and "tokenizer" in proc.stderr.splitlines()[-1] and "Traceback" not in proc.stderr
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_run_from_before_the_setting_resumes_as_nltk(shared_cache, tmp_path):
+    """A last.pt whose config and vocabulary name no tokenizer was split by NLTK: it resumes with the
+    default and is refused with another."""
+    from stage2_decoder.train import TrainConfig, train
+
+    def cfg(**more):
+        return TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), embed_size=16, hidden_size=32,
+                           batch_size=16, vocab_threshold=2, val_images=8, scst_epochs=0, dry_run=True,
+                           device="cpu", progress=False, **more)
+
+    train(cfg(epochs=1))
+    last = tmp_path / "run" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["train_config"]["tokenizer"] == ckpt["vocab"]["tokenizer"] == "nltk"
+    del ckpt["train_config"]["tokenizer"], ckpt["vocab"]["tokenizer"]
+    torch.save(ckpt, last)
+    with pytest.raises(ValueError, match=r"other settings \(tokenizer\)"):
+        train(cfg(epochs=2, tokenizer="whitespace"))
+    assert train(cfg(epochs=2)).epochs_run == 2
