@@ -62,14 +62,11 @@ def test_auto_detection_tells_folder_files_from_flickr8k(tmp_path, flickr_dir):
     assert guess_format(flickr_dir / "captions.txt") == "flickr8k"  # the real Flickr8k file is still Flickr8k's
 
 
-def test_an_image_caption_csv_reads_the_same_as_flickr8k_and_as_folder(flickr_dir, tmp_path):
-    lines = (flickr_dir / "captions.txt").read_text(encoding="utf-8").splitlines()[:201]
-    assert lines[0] == "image,caption"
-    f = tmp_path / "captions.csv"
-    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+def test_an_image_caption_csv_reads_the_same_as_flickr8k_and_as_folder(flickr_dir):
+    f = flickr_dir / "captions.txt"  # the real Flickr8k file: exactly `image,caption`, five captions a photo
     as_flickr = load_dataset("flickr8k", f, flickr_dir / "Images")
     as_folder = load_dataset("folder", f, flickr_dir / "Images")
-    assert len(as_flickr) >= 30 and as_folder == as_flickr
+    assert len(as_flickr) > 1000 and as_folder == as_flickr
     assert load_dataset("auto", f, flickr_dir / "Images") == as_flickr
 
 
