@@ -1,9 +1,11 @@
 """Caption datasets, read into one record type: MS-COCO captions JSON, Flickr8k `captions.txt`,
-Karpathy's split files (`dataset_{coco,flickr8k,flickr30k}.json`) and Flickr30k's caption files.
+Karpathy's split files (`dataset_{coco,flickr8k,flickr30k}.json`), Flickr30k's caption files and
+the `folder` format for one's own photos (a CSV or JSON Lines file of `image, caption[, split]` rows).
 
 Every image gets a string `key` that names it everywhere else (the feature cache rows, the
-split file, evaluation output): the COCO image id as a decimal string, or the Flickr file name.
-A Karpathy file also fixes each image's split (`ImageRecord.split`; see `official_split`).
+split file, evaluation output): the COCO image id as a decimal string, or the Flickr file name
+(the image's path relative to the images folder for `folder`). A Karpathy or `folder` file may
+also fix each image's split (`ImageRecord.split`; see `official_split`).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FORMATS = ("coco", "flickr8k", "karpathy", "flickr30k")
+FORMATS = ("coco", "flickr8k", "karpathy", "flickr30k", "folder")
 SPLITS = ("train", "val", "test")
 
 
@@ -51,10 +53,16 @@ def guess_format(captions_file: str | os.PathLike) -> str:
     """From the extension, and the first bytes where they tell formats apart.
 
     .json: 'karpathy' if its images carry "sentences", else 'coco'; .token: 'flickr30k';
-    .txt/.csv: 'flickr30k' for `NAME#N<TAB>caption` lines or an `image_name| comment_number| comment`
-    header, else 'flickr8k'.
+    .jsonl/.ndjson: 'folder'; .txt/.csv: 'flickr30k' for `NAME#N<TAB>caption` lines or an
+    `image_name| comment_number| comment` header, 'folder' for a CSV header naming `image` and
+    `caption` other than exactly Flickr8k's `image,caption` (with `split`, other columns, another
+    order), else 'flickr8k' (which reads an `image,caption` file as `folder` would).
     """
+    from common.folder_dataset import JSONL_SUFFIXES, is_folder_header
+
     suffix = Path(captions_file).suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return "folder"
     if suffix == ".json":
         # Karpathy's files start with the first image and its sentences; COCO's have no "sentences"
         return "karpathy" if re.search(r'"sentences"\s*:', _head(captions_file, 1 << 16)) else "coco"
@@ -62,8 +70,9 @@ def guess_format(captions_file: str | os.PathLike) -> str:
         return "flickr30k"
     if suffix in (".txt", ".csv"):
         first = _head(captions_file, 4096).lstrip("\ufeff").split("\n", 1)[0]
-        return "flickr30k" if _TOKEN_LINE.match(first) or first.replace(" ", "").startswith("image_name|") \
-            else "flickr8k"
+        if _TOKEN_LINE.match(first) or first.replace(" ", "").startswith("image_name|"):
+            return "flickr30k"
+        return "folder" if is_folder_header(first) else "flickr8k"
     raise DatasetError(f"cannot tell the dataset format of {captions_file}; pass --dataset "
                        f"{'|'.join(FORMATS)}")
 
@@ -305,7 +314,10 @@ def load_dataset(fmt: str, captions_file: str | os.PathLike, images_dir: str | o
         raise DatasetError(f"unknown dataset format {fmt!r}; choose from {', '.join(FORMATS)}")
     if not Path(images_dir).is_dir():
         raise DatasetError(f"images folder not found: {images_dir}")
-    loaders = {"coco": load_coco, "flickr8k": load_flickr8k, "karpathy": load_karpathy, "flickr30k": load_flickr30k}
+    from common.folder_dataset import load_folder
+
+    loaders = {"coco": load_coco, "flickr8k": load_flickr8k, "karpathy": load_karpathy, "flickr30k": load_flickr30k,
+               "folder": load_folder}
     records = loaders[fmt](captions_file, images_dir)
     if limit is not None:
         if limit < 1:

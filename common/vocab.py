@@ -7,6 +7,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from common.tokenizer import DEFAULT_TOKENIZER, TOKENIZERS, join_tokens
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)  # indices 0, 1, 2, 3: <pad> must be 0 (padding_idx)
 VOCAB_FORMAT = "capcache-vocab/1"
@@ -17,7 +19,7 @@ class VocabError(ValueError):
 
 
 class Vocabulary:
-    def __init__(self, words: Sequence[str], threshold: int | None = None):
+    def __init__(self, words: Sequence[str], threshold: int | None = None, tokenizer: str = DEFAULT_TOKENIZER):
         words = list(words)
         if not all(isinstance(w, str) for w in words):
             raise VocabError("vocabulary words must all be strings")
@@ -28,6 +30,9 @@ class Vocabulary:
         self.itos: list[str] = words
         self.stoi: dict[str, int] = {w: i for i, w in enumerate(words)}
         self.threshold = threshold
+        if tokenizer not in TOKENIZERS:
+            raise VocabError(f"unknown tokenizer {tokenizer!r} (known: {', '.join(TOKENIZERS)})")
+        self.tokenizer = tokenizer  # the one that split the captions (common.tokenizer): decoding joins as it splits
 
     pad_id = 0
     start_id = 1
@@ -38,7 +43,7 @@ class Vocabulary:
         return len(self.itos)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Vocabulary) and self.itos == other.itos
+        return isinstance(other, Vocabulary) and self.itos == other.itos and self.tokenizer == other.tokenizer
 
     def encode(self, tokens: Iterable[str], add_specials: bool = True) -> list[int]:
         """Tokens -> ids, wrapped in <start> ... <end> by default; unknown words -> <unk>."""
@@ -58,11 +63,12 @@ class Vocabulary:
         return out
 
     def caption(self, ids: Iterable[int]) -> str:
-        """Ids -> the caption text (words joined as the tokenizer splits them)."""
-        return " ".join(self.decode(ids))
+        """Ids -> the caption text, joined as the tokenizer splits it (`chars`: no spaces)."""
+        return join_tokens(self.decode(ids), self.tokenizer)
 
     def to_dict(self) -> dict:
-        return {"format": VOCAB_FORMAT, "threshold": self.threshold, "words": list(self.itos)}
+        return {"format": VOCAB_FORMAT, "threshold": self.threshold, "tokenizer": self.tokenizer,
+                "words": list(self.itos)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Vocabulary":
@@ -70,7 +76,7 @@ class Vocabulary:
             raise VocabError(f"not a {VOCAB_FORMAT} vocabulary")
         if not all(isinstance(w, str) for w in d["words"]):
             raise VocabError("vocabulary words must all be strings")
-        return cls(d["words"], d.get("threshold"))
+        return cls(d["words"], d.get("threshold"), d.get("tokenizer", "nltk"))  # absent: a file from before the setting
 
     def save(self, path: str | os.PathLike) -> None:
         # UTF-8 whatever the locale: the words may be any script (and emoji)
@@ -91,13 +97,15 @@ class Vocabulary:
             raise VocabError(f"cannot read vocabulary {path}: {e}") from e
 
 
-def build_vocab(tokenized: Iterable[Sequence[str]], threshold: int = 4) -> Vocabulary:
+def build_vocab(tokenized: Iterable[Sequence[str]], threshold: int = 4,
+                tokenizer: str = DEFAULT_TOKENIZER) -> Vocabulary:
     """Vocabulary of words seen at least `threshold` times, most frequent first.
 
     Pass the *training split's* captions only, so validation/test words stay unseen.
-    Ties are broken alphabetically so the result never depends on input order.
+    Ties are broken alphabetically so the result never depends on input order. `tokenizer` names
+    the tokenizer that made `tokenized`; the vocabulary records it.
     """
     counts = Counter(t for toks in tokenized for t in toks)
     kept = sorted((w for w, c in counts.items() if c >= threshold and w not in SPECIALS),
                   key=lambda w: (-counts[w], w))
-    return Vocabulary([*SPECIALS, *kept], threshold)
+    return Vocabulary([*SPECIALS, *kept], threshold, tokenizer)

@@ -15,7 +15,8 @@ from stage1_extract.extract import ExtractConfig, extract
               help="Captions file format (auto: from its extension and first bytes).")
 @click.option("--images", required=True, type=click.Path(), help="Folder of the dataset's images.")
 @click.option("--captions", required=True, type=click.Path(),
-              help="Captions file (COCO JSON, Karpathy dataset_*.json, Flickr8k captions.txt, Flickr30k .token/.csv).")
+              help="Captions file (COCO JSON, Karpathy dataset_*.json, Flickr8k captions.txt, Flickr30k .token/.csv, "
+                   "or your own image,caption[,split] CSV / JSON Lines: docs/own-photos.md).")
 @click.option("--backbone", type=click.Choice(list(REGISTRY)), default=DEFAULT_BACKBONE, show_default=True)
 @click.option("--out", required=True, type=click.Path(), help="Output HDF5 cache (work in progress lives in OUT.parts/ until complete).")
 @click.option("--weights", default="default", show_default=True,

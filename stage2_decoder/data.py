@@ -45,7 +45,8 @@ class CaptionPairs(Dataset):
             row = rows_by_key.get(rec.key)
             if row is None:  # image skipped by stage 1 (unreadable)
                 continue
-            tokenised = tokens[rec.key] if tokens is not None else [tokenize(c) for c in rec.captions]
+            tokenised = tokens[rec.key] if tokens is not None else [tokenize(c, vocab.tokenizer)
+                                                                     for c in rec.captions]
             for words in tokenised:
                 words = words[: max_len]
                 if not words:  # empty or punctuation-only caption teaches nothing

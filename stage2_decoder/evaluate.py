@@ -82,8 +82,10 @@ def _decode_all(cap, keys: list[str], feats: torch.Tensor, decode_cfg: DecodeCon
     return out
 
 
-def evaluate_captions(res: dict[str, str], records: list[ImageRecord], spice: bool = False) -> dict:
-    """Metrics + diversity stats + per-image results, as one JSON-able dict."""
+def evaluate_captions(res: dict[str, str], records: list[ImageRecord], spice: bool = False,
+                      tokenizer: str = "nltk") -> dict:
+    """Metrics + diversity stats + per-image results, as one JSON-able dict; references and results are
+    split by `tokenizer`, the checkpoint vocabulary's."""
     from stage2_decoder.metrics import caption_stats, score_captions
 
     unscored = sum(1 for r in records if not r.captions)  # pycocoevalcap asserts on an empty reference list
@@ -92,12 +94,12 @@ def evaluate_captions(res: dict[str, str], records: list[ImageRecord], spice: bo
         raise ValueError("none of these images has a reference caption to score against")
     res = {r.key: res[r.key] for r in records}
     gts = {r.key: r.captions for r in records}
-    metrics, per_cider, notes = score_captions(gts, res, spice=spice)
+    metrics, per_cider, notes = score_captions(gts, res, spice=spice, tokenizer=tokenizer)
     if unscored:
         notes.append(f"{unscored} images without reference captions were left out of the scores")
     images = [{"key": r.key, "image": r.path, "caption": res[r.key], "references": r.captions,
                "cider": per_cider.get(r.key)} for r in records]
-    return {"metrics": metrics, "stats": caption_stats(res), "notes": notes, "n_images": len(records),
+    return {"metrics": metrics, "stats": caption_stats(res, tokenizer), "notes": notes, "n_images": len(records),
             "images": images}
 
 
@@ -169,7 +171,7 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
             res, recs = captions_from_cache(cap, load_checkpoint(ckpt_path), features, split, decode_cfg=decode)
         if not res:
             raise ValueError("no image could be captioned")
-        report = evaluate_captions(res, recs, spice)
+        report = evaluate_captions(res, recs, spice, cap.vocab.tokenizer)
         report.update({"checkpoint": os.path.abspath(ckpt_path), "decode": asdict(decode),
                        "source": "images" if raw else f"cache:{split}", "skipped": errors,
                        "seconds": round(time.perf_counter() - t0, 2)})

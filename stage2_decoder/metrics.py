@@ -4,6 +4,10 @@ when a captioner goes wrong (vocabulary used, distinct captions, the most repeat
 `score_captions` is the reported evaluation: PTB tokenizer (Java), BLEU-1..4, METEOR (Java),
 ROUGE-L, CIDEr, and SPICE when asked and it can run. `cider` is the fast in-process CIDEr
 (our own tokenizer, pure Python) used for validation during training.
+
+Both take the run's tokenizer (`Vocabulary.tokenizer`). The PTB tokenizer, METEOR and SPICE are
+English tools: they serve `nltk` runs only; for `whitespace` and `chars` runs references and
+results are split by the run's own tokenizer and the scorers get its tokens joined by spaces.
 """
 from __future__ import annotations
 
@@ -12,27 +16,35 @@ import io
 import shutil
 from collections import Counter
 
-from common.tokenizer import tokenize
+from common.tokenizer import DEFAULT_TOKENIZER, tokenize
 
 
-def caption_stats(res: dict[str, str]) -> dict:
-    """Diversity of generated captions: words used, distinct fraction, the most repeated caption."""
+def caption_stats(res: dict[str, str], tokenizer: str = DEFAULT_TOKENIZER) -> dict:
+    """Diversity of generated captions: words (characters for `chars`) used, distinct fraction, the most
+    repeated caption."""
     caps = list(res.values())
     if not caps:
         return {"vocab_used": 0, "distinct_fraction": 0.0, "most_common_caption": "", "most_common_fraction": 0.0}
     counts = Counter(caps)
     top, n = counts.most_common(1)[0]
-    return {"vocab_used": len({w for c in caps for w in c.split()}), "distinct_fraction": len(counts) / len(caps),
+    units = (lambda c: tokenize(c, tokenizer)) if tokenizer == "chars" else str.split  # chars: no spaces to split on
+    return {"vocab_used": len({w for c in caps for w in units(c)}), "distinct_fraction": len(counts) / len(caps),
             "most_common_caption": top, "most_common_fraction": n / len(caps)}
 
 
-def cider(gts: dict[str, list[str]], res: dict[str, str]) -> tuple[float, dict[str, float]]:
+def _spaced(text: str, tokenizer: str) -> str:
+    """What pycocoevalcap's scorers read: the tokens joined by spaces (they split on spaces)."""
+    return " ".join(tokenize(text, tokenizer))
+
+
+def cider(gts: dict[str, list[str]], res: dict[str, str], tokenizer: str = DEFAULT_TOKENIZER
+          ) -> tuple[float, dict[str, float]]:
     """CIDEr-D with pycocoevalcap's scorer on our tokenizer's output (no Java): corpus score and per image."""
     from pycocoevalcap.cider.cider import Cider
 
     keys = sorted(res)
-    g = {k: [" ".join(tokenize(r)) for r in gts[k]] for k in keys}
-    r = {k: [" ".join(tokenize(res[k])) or "<empty>"] for k in keys}
+    g = {k: [_spaced(r, tokenizer) for r in gts[k]] for k in keys}
+    r = {k: [_spaced(res[k], tokenizer) or "<empty>"] for k in keys}
     score, per = Cider().compute_score(g, r)
     return float(score), {k: float(s) for k, s in zip(keys, per)}
 
@@ -41,7 +53,8 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
-def score_captions(gts: dict[str, list[str]], res: dict[str, str], spice: bool = False) -> tuple[dict, dict, list[str]]:
+def score_captions(gts: dict[str, list[str]], res: dict[str, str], spice: bool = False,
+                   tokenizer: str = DEFAULT_TOKENIZER) -> tuple[dict, dict, list[str]]:
     """Standard COCO caption metrics. Returns (corpus metrics, per-image CIDEr, notes about skipped parts)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -49,22 +62,26 @@ def score_captions(gts: dict[str, list[str]], res: dict[str, str], spice: bool =
 
     keys = sorted(res)
     notes: list[str] = []
-    if java_available():
+    english = tokenizer == "nltk"
+    java = english and java_available()
+    if java:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
         tok = PTBTokenizer()
         g = tok.tokenize({k: [{"caption": c} for c in gts[k]] for k in keys})
         r = tok.tokenize({k: [{"caption": res[k]}] for k in keys})
     else:
-        notes.append("Java not found: PTB tokenizer, METEOR and SPICE skipped (our tokenizer used for the rest)")
-        g = {k: [" ".join(tokenize(c)) for c in gts[k]] for k in keys}
-        r = {k: [" ".join(tokenize(res[k]))] for k in keys}
+        notes.append("Java not found: PTB tokenizer, METEOR and SPICE skipped (our tokenizer used for the rest)"
+                     if english else f"tokenizer {tokenizer}: scored on its tokens; the English-only PTB "
+                                     f"tokenizer, METEOR and SPICE skipped")
+        g = {k: [_spaced(c, tokenizer) for c in gts[k]] for k in keys}
+        r = {k: [_spaced(res[k], tokenizer)] for k in keys}
     r = {k: [v[0] if v and v[0].strip() else "<empty>"] for k, v in r.items()}  # scorers reject empty strings
     metrics: dict[str, float] = {}
     with contextlib.redirect_stdout(io.StringIO()):  # BLEU prints its internals
         bleu, _ = Bleu(4).compute_score(g, r)
     for n, b in enumerate(bleu, start=1):
         metrics[f"BLEU-{n}"] = float(b)
-    if java_available():
+    if java:
         from pycocoevalcap.meteor.meteor import Meteor
         m = Meteor()
         try:
@@ -74,7 +91,7 @@ def score_captions(gts: dict[str, list[str]], res: dict[str, str], spice: bool =
     metrics["ROUGE-L"] = float(Rouge().compute_score(g, r)[0])
     c, per = Cider().compute_score(g, r)
     metrics["CIDEr"] = float(c)
-    if spice:
+    if spice and english:
         try:
             from pycocoevalcap.spice.spice import Spice
             with contextlib.redirect_stdout(io.StringIO()):

@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 
 import torch
 
-from common.tokenizer import tokenize
+from common.tokenizer import DEFAULT_TOKENIZER, tokenize
 from stage2_decoder.data import view_rows
 from stage2_decoder.decode import END_ID, START_ID
 from stage2_decoder.model import CaptionDecoder
@@ -33,11 +33,12 @@ def _counts(words: list[str]) -> list[Counter]:
 class CiderD:
     """CIDEr-D of a caption against one image's references, with corpus document frequencies.
 
-    `refs`: {key: captions}, each a string or already a word list (`scst_refs` makes those).
+    `refs`: {key: captions}, each a string (split by `tokenizer`) or already a word list (`scst_refs` makes those).
     """
 
-    def __init__(self, refs: dict[str, list[str] | list[list[str]]]):
-        self.refs = {k: [c if isinstance(c, list) else tokenize(c) for c in caps] for k, caps in refs.items()}
+    def __init__(self, refs: dict[str, list[str] | list[list[str]]], tokenizer: str = DEFAULT_TOKENIZER):
+        self.refs = {k: [c if isinstance(c, list) else tokenize(c, tokenizer) for c in caps]
+                     for k, caps in refs.items()}
         df: Counter = Counter()
         for caps in self.refs.values():
             df.update({g for c in caps for order in _counts(c) for g in order})
@@ -140,13 +141,15 @@ def scst_keys(scorer: CiderD, rows: dict[str, int]) -> list[str]:
     return [key for key, caps in scorer.refs.items() if key in rows and caps]
 
 
-def scst_refs(records, tokens: dict[str, list[list[str]]] | None = None) -> dict[str, list[list[str]]]:
+def scst_refs(records, tokens: dict[str, list[list[str]]] | None = None,
+              tokenizer: str = DEFAULT_TOKENIZER) -> dict[str, list[list[str]]]:
     """{key: tokenised captions} of the training images: the corpus of the rewards' document frequencies.
 
-    `tokens` ({key: one word list per caption}, from `train.prepare_data`) spares tokenising again.
+    `tokens` ({key: one word list per caption}, from `train.prepare_data`) spares tokenising again;
+    without it the captions are split by `tokenizer` (the run's).
     """
     refs: dict[str, list[list[str]]] = defaultdict(list)
     for r in records:
-        words = tokens[r.key] if tokens is not None else [tokenize(c) for c in r.captions]
+        words = tokens[r.key] if tokens is not None else [tokenize(c, tokenizer) for c in r.captions]
         refs[r.key].extend(w for c, w in zip(r.captions, words) if c.strip())
     return dict(refs)

@@ -25,7 +25,7 @@ from common.device import resolve_device
 from common.cli import config_options, run_guarded
 from common.datasets import FORMATS, load_dataset, official_split, split_keys, write_split
 from common.feature_cache import CacheError, FeatureCache, load_cache
-from common.tokenizer import tokenize
+from common.tokenizer import TOKENIZERS, tokenize
 from common.vocab import Vocabulary, build_vocab
 from stage2_decoder.checkpoint import CheckpointError, cpu_state, load_checkpoint, save_checkpoint
 from stage2_decoder.data import CaptionPairs
@@ -52,6 +52,7 @@ class TrainConfig:
     # score words against their own input embeddings (DecoderConfig.tie_embeddings): helps rare words (docs/defaults.md)
     tie_embeddings: bool = True
     vocab_threshold: int = 4
+    tokenizer: str = "nltk"  # nltk | whitespace | chars (languages written without spaces); kept in the vocabulary
     max_caption_len: int = 50
     val_frac: float = 0.05
     test_frac: float = 0.05
@@ -82,8 +83,8 @@ class TrainConfig:
     # settings that must not change when a run resumes from last.pt
     RESUME_FIXED = ("features", "embed_size", "hidden_size", "num_layers", "vocab_threshold", "max_caption_len",
                     "val_frac", "test_frac", "split_seed", "dropout", "select_by", "val_beam_size",
-                    "tie_embeddings")
-    RESUME_LEGACY = {"val_beam_size": 1, "tie_embeddings": False}  # what a run from before the setting existed did
+                    "tie_embeddings", "tokenizer")
+    RESUME_LEGACY = {"val_beam_size": 1, "tie_embeddings": False, "tokenizer": "nltk"}  # what older runs did
 
     def decoder_config(self, feature_dim: int, vocab_size: int) -> DecoderConfig:
         """The decoder these settings train (train() and the benchmarks build it from here)."""
@@ -108,6 +109,8 @@ def _check(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.tokenizer not in TOKENIZERS:
+        raise ValueError(f"--tokenizer must be one of {', '.join(TOKENIZERS)}, got {cfg.tokenizer!r}")
     if cfg.select_by not in ("cider", "loss"):
         raise ValueError(f"--select-by must be cider or loss, got {cfg.select_by!r}")
     if not 0 <= cfg.dropout < 1:
@@ -131,8 +134,8 @@ def prepare_data(cfg: TrainConfig, cache: FeatureCache):
     """Records of the cached images, the image split, the train-split vocabulary, the feature rows and
     the tokenised captions of the train and val images ({key: one word list per caption}).
 
-    Captions are tokenised here once (NLTK, ~0.2 ms each: minutes on full COCO) for the vocabulary,
-    the caption tensors and the SCST reward alike.
+    Captions are tokenised here once, by --tokenizer (NLTK: ~0.2 ms each, minutes on full COCO), for the
+    vocabulary, the caption tensors and the SCST reward alike.
     """
     m = cache.meta
     records = load_dataset(cfg.dataset or m.dataset_format, cfg.captions or m.captions_file,
@@ -147,8 +150,8 @@ def prepare_data(cfg: TrainConfig, cache: FeatureCache):
                                                   cfg.split_seed)
     by_split = {name: set(keys) for name, keys in split.items()}
     parts = {name: [r for r in records if r.key in by_split[name]] for name in split}
-    tokens = {r.key: [tokenize(c) for c in r.captions] for name in ("train", "val") for r in parts[name]}
-    vocab = build_vocab((words for r in parts["train"] for words in tokens[r.key]), cfg.vocab_threshold)
+    tokens = {r.key: [tokenize(c, cfg.tokenizer) for c in r.captions] for name in ("train", "val") for r in parts[name]}
+    vocab = build_vocab((words for r in parts["train"] for words in tokens[r.key]), cfg.vocab_threshold, cfg.tokenizer)
     return parts, split, vocab, rows, tokens
 
 
@@ -365,8 +368,8 @@ def validation_cider(model: CaptionDecoder, vocab: Vocabulary, features: torch.T
         chunk = keys[s:s + batch_size]
         feats = features[torch.tensor([rows[k] for k in chunk])]
         ids = decode(model, feats, how)
-        res.update({k: " ".join(vocab.decode(x)) for k, x in zip(chunk, ids)})
-    return cider(refs, res)[0]
+        res.update({k: vocab.caption(x) for k, x in zip(chunk, ids)})
+    return cider(refs, res, vocab.tokenizer)[0]
 
 
 def _batch_loss(model: CaptionDecoder, b, device, label_smoothing: float = 0.0):

@@ -301,7 +301,7 @@ def test_training_captions_are_tokenised_once_for_vocab_tensors_and_rewards(shar
     cfg = train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), vocab_threshold=2)
     calls = []
     real = train_mod.tokenize
-    monkeypatch.setattr(train_mod, "tokenize", lambda c: calls.append(c) or real(c))
+    monkeypatch.setattr(train_mod, "tokenize", lambda c, *how: calls.append(c) or real(c, *how))
     parts, _, vocab, rows, tokens = train_mod.prepare_data(cfg, load_cache(shared_cache))
     assert len(calls) == sum(len(r.captions) for name in ("train", "val") for r in parts[name])
 
@@ -309,7 +309,7 @@ def test_training_captions_are_tokenised_once_for_vocab_tensors_and_rewards(shar
     plain_pairs = CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len)
     plain_cider = CiderD(scst_refs(parts["train"]))
 
-    def refuse(c):
+    def refuse(c, *how):
         raise AssertionError("tokenised again")
 
     monkeypatch.setattr(data_mod, "tokenize", refuse)

@@ -1,0 +1,134 @@
+"""The `folder` captions format: a folder of one's own photos and a CSV or JSON Lines file of
+`image, caption[, split]` rows (docs/own-photos.md is the user guide).
+
+    image,caption,split                      {"image": "cats/tom.jpg", "caption": "A cat asleep.", "split": "train"}
+    cats/tom.jpg,A grey cat asleep.,train    {"image": "cats/tom.jpg", "caption": "A sleeping cat."}
+    "beach.jpg","Two dogs, running.",val
+
+`common.datasets` detects it (`guess_format`) and reads it (`load_dataset(..., "folder")`) here.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+from collections import Counter, OrderedDict
+from pathlib import Path
+
+from common.datasets import (SPLITS, DatasetError, DatasetWarning, ImageRecord, _clean_captions, _sort_key,
+                             _warn_skipped)
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+COLUMNS = ("image", "caption", "split")
+
+
+def is_folder_header(line: str) -> bool:
+    """A CSV header line for `folder`: names `image` and `caption` (any case, any order, maybe more), and
+    is not exactly Flickr8k's `image,caption`, which its own reader takes."""
+    try:
+        fields = next(csv.reader([line.rstrip("\r\n")]), [])
+    except csv.Error:
+        return False
+    return {"image", "caption"} <= {n.strip().lower() for n in fields} and fields != ["image", "caption"]
+
+
+def _rows(captions_file: Path):
+    """(line number, {column: value}) of each row of a `folder` CSV or JSON Lines file; unknown
+    columns are dropped with one DatasetWarning."""
+    unknown: set = set()
+    try:
+        with open(captions_file, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
+            if captions_file.suffix.lower() in JSONL_SUFFIXES:
+                for line_no, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DatasetError(f"{captions_file}:{line_no}: not a JSON object: {e}") from e
+                    if not isinstance(row, dict):
+                        raise DatasetError(f"{captions_file}:{line_no}: expected a JSON object "
+                                           f'{{"image": ..., "caption": ..., "split"?: ...}}, got {row!r:.60}')
+                    unknown.update(k for k in row if k not in COLUMNS)
+                    yield line_no, row
+            else:
+                reader = csv.reader(f)
+                header = [n.strip().lower() for n in next(reader, [])]
+                if not {"image", "caption"} <= set(header) or len(set(header)) != len(header):
+                    raise DatasetError(f"{captions_file}: expected a CSV header naming image and caption once "
+                                       f"each (and optionally split), got {header}")
+                unknown.update(n for n in header if n not in COLUMNS)
+                line_no = reader.line_num + 1  # where the next row starts
+                for fields in reader:
+                    if not any(v.strip() for v in fields):
+                        line_no = reader.line_num + 1
+                        continue
+                    if any("\n" in v or "\r" in v for v in fields):  # a quote left open swallows the lines after it
+                        raise DatasetError(f"{captions_file}:{line_no}: a field runs on over several lines (a double "
+                                           f"quote left open?); quote a whole caption, or double a quote inside one")
+                    if len(fields) > len(header):
+                        raise DatasetError(f"{captions_file}:{line_no}: {len(fields)} fields, the header "
+                                           f"has {len(header)}; put captions that contain commas in double quotes")
+                    yield line_no, dict(zip(header, fields))  # fields left out at the end read as absent
+                    line_no = reader.line_num + 1
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{captions_file} is not UTF-8 text: {e}") from e
+    except csv.Error as e:
+        raise DatasetError(f"{captions_file}: not a readable CSV file: {e}") from e
+    if unknown:
+        warnings.warn(DatasetWarning(f"{captions_file}: ignored columns {', '.join(sorted(map(str, unknown)))} "
+                                     f"(known: {', '.join(COLUMNS)})"), stacklevel=4)
+
+
+def load_folder(captions_file: str | os.PathLike, images_dir: str | os.PathLike) -> list[ImageRecord]:
+    """Read one's own photos: a CSV (header `image,caption` and optionally `split`, in any order) or a
+    JSON Lines file (`.jsonl`: `{"image": ..., "caption": ..., "split"?: ...}` per line), one row per
+    caption, any number of rows per image. `image` is the path relative to `images_dir` (also the
+    image's key). A `split` (train, val or test) puts the image there (`official_split`); an image's
+    rows must not name different splits, and either every image has a split or none has (then
+    training splits them by hash). Rows without an image or caption, a row repeated exactly and
+    unusable captions (see `_clean_captions`) are skipped with one DatasetWarning, as Flickr8k's
+    reader does: an `image,caption` CSV reads the same with either.
+    """
+    captions_file, images_dir = Path(captions_file), Path(images_dir)
+    if not captions_file.is_file():
+        raise DatasetError(f"captions file not found: {captions_file}")
+    by_image: OrderedDict[str, list] = OrderedDict()
+    splits: dict[str, str] = {}
+    skipped: Counter = Counter()
+    bad_rows: list[int] = []
+    for line_no, row in _rows(captions_file):
+        image, caption = row.get("image"), row.get("caption")
+        image = image.strip() if isinstance(image, str) else ""
+        if not image or caption is None:
+            bad_rows.append(line_no)
+            continue
+        split = row.get("split")
+        split = split.strip().lower() if isinstance(split, str) else split
+        if split not in (None, ""):
+            if split not in SPLITS:
+                raise DatasetError(f"{captions_file}:{line_no}: split {split!r} of {image} is not one of "
+                                   f"{', '.join(SPLITS)} (or empty)")
+            if splits.setdefault(image, split) != split:
+                raise DatasetError(f"{captions_file}:{line_no}: {image} is put in {split}, an earlier row puts it "
+                                   f"in {splits[image]}")
+        caps = by_image.setdefault(image, [])
+        if caption in caps:
+            skipped["repeated rows"] += 1
+        else:
+            caps.append(caption)
+    if bad_rows:
+        skipped[f"rows without an image or caption (e.g. line {bad_rows[0]})"] = len(bad_rows)
+    if not by_image:
+        raise DatasetError(f"{captions_file} lists no images")
+    if splits and len(splits) < len(by_image):
+        missing = next(k for k in by_image if k not in splits)
+        raise DatasetError(f"{captions_file}: {len(splits)} images have a split and {len(by_image) - len(splits)} "
+                           f"have none (e.g. {missing}); give every image a split, or none (then training "
+                           f"splits them by --val-frac/--test-frac)")
+    records = [ImageRecord(name, name, os.path.abspath(images_dir / name), _clean_captions(caps, skipped),
+                           splits.get(name)) for name, caps in by_image.items()]
+    _warn_skipped(captions_file, skipped)
+    return sorted(records, key=_sort_key)
+
