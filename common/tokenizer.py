@@ -10,7 +10,6 @@ from __future__ import annotations
 import string
 import unicodedata
 
-from nltk.tokenize import word_tokenize
 
 TOKENIZERS = ("nltk", "whitespace", "chars")
 DEFAULT_TOKENIZER = "nltk"
@@ -44,7 +43,10 @@ def join_tokens(tokens: list[str], name: str = DEFAULT_TOKENIZER) -> str:
 
 def _nltk(text: str) -> list[str]:
     """`preserve_line=True` skips NLTK's sentence splitter, which needs the downloaded `punkt`
-    data; the captions are single sentences anyway."""
+    data; the captions are single sentences anyway. NLTK is imported here: decoding needs only
+    `join_tokens`, so the torch-free ONNX captioner runs without it."""
+    from nltk.tokenize import word_tokenize
+
     out = []
     for t in word_tokenize(text.lower(), preserve_line=True):
         if not (t.startswith("'") or t == "n't"):  # keep clitics ('s, 're, n't); strip glued "man." / ":a"

@@ -85,7 +85,7 @@ class OnnxCaptioner:
         m = _read_manifest(folder)
         mpath = folder / MANIFEST
         try:
-            vocab = Vocabulary(m["vocab"]["words"], m["vocab"].get("threshold"))
+            vocab = Vocabulary(m["vocab"]["words"], m["vocab"].get("threshold"), m.get("tokenizer") or "nltk")
             pp = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["preprocess"].items()})
         except (KeyError, TypeError, ValueError) as e:
             raise OnnxExportError(f"{mpath}: unusable vocabulary or preprocessing: {e}") from e
