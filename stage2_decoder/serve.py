@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+from starlette.requests import Request  # module level: FastAPI resolves the endpoint's annotation here
 
 MB = 1 << 20
 FORM_OVERHEAD = 1 * MB  # multipart headers and the small form fields, beyond the files' own bytes
@@ -146,7 +147,7 @@ def checkpoint_name(path) -> str:
 
 def create_app(captioner, cfg: ServeConfig):
     """The FastAPI app over a loaded captioner (anything with `.caption(...)` and `.checkpoint_path`)."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.exceptions import HTTPException
 

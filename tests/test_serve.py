@@ -1,0 +1,237 @@
+"""The captioning web service: the batcher, the app's limits and errors (in process, over a small stand-in
+captioner), then the real server in a subprocess on a loopback port with a decoder trained on the shared
+cache: captions equal to the API's, bad uploads, 16 concurrent clients, and the page in headless Chromium."""
+from __future__ import annotations
+
+import io
+import threading
+import time
+import warnings
+
+import pytest
+from PIL import Image
+
+from stage2_decoder.batcher import BatcherConfig, DynamicBatcher
+from stage2_decoder.page import CSP, PAGE
+from stage2_decoder.serve import ServeConfig, create_app
+
+# --- the batcher -------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A batched function that answers each item with (item, key) and records the batches it saw."""
+
+    def __init__(self, delay: float = 0.0):
+        self.batches, self.delay = [], delay
+
+    def __call__(self, items, key):
+        self.batches.append((list(items), key))
+        time.sleep(self.delay)
+        return [(it, key) for it in items]
+
+
+def _submit_together(batcher, jobs):
+    """Submit (items, key) jobs from one thread each, released at once; returns each job's results."""
+    go, out = threading.Barrier(len(jobs)), [None] * len(jobs)
+
+    def client(i, items, key):
+        go.wait()
+        out[i] = batcher.submit(items, key).result(timeout=30)
+
+    threads = [threading.Thread(target=client, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_concurrent_requests_share_batches_and_each_gets_its_own_results():
+    rec = Recorder()
+    b = DynamicBatcher(rec, BatcherConfig(max_batch_images=8, max_wait_ms=300)).start()
+    try:
+        jobs = [([f"r{i}a", f"r{i}b"], "k") for i in range(8)]
+        out = _submit_together(b, jobs)
+    finally:
+        b.stop()
+    assert out == [[(it, "k") for it in items] for items, _ in jobs]
+    assert len(rec.batches) < len(jobs)  # gathered
+    assert all(len(items) <= 8 for items, _ in rec.batches)
+    assert sorted(it for items, _ in rec.batches for it in items) == sorted(it for items, _ in jobs for it in items)
+    assert b.stats.calls == len(rec.batches) and b.stats.largest == 8
+
+
+def test_batching_off_runs_one_request_per_call_and_keys_never_mix():
+    rec = Recorder()
+    b = DynamicBatcher(rec, BatcherConfig(max_batch_images=64, max_wait_ms=300, enabled=False)).start()
+    try:
+        out = _submit_together(b, [([i], "k") for i in range(5)])
+    finally:
+        b.stop()
+    assert out == [[(i, "k")] for i in range(5)] and len(rec.batches) == 5
+
+    rec = Recorder()
+    b = DynamicBatcher(rec, BatcherConfig(max_batch_images=64, max_wait_ms=300)).start()
+    try:
+        out = _submit_together(b, [([i], i % 2) for i in range(6)])
+    finally:
+        b.stop()
+    assert out == [[(i, i % 2)] for i in range(6)]
+    assert all(all(it % 2 == key for it in items) for items, key in rec.batches)
+
+
+def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on():
+    def run(items, key):
+        if "bad" in items:
+            raise RuntimeError("model broke")
+        return [it.upper() for it in items]
+
+    b = DynamicBatcher(run, BatcherConfig(max_wait_ms=0)).start()
+    try:
+        with pytest.raises(RuntimeError, match="model broke"):
+            b.submit(["bad"]).result(timeout=10)
+        assert b.submit(["ok"]).result(timeout=10) == ["OK"]
+    finally:
+        b.stop()
+    with pytest.raises(RuntimeError, match="not running"):
+        b.submit(["late"])
+
+
+def test_batcher_settings_are_checked():
+    with pytest.raises(ValueError, match="max_batch_images"):
+        BatcherConfig(max_batch_images=0)
+    with pytest.raises(ValueError, match="max_wait_ms"):
+        BatcherConfig(max_wait_ms=-1)
+
+
+# --- the app, in process, over a stand-in captioner ---------------------------------------------------------
+
+
+class StandIn:
+    """The Captioner's interface on PIL images: the caption names the image's size and mean colour."""
+    checkpoint_path = "/somewhere/runs/tiny/best.pt"
+
+    def __init__(self):
+        self.calls = []
+
+    def caption(self, images, num_captions=1, beam_size=3, batch_size=32, on_error="raise", **decode):
+        self.calls.append(len(images))
+        out = []
+        for im in images:
+            try:
+                im.load()
+            except OSError as e:
+                out.append({"image": None, "error": f"<image>: OSError: {e}"})
+                continue
+            r, g, b = (int(v) for v in im.convert("RGB").resize((1, 1)).getpixel((0, 0)))
+            caps = [{"caption": f"a {im.width}x{im.height} photo {r} {g} {b} take {k}", "score": -0.1 * (k + 1)}
+                    for k in range(max(num_captions, 1))]
+            out.append({"image": None, "caption": caps[0]["caption"], "captions": caps})
+        return out
+
+
+def _jpeg(w=32, h=24, colour=(200, 30, 40), fmt="JPEG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def client():
+    with warnings.catch_warnings():  # starlette's note that its TestClient will move to httpx2
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from fastapi.testclient import TestClient
+
+    cfg = ServeConfig(max_files=3, max_upload_mb=0.05, max_pixels=200 * 200, max_wait_ms=1)
+    with TestClient(create_app(StandIn(), cfg)) as c:
+        yield c
+
+
+def _good(client):
+    r = client.post("/v1/caption", files=[("images", ("ok.jpg", _jpeg(), "image/jpeg"))])
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["caption"].startswith("a 32x24 photo")
+    return r
+
+
+def test_caption_endpoint_answers_each_file_in_order_with_its_alternatives(client):
+    files = [("images", ("red.jpg", _jpeg(colour=(250, 0, 0)), "image/jpeg")),
+             ("images", ("blue.png", _jpeg(40, 10, (0, 0, 250), "PNG"), "image/png"))]
+    r = client.post("/v1/caption", files=files, data={"num_captions": "3", "beam_size": "4"})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["filename"] for x in res] == ["red.jpg", "blue.png"]
+    assert res[0]["caption"].startswith("a 32x24 photo 2") and res[1]["caption"].startswith("a 40x10 photo 0 0 2")
+    assert all(len(x["captions"]) == 3 and x["captions"][0]["caption"] == x["caption"] for x in res)
+    assert client.get("/healthz").json() == {"status": "ok", "checkpoint": "tiny/best.pt"}
+
+
+def _noise_jpeg() -> bytes:
+    """A 64x64 JPEG of noise: its header is whole in the first few hundred bytes, its pixels are not."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+BAD_REQUESTS = [
+    # (what, request kwargs, status, words the error must contain)
+    ("not an image", {"files": [("images", ("notes.jpg", b"just some text, no photo", "image/jpeg"))]}, 415,
+     ["notes.jpg", "not an image"]),
+    ("truncated image", {"files": [("images", ("cut.jpg", _noise_jpeg()[:1500], "image/jpeg"))]}, 422,
+     ["cut.jpg", "not a readable image"]),
+    ("too many bytes", {"files": [("images", ("big.png", bytes(_jpeg(5, 5, fmt="PNG")) + b"\0" * 60_000,
+                                              "image/png"))]}, 413, ["big.png", "bytes"]),
+    ("too many pixels", {"files": [("images", ("huge.png", _jpeg(300, 300, fmt="PNG"), "image/png"))]}, 413,
+     ["huge.png", "300x300", "pixels"]),
+    ("too many files", {"files": [("images", (f"{i}.jpg", _jpeg(), "image/jpeg")) for i in range(4)]}, 413,
+     ["more than 3 files"]),
+    ("one bad file among good ones", {"files": [("images", ("fine.jpg", _jpeg(), "image/jpeg")),
+                                                ("images", ("broken.gif", b"GIF89a nonsense", "image/gif"))]}, 415,
+     ["broken.gif"]),
+    ("bad num_captions", {"files": [("images", ("ok.jpg", _jpeg(), "image/jpeg"))], "data": {"num_captions": "two"}},
+     400, ["num_captions", "two"]),
+    ("num_captions over the limit", {"files": [("images", ("ok.jpg", _jpeg(), "image/jpeg"))],
+                                     "data": {"num_captions": "1000"}}, 400, ["num_captions", "1000"]),
+    ("bad beam_size", {"files": [("images", ("ok.jpg", _jpeg(), "image/jpeg"))], "data": {"beam_size": "0"}}, 400,
+     ["beam_size"]),
+    ("no files in 'images'", {"files": [("photo", ("ok.jpg", _jpeg(), "image/jpeg"))], "data": {"beam_size": "3"}},
+     400, ["'images'"]),
+    ("not multipart", {"json": {"images": []}}, 415, ["multipart"]),
+]
+
+
+@pytest.mark.parametrize("what,kwargs,status,words", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_a_4xx_json_error_naming_the_fault_and_the_server_goes_on(client, what, kwargs, status,
+                                                                                   words):
+    r = client.post("/v1/caption", **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert all(w in err for w in words), err
+    _good(client)
+
+
+def test_a_body_larger_than_the_limits_is_refused_before_it_is_read(client):
+    body = b"x" * (3 * int(0.05 * (1 << 20)) + (2 << 20))
+    r = client.post("/v1/caption", content=body, headers={"content-type": "multipart/form-data; boundary=zz"})
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]
+    assert client.get("/nowhere").json() == {"error": "Not Found"}
+    _good(client)
+
+
+def test_the_page_is_self_contained_and_inserts_text_as_text(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.text == PAGE
+    assert r.headers["content-security-policy"] == CSP
+    assert "default-src 'none'" in CSP and "unsafe-inline" not in CSP and "connect-src 'self'" in CSP
+    assert "http://" not in PAGE and "https://" not in PAGE and "//cdn" not in PAGE
+    assert "innerHTML" not in PAGE and "insertAdjacentHTML" not in PAGE and "document.write" not in PAGE
+    assert 'type="file"' in PAGE and "drop" in PAGE and "textContent" in PAGE
+
+
+def test_serve_settings_are_checked():
+    for bad in ({"max_batch": 0}, {"port": 70000}, {"max_upload_mb": 0}, {"beam_size": 0},
+                {"num_captions": 50}):
+        with pytest.raises(ValueError):
+            ServeConfig(**bad)
