@@ -139,7 +139,7 @@ def _jpeg(w=32, h=24, colour=(200, 30, 40), fmt="JPEG") -> bytes:
 @pytest.fixture
 def client():
     with warnings.catch_warnings():  # starlette's note that its TestClient will move to httpx2
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore")
         from fastapi.testclient import TestClient
 
     cfg = ServeConfig(max_files=3, max_upload_mb=0.05, max_pixels=200 * 200, max_wait_ms=1)
