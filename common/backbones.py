@@ -110,8 +110,6 @@ def load_image_views(path: str | os.PathLike, pp: Preprocess, views: int = 1) ->
     and the whole image squeezed to crop x crop (nothing cut off), plain and mirrored. The file is
     decoded once for all of them.
     """
-    from torchvision.transforms import functional as F
-
     if not 1 <= views <= len(VIEWS):
         raise ValueError(f"views must be 1..{len(VIEWS)}, got {views}")
     path = str(path)
@@ -129,20 +127,33 @@ def load_image_views(path: str | os.PathLike, pp: Preprocess, views: int = 1) ->
                 raise Image.DecompressionBombError(
                     f"{im.width}x{im.height} pixels exceed the decompression-bomb limit of "
                     f"{Image.MAX_IMAGE_PIXELS} pixels")
-            if pp.exif_transpose:
-                im = ImageOps.exif_transpose(im)
-            im = _to_rgb(im)
-            im = _trim_long_side(im, MAX_ASPECT)
-            centre = F.pil_to_tensor(F.center_crop(
-                F.resize(im, pp.resize, interpolation=F.InterpolationMode.BILINEAR, antialias=True), pp.crop))
-            out = [centre, centre.flip(-1)]
-            if views > 2:
-                whole = F.pil_to_tensor(F.resize(im, [pp.crop, pp.crop], interpolation=F.InterpolationMode.BILINEAR,
-                                                 antialias=True))
-                out += [whole, whole.flip(-1)]
-            return torch.stack(out[:views])
+            return preprocess_pil(im, pp, views)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"{path}: {type(e).__name__}: {e}") from e
+
+
+def preprocess_pil(im: Image.Image, pp: Preprocess, views: int = 1) -> torch.Tensor:
+    """A decoded (or opened) PIL image -> (views, 3, crop, crop) uint8: everything after the file is opened.
+
+    EXIF transpose -> RGB -> trim -> resize the shorter side -> centre crop, as for files; the caller's
+    image is not modified. An HxWx3 uint8 array goes through `Image.fromarray` first.
+    """
+    from torchvision.transforms import functional as F
+
+    if not 1 <= views <= len(VIEWS):
+        raise ValueError(f"views must be 1..{len(VIEWS)}, got {views}")
+    if pp.exif_transpose:
+        im = ImageOps.exif_transpose(im)
+    im = _to_rgb(im)
+    im = _trim_long_side(im, MAX_ASPECT)
+    centre = F.pil_to_tensor(F.center_crop(
+        F.resize(im, pp.resize, interpolation=F.InterpolationMode.BILINEAR, antialias=True), pp.crop))
+    out = [centre, centre.flip(-1)]
+    if views > 2:
+        whole = F.pil_to_tensor(F.resize(im, [pp.crop, pp.crop], interpolation=F.InterpolationMode.BILINEAR,
+                                         antialias=True))
+        out += [whole, whole.flip(-1)]
+    return torch.stack(out[:views])
 
 
 MAX_ASPECT = 3  # longer side kept at most this many times the shorter one before resizing

@@ -1,22 +1,12 @@
 """Greedy and beam-search decoding of a trained CaptionDecoder (call in eval mode)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from stage2_decoder.decode_config import DecodeConfig  # noqa: F401  (defined torch-free, re-exported)
 from stage2_decoder.model import CaptionDecoder
 
 START_ID, END_ID = 1, 2
-
-
-@dataclass
-class DecodeConfig:
-    beam_size: int = 3  # 1 = greedy
-    max_len: int = 20
-    min_len: int = 1  # words before <end> may be chosen
-    length_penalty: float = 0.7  # beam score = sum log p / len ** length_penalty (0 = plain sum)
-    no_repeat_ngram: int = 0  # forbid repeating any n-gram of this size (0 = off)
 
 
 @torch.inference_mode()

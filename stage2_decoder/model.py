@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from common.vocab import Vocabulary
+
 
 @dataclass
 class DecoderConfig:
@@ -75,5 +77,7 @@ class CaptionDecoder(nn.Module):
         """One decoding step: tokens (B,) -> log-probs (B, V), new state."""
         h, state = self.lstm(self.embed(tokens).unsqueeze(1), state)
         logits = self.logits(h.squeeze(1)).float()
-        logits[:, :2] = float("-inf")  # never emit <pad> (0) or <start> (1)
+        # never emit <pad>, <start> or <unk>: a word the vocabulary lacks is no caption word (a model
+        # trained on few photos otherwise answers "a <unk> <unk> ..."); greedy, beam, sampling, SCST all call this
+        logits[:, [Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]] = float("-inf")
         return torch.log_softmax(logits, dim=-1), state

@@ -1,0 +1,201 @@
+"""The Python API: caption files, PIL images or arrays with a trained checkpoint.
+
+    from stage2_decoder import Captioner
+    cap = Captioner.load()                      # $CAPCACHE_CHECKPOINT, else the newest runs/*/best.pt
+    for r in cap.caption(["photo.jpg", pil_image, array], num_captions=3):
+        print(r["image"], r["caption"], r["captions"])
+
+The caption CLI, evaluation and the web service all call this class. Images of every kind go through
+stage 1's preprocessing (common.backbones), so their features match the cached ones.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from stage2_decoder.decode_config import DecodeConfig, SampleConfig
+
+CHECKPOINT_ENV = "CAPCACHE_CHECKPOINT"
+FIRST_CHUNK = 4  # images in the first batch (time to the first caption of a folder: bench/caption.py)
+ON_ERROR = ("raise", "return")
+
+
+class NoCheckpointError(ValueError):
+    """No checkpoint was named and none was found where training writes them."""
+
+
+def find_checkpoint(path: str | os.PathLike | None = None) -> Path:
+    """`path` if given, else $CAPCACHE_CHECKPOINT, else the newest runs/*/best.pt under the cwd (by mtime)."""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise NoCheckpointError(f"checkpoint not found: {p}" if not p.exists() else f"{p} is not a file")
+        return p
+    env = os.environ.get(CHECKPOINT_ENV)
+    if env:
+        p = Path(env)
+        if not p.is_file():
+            raise NoCheckpointError(f"${CHECKPOINT_ENV}={env}: no such checkpoint file")
+        return p
+    runs = [p for p in Path("runs").glob("*/best.pt") if p.is_file()]
+    if runs:
+        return max(runs, key=lambda p: p.stat().st_mtime)
+    raise NoCheckpointError(f"no checkpoint found (no ${CHECKPOINT_ENV}, no runs/*/best.pt under {Path.cwd()}): "
+                            f"run `make demo` (a few minutes, offline) or `make train`, or pass --checkpoint / "
+                            f"set {CHECKPOINT_ENV}")
+
+
+def image_label(image) -> str | None:
+    """What a result's "image" says: a path as given; None for a PIL image or an array."""
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    return None
+
+
+def decode_settings(num_captions: int = 1, beam_size: int = 3, max_len: int = 20, min_len: int = 1,
+                    length_penalty: float = 0.7, no_repeat_ngram: int = 0, sample: bool = False,
+                    temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None
+                    ) -> tuple[DecodeConfig, SampleConfig]:
+    """Check the decode keyword arguments (ValueError naming the one at fault) and group them."""
+    dcfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
+    scfg = SampleConfig(num_captions, sample, temperature, top_p, seed)
+    for cfg in (dcfg, scfg):
+        for name, value in asdict(cfg).items():
+            meta = type(cfg).__dataclass_fields__[name].metadata
+            if value is None or isinstance(value, bool):
+                continue
+            if meta.get("min") is not None and value < meta["min"]:
+                raise ValueError(f"{name} must be at least {meta['min']}, got {value}")
+            if meta.get("max") is not None and value > meta["max"]:
+                raise ValueError(f"{name} must be at most {meta['max']}, got {value}")
+    return dcfg, scfg
+
+
+class Captioner:
+    """Backbone + decoder + vocabulary, rebuilt from one self-describing checkpoint."""
+
+    def __init__(self, backbone, decoder, vocab, checkpoint_path: str):
+        self.backbone = backbone  # common.backbones.Backbone
+        self.decoder = decoder  # stage2_decoder.model.CaptionDecoder, eval mode
+        self.vocab = vocab  # common.vocab.Vocabulary
+        self.checkpoint_path = checkpoint_path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, device: str = "auto",
+             weights: str | None = None) -> "Captioner":
+        """Load `path` (None: `find_checkpoint()`); `weights` overrides the backbone weights file it names."""
+        from common.backbones import BackboneError, load_backbone
+        from common.device import resolve_device
+        from stage2_decoder.checkpoint import load_checkpoint, model_from_checkpoint
+
+        path = find_checkpoint(path)
+        dev = resolve_device(device)
+        ckpt = load_checkpoint(path)
+        decoder, vocab = model_from_checkpoint(ckpt, dev)
+        bb = ckpt["backbone"]
+        backbone = load_backbone(bb["name"], weights or bb["weights"], dev, expected_sha256=bb.get("weights_sha256"))
+        if backbone.feature_dim != decoder.cfg.feature_dim or backbone.preprocess.describe() != bb["preprocess"]:
+            raise BackboneError(f"backbone {bb['name']} built here does not match the checkpoint's "
+                                f"(feature size or preprocessing differ)")
+        return cls(backbone, decoder, vocab, str(path))
+
+    def caption(self, images: Sequence, batch_size: int = 32, on_error: str = "raise", **decode) -> list[dict]:
+        """One dict per image, in order: {"image", "caption", "captions": [{"caption", "score"}, ...]}.
+
+        images: file paths, PIL images or HxWx3 uint8 arrays, mixed. decode: num_captions, beam_size,
+        max_len, min_len, length_penalty, no_repeat_ngram, sample, temperature, top_p, seed (see
+        stage2_decoder.decode_config). on_error="return": an unreadable image gives {"image", "error"}.
+        """
+        return list(self.caption_iter(images, batch_size, on_error, **decode))
+
+    def caption_iter(self, images: Sequence, batch_size: int = 32, on_error: str = "raise", progress: bool = False,
+                     **decode) -> Iterator[dict]:
+        """`caption`, yielding each result as soon as its batch is decoded (a small first batch)."""
+        from common.backbones import ImageError
+
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        settings = decode_settings(**decode)
+        images = list(images)
+        bar = tqdm(total=len(images), unit="img", desc="caption", disable=not progress, leave=False)
+        starts = [0, *range(min(FIRST_CHUNK, batch_size), len(images), batch_size)]
+        for s, end in zip(starts, [*starts[1:], len(images)]):
+            chunk = images[s:end]
+            tensors, good, errors = [], [], {}
+            for i, im in enumerate(chunk):
+                try:
+                    tensors.append(self._load(im, s + i))
+                    good.append(i)
+                except ImageError as e:
+                    if on_error == "raise":
+                        raise
+                    errors[i] = " ".join(str(e).split())
+            decoded = {}
+            if tensors:
+                feats = self.backbone.encode(torch.stack(tensors))  # (b, D)
+                decoded = dict(zip(good, self._decode(feats, *settings)))
+            for i, im in enumerate(chunk):
+                label = image_label(im)
+                yield {"image": label, "error": errors[i]} if i in errors else {"image": label, **decoded[i]}
+            bar.update(len(chunk))
+        bar.close()
+
+    def caption_features(self, feats: torch.Tensor, **decode) -> list[dict]:
+        """(B, D) features (e.g. from the cache) -> one {"caption", "captions"} dict per row."""
+        return self._decode(feats, *decode_settings(**decode))
+
+    def _load(self, image, index: int) -> torch.Tensor:
+        """One input -> (3, crop, crop) uint8, through stage 1's preprocessing. Raises ImageError."""
+        import numpy as np
+        from PIL import Image
+
+        from common.backbones import ImageError, load_image_u8, preprocess_pil
+
+        pp = self.backbone.preprocess
+        if isinstance(image, (str, os.PathLike)):
+            return load_image_u8(image, pp)
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ImageError(f"images[{index}]: expected an HxWx3 uint8 array, got shape {image.shape} "
+                                 f"dtype {image.dtype}")
+            image = Image.fromarray(image, mode="RGB")
+        if isinstance(image, Image.Image):
+            try:
+                return preprocess_pil(image, pp)[0]
+            except (OSError, ValueError) as e:  # a lazily opened image whose data is broken
+                raise ImageError(f"images[{index}]: {type(e).__name__}: {e}") from e
+        raise TypeError(f"images[{index}]: expected a file path, a PIL image or an HxWx3 uint8 array, "
+                        f"got {type(image).__name__}")
+
+    def _decode(self, feats: torch.Tensor, dcfg: DecodeConfig, scfg: SampleConfig) -> list[dict]:
+        """(B, D) features -> per row {"caption", "captions"}: N distinct beam hypotheses or N samples."""
+        from dataclasses import replace
+
+        from stage2_decoder.decode import beam_search_nbest
+        from stage2_decoder.sampling import sample_captions
+
+        feats = feats.to(next(self.decoder.parameters()).device)
+        if scfg.sample:
+            hyps = sample_captions(self.decoder, feats, scfg.num_captions, dcfg.max_len, dcfg.min_len,
+                                   scfg.temperature, scfg.top_p, scfg.seed)
+        else:  # the beam holds at least N hypotheses
+            hyps = beam_search_nbest(self.decoder, feats, replace(dcfg, beam_size=max(dcfg.beam_size,
+                                                                                      scfg.num_captions)))
+        out = []
+        for row in hyps:
+            captions, seen = [], set()
+            for ids, score in row:
+                text = self.vocab.caption(ids)
+                if scfg.sample or text not in seen:  # samples may repeat; beam alternatives are distinct
+                    seen.add(text)
+                    captions.append({"caption": text, "score": float(score)})
+            captions = captions[:scfg.num_captions]
+            out.append({"caption": captions[0]["caption"], "captions": captions})
+        return out
