@@ -90,16 +90,18 @@ def _sha256(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
 
 
-CSP = ("default-src 'none'; "
-       f"script-src {_sha256(SCRIPT)}; style-src {_sha256(STYLE)}; img-src blob: data:; connect-src 'self'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+# the <meta> copy covers the page saved to disk; frame-ancestors only counts in the header
+META_CSP = ("default-src 'none'; "
+            f"script-src {_sha256(SCRIPT)}; style-src {_sha256(STYLE)}; img-src blob: data:; connect-src 'self'; "
+            "base-uri 'none'; form-action 'none'")
+CSP = META_CSP + "; frame-ancestors 'none'"
 
 PAGE = f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
+<meta http-equiv="Content-Security-Policy" content="{META_CSP}">
 <title>capcache: caption photos</title>
 <link rel="icon" href="data:,">
 <style>{STYLE}</style>

@@ -116,8 +116,12 @@ def _int_field(form, name: str, default: int, hi: int) -> int:
     return value
 
 
-def open_upload(name: str, data: bytes, cfg: ServeConfig):
-    """Upload bytes -> a PIL image opened from memory, its size checked from the header (not yet decoded)."""
+def open_upload(name: str, data: bytes, cfg: ServeConfig, preprocess=None):
+    """Upload bytes -> a PIL image opened from memory, its size checked from the header (not yet decoded).
+
+    With the backbone's `preprocess`, a JPEG is set to decode at the reduced scale stage 1 uses for
+    files (`common.backbones.load_image_views`), so an upload gets the caption its file gets.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if len(data) > cfg.max_upload_bytes:
@@ -136,6 +140,8 @@ def open_upload(name: str, data: bytes, cfg: ServeConfig):
     if im.width * im.height > cfg.max_pixels:
         im.close()
         raise RequestError(413, f"{name}: {im.width}x{im.height} pixels is over the limit of {cfg.max_pixels} pixels")
+    if preprocess is not None and preprocess.jpeg_draft and im.format == "JPEG":
+        im.draft("RGB", (preprocess.resize, preprocess.resize))
     return im
 
 
@@ -163,6 +169,7 @@ def create_app(captioner, cfg: ServeConfig):
             for im in images:
                 im.close()
 
+    preprocess = getattr(getattr(captioner, "backbone", None), "preprocess", None)
     batcher = DynamicBatcher(run_batch, BatcherConfig(cfg.max_batch, cfg.max_wait_ms, cfg.batching))
 
     @contextlib.asynccontextmanager
@@ -209,7 +216,7 @@ def create_app(captioner, cfg: ServeConfig):
             try:
                 for i, f in enumerate(files):
                     names.append(f.filename or f"images[{i}]")
-                    images.append(open_upload(names[-1], await f.read(cfg.max_upload_bytes + 1), cfg))
+                    images.append(open_upload(names[-1], await f.read(cfg.max_upload_bytes + 1), cfg, preprocess))
             except BaseException:
                 for im in images:
                     im.close()

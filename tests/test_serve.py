@@ -4,6 +4,7 @@ cache: captions equal to the API's, bad uploads, 16 concurrent clients, and the 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 import threading
 import time
 import warnings
@@ -235,3 +236,206 @@ def test_serve_settings_are_checked():
                 {"num_captions": 50}):
         with pytest.raises(ValueError):
             ServeConfig(**bad)
+
+
+# --- the real server, on a loopback port, with a decoder trained on the shared cache ------------------------
+
+from test_figures import Chromium, chromium_exe  # noqa: E402,F401 - the gallery test's headless browser
+
+PHOTOS = 8
+
+
+@pytest.fixture(scope="module")
+def checkpoint(shared_cache, tmp_path_factory):
+    """A small decoder trained for a few (fast) epochs on the shared 48-image cache."""
+    from stage2_decoder.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("serve") / "run"
+    train(TrainConfig(features=str(shared_cache), out=str(out), epochs=10, scst_epochs=0, batch_size=32, lr=5e-3,
+                      embed_size=64, hidden_size=128, vocab_threshold=2, select_by="loss", device="cpu",
+                      progress=False))
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def photos(coco_records):
+    return [r.path for r in coco_records[:PHOTOS]]
+
+
+@pytest.fixture(scope="module")
+def captioner(checkpoint):
+    from stage2_decoder import Captioner
+
+    return Captioner.load(checkpoint, device="cpu")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    """`python -m stage2_decoder.serve` in a subprocess on a free loopback port; yields its base URL."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from conftest import REPO, TEST_THREADS
+
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS=TEST_THREADS, MKL_NUM_THREADS=TEST_THREADS)
+    proc = subprocess.Popen([sys.executable, "-m", "stage2_decoder.serve", "--checkpoint", str(checkpoint),
+                             "--port", str(port), "--device", "cpu", "--max-files", "4", "--max-upload-mb", "1",
+                             "--max-pixels", "1000000", "--max-wait-ms", "20", "--no-progress"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")
+            try:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("the server did not answer /healthz within 120 s")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    out = proc.stdout.read()
+    assert "Traceback" not in out, out
+
+
+def _post(url, paths, **fields):
+    import httpx
+
+    files = [("images", (Path(p).name, Path(p).read_bytes(), "image/jpeg")) for p in paths]
+    return httpx.post(url + "/v1/caption", files=files, data={k: str(v) for k, v in fields.items()}, timeout=120)
+
+
+def test_batching_never_changes_a_caption(captioner, photos):
+    """One batched call gives every photo the caption and alternatives it gets alone (BatchNorm in eval mode)."""
+    together = captioner.caption(photos, num_captions=3, batch_size=len(photos))
+    alone = [captioner.caption([p], num_captions=3)[0] for p in photos]
+    assert [[c["caption"] for c in r["captions"]] for r in together] == [[c["caption"] for c in r["captions"]]
+                                                                         for r in alone]
+    assert [c["score"] for r in together for c in r["captions"]] == pytest.approx(
+        [c["score"] for r in alone for c in r["captions"]], abs=1e-4)
+    assert len({r["caption"] for r in alone}) > 1  # the photos are told apart: the check can fail
+
+
+def test_real_server_captions_photos_as_the_api_does(server, captioner, photos, checkpoint):
+    import httpx
+
+    assert httpx.get(server + "/healthz").json() == {"status": "ok", "checkpoint": f"{checkpoint.parent.name}/best.pt"}
+    r = _post(server, photos[:4], num_captions=3, beam_size=3)
+    assert r.status_code == 200, r.text
+    want = captioner.caption(photos[:4], num_captions=3, beam_size=3)
+    got = r.json()["results"]
+    assert [g["filename"] for g in got] == [Path(p).name for p in photos[:4]]
+    assert [g["caption"] for g in got] == [w["caption"] for w in want]
+    assert [[c["caption"] for c in g["captions"]] for g in got] == [[c["caption"] for c in w["captions"]] for w in want]
+    assert [c["score"] for g in got for c in g["captions"]] == pytest.approx(
+        [c["score"] for w in want for c in w["captions"]], abs=1e-4)
+    greedy = _post(server, photos[4:5], beam_size=1).json()["results"][0]
+    assert greedy["caption"] == captioner.caption(photos[4:5], beam_size=1)[0]["caption"]
+    assert len(greedy["captions"]) == 1
+
+
+def test_real_server_refuses_bad_uploads_and_keeps_serving(server, photos, tmp_path):
+    import httpx
+
+    photo = Path(photos[0]).read_bytes()
+    bad = [
+        ([("images", ("notes.txt", b"not a photo at all", "text/plain"))], 415, "notes.txt"),
+        ([("images", ("half.jpg", photo[:len(photo) // 3], "image/jpeg"))], 422, "half.jpg"),
+        ([("images", (f"{i}.jpg", photo, "image/jpeg")) for i in range(5)], 413, "more than 4 files"),
+        ([("images", ("big.jpg", photo + b"\0" * (1 << 20), "image/jpeg"))], 413, "big.jpg"),
+    ]
+    for files, status, words in bad:
+        r = httpx.post(server + "/v1/caption", files=files, timeout=60)
+        assert r.status_code == status and words in r.json()["error"], r.text
+        ok = _post(server, photos[:1])
+        assert ok.status_code == 200 and ok.json()["results"][0]["caption"], ok.text
+
+
+def test_16_concurrent_clients_are_all_answered_with_their_own_captions(server, captioner, photos):
+    from concurrent.futures import ThreadPoolExecutor
+
+    want = {Path(p).name: captioner.caption([p])[0]["caption"] for p in photos}
+    jobs = [photos[i % len(photos)] for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda p: _post(server, [p]), jobs))
+    assert [r.status_code for r in replies] == [200] * 16, [r.text for r in replies if r.status_code != 200]
+    for p, r in zip(jobs, replies):
+        res = r.json()["results"][0]
+        assert res["filename"] == Path(p).name and res["caption"] == want[Path(p).name]
+
+
+_CARDS_JS = """Array.from(document.querySelectorAll('#cards .card')).map(c => ({
+    state: c.classList.contains('done') ? 'done' : c.classList.contains('failed') ? 'failed' : 'pending',
+    name: c.querySelector('.name').textContent, caption: c.querySelector('.caption').textContent,
+    alts: c.querySelectorAll('.alts li').length, bold: c.querySelectorAll('b').length,
+    img: (i => i.complete && i.naturalWidth > 0)(c.querySelector('img'))}))"""
+
+
+def test_the_page_in_a_real_browser_captions_a_photo_picked_with_the_file_input(server, captioner, photos,
+                                                                                chromium_exe, tmp_path):
+    import shutil
+
+    odd = tmp_path / "<b>bold<b> & <i>photo.jpg"  # a name that is markup: it must show as text
+    shutil.copyfile(photos[1], odd)
+    browser = Chromium(chromium_exe, tmp_path / "chromium-profile")
+    try:
+        sid = browser.open(server + "/", 1100, 800)
+        root = browser.send("DOM.getDocument", {}, session=sid)["root"]["nodeId"]
+        node = browser.send("DOM.querySelector", {"nodeId": root, "selector": "#files"}, session=sid)["nodeId"]
+        browser.send("DOM.setFileInputFiles", {"nodeId": node, "files": [str(photos[0]), str(odd)]}, session=sid)
+        deadline = time.monotonic() + 60
+        while True:
+            cards = browser.js(sid, _CARDS_JS)
+            if len(cards) == 2 and all(c["state"] != "pending" for c in cards) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        problems = browser.problems()
+    finally:
+        browser.close()
+    assert problems == []
+    by_name = {c["name"]: c for c in cards}
+    assert set(by_name) == {Path(photos[0]).name, odd.name}, cards
+    want = captioner.caption([photos[0], photos[1]], num_captions=3, beam_size=3)  # the page's defaults
+    for name, w in zip([Path(photos[0]).name, odd.name], want):
+        c = by_name[name]
+        assert c["state"] == "done" and c["caption"] == w["caption"] and c["img"], c
+        assert c["alts"] == len(w["captions"]) - 1 and c["bold"] == 0
+
+
+def test_serve_cli_dry_run_and_no_checkpoint(cli, checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    ok = cli("stage2_decoder.serve", "--checkpoint", checkpoint, "--dry-run", "--port", "0")
+    assert ok.returncode == 0 and "would serve" in ok.stdout and "Traceback" not in ok.stderr, ok.stderr
+    bad = cli("stage2_decoder.serve", "--checkpoint", checkpoint, "--dry-run", "--max-batch", "0")
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error:") and "--max-batch" in bad.stderr
+    env = {k: v for k, v in __import__("os").environ.items() if k != "CAPCACHE_CHECKPOINT"}
+    none = subprocess.run([sys.executable, "-m", "stage2_decoder.serve", "--dry-run"], cwd=tmp_path, env={
+        **env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert none.returncode == 1 and len(none.stderr.strip().splitlines()) == 1, none.stderr
+    assert none.stderr.startswith("error: no checkpoint found")
