@@ -1,7 +1,7 @@
 """The web service under load: throughput and p50/p99 latency at 1, 4 and 16 concurrent clients, with
 dynamic batching on and off, in one run.
 
-    .venv/bin/python bench/serve.py [--clients 1,4,16] [--requests 96] [--threads 2] [--max-batch 16]
+    .venv/bin/python bench/serve.py [--clients 1,4,16] [--requests 96] [--rounds 3] [--threads 2] [--max-batch 16]
                                     [--max-wait-ms 10] [--checkpoint FILE] [--tiny] [--check]
 
 Set-up (not timed): a mobilenet_v2 (real weights) cache of the first `--images` COCO photos and a
@@ -9,7 +9,8 @@ decoder trained on it for a few epochs (or `--checkpoint`). Two servers run side
 starts them (`python -m stage2_decoder.serve`, one with `--no-batching`), each with `--threads` torch
 threads. For each client count, each server in turn gets the same closed loop: every client posts one
 real photo at a time (default settings: beam 3, one caption) and sends the next as soon as the answer
-comes, until `--requests` requests are answered. Throughput = answered requests / wall time; latency
+comes, until `--requests` requests are answered (in `--rounds` turns, the two servers alternating).
+Throughput = answered requests / wall time; latency
 per request from send to answer. Target: with 16 clients, batching >= 2x the throughput without.
 """
 from __future__ import annotations
@@ -31,14 +32,17 @@ import httpx  # noqa: E402
 
 
 def make_checkpoint(coco: Path, n_images: int, epochs: int, tmp: Path) -> Path:
+    """The set-up's decoder; one already made in `tmp` (a `--work` folder) is used again."""
     from stage1_extract.extract import ExtractConfig, extract
     from stage2_decoder.train import TrainConfig, train
 
+    run, metrics = tmp / "run", tmp / "run" / "metrics.jsonl"
+    if (run / "best.pt").is_file() and metrics.is_file() and len(metrics.read_text().splitlines()) >= epochs:
+        return run / "best.pt"
     cache = tmp / "coco-mobilenet_v2.h5"
     extract(ExtractConfig(images=str(coco / "images"), captions=str(coco / "captions.json"), out=str(cache),
                           dataset="coco", backbone="mobilenet_v2", weights="default", batch_size=16, workers=1,
                           device="cpu", limit=n_images, progress=False))
-    run = tmp / "run"
     train(TrainConfig(features=str(cache), out=str(run), epochs=epochs, scst_epochs=0, device="cpu", progress=False))
     return run / "best.pt"
 
@@ -124,10 +128,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=default_data())
     ap.add_argument("--checkpoint", type=Path, default=None, help="Serve this instead of training one.")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="Keep the set-up's cache and decoder here and use them again (default: a temporary folder).")
     ap.add_argument("--images", type=int, default=400, help="COCO photos in the set-up cache (and sent).")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--requests", type=int, default=96, help="Requests answered per client count and mode.")
+    ap.add_argument("--rounds", type=int, default=3, help="Turns each mode takes per client count.")
     ap.add_argument("--threads", type=int, default=2, help="Torch threads in each server.")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=10.0)
@@ -135,13 +142,15 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="Exit 1 when the target is missed.")
     args = ap.parse_args()
     if args.tiny:
-        args.images, args.epochs, args.requests, args.clients = 16, 2, 8, "1,4"
+        args.images, args.epochs, args.requests, args.clients, args.rounds = 16, 2, 8, "1,4", 2
     clients = [int(c) for c in args.clients.split(",")]
     coco = args.data / "coco2017-mini"
 
     rep = Report("serve")
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        ckpt = args.checkpoint or make_checkpoint(coco, args.images, args.epochs, Path(tmp))
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        ckpt = args.checkpoint or make_checkpoint(coco, args.images, args.epochs, work)
         from common.datasets import load_coco
 
         records = load_coco(coco / "captions.json", coco / "images")[:args.images]
@@ -154,10 +163,17 @@ def main() -> int:
                 load(url, photos, 2, 4)
             rows, rps = [], {}
             for n in clients:
-                for mode, (proc, url) in servers.items():
-                    r, lat = load(url, photos, n, max(args.requests, n))
-                    rps[mode, n] = r
-                    rows.append([n, mode, r, 1000 * percentile(lat, 50), 1000 * percentile(lat, 99), len(lat)])
+                # the two modes take turns, `--rounds` times, so a change in the machine's load hits both
+                wall, lat = {m: 0.0 for m in servers}, {m: [] for m in servers}
+                for _ in range(args.rounds):
+                    for mode, (proc, url) in servers.items():
+                        r, got = load(url, photos, n, max(args.requests // args.rounds, n))
+                        wall[mode] += len(got) / r
+                        lat[mode] += got
+                for mode in servers:
+                    rps[mode, n] = len(lat[mode]) / wall[mode]
+                    rows.append([n, mode, rps[mode, n], 1000 * percentile(lat[mode], 50),
+                                 1000 * percentile(lat[mode], 99), len(lat[mode])])
         finally:
             for proc, _ in servers.values():
                 proc.terminate()

@@ -108,9 +108,11 @@ PAGE = f"""<!DOCTYPE html>
 </head>
 <body>
 <h1>Caption photos</h1>
-<div id="drop">Drop photos here, or <label>choose them: <input id="files" type="file" accept="image/*" multiple></label></div>
+<div id="drop">Drop photos here, or
+<label>choose them: <input id="files" type="file" accept="image/*" multiple></label></div>
 <div id="controls">
-<label>captions per photo <select id="num"><option>1</option><option selected>3</option><option>5</option></select></label>
+<label>captions per photo
+<select id="num"><option>1</option><option selected>3</option><option>5</option></select></label>
 <label>beam size <select id="beam"><option>1</option><option selected>3</option><option>5</option></select></label>
 </div>
 <div id="cards"></div>

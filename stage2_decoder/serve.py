@@ -51,8 +51,8 @@ class ServeConfig:
                   ("beam_size", self.beam_size, 1, self.max_beam_size)]
         for name, value, lo, hi in checks:
             if value < lo or (hi is not None and value > hi):
-                raise ValueError(f"{name} must be {'between ' + str(lo) + ' and ' + str(hi) if hi is not None else '>= ' + str(lo)}"
-                                 f", got {value}")
+                allowed = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+                raise ValueError(f"{name} must be {allowed}, got {value}")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -97,8 +97,8 @@ async def _read_form(request, cfg: ServeConfig):
         return await parser.parse()
     except MultiPartException as e:
         too_many = "Too many files" in str(e)
-        raise RequestError(413 if too_many else 400,
-                           f"more than {cfg.max_files} files in one request" if too_many else f"bad multipart form: {e}")
+        message = f"more than {cfg.max_files} files in one request" if too_many else f"bad multipart form: {e}"
+        raise RequestError(413 if too_many else 400, message)
 
 
 def _int_field(form, name: str, default: int, hi: int) -> int:

@@ -439,3 +439,23 @@ def test_serve_cli_dry_run_and_no_checkpoint(cli, checkpoint, tmp_path):
         **env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
     assert none.returncode == 1 and len(none.stderr.strip().splitlines()) == 1, none.stderr
     assert none.stderr.startswith("error: no checkpoint found")
+
+
+@pytest.mark.slow
+def test_bench_serve_tiny_mode_prints_its_table_and_ratios(data_dir, coco_dir, checkpoint):
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO, TEST_THREADS
+
+    p = subprocess.run([sys.executable, "bench/serve.py", "--tiny", "--data", str(data_dir), "--threads", TEST_THREADS,
+                        "--checkpoint", str(checkpoint)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    rows = re.findall(r"^\s+(\d+)\s+(batching|one at a time)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", p.stdout, re.M)
+    assert {(n, mode) for n, mode, *_ in rows} == {(n, m) for n in ("1", "4") for m in ("batching", "one at a time")}
+    assert all(float(rps) > 0 and float(p50) <= float(p99) for _, _, rps, p50, p99, _ in rows), p.stdout
+    ratios = dict(re.findall(r"^ratio (serve\.throughput \d+ clients batching/one-at-a-time): (\d+\.\d+)x", p.stdout,
+                             re.M))
+    assert len(ratios) == 2 and all(float(v) > 0 for v in ratios.values()), p.stdout
