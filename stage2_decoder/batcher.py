@@ -4,6 +4,9 @@ Each request hands in its images and a key (the decode settings: only requests w
 share a batch). The worker takes the oldest waiting request, then keeps gathering requests with the
 same key until the batch holds `max_batch_images` images or `max_wait_ms` have passed since it began
 gathering, makes ONE call `run(images, key)` and hands each request back its own slice of the results.
+It waits only for the company it can expect: until the batch holds as many requests as the previous
+one did (their clients tend to send again), so a lone client's requests run at once; requests already
+queued always join.
 Requests are never split, so one larger than the limit runs as a batch of its own. With
 `enabled=False` every request is run alone, in arrival order (one-request-at-a-time, the baseline
 `bench/serve.py` compares against).
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 @dataclass
 class BatcherConfig:
     max_batch_images: int = 16  # B: images in one model call at most
-    max_wait_ms: float = 10.0  # T: how long the first request of a batch waits for company
+    max_wait_ms: float = 50.0  # T: how long the first request of a batch waits for company
     enabled: bool = True  # False: one request per model call
 
     def __post_init__(self):
@@ -42,6 +45,7 @@ class _Job:
 
 @dataclass
 class BatchStats:
+    requests: int = 0  # requests answered
     calls: int = 0  # model calls made
     images: int = 0  # images in them
     largest: int = 0  # the most images one call held
@@ -58,6 +62,7 @@ class DynamicBatcher:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stopping = False
+        self._last_requests = 0  # requests in the previous batch
 
     def start(self) -> "DynamicBatcher":
         with self._lock:
@@ -108,8 +113,12 @@ class DynamicBatcher:
                 self._held.remove(job)
                 batch.append(job)
                 n += len(job.items)
+        # the clients the previous batch answered tend to come back, spread over some ms: wait (at most
+        # T) until as many requests as it held are here; whatever is already queued joins regardless
         deadline = time.monotonic() + self.cfg.max_wait_ms / 1000
         while n < self.cfg.max_batch_images and not self._stopping:
+            if len(batch) >= self._last_requests:
+                deadline = 0.0
             try:
                 job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -147,8 +156,10 @@ class DynamicBatcher:
                 for job in batch:
                     job.future.set_exception(e)
                 continue
+            self._last_requests = len(batch)
             self.stats.calls += 1
             self.stats.images += len(items)
+            self.stats.requests += len(batch)
             self.stats.largest = max(self.stats.largest, len(items))
             start = 0
             for job in batch:

@@ -31,7 +31,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch: int = 16  # B: images in one model call at most
-    max_wait_ms: float = 10.0  # T: how long a batch waits for more requests
+    max_wait_ms: float = 50.0  # T: how long a batch waits for more requests (not when one client is alone)
     batching: bool = True  # False: one request per model call (the benchmark's baseline)
     max_files: int = 16  # files in one request
     max_upload_mb: float = 10.0  # bytes of one file, in MiB
@@ -202,6 +202,12 @@ def create_app(captioner, cfg: ServeConfig):
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok", "checkpoint": checkpoint_name(captioner.checkpoint_path)}
+
+    @app.get("/v1/stats")
+    async def stats():
+        s = batcher.stats
+        return {"requests": s.requests, "model_calls": s.calls, "images": s.images, "largest_batch": s.largest,
+                "batching": cfg.batching, "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms}
 
     @app.post("/v1/caption")
     async def caption(request: Request):

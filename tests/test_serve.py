@@ -48,7 +48,7 @@ def _submit_together(batcher, jobs):
 
 
 def test_concurrent_requests_share_batches_and_each_gets_its_own_results():
-    rec = Recorder()
+    rec = Recorder(delay=0.05)
     b = DynamicBatcher(rec, BatcherConfig(max_batch_images=8, max_wait_ms=300)).start()
     try:
         jobs = [([f"r{i}a", f"r{i}b"], "k") for i in range(8)]
@@ -59,7 +59,34 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_results():
     assert len(rec.batches) < len(jobs)  # gathered
     assert all(len(items) <= 8 for items, _ in rec.batches)
     assert sorted(it for items, _ in rec.batches for it in items) == sorted(it for items, _ in jobs for it in items)
-    assert b.stats.calls == len(rec.batches) and b.stats.largest == 8
+    assert b.stats.calls == len(rec.batches) and b.stats.requests == 8 and b.stats.images == 16
+
+
+def test_requests_queued_during_a_batch_join_the_next_and_it_waits_for_as_many_as_before():
+    release, rec = threading.Event(), Recorder()
+
+    def run(items, key):
+        if items == ["a"]:
+            release.wait(10)  # the first batch holds the model while b, c, d queue
+        return rec(items, key)
+
+    b = DynamicBatcher(run, BatcherConfig(max_batch_images=16, max_wait_ms=1500)).start()
+    try:
+        first = b.submit(["a"])
+        time.sleep(0.2)
+        queued = [b.submit([x]) for x in "bcd"]
+        release.set()
+        assert first.result(10) == [("a", None)] and [f.result(10) for f in queued] == [[(x, None)] for x in "bcd"]
+        # the previous batch held 3 requests: the next one waits (up to 1.5 s) until 3 are here, then runs
+        # without waiting out the rest of its time (h, 0.2 s later, is not in it)
+        late = []
+        for x in "efgh":
+            late.append(b.submit([x]))
+            time.sleep(0.2)
+        assert [f.result(10) for f in late] == [[(x, None)] for x in "efgh"]
+    finally:
+        b.stop()
+    assert [items for items, _ in rec.batches] == [["a"], ["b", "c", "d"], ["e", "f", "g"], ["h"]]
 
 
 def test_batching_off_runs_one_request_per_call_and_keys_never_mix():
@@ -453,9 +480,11 @@ def test_bench_serve_tiny_mode_prints_its_table_and_ratios(data_dir, coco_dir, c
                         "--checkpoint", str(checkpoint)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
-    rows = re.findall(r"^\s+(\d+)\s+(batching|one at a time)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", p.stdout, re.M)
+    rows = re.findall(r"^\s+(\d+)\s+(batching|one at a time)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)$",
+                      p.stdout, re.M)
     assert {(n, mode) for n, mode, *_ in rows} == {(n, m) for n in ("1", "4") for m in ("batching", "one at a time")}
-    assert all(float(rps) > 0 and float(p50) <= float(p99) for _, _, rps, p50, p99, _ in rows), p.stdout
+    assert all(float(rps) > 0 and float(p50) <= float(p99) for _, _, rps, p50, p99, _, _ in rows), p.stdout
+    assert all(float(per_call) == 1 for _, mode, *_, per_call in rows if mode == "one at a time"), p.stdout
     ratios = dict(re.findall(r"^ratio (serve\.throughput \d+ clients batching/one-at-a-time): (\d+\.\d+)x", p.stdout,
                              re.M))
     assert len(ratios) == 2 and all(float(v) > 0 for v in ratios.values()), p.stdout
