@@ -365,6 +365,19 @@ def test_batching_never_changes_a_caption(captioner, photos):
     assert len({r["caption"] for r in alone}) > 1  # the photos are told apart: the check can fail
 
 
+def test_chunked_encoder_gives_the_whole_batch_features(captioner, photos):
+    import torch
+
+    from common.backbones import load_image_u8
+    from stage2_decoder.serve import ChunkedEncoder
+
+    x = torch.stack([load_image_u8(p, captioner.backbone.preprocess) for p in photos])  # (8, 3, 224, 224)
+    chunked = ChunkedEncoder(captioner.backbone, 3)
+    assert chunked.preprocess == captioner.backbone.preprocess and chunked.feature_dim == captioner.backbone.feature_dim
+    torch.testing.assert_close(chunked.encode(x), captioner.backbone.encode(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(chunked.encode(x[:2]), captioner.backbone.encode(x[:2]))
+
+
 def test_real_server_captions_photos_as_the_api_does(server, captioner, photos, checkpoint):
     import httpx
 
