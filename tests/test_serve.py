@@ -416,10 +416,16 @@ def test_real_server_refuses_bad_uploads_and_keeps_serving(server, photos, tmp_p
 def test_16_concurrent_clients_are_all_answered_with_their_own_captions(server, captioner, photos):
     from concurrent.futures import ThreadPoolExecutor
 
+    import httpx
+
     want = {Path(p).name: captioner.caption([p])[0]["caption"] for p in photos}
     jobs = [photos[i % len(photos)] for i in range(16)]
+    before = httpx.get(server + "/v1/stats").json()
     with ThreadPoolExecutor(16) as pool:
         replies = list(pool.map(lambda p: _post(server, [p]), jobs))
+    after = httpx.get(server + "/v1/stats").json()
+    assert after["requests"] - before["requests"] == 16
+    assert after["model_calls"] - before["model_calls"] < 16 and after["largest_batch"] > 1  # they shared batches
     assert [r.status_code for r in replies] == [200] * 16, [r.text for r in replies if r.status_code != 200]
     for p, r in zip(jobs, replies):
         res = r.json()["results"][0]
