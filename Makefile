@@ -46,6 +46,14 @@ features: install
 train: install
 	$(PY) -m stage2_decoder.train --features $(OUT) --out $(RUN) --epochs $(EPOCHS) --device $(DEVICE) $(TRAIN_ARGS)
 
+# caption your own photos: make caption IMAGES="a.jpg photos/" [CHECKPOINT=runs/NAME/best.pt] [CAPTION_ARGS=--json]
+# (without CHECKPOINT: $$CAPCACHE_CHECKPOINT, else the newest runs/*/best.pt)
+CHECKPOINT ?=
+CAPTION_ARGS ?=
+caption: install
+	$(if $(filter file,$(origin IMAGES)),$(error pass the photos to caption: make caption IMAGES="a.jpg photos/"),)
+	$(PY) -m stage2_decoder.caption $(IMAGES) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),) $(CAPTION_ARGS)
+
 # demo: the whole pipeline offline on the shared COCO photos with MobileNetV2 (real ImageNet weights)
 DEMO_OUT := cache/demo-coco-mobilenet_v2.h5
 DEMO_RUN := runs/demo

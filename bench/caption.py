@@ -11,7 +11,7 @@ usual length.
   from before the process starts to its first caption line (the folder run is stopped there);
   wall time and the child's CPU time (on a shared machine the CPU time is what the process itself
   needed). Target with mobilenet_v2: <= 5 s.
-- warm: in one process, `caption_paths` (JPEG decode, preprocessing, encoder, decoding, words)
+- warm: in one process, `Captioner.caption` (JPEG decode, preprocessing, encoder, decoding, words)
   per image, against the bare encoder + decoder forward: `Backbone.model` on in-memory
   normalised tensors + `decode.greedy`, same batches (1, or 32 as the CLI batches a folder).
   Target: greedy within 1.2x of the bare forward. Beam 3 is timed, without a target.
@@ -32,8 +32,8 @@ from harness import WEIGHTS, Report, cache_dtype, default_data, median, pin_thre
 import torch  # noqa: E402
 
 from stage1_extract.extract import ExtractConfig, extract  # noqa: E402
-from stage2_decoder.caption import Captioner, caption_paths  # noqa: E402
-from stage2_decoder.decode import DecodeConfig, greedy  # noqa: E402
+from stage2_decoder.api import Captioner  # noqa: E402
+from stage2_decoder.decode import greedy  # noqa: E402
 from stage2_decoder.train import TrainConfig, train  # noqa: E402
 
 FOLDER_BATCH = 32  # the CLI's --batch-size default
@@ -71,9 +71,8 @@ def cold_start(ckpt: Path, target: str, beam: int, threads: int) -> tuple[float,
 
 def warm(cap: Captioner, paths: list[str], batch: int, beam: int) -> float:
     """Seconds per image of the real captioning path (files in, words out)."""
-    cfg = DecodeConfig(beam_size=beam)
-    t, out = timed(lambda: list(caption_paths(cap, paths, beam, cfg.max_len, batch, decode_cfg=cfg)))
-    assert all(c for _, c, _ in out), "an image was not captioned"
+    t, out = timed(lambda: cap.caption(paths, batch_size=batch, beam_size=beam))
+    assert all(r["caption"] for r in out), "an image was not captioned"
     return t / len(paths)
 
 
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                     if light:
                         rep.ratio(f"caption.cold_start {name} {'greedy' if beam == 1 else 'beam3'} {label}", wall,
                                   5.0, higher_is_better=False, unit=" s", note=f"CPU {cpu:.2f} s")
-            cap = Captioner.from_checkpoint(ckpt, "cpu")
+            cap = Captioner.load(ckpt, "cpu")
             singles = folder_paths[:n_single]
             for label, paths, batch in (("1 image", singles, 1), (f"folder of {len(folder_paths)}", folder_paths,
                                                                     FOLDER_BATCH)):
@@ -171,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print("cold start: process start to the first caption line (wall; CPU = the child's user + system time)")
     rep.table(["backbone", "decoding", "input", "wall s", "CPU s"], cold_rows)
     print("warm, ms per image: bare = encoder forward + greedy on in-memory normalised tensors; ours = "
-          "caption_paths from the files")
+          "Captioner.caption from the files")
     rep.table(["backbone", "input", "bare greedy", "ours greedy", "ours beam 3", "greedy ours/bare"], warm_rows)
     return rep.done(args.check)
 

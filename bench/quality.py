@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.feature_cache import load_cache  # noqa: E402
 from stage1_extract.extract import ExtractConfig, extract  # noqa: E402
-from stage2_decoder.caption import Captioner  # noqa: E402
+from stage2_decoder.api import Captioner  # noqa: E402
 from stage2_decoder.checkpoint import load_checkpoint  # noqa: E402
 from stage2_decoder.decode import DecodeConfig  # noqa: E402
 from stage2_decoder.evaluate import captions_from_cache, evaluate_captions  # noqa: E402
@@ -95,7 +95,7 @@ def run_dataset(name: str, data: Path, work: Path, quick: bool, seed: int = 0, s
         train(cfg)
         timings[f"train {label} seed {cfg.seed} s"] = round(time.perf_counter() - t0, 1)
         ckpt_path = Path(cfg.out) / ckpt_name
-        cap = Captioner.from_checkpoint(ckpt_path, "cpu")
+        cap = Captioner.load(ckpt_path, "cpu")
         res, recs = captions_from_cache(cap, load_checkpoint(ckpt_path), str(cache_path), "test", decode_cfg=dcfg)
         report = evaluate_captions(res, recs)
         if label == "seed recipe":

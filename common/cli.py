@@ -1,26 +1,29 @@
-"""The click layer's error policy: library errors become one line on stderr and an exit code."""
+"""The click layer: its error policy (library errors become one line on stderr and an exit code) and the
+options it generates from config dataclasses (train's settings, the shared decode and sampling options)."""
 from __future__ import annotations
 
+import functools
 import signal
 import sys
+import typing
 import warnings
 from collections.abc import Callable, Collection
 from dataclasses import MISSING, fields
 
 import click
-import torch
-
-from common.backbones import BackboneError, ImageError
-from common.datasets import DatasetError
-from common.feature_cache import CacheError
-from common.vocab import VocabError
 
 # the errors a user can cause with bad input (or a full disk, or a diverging run: FloatingPointError
-# is train's "loss became nan"); anything else is a bug and keeps its traceback
-USER_ERRORS: tuple[type[BaseException], ...] = (BackboneError, ImageError, DatasetError, CacheError, VocabError,
-                                                ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
-                                                NotADirectoryError, OSError, FloatingPointError, MemoryError,
-                                                torch.cuda.OutOfMemoryError)  # = torch.OutOfMemoryError in 2.5+
+# is train's "loss became nan"); the library's own errors (BackboneError, ImageError, DatasetError,
+# CacheError, VocabError, CheckpointError, ...) are all ValueErrors; anything else is a bug and keeps its
+# traceback. Nothing here imports torch: the ONNX captioner's CLI runs without it.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
+                                                NotADirectoryError, OSError, FloatingPointError, MemoryError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    torch = sys.modules.get("torch")  # its out-of-memory error, when torch is in use at all
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return USER_ERRORS + ((oom,) if oom is not None else ())
 
 
 class Terminated(Exception):
@@ -61,7 +64,7 @@ def run_guarded(work: Callable[[], int], interrupted_msg: str = "interrupted") -
     except Terminated:
         click.echo(f"\n{interrupted_msg}", err=True)
         return 143
-    except USER_ERRORS as e:
+    except _user_errors() as e:
         click.echo(f"error: {one_line(e)}", err=True)
         return 1
     finally:
@@ -81,3 +84,45 @@ def config_options(cls, skip: Collection[str] = ()):
                              show_default=True)(f)
         return f
     return decorate
+
+
+def _option_group(cls, param: str):
+    """Click options for every field of config dataclass `cls` (help and bounds from the field's metadata);
+    the command receives them built into one `cls` instance named `param`."""
+    hints = typing.get_type_hints(cls)
+
+    def decorate(f):
+        names = [fl.name for fl in fields(cls)]
+
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            kwargs[param] = cls(**{n: kwargs.pop(n) for n in names})
+            return f(*args, **kwargs)
+
+        for fl in reversed(fields(cls)):
+            kind = next((a for a in typing.get_args(hints[fl.name]) if a is not type(None)), hints[fl.name])
+            meta, flag = fl.metadata, "--" + fl.name.replace("_", "-")
+            if kind is bool:
+                wrapper = click.option(flag, fl.name, is_flag=True, default=fl.default, help=meta.get("help"))(wrapper)
+                continue
+            if meta.get("min") is not None or meta.get("max") is not None:
+                rng = click.IntRange if kind is int else click.FloatRange
+                kind = rng(min=meta.get("min"), max=meta.get("max"), min_open=meta.get("min_open", False))
+            wrapper = click.option(flag, fl.name, type=kind, default=fl.default, show_default=fl.default is not None,
+                                   help=meta.get("help"))(wrapper)
+        return wrapper
+    return decorate
+
+
+def decode_options(f):
+    """--beam-size, --max-len, ... from stage2_decoder's DecodeConfig; the command gets `decode: DecodeConfig`."""
+    from stage2_decoder.decode_config import DecodeConfig  # torch-free
+
+    return _option_group(DecodeConfig, "decode")(f)
+
+
+def sampling_options(f):
+    """--num-captions, --sample, --temperature, --top-p, --seed; the command gets `sampling: SampleConfig`."""
+    from stage2_decoder.decode_config import SampleConfig  # torch-free
+
+    return _option_group(SampleConfig, "sampling")(f)

@@ -5,20 +5,17 @@
     for r in cap.caption(["photo.jpg", pil_image, array], num_captions=3):
         print(r["image"], r["caption"], r["captions"])
 
-The caption CLI, evaluation and the web service all call this class. Images of every kind go through
+The caption CLI, evaluation and the web service all call this class. Importing this module is cheap
+(torch loads with the first model), so finding a checkpoint costs nothing. Images of every kind go through
 stage 1's preprocessing (common.backbones), so their features match the cached ones.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from stage2_decoder.decode_config import DecodeConfig, SampleConfig
+from stage2_decoder.decode_config import DecodeConfig, SampleConfig, check_bounds
 
 CHECKPOINT_ENV = "CAPCACHE_CHECKPOINT"
 FIRST_CHUNK = 4  # images in the first batch (time to the first caption of a folder: bench/caption.py)
@@ -64,15 +61,8 @@ def decode_settings(num_captions: int = 1, beam_size: int = 3, max_len: int = 20
     """Check the decode keyword arguments (ValueError naming the one at fault) and group them."""
     dcfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
     scfg = SampleConfig(num_captions, sample, temperature, top_p, seed)
-    for cfg in (dcfg, scfg):
-        for name, value in asdict(cfg).items():
-            meta = type(cfg).__dataclass_fields__[name].metadata
-            if value is None or isinstance(value, bool):
-                continue
-            if meta.get("min") is not None and value < meta["min"]:
-                raise ValueError(f"{name} must be at least {meta['min']}, got {value}")
-            if meta.get("max") is not None and value > meta["max"]:
-                raise ValueError(f"{name} must be at most {meta['max']}, got {value}")
+    check_bounds(dcfg)
+    check_bounds(scfg)
     return dcfg, scfg
 
 
@@ -104,18 +94,29 @@ class Captioner:
                                 f"(feature size or preprocessing differ)")
         return cls(backbone, decoder, vocab, str(path))
 
-    def caption(self, images: Sequence, batch_size: int = 32, on_error: str = "raise", **decode) -> list[dict]:
+    def caption(self, images: Sequence, num_captions: int = 1, beam_size: int = 3, max_len: int = 20,
+                min_len: int = 1, length_penalty: float = 0.7, no_repeat_ngram: int = 0, sample: bool = False,
+                temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, batch_size: int = 32,
+                on_error: str = "raise") -> list[dict]:
         """One dict per image, in order: {"image", "caption", "captions": [{"caption", "score"}, ...]}.
 
-        images: file paths, PIL images or HxWx3 uint8 arrays, mixed. decode: num_captions, beam_size,
-        max_len, min_len, length_penalty, no_repeat_ngram, sample, temperature, top_p, seed (see
-        stage2_decoder.decode_config). on_error="return": an unreadable image gives {"image", "error"}.
+        images: file paths, PIL images or HxWx3 uint8 arrays, mixed. num_captions: the N best distinct beam
+        hypotheses (beam widened to N), or N samples with sample=True (decode_config.py says what each
+        setting does; docs/captioning.md what the scores are). on_error="raise": an unreadable image raises
+        ImageError naming it; "return": its dict is {"image", "error"} and the others are captioned.
         """
-        return list(self.caption_iter(images, batch_size, on_error, **decode))
+        return list(self.caption_iter(images, batch_size, on_error, num_captions=num_captions, beam_size=beam_size,
+                                      max_len=max_len, min_len=min_len, length_penalty=length_penalty,
+                                      no_repeat_ngram=no_repeat_ngram, sample=sample, temperature=temperature,
+                                      top_p=top_p, seed=seed))
 
     def caption_iter(self, images: Sequence, batch_size: int = 32, on_error: str = "raise", progress: bool = False,
                      **decode) -> Iterator[dict]:
-        """`caption`, yielding each result as soon as its batch is decoded (a small first batch)."""
+        """`caption` (same keyword arguments), yielding each result as soon as its batch is decoded; the
+        first batch is small, so a folder's first caption comes quickly."""
+        import torch
+        from tqdm import tqdm
+
         from common.backbones import ImageError
 
         if on_error not in ON_ERROR:
@@ -179,12 +180,14 @@ class Captioner:
         from dataclasses import replace
 
         from stage2_decoder.decode import beam_search_nbest
-        from stage2_decoder.sampling import sample_captions
+        from stage2_decoder.sampling import greedy_scored, sample_captions
 
         feats = feats.to(next(self.decoder.parameters()).device)
         if scfg.sample:
             hyps = sample_captions(self.decoder, feats, scfg.num_captions, dcfg.max_len, dcfg.min_len,
                                    scfg.temperature, scfg.top_p, scfg.seed)
+        elif dcfg.beam_size == scfg.num_captions == 1 and dcfg.no_repeat_ngram == 0:  # a beam of one, faster
+            hyps = greedy_scored(self.decoder, feats, dcfg.max_len, dcfg.min_len, dcfg.length_penalty)
         else:  # the beam holds at least N hypotheses
             hyps = beam_search_nbest(self.decoder, feats, replace(dcfg, beam_size=max(dcfg.beam_size,
                                                                                       scfg.num_captions)))

@@ -5,11 +5,25 @@ lower bound from each field's metadata), so caption, evaluate and the service de
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
-def _opt(default, help: str, min=None, max=None):
-    return field(default=default, metadata={"help": help, "min": min, "max": max})
+def _opt(default, help: str, min=None, max=None, min_open: bool = False):
+    """A field with its CLI help and bounds (min_open: the value must exceed min)."""
+    return field(default=default, metadata={"help": help, "min": min, "max": max, "min_open": min_open})
+
+
+def check_bounds(cfg) -> None:
+    """ValueError naming the first field of `cfg` outside its bounds (for the Python API's arguments)."""
+    for f in fields(cfg):
+        value, lo, hi = getattr(cfg, f.name), f.metadata.get("min"), f.metadata.get("max")
+        if value is None or isinstance(value, bool):
+            continue
+        if lo is not None and (value <= lo if f.metadata.get("min_open") else value < lo):
+            raise ValueError(f"{f.name} must be {'above' if f.metadata.get('min_open') else 'at least'} {lo}, "
+                             f"got {value}")
+        if hi is not None and value > hi:
+            raise ValueError(f"{f.name} must be at most {hi}, got {value}")
 
 
 @dataclass
@@ -28,7 +42,7 @@ class SampleConfig:
     num_captions: int = _opt(1, "Captions per image: the N best distinct beam hypotheses (beam raised to N), "
                                 "or N samples with --sample.", min=1)
     sample: bool = _opt(False, "Draw captions at random (temperature, top-p) instead of beam search.")
-    temperature: float = _opt(1.0, "Sampling: divide the logits by this (<1 safer, >1 more varied).", min=1e-6)
+    temperature: float = _opt(1.0, "Sampling: divide the logits by this (<1 safer, >1 more varied).", min=0, min_open=True)
     top_p: float = _opt(1.0, "Sampling: draw from the smallest word set holding this much probability.",
-                        min=1e-6, max=1.0)
+                        min=0, max=1.0, min_open=True)
     seed: int | None = _opt(None, "Sampling: random seed (same seed, same captions).")

@@ -1,7 +1,7 @@
 """Score a checkpoint with the standard caption metrics.
 
-    python -m stage2_decoder.evaluate --checkpoint FILE --features FILE.h5 --split test [--beam-size K] [--json OUT]
-    python -m stage2_decoder.evaluate --checkpoint FILE --dataset coco --images DIR --captions FILE [--limit N]
+    python -m stage2_decoder.evaluate [--checkpoint FILE] --features FILE.h5 --split test [--beam-size K] [--json-out OUT]
+    python -m stage2_decoder.evaluate [--checkpoint FILE] --dataset coco --images DIR --captions FILE [--limit N]
 
 From the cache (fast: a split of the training dataset, the split stored in the checkpoint) or
 from raw images with their captions file (any supported format), through stage 1's preprocessing.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 import time
 from pathlib import Path
 
@@ -18,9 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.cli import run_guarded
+from common.cli import decode_options, run_guarded
 from common.datasets import FORMATS, ImageRecord, load_dataset
-from stage2_decoder.decode import DecodeConfig
+from stage2_decoder.decode_config import DecodeConfig
 
 
 def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_override: dict | None = None,
@@ -72,9 +73,12 @@ def captions_from_images(cap, records: list[ImageRecord], workers: int = 2, batc
 
 def _decode_all(cap, keys: list[str], feats: torch.Tensor, decode_cfg: DecodeConfig | None,
                 batch_size: int = 256) -> dict[str, str]:
+    """Each key's best caption, decoded through the Captioner API (the captioner users run)."""
+    settings = asdict(decode_cfg or DecodeConfig())
     out = {}
     for s in range(0, len(keys), batch_size):
-        out.update(zip(keys[s:s + batch_size], cap.caption_features(feats[s:s + batch_size], decode_cfg=decode_cfg)))
+        out.update(zip(keys[s:s + batch_size],
+                       (r["caption"] for r in cap.caption_features(feats[s:s + batch_size], **settings))))
     return out
 
 
@@ -110,7 +114,8 @@ def format_table(report: dict) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--checkpoint", required=True, type=click.Path())
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="[default: $CAPCACHE_CHECKPOINT, else the newest runs/*/best.pt]")
 @click.option("--features", type=click.Path(), help="Evaluate a split of this cache (fast path).")
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
 @click.option("--dataset", type=click.Choice(["auto", *FORMATS]), default=None,
@@ -118,21 +123,21 @@ def format_table(report: dict) -> str:
 @click.option("--images", type=click.Path(), default=None, help="Raw-image mode: images folder.")
 @click.option("--captions", type=click.Path(), default=None, help="Raw-image mode: captions file.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Raw-image mode: first N images.")
-@click.option("--beam-size", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--max-len", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--min-len", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--length-penalty", type=float, default=0.7, show_default=True)
-@click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=0, show_default=True)
+@decode_options
 @click.option("--spice", is_flag=True, help="Also try SPICE (needs a download on first use).")
 @click.option("--workers", type=click.IntRange(min=0), default=min(2, os.cpu_count() or 1), show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--json", "json_out", type=click.Path(), default=None, help="Write metrics + every caption here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (metrics + every caption) as JSON, not a table.")
+@click.option("--json-out", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the report (metrics + every caption) to this JSON file.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None,
               help="Write a self-contained HTML gallery: metrics, then every photo with its captions and CIDEr.")
-def main(checkpoint, features, split, dataset, images, captions, limit, beam_size, max_len, min_len, length_penalty,
-         no_repeat_ngram, spice, workers, device, json_out, html_out):
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--dry-run", is_flag=True, help="Check the options, the checkpoint and the data source; decode nothing.")
+def main(checkpoint, features, split, dataset, images, captions, limit, decode, spice, workers, device, as_json,
+         json_out, html_out, no_progress, dry_run):
     """Score a checkpoint with BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE where it runs)."""
-    from stage2_decoder.caption import Captioner
+    from stage2_decoder.api import Captioner, find_checkpoint
     from stage2_decoder.checkpoint import load_checkpoint
 
     def work():
@@ -145,34 +150,44 @@ def main(checkpoint, features, split, dataset, images, captions, limit, beam_siz
         if not raw:  # a wrong --features path fails now, not after building the backbone
             from common.feature_cache import read_meta
             read_meta(features)
-        cap = Captioner.from_checkpoint(checkpoint, device)
-        dcfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
+        ckpt_path = str(find_checkpoint(checkpoint))
+        if checkpoint is None:
+            click.echo(f"using checkpoint {ckpt_path}", err=True)
+        if dry_run:
+            n = len(load_dataset(dataset or "auto", captions, images, limit)) if raw else None
+            click.echo(f"dry run: checkpoint {ckpt_path}, " + (f"{n} images from {captions}" if raw
+                                                               else f"the {split} split of {features}"), err=True)
+            return 0
+        cap = Captioner.load(ckpt_path, device)
         errors = {}
         if raw:
             recs = load_dataset(dataset or "auto", captions, images, limit)
-            res, recs, errors = captions_from_images(cap, recs, workers, decode_cfg=dcfg)
+            res, recs, errors = captions_from_images(cap, recs, workers, progress=not no_progress, decode_cfg=decode)
             for k, e in errors.items():
                 click.echo(f"skipped {k}: {e}", err=True)
         else:
-            res, recs = captions_from_cache(cap, load_checkpoint(checkpoint), features, split, decode_cfg=dcfg)
+            res, recs = captions_from_cache(cap, load_checkpoint(ckpt_path), features, split, decode_cfg=decode)
         if not res:
             raise ValueError("no image could be captioned")
         report = evaluate_captions(res, recs, spice)
-        report.update({"checkpoint": os.path.abspath(checkpoint), "decode": vars(dcfg),
+        report.update({"checkpoint": os.path.abspath(ckpt_path), "decode": asdict(decode),
                        "source": "images" if raw else f"cache:{split}", "skipped": errors,
                        "seconds": round(time.perf_counter() - t0, 2)})
-        click.echo(format_table(report))
-        click.echo(f"{report['seconds']:.1f}s")
+        if as_json:
+            click.echo(json.dumps(report, indent=1, ensure_ascii=False))
+        else:
+            click.echo(format_table(report))
+            click.echo(f"{report['seconds']:.1f}s")
         if json_out:
-            tmp = Path(json_out + ".tmp")
-            tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-            os.replace(tmp, json_out)
+            from common.atomic import atomic_write
+
+            atomic_write(json_out, json.dumps(report, indent=1, ensure_ascii=False), what="evaluation report")
         if html_out:
             from stage2_decoder.report import write_html
 
-            write_html(report, html_out, f"Caption evaluation: {Path(checkpoint).name}, {report['source']}",
-                       progress=True)
-            click.echo(f"gallery: {html_out}")
+            write_html(report, html_out, f"Caption evaluation: {Path(ckpt_path).name}, {report['source']}",
+                       progress=not no_progress)
+            click.echo(f"gallery: {html_out}", err=as_json)
         return 0
 
     raise SystemExit(run_guarded(work))

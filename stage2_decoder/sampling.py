@@ -1,5 +1,8 @@
-"""Draw several captions per image at random: temperature and nucleus (top-p) sampling, seeded."""
+"""Word-by-word decoding that keeps each caption's score: seeded temperature / top-p sampling of N
+captions per image, and greedy decoding (the argmax at each step) with the beam search's score."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -17,35 +20,60 @@ def sample_captions(model: CaptionDecoder, features: torch.Tensor, n: int, max_l
     model itself, not the tempered distribution it was drawn from, so scores compare across settings.
     The same seed on the same device gives the same captions.
     """
-    b, dev = features.shape[0], features.device
-    gen = torch.Generator(device=dev)
+    gen = torch.Generator(device=features.device)
     if seed is None:
         gen.seed()
     else:
         gen.manual_seed(seed)
-    state = model.init_state(features)  # (L, B, H) each
-    state = (state[0].repeat_interleave(n, dim=1), state[1].repeat_interleave(n, dim=1))  # (L, B*n, H)
+
+    def draw(logp: torch.Tensor) -> torch.Tensor:
+        probs = _nucleus(torch.softmax(logp / temperature, dim=-1), top_p)  # (B*n, V)
+        return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+
+    ids, total, count = _word_by_word(model, features, n, max_len, min_len, draw)
+    return _ranked(ids, (total / count).tolist(), features.shape[0], n)
+
+
+@torch.inference_mode()
+def greedy_scored(model: CaptionDecoder, features: torch.Tensor, max_len: int = 20, min_len: int = 1,
+                  length_penalty: float = 0.0) -> list[list[tuple[list[int], float]]]:
+    """features (B, D) -> per image [(word ids, score)]: `decode.greedy`'s caption with the score a beam of
+    one gives it (sum log p / tokens ** length_penalty, <end> counted), at greedy's speed."""
+    ids, total, count = _word_by_word(model, features, 1, max_len, min_len, lambda logp: logp.argmax(-1))
+    return _ranked(ids, (total / count.pow(length_penalty)).tolist(), features.shape[0], 1)
+
+
+def _word_by_word(model: CaptionDecoder, features: torch.Tensor, n: int, max_len: int, min_len: int,
+                  choose: Callable[[torch.Tensor], torch.Tensor]) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """n captions per image, each next word from choose(log-probs (B*n, V)) -> (B*n,). Returns the ids
+    (B*n rows of max_len), the summed log-prob of the emitted tokens and their count (words + <end>)."""
+    b, dev = features.shape[0], features.device
+    h, c = model.init_state(features)  # (L, B, H) each
+    state = (h.repeat_interleave(n, dim=1), c.repeat_interleave(n, dim=1))  # (L, B*n, H)
     tokens = torch.full((b * n,), Vocabulary.start_id, dtype=torch.long, device=dev)
     out = torch.zeros(b * n, max_len, dtype=torch.long, device=dev)
-    total = torch.zeros(b * n, device=dev)  # summed model log-prob of the emitted tokens
+    total = torch.zeros(b * n, device=dev)
     count = torch.zeros(b * n, device=dev)
     alive = torch.ones(b * n, dtype=torch.bool, device=dev)
     for t in range(max_len):
         logp, state = model.step(tokens, state)  # (B*n, V); <pad>/<start>/<unk> already -inf
         if t < min_len:
             logp[:, Vocabulary.end_id] = float("-inf")
-        probs = _nucleus(torch.softmax(logp / temperature, dim=-1), top_p)  # (B*n, V)
-        tokens = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (B*n,)
+        tokens = choose(logp)  # (B*n,)
         out[:, t] = tokens
         total += logp.gather(1, tokens[:, None]).squeeze(1) * alive
         count += alive
         alive &= tokens != Vocabulary.end_id
         if not bool(alive.any()):
             break
-    scores = (total / count.clamp(min=1)).view(b, n).tolist()
-    rows = out.view(b, n, max_len).tolist()
-    return [sorted(((_until_end(ids), s) for ids, s in zip(rows[i], scores[i])), key=lambda h: -h[1])
-            for i in range(b)]
+    return out.tolist(), total, count.clamp(min=1)
+
+
+def _ranked(rows: list[list[int]], scores: list[float], b: int, n: int) -> list[list[tuple[list[int], float]]]:
+    """Per image its n (ids up to <end>, score), best first."""
+    end = Vocabulary.end_id
+    hyps = [(ids[: ids.index(end)] if end in ids else ids, s) for ids, s in zip(rows, scores)]
+    return [sorted(hyps[i * n:(i + 1) * n], key=lambda h: -h[1]) for i in range(b)]
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -57,7 +85,3 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     return probs * keep
-
-
-def _until_end(ids: list[int]) -> list[int]:
-    return ids[: ids.index(Vocabulary.end_id)] if Vocabulary.end_id in ids else ids

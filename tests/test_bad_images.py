@@ -198,11 +198,11 @@ def test_caption_cli_stderr_is_only_error_and_summary_lines(captioned):
 def test_evaluate_raw_images_skips_bad_files(bad_folder, tiny_checkpoint):
     """Raw-image evaluation's encoder path (DataLoader workers) skips the same files and names them."""
     from common.datasets import load_dataset
-    from stage2_decoder.caption import Captioner
+    from stage2_decoder import Captioner
     from stage2_decoder.evaluate import captions_from_images
 
     root, images, cases, good, keys = bad_folder
-    cap = Captioner.from_checkpoint(tiny_checkpoint, "cpu")
+    cap = Captioner.load(tiny_checkpoint, "cpu")
     records = load_dataset("coco", root / "captions.json", images)
     res, kept, errors = captions_from_images(cap, records, workers=0, progress=False)
     bad = {keys[f] for f, ok in cases.values() if not ok}

@@ -24,6 +24,13 @@ def shared_run(shared_cache, tmp_path_factory):
     return out
 
 
+def _live_features(cap, paths):
+    """Raw files -> (B, D) features the way the captioner computes them (stage 1's preprocessing)."""
+    from common.backbones import load_image_u8
+
+    return cap.backbone.encode(torch.stack([load_image_u8(p, cap.backbone.preprocess) for p in paths]))
+
+
 def _cached(cache_path, keys):
     c = load_cache(cache_path)
     rows = c.rows_by_key()
@@ -31,12 +38,12 @@ def _cached(cache_path, keys):
 
 
 def test_cached_features_equal_caption_time_features(shared_cache, shared_run, coco_records):
-    from stage2_decoder.caption import Captioner
+    from stage2_decoder import Captioner
 
-    cap = Captioner.from_checkpoint(shared_run / "best.pt", device="cpu")
+    cap = Captioner.load(shared_run / "best.pt", device="cpu")
     assert cap.backbone.spec.name == "mobilenet_v2" and cap.backbone.weights == "IMAGENET1K_V1"
     picks = [coco_records[i] for i in (0, 7, 19, 30, 47)][:N_CHECK]
-    live = cap.features([r.path for r in picks])
+    live = _live_features(cap, [r.path for r in picks])
     cached = _cached(shared_cache, [r.key for r in picks])
     assert live.shape == cached.shape == (len(picks), 1280)
     # fp16 storage: relative error ~1e-3 of values up to ~10
@@ -49,12 +56,12 @@ def test_cached_features_equal_caption_time_features(shared_cache, shared_run, c
 
 def test_captions_from_cache_and_from_files_agree(shared_cache, shared_run, coco_records):
     """Decoding cached features and decoding features of the raw files gives the same captions."""
-    from stage2_decoder.caption import Captioner
+    from stage2_decoder import Captioner
 
-    cap = Captioner.from_checkpoint(shared_run / "best.pt", device="cpu")
+    cap = Captioner.load(shared_run / "best.pt", device="cpu")
     picks = coco_records[:N_CHECK]
-    from_files = cap.caption_features(cap.features([r.path for r in picks]), beam_size=1)
-    from_cache = cap.caption_features(_cached(shared_cache, [r.key for r in picks]), beam_size=1)
+    from_files = [r["caption"] for r in cap.caption([r.path for r in picks], beam_size=1)]
+    from_cache = [r["caption"] for r in cap.caption_features(_cached(shared_cache, [r.key for r in picks]), beam_size=1)]
     assert all(c.strip() for c in from_files)
     assert len(set(from_files)) > 1  # image-dependent captions, or agreement would prove nothing
     assert sum(a == b for a, b in zip(from_files, from_cache)) >= N_CHECK - 1

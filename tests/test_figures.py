@@ -452,7 +452,7 @@ def test_evaluate_html_gallery_in_a_real_browser(cli, run_dir, shared_cache, bro
     no_java = tmp_path / "no-java-bin"
     no_java.mkdir()
     _ok(cli("stage2_decoder.evaluate", "--checkpoint", run_dir / "best.pt", "--features", shared_cache,
-            "--split", "test", "--device", "cpu", "--json", js_out, "--html", page, env={"PATH": str(no_java)}))
+            "--split", "test", "--device", "cpu", "--json-out", js_out, "--html", page, env={"PATH": str(no_java)}))
     ev = json.loads(js_out.read_text())
     n = len(json.loads((run_dir / "split.json").read_text())["test"])
     assert n >= 10 and ev["n_images"] == n

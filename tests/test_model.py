@@ -116,7 +116,8 @@ def test_teacher_forcing_matches_stepwise_decoding(vocab, tie):
         stepped = torch.stack(steps, 1)  # (B, T, V)
         stepped_packed = pack_padded_sequence(stepped, b.lengths, batch_first=True, enforce_sorted=False).data
     assert packed_inputs.data.shape[0] == logits.shape[0] == stepped_packed.shape[0]
-    words = slice(2, None)  # compare over <end> and the words (step may mask <pad>/<start>)
+    # compare over <end> and the words (step masks <pad>, <start> and <unk>)
+    words = [vocab.end_id, *range(vocab.unk_id + 1, len(vocab))]
     want = torch.log_softmax(logits[:, words], -1)
     got = torch.log_softmax(stepped_packed[:, words], -1)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

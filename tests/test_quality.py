@@ -210,7 +210,7 @@ def small_run(shared_cache, tmp_path_factory):
 def test_evaluate_cache_split(cli, small_run, shared_cache, tmp_path):
     out = tmp_path / "eval.json"
     proc = cli("stage2_decoder.evaluate", "--checkpoint", small_run / "best.pt", "--features", shared_cache,
-               "--split", "test", "--beam-size", "2", "--json", out)
+               "--split", "test", "--beam-size", "2", "--json-out", out)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     test_keys = load_checkpoint(small_run / "best.pt")["split"]["test"]
@@ -227,7 +227,7 @@ def test_evaluate_raw_images_matches_the_cache_path(cli, small_run, coco_dir, tm
     out = tmp_path / "raw.json"
     proc = cli("stage2_decoder.evaluate", "--checkpoint", small_run / "best.pt", "--dataset", "coco",
                "--images", coco_dir / "images", "--captions", coco_dir / "captions.json", "--limit", "6",
-               "--workers", "0", "--json", out)
+               "--workers", "0", "--json-out", out)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["source"] == "images" and report["metrics"]["CIDEr"] >= 0

@@ -218,7 +218,7 @@ def _in_child(cwd: Path, work) -> int:
 def test_train_caption_evaluate_write_only_where_told(shared_cache, coco_dir, coco_records, tmp_path):
     """Run from an empty working directory with the cache in a folder of its own: afterwards the
     working directory is still empty, the cache's folder and the images folder are unchanged,
-    and everything new is under --out / --json."""
+    and everything new is under --out / --json-out."""
     import shutil
 
     from click.testing import CliRunner
@@ -250,7 +250,7 @@ def test_train_caption_evaluate_write_only_where_told(shared_cache, coco_dir, co
 
         metrics.java_available = lambda: False  # this child only: the pure-Python scorers are enough here
         return CliRunner().invoke(main, ["--checkpoint", str(run / "best.pt"), "--features", str(cache),
-                                         "--split", "val", "--device", "cpu", "--json",
+                                         "--split", "val", "--device", "cpu", "--json-out",
                                          str(outputs / "eval.json")]).exit_code
 
     for work in (train, caption, evaluate):

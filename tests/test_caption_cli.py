@@ -1,0 +1,157 @@
+"""`python -m stage2_decoder.caption` and `make caption` as a new user runs them: the checkpoint found by
+default, several captions in text and JSON, sampling, --dry-run, a torch-free start, and evaluate's --json."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from reliability_helpers import tiny_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(shared_cache, tmp_path_factory):
+    return tiny_run(shared_cache, tmp_path_factory) / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def photos(coco_records):
+    return [coco_records[i].path for i in (0, 5)]
+
+
+def _caption(*args):
+    from stage2_decoder.caption import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_default_checkpoint_is_the_newest_run_and_is_named(ckpt, photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CAPCACHE_CHECKPOINT", raising=False)
+    (tmp_path / "runs" / "old").mkdir(parents=True)
+    (tmp_path / "runs" / "old" / "best.pt").write_text("an older, broken checkpoint")
+    os.utime(tmp_path / "runs" / "old" / "best.pt", (1_000_000, 1_000_000))
+    (tmp_path / "runs" / "demo").mkdir()
+    shutil.copy(ckpt, tmp_path / "runs" / "demo" / "best.pt")
+    r = _caption(*photos, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines() == [f"using checkpoint {Path('runs/demo/best.pt')}"]
+    lines = r.stdout.splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == photos and all(ln.split("\t")[1].strip() for ln in lines)
+    named = _caption(*photos, "--device", "cpu", "--checkpoint", ckpt)
+    assert named.stdout == r.stdout and named.stderr == ""  # an explicit checkpoint: nothing said about it
+
+
+def test_no_checkpoint_anywhere_is_one_line_saying_what_to_do(photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CAPCACHE_CHECKPOINT", raising=False)
+    r = _caption(photos[0])
+    assert r.exit_code == 1 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: no checkpoint found")
+    assert all(s in r.stderr for s in ("make demo", "make train", "--checkpoint"))
+
+
+def test_num_captions_text_and_json_agree(ckpt, photos):
+    text = _caption(*photos, "--checkpoint", ckpt, "--device", "cpu", "--num-captions", 3)
+    js = _caption(*photos, "--checkpoint", ckpt, "--device", "cpu", "--num-captions", 3, "--json")
+    assert text.exit_code == 0 and js.exit_code == 0, text.output + js.output
+    data = json.loads(js.stdout)
+    assert [d["image"] for d in data] == photos
+    lines = text.stdout.splitlines()
+    assert len(lines) == 3 * len(photos)
+    for i, d in enumerate(data):
+        assert [c["caption"] for c in d["captions"]][0] == d["caption"] and len(d["captions"]) == 3
+        assert [c["score"] for c in d["captions"]] == sorted((c["score"] for c in d["captions"]), reverse=True)
+        best, *alts = lines[3 * i:3 * i + 3]
+        assert best == f"{d['image']}\t{d['caption']}"
+        for line, c in zip(alts, d["captions"][1:]):  # marked so scripts can skip them
+            marker, score, caption = line.split("\t")
+            assert marker == "  alt" and caption == c["caption"] and float(score) == pytest.approx(c["score"], abs=1e-4)
+    # scripts that only want the best caption: skip the marked lines, get what one caption gives
+    single = _caption(*photos, "--checkpoint", ckpt, "--device", "cpu")
+    assert [ln for ln in lines if not ln.startswith("  alt")] == single.stdout.splitlines()
+
+
+def test_sampling_from_the_cli_is_seeded(ckpt, photos):
+    args = [photos[0], "--checkpoint", ckpt, "--device", "cpu", "--sample", "--num-captions", 4, "--json"]
+    a, b, c = _caption(*args, "--seed", 7), _caption(*args, "--seed", 7), _caption(*args, "--seed", 8)
+    assert a.exit_code == 0, a.output
+    assert a.stdout == b.stdout != c.stdout
+    assert len(json.loads(a.stdout)[0]["captions"]) == 4
+
+
+def test_dry_run_lists_images_and_loads_nothing(photos, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in photos:
+        shutil.copy(p, folder / Path(p).name)
+    (folder / "notes.txt").write_text("not an image")
+    junk = tmp_path / "junk.pt"
+    junk.write_text("never loaded by a dry run")
+    r = _caption(folder, "--checkpoint", junk, "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == sorted(str(folder / Path(p).name) for p in photos)
+    assert "dry run: 2 images" in r.stderr
+
+
+@pytest.mark.parametrize("bad", [["--onnx", "x", "--checkpoint", "y.pt"], ["--top-p", "0"], ["--temperature", "0"],
+                                 ["--num-captions", "0"]])
+def test_usage_errors(photos, bad):
+    r = _caption(photos[0], *bad)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def test_caption_cli_starts_where_torch_cannot_be_imported(photos, tmp_path):
+    """The --onnx path runs without torch: the module, its options and --dry-run import none of it."""
+    for name in ("torch", "torchvision"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('no {name} here')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+    for args in (["--help"], [photos[0], "--onnx", str(tmp_path), "--dry-run"]):
+        proc = subprocess.run([sys.executable, "-m", "stage2_decoder.caption", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    assert "--num-captions" in subprocess.run([sys.executable, "-m", "stage2_decoder.caption", "--help"], cwd=REPO,
+                                              env=env, capture_output=True, text=True, timeout=60).stdout
+
+
+def test_make_caption(ckpt, photos):
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    # -o install: the venv is already set up; nothing gets installed here
+    base = [make, "-s", "-o", "install", "-o", ".venv/.installed", "caption", f"PY={sys.executable}"]
+    ok = subprocess.run([*base, f"IMAGES={photos[0]} {photos[1]}", f"CHECKPOINT={ckpt}", "CAPTION_ARGS=--dry-run"],
+                        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines() == photos and str(ckpt) in ok.stderr
+    missing = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and 'IMAGES="a.jpg photos/"' in missing.stderr
+
+
+def test_evaluate_json_means_what_it_means_in_caption(ckpt, shared_cache, tmp_path, monkeypatch):
+    """evaluate --json prints the report as JSON on stdout (as caption --json does); --json-out writes it."""
+    from stage2_decoder import metrics
+    from stage2_decoder.evaluate import main
+
+    monkeypatch.setattr(metrics, "java_available", lambda: False)  # the pure-Python scorers are enough here
+    out = tmp_path / "eval.json"
+    args = ["--checkpoint", str(ckpt), "--features", str(shared_cache), "--split", "test", "--device", "cpu",
+            "--beam-size", "2"]
+    r = CliRunner().invoke(main, [*args, "--json", "--json-out", str(out)])
+    assert r.exit_code == 0, r.output
+    printed, written = json.loads(r.stdout), json.loads(out.read_text())
+    printed.pop("seconds"), written.pop("seconds")
+    assert printed == written and printed["decode"]["beam_size"] == 2 and "CIDEr" in printed["metrics"]
+    table = CliRunner().invoke(main, args)
+    assert table.exit_code == 0 and "| BLEU-1" in table.stdout
+    assert [i["caption"] for i in written["images"]] == [i["caption"] for i in json.loads(
+        CliRunner().invoke(main, [*args, "--json"]).stdout)["images"]]
