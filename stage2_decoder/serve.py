@@ -15,10 +15,13 @@ import contextlib
 import io
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import click
+
+from common.cli import decode_options
+from stage2_decoder.decode_config import DecodeConfig  # torch-free
 from starlette.requests import Request  # module level: FastAPI resolves the endpoint's annotation here
 
 MB = 1 << 20
@@ -38,7 +41,7 @@ class ServeConfig:
     max_pixels: int = 40_000_000  # width x height of one image, read from its header before decoding
     num_captions: int = 1  # when the request does not say
     max_num_captions: int = 10
-    beam_size: int = 3  # when the request does not say
+    decode: DecodeConfig = field(default_factory=DecodeConfig)  # beam_size: when the request does not say
     max_beam_size: int = 10
     device: str = "auto"
     encode_chunk: int = 4  # images per encoder pass on CPU (0: the whole batch at once)
@@ -49,7 +52,7 @@ class ServeConfig:
                   ("--max-files", self.max_files, 1, None), ("--max-pixels", self.max_pixels, 1, None),
                   ("--max-wait-ms", self.max_wait_ms, 0, None), ("--encode-chunk", self.encode_chunk, 0, None), ("--max-upload-mb", self.max_upload_mb, 1e-6, None),
                   ("num_captions", self.num_captions, 1, self.max_num_captions),
-                  ("beam_size", self.beam_size, 1, self.max_beam_size)]
+                  ("--beam-size", self.decode.beam_size, 1, self.max_beam_size)]
         for name, value, lo, hi in checks:
             if value < lo or (hi is not None and value > hi):
                 allowed = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
@@ -186,9 +189,10 @@ def create_app(captioner, cfg: ServeConfig):
 
     def run_batch(images: list, key: tuple[int, int]) -> list[dict]:
         num_captions, beam_size = key
+        decode = asdict(replace(cfg.decode, beam_size=beam_size))
         try:
-            return captioner.caption(images, num_captions=num_captions, beam_size=beam_size,
-                                     batch_size=len(images), on_error="return")
+            return captioner.caption(images, num_captions=num_captions, batch_size=len(images), on_error="return",
+                                     **decode)
         finally:
             for im in images:
                 im.close()
@@ -205,7 +209,7 @@ def create_app(captioner, cfg: ServeConfig):
             batcher.stop()
 
     app = FastAPI(title="capcache", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.batcher, app.state.cfg = batcher, cfg
+    app.state.batcher, app.state.cfg, app.state.captioner = batcher, cfg, captioner
 
     @app.exception_handler(RequestError)
     async def bad_request(request, e: RequestError):
@@ -238,7 +242,7 @@ def create_app(captioner, cfg: ServeConfig):
         form = await _read_form(request, cfg)
         try:
             num_captions = _int_field(form, "num_captions", cfg.num_captions, cfg.max_num_captions)
-            beam_size = _int_field(form, "beam_size", cfg.beam_size, cfg.max_beam_size)
+            beam_size = _int_field(form, "beam_size", cfg.decode.beam_size, cfg.max_beam_size)
             files = [f for f in form.getlist("images") if not isinstance(f, str)]
             if not files:
                 raise RequestError(400, "no photos: send one or more files in the multipart field 'images'")
@@ -310,22 +314,22 @@ def serve(cfg: ServeConfig, dry_run: bool = False) -> int:
               help="Width x height of one image.")
 @click.option("--num-captions", type=int, default=ServeConfig.num_captions, show_default=True,
               help="Captions per photo when a request does not say.")
-@click.option("--beam-size", type=int, default=ServeConfig.beam_size, show_default=True,
-              help="Beam size when a request does not say.")
+@decode_options
 @click.option("--device", default="auto", show_default=True)
 @click.option("--encode-chunk", type=int, default=ServeConfig.encode_chunk, show_default=True,
               help="Images per encoder pass on CPU (0: the whole batch at once).")
 @click.option("--dry-run", is_flag=True, help="Check the settings and the checkpoint, then exit.")
 @click.option("--no-progress", is_flag=True, help="No line per request.")
 def main(checkpoint, host, port, max_batch, max_wait_ms, batching, max_files, max_upload_mb, max_pixels,
-         num_captions, beam_size, device, encode_chunk, dry_run, no_progress):
+         num_captions, decode, device, encode_chunk, dry_run, no_progress):
     """Serve captions over HTTP: a page at /, JSON at /v1/caption."""
     from common.cli import run_guarded
 
     def work():
-        cfg = ServeConfig(checkpoint, host, port, max_batch, max_wait_ms, batching, max_files, max_upload_mb,
-                          max_pixels, num_captions, ServeConfig.max_num_captions, beam_size,
-                          ServeConfig.max_beam_size, device, encode_chunk, access_log=not no_progress)
+        cfg = ServeConfig(checkpoint=checkpoint, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                          batching=batching, max_files=max_files, max_upload_mb=max_upload_mb, max_pixels=max_pixels,
+                          num_captions=num_captions, decode=decode, device=device, encode_chunk=encode_chunk,
+                          access_log=not no_progress)
         return serve(cfg, dry_run)
 
     sys.exit(run_guarded(work))

@@ -140,10 +140,10 @@ class StandIn:
     checkpoint_path = "/somewhere/runs/tiny/best.pt"
 
     def __init__(self):
-        self.calls = []
+        self.calls = []  # (images, beam_size, the other decode settings) per call
 
     def caption(self, images, num_captions=1, beam_size=3, batch_size=32, on_error="raise", **decode):
-        self.calls.append(len(images))
+        self.calls.append((len(images), beam_size, decode))
         out = []
         for im in images:
             try:
@@ -170,8 +170,12 @@ def client():
         warnings.simplefilter("ignore")
         from fastapi.testclient import TestClient
 
-    cfg = ServeConfig(max_files=3, max_upload_mb=0.05, max_pixels=200 * 200, max_wait_ms=1)
+    from stage2_decoder.decode_config import DecodeConfig
+
+    cfg = ServeConfig(max_files=3, max_upload_mb=0.05, max_pixels=200 * 200, max_wait_ms=1,
+                      decode=DecodeConfig(beam_size=2, max_len=7, length_penalty=0.5))
     with TestClient(create_app(StandIn(), cfg)) as c:
+        c.stand_in = c.app.state.captioner
         yield c
 
 
@@ -191,6 +195,10 @@ def test_caption_endpoint_answers_each_file_in_order_with_its_alternatives(clien
     assert [x["filename"] for x in res] == ["red.jpg", "blue.png"]
     assert res[0]["caption"].startswith("a 32x24 photo 2") and res[1]["caption"].startswith("a 40x10 photo 0 0 2")
     assert all(len(x["captions"]) == 3 and x["captions"][0]["caption"] == x["caption"] for x in res)
+    n, beam, decode = client.stand_in.calls[-1]
+    assert (n, beam) == (2, 4) and decode["max_len"] == 7 and decode["length_penalty"] == 0.5  # server settings
+    _good(client)
+    assert client.stand_in.calls[-1][1] == 2  # the server's default beam when the request names none
     assert client.get("/healthz").json() == {"status": "ok", "checkpoint": "tiny/best.pt"}
 
 
@@ -259,7 +267,7 @@ def test_the_page_is_self_contained_and_inserts_text_as_text(client):
 
 
 def test_serve_settings_are_checked():
-    for bad in ({"max_batch": 0}, {"port": 70000}, {"max_upload_mb": 0}, {"beam_size": 0},
+    for bad in ({"max_batch": 0}, {"port": 70000}, {"max_upload_mb": 0}, {"max_beam_size": 2},
                 {"num_captions": 50}):
         with pytest.raises(ValueError):
             ServeConfig(**bad)
