@@ -211,6 +211,16 @@ def _noise_jpeg() -> bytes:
     return buf.getvalue()
 
 
+def _png_claiming(w: int, h: int) -> bytes:
+    """A small PNG whose header says w x h pixels (a decompression bomb's shape): only the header is real."""
+    import struct
+    import zlib
+
+    png = _jpeg(1, 1, fmt="PNG")
+    ihdr = b"IHDR" + struct.pack(">II", w, h) + png[24:29]  # width, height, then depth/colour/methods as given
+    return png[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + png[33:]
+
+
 BAD_REQUESTS = [
     # (what, request kwargs, status, words the error must contain)
     ("not an image", {"files": [("images", ("notes.jpg", b"just some text, no photo", "image/jpeg"))]}, 415,
@@ -221,6 +231,11 @@ BAD_REQUESTS = [
                                               "image/png"))]}, 413, ["big.png", "bytes"]),
     ("too many pixels", {"files": [("images", ("huge.png", _jpeg(300, 300, fmt="PNG"), "image/png"))]}, 413,
      ["huge.png", "300x300", "pixels"]),
+    ("a bomb's header", {"files": [("images", ("bomb.png", _png_claiming(40000, 40000), "image/png"))]}, 413,
+     ["bomb.png", "pixels"]),
+    ("over --max-pixels, under Pillow's limit", {"files": [("images", ("wide.png", _png_claiming(1000, 1000),
+                                                                       "image/png"))]}, 413,
+     ["wide.png", "1000x1000 pixels is over the limit of 40000"]),
     ("too many files", {"files": [("images", (f"{i}.jpg", _jpeg(), "image/jpeg")) for i in range(4)]}, 413,
      ["more than 3 files"]),
     ("one bad file among good ones", {"files": [("images", ("fine.jpg", _jpeg(), "image/jpeg")),
