@@ -57,3 +57,21 @@ def test_scst_mode_freezes_batchnorm_and_switches_every_dropout_off():
         a.sum().backward()
     assert torch.equal(m.bn.running_mean, before)
     assert m.lstm.dropout == 0.5  # restored for the next cross-entropy epoch
+
+
+def test_the_lstm_runs_in_fp32_with_autocast_off_while_the_projections_stay_under_autocast():
+    """On CUDA, autocast runs cuDNN's LSTM in fp16 (no loss scaling); CPU autocast stands in for it here."""
+    m = _decoder()
+    seen = []
+    m.lstm.register_forward_pre_hook(
+        lambda mod, args: seen.append((args[0].dtype, [s.dtype for s in (args[1] if len(args) > 1 and args[1] is not None else ())],
+                                       torch.is_autocast_enabled("cpu"))))
+    feats, inputs, lengths = torch.randn(4, 32), torch.randint(3, 40, (4, 7)), torch.tensor([7, 6, 5, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m(feats, inputs, lengths)
+        m.step(torch.ones(4, dtype=torch.long), m.init_state(feats))
+    assert len(seen) == 3  # forward, init_state, step
+    for x_dtype, state_dtypes, autocast_on in seen:
+        assert x_dtype == torch.float32 and all(d == torch.float32 for d in state_dtypes)
+        assert not autocast_on
+    assert logits.dtype == torch.bfloat16  # the vocabulary projection keeps its autocast speed-up
