@@ -64,9 +64,10 @@ class CaptionDecoder(nn.Module):
     def forward(self, features: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Logits for the packed targets.
 
-        features (B, D); inputs (B, T) = <start> w1 .. wn, padded; lengths (B,) = n + 1.
+        features (B, D); inputs (B, T) = <start> w1 .. wn, padded; lengths (B,) = n + 1, on the CPU and
+        non-increasing (`CaptionPairs.gather` sorts: packing then needs no index upload, no device sync).
         Returns (sum(lengths), V), in the order of `pack_padded_sequence(targets, lengths,
-        batch_first=True, enforce_sorted=False).data`.
+        batch_first=True).data`.
         """
         img = self.image_embedding(features).unsqueeze(1)  # (B, 1, E): the t=0 input
         emb = self.drop(self.embed(inputs))  # (B, T, E)
@@ -75,7 +76,7 @@ class CaptionDecoder(nn.Module):
         # the CPU. Padding only follows a caption's words, so it never changes their outputs; packing
         # the outputs then drops it before the (large) vocabulary layer.
         hidden, _ = self.run_lstm(torch.cat([img, emb], 1))  # (B, 1 + T, H)
-        words = pack_padded_sequence(hidden[:, 1:], lengths.cpu(), batch_first=True, enforce_sorted=False).data
+        words = pack_padded_sequence(hidden[:, 1:], lengths, batch_first=True, enforce_sorted=True).data
         return self.logits(self.drop(words))  # (sum(lengths), V)
 
     def step(self, tokens: torch.Tensor, state):

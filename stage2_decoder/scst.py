@@ -18,6 +18,7 @@ import math
 from collections import Counter, defaultdict
 
 import torch
+from torch import nn
 
 from common.tokenizer import tokenize
 from stage2_decoder.data import view_rows
@@ -129,13 +130,18 @@ def scst_mode(model: CaptionDecoder):
     BatchNorm and the dropout module are in eval mode. The LSTM's dropout is restored on exit.
     """
     model.train()
-    model.bn.eval()
-    model.drop.eval()
-    lstm_dropout, model.lstm.dropout = model.lstm.dropout, 0.0
+    rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
+            m.eval()
+    saved = [m.dropout for m in rnns]
+    for m in rnns:
+        m.dropout = 0.0
     try:
         yield model
     finally:
-        model.lstm.dropout = lstm_dropout
+        for m, p in zip(rnns, saved):
+            m.dropout = p
 
 
 def _scst_batches(model: CaptionDecoder, opt: torch.optim.Optimizer, features: torch.Tensor, rows: dict[str, int],

@@ -18,7 +18,6 @@ from pathlib import Path
 import click
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from common.device import resolve_device
@@ -29,6 +28,7 @@ from common.tokenizer import tokenize
 from common.vocab import Vocabulary, build_vocab
 from stage2_decoder.checkpoint import CheckpointError, cpu_state, load_checkpoint, save_checkpoint
 from stage2_decoder.data import CaptionPairs
+from stage2_decoder.ema import EMA
 from stage2_decoder.model import CaptionDecoder, DecoderConfig
 
 
@@ -207,8 +207,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # with --ema-decay the cross-entropy phase's weights validated, selected and saved (model_state) are a
     # moving average of the trained ones, which its checkpoints also keep (train_model_state) so a resumed run
     # goes on exactly. SCST is not averaged: its few steps (one per batch of images) would be mostly undone.
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
-        if cfg.ema_decay else None
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     history, start_epoch, best = _resume(run, cfg, model, opt, sched, vocab, device, backbone, ema)
     val_keys = set([r.key for r in val_records][: cfg.val_images or None])
     val_refs = {r.key: r.captions for r in val_records if r.key in val_keys and r.captions}
@@ -286,7 +285,7 @@ def _patience_ran_out(cfg: TrainConfig, best: dict, epochs_done: int) -> bool:
 
 
 def _xe_epoch(model: CaptionDecoder, opt, train_set: CaptionPairs, features: torch.Tensor, device, cfg: TrainConfig,
-              epoch: int, steps: int, ema: AveragedModel | None = None) -> float:
+              epoch: int, steps: int, ema: EMA | None = None) -> float:
     """One cross-entropy (teacher-forcing) epoch; returns the mean per-token training loss.
 
     `features` (N, D), or (V, N, D) for V cached views of each image, one drawn at random per caption."""
@@ -307,7 +306,7 @@ def _xe_epoch(model: CaptionDecoder, opt, train_set: CaptionPairs, features: tor
         loss, n = train_step(model, opt, b, device, cfg.grad_clip, cfg.label_smoothing,
                              weight=float(b.lengths.sum()) / tokens_per_batch)
         if ema is not None:
-            ema.update_parameters(model)
+            ema.update(model)
         loss_sum += loss * n
         n_tokens += n
     return float(loss_sum) / max(n_tokens, 1)
@@ -387,7 +386,7 @@ def _batch_loss(model: CaptionDecoder, b, device, label_smoothing: float = 0.0):
     # bf16 autocast on CUDA (tensor cores; bf16 needs no loss scaling); the loss is taken in fp32
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
         logits = model(feats, b.inputs.to(device, non_blocking=True), b.lengths)  # (sum(lengths), V)
-    targets = pack_padded_sequence(b.targets, b.lengths, batch_first=True, enforce_sorted=False).data
+    targets = pack_padded_sequence(b.targets, b.lengths, batch_first=True, enforce_sorted=True).data
     n = int(b.lengths.sum())
     return F.cross_entropy(logits.float(), targets.to(device, non_blocking=True),
                            label_smoothing=label_smoothing), n
@@ -411,7 +410,7 @@ def evaluate_loss(model: CaptionDecoder, pairs: CaptionPairs, features: torch.Te
 
 
 def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, device, backbone: dict,
-            ema: AveragedModel | None = None):
+            ema: EMA | None = None):
     last = run / "last.pt"
     if not last.exists():
         return [], 0, {"score": float("-inf"), "epoch": 0}
@@ -430,8 +429,7 @@ def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, d
     try:
         model.load_state_dict(ckpt.get("train_model_state", ckpt["model_state"]), strict=True)
         if ema is not None:
-            ema.module.load_state_dict(ckpt["model_state"], strict=True)
-            ema.n_averaged.fill_(1)  # go on averaging (0 would restart it from the trained weights)
+            ema.load_state_dict(ckpt["model_state"])  # goes on averaging (not a fresh copy of the trained weights)
         opt.load_state_dict(ckpt["optimizer_state"])
         sched.load_state_dict(ckpt["scheduler_state"])
         torch.set_rng_state(ckpt["rng_state"].cpu())

@@ -75,3 +75,160 @@ def test_the_lstm_runs_in_fp32_with_autocast_off_while_the_projections_stay_unde
         assert x_dtype == torch.float32 and all(d == torch.float32 for d in state_dtypes)
         assert not autocast_on
     assert logits.dtype == torch.bfloat16  # the vocabulary projection keeps its autocast speed-up
+
+
+# --- the sync-free step: same losses and weights as f959e73's step --------------------------------------------
+
+def _old_gather(pairs, idx, features, generator):
+    """f959e73's CaptionPairs.gather: rows in idx's order (packing sorted them on the device)."""
+    from stage2_decoder.data import CaptionBatch, view_rows
+
+    lengths = pairs.lengths[idx]
+    t = int(lengths.max())
+    return CaptionBatch(view_rows(features, pairs.rows[idx], generator), pairs.inputs[idx, :t],
+                        pairs.targets[idx, :t], lengths)
+
+
+def _old_batch_loss(model, b):
+    """f959e73's forward + loss: pack_padded_sequence(enforce_sorted=False), which sorts (and uploads its
+    indices) on every call."""
+    import torch.nn.functional as F
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    img = model.image_embedding(b.features).unsqueeze(1)
+    emb = model.drop(model.embed(b.inputs))
+    hidden, _ = model.lstm(torch.cat([img, emb], 1))
+    words = pack_padded_sequence(hidden[:, 1:], b.lengths.cpu(), batch_first=True, enforce_sorted=False).data
+    logits = model.logits(model.drop(words))
+    targets = pack_padded_sequence(b.targets, b.lengths, batch_first=True, enforce_sorted=False).data
+    return F.cross_entropy(logits.float(), targets), int(b.lengths.sum())
+
+
+def _train_pairs(shared_cache):
+    from common.feature_cache import load_cache
+    from stage2_decoder.data import CaptionPairs
+    from stage2_decoder.train import TrainConfig, prepare_data
+
+    cfg = TrainConfig(features=str(shared_cache), out="unused", vocab_threshold=2, embed_size=16, hidden_size=32,
+                      batch_size=16, dropout=0.0, device="cpu", progress=False)
+    cache = load_cache(cfg.features, views=True)
+    parts, _, vocab, rows, tokens = prepare_data(cfg, cache)
+    pairs = CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len, tokens)
+    views = torch.cat([torch.from_numpy(cache.features)[None], torch.from_numpy(cache.views).transpose(0, 1)]) \
+        if cache.views is not None else torch.from_numpy(cache.features).float()
+    return cfg, pairs, views.float(), len(vocab), cache.meta.feature_dim
+
+
+NOISE = ("project.bias", "bn.running_mean")
+
+
+def test_the_sync_free_step_trains_exactly_as_before(shared_cache):
+    """Twelve steps of train()'s own step + EMA against f959e73's (unsorted batches, enforce_sorted=False,
+    AveragedModel): the same losses bit for bit, with BatchNorm training (dropout off: its masks follow
+    the rows, and the rows now come in another order)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from stage2_decoder.ema import EMA
+    from stage2_decoder.train import train_step
+
+    cfg, pairs, feats, vocab_size, dim = _train_pairs(shared_cache)
+    torch.manual_seed(0)
+    new = CaptionDecoder(cfg.decoder_config(dim, vocab_size)).train()
+    old = CaptionDecoder(cfg.decoder_config(dim, vocab_size)).train()
+    old.load_state_dict(new.state_dict())
+    opt_new, opt_old = (torch.optim.Adam(m.parameters(), lr=3e-3) for m in (new, old))
+    ema_new = EMA(new, 0.9)
+    ema_old = AveragedModel(old, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    batches = [i for i in pairs.batches(cfg.batch_size, torch.Generator().manual_seed(0), 4) if len(i) > 1][:12]
+    g_new, g_old = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for idx in batches:
+        b = pairs.gather(idx, feats, g_new)
+        loss_new, n_new = train_step(new, opt_new, b, "cpu", cfg.grad_clip)
+        ema_new.update(new)
+        ob = _old_gather(pairs, idx, feats, g_old)
+        loss_old, n_old = _old_batch_loss(old, ob)
+        opt_old.zero_grad(set_to_none=True)
+        loss_old.backward()
+        torch.nn.utils.clip_grad_norm_(old.parameters(), cfg.grad_clip)
+        opt_old.step()
+        ema_old.update_parameters(old)
+        assert n_new == n_old and torch.equal(loss_new, loss_old.detach())
+    assert any(not torch.equal(pairs.lengths[i], pairs.lengths[i].sort(descending=True).values)
+               for i in batches)  # the old step did get unsorted batches
+    # the weights agree to rounding only: the embedding's backward adds its rows' gradients in the rows' order,
+    # which shifts the clipping norm in its last bits
+    # (project.bias, and the BatchNorm mean that tracks it, are left out: BatchNorm subtracts the batch mean, so
+    # that bias's gradient is rounding noise, which Adam's normalised step follows)
+    for (k, a), (_, c) in zip(new.state_dict().items(), old.state_dict().items()):
+        if k not in NOISE:
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6, msg=k)
+    for (k, a), (_, c) in zip(ema_new.module.state_dict().items(), ema_old.module.state_dict().items()):
+        if a.is_floating_point() and k not in NOISE:
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_validation_batches_give_the_same_loss_as_before(shared_cache):
+    """evaluate_loss's batches (ascending lengths, eval mode) in f959e73's loss and in today's."""
+    from stage2_decoder.train import _batch_loss
+
+    cfg, pairs, feats, vocab_size, dim = _train_pairs(shared_cache)
+    torch.manual_seed(0)
+    model = CaptionDecoder(cfg.decoder_config(dim, vocab_size)).eval()
+    centre = feats[0] if feats.dim() == 3 else feats  # (N, D)
+    idx = torch.argsort(pairs.lengths, stable=True)
+    with torch.no_grad():
+        for s in range(0, len(idx), 64):
+            loss, n = _batch_loss(model, pairs.gather(idx[s:s + 64], centre), "cpu")
+            want, m = _old_batch_loss(model, _old_gather(pairs, idx[s:s + 64], centre, None))
+            assert n == m and torch.equal(loss, want)
+
+
+def test_the_step_packs_without_sorting_on_the_device_and_the_average_reads_nothing_back(shared_cache, monkeypatch):
+    """enforce_sorted=False sorts and uploads its indices (a host sync per call on CUDA); AveragedModel reads
+    its update count back (`n_averaged == 0`) every step."""
+    import torch.nn.utils.rnn as rnn
+    from torch.overrides import TorchFunctionMode
+
+    import stage2_decoder.model as model_mod
+    from stage2_decoder.train import TrainConfig, train
+
+    sorted_flags = []
+    real = rnn.pack_padded_sequence
+
+    def spy(*a, **kw):
+        sorted_flags.append(kw.get("enforce_sorted", True))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(rnn, "pack_padded_sequence", spy)
+    monkeypatch.setattr(model_mod, "pack_padded_sequence", spy)
+
+    class HostReads(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("__bool__", "item", "tolist", "cpu", "__int__", "__float__"):
+                self.reads.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    import stage2_decoder.train as train_mod
+
+    averages = []
+    real_xe = train_mod._xe_epoch
+
+    def xe(model, opt, train_set, features, device, cfg, epoch, steps, ema=None):
+        averages.append(ema)
+        return real_xe(model, opt, train_set, features, device, cfg, epoch, steps, ema)
+
+    monkeypatch.setattr(train_mod, "_xe_epoch", xe)
+    train(TrainConfig(features=str(shared_cache), out=str(shared_cache.parent / "sync-free-run"), epochs=1,
+                      scst_epochs=0, batch_size=16, embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True,
+                      device="cpu", progress=False))
+    assert sorted_flags and all(sorted_flags)
+    ema = averages[0]
+    model = CaptionDecoder(ema.module.cfg)
+    with HostReads() as mode:
+        for _ in range(3):
+            (ema.update if hasattr(ema, "update") else ema.update_parameters)(model)
+    assert not mode.reads, mode.reads
