@@ -2,6 +2,7 @@
 (cuDNN's training-mode RNN backward, fp32 LSTM under autocast, a step without host syncs, ...)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
@@ -232,3 +233,134 @@ def test_the_step_packs_without_sorting_on_the_device_and_the_average_reads_noth
         for _ in range(3):
             (ema.update if hasattr(ema, "update") else ema.update_parameters)(model)
     assert not mode.reads, mode.reads
+
+
+# --- beam search: finished hypotheses on the device, the same captions and scores as f959e73's ---------------
+
+@torch.inference_mode()
+def _old_beam_search_nbest(model, features, cfg):
+    """f959e73's beam search, the reference: per-image Python bookkeeping, `.tolist()` per finished hypothesis."""
+    from stage2_decoder.decode import END_ID, START_ID, _block_repeats
+
+    b, k, dev = features.shape[0], cfg.beam_size, features.device
+    h, c = model.init_state(features)
+    state = (h.repeat_interleave(k, dim=1), c.repeat_interleave(k, dim=1))
+    scores = torch.full((b, k), float("-inf"), device=dev)
+    scores[:, 0] = 0.0
+    tokens = torch.full((b * k,), START_ID, dtype=torch.long, device=dev)
+    seqs = torch.zeros(b, k, 0, dtype=torch.long, device=dev)
+    finished = [[] for _ in range(b)]
+    done = [False] * b
+    offsets = (torch.arange(b, device=dev) * k).unsqueeze(1)
+    for t in range(cfg.max_len):
+        logp, state = model.step(tokens, state)
+        v = logp.shape[1]
+        logp = logp.view(b, k, v)
+        if t < cfg.min_len:
+            logp[:, :, END_ID] = float("-inf")
+        if cfg.no_repeat_ngram > 0 and t + 1 >= cfg.no_repeat_ngram:
+            _block_repeats(logp, seqs, cfg.no_repeat_ngram)
+        cand = (scores.unsqueeze(-1) + logp).view(b, k * v)
+        top, idx = cand.topk(k, dim=1)
+        beam, word = idx // v, idx % v
+        seqs = torch.cat([seqs.gather(1, beam.unsqueeze(-1).expand(-1, -1, seqs.shape[2])), word.unsqueeze(-1)], 2)
+        flat = (offsets + beam).view(-1)
+        state = (state[0][:, flat], state[1][:, flat])
+        scores = top.clone()
+        ended = (word == END_ID) & torch.isfinite(top)
+        if bool(ended.any()):
+            for i, j in ended.nonzero().tolist():
+                if not done[i]:
+                    finished[i].append((seqs[i, j, :-1].tolist(), float(top[i, j]) / ((t + 1) ** cfg.length_penalty)))
+            scores[ended] = float("-inf")
+        for i in range(b):
+            if not done[i] and (len(finished[i]) >= k or not bool(torch.isfinite(scores[i]).any())):
+                done[i] = True
+        if all(done):
+            break
+        for i in range(b):
+            if done[i]:
+                scores[i] = float("-inf")
+        tokens = word.view(-1)
+    out = []
+    for i in range(b):
+        hyps = finished[i]
+        if len(hyps) < k:
+            for j in range(k):
+                if torch.isfinite(scores[i, j]):
+                    hyps.append((seqs[i, j].tolist(), float(scores[i, j]) / (cfg.max_len ** cfg.length_penalty)))
+        out.append(sorted(hyps, key=lambda h: -h[1])[:k] or [([], float("-inf"))])
+    return out
+
+
+BEAM_SETTINGS = [dict(beam_size=3), dict(beam_size=5, length_penalty=0.0), dict(beam_size=2, min_len=4),
+                 dict(beam_size=3, max_len=6), dict(beam_size=1, length_penalty=1.0), dict(beam_size=4, max_len=12),
+                 dict(beam_size=3, no_repeat_ngram=2)]
+
+
+def _trained_decoder(cache, tmp_path, epochs: int, lr: float = 1e-3):
+    from stage2_decoder.checkpoint import load_checkpoint
+    from stage2_decoder.train import TrainConfig, train
+
+    run = tmp_path / "beam-run"
+    train(TrainConfig(features=str(cache), out=str(run), epochs=epochs, scst_epochs=0, batch_size=32, embed_size=32,
+                      hidden_size=64, vocab_threshold=2, val_beam_size=1, val_images=20, lr=lr, device="cpu",
+                      progress=False))
+    ckpt = load_checkpoint(run / "best.pt")
+    model = CaptionDecoder(DecoderConfig(**ckpt["decoder_config"]))
+    model.load_state_dict(ckpt["model_state"])
+    return model.eval()
+
+
+def _assert_beams_as_before(model, feats):
+    from stage2_decoder.decode import DecodeConfig, beam_search_nbest
+
+    lengths = set()
+    for how in BEAM_SETTINGS:
+        cfg = DecodeConfig(**how)
+        for s in range(0, len(feats), 100):
+            got, want = beam_search_nbest(model, feats[s:s + 100], cfg), _old_beam_search_nbest(model, feats[s:s + 100], cfg)
+            assert got == want, how  # the ids and the float scores, every hypothesis of every image
+            lengths |= {len(ids) for hyps in got for ids, _ in hyps}
+    assert len(lengths) > 3  # short and long captions: finished, filled and cut-off hypotheses all compared
+
+
+def test_beam_search_gives_the_same_captions_and_scores_as_before(shared_cache, tmp_path):
+    from common.feature_cache import load_cache
+
+    model = _trained_decoder(shared_cache, tmp_path, epochs=12, lr=1e-2)
+    _assert_beams_as_before(model, torch.from_numpy(load_cache(str(shared_cache)).features).float())
+
+
+@pytest.mark.slow
+def test_beam_search_as_before_on_300_cached_coco_images(coco_dir, tmp_path):
+    from common.feature_cache import load_cache
+    from stage1_extract.extract import ExtractConfig, extract
+
+    out = tmp_path / "coco300.h5"
+    extract(ExtractConfig(images=str(coco_dir / "images"), captions=str(coco_dir / "captions.json"), out=str(out),
+                          backbone="mobilenet_v2", weights="default", batch_size=32, workers=0, device="cpu",
+                          limit=300, progress=False))
+    model = _trained_decoder(out, tmp_path, epochs=4)
+    _assert_beams_as_before(model, torch.from_numpy(load_cache(str(out)).features).float())
+
+
+def test_beam_search_reads_back_a_fixed_few_times_whatever_the_batch():
+    """f959e73 read the device per step and per image (`bool(...)`, `.tolist()` per finished hypothesis)."""
+    from torch.overrides import TorchFunctionMode
+
+    from stage2_decoder.decode import DecodeConfig, beam_search_nbest
+
+    class HostReads(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("__bool__", "item", "tolist", "cpu", "__int__", "__float__"):
+                HostReads.n += 1
+            return func(*args, **(kwargs or {}))
+
+    m = _decoder().eval()
+    m.out_bias.data[2] = 3.0  # <end> likely: hypotheses finish at many different steps
+    with HostReads():
+        beam_search_nbest(m, torch.randn(64, 32), DecodeConfig(beam_size=3, max_len=20))
+    assert HostReads.n <= 20 // 4 + 6, HostReads.n  # the periodic "all done?" and the one transfer at the end
