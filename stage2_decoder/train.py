@@ -259,7 +259,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         sched.step(score)
         extra = dict(epoch=epoch + 1, optimizer_state=opt.state_dict(), scheduler_state=sched.state_dict(),
                      rng_state=torch.get_rng_state(), train_config=asdict(cfg), history=history, best=best,
-                     split={"val": split["val"], "test": split["test"]})
+                     split={"val": split["val"], "test": split["test"]}, **cuda_rng_state(device))
         if averaged:
             extra["train_model_state"] = cpu_state(model)
         if is_best:  # before last.pt: a kill between the two redoes this epoch, best.pt included
@@ -409,6 +409,23 @@ def evaluate_loss(model: CaptionDecoder, pairs: CaptionPairs, features: torch.Te
     return float(total) / max(count, 1)
 
 
+def cuda_rng_state(device) -> dict:
+    """{"cuda_rng_state": one state per visible GPU} when training on CUDA (dropout and SCST sampling draw there)."""
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"cuda_rng_state": [s.cpu() for s in torch.cuda.get_rng_state_all()]}
+
+
+def restore_cuda_rng_state(ckpt: dict, device) -> None:
+    """Put back the CUDA generators a checkpoint saved (as many GPUs as both have). cuDNN's LSTM is not
+    bitwise reproducible, so a resumed GPU run is statistically, not bitwise, the uninterrupted one."""
+    states = ckpt.get("cuda_rng_state")
+    if not states or torch.device(device).type != "cuda":
+        return
+    for i, state in enumerate(states[: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state.cpu(), i)
+
+
 def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, device, backbone: dict,
             ema: EMA | None = None):
     last = run / "last.pt"
@@ -433,6 +450,7 @@ def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, d
         opt.load_state_dict(ckpt["optimizer_state"])
         sched.load_state_dict(ckpt["scheduler_state"])
         torch.set_rng_state(ckpt["rng_state"].cpu())
+        restore_cuda_rng_state(ckpt, device)
         history, epoch, best = list(ckpt.get("history", [])), int(ckpt["epoch"]), dict(ckpt["best"])
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"cannot resume from {last}: {type(e).__name__}: {e}") from e

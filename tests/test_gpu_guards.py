@@ -364,3 +364,44 @@ def test_beam_search_reads_back_a_fixed_few_times_whatever_the_batch():
     with HostReads():
         beam_search_nbest(m, torch.randn(64, 32), DecodeConfig(beam_size=3, max_len=20))
     assert HostReads.n <= 20 // 4 + 6, HostReads.n  # the periodic "all done?" and the one transfer at the end
+
+
+def test_checkpoints_keep_the_cuda_generators_and_a_resume_puts_them_back(shared_cache, tmp_path, monkeypatch):
+    """Faked CUDA generators (no GPU here): what a run on CUDA saves in last.pt and restores on resume."""
+    import stage2_decoder.train as train_mod
+    from stage2_decoder.checkpoint import load_checkpoint
+
+    fake = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    saved = train_mod.cuda_rng_state("cuda")
+    assert train_mod.cuda_rng_state("cpu") == {}
+    monkeypatch.setattr(train_mod, "cuda_rng_state", lambda device: saved)  # the run itself is on the CPU
+    cfg = dict(features=str(shared_cache), out=str(tmp_path / "run"), scst_epochs=0, batch_size=16, embed_size=16,
+               hidden_size=32, vocab_threshold=2, dry_run=True, device="cpu", progress=False)
+    train_mod.train(train_mod.TrainConfig(epochs=1, **cfg))
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert [torch.equal(a, b) for a, b in zip(ckpt["cuda_rng_state"], fake)] == [True, True]
+    train_mod.restore_cuda_rng_state(ckpt, "cuda")  # one GPU now: its state, on device 0
+    assert len(restored) == 1 and torch.equal(restored[0][0], fake[0]) and restored[0][1] == 0
+    train_mod.restore_cuda_rng_state(ckpt, "cpu")
+    assert len(restored) == 1  # a CPU resume leaves CUDA alone
+
+
+def test_the_weight_average_recompacts_its_lstm_copy(shared_cache, tmp_path, monkeypatch):
+    """A deep-copied LSTM's weights are no longer one contiguous cuDNN chunk (a warning and a re-compaction
+    at every call on CUDA) until flatten_parameters() runs on the copy; on the CPU it is a no-op, so spy on it."""
+    import stage2_decoder.train as train_mod
+
+    flattened, averages = [], []
+    real = nn.LSTM.flatten_parameters
+    monkeypatch.setattr(nn.LSTM, "flatten_parameters", lambda self: (flattened.append(self), real(self))[1])
+    real_xe = train_mod._xe_epoch
+    monkeypatch.setattr(train_mod, "_xe_epoch", lambda *a, **kw: (averages.append(a[-1]), real_xe(*a, **kw))[1])
+    train_mod.train(train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=1,
+                                          scst_epochs=0, batch_size=16, embed_size=16, hidden_size=32,
+                                          vocab_threshold=2, dry_run=True, device="cpu", progress=False))
+    assert averages[0] is not None
+    assert any(m is averages[0].module.lstm for m in flattened)
