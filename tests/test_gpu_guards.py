@@ -2,6 +2,8 @@
 (cuDNN's training-mode RNN backward, fp32 LSTM under autocast, a step without host syncs, ...)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -405,3 +407,74 @@ def test_the_weight_average_recompacts_its_lstm_copy(shared_cache, tmp_path, mon
                                           vocab_threshold=2, dry_run=True, device="cpu", progress=False))
     assert averages[0] is not None
     assert any(m is averages[0].module.lstm for m in flattened)
+
+
+# --- torchrun device mapping, stage 1 feeding the GPU, the precision in the cache identity --------------------
+
+def test_torchrun_ranks_map_to_local_rank_modulo_the_visible_gpus(monkeypatch):
+    import stage1_extract.distributed as dist_mod
+    from stage1_extract.distributed import Dist, device_for
+
+    monkeypatch.setattr(dist_mod, "resolve_device", lambda name: torch.device("cuda" if name == "auto" else name))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a launcher showing each process its own GPU
+    assert device_for("auto", Dist(3, 4, 3)) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device_for("cuda:0", Dist(1, 2, 1)) == torch.device("cuda", 1)  # not every rank on GPU 0
+    assert device_for("cuda", Dist(2, 4, 2)) == torch.device("cuda", 0)
+    assert device_for("cuda:1", Dist()) == torch.device("cuda", 1)  # without torchrun: as asked
+
+
+def test_stage1_workers_default_to_every_core_per_rank(monkeypatch):
+    from stage1_extract.extract import default_workers
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))
+    assert default_workers() == 1
+
+
+def test_a_too_small_dev_shm_is_one_error_line_before_any_worker_starts(coco_dir, tmp_path, monkeypatch):
+    import shutil as shutil_mod
+
+    import stage1_extract.extract as extract_mod
+    from stage1_extract.__main__ import main
+
+    real = shutil_mod.disk_usage
+    monkeypatch.setattr(extract_mod.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=64 * 2**20) if str(p) == "/dev/shm" else real(p))
+    r = CliRunner().invoke(main, ["--images", str(coco_dir / "images"), "--captions", str(coco_dir / "captions.json"),
+                                  "--out", str(tmp_path / "c.h5"), "--backbone", "mobilenet_v2", "--weights", "none",
+                                  "--device", "cpu", "--workers", "4", "--batch-size", "64", "--limit", "8",
+                                  "--no-progress"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code != 0 and len(lines) == 1 and lines[0].startswith("error: /dev/shm"), r.output
+    assert "--shm-size" in lines[0]
+
+
+def test_a_cache_started_in_fp32_is_not_resumed_or_reused_in_bf16(coco_dir, tmp_path, monkeypatch):
+    import h5py
+
+    from common.backbones import Backbone
+    from common.feature_cache import CacheError, CacheWriter, read_meta
+    from stage1_extract.extract import ExtractConfig, _setup, extract
+
+    cfg = ExtractConfig(images=str(coco_dir / "images"), captions=str(coco_dir / "captions.json"),
+                        out=str(tmp_path / "c.h5"), backbone="mobilenet_v2", weights="none", workers=0, device="cpu",
+                        limit=4, progress=False)
+    extract(cfg)
+    assert read_meta(cfg.out).precision == "float32"
+    from stage1_extract.distributed import Dist
+
+    records, _, _, fp32 = _setup(cfg, Dist())
+    monkeypatch.setattr(Backbone, "precision", property(lambda self: "bfloat16"))  # as on a GPU
+    with pytest.raises(CacheError, match="precision"):
+        extract(cfg)
+    half = ExtractConfig(**{**cfg.__dict__, "out": str(tmp_path / "half.h5")})
+    CacheWriter(half.out, [r.key for r in records], fp32).close()  # unfinished work, started on the CPU
+    with pytest.raises(CacheError, match="precision"):
+        extract(half)
+    with h5py.File(cfg.out, "a") as f:  # a cache from before the attribute: made in float32
+        del f.attrs["precision"]
+    assert read_meta(cfg.out).precision == "float32"
