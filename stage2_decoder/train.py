@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -181,8 +182,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         tqdm.write("no validation images with captions (--val-frac 0?): validating on training images")
     val_records = val_records or parts["train"][:50]
     val_set = CaptionPairs(val_records, rows, vocab, cfg.max_caption_len, tokens).to(device)
+    # HDF5 has no checksums: a damaged file reads as garbage. Checked on the host arrays (the rows stage 1
+    # finished, every cached view), before gigabytes are uploaded to a GPU.
+    done = sorted(rows.values())
+    if not all(np.isfinite(a[done]).all() for a in (cache.features, cache.views) if a is not None):
+        raise CacheError(f"{cfg.features} holds non-finite (nan/inf) features: it is damaged; re-run stage 1")
     features = torch.from_numpy(cache.features).float().to(device)  # (N, D), all in memory once
-    done = torch.tensor(sorted(rows.values()), dtype=torch.long, device=device)
     # with --train-views (--scst-views) cross-entropy (SCST) batches draw each image feature from one of the
     # cached views (stage 1 --views: centre crop, mirrored, whole image), (V, N, D) kept in the cache's dtype;
     # validation and captioning see the centre view only, the one a raw photo gets
@@ -192,9 +197,6 @@ def train(cfg: TrainConfig) -> TrainResult:
                                torch.from_numpy(cache.views).transpose(0, 1)]).to(device)
     train_features = all_views if cfg.train_views else features
     scst_features = all_views if cfg.scst_views else features
-    # all_views holds the centre view itself (or is `features`): one check covers both
-    if not torch.isfinite(all_views[..., done, :]).all():  # HDF5 has no checksums: a damaged file reads as garbage
-        raise CacheError(f"{cfg.features} holds non-finite (nan/inf) features: it is damaged; re-run stage 1")
     backbone = {"name": cache.meta.backbone, "weights": cache.meta.weights,
                 "weights_sha256": cache.meta.weights_sha256 or None, "feature_dim": cache.meta.feature_dim,
                 "preprocess": cache.meta.preprocess}

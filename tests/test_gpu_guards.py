@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -478,3 +480,76 @@ def test_a_cache_started_in_fp32_is_not_resumed_or_reused_in_bf16(coco_dir, tmp_
     with h5py.File(cfg.out, "a") as f:  # a cache from before the attribute: made in float32
         del f.attrs["precision"]
     assert read_meta(cfg.out).precision == "float32"
+
+
+# --- sweeps on GPUs (faked: NVML answers, no CUDA context) ------------------------------------------------------
+
+def test_importing_the_sweep_asks_nvml_not_cuda():
+    import stage2_decoder.sweep  # noqa: F401
+
+    assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1"
+
+
+def test_a_sweep_on_cuda_spreads_runs_over_the_gpus_a_few_per_gpu_and_forks_only_without_a_cuda_context(
+        shared_cache, tmp_path, monkeypatch):
+    import json
+
+    import stage2_decoder.sweep as sweep
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(sweep, "_cpu_count", lambda: 16)
+    specs = [sweep.RunSpec(f"r{i}", str(tmp_path / f"r{i}"), str(shared_cache), {}) for i in range(4)]
+    assert sweep.visible_gpus(specs) == ["0", "1"] and sweep.default_jobs(["0", "1"]) == 2 * sweep.RUNS_PER_GPU
+    assert sweep.visible_gpus([sweep.RunSpec("c", "c", "f", {"device": "cpu"})]) == []
+    assert sweep.default_jobs([]) == 16
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert sweep.visible_gpus(specs) == ["3", "5"]
+    assert sweep._start_context().get_start_method() == "fork"
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert sweep._start_context().get_start_method() == "spawn"
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+
+    def fake_run(spec, threads):  # what the forked child sees, instead of training
+        rec = {"run": spec.name, "status": "ok", "params": spec.params, "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}
+        (Path(spec.run_dir) / sweep.RESULT).write_text(json.dumps(rec))
+        return rec
+
+    monkeypatch.setattr(sweep, "_run_one", fake_run)
+    monkeypatch.setattr(sweep, "_read_result",
+                        lambda spec: json.loads((Path(spec.run_dir) / sweep.RESULT).read_text())
+                        if (Path(spec.run_dir) / sweep.RESULT).exists() else None)
+    cfg = sweep.SweepConfig(features=str(shared_cache), out=str(tmp_path), grid={"lr": [1e-3]}, progress=False)
+    done = sweep._execute(cfg, specs, type("Bar", (), {"update": lambda self, n=1: None})())
+    gpus = sorted(r["gpu"] for r in done.values())
+    assert gpus == ["3", "3", "5", "5"]  # each run saw one GPU, both GPUs used evenly
+
+
+def test_damaged_features_are_found_on_the_host_before_any_upload(shared_cache, tmp_path):
+    """A non-finite cache is refused from its host arrays: no features tensor is moved (to the GPU) first."""
+    import h5py
+    from torch.overrides import TorchFunctionMode
+
+    from common.feature_cache import CacheError
+    from stage2_decoder.train import TrainConfig, train
+
+    bad = tmp_path / "bad.h5"
+    shutil.copy(shared_cache, bad)
+    with h5py.File(bad, "a") as f:
+        n, d = f["features"].shape
+        f["features"][3, 5] = float("nan")
+
+    class Uploads(TorchFunctionMode):
+        moved = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") == "to" and args and getattr(args[0], "shape", None) == (n, d):
+                Uploads.moved.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with Uploads(), pytest.raises(CacheError, match="non-finite"):
+        train(TrainConfig(features=str(bad), out=str(tmp_path / "run"), epochs=1, scst_epochs=0, batch_size=16,
+                          embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True, device="cpu",
+                          progress=False))
+    assert Uploads.moved == []
