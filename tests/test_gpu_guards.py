@@ -553,3 +553,22 @@ def test_damaged_features_are_found_on_the_host_before_any_upload(shared_cache, 
                           embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True, device="cpu",
                           progress=False))
     assert Uploads.moved == []
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_run_goes_through_on_the_cpu(data_dir, coco_dir, tmp_path):
+    """bench/gpu.py --device cpu --tiny: every part of the GPU run (extract, train + SCST, sync check, beam
+    decode, sweep, torchrun, caption) on a few images, its table complete."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    p = subprocess.run([sys.executable, "bench/gpu.py", "--device", "cpu", "--tiny", "--data", str(data_dir),
+                        "--work", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    for row in ("stage 1 decode + forward", "stage 1 forward alone", "cross-entropy epoch", "SCST epoch",
+                "peak GPU memory", "host syncs", "beam-3 decode", "sweep of 4 runs", "torchrun 1 process",
+                "caption cold start"):
+        assert f"| {row}" in p.stdout, (row, p.stdout)
+    assert "4/4 runs ok" in p.stdout and "| equal |" in p.stdout.replace("  ", " ") or "| close |" in p.stdout
