@@ -104,8 +104,9 @@ class CaptionPairs(Dataset):
         on the device; each pair keeps the view it would have drawn in `idx`'s order.
         """
         # the very sort pack_padded_sequence(enforce_sorted=False) makes: the packed order, and so the loss, as before
-        order = torch.sort(self.lengths[idx.cpu()], descending=True).indices  # (B,), on the CPU
-        idx = idx.cpu()[order]
+        idx = idx.cpu()  # pair indices are made on the CPU (`batches`): a no-op there
+        order = torch.sort(self.lengths[idx], descending=True).indices  # (B,)
+        idx = idx[order]
         lengths = self.lengths[idx]  # (B,) non-increasing
         t = int(lengths[0]) if len(lengths) else 0  # the batch's padded width, read on the CPU
         dev_idx = idx.to(self.inputs.device, non_blocking=True)

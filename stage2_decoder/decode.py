@@ -9,6 +9,7 @@ import torch
 from stage2_decoder.model import CaptionDecoder
 
 START_ID, END_ID = 1, 2
+DONE_CHECK_EVERY = 4  # decoding steps between the loops' one host read (have all images finished?)
 
 
 @dataclass
@@ -35,7 +36,7 @@ def greedy(model: CaptionDecoder, features: torch.Tensor, max_len: int = 20, min
         tokens = logp.argmax(-1)
         out[:, t] = tokens
         finished |= tokens == END_ID
-        if bool(finished.all()):
+        if (t + 1) % DONE_CHECK_EVERY == 0 and bool(finished.all()):  # later steps only write past the <end>
             break
     return [_until_end(row) for row in out.tolist()]
 
@@ -56,9 +57,6 @@ def beam_search(model: CaptionDecoder, features: torch.Tensor, beam_size: int = 
     """Best hypothesis per image (word ids, no <end>). With beam_size=1 this equals greedy."""
     cfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
     return [hyps[0][0] for hyps in beam_search_nbest(model, features, cfg)]
-
-
-DONE_CHECK_EVERY = 4  # steps between the one host read of the loop (have all images finished?)
 
 
 @torch.inference_mode()

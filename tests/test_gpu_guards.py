@@ -297,6 +297,27 @@ def _old_beam_search_nbest(model, features, cfg):
     return out
 
 
+@torch.inference_mode()
+def _old_greedy(model, features, max_len=20, min_len=0):
+    """f959e73's greedy decoding, the reference: it asked the device "all finished?" after every step."""
+    from stage2_decoder.decode import END_ID, START_ID, _until_end
+
+    state = model.init_state(features)
+    tokens = torch.full((features.shape[0],), START_ID, dtype=torch.long)
+    out = torch.zeros(features.shape[0], max_len, dtype=torch.long)
+    finished = torch.zeros(features.shape[0], dtype=torch.bool)
+    for t in range(max_len):
+        logp, state = model.step(tokens, state)
+        if t < min_len:
+            logp[:, END_ID] = float("-inf")
+        tokens = logp.argmax(-1)
+        out[:, t] = tokens
+        finished |= tokens == END_ID
+        if bool(finished.all()):
+            break
+    return [_until_end(row) for row in out.tolist()]
+
+
 BEAM_SETTINGS = [dict(beam_size=3), dict(beam_size=5, length_penalty=0.0), dict(beam_size=2, min_len=4),
                  dict(beam_size=3, max_len=6), dict(beam_size=1, length_penalty=1.0), dict(beam_size=4, max_len=12),
                  dict(beam_size=3, no_repeat_ngram=2)]
@@ -327,6 +348,10 @@ def _assert_beams_as_before(model, feats):
             assert got == want, how  # the ids and the float scores, every hypothesis of every image
             lengths |= {len(ids) for hyps in got for ids, _ in hyps}
     assert len(lengths) > 3  # short and long captions: finished, filled and cut-off hypotheses all compared
+    from stage2_decoder.decode import greedy
+
+    for max_len, min_len in ((20, 0), (7, 1), (13, 3)):
+        assert greedy(model, feats, max_len, min_len) == _old_greedy(model, feats, max_len, min_len)
 
 
 def test_beam_search_gives_the_same_captions_and_scores_as_before(shared_cache, tmp_path):
