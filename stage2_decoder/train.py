@@ -385,7 +385,7 @@ def _batch_loss(model: CaptionDecoder, b, device, label_smoothing: float = 0.0):
     from torch.nn.utils.rnn import pack_padded_sequence
 
     feats = b.features.to(device, non_blocking=True)
-    # bf16 autocast on CUDA (tensor cores; bf16 needs no loss scaling); the loss is taken in fp32
+    # bf16 autocast on CUDA for the projections (tensor cores; the model keeps its LSTM in fp32); loss in fp32
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
         logits = model(feats, b.inputs.to(device, non_blocking=True), b.lengths)  # (sum(lengths), V)
     targets = pack_padded_sequence(b.targets, b.lengths, batch_first=True, enforce_sorted=True).data
