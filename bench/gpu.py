@@ -77,7 +77,7 @@ def stage1(photos: Path, work: Path, device, args, rows: list):
     import torch
 
     from common.backbones import load_backbone
-    from stage1_extract.extract import ExtractConfig, extract
+    from stage1_extract.extract import PREFETCH, ExtractConfig, check_shm, extract
 
     cache = work / f"{args.backbone}.h5"
     for p in (cache, Path(str(cache) + ".parts")):
@@ -85,9 +85,16 @@ def stage1(photos: Path, work: Path, device, args, rows: list):
     cfg = ExtractConfig(images=str(photos / "images"), captions=str(photos / "captions.json"), out=str(cache),
                         backbone=args.backbone, weights="none", batch_size=args.batch_size, device=str(device),
                         dtype="float32", progress=False, limit=args.photos)
+    note = ""
+    try:
+        check_shm(cfg.workers, cfg.batch_size, 224)
+    except ValueError:  # a small /dev/shm (Docker's 64 MB): as many workers as fit, and say so
+        per_worker = PREFETCH * cfg.batch_size * 3 * 224 * 224
+        cfg.workers = max(0, min(cfg.workers, shutil.disk_usage("/dev/shm").free // per_worker))
+        note = " (as many as /dev/shm holds)"
     s = extract(cfg)
     rows.append(("stage 1 decode + forward (extract), images/s", f"{s.images_per_s:.1f}",
-                 f"{s.done_now} images, batch {cfg.batch_size}, {cfg.workers} workers"))
+                 f"{s.done_now} images, batch {cfg.batch_size}, {cfg.workers} workers{note}"))
     bb = load_backbone(args.backbone, "none", device)
     crop = bb.preprocess.crop
     x = torch.randint(0, 256, (args.batch_size, 3, crop, crop), dtype=torch.uint8)
@@ -208,7 +215,7 @@ def torchrun_vs_plain(photos: Path, work: Path, device, args, rows: list) -> Non
             if how == "torchrun" else [sys.executable]
         cmd = [*launcher, "-m", "stage1_extract", "--images", str(photos / "images"), "--captions",
                str(photos / "captions.json"), "--out", str(out), "--backbone", args.backbone, "--weights", "none",
-               "--dtype", "float32", "--limit", str(n), "--batch-size", "8" if args.tiny else "64",
+               "--dtype", "float32", "--limit", str(n), "--batch-size", "8" if args.tiny else "32", "--workers", "1",
                "--device", str(device), "--no-progress"]
         p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
         if p.returncode != 0:
