@@ -2,6 +2,7 @@
 
     python bench/gpu.py                      # on a machine with a GPU
     python bench/gpu.py --device cpu --tiny  # the same code paths in seconds (the tests run this)
+    python bench/gpu.py --prepare            # only copy the photos (~53 MB) for a machine without ../shared
 
 1. stage 1: ResNet-152 (random weights: the same compute as real ones; MobileNetV2 with --tiny) over the
    COCO photos, batch 192,
@@ -249,15 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--photos", type=int, default=None, help="photos used (default 2000, 16 with --tiny)")
     ap.add_argument("--batch-size", type=int, default=None, help="stage 1 batch (default 192, 8 with --tiny)")
     ap.add_argument("--backbone", default=None, help="stage 1 CNN (default resnet152, mobilenet_v2 with --tiny)")
+    ap.add_argument("--prepare", action="store_true", help="only copy the photos into bench/gpu-photos/, then exit")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-gpu")
     args = ap.parse_args(argv)
     args.photos = args.photos or (16 if args.tiny else 2000)
     args.batch_size = args.batch_size or (8 if args.tiny else 192)
     args.backbone = args.backbone or ("mobilenet_v2" if args.tiny else "resnet152")
+    photos = photo_dir(args.data, args.photos)
+    if args.prepare:
+        print(f"{photos}: {args.photos} photos")
+        return 0
     from common.device import resolve_device
 
     device = resolve_device(args.device)
-    photos = photo_dir(args.data, args.photos)
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"== GPU path: {device}, {args.backbone}, {args.photos} COCO photos  [{machine()}]", flush=True)
     rows: list = []
