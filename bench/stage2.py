@@ -43,7 +43,7 @@ from stage1_extract.extract import ExtractConfig, extract  # noqa: E402
 from stage2_decoder.data import CaptionBatch, CaptionPairs  # noqa: E402
 from stage2_decoder.model import CaptionDecoder, DecoderConfig  # noqa: E402
 from stage2_decoder.train import TrainConfig, _xe_epoch, prepare_data, train_step  # noqa: E402
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
+from stage2_decoder.ema import EMA  # noqa: E402
 
 # the child that runs train() alone in its process, so its peak RSS is training's own
 _CHILD = """
@@ -110,7 +110,7 @@ def seed_per_pair(cnn: nn.Module, pairs: CaptionPairs, paths_by_row: dict[int, s
         with torch.no_grad():  # the frozen CNN, on every pair, every epoch
             feats = cnn(images.contiguous(memory_format=torch.channels_last))
         tb = pairs.gather(idx)
-        train_step(decoder, opt, CaptionBatch(feats, tb.inputs, tb.targets, tb.lengths), "cpu", 5.0)
+        train_step(decoder, opt, CaptionBatch(feats[tb.order], tb.inputs, tb.targets, tb.lengths), "cpu", 5.0)
         if b:  # the first batch pays for worker start-up and kernel selection
             times.append(time.perf_counter() - t0)
     del it
@@ -152,8 +152,7 @@ def step_efficiency(pairs: CaptionPairs, features: torch.Tensor, vocab_size: int
         shapes += [pairs.gather(i) for i in pairs.batches(cfg.batch_size, g, cfg.length_buckets) if len(i) > 1]
     model = CaptionDecoder(cfg.decoder_config(features.shape[1], vocab_size)).train()  # as train() builds it
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # as train() builds it on the CPU
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
-        if cfg.ema_decay else None  # the default weight average, updated after each step as train() does
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None  # the default weight average, as train() keeps it
     bare = BareStep(shapes, cfg.embed_size, cfg.hidden_size, cfg.num_layers, vocab_size, cfg.tie_embeddings)
     n = sum(len(b.lengths) for b in shapes)
     steps = math.ceil(len(pairs) / cfg.batch_size)

@@ -134,7 +134,13 @@ class Backbone:
     def describe(self) -> dict:
         """Plain values naming this encoder exactly (stored in caches and checkpoints)."""
         return {"name": self.spec.name, "weights": self.weights, "weights_sha256": self.weights_sha256,
-                "feature_dim": self.spec.feature_dim, "preprocess": self.preprocess.describe()}
+                "feature_dim": self.spec.feature_dim, "preprocess": self.preprocess.describe(),
+                "precision": self.precision}
+
+    @property
+    def precision(self) -> str:
+        """What `encode` computes in: bfloat16 autocast on CUDA (tensor cores), float32 elsewhere."""
+        return "bfloat16" if self.device.type == "cuda" else "float32"
 
     @torch.inference_mode()
     def encode(self, images_u8: torch.Tensor) -> torch.Tensor:
@@ -142,7 +148,7 @@ class Backbone:
         x = images_u8.to(self.device, non_blocking=True)
         x = (x.float().div_(255) - self._mean).div_(self._std)
         x = x.contiguous(memory_format=torch.channels_last)
-        if self.device.type == "cuda":
+        if self.precision == "bfloat16":
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return self.model(x).float()
         return self.model(x).float()

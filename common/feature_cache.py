@@ -19,6 +19,7 @@ Schema (version 1), one file per (dataset, backbone):
       preprocess (canonical JSON of common.backbones.Preprocess)
       dataset_format ("coco" | "flickr8k"), images_dir, captions_file (absolute paths), limit (-1 = all)
       dtype, views (1 when absent: caches written before views existed),
+      precision ("float32" | "bfloat16": what the CNN computed in; "float32" when absent),
       complete (True once every row is done or failed), capcache_version, torch_version
 
 A file at the final name OUT is always whole: it only ever appears there by `os.replace`.
@@ -91,10 +92,14 @@ class CacheMeta:
     limit: int = -1
     dtype: str = "float16"
     views: int = 1  # cached views per image (common.backbones.VIEWS): /features + (views - 1) in /views
+    # what the CNN computed in (Backbone.describe: bfloat16 autocast on CUDA, float32 on the CPU): rows of
+    # another precision differ in their last bits, so a cache started on a CPU is not finished on a GPU
+    precision: str = "float32"
 
     # what must match for unfinished work to be resumed or a finished cache to count as already made
-    IDENTITY = ("backbone", "weights", "weights_sha256", "feature_dim", "preprocess", "dtype", "views")
-    OPTIONAL = {"views": 1}  # attributes older caches lack, and what they mean there
+    IDENTITY = ("backbone", "weights", "weights_sha256", "feature_dim", "preprocess", "dtype", "views", "precision")
+    # attributes older caches lack, and what they mean there (no cache had been made on a GPU before precision)
+    OPTIONAL = {"views": 1, "precision": "float32"}
 
 
 def parts_dir(path: str | os.PathLike) -> Path:

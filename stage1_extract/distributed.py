@@ -101,13 +101,15 @@ def from_env(timeout_s: float) -> Dist:
 
 
 def device_for(name: str, d: Dist) -> torch.device:
-    """cfg.device resolved; under torchrun 'auto'/'cuda' mean this rank's GPU, cuda:LOCAL_RANK."""
+    """cfg.device resolved; under torchrun any CUDA device ('auto', 'cuda', 'cuda:N') means this rank's GPU,
+    cuda:(LOCAL_RANK % visible GPUs): every rank on its own GPU when a node shows them all, and GPU 0 when the
+    launcher shows each process only its own (CUDA_VISIBLE_DEVICES, device_count() == 1)."""
     device = resolve_device(name)
-    if d.active and device.type == "cuda" and name in ("auto", "cuda"):
-        if d.local_rank >= torch.cuda.device_count():
-            raise BackboneError(f"rank {d.rank} has LOCAL_RANK {d.local_rank} but this node has only "
-                                f"{torch.cuda.device_count()} GPUs: start at most that many processes per node")
-        device = torch.device("cuda", d.local_rank)
+    if d.active and device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count < 1:
+            raise BackboneError(f"rank {d.rank} asked for {name} but sees no GPU")
+        device = torch.device("cuda", d.local_rank % count)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # so pinned memory and streams belong to this rank's GPU
     return device

@@ -8,6 +8,7 @@ takes its own share of the rows (stage1_extract.distributed) and rank 0 assemble
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -27,6 +28,16 @@ from common.feature_cache import (DONE, PENDING, CacheError, CacheMeta, CacheWri
 from stage1_extract.distributed import Dist, device_for, from_env
 
 
+def default_workers() -> int:
+    """DataLoader workers decoding JPEGs: every core this process may use, shared among the torchrun ranks of
+    this node (LOCAL_WORLD_SIZE). Fewer leave a GPU waiting on decoding."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
+PREFETCH = 4  # batches each DataLoader worker keeps ready (in shared memory)
+
+
 @dataclass
 class ExtractConfig:
     images: str
@@ -36,7 +47,7 @@ class ExtractConfig:
     backbone: str = DEFAULT_BACKBONE
     weights: str = "default"  # default | none | path to a state_dict
     batch_size: int = 64
-    workers: int = min(4, os.cpu_count() or 1)
+    workers: int = default_workers()
     device: str = "auto"
     limit: int | None = None
     dtype: str = "float16"
@@ -88,11 +99,13 @@ def _setup(cfg: ExtractConfig, d: Dist) -> tuple[list[ImageRecord], Path, Backbo
     if out.is_relative_to(images_dir):
         raise ValueError(f"--out {out} is inside the images folder {images_dir}; write the cache elsewhere")
     backbone = load_backbone(cfg.backbone, cfg.weights, device_for(cfg.device, d))
+    if backbone.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every batch has one shape: time the conv algorithms once, keep the best
     info = backbone.describe()
     meta = CacheMeta(backbone=info["name"], weights=info["weights"], weights_sha256=info["weights_sha256"] or "",
                      feature_dim=info["feature_dim"], preprocess=info["preprocess"], dataset_format=fmt,
                      images_dir=str(images_dir), captions_file=os.path.abspath(cfg.captions),
-                     limit=cfg.limit or -1, dtype=cfg.dtype, views=cfg.views)
+                     limit=cfg.limit or -1, dtype=cfg.dtype, views=cfg.views, precision=info["precision"])
     return records, out, backbone, meta
 
 
@@ -142,9 +155,10 @@ def _extract_rows(cfg: ExtractConfig, d: Dist, writer: CacheWriter, backbone: Ba
                   records: list[ImageRecord], rows: list[int], share: int) -> tuple[int, int]:
     """Encode `rows` batch by batch, one shard per batch; returns (rows done, rows failed)."""
     device = backbone.device
+    check_shm(cfg.workers, cfg.batch_size * cfg.views, backbone.preprocess.crop)
     loader = DataLoader(ImageRows([(i, records[i].path) for i in rows], backbone.preprocess, cfg.views),
                         batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if cfg.workers > 0 else None,
+                        persistent_workers=False, prefetch_factor=PREFETCH if cfg.workers > 0 else None,
                         worker_init_fn=_leave_signals_to_main if cfg.workers > 0 else None)
     desc = f"extract {cfg.backbone}" + (f" (rank 0 of {d.world_size})" if d.active else "")
     bar = tqdm(total=share, initial=share - len(rows), unit="img", desc=desc,
@@ -180,6 +194,19 @@ def _extract_rows(cfg: ExtractConfig, d: Dist, writer: CacheWriter, backbone: Ba
         writer.close()  # shards of the batches already computed are still written
     stop.act()
     return done_now, failed_now
+
+
+def check_shm(workers: int, images_per_batch: int, crop: int, shm: str = "/dev/shm") -> None:
+    """Refuse to start DataLoader workers whose prefetched batches cannot fit in `shm` (Docker gives 64 MB):
+    they would die with "Bus error" mid-run. Raises ValueError saying what to do."""
+    if workers == 0 or not os.path.isdir(shm):
+        return
+    need = workers * PREFETCH * images_per_batch * 3 * crop * crop  # uint8 (B, 3, crop, crop) per batch
+    free = shutil.disk_usage(shm).free
+    if free < need:
+        raise ValueError(f"{shm} has {free / 2**20:.0f} MB free but --workers {workers} prefetching {PREFETCH} "
+                         f"batches of {images_per_batch} images need {need / 2**20:.0f} MB: give the container more "
+                         f"(docker run --shm-size=8g, or --ipc=host) or lower --workers / --batch-size")
 
 
 def _leave_signals_to_main(worker_id: int) -> None:

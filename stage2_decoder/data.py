@@ -26,7 +26,8 @@ class CaptionBatch:
     features: torch.Tensor  # (B, D)
     inputs: torch.Tensor  # (B, T) <start> w1 .. wn, padded
     targets: torch.Tensor  # (B, T) w1 .. wn <end>, padded
-    lengths: torch.Tensor  # (B,) n + 1
+    lengths: torch.Tensor  # (B,) n + 1, non-increasing (what `pack_padded_sequence(enforce_sorted=True)` needs)
+    order: torch.Tensor | None = None  # (B,) row i is pair idx[order[i]] of the gathered idx (longest caption first)
 
 
 class CaptionPairs(Dataset):
@@ -99,21 +100,29 @@ class CaptionPairs(Dataset):
         (V views of each image) from a view drawn at random per pair with `generator`.
 
         Tensor indexing only, no Python loop over captions; lengths and the padded width are read
-        on the CPU, so gathering from tensors on a GPU (`to`) never waits for the device.
+        on the CPU, so gathering from tensors on a GPU (`to`) never waits for the device. The rows are
+        sorted longest caption first here, on the CPU, so packing needs no sort (and no index upload)
+        on the device; each pair keeps the view it would have drawn in `idx`'s order.
         """
-        lengths = self.lengths[idx.cpu()]  # (B,)
-        t = int(lengths.max())  # the batch's padded width, read on the CPU
+        # the very sort pack_padded_sequence(enforce_sorted=False) makes: the packed order, and so the loss, as before
+        idx = idx.cpu()  # pair indices are made on the CPU (`batches`): a no-op there
+        order = torch.sort(self.lengths[idx], descending=True).indices  # (B,)
+        idx = idx[order]
+        lengths = self.lengths[idx]  # (B,) non-increasing
+        t = int(lengths[0]) if len(lengths) else 0  # the batch's padded width, read on the CPU
         dev_idx = idx.to(self.inputs.device, non_blocking=True)
         rows = self.rows[dev_idx]
-        feats = view_rows(features, rows, generator) if features is not None else rows
-        return CaptionBatch(feats,
-                            self.inputs[dev_idx, :t], self.targets[dev_idx, :t], lengths)
+        feats = view_rows(features, rows, generator, order) if features is not None else rows
+        return CaptionBatch(feats, self.inputs[dev_idx, :t], self.targets[dev_idx, :t], lengths, order)
 
 
-def view_rows(features: torch.Tensor, rows: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def view_rows(features: torch.Tensor, rows: torch.Tensor, generator: torch.Generator | None = None,
+              order: torch.Tensor | None = None) -> torch.Tensor:
     """`features[rows]` from (N, D), or from (V, N, D) (V cached views of each image) with one view
-    per row drawn at random with `generator` (no draw at all from (N, D))."""
+    per row drawn at random with `generator` (no draw at all from (N, D)). `order` (B,): the rows
+    were reordered by it, and row i gets the view drawn for position order[i] (the same draws)."""
     if features.dim() == 3:
-        view = torch.randint(features.shape[0], (len(rows),), generator=generator).to(rows.device, non_blocking=True)
+        view = torch.randint(features.shape[0], (len(rows),), generator=generator)
+        view = (view if order is None else view[order]).to(rows.device, non_blocking=True)
         return features[view, rows]
     return features[rows]

@@ -1,12 +1,15 @@
 """Greedy and beam-search decoding of a trained CaptionDecoder (call in eval mode)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from stage2_decoder.decode_config import DecodeConfig  # noqa: F401  (defined torch-free, re-exported)
 from stage2_decoder.model import CaptionDecoder
 
 START_ID, END_ID = 1, 2
+DONE_CHECK_EVERY = 4  # decoding steps between the loops' one host read (have all images finished?)
 
 
 @torch.inference_mode()
@@ -24,7 +27,7 @@ def greedy(model: CaptionDecoder, features: torch.Tensor, max_len: int = 20, min
         tokens = logp.argmax(-1)
         out[:, t] = tokens
         finished |= tokens == END_ID
-        if bool(finished.all()):
+        if (t + 1) % DONE_CHECK_EVERY == 0 and bool(finished.all()):  # later steps only write past the <end>
             break
     return [_until_end(row) for row in out.tolist()]
 
@@ -50,54 +53,66 @@ def beam_search(model: CaptionDecoder, features: torch.Tensor, beam_size: int = 
 @torch.inference_mode()
 def beam_search_nbest(model: CaptionDecoder, features: torch.Tensor, cfg: DecodeConfig
                       ) -> list[list[tuple[list[int], float]]]:
-    """Batched beam search: per image, up to beam_size (ids, normalised score), best first."""
-    b, k, dev = features.shape[0], cfg.beam_size, features.device
+    """Batched beam search: per image, up to beam_size (ids, normalised score), best first.
+
+    Finished hypotheses are kept in device tensors (slots in the order they ended) and read back once
+    at the end; the loop itself only asks every DONE_CHECK_EVERY steps whether all images are done
+    (steps after that change nothing: a finished image's beams all score -inf).
+    """
+    b, k, dev, steps = features.shape[0], cfg.beam_size, features.device, cfg.max_len
     h, c = model.init_state(features)  # (L, B, H)
     state = (h.repeat_interleave(k, dim=1), c.repeat_interleave(k, dim=1))  # (L, B*k, H)
     scores = torch.full((b, k), float("-inf"), device=dev)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
     tokens = torch.full((b * k,), START_ID, dtype=torch.long, device=dev)
-    seqs = torch.zeros(b, k, 0, dtype=torch.long, device=dev)
-    finished: list[list[tuple[list[int], float]]] = [[] for _ in range(b)]
-    done = [False] * b
+    seqs = torch.zeros(b, k, steps, dtype=torch.long, device=dev)  # (B, k, max_len); column t = step t's word
+    # an image has at most k - 1 finished hypotheses before a step and gains at most k in it: 2k - 1 slots,
+    # and slot 2k - 1 takes the writes of the beams that did not end
+    slots = 2 * k
+    fin_seqs = torch.zeros(b, slots, steps, dtype=torch.long, device=dev)
+    fin_len = torch.zeros(b, slots, dtype=torch.long, device=dev)
+    fin_score = torch.full((b, slots), float("-inf"), dtype=torch.float64, device=dev)  # sum log p / len ** lp
+    n_fin = torch.zeros(b, dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
     offsets = (torch.arange(b, device=dev) * k).unsqueeze(1)  # (B, 1)
-    for t in range(cfg.max_len):
+    images = torch.arange(b, device=dev).unsqueeze(1).expand(b, k)  # (B, k)
+    for t in range(steps):
         logp, state = model.step(tokens, state)  # (B*k, V)
         v = logp.shape[1]
         logp = logp.view(b, k, v)
         if t < cfg.min_len:
             logp[:, :, END_ID] = float("-inf")
         if cfg.no_repeat_ngram > 0 and t + 1 >= cfg.no_repeat_ngram:
-            _block_repeats(logp, seqs, cfg.no_repeat_ngram)
+            _block_repeats(logp, seqs[:, :, :t], cfg.no_repeat_ngram)
         cand = (scores.unsqueeze(-1) + logp).view(b, k * v)
         top, idx = cand.topk(k, dim=1)  # (B, k)
         beam, word = idx // v, idx % v
-        seqs = torch.cat([seqs.gather(1, beam.unsqueeze(-1).expand(-1, -1, seqs.shape[2])), word.unsqueeze(-1)], 2)
+        seqs = seqs.gather(1, beam.unsqueeze(-1).expand(-1, -1, steps))
+        seqs[:, :, t] = word
         flat = (offsets + beam).view(-1)
         state = (state[0][:, flat], state[1][:, flat])
-        scores = top.clone()
-        ended = (word == END_ID) & torch.isfinite(top)
-        if bool(ended.any()):
-            for i, j in ended.nonzero().tolist():
-                if not done[i]:
-                    finished[i].append((seqs[i, j, :-1].tolist(), float(top[i, j]) / ((t + 1) ** cfg.length_penalty)))
-            scores[ended] = float("-inf")  # a finished beam is not extended
-        for i in range(b):
-            if not done[i] and (len(finished[i]) >= k or not bool(torch.isfinite(scores[i]).any())):
-                done[i] = True
-        if all(done):
+        ended = (word == END_ID) & torch.isfinite(top) & ~done.unsqueeze(1)  # (B, k)
+        slot = torch.where(ended, n_fin.unsqueeze(1) + ended.long().cumsum(1) - 1, slots - 1)  # (B, k)
+        fin_seqs[images, slot] = seqs  # the words are columns :t (column t is the <end>)
+        fin_len[images, slot] = t
+        # in float64, as the Python float division it replaces: the same scores to the last bit
+        fin_score[images, slot] = top.double() / ((t + 1) ** cfg.length_penalty)
+        n_fin += ended.sum(1)
+        scores = top.masked_fill(ended, float("-inf"))  # a finished beam is not extended
+        done |= (n_fin >= k) | ~torch.isfinite(scores).any(1)
+        if (t + 1) % DONE_CHECK_EVERY == 0 and bool(done.all()):
             break
-        for i in range(b):
-            if done[i]:
-                scores[i] = float("-inf")
+        scores = scores.masked_fill(done.unsqueeze(1), float("-inf"))
         tokens = word.view(-1)
+    # the one transfer: finished hypotheses, and the unfinished beams of images that ran into max_len
+    fin_seqs, fin_len, fin_score, n_fin, seqs, scores = (
+        x.tolist() for x in (fin_seqs, fin_len, fin_score, n_fin, seqs, scores))
     out = []
     for i in range(b):
-        hyps = finished[i]
+        hyps = [(fin_seqs[i][s][:fin_len[i][s]], fin_score[i][s]) for s in range(n_fin[i])]
         if len(hyps) < k:  # fill with unfinished beams (ran into max_len)
-            for j in range(k):
-                if torch.isfinite(scores[i, j]):
-                    hyps.append((seqs[i, j].tolist(), float(scores[i, j]) / (cfg.max_len ** cfg.length_penalty)))
+            hyps += [(seqs[i][j], scores[i][j] / (steps ** cfg.length_penalty))
+                     for j in range(k) if math.isfinite(scores[i][j])]
         out.append(sorted(hyps, key=lambda h: -h[1])[:k] or [([], float("-inf"))])
     return out
 

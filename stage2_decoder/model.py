@@ -51,17 +51,25 @@ class CaptionDecoder(nn.Module):
     def image_embedding(self, features: torch.Tensor) -> torch.Tensor:
         return self.bn(self.project(features.float()))  # (B, E)
 
+    def run_lstm(self, x: torch.Tensor, state=None):
+        """The LSTM over x (B, T, E), in fp32 with autocast off: autocast casts cuDNN's LSTM to fp16 whatever
+        dtype it was asked for, and fp16 without loss scaling flushes its small gradients to zero; the
+        FLOPs are in the projections around it, which stay under the caller's (bf16) autocast."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.lstm(x.float(), state)
+
     def init_state(self, features: torch.Tensor):
         """Run the t=0 step on the image embedding; returns the LSTM state (h, c), each (L, B, H)."""
-        _, state = self.lstm(self.image_embedding(features).unsqueeze(1))
+        _, state = self.run_lstm(self.image_embedding(features).unsqueeze(1))
         return state
 
     def forward(self, features: torch.Tensor, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Logits for the packed targets.
 
-        features (B, D); inputs (B, T) = <start> w1 .. wn, padded; lengths (B,) = n + 1.
+        features (B, D); inputs (B, T) = <start> w1 .. wn, padded; lengths (B,) = n + 1, on the CPU and
+        non-increasing (`CaptionPairs.gather` sorts: packing then needs no index upload, no device sync).
         Returns (sum(lengths), V), in the order of `pack_padded_sequence(targets, lengths,
-        batch_first=True, enforce_sorted=False).data`.
+        batch_first=True).data`.
         """
         img = self.image_embedding(features).unsqueeze(1)  # (B, 1, E): the t=0 input
         emb = self.drop(self.embed(inputs))  # (B, T, E)
@@ -69,13 +77,13 @@ class CaptionDecoder(nn.Module):
         # whole padded sequence several times faster than the per-step loop a packed sequence takes on
         # the CPU. Padding only follows a caption's words, so it never changes their outputs; packing
         # the outputs then drops it before the (large) vocabulary layer.
-        hidden, _ = self.lstm(torch.cat([img, emb], 1))  # (B, 1 + T, H)
-        words = pack_padded_sequence(hidden[:, 1:], lengths.cpu(), batch_first=True, enforce_sorted=False).data
+        hidden, _ = self.run_lstm(torch.cat([img, emb], 1))  # (B, 1 + T, H)
+        words = pack_padded_sequence(hidden[:, 1:], lengths, batch_first=True, enforce_sorted=True).data
         return self.logits(self.drop(words))  # (sum(lengths), V)
 
     def step(self, tokens: torch.Tensor, state):
         """One decoding step: tokens (B,) -> log-probs (B, V), new state."""
-        h, state = self.lstm(self.embed(tokens).unsqueeze(1), state)
+        h, state = self.run_lstm(self.embed(tokens).unsqueeze(1), state)
         logits = self.logits(h.squeeze(1)).float()
         # never emit <pad>, <start> or <unk>: a word the vocabulary lacks is no caption word (a model
         # trained on few photos otherwise answers "a <unk> <unk> ..."); greedy, beam, sampling, SCST all call this

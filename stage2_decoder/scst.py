@@ -13,10 +13,12 @@ counts, Gaussian length penalty sigma = 6, x10).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter, defaultdict
 
 import torch
+from torch import nn
 
 from common.tokenizer import DEFAULT_TOKENIZER, tokenize
 from stage2_decoder.data import view_rows
@@ -115,7 +117,37 @@ def scst_epoch(model: CaptionDecoder, opt: torch.optim.Optimizer, features: torc
     """One pass of SCST over the scorer's images (in a seeded random order); returns the mean reward.
 
     `features` (N, D), or (V, N, D) for V cached views: then each image of a batch gets a random one."""
-    model.eval()  # BatchNorm keeps its running statistics; gradients still flow
+    with scst_mode(model):
+        return _scst_batches(model, opt, features, rows, scorer, itos, batch_images, generator, k, grad_clip,
+                             max_batches, progress)
+
+
+@contextlib.contextmanager
+def scst_mode(model: CaptionDecoder):
+    """Train the LSTM with BatchNorm's running statistics frozen and no dropout anywhere.
+
+    Not `model.eval()`: cuDNN refuses RNN backward in eval mode ("cudnn RNN backward can only be called
+    in training mode"), so the LSTM stays in training mode with its inter-layer dropout set to 0 while
+    BatchNorm and the dropout module are in eval mode. The LSTM's dropout is restored on exit.
+    """
+    model.train()
+    rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
+            m.eval()
+    saved = [m.dropout for m in rnns]
+    for m in rnns:
+        m.dropout = 0.0
+    try:
+        yield model
+    finally:
+        for m, p in zip(rnns, saved):
+            m.dropout = p
+
+
+def _scst_batches(model: CaptionDecoder, opt: torch.optim.Optimizer, features: torch.Tensor, rows: dict[str, int],
+                  scorer: CiderD, itos: list[str], batch_images: int, generator: torch.Generator, k: int,
+                  grad_clip: float, max_batches: int | None, progress) -> float:
     keys = scst_keys(scorer, rows)
     order = torch.randperm(len(keys), generator=generator).tolist()
     total, batches = 0.0, 0

@@ -11,6 +11,8 @@ completion marker: a rerun skips those runs and resumes the others). OUT gets re
 ranked by the metric, sweep.json and sweep.png. Locally each run is a fork of this process, which has
 imported torch but never run a torch op, so torch's pages stay shared; with `--backend dask` the runs
 go to a Dask cluster. User guide and the memory measurements behind the fork design: docs/sweeps.md.
+On a GPU each run gets one visible GPU (CUDA_VISIBLE_DEVICES), RUNS_PER_GPU at once per GPU by default;
+this process never initialises CUDA (PYTORCH_NVML_BASED_CUDA_CHECK=1), or runs start with spawn (docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import random
 import re
 import signal
@@ -37,15 +40,20 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from common.cli import run_guarded
-from common.feature_cache import read_meta
-from stage2_decoder.train import TrainConfig, train
+# CUDA queries by NVML (is_available, device_count) instead of the driver API, which would create a CUDA
+# context in this process and make forking its runs unsafe; torch reads this when first asked
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
+from common.cli import run_guarded  # noqa: E402
+from common.feature_cache import read_meta  # noqa: E402
+from stage2_decoder.train import TrainConfig, train  # noqa: E402
 
 METRICS = {"cider": ("val_cider", True), "loss": ("val_loss", False)}  # column, higher is better
 SWEEP_OWNED = ("features", "out", "progress")  # set by the sweep itself, not by the grid
 RESULT, PARAMS, LOG = "result.json", "params.json", "train.log"
 INTERRUPTED_EXIT = 130  # a run stopped by Ctrl-C / SIGTERM: unfinished, not failed
 MAX_NAME = 96
+RUNS_PER_GPU = 2  # default concurrent runs per GPU: small decoders leave a GPU mostly idle, one run at a time
 
 
 class SweepError(ValueError):
@@ -253,8 +261,10 @@ _LIVE_LOCK = threading.Lock()
 _STOP = threading.Event()
 
 
-def _child_main(spec: RunSpec, threads: int | None) -> None:
+def _child_main(spec: RunSpec, threads: int | None, gpu: str | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's click handler: just stop (SIGINT as inherited)
+    if gpu is not None:  # before anything touches CUDA in this process: the run sees its one GPU as cuda:0
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     log = open(Path(spec.run_dir) / LOG, "a")
     os.dup2(log.fileno(), 1)  # whatever the run prints goes to its own log, not over the progress bar
     os.dup2(log.fileno(), 2)
@@ -273,18 +283,32 @@ def _exit_reason(code: int | None) -> str:
     return f"the run's process exited with code {code} without a result"
 
 
-def _run_forked(spec: RunSpec, threads: int | None) -> dict | None:
-    """Run `spec` in a forked child and wait; None if the sweep was interrupted meanwhile."""
+def _start_context():
+    """fork while this process has no CUDA context (a forked child cannot use its parent's), spawn otherwise."""
+    import torch
+
+    return mp.get_context("spawn") if torch.cuda.is_initialized() else _FORK
+
+
+def _run_forked(spec: RunSpec, threads: int | None, gpus: "queue.Queue | None" = None) -> dict | None:
+    """Run `spec` in a forked child and wait; None if the sweep was interrupted meanwhile. With `gpus`
+    (a pool of CUDA_VISIBLE_DEVICES ids, one entry per concurrent run) the child gets one of them."""
     Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
-    p = _FORK.Process(target=_child_main, args=(spec, threads), name=f"sweep-run {spec.name}", daemon=True)
-    with _LIVE_LOCK:
-        if _STOP.is_set():
-            return None
-        p.start()
-        _LIVE.add(p)
-    p.join()
-    with _LIVE_LOCK:
-        _LIVE.discard(p)
+    gpu = gpus.get() if gpus is not None and _spreads(spec) else None
+    try:
+        p = _start_context().Process(target=_child_main, args=(spec, threads, gpu), name=f"sweep-run {spec.name}",
+                                     daemon=True)
+        with _LIVE_LOCK:
+            if _STOP.is_set():
+                return None
+            p.start()
+            _LIVE.add(p)
+        p.join()
+        with _LIVE_LOCK:
+            _LIVE.discard(p)
+    finally:
+        if gpu is not None:
+            gpus.put(gpu)
     rec = _read_result(spec)
     if rec is not None:
         return rec
@@ -309,7 +333,7 @@ class SweepConfig:
     features: str
     out: str
     grid: str | dict  # a JSON grid file, or the grid itself
-    n_jobs: int | None = None  # concurrent runs (default: number of cores); local backend only
+    n_jobs: int | None = None  # concurrent runs (default: cores, or RUNS_PER_GPU per GPU on CUDA); local backend only
     random: int = 0  # sample this many points of the product (0 = all of it)
     seed: int = 0  # for --random
     metric: str = "cider"  # rank by validation "cider" (higher is better) or "loss" (lower is better)
@@ -402,6 +426,29 @@ def _cpu_count() -> int:
     return max(1, joblib.cpu_count())
 
 
+def _spreads(spec: RunSpec) -> bool:
+    """Whether a run's device lets the sweep pick its GPU ("auto" or "cuda"; an explicit cuda:N stays as asked)."""
+    return str(spec.params.get("device", "auto")) in ("auto", "cuda")
+
+
+def visible_gpus(pending: list[RunSpec]) -> list[str]:
+    """The GPU ids (CUDA_VISIBLE_DEVICES entries) the runs are spread over; [] when they train on the CPU.
+    Asks NVML, so this process still has no CUDA context afterwards."""
+    import torch
+
+    if not any(_spreads(s) for s in pending) or not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip()][: torch.cuda.device_count()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def default_jobs(gpus: list[str]) -> int:
+    """Concurrent runs when --n-jobs is not given: RUNS_PER_GPU per GPU (at most one per core), else one per core."""
+    return min(_cpu_count(), RUNS_PER_GPU * len(gpus)) if gpus else _cpu_count()
+
+
 def _execute(cfg: SweepConfig, pending: list[RunSpec], bar) -> dict[str, dict]:
     """Run the pending specs; returns their records by name (a run interrupted or lost has none)."""
     from joblib import Parallel, delayed, parallel_config
@@ -426,13 +473,19 @@ def _execute(cfg: SweepConfig, pending: list[RunSpec], bar) -> dict[str, dict]:
         return done
 
     _preload()
-    n_jobs = min(cfg.n_jobs or _cpu_count(), len(pending))
+    gpu_ids = visible_gpus(pending)
+    n_jobs = min(cfg.n_jobs or default_jobs(gpu_ids), len(pending))
     threads = cfg.threads or max(1, _cpu_count() // n_jobs)
+    gpus = None
+    if gpu_ids:  # one pool entry per concurrent run, GPUs in turn: runs spread evenly over them
+        gpus = queue.Queue()
+        for i in range(n_jobs):
+            gpus.put(gpu_ids[i % len(gpu_ids)])
     _STOP.clear()
     try:
         with parallel_config(backend="threading", n_jobs=n_jobs):
             for rec in Parallel(batch_size=1, return_as="generator_unordered")(
-                    delayed(_run_forked)(s, threads) for s in pending):
+                    delayed(_run_forked)(s, threads, gpus) for s in pending):
                 if rec is not None:
                     done[rec["run"]] = rec
                 with _LIVE_LOCK:
@@ -622,7 +675,7 @@ def _report(r: SweepResult) -> None:
 @click.option("--features", required=True, type=click.Path(), help="Feature cache from stage 1 (shared by all runs).")
 @click.option("--out", required=True, type=click.Path(), help="Sweep directory (resumed when it exists).")
 @click.option("--grid", required=True, type=click.Path(), help="JSON: training setting -> list of values.")
-@click.option("--n-jobs", type=int, default=None, help="Runs at once (default: number of cores).")
+@click.option("--n-jobs", type=int, default=None, help="Runs at once (default: number of cores; on CUDA 2 per GPU).")
 @click.option("--random", "random_n", type=int, default=0, help="Sample N points of the grid instead of all.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
 @click.option("--metric", type=click.Choice(list(METRICS)), default="cider", show_default=True,

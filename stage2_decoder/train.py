@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from common.device import resolve_device
@@ -29,6 +29,7 @@ from common.tokenizer import TOKENIZERS, tokenize
 from common.vocab import Vocabulary, build_vocab
 from stage2_decoder.checkpoint import CheckpointError, cpu_state, load_checkpoint, save_checkpoint
 from stage2_decoder.data import CaptionPairs
+from stage2_decoder.ema import EMA
 from stage2_decoder.model import CaptionDecoder, DecoderConfig
 
 
@@ -173,8 +174,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         tqdm.write("no validation images with captions (--val-frac 0?): validating on training images")
     val_records = val_records or parts["train"][:50]
     val_set = CaptionPairs(val_records, rows, vocab, cfg.max_caption_len, tokens).to(device)
+    # HDF5 has no checksums: a damaged file reads as garbage. Checked on the host arrays (the rows stage 1
+    # finished, every cached view), before gigabytes are uploaded to a GPU.
+    done = sorted(rows.values())
+    if not all(np.isfinite(a[done]).all() for a in (cache.features, cache.views) if a is not None):
+        raise CacheError(f"{cfg.features} holds non-finite (nan/inf) features: it is damaged; re-run stage 1")
     features = torch.from_numpy(cache.features).float().to(device)  # (N, D), all in memory once
-    done = torch.tensor(sorted(rows.values()), dtype=torch.long, device=device)
     # with --train-views (--scst-views) cross-entropy (SCST) batches draw each image feature from one of the
     # cached views (stage 1 --views: centre crop, mirrored, whole image), (V, N, D) kept in the cache's dtype;
     # validation and captioning see the centre view only, the one a raw photo gets
@@ -184,9 +189,6 @@ def train(cfg: TrainConfig) -> TrainResult:
                                torch.from_numpy(cache.views).transpose(0, 1)]).to(device)
     train_features = all_views if cfg.train_views else features
     scst_features = all_views if cfg.scst_views else features
-    # all_views holds the centre view itself (or is `features`): one check covers both
-    if not torch.isfinite(all_views[..., done, :]).all():  # HDF5 has no checksums: a damaged file reads as garbage
-        raise CacheError(f"{cfg.features} holds non-finite (nan/inf) features: it is damaged; re-run stage 1")
     backbone = {"name": cache.meta.backbone, "weights": cache.meta.weights,
                 "weights_sha256": cache.meta.weights_sha256 or None, "feature_dim": cache.meta.feature_dim,
                 "preprocess": cache.meta.preprocess}
@@ -199,8 +201,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # with --ema-decay the cross-entropy phase's weights validated, selected and saved (model_state) are a
     # moving average of the trained ones, which its checkpoints also keep (train_model_state) so a resumed run
     # goes on exactly. SCST is not averaged: its few steps (one per batch of images) would be mostly undone.
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
-        if cfg.ema_decay else None
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     history, start_epoch, best = _resume(run, cfg, model, opt, sched, vocab, device, backbone, ema)
     val_keys = set([r.key for r in val_records][: cfg.val_images or None])
     val_refs = {r.key: r.captions for r in val_records if r.key in val_keys and r.captions}
@@ -252,7 +253,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         sched.step(score)
         extra = dict(epoch=epoch + 1, optimizer_state=opt.state_dict(), scheduler_state=sched.state_dict(),
                      rng_state=torch.get_rng_state(), train_config=asdict(cfg), history=history, best=best,
-                     split={"val": split["val"], "test": split["test"]})
+                     split={"val": split["val"], "test": split["test"]}, **cuda_rng_state(device))
         if averaged:
             extra["train_model_state"] = cpu_state(model)
         if is_best:  # before last.pt: a kill between the two redoes this epoch, best.pt included
@@ -278,7 +279,7 @@ def _patience_ran_out(cfg: TrainConfig, best: dict, epochs_done: int) -> bool:
 
 
 def _xe_epoch(model: CaptionDecoder, opt, train_set: CaptionPairs, features: torch.Tensor, device, cfg: TrainConfig,
-              epoch: int, steps: int, ema: AveragedModel | None = None) -> float:
+              epoch: int, steps: int, ema: EMA | None = None) -> float:
     """One cross-entropy (teacher-forcing) epoch; returns the mean per-token training loss.
 
     `features` (N, D), or (V, N, D) for V cached views of each image, one drawn at random per caption."""
@@ -299,7 +300,7 @@ def _xe_epoch(model: CaptionDecoder, opt, train_set: CaptionPairs, features: tor
         loss, n = train_step(model, opt, b, device, cfg.grad_clip, cfg.label_smoothing,
                              weight=float(b.lengths.sum()) / tokens_per_batch)
         if ema is not None:
-            ema.update_parameters(model)
+            ema.update(model)
         loss_sum += loss * n
         n_tokens += n
     return float(loss_sum) / max(n_tokens, 1)
@@ -376,10 +377,10 @@ def _batch_loss(model: CaptionDecoder, b, device, label_smoothing: float = 0.0):
     from torch.nn.utils.rnn import pack_padded_sequence
 
     feats = b.features.to(device, non_blocking=True)
-    # bf16 autocast on CUDA (tensor cores; bf16 needs no loss scaling); the loss is taken in fp32
+    # bf16 autocast on CUDA for the projections (tensor cores; the model keeps its LSTM in fp32); loss in fp32
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
         logits = model(feats, b.inputs.to(device, non_blocking=True), b.lengths)  # (sum(lengths), V)
-    targets = pack_padded_sequence(b.targets, b.lengths, batch_first=True, enforce_sorted=False).data
+    targets = pack_padded_sequence(b.targets, b.lengths, batch_first=True, enforce_sorted=True).data
     n = int(b.lengths.sum())
     return F.cross_entropy(logits.float(), targets.to(device, non_blocking=True),
                            label_smoothing=label_smoothing), n
@@ -402,8 +403,25 @@ def evaluate_loss(model: CaptionDecoder, pairs: CaptionPairs, features: torch.Te
     return float(total) / max(count, 1)
 
 
+def cuda_rng_state(device) -> dict:
+    """{"cuda_rng_state": one state per visible GPU} when training on CUDA (dropout and SCST sampling draw there)."""
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"cuda_rng_state": [s.cpu() for s in torch.cuda.get_rng_state_all()]}
+
+
+def restore_cuda_rng_state(ckpt: dict, device) -> None:
+    """Put back the CUDA generators a checkpoint saved (as many GPUs as both have). cuDNN's LSTM is not
+    bitwise reproducible, so a resumed GPU run is statistically, not bitwise, the uninterrupted one."""
+    states = ckpt.get("cuda_rng_state")
+    if not states or torch.device(device).type != "cuda":
+        return
+    for i, state in enumerate(states[: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state.cpu(), i)
+
+
 def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, device, backbone: dict,
-            ema: AveragedModel | None = None):
+            ema: EMA | None = None):
     last = run / "last.pt"
     if not last.exists():
         return [], 0, {"score": float("-inf"), "epoch": 0}
@@ -422,11 +440,11 @@ def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, d
     try:
         model.load_state_dict(ckpt.get("train_model_state", ckpt["model_state"]), strict=True)
         if ema is not None:
-            ema.module.load_state_dict(ckpt["model_state"], strict=True)
-            ema.n_averaged.fill_(1)  # go on averaging (0 would restart it from the trained weights)
+            ema.load_state_dict(ckpt["model_state"])  # goes on averaging (not a fresh copy of the trained weights)
         opt.load_state_dict(ckpt["optimizer_state"])
         sched.load_state_dict(ckpt["scheduler_state"])
         torch.set_rng_state(ckpt["rng_state"].cpu())
+        restore_cuda_rng_state(ckpt, device)
         history, epoch, best = list(ckpt.get("history", [])), int(ckpt["epoch"]), dict(ckpt["best"])
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"cannot resume from {last}: {type(e).__name__}: {e}") from e

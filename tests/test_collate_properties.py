@@ -41,7 +41,7 @@ def test_gather_builds_aligned_padded_batches(captions, max_len, data):
     b = pairs.gather(idx, features)
     T = int(b.lengths.max())
     assert b.inputs.shape == b.targets.shape == (len(idx), T)
-    for j, i in enumerate(idx.tolist()):
+    for j, i in enumerate(idx[b.order].tolist()):  # gather puts the longest caption first
         row, words = expected[i]
         ids = vocab.encode(words, add_specials=False)
         n = len(ids)

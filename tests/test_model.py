@@ -71,7 +71,9 @@ def test_batch_alignment_start_end(vocab):
     b = pairs.gather(idx, feats)
     B, T = b.inputs.shape
     assert b.targets.shape == (B, T) and b.lengths.shape == (B,)
-    assert torch.equal(b.features, feats[[13, 10, 14, 11, 12]])  # looked up by row, not by position
+    idx = idx[b.order]  # gather puts the longest caption first
+    assert torch.equal(b.features, feats[10 + idx])  # looked up by row, not by position
+    assert (b.lengths[:-1] >= b.lengths[1:]).all()
     assert (b.inputs[:, 0] == START).all()
     for i in range(B):
         n = int(b.lengths[i])
