@@ -14,7 +14,7 @@ CAPTIONS ?= $(DATA)/coco2017-mini/captions.json
 BACKBONE ?= resnet152
 WEIGHTS ?= default
 BATCH ?= 64
-WORKERS ?= 2
+WORKERS ?=  # default: every core (per torchrun rank)
 DEVICE ?= auto
 LIMIT ?=
 VIEWS ?= 1
@@ -41,7 +41,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 features: install
 	$(PY) -m stage1_extract --dataset $(DATASET) --images $(IMAGES) --captions $(CAPTIONS) \
 	    --backbone $(BACKBONE) --weights $(WEIGHTS) --out $(OUT) --batch-size $(BATCH) \
-	    --workers $(WORKERS) --device $(DEVICE) --views $(VIEWS) $(LIMIT_ARG)
+	    $(if $(WORKERS),--workers $(WORKERS),) --device $(DEVICE) --views $(VIEWS) $(LIMIT_ARG)
 
 train: install
 	$(PY) -m stage2_decoder.train --features $(OUT) --out $(RUN) --epochs $(EPOCHS) --device $(DEVICE) $(TRAIN_ARGS)
