@@ -43,13 +43,6 @@ def decode(model: CaptionDecoder, features: torch.Tensor, cfg: DecodeConfig) -> 
     return [hyps[0][0] for hyps in beam_search_nbest(model, features, cfg)]
 
 
-def beam_search(model: CaptionDecoder, features: torch.Tensor, beam_size: int = 3, max_len: int = 20,
-                length_penalty: float = 0.0, min_len: int = 0, no_repeat_ngram: int = 0) -> list[list[int]]:
-    """Best hypothesis per image (word ids, no <end>). With beam_size=1 this equals greedy."""
-    cfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
-    return [hyps[0][0] for hyps in beam_search_nbest(model, features, cfg)]
-
-
 @torch.inference_mode()
 def beam_search_nbest(model: CaptionDecoder, features: torch.Tensor, cfg: DecodeConfig
                       ) -> list[list[tuple[list[int], float]]]:

@@ -14,7 +14,7 @@ from common.tokenizer import tokenize
 from common.vocab import Vocabulary, build_vocab
 from stage2_decoder.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from stage2_decoder.data import CaptionPairs
-from stage2_decoder.decode import beam_search, greedy
+from stage2_decoder.decode import DecodeConfig, beam_search_nbest, greedy
 from stage2_decoder.model import CaptionDecoder, DecoderConfig
 
 D = 32
@@ -25,6 +25,13 @@ BACKBONE = {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1", "weights_sha256"
 CAPTIONS = ["A man riding a wave on top of a surfboard.", "Two dogs playing with a red ball in the grass",
             "A plate of food with broccoli and rice.", "A red double decker bus driving down the street",
             "A cat sleeping on a laptop keyboard"]
+
+
+def beam_search(model, features, beam_size: int = 3, max_len: int = 20, length_penalty: float = 0.0,
+                min_len: int = 0, no_repeat_ngram: int = 0) -> list[list[int]]:
+    """The best hypothesis per image (word ids, no <end>); with beam_size=1 it equals greedy."""
+    cfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
+    return [hyps[0][0] for hyps in beam_search_nbest(model, features, cfg)]
 
 
 @pytest.fixture()
