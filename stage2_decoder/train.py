@@ -25,7 +25,7 @@ from common.device import resolve_device
 from common.cli import config_options, run_guarded
 from common.datasets import FORMATS, load_dataset, official_split, split_keys, write_split
 from common.feature_cache import CacheError, FeatureCache, load_cache
-from common.tokenizer import tokenize
+from common.token_cache import tokenize_records
 from common.vocab import Vocabulary, build_vocab
 from stage2_decoder.checkpoint import CheckpointError, cpu_state, load_checkpoint, save_checkpoint
 from stage2_decoder.data import CaptionPairs
@@ -143,7 +143,8 @@ def prepare_data(cfg: TrainConfig, cache: FeatureCache):
     the tokenised captions of the train and val images ({key: one word list per caption}).
 
     Captions are tokenised here once (NLTK, ~0.2 ms each: minutes on full COCO) for the vocabulary,
-    the caption tensors and the SCST reward alike.
+    the caption tensors and the SCST reward alike, and their tokens cached on disk
+    (common/token_cache.py) for the next run on the same captions file.
     """
     m = cache.meta
     records = load_dataset(cfg.dataset or m.dataset_format, cfg.captions or m.captions_file,
@@ -158,7 +159,8 @@ def prepare_data(cfg: TrainConfig, cache: FeatureCache):
                                                   cfg.split_seed)
     by_split = {name: set(keys) for name, keys in split.items()}
     parts = {name: [r for r in records if r.key in by_split[name]] for name in split}
-    tokens = {r.key: [tokenize(c) for c in r.captions] for name in ("train", "val") for r in parts[name]}
+    tokens = tokenize_records(cfg.captions or m.captions_file, [r for n in ("train", "val") for r in parts[n]],
+                              progress=cfg.progress)  # read from the token cache when it has them
     vocab = build_vocab((words for r in parts["train"] for words in tokens[r.key]), cfg.vocab_threshold)
     return parts, split, vocab, rows, tokens
 

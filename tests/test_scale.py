@@ -90,3 +90,105 @@ def test_array_cider_d_tokenises_string_references_like_word_lists(coco_records)
     hyps = [tokenize(r.captions[0]) for r in recs]
     keys = [r.key for r in recs]
     assert as_text.score_batch(keys, hyps).tolist() == as_words.score_batch(keys, hyps).tolist()
+
+
+# --- token cache --------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def token_env(tmp_path, monkeypatch, coco_dir):
+    """An empty token cache, a private copy of the real captions file, and a counting tokenizer."""
+    import shutil
+
+    import common.tokenizer as tokenizer_mod
+    from common.datasets import load_dataset
+
+    monkeypatch.setenv("CAPCACHE_TOKEN_CACHE", str(tmp_path / "tokens"))
+    captions = tmp_path / "captions.json"
+    shutil.copy(coco_dir / "captions.json", captions)
+    records = load_dataset("coco", captions, coco_dir / "images")[:30]
+    calls = []
+    real = tokenizer_mod.tokenize
+    monkeypatch.setattr(tokenizer_mod, "tokenize", lambda c: calls.append(c) or real(c))
+    return captions, records, calls
+
+
+def test_token_cache_hits_on_a_rerun_and_gives_what_tokenising_gives(token_env):
+    from common.token_cache import cache_file, tokenize_records
+
+    captions, records, calls = token_env
+    first = tokenize_records(captions, records)
+    assert len(calls) == sum(len(r.captions) for r in records) and cache_file(captions).is_file()
+    calls.clear()
+    again = tokenize_records(captions, records)
+    assert calls == [] and again == first
+    assert again == {r.key: [tokenize(c) for c in r.captions] for r in records}
+
+
+def test_token_cache_tokenises_only_keys_it_lacks(token_env):
+    from common.token_cache import tokenize_records
+
+    captions, records, calls = token_env
+    tokenize_records(captions, records[:10])
+    calls.clear()
+    both = tokenize_records(captions, records[5:20])
+    assert len(calls) == sum(len(r.captions) for r in records[10:20]) and set(both) == {r.key for r in records[5:20]}
+    calls.clear()
+    tokenize_records(captions, records[:20])  # the merged file holds all twenty
+    assert calls == []
+
+
+def test_token_cache_is_invalidated_by_new_captions_content(token_env):
+    from common.token_cache import tokenize_records
+
+    captions, records, calls = token_env
+    tokenize_records(captions, records)
+    captions.write_text(captions.read_text() + "\n")  # same records, other bytes: another file
+    calls.clear()
+    tokenize_records(captions, records)
+    assert len(calls) == sum(len(r.captions) for r in records)
+
+
+def test_token_cache_is_invalidated_by_a_new_tokenizer_version(token_env, monkeypatch):
+    import common.token_cache as tc
+
+    captions, records, calls = token_env
+    tc.tokenize_records(captions, records)
+    calls.clear()
+    monkeypatch.setattr(tc, "tokenizer_version", lambda name: "edited")
+    tc.tokenize_records(captions, records)
+    assert len(calls) == sum(len(r.captions) for r in records)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign", "bad_ids", "other_captions"])
+def test_a_corrupt_or_foreign_token_cache_is_ignored_and_rebuilt(token_env, damage):
+    import json
+
+    import numpy as np
+
+    from common.token_cache import cache_file, tokenize_records
+
+    captions, records, calls = token_env
+    want = tokenize_records(captions, records)
+    path = cache_file(captions)
+    with np.load(path, allow_pickle=False) as z:
+        arrays = dict(z)
+    if damage == "garbage":
+        path.write_bytes(b"not a zip file at all")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        if damage == "foreign":
+            meta = json.loads(str(arrays["meta"]))
+            arrays["meta"] = np.array(json.dumps({**meta, "captions_sha256": "0" * 64}))
+        elif damage == "bad_ids":
+            arrays["ids"] = arrays["ids"] + len(arrays["words"])
+        else:  # the same keys, other captions: the stored caption lengths no longer match
+            arrays["cap_chars"] = arrays["cap_chars"] + 1
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+    calls.clear()
+    assert tokenize_records(captions, records) == want
+    assert len(calls) == sum(len(r.captions) for r in records)  # tokenised again, not read
+    calls.clear()
+    tokenize_records(captions, records)
+    assert calls == []  # and the rebuilt file is good
