@@ -2,8 +2,9 @@
 
     python -m stage2_decoder.train --features FILE.h5 --out RUN_DIR [--epochs N] ...
 
-RUN_DIR gets config.json, split.json, vocab.json, metrics.jsonl, last.pt (every epoch) and
-best.pt (lowest validation loss). Rerunning with the same RUN_DIR resumes from last.pt.
+RUN_DIR gets config.json, split.json, vocab.json, metrics.jsonl, last.pt (every epoch, with the state
+to resume) and best.pt (the selected epoch, what captioning needs). Rerunning with the same RUN_DIR
+resumes from last.pt.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from common.datasets import FORMATS, load_dataset, official_split, split_keys, w
 from common.feature_cache import CacheError, FeatureCache, load_cache
 from common.token_cache import tokenize_records
 from common.vocab import Vocabulary, build_vocab
-from stage2_decoder.checkpoint import CheckpointError, cpu_state, load_checkpoint, save_checkpoint
+from stage2_decoder.checkpoint import (CheckpointError, cpu_state, inference_extra, load_checkpoint,
+                                       save_checkpoint)
 from stage2_decoder.data import CaptionPairs
 from stage2_decoder.model import CaptionDecoder, DecoderConfig
 
@@ -183,15 +185,17 @@ def train(cfg: TrainConfig) -> TrainResult:
         tqdm.write("no validation images with captions (--val-frac 0?): validating on training images")
     val_records = val_records or parts["train"][:50]
     val_set = CaptionPairs(val_records, rows, vocab, cfg.max_caption_len, tokens).to(device)
-    features = torch.from_numpy(cache.features).float().to(device)  # (N, D), all in memory once
     done = torch.tensor(sorted(rows.values()), dtype=torch.long, device=device)
     # with --train-views (--scst-views) cross-entropy (SCST) batches draw each image feature from one of the
-    # cached views (stage 1 --views: centre crop, mirrored, whole image), (V, N, D) kept in the cache's dtype;
-    # validation and captioning see the centre view only, the one a raw photo gets
-    all_views = features
+    # cached views (stage 1 --views: centre crop, mirrored, whole image); validation and captioning see the
+    # centre view only, the one a raw photo gets. Features stay in the cache's dtype (the decoder casts each
+    # batch) and the centre view is held once: `features` is all_views[0], not a copy
+    all_views = torch.from_numpy(cache.features)  # (N, D)
     if cache.views is not None:  # loaded only when one of the two asks for it
-        all_views = torch.cat([torch.from_numpy(cache.features)[None],
-                               torch.from_numpy(cache.views).transpose(0, 1)]).to(device)
+        all_views = torch.cat([all_views[None], torch.from_numpy(cache.views).transpose(0, 1)])  # (V, N, D)
+    all_views = all_views.to(device)
+    features = all_views[0] if cache.views is not None else all_views  # (N, D)
+    cache.features = cache.views = None  # the tensors hold them now (a copy where views were joined)
     train_features = all_views if cfg.train_views else features
     scst_features = all_views if cfg.scst_views else features
     # all_views holds the centre view itself (or is `features`): one check covers both
@@ -266,7 +270,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if averaged:
             extra["train_model_state"] = cpu_state(model)
         if is_best:  # before last.pt: a kill between the two redoes this epoch, best.pt included
-            save_checkpoint(run / "best.pt", saved, vocab, backbone, **extra)
+            save_checkpoint(run / "best.pt", saved, vocab, backbone, **inference_extra(extra))  # no resume state
         save_checkpoint(run / "last.pt", saved, vocab, backbone, **extra)
         with open(run / "metrics.jsonl", "a") as f:  # after last.pt: a resume never repeats a line
             f.write(json.dumps(rec) + "\n")
