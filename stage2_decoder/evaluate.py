@@ -128,9 +128,11 @@ def format_table(report: dict) -> str:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write metrics + every caption here.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None,
-              help="Write a self-contained HTML gallery: metrics, then every photo with its captions and CIDEr.")
+              help="Write a self-contained HTML gallery: metrics, then each photo with its captions and CIDEr.")
+@click.option("--html-max", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Most photos in the gallery: the best and worst half by CIDEr (0 = all).")
 def main(checkpoint, features, split, dataset, images, captions, limit, beam_size, max_len, min_len, length_penalty,
-         no_repeat_ngram, spice, workers, device, json_out, html_out):
+         no_repeat_ngram, spice, workers, device, json_out, html_out, html_max):
     """Score a checkpoint with BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE where it runs)."""
     from stage2_decoder.caption import Captioner
     from stage2_decoder.checkpoint import load_checkpoint
@@ -171,7 +173,7 @@ def main(checkpoint, features, split, dataset, images, captions, limit, beam_siz
             from stage2_decoder.report import write_html
 
             write_html(report, html_out, f"Caption evaluation: {Path(checkpoint).name}, {report['source']}",
-                       progress=True)
+                       progress=True, max_images=html_max)
             click.echo(f"gallery: {html_out}")
         return 0
 

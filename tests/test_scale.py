@@ -192,3 +192,123 @@ def test_a_corrupt_or_foreign_token_cache_is_ignored_and_rebuilt(token_env, dama
     calls.clear()
     tokenize_records(captions, records)
     assert calls == []  # and the rebuilt file is good
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------
+
+TINY = dict(batch_size=16, embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True, device="cpu",
+            progress=False, scst_epochs=0)
+
+
+def torch_from(a):
+    import torch
+
+    return torch.from_numpy(a).float()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(shared_cache, tmp_path_factory):
+    from stage2_decoder.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("scale") / "run"
+    train(TrainConfig(features=str(shared_cache), out=str(run), epochs=1, **TINY))
+    return run
+
+
+def test_best_pt_holds_what_captioning_needs_and_last_pt_the_resume_state(tiny_run, shared_cache):
+    from common.feature_cache import load_cache
+    from stage2_decoder.caption import Captioner
+    from stage2_decoder.checkpoint import RESUME_ONLY, load_checkpoint
+
+    best, last = load_checkpoint(tiny_run / "best.pt"), load_checkpoint(tiny_run / "last.pt")
+    assert not set(RESUME_ONLY) & set(best)
+    assert {"optimizer_state", "scheduler_state", "rng_state", "history", "train_model_state"} <= set(last)
+    assert {"epoch", "best", "split", "model_state", "decoder_config", "vocab", "backbone"} <= set(best)
+    cap = Captioner.from_checkpoint(tiny_run / "best.pt", device="cpu")
+    feats = torch_from(load_cache(shared_cache).features[:2])
+    assert len(cap.caption_features(feats)) == 2
+
+
+def test_an_old_best_pt_with_the_resume_state_still_loads_and_captions_the_same(tiny_run, tmp_path, shared_cache):
+    import torch
+
+    from common.feature_cache import load_cache
+    from stage2_decoder.caption import Captioner
+    from stage2_decoder.checkpoint import load_checkpoint
+
+    last = torch.load(tiny_run / "last.pt", weights_only=True)
+    fat = tmp_path / "old-best.pt"
+    torch.save(last, fat)  # best.pt as it used to be written: every key of last.pt
+    assert "optimizer_state" in load_checkpoint(fat)
+    feats = torch_from(load_cache(shared_cache).features[:3])
+    old = Captioner.from_checkpoint(fat, device="cpu").caption_features(feats)
+    slim = tmp_path / "slim.pt"
+    torch.save({k: v for k, v in last.items() if k not in ("optimizer_state", "history", "rng_state",
+                                                            "scheduler_state", "train_model_state")}, slim)
+    assert Captioner.from_checkpoint(slim, device="cpu").caption_features(feats) == old
+
+
+def test_best_pt_of_the_default_decoder_at_ten_thousand_words_is_under_25_mb(tmp_path):
+    import torch
+
+    from stage2_decoder.checkpoint import inference_extra, save_checkpoint
+    from stage2_decoder.model import CaptionDecoder
+    from stage2_decoder.train import TrainConfig
+    from common.vocab import SPECIALS, Vocabulary
+
+    vocab = Vocabulary([*SPECIALS, *(f"w{i}" for i in range(10_000 - len(SPECIALS)))])
+    model = CaptionDecoder(TrainConfig(features="f", out="o").decoder_config(2048, len(vocab)))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 2048), torch.randint(4, len(vocab), (4, 6)), torch.tensor([6, 5, 4, 3])).sum().backward()
+    opt.step()  # the Adam moments: twice the weights again
+    extra = dict(epoch=1, optimizer_state=opt.state_dict(), rng_state=torch.get_rng_state(), history=[],
+                 train_model_state={k: v.clone() for k, v in model.state_dict().items()}, best={"epoch": 1})
+    backbone = {"name": "resnet152", "weights": "none", "feature_dim": 2048, "preprocess": "{}"}
+    save_checkpoint(tmp_path / "best.pt", model, vocab, backbone, **inference_extra(extra))
+    save_checkpoint(tmp_path / "last.pt", model, vocab, backbone, **extra)
+    best, last = (tmp_path / "best.pt").stat().st_size, (tmp_path / "last.pt").stat().st_size
+    assert best <= 25 * 2**20 and last > 3 * best
+
+
+# --- gallery ------------------------------------------------------------------------------------------------
+
+def _report(n):
+    return {"metrics": {"CIDEr": 0.5}, "n_images": n,
+            "images": [{"key": f"k{i}", "caption": f"caption {i}", "references": ["a ref"],
+                        "cider": None if i == 3 else (i * 7919 % n) / n} for i in range(n)]}
+
+
+def test_the_gallery_keeps_the_best_and_worst_and_says_how_many_it_left_out():
+    import re
+
+    from stage2_decoder.report import render_html, shown_images
+
+    report = _report(30)
+    shown, left_out = shown_images(report["images"], 10)
+    scored = sorted((x for x in report["images"] if x["cider"] is not None), key=lambda x: -x["cider"])
+    keys = [x["key"] for _, x in shown]
+    assert left_out == 20 and len(keys) == 10
+    assert keys[:5] == [x["key"] for x in scored[:5]]
+    assert keys[5:] == [x["key"] for x in scored[-4:]] + ["k3"]  # the unscored image counts as worst
+    page = render_html(report, max_images=10)
+    assert len(re.findall(r'<div class="card"', page)) == 10
+    assert "20 left out" in page and "of 30 images" in page
+    whole = render_html(report, max_images=0)
+    assert len(re.findall(r'<div class="card"', whole)) == 30 and "left out" not in whole
+    assert shown_images(report["images"], 30) == (shown_images(report["images"], 0)[0], 0)
+
+
+def test_the_report_cli_caps_the_gallery(tmp_path):
+    import json
+    import re
+
+    from click.testing import CliRunner
+
+    from stage2_decoder.report import main
+
+    src = tmp_path / "eval.json"
+    src.write_text(json.dumps(_report(12)))
+    result = CliRunner().invoke(main, [str(src), "--out", str(tmp_path / "g.html"), "--html-max", "4"])
+    assert result.exit_code == 0, result.output
+    assert "4 of 12 images" in result.output
+    assert len(re.findall(r'<div class="card"', (tmp_path / "g.html").read_text())) == 4
