@@ -70,11 +70,10 @@ def _made_up_words(n: int, rng: np.random.Generator) -> list[str]:
     return out
 
 
-def build_captions(full_images: int, data: Path, rng: np.random.Generator, vocab_target: int = 10_000
+def build_captions(n_caps: int, data: Path, rng: np.random.Generator, vocab_target: int = 10_000
                    ) -> list[list[str]]:
-    """Captions (word strings) of `full_images` images: real captions resampled, made-up words mixed in."""
+    """`n_caps` captions (word lists): real captions resampled, made-up words mixed in."""
     real = _real_captions(data)
-    n_caps = full_images * 5 + full_images // 60
     words = [c.split() for c in real]
     n_real_words = len({w.lower().strip(".,") for c in words for w in c})
     tokens = n_caps * 10.5
@@ -103,23 +102,22 @@ def write_workload(out: Path, sizes, full_images: int, data: Path, feature_dim: 
     from common.atomic import atomic_write
 
     manifest_path = out / "workload.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("version") == WORKLOAD_VERSION and manifest.get("full_images") == full_images \
-                and all(str(s) in manifest["sizes"] for s in sizes) \
-                and all(Path(manifest["sizes"][str(s)]["features"]).is_file() for s in sizes):
-            return manifest
-    else:
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if manifest.get("version") != WORKLOAD_VERSION or manifest.get("full_images") != full_images:
         manifest = {"version": WORKLOAD_VERSION, "full_images": full_images, "sizes": {}}
+    todo = [s for s in sizes if not (str(s) in manifest["sizes"]
+                                     and Path(manifest["sizes"][str(s)]["features"]).is_file())]
+    if not todo:
+        return manifest
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)  # records need a folder; the cache stands in for the photos
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
-    caps = build_captions(full_images, data, rng)
     per_image = [5 + (i % 60 == 0) for i in range(full_images)]
     starts = np.concatenate([[0], np.cumsum(per_image)])
+    caps = build_captions(int(starts[-1]), data, rng)
     print(f"  captions made: {len(caps)} in {time.perf_counter() - t0:.0f}s", flush=True)
-    for s in sizes:
+    for s in todo:
         n = max(int(round(full_images * s)), 10)
         cap_file = out / f"captions-{s}.json"
         doc = {"images": [{"id": i + 1, "file_name": f"{i + 1:012d}.jpg"} for i in range(n)],
@@ -133,7 +131,7 @@ def write_workload(out: Path, sizes, full_images: int, data: Path, feature_dim: 
                                      "captions_count": int(starts[n]), **child}
         print(f"  size {s}: {n} images, cache assembled in {child['assemble_s']:.1f}s "
               f"(peak RSS {child['assemble_rss_mb']:.0f} MB)", flush=True)
-    atomic_write(manifest_path, json.dumps(manifest, indent=1), what="workload manifest")
+        atomic_write(manifest_path, json.dumps(manifest, indent=1), what="workload manifest")
     return manifest
 
 
@@ -397,7 +395,7 @@ def main() -> int:
         common += ["--tiny"] if a.tiny else []
         cold = _child(common + ["--startup-only"], env)
         warm_args = common + (["--evaluate", "--photos", str(Path(a.data) / "coco2017-mini" / "images")]
-                              if s in (min(sizes), max(sizes)) else [])
+                              if s == max(sizes) or (s == min(sizes) and not a.tiny) else [])
         warm = _child(warm_args, env)
         results[s] = {**warm, "cold_startup_s": cold["startup_s"], "cold_startup_rss_mb": cold["startup_rss_mb"],
                       "assemble_s": w["assemble_s"], "assemble_rss_mb": w["assemble_rss_mb"], "images": w["images"],

@@ -312,3 +312,33 @@ def test_the_report_cli_caps_the_gallery(tmp_path):
     assert result.exit_code == 0, result.output
     assert "4 of 12 images" in result.output
     assert len(re.findall(r'<div class="card"', (tmp_path / "g.html").read_text())) == 4
+
+
+# --- the benchmark's smoke mode -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_scale_benchmark_runs_in_tiny_mode_and_writes_its_table(data_dir, coco_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "scale"
+    cmd = [sys.executable, "bench/scale.py", "--tiny", "--data", str(data_dir), "--out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    doc = json.loads((out / "tiny" / "scale.json").read_text())
+    assert doc["sizes"] == [0.5, 1.0]
+    small, big = doc["results"]["0.5"], doc["results"]["1.0"]
+    assert big["images"] == 2 * small["images"] and big["train_pairs"] > small["train_pairs"]
+    assert big["best_pt_mb"] < big["last_pt_mb"] and big["gallery_mb"] > 0 and big["scorer_build_s"] > 0
+    assert all(e is None or math.isfinite(e) for e in doc["exponents"].values())
+    for label in ("start-up to 1st step, cold", "SCST scorer construction", "stage 1 assembly", "exponent"):
+        assert label in p.stdout
+    # a rerun reuses the workload: the captions file is not rewritten
+    captions = out / "tiny" / "captions-1.0.json"
+    before = captions.stat().st_mtime_ns
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, timeout=900)
+    assert p.returncode == 0 and captions.stat().st_mtime_ns == before
