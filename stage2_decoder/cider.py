@@ -5,10 +5,10 @@ frequencies taken once from the training references (pycocoevalcap recomputes th
 set it is given). Same formula as pycocoevalcap's scorer: n = 1..4, tf-idf vectors with clipped
 hypothesis counts, Gaussian length penalty sigma = 6, x10.
 
-Layout (C reference captions, U_n distinct n-grams of order n in them):
+Layout (C reference captions, I images, U_n distinct n-grams of order n in the references):
     n-gram ids   order 1: word id; order n: position of (id of its (n-1)-gram prefix, last word)
                  in the sorted table `_tables[n]` of int64 keys prefix * _M + word
-    references   CSR over captions: `_ptr` (C + 1,) into `_order` int8, `_gram` int32, `_tf` uint16
+    references   per order, CSR over captions: `_ptr[n]` (C + 1,) into `_gram[n]` int32 and `_tf[n]` uint16
     per caption  `_norm` (C, 4) float64 tf-idf norms, `_len` (C,) word counts
     per image    `_img_ptr` (I + 1,) into the captions; `_idf[n]` (U_n,) float64
 A hypothesis n-gram unseen in the references gets a fresh id (idf log(I), matches nothing).
@@ -44,6 +44,32 @@ def _positions(offsets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, cap
 
 
+def _unique(x: np.ndarray, counts: bool = False, inverse: bool = False):
+    """np.unique of int64 `x` by one sort (a stable one uses the caption-major runs the keys come in;
+    numpy 2's unique is 2-4x slower here): the sorted distinct values, and their counts or `x`'s
+    positions among them if asked."""
+    perm = np.argsort(x) if inverse else None  # ties in any order: the inverse is the same
+    xs = x[perm] if inverse else np.sort(x, kind="stable")
+    first = np.empty(len(xs), dtype=bool)
+    first[:1] = True
+    np.not_equal(xs[1:], xs[:-1], out=first[1:])
+    uniq = xs[first]
+    if counts:
+        return uniq, np.diff(np.append(np.flatnonzero(first), len(xs)))
+    if inverse:
+        inv = np.empty(len(xs), dtype=np.int64)
+        inv[perm] = np.cumsum(first) - 1
+        return uniq, inv
+    return uniq
+
+
+def _ranges(ptr: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Entries of CSR rows `which` (P,): their positions (E,) and the index into `which` (E,) of each."""
+    n = ptr[which + 1] - ptr[which]
+    owner = np.repeat(np.arange(len(which)), n)
+    return np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n) + ptr[which][owner], owner
+
+
 class CiderD:
     """CIDEr-D of captions against their image's references, with corpus document frequencies.
 
@@ -53,51 +79,45 @@ class CiderD:
     def __init__(self, refs: dict[str, list[str] | list[list[str]]]):
         self.keys = list(refs)
         self._index = {k: i for i, k in enumerate(self.keys)}
-        self._stoi: dict[str, int] = {}
-        caps = [[self._stoi.setdefault(w, len(self._stoi)) for w in (c if isinstance(c, list) else tokenize(c))]
-                for k in self.keys for c in refs[k]]
+        caps = [c if isinstance(c, list) else tokenize(c) for k in self.keys for c in refs[k]]
+        n_caps = len(caps)
         per_image = np.fromiter((len(refs[k]) for k in self.keys), dtype=np.int64, count=len(self.keys))
         self._img_ptr = np.concatenate([[0], np.cumsum(per_image)])
         self.log_n = math.log(max(len(self.keys), 1))
-        words, offsets = _flat(caps)
+        offsets = np.zeros(n_caps + 1, dtype=np.int64)
+        np.cumsum(np.fromiter((len(c) for c in caps), dtype=np.int64, count=n_caps), out=offsets[1:])
+        # word ids (sorted words: the same ids in every process) streamed into one array, no Python int per word
+        stoi = self._stoi = {w: i for i, w in enumerate(sorted(set(chain.from_iterable(caps))))}
+        words = np.fromiter(map(stoi.__getitem__, chain.from_iterable(caps)), dtype=np.int64, count=int(offsets[-1]))
+        del caps
         self._len = np.diff(offsets).astype(np.int32)
-        image_of = np.repeat(np.arange(len(self.keys)), per_image)  # (C,)
-        self._tables, self._idf = [], []
-        orders, grams, tfs, owners = [], [], [], []
-        prev = np.full(len(words), -1, dtype=np.int64)  # (T,) id of the (n-1)-gram starting at each position
+        image_of = np.repeat(np.arange(len(self.keys), dtype=np.int64), per_image)  # (C,)
+        self._tables, self._idf, self._ptr, self._gram, self._tf = [], [], [], [], []
+        self._norm = np.zeros((n_caps, NGRAMS))
+        prev = words  # (T,) id of the (n-1)-gram starting at each position (valid where an n-gram starts)
         for n in range(1, NGRAMS + 1):
             starts, cap = _positions(offsets, n)
             if n == 1:
-                ids, table = words[starts], np.arange(len(self._stoi), dtype=np.int64)
+                ids, table = words, np.arange(len(stoi), dtype=np.int64)
             else:
-                table, ids = np.unique(prev[starts] * _M + words[starts + n - 1], return_inverse=True)
-            cur = np.full(len(words), -1, dtype=np.int64)
-            cur[starts] = ids
-            prev = cur
-            u = len(table)
-            per_cap, tf = np.unique(cap * u + ids, return_counts=True)  # distinct (caption, gram), sorted
-            c_of, g_of = per_cap // max(u, 1), per_cap % max(u, 1)
-            df = np.bincount(np.unique(image_of[c_of] * u + g_of) % max(u, 1), minlength=u)
+                table, ids = _unique(prev[starts] * _M + words[starts + n - 1], inverse=True)
+                prev = np.empty(len(words), dtype=np.int64)
+                prev[starts] = ids
+            u = max(len(table), 1)
+            per_cap, tf = _unique(cap * u + ids, counts=True)  # distinct (caption, gram), caption-major
+            del starts, ids
+            c_of, g_of = per_cap // u, per_cap % u
+            del per_cap
+            df = np.bincount(_unique(image_of[c_of] * u + g_of) % u, minlength=len(table))
+            idf = self.log_n - np.log(np.maximum(1.0, df))
+            val = tf * idf[g_of]
+            self._norm[:, n - 1] = np.sqrt(np.bincount(c_of, weights=val * val, minlength=n_caps))
             self._tables.append(table)
-            self._idf.append(self.log_n - np.log(np.maximum(1.0, df)))
-            orders.append(np.full(len(g_of), n - 1, dtype=np.int8))
-            grams.append(g_of.astype(np.int32))
-            tfs.append(np.minimum(tf, 65535).astype(np.uint16))
-            owners.append(c_of)
-        owner = np.concatenate(owners)
-        sort = np.argsort(owner, kind="stable")  # CSR by caption
-        self._order, self._gram, self._tf = (np.concatenate(a)[sort] for a in (orders, grams, tfs))
-        self._ptr = np.searchsorted(owner[sort], np.arange(len(caps) + 1))
-        val = self._tf * self._value_idf(self._order, self._gram)
-        self._norm = np.sqrt(np.bincount(owner[sort] * NGRAMS + self._order, weights=val * val,
-                                         minlength=len(caps) * NGRAMS)).reshape(len(caps), NGRAMS)
-
-    def _value_idf(self, order: np.ndarray, gram: np.ndarray) -> np.ndarray:
-        out = np.empty(len(gram), dtype=np.float64)
-        for n in range(NGRAMS):
-            sel = order == n
-            out[sel] = self._idf[n][gram[sel]]
-        return out
+            self._idf.append(idf)
+            self._ptr.append(np.searchsorted(c_of, np.arange(n_caps + 1)))
+            self._gram.append(g_of.astype(np.int32))
+            self._tf.append(np.minimum(tf, 65535).astype(np.uint16))
+            del c_of, g_of, val, tf, cap
 
     def n_refs(self, key: str) -> int:
         """How many reference captions image `key` has (0 if unknown)."""
@@ -149,19 +169,17 @@ class CiderD:
         # (hypothesis, reference caption) pairs: every reference of each hypothesis's image
         img = np.array([self._index[k] for k in keys], dtype=np.int64)
         m = self._img_ptr[img + 1] - self._img_ptr[img]  # (B,)
-        pair_hyp = np.repeat(np.arange(b), m)
-        pair_ref = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m) + self._img_ptr[img][pair_hyp]
-        # every n-gram entry of every pair's reference
-        n_ent = self._ptr[pair_ref + 1] - self._ptr[pair_ref]
-        ent_pair = np.repeat(np.arange(len(pair_ref)), n_ent)
-        ent = np.arange(int(n_ent.sum())) - np.repeat(np.cumsum(n_ent) - n_ent, n_ent) + self._ptr[pair_ref][ent_pair]
-        order, gram = self._order[ent].astype(np.int64), self._gram[ent].astype(np.int64)
-        rv = self._tf[ent] * self._value_idf(self._order[ent], self._gram[ent])
-        want = (pair_hyp[ent_pair] * NGRAMS + order) * _BIG + gram
-        pos = np.minimum(np.searchsorted(hkeys, want), max(len(hkeys) - 1, 0))
-        x = np.where(hkeys[pos] == want, hvals[pos], 0.0) if len(hkeys) else np.zeros(len(want))
-        dot = np.bincount(ent_pair * NGRAMS + order, weights=np.minimum(x, rv) * rv,
-                          minlength=len(pair_ref) * NGRAMS).reshape(-1, NGRAMS)  # (P, 4)
+        pair_ref, pair_hyp = _ranges(self._img_ptr, img)
+        # every n-gram entry of every pair's reference, order by order, looked up among the hypothesis's
+        dot = np.zeros((len(pair_ref), NGRAMS))  # (P, 4)
+        for n in range(NGRAMS):
+            ent, ent_pair = _ranges(self._ptr[n], pair_ref)
+            gram = self._gram[n][ent].astype(np.int64)
+            rv = self._tf[n][ent] * self._idf[n][gram]
+            want = (pair_hyp[ent_pair] * NGRAMS + n) * _BIG + gram
+            pos = np.minimum(np.searchsorted(hkeys, want), max(len(hkeys) - 1, 0))
+            x = np.where(hkeys[pos] == want, hvals[pos], 0.0) if len(hkeys) else np.zeros(len(want))
+            dot[:, n] = np.bincount(ent_pair, weights=np.minimum(x, rv) * rv, minlength=len(pair_ref))
         hnp, rnp = hn[pair_hyp], self._norm[pair_ref]  # (P, 4) each
         ok = (hnp > 0) & (rnp > 0)
         cos = np.where(ok, dot / np.where(ok, hnp * rnp, 1.0), 0.0).sum(1)  # (P,)
@@ -172,6 +190,6 @@ class CiderD:
 
     def nbytes(self) -> int:
         """Bytes held in the scorer's arrays (the Python word dict and key index come on top)."""
-        arrays = [self._order, self._gram, self._tf, self._ptr, self._norm, self._len, self._img_ptr,
-                  *self._tables, *self._idf]
+        arrays = [self._norm, self._len, self._img_ptr, *self._ptr, *self._gram, *self._tf, *self._tables,
+                  *self._idf]
         return int(sum(a.nbytes for a in arrays))
