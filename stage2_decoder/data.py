@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -12,13 +14,15 @@ from common.tokenizer import tokenize
 from common.vocab import Vocabulary
 
 
-def pad_captions(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The padded collate: id lists -> (B, T_max) LongTensor padded with pad_id, and lengths (B,)."""
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    out = torch.full((len(seqs), int(lengths.max()) if len(seqs) else 0), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return out, lengths
+def pad_captions(seqs: Sequence[Sequence[int]], pad_id: int = 0, dtype: torch.dtype = torch.long
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The padded collate: id lists -> (B, T_max) tensor of `dtype` padded with pad_id, and lengths (B,)."""
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    out = np.full((len(seqs), int(lengths.max()) if len(seqs) else 0), pad_id,
+                  dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+    out[np.arange(out.shape[1]) < lengths[:, None]] = np.fromiter(chain.from_iterable(seqs), dtype=out.dtype,
+                                                                  count=int(lengths.sum()))  # row-major fill
+    return torch.from_numpy(out), torch.from_numpy(lengths)
 
 
 @dataclass
@@ -28,6 +32,9 @@ class CaptionBatch:
     targets: torch.Tensor  # (B, T) w1 .. wn <end>, padded
     lengths: torch.Tensor  # (B,) n + 1, non-increasing (what `pack_padded_sequence(enforce_sorted=True)` needs)
     order: torch.Tensor | None = None  # (B,) row i is pair idx[order[i]] of the gathered idx (longest caption first)
+
+    def __post_init__(self):  # CaptionPairs stores int32 ids; a batch hands out int64 (cross_entropy's targets)
+        self.inputs, self.targets = self.inputs.long(), self.targets.long()
 
 
 class CaptionPairs(Dataset):
@@ -57,7 +64,8 @@ class CaptionPairs(Dataset):
         if not seqs:
             raise ValueError("no usable captions for this split")
         self.rows = torch.tensor(rows, dtype=torch.long)  # (M,)
-        self.tokens, self.token_lengths = pad_captions(seqs, vocab.pad_id)  # (M, n_max + 2), (M,)
+        # int32 ids: half of int64's memory (the embedding takes them as they are, the loss casts targets)
+        self.tokens, self.token_lengths = pad_captions(seqs, vocab.pad_id, torch.int32)  # (M, n_max + 2), (M,)
         # teacher-forcing views made once, so a batch is only gathered: inputs <start> w1 .. wn
         # (the <end> of each caption becomes padding), targets w1 .. wn <end>; lengths n + 1 stay
         # on the CPU (packing and the batch's padded width are read there without a device sync)

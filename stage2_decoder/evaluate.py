@@ -133,11 +133,13 @@ def format_table(report: dict) -> str:
 @click.option("--json-out", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the report (metrics + every caption) to this JSON file.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None,
-              help="Write a self-contained HTML gallery: metrics, then every photo with its captions and CIDEr.")
+              help="Write a self-contained HTML gallery: metrics, then each photo with its captions and CIDEr.")
+@click.option("--html-max", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Most photos in the gallery: the best and worst half by CIDEr (0 = all).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--dry-run", is_flag=True, help="Check the options, the checkpoint and the data source; decode nothing.")
 def main(checkpoint, features, split, dataset, images, captions, limit, decode, spice, workers, device, as_json,
-         json_out, html_out, no_progress, dry_run):
+         json_out, html_out, html_max, no_progress, dry_run):
     """Score a checkpoint with BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE where it runs)."""
     from stage2_decoder.api import Captioner, find_checkpoint
     from stage2_decoder.checkpoint import load_checkpoint
@@ -188,7 +190,7 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
             from stage2_decoder.report import write_html
 
             write_html(report, html_out, f"Caption evaluation: {Path(ckpt_path).name}, {report['source']}",
-                       progress=not no_progress)
+                       progress=not no_progress, max_images=html_max)
             click.echo(f"gallery: {html_out}", err=as_json)
         return 0
 

@@ -5,7 +5,8 @@
 
 The page has the summary metrics table at the top, then one card per image: a small JPEG
 thumbnail embedded as base64 (the page needs no server and no other file), the generated caption,
-the reference captions and the image's CIDEr; ordered best to worst, re-sortable in the page.
+the reference captions and the image's CIDEr; ordered best to worst, re-sortable in the page. At
+most --html-max cards (default 1000): the best and the worst half, with a note of how many were left out.
 A Content-Security-Policy forbids every external request, so the page cannot depend on one.
 """
 from __future__ import annotations
@@ -20,9 +21,13 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from common.atomic import atomic_write
 from common.cli import run_guarded
 
 THUMB_PX = 256
+# cards on one page: 5,000 embedded thumbnails make a ~60 MB page that browsers struggle with; a capped
+# page keeps the best and the worst half by CIDEr (what one looks at) and says how many it left out
+MAX_IMAGES = 1000
 METRIC_ORDER = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 
 _CSS = """
@@ -118,14 +123,28 @@ def _card(index: int, item: dict, thumb: str | None) -> str:
             f'<p class="key">{escape(str(item.get("image") or item.get("key", "")))}</p></div>')
 
 
+def shown_images(images: list[dict], max_images: int = MAX_IMAGES) -> tuple[list[tuple[int, dict]], int]:
+    """(index, image) pairs a page shows, best CIDEr first, and how many were left out: all of them when
+    `max_images` is 0 or enough, else the ceil(max/2) best and the floor(max/2) worst (unscored count as worst)."""
+    ranked = sorted(enumerate(images), key=lambda p: -(p[1]["cider"] if p[1].get("cider") is not None else -1.0))
+    if not max_images or len(ranked) <= max_images:
+        return ranked, 0
+    best = (max_images + 1) // 2
+    return ranked[:best] + ranked[len(ranked) - (max_images - best):], len(ranked) - max_images
+
+
 def render_html(report: dict, title: str = "Caption evaluation", thumb_px: int = THUMB_PX,
-                progress: bool = False) -> str:
+                progress: bool = False, max_images: int = MAX_IMAGES) -> str:
     """The page for an `evaluate` report (metrics, stats, notes, images[{key, image, caption,
-    references, cider}]) as a string; cards ordered by CIDEr, best first."""
-    images = list(enumerate(report.get("images", [])))
-    images.sort(key=lambda p: -(p[1]["cider"] if p[1].get("cider") is not None else -1.0))
+    references, cider}]) as a string; cards ordered by CIDEr, best first, at most `max_images`
+    of them (0 = all; see `shown_images`)."""
+    images, left_out = shown_images(report.get("images", []), max_images)
     cards = [_card(i, item, thumbnail_data_uri(item["image"], thumb_px) if item.get("image") else None)
              for i, item in tqdm(images, desc="thumbnails", unit="img", disable=not progress, leave=False)]
+    total = len(cards) + left_out
+    capped = (f'<p class="meta" id="left-out">showing the {(len(cards) + 1) // 2} best and {len(cards) // 2} worst '
+              f'of {total} images by CIDEr: {left_out} left out (every caption is in the evaluation JSON; '
+              f'--html-max 0 shows all)</p>') if left_out else ""
     csp = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -138,6 +157,7 @@ def render_html(report: dict, title: str = "Caption evaluation", thumb_px: int =
 <h1>{escape(title)}</h1>
 {_metrics_table(report)}
 {_summary(report)}
+{capped}
 <div class="controls"><label for="order">order: </label><select id="order">
 <option value="best">CIDEr, best first</option><option value="worst">CIDEr, worst first</option>
 <option value="index">evaluation order</option></select> &middot; {len(cards)} images</div>
@@ -149,24 +169,23 @@ def render_html(report: dict, title: str = "Caption evaluation", thumb_px: int =
 """
 
 
-def write_html(report: dict, out: str | os.PathLike, title: str = "Caption evaluation", progress: bool = False
-               ) -> Path:
+def write_html(report: dict, out: str | os.PathLike, title: str = "Caption evaluation", progress: bool = False,
+               max_images: int = MAX_IMAGES) -> Path:
     """Render the page and write it atomically to `out`."""
-    page = render_html(report, title, progress=progress)
+    page = render_html(report, title, progress=progress, max_images=max_images)
     out = Path(out)
     if out.parent != Path(""):
         out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, page, what="HTML gallery")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("eval_json", type=click.Path())
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The HTML page to write.")
 @click.option("--title", default="Caption evaluation", show_default=True)
-def main(eval_json, out, title):
+@click.option("--html-max", type=click.IntRange(min=0), default=MAX_IMAGES, show_default=True,
+              help="Most images on the page: the best and worst half by CIDEr (0 = all).")
+def main(eval_json, out, title, html_max):
     """Turn an `evaluate --json` file into a self-contained HTML gallery."""
     def work():
         try:
@@ -176,8 +195,9 @@ def main(eval_json, out, title):
         if not (isinstance(report, dict) and isinstance(report.get("images"), list)
                 and all(isinstance(i, dict) for i in report["images"])):
             raise ValueError(f"{eval_json} is not an `evaluate --json` output (no 'images' list)")
-        write_html(report, out, title, progress=True)
-        click.echo(f"wrote {out} ({len(report['images'])} images)")
+        write_html(report, out, title, progress=True, max_images=html_max)
+        shown = min(len(report["images"]), html_max or len(report["images"]))
+        click.echo(f"wrote {out} ({shown} of {len(report['images'])} images)")
         return 0
 
     raise SystemExit(run_guarded(work))

@@ -7,69 +7,23 @@ samples (the "new self-critical" variant of ruotianluo/self-critical.pytorch: no
 The loss is -(reward - baseline) * log p(caption), averaged over the sampled tokens.
 
 CIDEr-D needs document frequencies from a fixed corpus (pycocoevalcap recomputes them from whatever
-set it is given, which for a batch of 64 images would be meaningless), so `CiderD` takes them once
-from the training references, with the same formula as pycocoevalcap's scorer (n = 1..4, clipped
-counts, Gaussian length penalty sigma = 6, x10).
+set it is given, which for a batch of 64 images would be meaningless), so `CiderD`
+(stage2_decoder/cider.py: integer n-gram ids in numpy arrays) takes them once from the training
+references, with the same formula as pycocoevalcap's scorer, and scores a whole batch at once.
 """
 from __future__ import annotations
 
 import contextlib
-import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import torch
 from torch import nn
 
 from common.tokenizer import DEFAULT_TOKENIZER, tokenize
+from stage2_decoder.cider import CiderD
 from stage2_decoder.data import view_rows
 from stage2_decoder.decode import END_ID, START_ID
 from stage2_decoder.model import CaptionDecoder
-
-NGRAMS, SIGMA = 4, 6.0
-
-
-def _counts(words: list[str]) -> list[Counter]:
-    return [Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1)) for n in range(1, NGRAMS + 1)]
-
-
-class CiderD:
-    """CIDEr-D of a caption against one image's references, with corpus document frequencies.
-
-    `refs`: {key: captions}, each a string (split by `tokenizer`) or already a word list (`scst_refs` makes those).
-    """
-
-    def __init__(self, refs: dict[str, list[str] | list[list[str]]], tokenizer: str = DEFAULT_TOKENIZER):
-        self.refs = {k: [c if isinstance(c, list) else tokenize(c, tokenizer) for c in caps]
-                     for k, caps in refs.items()}
-        df: Counter = Counter()
-        for caps in self.refs.values():
-            df.update({g for c in caps for order in _counts(c) for g in order})
-        self.log_n = math.log(max(len(self.refs), 1))
-        self.df = df
-        self._ref_vecs = {k: [self._vec(c) for c in caps] for k, caps in self.refs.items()}
-
-    def _vec(self, words: list[str]):
-        vec, norm = [], []
-        for order in _counts(words):
-            v = {g: tf * (self.log_n - math.log(max(1.0, self.df.get(g, 0.0)))) for g, tf in order.items()}
-            vec.append(v)
-            norm.append(math.sqrt(sum(x * x for x in v.values())))
-        return vec, norm, len(words)
-
-    def score(self, key: str, words: list[str]) -> float:
-        refs = self._ref_vecs[key]
-        if not refs:
-            return 0.0
-        hv, hn, hl = self._vec(words)
-        total = 0.0
-        for rv, rn, rl in refs:
-            penalty = math.exp(-((hl - rl) ** 2) / (2 * SIGMA ** 2))
-            for n in range(NGRAMS):
-                if hn[n] and rn[n]:
-                    dot = sum(min(x, rv[n].get(g, 0.0)) * rv[n].get(g, 0.0) for g, x in hv[n].items())
-                    total += penalty * dot / (hn[n] * rn[n])
-        return 10.0 * total / (NGRAMS * len(refs))
-
 
 def sample(model: CaptionDecoder, features: torch.Tensor, k: int, max_len: int
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,10 +54,8 @@ def scst_loss(model: CaptionDecoder, features: torch.Tensor, keys: list[str], sc
               k: int = 5, max_len: int = 16) -> tuple[torch.Tensor, float]:
     """One SCST batch: returns (loss to minimise, mean reward of the samples)."""
     ids, logp, mask = sample(model, features, k, max_len)
-    rewards = torch.zeros(len(keys) * k)
-    for i, row in enumerate(ids.tolist()):
-        words = [itos[w] for w in row if w not in (0, END_ID)]
-        rewards[i] = scorer.score(keys[i // k], words)
+    hyps = [[itos[w] for w in row if w not in (0, END_ID)] for row in ids.tolist()]
+    rewards = torch.from_numpy(scorer.score_batch([key for key in keys for _ in range(k)], hyps)).float()
     r = rewards.view(-1, k)
     baseline = (r.sum(1, keepdim=True) - r) / max(k - 1, 1)  # mean of the image's other samples
     adv = (r - baseline).view(-1, 1).to(logp.device)  # (B*k, 1)
@@ -170,7 +122,7 @@ def _scst_batches(model: CaptionDecoder, opt: torch.optim.Optimizer, features: t
 
 def scst_keys(scorer: CiderD, rows: dict[str, int]) -> list[str]:
     """The images an SCST epoch trains on: cached (in `rows`) and with references."""
-    return [key for key, caps in scorer.refs.items() if key in rows and caps]
+    return [key for key in scorer.keys if key in rows and scorer.n_refs(key)]
 
 
 def scst_refs(records, tokens: dict[str, list[list[str]]] | None = None,

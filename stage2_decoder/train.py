@@ -2,8 +2,9 @@
 
     python -m stage2_decoder.train --features FILE.h5 --out RUN_DIR [--epochs N] ...
 
-RUN_DIR gets config.json, split.json, vocab.json, metrics.jsonl, last.pt (every epoch) and
-best.pt (lowest validation loss). Rerunning with the same RUN_DIR resumes from last.pt.
+RUN_DIR gets config.json, split.json, vocab.json, metrics.jsonl, last.pt (every epoch, with the state
+to resume) and best.pt (the selected epoch, what captioning needs). Rerunning with the same RUN_DIR
+resumes from last.pt.
 """
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ from common.device import resolve_device
 from common.cli import config_options, run_guarded
 from common.datasets import FORMATS, load_dataset, official_split, split_keys, write_split
 from common.feature_cache import CacheError, FeatureCache, load_cache
-from common.tokenizer import TOKENIZERS, tokenize
+from common.tokenizer import TOKENIZERS
+from common.token_cache import tokenize_records
 from common.vocab import Vocabulary, build_vocab
-from stage2_decoder.checkpoint import CheckpointError, cpu_state, load_checkpoint, save_checkpoint
+from stage2_decoder.checkpoint import (CheckpointError, cpu_state, inference_extra, load_checkpoint,
+                                       save_checkpoint)
 from stage2_decoder.data import CaptionPairs
 from stage2_decoder.ema import EMA
 from stage2_decoder.model import CaptionDecoder, DecoderConfig
@@ -136,7 +139,8 @@ def prepare_data(cfg: TrainConfig, cache: FeatureCache):
     the tokenised captions of the train and val images ({key: one word list per caption}).
 
     Captions are tokenised here once, by --tokenizer (NLTK: ~0.2 ms each, minutes on full COCO), for the
-    vocabulary, the caption tensors and the SCST reward alike.
+    vocabulary, the caption tensors and the SCST reward alike, and their tokens cached on disk
+    (common/token_cache.py) for the next run on the same captions file.
     """
     m = cache.meta
     records = load_dataset(cfg.dataset or m.dataset_format, cfg.captions or m.captions_file,
@@ -151,7 +155,8 @@ def prepare_data(cfg: TrainConfig, cache: FeatureCache):
                                                   cfg.split_seed)
     by_split = {name: set(keys) for name, keys in split.items()}
     parts = {name: [r for r in records if r.key in by_split[name]] for name in split}
-    tokens = {r.key: [tokenize(c, cfg.tokenizer) for c in r.captions] for name in ("train", "val") for r in parts[name]}
+    tokens = tokenize_records(cfg.captions or m.captions_file, [r for n in ("train", "val") for r in parts[n]],
+                              cfg.tokenizer, progress=cfg.progress)  # read from the token cache when it has them
     vocab = build_vocab((words for r in parts["train"] for words in tokens[r.key]), cfg.vocab_threshold, cfg.tokenizer)
     return parts, split, vocab, rows, tokens
 
@@ -179,14 +184,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     done = sorted(rows.values())
     if not all(np.isfinite(a[done]).all() for a in (cache.features, cache.views) if a is not None):
         raise CacheError(f"{cfg.features} holds non-finite (nan/inf) features: it is damaged; re-run stage 1")
-    features = torch.from_numpy(cache.features).float().to(device)  # (N, D), all in memory once
     # with --train-views (--scst-views) cross-entropy (SCST) batches draw each image feature from one of the
-    # cached views (stage 1 --views: centre crop, mirrored, whole image), (V, N, D) kept in the cache's dtype;
-    # validation and captioning see the centre view only, the one a raw photo gets
-    all_views = features
+    # cached views (stage 1 --views: centre crop, mirrored, whole image); validation and captioning see the
+    # centre view only, the one a raw photo gets. Features stay in the cache's dtype (the decoder casts each
+    # batch) and the centre view is held once: `features` is all_views[0], not a copy
+    all_views = torch.from_numpy(cache.features)  # (N, D)
     if cache.views is not None:  # loaded only when one of the two asks for it
-        all_views = torch.cat([torch.from_numpy(cache.features)[None],
-                               torch.from_numpy(cache.views).transpose(0, 1)]).to(device)
+        all_views = torch.cat([all_views[None], torch.from_numpy(cache.views).transpose(0, 1)])  # (V, N, D)
+    all_views = all_views.to(device)
+    features = all_views[0] if cache.views is not None else all_views  # (N, D)
+    cache.features = cache.views = None  # the tensors hold them now (a copy where views were joined)
     train_features = all_views if cfg.train_views else features
     scst_features = all_views if cfg.scst_views else features
     backbone = {"name": cache.meta.backbone, "weights": cache.meta.weights,
@@ -257,7 +264,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if averaged:
             extra["train_model_state"] = cpu_state(model)
         if is_best:  # before last.pt: a kill between the two redoes this epoch, best.pt included
-            save_checkpoint(run / "best.pt", saved, vocab, backbone, **extra)
+            save_checkpoint(run / "best.pt", saved, vocab, backbone, **inference_extra(extra))  # no resume state
         save_checkpoint(run / "last.pt", saved, vocab, backbone, **extra)
         with open(run / "metrics.jsonl", "a") as f:  # after last.pt: a resume never repeats a line
             f.write(json.dumps(rec) + "\n")

@@ -26,7 +26,12 @@ TEST_THREADS = os.environ.get("CAPCACHE_TEST_THREADS", "1")
 
 
 def pytest_configure(config):
+    import tempfile
+
     import torch
+
+    # training's token cache (common/token_cache.py) in a folder of the test run's own, also for CLI subprocesses
+    os.environ.setdefault("CAPCACHE_TOKEN_CACHE", tempfile.mkdtemp(prefix="capcache-test-tokens-"))
 
     torch.set_num_threads(int(TEST_THREADS))
 

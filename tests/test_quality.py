@@ -298,10 +298,13 @@ def test_training_captions_are_tokenised_once_for_vocab_tensors_and_rewards(shar
     from stage2_decoder.data import CaptionPairs
     from stage2_decoder.scst import CiderD, scst_refs
 
+    import common.tokenizer as tokenizer_mod
+
     cfg = train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), vocab_threshold=2)
+    monkeypatch.setenv("CAPCACHE_TOKEN_CACHE", str(tmp_path / "tokens"))  # an empty token cache
     calls = []
-    real = train_mod.tokenize
-    monkeypatch.setattr(train_mod, "tokenize", lambda c, *how: calls.append(c) or real(c, *how))
+    real = tokenizer_mod.tokenize
+    monkeypatch.setattr(tokenizer_mod, "tokenize", lambda c, *how: calls.append(c) or real(c, *how))
     parts, _, vocab, rows, tokens = train_mod.prepare_data(cfg, load_cache(shared_cache))
     assert len(calls) == sum(len(r.captions) for name in ("train", "val") for r in parts[name])
 
@@ -317,4 +320,7 @@ def test_training_captions_are_tokenised_once_for_vocab_tensors_and_rewards(shar
     pairs = CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len, tokens)
     cider_d = CiderD(scst_refs(parts["train"], tokens))
     assert torch.equal(pairs.tokens, plain_pairs.tokens) and torch.equal(pairs.rows, plain_pairs.rows)
-    assert cider_d.refs == plain_cider.refs and cider_d.df == plain_cider.df
+    keys = [r.key for r in parts["train"] if tokens[r.key]]
+    hyps = [tokens[k][0] for k in keys]
+    assert cider_d.keys == plain_cider.keys
+    assert cider_d.score_batch(keys, hyps).tolist() == plain_cider.score_batch(keys, hyps).tolist()

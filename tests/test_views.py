@@ -174,7 +174,7 @@ def test_scst_epoch_draws_one_view_per_image():
     n, v = 12, 4
     feats = (torch.arange(v)[:, None, None] * 100 + torch.arange(n)[None, :, None]).expand(v, n, 3).half()
     rows = {f"k{i}": i for i in range(n)}
-    scorer = type("Refs", (), {"refs": {k: [["a"]] for k in rows}})()
+    scorer = scst.CiderD({k: [["a"]] for k in rows})
     seen = []
 
     def fake_loss(model, f, keys, *a, **kw):
