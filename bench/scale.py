@@ -200,9 +200,8 @@ def child_measure(a) -> dict:
     if a.startup_only:
         return t
     parts, split, vocab, rows, tokens, train_set, val_set, features, model, opt, batches, g = state
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    from stage2_decoder.caption import Captioner
+    from stage2_decoder.api import Captioner
+    from stage2_decoder.ema import EMA
     from stage2_decoder.checkpoint import cpu_state, inference_extra, save_checkpoint
     from stage2_decoder.data import CaptionPairs
     from stage2_decoder.evaluate import _decode_all, captions_from_cache, evaluate_captions
@@ -213,12 +212,12 @@ def child_measure(a) -> dict:
     plan = dict(steps=2, val_batches=1, val_images=10, scst_batches=1, eval_images=20) if a.tiny else \
         dict(steps=6, val_batches=3, val_images=100, scst_batches=1, eval_images=100)
     # cross-entropy steps (median of a few after the first), projected over an epoch
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    ema = EMA(model, cfg.ema_decay)
     times = []
     for idx in batches[1:1 + plan["steps"]]:
         s0 = time.perf_counter()
         train_step(model, opt, train_set.gather(idx, features, g), "cpu", cfg.grad_clip)
-        ema.update_parameters(model)
+        ema.update(model)
         times.append(time.perf_counter() - s0)
     t["xe_step_s"] = median(times)
     t["xe_epoch_s"] = t["xe_step_s"] * len(batches)
@@ -287,7 +286,7 @@ def _evaluate(a, model, vocab, split, plan, Captioner, captions_from_cache, _dec
 
     t = {}
     n = 5000 if not a.tiny else 40
-    cap = Captioner(None, model, vocab)  # decoding from the cache needs no backbone
+    cap = Captioner(None, model, vocab, "")  # decoding from the cache needs no backbone
     test = split["test"]
     ckpt = {"backbone": {"name": "resnet152", "feature_dim": model.cfg.feature_dim,
                          "preprocess": preprocess_for("resnet152").describe()},

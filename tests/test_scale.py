@@ -217,14 +217,14 @@ def tiny_run(shared_cache, tmp_path_factory):
 
 def test_best_pt_holds_what_captioning_needs_and_last_pt_the_resume_state(tiny_run, shared_cache):
     from common.feature_cache import load_cache
-    from stage2_decoder.caption import Captioner
+    from stage2_decoder.api import Captioner
     from stage2_decoder.checkpoint import RESUME_ONLY, load_checkpoint
 
     best, last = load_checkpoint(tiny_run / "best.pt"), load_checkpoint(tiny_run / "last.pt")
     assert not set(RESUME_ONLY) & set(best)
     assert {"optimizer_state", "scheduler_state", "rng_state", "history", "train_model_state"} <= set(last)
     assert {"epoch", "best", "split", "model_state", "decoder_config", "vocab", "backbone"} <= set(best)
-    cap = Captioner.from_checkpoint(tiny_run / "best.pt", device="cpu")
+    cap = Captioner.load(tiny_run / "best.pt", device="cpu")
     feats = torch_from(load_cache(shared_cache).features[:2])
     assert len(cap.caption_features(feats)) == 2
 
@@ -233,7 +233,7 @@ def test_an_old_best_pt_with_the_resume_state_still_loads_and_captions_the_same(
     import torch
 
     from common.feature_cache import load_cache
-    from stage2_decoder.caption import Captioner
+    from stage2_decoder.api import Captioner
     from stage2_decoder.checkpoint import load_checkpoint
 
     last = torch.load(tiny_run / "last.pt", weights_only=True)
@@ -241,11 +241,11 @@ def test_an_old_best_pt_with_the_resume_state_still_loads_and_captions_the_same(
     torch.save(last, fat)  # best.pt as it used to be written: every key of last.pt
     assert "optimizer_state" in load_checkpoint(fat)
     feats = torch_from(load_cache(shared_cache).features[:3])
-    old = Captioner.from_checkpoint(fat, device="cpu").caption_features(feats)
+    old = Captioner.load(fat, device="cpu").caption_features(feats)
     slim = tmp_path / "slim.pt"
     torch.save({k: v for k, v in last.items() if k not in ("optimizer_state", "history", "rng_state",
                                                             "scheduler_state", "train_model_state")}, slim)
-    assert Captioner.from_checkpoint(slim, device="cpu").caption_features(feats) == old
+    assert Captioner.load(slim, device="cpu").caption_features(feats) == old
 
 
 def test_best_pt_of_the_default_decoder_at_ten_thousand_words_is_under_25_mb(tmp_path):
