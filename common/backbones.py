@@ -25,6 +25,8 @@ import torch.utils.data
 from PIL import Image, ImageOps
 from torch import nn
 
+from common.atomic import atomic_path
+
 # torchvision.models is imported lazily: it is the slowest import of a caption run.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -268,9 +270,8 @@ def _pretrained_state_dict(spec: BackboneSpec) -> dict:
         packaged = _offline_package_file(filename)
         if packaged is not None:  # place the offline copy where torchvision looks first
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.copyfile(packaged, tmp)
-            os.replace(tmp, target)
+            with atomic_path(target, what="weights copy") as tmp:
+                shutil.copyfile(packaged, tmp)
     try:
         # weights_only: torchvision's default (False) would unpickle whatever sits in the hub cache
         return enum.get_state_dict(progress=True, check_hash=False, weights_only=True)

@@ -44,6 +44,8 @@ from pathlib import Path, PurePosixPath
 import click
 from tqdm import tqdm
 
+from common.atomic import atomic_write
+
 MIRROR_ENV = "CAPCACHE_DATA_MIRROR"
 DEFAULT_ROOT = "data"
 CHUNK = 1 << 20
@@ -134,9 +136,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(value, indent=1, sort_keys=True), what="download record")
 
 
 def _hashes(path: Path, progress: bool) -> tuple[str, str]:

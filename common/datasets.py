@@ -19,6 +19,8 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.atomic import atomic_write
+
 FORMATS = ("coco", "flickr8k", "karpathy", "flickr30k")
 SPLITS = ("train", "val", "test")
 
@@ -356,10 +358,4 @@ def official_split(records: list[ImageRecord]) -> dict[str, list[str]] | None:
 
 
 def write_split(split: dict[str, list[str]], path: str | os.PathLike) -> None:
-    tmp = Path(str(path) + ".tmp")
-    try:
-        tmp.write_text(json.dumps(split, indent=0))
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk names no file by itself
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, f"cannot write the split: {e.strerror}", str(path)) from e
+    atomic_write(path, json.dumps(split, indent=0), what="split")

@@ -36,15 +36,15 @@ crash-safe: a kill in the middle of a write or flush can leave the whole file un
                                     failed_rows   int64 (m,)    rows whose image could not be read
                                     failed_errors str (m,)      why, in the same order
                                   named by the writing rank (torchrun) and a per-rank sequence number
-    OUT.parts/.rank000-000018.npz.tmp   a shard being written: ignored, its rows are recomputed
-    OUT.parts/assembling.h5             the final file being assembled (rebuilt on a rerun)
+    OUT.parts/.rank000-000018.npz.*.tmp   a shard being written: ignored, its rows are recomputed
+    OUT.parts/.OUT.*.tmp                  the final file being assembled (rebuilt on a rerun)
 
-A shard is written to its `.tmp` name, fsynced, then `os.replace`d to its final name, so
+Every file is written by common.atomic (a fresh exclusive temporary, fsync, `os.replace`), so
 the set of shard files *is* the record of finished rows: features and bookkeeping are one
 atomic step, and a SIGKILL at any instant loses at most the shards not yet renamed. A rerun
 reads only the row lists of the shards present and computes the rest. When every row is done
 or failed, the shards are streamed (one at a time, never the whole cache twice in RAM) into
-`assembling.h5`, which is fsynced and renamed to OUT; then OUT.parts/ is removed.
+a temporary in OUT.parts/, which is fsynced and renamed to OUT; then OUT.parts/ is removed.
 """
 from __future__ import annotations
 
@@ -62,6 +62,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from common.atomic import AtomicWriteError, atomic_path, atomic_write
+
 SCHEMA = "capcache-features"
 SCHEMA_VERSION = 1
 PENDING, DONE, FAILED = 0, 1, 2
@@ -70,7 +72,7 @@ _STR = h5py.string_dtype("utf-8")
 META_FILE = "meta.json"
 ASSEMBLING_FILE = "assembling.h5"
 _SHARD = re.compile(r"^rank(\d{3,})-(\d{6,})\.npz$")
-_TMP_SHARD = re.compile(r"^\.rank(\d{3,})-(\d{6,})\.npz\.tmp$")
+_TMP_SHARD = re.compile(r"^\.rank(\d{3,})-(\d{6,})\.npz(\.\w+)?\.tmp$")  # common.atomic's temporaries
 _QUEUED_SHARDS = 8  # shards waiting for the writer thread before write() blocks (back-pressure)
 
 
@@ -149,6 +151,8 @@ def mismatch(have: CacheMeta, want: CacheMeta) -> list[str]:
 
 def _why(e: OSError) -> str:
     """One line for an OSError, including h5py's long ones (which carry errno only in their text)."""
+    if isinstance(e, AtomicWriteError) and isinstance(e.__cause__, OSError):
+        e = e.__cause__  # the caller names the file itself
     if e.errno == errno.ENOSPC or "No space left" in str(e):
         return "No space left on device"
     return e.strerror or str(e).splitlines()[0]
@@ -170,28 +174,8 @@ def _read_shard_rows(path: Path) -> _Shard:
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
-    """`write(file)` into `.NAME.tmp` beside `path`, fsync, rename: `path` is whole or absent.
-
-    O_EXCL: never follow a link planted at the scratch name (only `path`'s folder is written).
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.unlink()
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())  # data on disk before the rename makes it count
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
+    """`write(file)` through common.atomic: `path` is whole or absent, no planted link is followed."""
+    atomic_write(path, write, what="cache part")
 
 
 class CacheWriter:
@@ -398,17 +382,13 @@ class CacheWriter:
         if need > free:
             raise CacheError(f"cannot write {self.out}: it needs {need / 2**20:.1f} MiB, only {free / 2**20:.1f} MiB "
                              f"free; finished batches are kept in {self.parts}, free space and re-run")
-        tmp = self.parts / ASSEMBLING_FILE
         try:
-            self._assemble(tmp, shards, owner)
-            os.replace(tmp, self.out)
+            # the temporary lives in OUT.parts/ (removed with it after a kill); atomic_path removes it on failure
+            with atomic_path(self.out, what="feature cache", scratch=self.parts) as tmp:
+                self._assemble(tmp, shards, owner)
         except OSError as e:
-            tmp.unlink(missing_ok=True)  # give the space back; the shards are untouched
-            raise CacheError(f"cannot write {self.out} (assembling {tmp}): {_why(e)}; finished batches are "
-                             f"kept in {self.parts}, re-run the same command to finish") from e
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            raise CacheError(f"cannot write {self.out}: {_why(e)}; finished batches are kept in {self.parts}, re-run the same "
+                             f"command to finish") from e
         remove_parts(self.out)
 
     def _assemble(self, tmp: Path, shards: list[_Shard], owner: np.ndarray) -> None:
@@ -430,11 +410,6 @@ class CacheWriter:
             f.attrs.update({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "complete": True,
                             "capcache_version": _version(), "torch_version": _torch_version()})
             f.attrs.update({k: str(v) if isinstance(v, str) else v for k, v in asdict(self.meta).items()})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the whole file on disk before it takes the final name
-        finally:
-            os.close(fd)
 
 
 def _copy_shard(feats: h5py.Dataset, shard: _Shard, keep: np.ndarray, views: h5py.Dataset | None = None) -> None:
@@ -461,7 +436,8 @@ def remove_parts(out: str | os.PathLike) -> None:
     if not parts.is_dir() or parts.is_symlink():
         return
     for name in os.listdir(parts):
-        if name in (META_FILE, ASSEMBLING_FILE, f".{META_FILE}.tmp") or _SHARD.match(name) or _TMP_SHARD.match(name):
+        scratch = name.startswith((f".{META_FILE}.", f".{Path(out).name}.")) and name.endswith(".tmp")
+        if name in (META_FILE, ASSEMBLING_FILE) or scratch or _SHARD.match(name) or _TMP_SHARD.match(name):
             (parts / name).unlink(missing_ok=True)
     try:
         parts.rmdir()

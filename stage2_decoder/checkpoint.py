@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from common.atomic import atomic_write
 from common.vocab import Vocabulary, VocabError
 from stage2_decoder.model import CaptionDecoder, DecoderConfig
 
@@ -47,23 +48,10 @@ def save_checkpoint(path: str | os.PathLike, model: CaptionDecoder, vocab: Vocab
     path = Path(path)
     buf = io.BytesIO()
     torch.save(ckpt, buf)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)  # left by a killed run
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write(path, bytes(buf.getbuffer()), what="checkpoint")
     except OSError as e:  # disk full, read-only or vanished folder
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        raise CheckpointError(str(e)) from e
 
 
 BACKBONE_KEYS = ("name", "weights", "feature_dim", "preprocess")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.atomic import atomic_write
 from common.cli import run_guarded
 from common.datasets import FORMATS, ImageRecord, load_dataset
 from stage2_decoder.decode import DecodeConfig
@@ -164,9 +165,7 @@ def main(checkpoint, features, split, dataset, images, captions, limit, beam_siz
         click.echo(format_table(report))
         click.echo(f"{report['seconds']:.1f}s")
         if json_out:
-            tmp = Path(json_out + ".tmp")
-            tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-            os.replace(tmp, json_out)
+            atomic_write(json_out, json.dumps(report, indent=1, ensure_ascii=False), what="evaluation JSON")
         if html_out:
             from stage2_decoder.report import write_html
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from common.atomic import atomic_write
 from common.cli import run_guarded
 
 THUMB_PX = 256
@@ -156,9 +157,7 @@ def write_html(report: dict, out: str | os.PathLike, title: str = "Caption evalu
     out = Path(out)
     if out.parent != Path(""):
         out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write(out, page, what="page")
     return out
 
 

@@ -82,6 +82,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from common.atomic import atomic_path, atomic_write
 from common.cli import run_guarded
 from common.feature_cache import read_meta
 from stage2_decoder.train import TrainConfig, train
@@ -221,9 +222,7 @@ class RunSpec:
 
 
 def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(value, indent=1), what=path.name)
 
 
 def _finite(x) -> float | None:
@@ -569,9 +568,7 @@ def write_results(out: Path, rows: list[dict], grid: dict[str, list], varied: li
     w.writeheader()
     w.writerows(flat)
     paths = [out / "results.csv", out / "results.md", out / "results.json"]
-    tmp = paths[0].with_name(paths[0].name + ".tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, paths[0])
+    atomic_write(paths[0], buf.getvalue(), what="results table")
 
     col, higher = METRICS[metric]
     fixed = {k: v[0] for k, v in grid.items() if len(v) == 1}
@@ -582,9 +579,7 @@ def write_results(out: Path, rows: list[dict], grid: dict[str, list], varied: li
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in flat:
         lines.append("| " + " | ".join(_cell(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in cols) + " |")
-    tmp = paths[1].with_name(paths[1].name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, paths[1])
+    atomic_write(paths[1], "\n".join(lines) + "\n", what="results table")
     _write_json(paths[2], {"metric": metric, "varied": varied, "fixed": fixed, "rows": rows})
     return paths
 
@@ -634,12 +629,8 @@ def plot_sweep(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     fig.suptitle(f"{sweep_dir.resolve().name}: {len(ok)} of {len(res['rows'])} runs "
                  f"({'higher' if higher else 'lower'} {col} is better)")
     out = Path(out) if out is not None else sweep_dir / "sweep.png"
-    tmp = out.with_name(out.name + ".tmp")
-    try:
+    with atomic_path(out, what="sweep plot") as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -7,6 +7,7 @@ best.pt (lowest validation loss). Rerunning with the same RUN_DIR resumes from l
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,10 +22,12 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from common.atomic import atomic_write, remove_stale_temporaries
 from common.device import resolve_device
 from common.cli import config_options, run_guarded
 from common.datasets import FORMATS, load_dataset, official_split, split_keys, write_split
 from common.feature_cache import CacheError, FeatureCache, load_cache
+from common.lock import LOCK_NAME, hold
 from common.tokenizer import tokenize
 from common.vocab import Vocabulary, build_vocab
 from stage2_decoder.checkpoint import CheckpointError, cpu_state, load_checkpoint, save_checkpoint
@@ -102,6 +105,9 @@ class TrainConfig:
                              self.dropout, self.tie_embeddings)
 
 
+RUN_OUTPUTS = ("config.json", "split.json", "vocab.json", "metrics.jsonl", "best.pt", "last.pt", "curves.png")
+
+
 @dataclass
 class TrainResult:
     run_dir: str
@@ -165,6 +171,11 @@ def prepare_data(cfg: TrainConfig, cache: FeatureCache):
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) a decoder; returns the history. Importable: the CLI and sweeps call this."""
+    with contextlib.ExitStack() as owned:  # the run folder's lock, held until training returns or fails
+        return _train(cfg, owned)
+
+
+def _train(cfg: TrainConfig, owned: contextlib.ExitStack) -> TrainResult:
     _check(cfg)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -175,6 +186,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ValueError(f"--out {run} is inside the images folder {images_dir}; write the run elsewhere")
     parts, split, vocab, rows, tokens = prepare_data(cfg, cache)
     run.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be usable
+    owned.enter_context(hold(run / LOCK_NAME, "run folder"))
+    remove_stale_temporaries(run, RUN_OUTPUTS)  # what a killed run was writing: ours now that we hold the lock
     train_set = CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len, tokens).to(device)  # beside the features
     val_records = [r for r in parts["val"] if r.captions]  # images without references cannot validate
     if not val_records and cfg.progress:
@@ -213,11 +226,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     val_keys = set([r.key for r in val_records][: cfg.val_images or None])
     val_refs = {r.key: r.captions for r in val_records if r.key in val_keys and r.captions}
     if start_epoch == 0:
-        (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        atomic_write(run / "config.json", json.dumps(asdict(cfg), indent=2), what="run config")
         write_split(split, run / "split.json")
         vocab.save(run / "vocab.json")
     # metrics.jsonl = the checkpoint's history (drops a line from an epoch whose last.pt never landed)
-    (run / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    atomic_write(run / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history), what="metrics")
 
     n_train = len(train_set)
     steps = 1 if cfg.dry_run else math.ceil(n_train / cfg.batch_size)
