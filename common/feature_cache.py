@@ -38,6 +38,7 @@ crash-safe: a kill in the middle of a write or flush can leave the whole file un
                                   named by the writing rank (torchrun) and a per-rank sequence number
     OUT.parts/.rank000-000018.npz.*.tmp   a shard being written: ignored, its rows are recomputed
     OUT.parts/.OUT.*.tmp                  the final file being assembled (rebuilt on a rerun)
+    OUT.parts/.lock                       held (flock, common.lock) by the one extraction writing OUT
 
 Every file is written by common.atomic (a fresh exclusive temporary, fsync, `os.replace`), so
 the set of shard files *is* the record of finished rows: features and bookkeeping are one
@@ -437,7 +438,7 @@ def remove_parts(out: str | os.PathLike) -> None:
         return
     for name in os.listdir(parts):
         scratch = name.startswith((f".{META_FILE}.", f".{Path(out).name}.")) and name.endswith(".tmp")
-        if name in (META_FILE, ASSEMBLING_FILE) or scratch or _SHARD.match(name) or _TMP_SHARD.match(name):
+        if name in (META_FILE, ASSEMBLING_FILE, ".lock") or scratch or _SHARD.match(name) or _TMP_SHARD.match(name):
             (parts / name).unlink(missing_ok=True)
     try:
         parts.rmdir()

@@ -7,6 +7,7 @@ takes its own share of the rows (stage1_extract.distributed) and rank 0 assemble
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -24,6 +25,7 @@ from common.backbones import DEFAULT_BACKBONE, VIEWS, Backbone, ImageRows, load_
 from common.datasets import ImageRecord, guess_format, load_dataset
 from common.feature_cache import (DONE, PENDING, CacheError, CacheMeta, CacheWriter, mismatch, parts_dir, read_keys,
                                   read_meta, remove_parts)
+from common.lock import LOCK_NAME, hold
 from stage1_extract.distributed import Dist, device_for, from_env
 
 
@@ -75,7 +77,8 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         raise ValueError(f"--views must be 1..{len(VIEWS)} ({', '.join(VIEWS)}), got {cfg.views}")
     d = from_env(cfg.dist_timeout_s)
     try:
-        return _extract(cfg, d)
+        with contextlib.ExitStack() as owned:  # the cache-in-progress lock, held until extraction ends
+            return _extract(cfg, d, owned)
     finally:
         d.close()
 
@@ -105,9 +108,19 @@ def _check_finished(out: Path, meta: CacheMeta, keys: list[str]) -> None:
                          f"delete it or choose another --out")
 
 
-def _extract(cfg: ExtractConfig, d: Dist) -> ExtractSummary:
+def _lock(out: Path, owned: contextlib.ExitStack) -> None:
+    """One extraction per OUT: OUT.parts/.lock (removed with OUT.parts/ once OUT is whole: whoever takes
+    a lock after that finds OUT complete)."""
+    if out.exists():
+        return
+    parts_dir(out).mkdir(parents=True, exist_ok=True)
+    owned.enter_context(hold(parts_dir(out) / LOCK_NAME, "cache in progress"))
+
+
+def _extract(cfg: ExtractConfig, d: Dist, owned: contextlib.ExitStack) -> ExtractSummary:
     records, out, backbone, meta = d.agree("setting up", lambda: _setup(cfg, d))
     keys = [r.key for r in records]
+    d.agree(f"locking {parts_dir(out)}", lambda: _lock(out, owned) if d.rank == 0 else None)
     if out.exists():
         d.agree(f"checking {out}", lambda: _check_finished(out, meta, keys))
         if d.rank == 0:

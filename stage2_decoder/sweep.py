@@ -85,6 +85,7 @@ from tqdm import tqdm
 from common.atomic import atomic_path, atomic_write
 from common.cli import run_guarded
 from common.feature_cache import read_meta
+from common.lock import LOCK_NAME, hold
 from stage2_decoder.train import TrainConfig, train
 
 METRICS = {"cider": ("val_cider", True), "loss": ("val_loss", False)}  # column, higher is better
@@ -297,7 +298,35 @@ _LIVE_LOCK = threading.Lock()
 _STOP = threading.Event()
 
 
+_SWEEP_PID: list[int] = []  # the sweep process, as its forked runs see it
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(INTERRUPTED_EXIT)
+
+
+def _die_with_parent() -> None:
+    """A run never outlives its sweep (kill -9 included): an orphan would go on training and collide with the
+    re-run. Linux: PR_SET_PDEATHSIG; elsewhere a thread watching the parent's pid."""
+    parent = _SWEEP_PID[0] if _SWEEP_PID else os.getppid()
+    armed = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent:  # the sweep died before the signal was armed
+        os._exit(INTERRUPTED_EXIT)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
 def _child_main(spec: RunSpec, threads: int | None) -> None:
+    _die_with_parent()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's click handler: just stop (SIGINT as inherited)
     log = open(Path(spec.run_dir) / LOG, "a")
     os.dup2(log.fileno(), 1)  # whatever the run prints goes to its own log, not over the progress bar
@@ -512,6 +541,13 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     read_meta(cfg.features)  # a missing or foreign cache is one clear error, not N failed runs
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    with hold(out / LOCK_NAME, "sweep folder"):  # one sweep per folder; each run also locks its own folder
+        return _run_locked(cfg, out, specs, grid, varied, t0)
+
+
+def _run_locked(cfg: SweepConfig, out: Path, specs: list[RunSpec], grid: dict[str, list], varied: list[str],
+                t0: float) -> SweepResult:
+    _SWEEP_PID[:] = [os.getpid()]
     _write_json(out / "sweep.json", {"features": os.path.abspath(cfg.features), "grid": grid, "varied": varied,
                                      "metric": cfg.metric, "random": cfg.random, "seed": cfg.seed,
                                      "dry_run": cfg.dry_run, "runs": [s.name for s in specs]})
