@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 import click
@@ -93,11 +93,14 @@ class TrainConfig:
     progress: bool = True
     dry_run: bool = False  # one batch per epoch: the cheap mode tests use
 
-    # settings that must not change when a run resumes from last.pt
-    RESUME_FIXED = ("features", "embed_size", "hidden_size", "num_layers", "vocab_threshold", "max_caption_len",
-                    "val_frac", "test_frac", "split_seed", "dropout", "select_by", "val_beam_size",
-                    "tie_embeddings")
-    RESUME_LEGACY = {"val_beam_size": 1, "tie_embeddings": False}  # what a run from before the setting existed did
+    # a resume from last.pt may change these, and they apply to the epochs still to run (config.json records it)
+    RESUME_APPLIED = ("epochs", "scst_epochs", "patience")
+    # where the data is and how the run is shown, not the training math
+    RESUME_FREE = ("out", "captions", "images", "dataset", "device", "progress", "dry_run")
+    # every other field changes the math and must not change on resume (set below, new fields included)
+    RESUME_FIXED = ()
+    # what a run from before the setting existed did, where that is not the field's default
+    RESUME_LEGACY = {"val_beam_size": 1, "tie_embeddings": False}
 
     def decoder_config(self, feature_dim: int, vocab_size: int) -> DecoderConfig:
         """The decoder these settings train (train() and the benchmarks build it from here)."""
@@ -105,6 +108,8 @@ class TrainConfig:
                              self.dropout, self.tie_embeddings)
 
 
+TrainConfig.RESUME_FIXED = tuple(f.name for f in fields(TrainConfig)
+                                 if f.name not in TrainConfig.RESUME_APPLIED + TrainConfig.RESUME_FREE)
 RUN_OUTPUTS = ("config.json", "split.json", "vocab.json", "metrics.jsonl", "best.pt", "last.pt", "curves.png")
 
 
@@ -171,6 +176,8 @@ def prepare_data(cfg: TrainConfig, cache: FeatureCache):
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) a decoder; returns the history. Importable: the CLI and sweeps call this."""
+    # absolute, so a resume from another working directory names the same cache (last.pt records this)
+    cfg = replace(cfg, features=os.path.abspath(cfg.features))
     with contextlib.ExitStack() as owned:  # the run folder's lock, held until training returns or fails
         return _train(cfg, owned)
 
@@ -225,8 +232,8 @@ def _train(cfg: TrainConfig, owned: contextlib.ExitStack) -> TrainResult:
     history, start_epoch, best = _resume(run, cfg, model, opt, sched, vocab, device, backbone, ema)
     val_keys = set([r.key for r in val_records][: cfg.val_images or None])
     val_refs = {r.key: r.captions for r in val_records if r.key in val_keys and r.captions}
+    atomic_write(run / "config.json", json.dumps(_run_config(run, cfg, start_epoch), indent=2), what="run config")
     if start_epoch == 0:
-        atomic_write(run / "config.json", json.dumps(asdict(cfg), indent=2), what="run config")
         write_split(split, run / "split.json")
         vocab.save(run / "vocab.json")
     # metrics.jsonl = the checkpoint's history (drops a line from an epoch whose last.pt never landed)
@@ -423,6 +430,49 @@ def evaluate_loss(model: CaptionDecoder, pairs: CaptionPairs, features: torch.Te
     return float(total) / max(count, 1)
 
 
+def _run_config(run: Path, cfg: TrainConfig, start_epoch: int) -> dict:
+    """config.json: the settings the epochs from `start_epoch` on use, and under "resumed" every resume that
+    changed one of TrainConfig.RESUME_APPLIED ({"after_epoch", "changed": {name: [before, now]}})."""
+    before: dict = {}
+    if start_epoch:
+        try:
+            before = json.loads((run / "config.json").read_text())
+        except (OSError, ValueError):
+            before = {}
+        before = before if isinstance(before, dict) else {}
+    resumed = list(before.get("resumed", [])) if isinstance(before.get("resumed"), list) else []
+    changed = {k: [before[k], getattr(cfg, k)] for k in TrainConfig.RESUME_APPLIED
+               if k in before and before[k] != getattr(cfg, k)}
+    if changed:
+        resumed.append({"after_epoch": start_epoch, "changed": changed})
+    return {**asdict(cfg), **({"resumed": resumed} if resumed else {})}
+
+
+def _recorded(old: dict, name: str):
+    """A setting as last.pt recorded it; one it predates is what runs did before it existed."""
+    if name in old:
+        return old[name]
+    if name in TrainConfig.RESUME_LEGACY:
+        return TrainConfig.RESUME_LEGACY[name]
+    default = TrainConfig.__dataclass_fields__[name].default
+    return None if default is MISSING else default
+
+
+def _check_resume_epochs(last: Path, cfg: TrainConfig, old: dict, done: int) -> None:
+    """More epochs (or patience) apply to the rest of the run; fewer than already ran, or a moved
+    cross-entropy / self-critical boundary once SCST began, are refused."""
+    old_epochs = old.get("epochs", cfg.epochs)
+    if cfg.epochs < min(done, old_epochs):
+        raise CheckpointError(f"{last} already ran {min(done, old_epochs)} cross-entropy epochs: --epochs "
+                              f"{cfg.epochs} cannot undo them (use --epochs {old_epochs} or a new --out)")
+    if done > old_epochs and cfg.epochs != old_epochs:
+        raise CheckpointError(f"{last} is in its self-critical phase (it began after epoch {old_epochs}): "
+                              f"--epochs must stay {old_epochs}")
+    if cfg.epochs + cfg.scst_epochs < done:
+        raise CheckpointError(f"{last} already ran {done} epochs: --epochs {cfg.epochs} + --scst-epochs "
+                              f"{cfg.scst_epochs} is fewer")
+
+
 def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, device, backbone: dict,
             ema: AveragedModel | None = None):
     last = run / "last.pt"
@@ -430,8 +480,11 @@ def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, d
         return [], 0, {"score": float("-inf"), "epoch": 0}
     ckpt = load_checkpoint(last, map_location=device)
     old = ckpt.get("train_config", {})
-    changed = [k for k in TrainConfig.RESUME_FIXED
-               if k != "features" and old.get(k, TrainConfig.RESUME_LEGACY.get(k)) != getattr(cfg, k)]
+    if not isinstance(old, dict):
+        raise CheckpointError(f"{last} has a damaged train_config ({type(old).__name__}, expected a dict): "
+                              f"use a new --out or delete {run}")
+    changed = [f"--{k.replace('_', '-')} {_recorded(old, k)!r} -> {getattr(cfg, k)!r}"
+               for k in TrainConfig.RESUME_FIXED if k != "features" and _recorded(old, k) != getattr(cfg, k)]
     if os.path.abspath(old.get("features", "")) != os.path.abspath(cfg.features):
         changed.append("features")
     # the same cache path may now hold features of another backbone (same size, other meaning)
@@ -439,7 +492,8 @@ def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, d
                 if ckpt["backbone"].get(k) != backbone[k]]
     if changed or Vocabulary.from_dict(ckpt["vocab"]) != vocab:
         raise CheckpointError(f"{last} was trained with other settings ({', '.join(changed) or 'vocabulary'}); "
-                              f"use a new --out or delete {run}")
+                              f"resume with the same ones, or use a new --out or delete {run}")
+    _check_resume_epochs(last, cfg, old, int(ckpt.get("epoch", 0)) if isinstance(ckpt.get("epoch"), int) else 0)
     try:
         model.load_state_dict(ckpt.get("train_model_state", ckpt["model_state"]), strict=True)
         if ema is not None:
