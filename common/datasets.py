@@ -298,9 +298,36 @@ def load_flickr30k(captions_file: str | os.PathLike, images_dir: str | os.PathLi
     return sorted(records, key=_sort_key)
 
 
+OUTSIDE_FLAG = "--allow-outside-images"
+_LISTED_OUTSIDE = 20  # entries named one by one; the rest are counted
+
+
+def inside_folder(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether `path` resolves (symlinks, `..`) to somewhere under `folder` (resolved too)."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+
+
+def _drop_outside(records: list[ImageRecord], captions_file, images_dir) -> list[ImageRecord]:
+    """Entries whose image resolves outside the images folder (an absolute path, `../`, a symlink out) are
+    not read: one warning per entry (the first few, then a count) and a total."""
+    kept, outside = [], []
+    for r in records:
+        (kept if inside_folder(r.path, images_dir) else outside).append(r)
+    for r in outside[:_LISTED_OUTSIDE]:
+        warnings.warn(DatasetWarning(f"{captions_file}: image {r.key!r} resolves outside the images folder "
+                                     f"{images_dir} ({r.path}): skipped"), stacklevel=3)
+    if outside:
+        warnings.warn(DatasetWarning(f"{captions_file}: skipped {len(outside)} entries whose image is outside "
+                                     f"{images_dir} (pass {OUTSIDE_FLAG} if your layout needs them)"), stacklevel=3)
+    return kept
+
+
 def load_dataset(fmt: str, captions_file: str | os.PathLike, images_dir: str | os.PathLike,
-                 limit: int | None = None) -> list[ImageRecord]:
-    """Records of a dataset in stable order (by image id / name); the first `limit` if given."""
+                 limit: int | None = None, allow_outside_images: bool = False) -> list[ImageRecord]:
+    """Records of a dataset in stable order (by image id / name); the first `limit` if given.
+
+    Entries whose image resolves outside `images_dir` are skipped with a warning unless
+    `allow_outside_images` (readers that open no image, like training, pass it)."""
     if fmt == "auto":
         fmt = guess_format(captions_file)
     if fmt not in FORMATS:
@@ -309,6 +336,10 @@ def load_dataset(fmt: str, captions_file: str | os.PathLike, images_dir: str | o
         raise DatasetError(f"images folder not found: {images_dir}")
     loaders = {"coco": load_coco, "flickr8k": load_flickr8k, "karpathy": load_karpathy, "flickr30k": load_flickr30k}
     records = loaders[fmt](captions_file, images_dir)
+    if not allow_outside_images:
+        records = _drop_outside(records, captions_file, images_dir)
+        if not records:
+            raise DatasetError(f"{captions_file}: no image lies inside the images folder {images_dir}")
     if limit is not None:
         if limit < 1:
             raise DatasetError(f"--limit must be at least 1, got {limit}")

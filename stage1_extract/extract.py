@@ -43,6 +43,7 @@ class ExtractConfig:
     limit: int | None = None
     dtype: str = "float16"
     views: int = 1  # 1 = the centre crop only; 2-4 also cache VIEWS[1:views] (flips, whole image) for training
+    allow_outside_images: bool = False  # read captions entries whose image resolves outside --images
     progress: bool = True
     dist_timeout_s: float = 1800.0  # torchrun: how long a rank waits for the others at a sync point
 
@@ -84,7 +85,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
 
 
 def _setup(cfg: ExtractConfig, d: Dist) -> tuple[list[ImageRecord], Path, Backbone, CacheMeta]:
-    records = load_dataset(cfg.dataset, cfg.captions, cfg.images, cfg.limit)
+    records = load_dataset(cfg.dataset, cfg.captions, cfg.images, cfg.limit, cfg.allow_outside_images)
     fmt = cfg.dataset if cfg.dataset != "auto" else guess_format(cfg.captions)
     out = Path(os.path.abspath(cfg.out))
     images_dir = Path(os.path.abspath(cfg.images))

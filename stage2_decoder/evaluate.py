@@ -20,12 +20,13 @@ from tqdm import tqdm
 
 from common.atomic import atomic_write
 from common.cli import run_guarded
-from common.datasets import FORMATS, ImageRecord, load_dataset
+from common.datasets import FORMATS, OUTSIDE_FLAG, ImageRecord, load_dataset
 from stage2_decoder.decode import DecodeConfig
 
 
 def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_override: dict | None = None,
-                        decode_cfg: DecodeConfig | None = None) -> tuple[dict[str, str], list[ImageRecord]]:
+                        decode_cfg: DecodeConfig | None = None, allow_outside_images: bool = False
+                        ) -> tuple[dict[str, str], list[ImageRecord]]:
     """Decode the split's images from the cache. Returns ({key: caption}, records)."""
     from common.feature_cache import load_cache
 
@@ -37,7 +38,7 @@ def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_over
     m = cache.meta
     o = records_override or {}
     recs = {r.key: r for r in load_dataset(o.get("dataset") or m.dataset_format, o.get("captions") or m.captions_file,
-                                           o.get("images") or m.images_dir)}
+                                           o.get("images") or m.images_dir, allow_outside_images=allow_outside_images)}
     rows = cache.rows_by_key()
     keys = [k for k in keys if k in rows and k in recs]
     if not keys:
@@ -130,8 +131,10 @@ def format_table(report: dict) -> str:
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write metrics + every caption here.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None,
               help="Write a self-contained HTML gallery: metrics, then every photo with its captions and CIDEr.")
+@click.option(OUTSIDE_FLAG, "allow_outside_images", is_flag=True,
+              help="Also read captions entries whose image resolves outside the images folder.")
 def main(checkpoint, features, split, dataset, images, captions, limit, beam_size, max_len, min_len, length_penalty,
-         no_repeat_ngram, spice, workers, device, json_out, html_out):
+         no_repeat_ngram, spice, workers, device, json_out, html_out, allow_outside_images):
     """Score a checkpoint with BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE where it runs)."""
     from stage2_decoder.caption import Captioner
     from stage2_decoder.checkpoint import load_checkpoint
@@ -150,16 +153,18 @@ def main(checkpoint, features, split, dataset, images, captions, limit, beam_siz
         dcfg = DecodeConfig(beam_size, max_len, min_len, length_penalty, no_repeat_ngram)
         errors = {}
         if raw:
-            recs = load_dataset(dataset or "auto", captions, images, limit)
+            recs = load_dataset(dataset or "auto", captions, images, limit, allow_outside_images)
             res, recs, errors = captions_from_images(cap, recs, workers, decode_cfg=dcfg)
             for k, e in errors.items():
                 click.echo(f"skipped {k}: {e}", err=True)
         else:
-            res, recs = captions_from_cache(cap, load_checkpoint(checkpoint), features, split, decode_cfg=dcfg)
+            res, recs = captions_from_cache(cap, load_checkpoint(checkpoint), features, split, decode_cfg=dcfg,
+                                            allow_outside_images=allow_outside_images)
         if not res:
             raise ValueError("no image could be captioned")
         report = evaluate_captions(res, recs, spice)
-        report.update({"checkpoint": os.path.abspath(checkpoint), "decode": vars(dcfg),
+        images_root = os.path.abspath(images) if raw else read_meta(features).images_dir
+        report.update({"checkpoint": os.path.abspath(checkpoint), "decode": vars(dcfg), "images_root": images_root,
                        "source": "images" if raw else f"cache:{split}", "skipped": errors,
                        "seconds": round(time.perf_counter() - t0, 2)})
         click.echo(format_table(report))
@@ -170,7 +175,7 @@ def main(checkpoint, features, split, dataset, images, captions, limit, beam_siz
             from stage2_decoder.report import write_html
 
             write_html(report, html_out, f"Caption evaluation: {Path(checkpoint).name}, {report['source']}",
-                       progress=True)
+                       progress=True, images_root=None if allow_outside_images else images_root)
             click.echo(f"gallery: {html_out}")
         return 0
 

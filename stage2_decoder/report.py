@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import os
+import warnings
 from html import escape
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from common.atomic import atomic_write
 from common.cli import run_guarded
+from common.datasets import OUTSIDE_FLAG, inside_folder
 
 THUMB_PX = 256
 METRIC_ORDER = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
@@ -104,6 +106,18 @@ def _summary(report: dict) -> str:
     return "".join(f'<p class="meta">{ln}</p>' for ln in lines)
 
 
+def _thumb(item: dict, thumb_px: int, images_root: str | None) -> str | None:
+    """The card's thumbnail; an image resolving outside `images_root` (when given) is not read."""
+    path = item.get("image")
+    if not isinstance(path, str) or not path:
+        return None
+    if images_root is not None and not inside_folder(path, images_root):
+        warnings.warn(f"image of {item.get('key')!r} not embedded: {path} is outside the images folder "
+                      f"{images_root} (--images-root DIR or {OUTSIDE_FLAG} to embed it)")
+        return None
+    return thumbnail_data_uri(path, thumb_px)
+
+
 def _card(index: int, item: dict, thumb: str | None) -> str:
     cider = item.get("cider")
     score = float(cider) if cider is not None else float("nan")
@@ -120,12 +134,14 @@ def _card(index: int, item: dict, thumb: str | None) -> str:
 
 
 def render_html(report: dict, title: str = "Caption evaluation", thumb_px: int = THUMB_PX,
-                progress: bool = False) -> str:
+                progress: bool = False, images_root: str | os.PathLike | None = None) -> str:
     """The page for an `evaluate` report (metrics, stats, notes, images[{key, image, caption,
-    references, cider}]) as a string; cards ordered by CIDEr, best first."""
+    references, cider}]) as a string; cards ordered by CIDEr, best first. With `images_root`, only
+    images resolving inside it are read (the others get an empty card and a warning)."""
     images = list(enumerate(report.get("images", [])))
     images.sort(key=lambda p: -(p[1]["cider"] if p[1].get("cider") is not None else -1.0))
-    cards = [_card(i, item, thumbnail_data_uri(item["image"], thumb_px) if item.get("image") else None)
+    root = os.fspath(images_root) if images_root is not None else None
+    cards = [_card(i, item, _thumb(item, thumb_px, root))
              for i, item in tqdm(images, desc="thumbnails", unit="img", disable=not progress, leave=False)]
     csp = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'")
     return f"""<!DOCTYPE html>
@@ -150,10 +166,10 @@ def render_html(report: dict, title: str = "Caption evaluation", thumb_px: int =
 """
 
 
-def write_html(report: dict, out: str | os.PathLike, title: str = "Caption evaluation", progress: bool = False
-               ) -> Path:
+def write_html(report: dict, out: str | os.PathLike, title: str = "Caption evaluation", progress: bool = False,
+               images_root: str | os.PathLike | None = None) -> Path:
     """Render the page and write it atomically to `out`."""
-    page = render_html(report, title, progress=progress)
+    page = render_html(report, title, progress=progress, images_root=images_root)
     out = Path(out)
     if out.parent != Path(""):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +181,11 @@ def write_html(report: dict, out: str | os.PathLike, title: str = "Caption evalu
 @click.argument("eval_json", type=click.Path())
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The HTML page to write.")
 @click.option("--title", default="Caption evaluation", show_default=True)
-def main(eval_json, out, title):
+@click.option("--images-root", type=click.Path(file_okay=False), default=None,
+              help="Embed only images inside this folder [default: the images_root the JSON records, else the "
+                   "JSON's own folder].")
+@click.option(OUTSIDE_FLAG, "allow_outside_images", is_flag=True, help="Embed every image the JSON names.")
+def main(eval_json, out, title, images_root, allow_outside_images):
     """Turn an `evaluate --json` file into a self-contained HTML gallery."""
     def work():
         try:
@@ -175,7 +195,11 @@ def main(eval_json, out, title):
         if not (isinstance(report, dict) and isinstance(report.get("images"), list)
                 and all(isinstance(i, dict) for i in report["images"])):
             raise ValueError(f"{eval_json} is not an `evaluate --json` output (no 'images' list)")
-        write_html(report, out, title, progress=True)
+        recorded = report.get("images_root")
+        root = None if allow_outside_images else (
+            images_root or (recorded if isinstance(recorded, str) and recorded else None)
+            or os.path.dirname(os.path.abspath(eval_json)))
+        write_html(report, out, title, progress=True, images_root=root)
         click.echo(f"wrote {out} ({len(report['images'])} images)")
         return 0
 

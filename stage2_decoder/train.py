@@ -158,7 +158,7 @@ def prepare_data(cfg: TrainConfig, cache: FeatureCache):
     """
     m = cache.meta
     records = load_dataset(cfg.dataset or m.dataset_format, cfg.captions or m.captions_file,
-                           cfg.images or m.images_dir)
+                           cfg.images or m.images_dir, allow_outside_images=True)  # only captions are read here
     rows = cache.rows_by_key()
     records = [r for r in records if r.key in rows]
     if len(records) < 3:
