@@ -21,6 +21,9 @@ from typing import BinaryIO
 class AtomicWriteError(OSError):
     """An output that could not be written; names the file."""
 
+    def __str__(self) -> str:  # the message alone, not "[Errno 28] ...": it is shown to users as one line
+        return self.strerror or super().__str__()
+
 
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened or fsynced

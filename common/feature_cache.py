@@ -57,6 +57,7 @@ import re
 import shutil
 import threading
 import zipfile
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -530,6 +531,9 @@ def _load_cache(path, backbone, feature_dim, preprocess, with_views) -> FeatureC
     if views is not None and views.shape != (len(keys), meta.views - 1, meta.feature_dim):
         raise CacheError(f"{path}: views have shape {views.shape}, expected "
                          f"({len(keys)}, {meta.views - 1}, {meta.feature_dim})")
+    if len(set(keys)) != len(keys):  # rows_by_key would give two images' features one key
+        twice = next(k for k, n in Counter(keys).items() if n > 1)
+        raise CacheError(f"{path}: key {twice!r} names more than one row; the cache is damaged: re-run stage 1")
     errors = {keys[i]: _text(e) for i, e in enumerate(errs) if status[i] == FAILED}
     return FeatureCache(str(path), meta, feats, keys, status, errors, views)
 

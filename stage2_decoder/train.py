@@ -483,7 +483,7 @@ def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, d
     if not isinstance(old, dict):
         raise CheckpointError(f"{last} has a damaged train_config ({type(old).__name__}, expected a dict): "
                               f"use a new --out or delete {run}")
-    changed = [f"--{k.replace('_', '-')} {_recorded(old, k)!r} -> {getattr(cfg, k)!r}"
+    changed = [f"{k} {_recorded(old, k)!r} -> {getattr(cfg, k)!r}"
                for k in TrainConfig.RESUME_FIXED if k != "features" and _recorded(old, k) != getattr(cfg, k)]
     if os.path.abspath(old.get("features", "")) != os.path.abspath(cfg.features):
         changed.append("features")
@@ -493,7 +493,6 @@ def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, d
     if changed or Vocabulary.from_dict(ckpt["vocab"]) != vocab:
         raise CheckpointError(f"{last} was trained with other settings ({', '.join(changed) or 'vocabulary'}); "
                               f"resume with the same ones, or use a new --out or delete {run}")
-    _check_resume_epochs(last, cfg, old, int(ckpt.get("epoch", 0)) if isinstance(ckpt.get("epoch"), int) else 0)
     try:
         model.load_state_dict(ckpt.get("train_model_state", ckpt["model_state"]), strict=True)
         if ema is not None:
@@ -505,6 +504,7 @@ def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, d
         history, epoch, best = list(ckpt.get("history", [])), int(ckpt["epoch"]), dict(ckpt["best"])
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"cannot resume from {last}: {type(e).__name__}: {e}") from e
+    _check_resume_epochs(last, cfg, old, epoch)
     if cfg.progress:
         tqdm.write(f"resuming {run} after epoch {epoch}")
     return history, epoch, best
