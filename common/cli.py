@@ -1,6 +1,7 @@
 """The click layer's error policy: library errors become one line on stderr and an exit code."""
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import warnings
@@ -21,6 +22,21 @@ USER_ERRORS: tuple[type[BaseException], ...] = (BackboneError, ImageError, Datas
                                                 ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
                                                 NotADirectoryError, OSError, FloatingPointError, MemoryError,
                                                 torch.cuda.OutOfMemoryError)  # = torch.OutOfMemoryError in 2.5+
+
+
+class FiniteFloat(click.ParamType):
+    """A float option that refuses inf and nan (`--length-penalty -inf` is no setting), naming the option."""
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        v = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+FINITE = FiniteFloat()
+INT64 = click.IntRange(-(2**63), 2**63 - 1)  # what torch (seeds) and numpy take: a bigger one is a usage error
 
 
 class Terminated(Exception):
@@ -77,6 +93,7 @@ def config_options(cls, skip: Collection[str] = ()):
             if fl.name in skip or fl.default is MISSING:
                 continue
             kind = type(fl.default) if fl.default is not None else str
+            kind = {int: INT64, float: FINITE}.get(kind, kind)
             f = click.option("--" + fl.name.replace("_", "-"), fl.name, type=kind, default=fl.default,
                              show_default=True)(f)
         return f

@@ -112,9 +112,9 @@ def shard_name(rank: int, seq: int) -> str:
 
 def _read_meta(f: h5py.File, path) -> CacheMeta:
     a = f.attrs
-    if a.get("schema") != SCHEMA:
+    if _plain(a.get("schema")) != SCHEMA:
         raise CacheError(f"{path} is not a capcache feature cache (no schema={SCHEMA!r} attribute)")
-    version = int(a.get("schema_version", -1))
+    version = _plain(a.get("schema_version", -1))
     if version != SCHEMA_VERSION:
         raise CacheError(f"{path} has cache schema version {version}, this capcache reads version "
                          f"{SCHEMA_VERSION}: re-run stage 1 (make features) to rebuild it")
@@ -128,9 +128,65 @@ def _read_meta(f: h5py.File, path) -> CacheMeta:
             raise
 
     try:
-        return CacheMeta(**{fl.name: attr(fl.name) for fl in fields(CacheMeta)})
+        values = {fl.name: attr(fl.name) for fl in fields(CacheMeta)}
     except KeyError as e:
         raise CacheError(f"{path} lacks the cache attribute {e}") from e
+    for fl in fields(CacheMeta):  # a hand-edited or hostile file: every attribute a plain value of its type
+        kind = int if fl.type in (int, "int") else str
+        v = values[fl.name]
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise CacheError(f"{path}: cache attribute {fl.name!r} is {type(v).__name__} {_short(v)}, expected "
+                             f"{kind.__name__}; the file is damaged: re-run stage 1")
+    if values["feature_dim"] < 1 or values["views"] < 1:
+        raise CacheError(f"{path}: cache attributes feature_dim={values['feature_dim']}, views={values['views']} "
+                         f"must be positive; the file is damaged: re-run stage 1")
+    return CacheMeta(**values)
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_SIZE_SLACK = 64  # declared bytes may exceed the file by this factor (HDF5 compression), no more
+
+
+def _check_datasets(f: h5py.File, path, meta: CacheMeta, with_views: bool = False) -> None:
+    """Shapes, types and declared sizes of the datasets, from their headers, before any is read: a tiny
+    file declaring a huge array must not be allocated first."""
+    need = {"keys": 1, "status": 1, "errors": 1, "features": 2}
+    if with_views and meta.views > 1:
+        need["views"] = 3
+    ds = {}
+    for name, ndim in need.items():
+        d = f.get(name)
+        if not isinstance(d, h5py.Dataset):
+            raise CacheError(f"{path} lacks the {name!r} dataset; re-run stage 1 to rebuild it")
+        if d.ndim != ndim:
+            raise CacheError(f"{path}: {name!r} is {d.ndim}-D {list(d.shape)}, expected {ndim}-D; the file is "
+                             f"damaged: re-run stage 1")
+        ds[name] = d
+    n = ds["keys"].shape[0]
+    for name in ("keys", "errors"):
+        if h5py.check_string_dtype(ds[name].dtype) is None:
+            raise CacheError(f"{path}: {name!r} holds {ds[name].dtype}, expected text; re-run stage 1")
+    for name in ("features", "views"):
+        if name in ds and ds[name].dtype.kind != "f":
+            raise CacheError(f"{path}: {name!r} holds {ds[name].dtype}, expected floats; re-run stage 1")
+    if ds["status"].dtype.kind not in "iu":
+        raise CacheError(f"{path}: 'status' holds {ds['status'].dtype}, expected integers; re-run stage 1")
+    want = {"status": (n,), "errors": (n,), "features": (n, meta.feature_dim),
+            "views": (n, meta.views - 1, meta.feature_dim)}
+    for name, d in ds.items():
+        if name != "keys" and d.shape != want[name]:
+            raise CacheError(f"{path}: {name!r} has shape {list(d.shape)} but the cache lists {n} images of "
+                             f"{meta.feature_dim} features (expected {list(want[name])}); re-run stage 1")
+    size = os.path.getsize(path)
+    for name, d in ds.items():
+        declared = d.size * d.dtype.itemsize
+        if declared > _SIZE_SLACK * size + (1 << 20):
+            raise CacheError(f"{path}: {name!r} declares {list(d.shape)} ({declared / 2**20:,.0f} MiB) in a "
+                             f"{size / 2**10:,.1f} KiB file: it is damaged; re-run stage 1")
 
 
 def _text(v) -> str:
@@ -470,7 +526,7 @@ def read_meta(path: str | os.PathLike) -> CacheMeta:
 
 def read_keys(path: str | os.PathLike) -> list[str]:
     with _open(path) as f:
-        _read_meta(f, path)
+        _check_datasets(f, path, _read_meta(f, path))
         return [_text(k) for k in f["keys"][:]]
 
 
@@ -518,6 +574,7 @@ def _load_cache(path, backbone, feature_dim, preprocess, with_views) -> FeatureC
             raise CacheError(f"{path} was made with {', '.join(wrong)}: re-run stage 1 "
                              f"(python -m stage1_extract --backbone {backbone or meta.backbone} ...) "
                              f"or use a checkpoint trained on this cache")
+        _check_datasets(f, path, meta, with_views)
         try:
             feats = f["features"][:]
             keys = [_text(k) for k in f["keys"][:]]

@@ -25,7 +25,7 @@ from common.backbones import DEFAULT_BACKBONE, VIEWS, Backbone, ImageRows, load_
 from common.datasets import ImageRecord, guess_format, load_dataset
 from common.feature_cache import (DONE, PENDING, CacheError, CacheMeta, CacheWriter, mismatch, parts_dir, read_keys,
                                   read_meta, remove_parts)
-from common.lock import LOCK_NAME, hold
+from common.lock import LOCK_NAME, OutputBusy, hold
 from stage1_extract.distributed import Dist, device_for, from_env
 
 
@@ -112,10 +112,18 @@ def _check_finished(out: Path, meta: CacheMeta, keys: list[str]) -> None:
 def _lock(out: Path, owned: contextlib.ExitStack) -> None:
     """One extraction per OUT: OUT.parts/.lock (removed with OUT.parts/ once OUT is whole: whoever takes
     a lock after that finds OUT complete)."""
+    parts = parts_dir(out)
     if out.exists():
         return
-    parts_dir(out).mkdir(parents=True, exist_ok=True)
-    owned.enter_context(hold(parts_dir(out) / LOCK_NAME, "cache in progress"))
+    if parts.is_symlink() or (parts.exists() and not parts.is_dir()):
+        raise CacheError(f"{parts} is in the way (not a folder); it holds extraction work for {out}: move it away")
+    try:
+        parts.mkdir(parents=True, exist_ok=True)
+        owned.enter_context(hold(parts / LOCK_NAME, "cache in progress"))
+    except OutputBusy:
+        raise
+    except OSError as e:
+        raise CacheError(f"cannot create {parts}: {e.strerror or e}") from e
 
 
 def _extract(cfg: ExtractConfig, d: Dist, owned: contextlib.ExitStack) -> ExtractSummary:

@@ -16,6 +16,8 @@ import click
 import torch
 from tqdm import tqdm
 
+from common.cli import FINITE
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FIRST_CHUNK = 4  # images in the first batch of a folder (time to the first caption)
 
@@ -123,7 +125,7 @@ def caption_paths(cap: Captioner, paths: list[str], beam_size: int = 3, max_len:
 @click.option("--beam-size", type=click.IntRange(min=1), default=3, show_default=True, help="1 = greedy.")
 @click.option("--max-len", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--min-len", type=click.IntRange(min=0), default=1, show_default=True, help="Words before <end> may end it.")
-@click.option("--length-penalty", type=float, default=0.7, show_default=True,
+@click.option("--length-penalty", type=FINITE, default=0.7, show_default=True,
               help="Beam score = log p / length ** this (0 = plain sum).")
 @click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=0, show_default=True,
               help="Forbid repeating n-grams of this size (0 = off).")

@@ -85,7 +85,30 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: its backbone description lacks one of {', '.join(BACKBONE_KEYS)}")
     if not isinstance(ckpt["model_state"], dict) or not isinstance(ckpt["decoder_config"], dict):
         raise CheckpointError(f"{path}: model_state and decoder_config must be dicts")
+    split = ckpt.get("split")
+    if split is not None and not (isinstance(split, dict) and all(
+            isinstance(v, list) and all(isinstance(k, str) for k in v) for v in split.values())):
+        raise CheckpointError(f"{path}: its split must map split names to lists of image keys, got "
+                              f"{type(split).__name__}")
+    if not isinstance(ckpt.get("train_config", {}), dict):
+        raise CheckpointError(f"{path}: its train_config must be a dict, got {type(ckpt['train_config']).__name__}")
     return ckpt
+
+
+def _check_shapes(probe: CaptionDecoder, state: dict, config: dict) -> None:
+    """The weights a config declares must be the weights stored: a config with huge sizes beside small
+    tensors is refused before anything that large is allocated."""
+    want = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    bad = [k for k in want if k in have and want[k] != have[k]]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(f"checkpoint weights do not fit its decoder config {config}: {k} is stored as "
+                              f"{list(have[k])}, the config needs {list(want[k])}")
+    missing, extra = sorted(set(want) - set(have)), sorted(map(str, set(state) - set(want)))
+    if missing or extra:
+        raise CheckpointError(f"checkpoint weights do not fit its decoder config: "
+                              + (f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(extra[:3])}"))
 
 
 def model_from_checkpoint(ckpt: dict, device="cpu") -> tuple[CaptionDecoder, Vocabulary]:
@@ -97,9 +120,15 @@ def model_from_checkpoint(ckpt: dict, device="cpu") -> tuple[CaptionDecoder, Voc
         raise CheckpointError(f"checkpoint has a malformed vocabulary or decoder config: {e}") from e
     if cfg.vocab_size != len(vocab):
         raise CheckpointError(f"checkpoint's decoder has {cfg.vocab_size} words but its vocabulary {len(vocab)}")
+    try:  # on the meta device first: its parameter shapes, without allocating them
+        with torch.device("meta"):
+            probe = CaptionDecoder(cfg)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:  # sizes that are not positive ints
+        raise CheckpointError(f"checkpoint has an unusable decoder config {ckpt['decoder_config']}: {e}") from e
+    _check_shapes(probe, ckpt["model_state"], ckpt["decoder_config"])
     try:
         model = CaptionDecoder(cfg)
-    except (TypeError, ValueError, RuntimeError) as e:  # sizes that are not positive ints
+    except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint has an unusable decoder config {ckpt['decoder_config']}: {e}") from e
     try:
         model.load_state_dict(ckpt["model_state"], strict=True)

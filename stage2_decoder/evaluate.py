@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from common.atomic import atomic_write
-from common.cli import run_guarded
+from common.cli import FINITE, run_guarded
 from common.datasets import FORMATS, OUTSIDE_FLAG, ImageRecord, load_dataset
 from stage2_decoder.decode import DecodeConfig
 
@@ -123,7 +123,7 @@ def format_table(report: dict) -> str:
 @click.option("--beam-size", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--max-len", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--min-len", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--length-penalty", type=float, default=0.7, show_default=True)
+@click.option("--length-penalty", type=FINITE, default=0.7, show_default=True)
 @click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--spice", is_flag=True, help="Also try SPICE (needs a download on first use).")
 @click.option("--workers", type=click.IntRange(min=0), default=min(2, os.cpu_count() or 1), show_default=True)

@@ -106,6 +106,47 @@ def _summary(report: dict) -> str:
     return "".join(f'<p class="meta">{ln}</p>' for ln in lines)
 
 
+_NUMBER = (int, float)
+_ITEM_TYPES = {"key": (str, int), "image": (str, type(None)), "caption": (str, type(None)),
+               "cider": (*_NUMBER, type(None))}
+_STATS_TYPES = {"vocab_used": _NUMBER, "distinct_fraction": _NUMBER, "most_common_fraction": _NUMBER,
+                "most_common_caption": (str,)}
+
+
+def check_report(report, source) -> dict:
+    """An `evaluate --json` report whose every field the page uses has its type; else a ValueError naming
+    the field (a hand-edited or foreign JSON is one line, not a traceback)."""
+    def bad(where: str, value, want: str):
+        raise ValueError(f"{source}: {where} is {type(value).__name__} {str(value)[:40]!r}, expected {want}")
+
+    if not isinstance(report, dict) or not isinstance(report.get("images"), list):
+        raise ValueError(f"{source} is not an `evaluate --json` output (no 'images' list)")
+    for i, item in enumerate(report["images"]):
+        if not isinstance(item, dict):
+            bad(f"images[{i}]", item, "an object")
+        for k, kinds in _ITEM_TYPES.items():
+            if k in item and (not isinstance(item[k], kinds) or isinstance(item[k], bool)):
+                bad(f"images[{i}].{k}", item[k], " or ".join(t.__name__ for t in kinds))
+        refs = item.get("references", [])
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+            bad(f"images[{i}].references", refs, "a list of strings")
+    metrics = report.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(isinstance(v, (*_NUMBER, str)) for v in metrics.values()):
+        bad("metrics", metrics, "an object of numbers")
+    stats = report.get("stats")
+    if stats is not None and not (isinstance(stats, dict) and all(
+            isinstance(stats.get(k), kinds) for k, kinds in _STATS_TYPES.items())):
+        bad("stats", stats, f"an object with {', '.join(_STATS_TYPES)}")
+    for k, kind, want in (("notes", list, "a list"), ("skipped", dict, "an object"), ("decode", dict, "an object")):
+        if report.get(k) is not None and not isinstance(report[k], kind):
+            bad(k, report[k], want)
+    if not all(isinstance(n, str) for n in report.get("notes") or []):
+        bad("notes", report["notes"], "a list of strings")
+    if "n_images" in report and (not isinstance(report["n_images"], int) or isinstance(report["n_images"], bool)):
+        bad("n_images", report["n_images"], "an integer")
+    return report
+
+
 def _thumb(item: dict, thumb_px: int, images_root: str | None) -> str | None:
     """The card's thumbnail; an image resolving outside `images_root` (when given) is not read."""
     path = item.get("image")
@@ -192,9 +233,7 @@ def main(eval_json, out, title, images_root, allow_outside_images):
             report = json.loads(Path(eval_json).read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{eval_json} is not JSON: {e}") from e
-        if not (isinstance(report, dict) and isinstance(report.get("images"), list)
-                and all(isinstance(i, dict) for i in report["images"])):
-            raise ValueError(f"{eval_json} is not an `evaluate --json` output (no 'images' list)")
+        check_report(report, eval_json)
         recorded = report.get("images_root")
         root = None if allow_outside_images else (
             images_root or (recorded if isinstance(recorded, str) and recorded else None)

@@ -83,7 +83,7 @@ import click
 from tqdm import tqdm
 
 from common.atomic import atomic_path, atomic_write
-from common.cli import run_guarded
+from common.cli import INT64, run_guarded
 from common.feature_cache import read_meta
 from common.lock import LOCK_NAME, hold
 from stage2_decoder.train import TrainConfig, train
@@ -168,9 +168,17 @@ def load_grid(path: str | os.PathLike) -> dict[str, list]:
     return normalize_grid(grid)
 
 
+MAX_RUNS = 10_000  # points one sweep expands or samples: more is a typo (or a hostile grid), not a plan
+
+
 def expand_grid(grid: dict) -> list[dict]:
-    """Every point of the grid's product, in file order (the last key varies fastest)."""
+    """Every point of the grid's product, in file order (the last key varies fastest); its size is
+    checked before anything is built."""
     g = normalize_grid(grid)
+    total = math.prod(len(v) for v in g.values())
+    if total > MAX_RUNS:
+        raise SweepError(f"the grid has {total:,} points ({' x '.join(str(len(v)) for v in g.values())}); at most "
+                         f"{MAX_RUNS:,} are expanded: draw some of them with --random N")
     return [dict(zip(g, combo)) for combo in itertools.product(*g.values())]
 
 
@@ -181,6 +189,8 @@ def sample_grid(grid: dict, n: int, seed: int = 0) -> list[dict]:
     """
     if n < 1:
         raise SweepError(f"--random must be at least 1, got {n}")
+    if n > MAX_RUNS:
+        raise SweepError(f"--random {n:,} is more than the {MAX_RUNS:,} runs one sweep holds")
     g = normalize_grid(grid)
     sizes = [len(v) for v in g.values()]
     total = math.prod(sizes)
@@ -696,7 +706,7 @@ def _report(r: SweepResult) -> None:
 @click.option("--grid", required=True, type=click.Path(), help="JSON: training setting -> list of values.")
 @click.option("--n-jobs", type=int, default=None, help="Runs at once (default: number of cores).")
 @click.option("--random", "random_n", type=int, default=0, help="Sample N points of the grid instead of all.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
+@click.option("--seed", type=INT64, default=0, show_default=True, help="Seed for --random.")
 @click.option("--metric", type=click.Choice(list(METRICS)), default="cider", show_default=True,
               help="Rank runs by validation CIDEr or validation loss.")
 @click.option("--threads", type=int, default=None, help="Torch threads per run (default: cores // n-jobs).")

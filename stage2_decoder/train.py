@@ -123,6 +123,9 @@ class TrainResult:
     best_val_cider: float = float("nan")
 
 
+MAX_LSTM_WEIGHTS = 1 << 30  # 4 GiB of float32 before gradients and Adam's two moments: no decoder of this kind
+
+
 def _check(cfg: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "embed_size", "hidden_size", "num_layers", "vocab_threshold",
                  "max_caption_len", "length_buckets", "val_beam_size"):
@@ -147,6 +150,11 @@ def _check(cfg: TrainConfig) -> None:
     for name in ("weight_decay", "patience", "lr_patience", "val_images", "scst_epochs"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+    h, e, n = cfg.hidden_size, cfg.embed_size, cfg.num_layers
+    weights = 4 * h * (e + h + 2) + (n - 1) * 4 * h * (2 * h + 2)  # (4h, in + h) weights + 2 biases per layer
+    if weights > MAX_LSTM_WEIGHTS:
+        raise ValueError(f"--hidden-size {h} --embed-size {e} --num-layers {n}: the LSTM alone would need "
+                         f"{weights:,} weights ({weights * 4 / 2**30:,.0f} GiB); at most {MAX_LSTM_WEIGHTS:,}")
 
 
 def prepare_data(cfg: TrainConfig, cache: FeatureCache):
