@@ -116,7 +116,7 @@ def _read_meta(f: h5py.File, path) -> CacheMeta:
         raise CacheError(f"{path} is not a capcache feature cache (no schema={SCHEMA!r} attribute)")
     version = _plain(a.get("schema_version", -1))
     if version != SCHEMA_VERSION:
-        raise CacheError(f"{path} has cache schema version {version}, this capcache reads version "
+        raise CacheError(f"{path} has cache schema version {version!r}, this capcache reads version "
                          f"{SCHEMA_VERSION}: re-run stage 1 (make features) to rebuild it")
 
     def attr(name: str):  # `name in a` itself raises RuntimeError on a damaged attribute table
