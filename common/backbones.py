@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import shutil
+import stat
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -118,6 +119,9 @@ def load_image_views(path: str | os.PathLike, pp: Preprocess, views: int = 1) ->
         raise ValueError(f"views must be 1..{len(VIEWS)}, got {views}")
     path = str(path)
     try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):  # a FIFO would block open() forever, a device never ends
+            raise ImageError(f"{path}: not a regular file ({'directory' if stat.S_ISDIR(mode) else 'FIFO, device or socket'})")
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that (and raises above); the
             # check below refuses such images instead, unless JPEG draft mode shrinks them enough
@@ -143,7 +147,9 @@ def load_image_views(path: str | os.PathLike, pp: Preprocess, views: int = 1) ->
                                                  antialias=True))
                 out += [whole, whole.flip(-1)]
             return torch.stack(out[:views])
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except ImageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure (NotImplementedError too) is this file's error
         raise ImageError(f"{path}: {type(e).__name__}: {e}") from e
 
 

@@ -25,6 +25,7 @@ from common.backbones import DEFAULT_BACKBONE, VIEWS, Backbone, ImageRows, load_
 from common.datasets import ImageRecord, guess_format, load_dataset
 from common.feature_cache import (DONE, PENDING, CacheError, CacheMeta, CacheWriter, mismatch, parts_dir, read_keys,
                                   read_meta, remove_parts)
+from common.cli import one_line
 from common.lock import LOCK_NAME, OutputBusy, hold
 from stage1_extract.distributed import Dist, device_for, from_env
 
@@ -195,6 +196,12 @@ def _extract_rows(cfg: ExtractConfig, d: Dist, writer: CacheWriter, backbone: Ba
                 tqdm.write(f"skipped {records[r].key}: {e}")
             bar.update(len(batch_rows))
         writer.flush()
+    except RuntimeError as e:  # torch's report of a worker that died (the OOM killer's SIGKILL): a user's matter
+        if "DataLoader worker" not in str(e):
+            raise
+        raise CacheError(f"{one_line(e)} (out of memory? fewer --workers or a smaller --batch-size need less); "
+                         f"finished batches are kept in {parts_dir(writer.out)}, re-run the same command to "
+                         f"resume") from e
     finally:
         watched.close()
         del batches  # the last reference: DataLoader workers shut down now, also on an error
