@@ -7,6 +7,11 @@ The page has the summary metrics table at the top, then one card per image: a sm
 thumbnail embedded as base64 (the page needs no server and no other file), the generated caption,
 the reference captions and the image's CIDEr; ordered best to worst, re-sortable in the page.
 A Content-Security-Policy forbids every external request, so the page cannot depend on one.
+
+Only images inside one folder are read and embedded: `evaluate` passes its images folder; the
+`report` command takes `--images-root`, else the `images_root` the JSON records, else the JSON's
+own folder (a JSON from elsewhere should be rendered with `--images-root`); `--allow-outside-images`
+embeds every image the JSON names.
 """
 from __future__ import annotations
 
