@@ -113,3 +113,21 @@ def test_stage1_cache_is_not_assembled_through_a_planted_link(coco_dir, tmp_path
     from common.feature_cache import load_cache
 
     assert len(load_cache(out).keys) == 4
+
+
+from test_data_download import server, tiny  # noqa: E402,F401 - the local HTTP server and its dataset spec
+
+
+def test_downloads_write_no_partial_file_or_record_through_a_planted_link(tmp_path, server, tiny):  # noqa: F811
+    from common.data import download_dataset
+
+    archives = tmp_path / "archives"
+    victims = _plant(archives, ["manifest.json"])
+    victim = tmp_path / "victim-part.txt"
+    victim.write_text(PRECIOUS)
+    (archives / "train2014.zip.part").symlink_to(victim)  # the name a download is resumed from
+    victims.append(victim)
+    download_dataset(tiny, tmp_path, mirror=server.url, progress=False)
+    _untouched(victims)
+    assert (archives / "train2014.zip").read_bytes() == server.files["train2014.zip"]
+    assert set(json.loads((archives / "manifest.json").read_text())) == set(server.files)
