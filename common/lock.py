@@ -8,7 +8,8 @@ deleted: deleting it would let two processes lock two different files of the sam
 
 A forked child does not keep its parent's locks: the inherited descriptors are closed in the
 child (closing, unlike unlocking, leaves the parent's lock in place), so a child outliving its
-parent cannot block the re-run, and a child's own release cannot free the parent's folder.
+parent cannot block the re-run, and a child's own release cannot free the parent's folder. (Until the
+child has first been scheduled, its copy still counts: a release in that instant waits for it.)
 """
 from __future__ import annotations
 

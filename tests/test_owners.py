@@ -114,10 +114,15 @@ def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path):
 
     lock = tmp_path / ".lock"
     with hold(lock, "run folder"):
+        r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child outlives the parent's hold
+            os.write(w, b"up")  # its at-fork handler has run: the inherited descriptor is closed
             time.sleep(5)
             os._exit(0)
+        os.close(w)
+        assert os.read(r, 2) == b"up"
+        os.close(r)
         with pytest.raises(OutputBusy):  # the same process, another open file: still refused
             with hold(lock, "run folder"):
                 pass
