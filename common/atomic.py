@@ -13,13 +13,16 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 
 class AtomicWriteError(OSError):
     """An output that could not be written; names the file."""
+
+    def __str__(self) -> str:  # the message alone, not "[Errno 28] ...": it is shown to users as one line
+        return self.strerror or super().__str__()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -36,18 +39,20 @@ def _why(e: OSError) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, what: str = "", mode: int = 0o644) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, what: str = "", mode: int = 0o644,
+                scratch: str | os.PathLike | None = None) -> Iterator[Path]:
     """Yield a fresh, empty temporary path beside `path` for a writer that needs a file name (h5py,
     matplotlib, np.savez); when the block ends without error it is fsynced and renamed to `path`.
 
     `what` names the output in the error ("checkpoint", "vocabulary"): an OSError becomes one
-    AtomicWriteError "cannot write WHAT PATH: reason".
+    AtomicWriteError "cannot write WHAT PATH: reason". `scratch` puts the temporary in another
+    folder of the same filesystem (a cache's work folder, cleaned with it).
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     tmp: Path | None = None
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=scratch or folder)
         os.close(fd)
         os.chmod(name, mode)
         tmp = Path(name)
@@ -82,3 +87,20 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
     return Path(path)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names: Collection[str]) -> list[Path]:
+    """Delete the `.NAME.*.tmp` files a killed writer left in `folder` for each output NAME.
+
+    Only for a folder its caller owns (holds its lock): another writer's live temporary would go too.
+    A link at such a name is removed, never followed. Returns what was removed.
+    """
+    folder, removed = Path(folder), []
+    prefixes = tuple(f".{n}." for n in names)
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(folder):
+            if entry.name.startswith(prefixes) and entry.name.endswith(".tmp") and not entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed

@@ -24,6 +24,7 @@ from torch import nn
 # the image path itself is torch-free (the ONNX captioner shares it); re-exported here for stage 1
 from common.preprocess import (IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT, VIEWS, ImageError,  # noqa: F401
                                Preprocess, _to_rgb, _trim_long_side, load_views)
+from common.atomic import atomic_path
 
 # torchvision.models is imported lazily: it is the slowest import of a caption run.
 
@@ -185,9 +186,8 @@ def _pretrained_state_dict(spec: BackboneSpec) -> dict:
         packaged = _offline_package_file(filename)
         if packaged is not None:  # place the offline copy where torchvision looks first
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.copyfile(packaged, tmp)
-            os.replace(tmp, target)
+            with atomic_path(target, what="weights copy") as tmp:
+                shutil.copyfile(packaged, tmp)
     try:
         # weights_only: torchvision's default (False) would unpickle whatever sits in the hub cache
         return enum.get_state_dict(progress=True, check_hash=False, weights_only=True)

@@ -3,6 +3,7 @@ options it generates from config dataclasses (train's settings, the shared decod
 from __future__ import annotations
 
 import functools
+import math
 import signal
 import sys
 import typing
@@ -24,6 +25,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     torch = sys.modules.get("torch")  # its out-of-memory error, when torch is in use at all
     oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
     return USER_ERRORS + ((oom,) if oom is not None else ())
+
+
+class FiniteFloat(click.ParamType):
+    """A float option that refuses inf and nan (`--length-penalty -inf` is no setting), naming the option."""
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        v = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+FINITE = FiniteFloat()
+INT64 = click.IntRange(-(2**63), 2**63 - 1)  # what torch (seeds) and numpy take: a bigger one is a usage error
 
 
 class Terminated(Exception):
@@ -80,6 +96,7 @@ def config_options(cls, skip: Collection[str] = ()):
             if fl.name in skip or fl.default is MISSING:
                 continue
             kind = type(fl.default) if fl.default is not None else str
+            kind = {int: INT64, float: FINITE}.get(kind, kind)
             f = click.option("--" + fl.name.replace("_", "-"), fl.name, type=kind, default=fl.default,
                              show_default=True)(f)
         return f

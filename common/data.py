@@ -44,6 +44,8 @@ from pathlib import Path, PurePosixPath
 import click
 from tqdm import tqdm
 
+from common.atomic import atomic_write
+
 MIRROR_ENV = "CAPCACHE_DATA_MIRROR"
 DEFAULT_ROOT = "data"
 CHUNK = 1 << 20
@@ -134,9 +136,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(value, indent=1, sort_keys=True), what="download record")
 
 
 def _hashes(path: Path, progress: bool) -> tuple[str, str]:
@@ -173,6 +173,8 @@ def _total_from(resp, start: int) -> int | None:
 def _download(url: str, part: Path, archive: Archive, progress: bool) -> None:
     """Fetch url into `part`, continuing what is there with a Range request; retries broken connections."""
     for attempt in range(RETRIES + 1):
+        if part.is_symlink():  # planted: never appended to through a link
+            part.unlink()
         have = part.stat().st_size if part.exists() else 0
         if archive.size is not None and have > archive.size:  # not a prefix of the right file: start over
             part.unlink()
@@ -205,7 +207,8 @@ def _download(url: str, part: Path, archive: Archive, progress: bool) -> None:
                 raise DownloadError(f"{url} is {total:,} bytes, but {archive.filename} should be "
                                     f"{archive.size:,}; is the mirror serving another file?")
             try:
-                with open(part, "ab" if resuming else "wb") as f, \
+                flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if resuming else os.O_TRUNC)
+                with os.fdopen(os.open(part, flags | getattr(os, "O_NOFOLLOW", 0), 0o644), "ab" if resuming else "wb") as f, \
                         tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                              desc=archive.filename, disable=not progress, dynamic_ncols=True) as bar:
                     while chunk := resp.read(CHUNK):

@@ -21,6 +21,8 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.atomic import atomic_write
+
 FORMATS = ("coco", "flickr8k", "karpathy", "flickr30k", "folder")
 SPLITS = ("train", "val", "test")
 
@@ -178,9 +180,12 @@ def load_coco(captions_file: str | os.PathLike, images_dir: str | os.PathLike) -
 def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLike) -> list[ImageRecord]:
     """Read a Flickr8k `captions.txt`: CSV with header `image,caption`, one row per caption.
 
-    A file without that header is a DatasetError; rows without an image or caption, a row
-    repeated exactly, and unusable captions (see `_clean_captions`) are skipped with one
-    DatasetWarning. A caption with unquoted commas (more fields than the header) is joined back.
+    Columns are read by their header names, in any order. A file without that header is a
+    DatasetError, and so is a quote that is never closed (a caption running over several lines or
+    absurdly long: it would swallow the rows after it) and a column the header does not name (more
+    fields than the header on most rows). Rows without an image or caption, an image name with a NUL
+    byte, a row repeated exactly, and unusable captions (see `_clean_captions`) are skipped with one
+    DatasetWarning; a few captions with unquoted commas are joined back, with a warning naming a line.
     """
     captions_file, images_dir = Path(captions_file), Path(images_dir)
     if not captions_file.is_file():
@@ -188,18 +193,32 @@ def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLik
     by_image: OrderedDict[str, list[str]] = OrderedDict()
     skipped: Counter = Counter()
     bad_rows: list[int] = []
+    nul_rows: list[int] = []
+    glued: list[int] = []  # rows with more fields than the header
+    n_rows = 0
     try:
         with open(captions_file, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
             reader = csv.DictReader(f)
             if reader.fieldnames is None or not {"image", "caption"} <= set(reader.fieldnames):
                 raise DatasetError(f"{captions_file}: expected a CSV header 'image,caption', "
                                    f"got {reader.fieldnames}")
+            end = reader.line_num
             for row in reader:
+                start, end = end + 1, reader.line_num  # the lines this row spans
+                n_rows += 1
                 image, caption = (row.get("image") or "").strip(), row.get("caption")
                 if not image or caption is None:
-                    bad_rows.append(reader.line_num)
+                    bad_rows.append(start)
                     continue
+                if "\x00" in image:  # no file system can hold such a name: the final cache could not be written
+                    nul_rows.append(start)
+                    continue
+                if "\n" in caption or "\r" in caption or len(caption) > MAX_CAPTION_CHARS:
+                    span = f"runs to line {end}" if end > start else "is one line"
+                    raise DatasetError(f"{captions_file}:{start}: this caption {span} ({len(caption)} characters): "
+                                       f"a quote opened here is never closed? Close it or remove it")
                 if row.get(None):  # `a.jpg,A dog, running` -> caption "A dog, running"
+                    glued.append(start)
                     caption = ",".join([caption, *row[None]])
                 caps = by_image.setdefault(image, [])
                 if caption in caps:
@@ -212,6 +231,14 @@ def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLik
         raise DatasetError(f"{captions_file}: not a readable CSV file: {e}") from e
     if bad_rows:
         skipped[f"rows without an image or caption (e.g. line {bad_rows[0]})"] = len(bad_rows)
+    if nul_rows:
+        skipped[f"rows whose image name holds a NUL byte (e.g. line {nul_rows[0]})"] = len(nul_rows)
+    if glued and 2 * len(glued) > n_rows:
+        raise DatasetError(f"{captions_file}: {len(glued)} of {n_rows} rows have more fields than the header "
+                           f"names (e.g. line {glued[0]}): name the extra column in the header, or quote the captions")
+    if glued:
+        warnings.warn(DatasetWarning(f"{captions_file}: {len(glued)} captions had unquoted commas (more fields than "
+                                     f"the header, e.g. line {glued[0]}): joined back with commas"), stacklevel=2)
     records = [ImageRecord(name, name, os.path.abspath(images_dir / name), _clean_captions(caps, skipped))
                for name, caps in by_image.items()]
     if not records:
@@ -220,6 +247,7 @@ def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLik
     return sorted(records, key=_sort_key)
 
 
+MAX_CAPTION_CHARS = 1000  # longer is no caption: a field that swallowed the rows after an unmatched quote
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}  # restval trains
 
 
@@ -305,9 +333,53 @@ def load_flickr30k(captions_file: str | os.PathLike, images_dir: str | os.PathLi
     return sorted(records, key=_sort_key)
 
 
+OUTSIDE_FLAG = "--allow-outside-images"
+_LISTED_OUTSIDE = 20  # entries named one by one; the rest are counted
+
+
+def inside_folder(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether `path` resolves (symlinks, `..`) to somewhere under `folder` (resolved too)."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+
+
+def _drop_outside(records: list[ImageRecord], captions_file, images_dir) -> list[ImageRecord]:
+    """Entries whose image resolves outside the images folder (an absolute path, `../`, a symlink out) are
+    not read: one warning per entry (the first few, then a count) and a total."""
+    kept, outside = [], []
+    for r in records:
+        (kept if inside_folder(r.path, images_dir) else outside).append(r)
+    for r in outside[:_LISTED_OUTSIDE]:
+        warnings.warn(DatasetWarning(f"{captions_file}: image {r.key!r} resolves outside the images folder "
+                                     f"{images_dir} ({r.path}): skipped"), stacklevel=3)
+    if outside:
+        warnings.warn(DatasetWarning(f"{captions_file}: skipped {len(outside)} entries whose image is outside "
+                                     f"{images_dir} (pass {OUTSIDE_FLAG} if your layout needs them)"), stacklevel=3)
+    return kept
+
+
+def _drop_unusable_names(records: list[ImageRecord], captions_file) -> list[ImageRecord]:
+    """Every key once (COCO ids 139 and "139" would share one: one photo's captions on another's features);
+    no NUL byte in a name (no file system holds one: the cache could never be written)."""
+    counts = Counter(r.key for r in records)
+    twice = [k for k, n in counts.items() if n > 1]
+    if twice:
+        ids = [repr(r.image_id) for r in records if r.key == twice[0]]
+        raise DatasetError(f"{captions_file}: image key {twice[0]!r} is given {counts[twice[0]]} times "
+                           f"(as {', '.join(ids)}): make the image ids unique")
+    bad = [r for r in records if "\x00" in r.path or "\x00" in r.key]
+    for r in bad:
+        warnings.warn(DatasetWarning(f"{captions_file}: image {r.key!r}: its name holds a NUL byte: skipped"),
+                      stacklevel=3)
+    bad_ids = {id(r) for r in bad}
+    return [r for r in records if id(r) not in bad_ids]
+
+
 def load_dataset(fmt: str, captions_file: str | os.PathLike, images_dir: str | os.PathLike,
-                 limit: int | None = None) -> list[ImageRecord]:
-    """Records of a dataset in stable order (by image id / name); the first `limit` if given."""
+                 limit: int | None = None, allow_outside_images: bool = False) -> list[ImageRecord]:
+    """Records of a dataset in stable order (by image id / name); the first `limit` if given.
+
+    Entries whose image resolves outside `images_dir` are skipped with a warning unless
+    `allow_outside_images` (readers that open no image, like training, pass it)."""
     if fmt == "auto":
         fmt = guess_format(captions_file)
     if fmt not in FORMATS:
@@ -318,7 +390,11 @@ def load_dataset(fmt: str, captions_file: str | os.PathLike, images_dir: str | o
 
     loaders = {"coco": load_coco, "flickr8k": load_flickr8k, "karpathy": load_karpathy, "flickr30k": load_flickr30k,
                "folder": load_folder}
-    records = loaders[fmt](captions_file, images_dir)
+    records = _drop_unusable_names(loaders[fmt](captions_file, images_dir), captions_file)
+    if not allow_outside_images:
+        records = _drop_outside(records, captions_file, images_dir)
+        if not records:
+            raise DatasetError(f"{captions_file}: no image lies inside the images folder {images_dir}")
     if limit is not None:
         if limit < 1:
             raise DatasetError(f"--limit must be at least 1, got {limit}")
@@ -368,10 +444,4 @@ def official_split(records: list[ImageRecord]) -> dict[str, list[str]] | None:
 
 
 def write_split(split: dict[str, list[str]], path: str | os.PathLike) -> None:
-    tmp = Path(str(path) + ".tmp")
-    try:
-        tmp.write_text(json.dumps(split, indent=0))
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk names no file by itself
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, f"cannot write the split: {e.strerror}", str(path)) from e
+    atomic_write(path, json.dumps(split, indent=0), what="split")

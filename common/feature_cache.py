@@ -37,15 +37,16 @@ crash-safe: a kill in the middle of a write or flush can leave the whole file un
                                     failed_rows   int64 (m,)    rows whose image could not be read
                                     failed_errors str (m,)      why, in the same order
                                   named by the writing rank (torchrun) and a per-rank sequence number
-    OUT.parts/.rank000-000018.npz.tmp   a shard being written: ignored, its rows are recomputed
-    OUT.parts/assembling.h5             the final file being assembled (rebuilt on a rerun)
+    OUT.parts/.rank000-000018.npz.*.tmp   a shard being written: ignored, its rows are recomputed
+    OUT.parts/.OUT.*.tmp                  the final file being assembled (rebuilt on a rerun)
+    OUT.parts/.lock                       held (flock, common.lock) by the one extraction writing OUT
 
-A shard is written to its `.tmp` name, fsynced, then `os.replace`d to its final name, so
+Every file is written by common.atomic (a fresh exclusive temporary, fsync, `os.replace`), so
 the set of shard files *is* the record of finished rows: features and bookkeeping are one
 atomic step, and a SIGKILL at any instant loses at most the shards not yet renamed. A rerun
 reads only the row lists of the shards present and computes the rest. When every row is done
 or failed, the shards are streamed (one at a time, never the whole cache twice in RAM) into
-`assembling.h5`, which is fsynced and renamed to OUT; then OUT.parts/ is removed.
+a temporary in OUT.parts/, which is fsynced and renamed to OUT; then OUT.parts/ is removed.
 """
 from __future__ import annotations
 
@@ -57,11 +58,14 @@ import re
 import shutil
 import threading
 import zipfile
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from common.atomic import AtomicWriteError, atomic_path, atomic_write
 
 SCHEMA = "capcache-features"
 SCHEMA_VERSION = 1
@@ -71,7 +75,7 @@ _STR = h5py.string_dtype("utf-8")
 META_FILE = "meta.json"
 ASSEMBLING_FILE = "assembling.h5"
 _SHARD = re.compile(r"^rank(\d{3,})-(\d{6,})\.npz$")
-_TMP_SHARD = re.compile(r"^\.rank(\d{3,})-(\d{6,})\.npz\.tmp$")
+_TMP_SHARD = re.compile(r"^\.rank(\d{3,})-(\d{6,})\.npz(\.\w+)?\.tmp$")  # common.atomic's temporaries
 _QUEUED_SHARDS = 8  # shards waiting for the writer thread before write() blocks (back-pressure)
 
 
@@ -113,11 +117,11 @@ def shard_name(rank: int, seq: int) -> str:
 
 def _read_meta(f: h5py.File, path) -> CacheMeta:
     a = f.attrs
-    if a.get("schema") != SCHEMA:
+    if _plain(a.get("schema")) != SCHEMA:
         raise CacheError(f"{path} is not a capcache feature cache (no schema={SCHEMA!r} attribute)")
-    version = int(a.get("schema_version", -1))
+    version = _plain(a.get("schema_version", -1))
     if version != SCHEMA_VERSION:
-        raise CacheError(f"{path} has cache schema version {version}, this capcache reads version "
+        raise CacheError(f"{path} has cache schema version {version!r}, this capcache reads version "
                          f"{SCHEMA_VERSION}: re-run stage 1 (make features) to rebuild it")
 
     def attr(name: str):  # `name in a` itself raises RuntimeError on a damaged attribute table
@@ -129,9 +133,65 @@ def _read_meta(f: h5py.File, path) -> CacheMeta:
             raise
 
     try:
-        return CacheMeta(**{fl.name: attr(fl.name) for fl in fields(CacheMeta)})
+        values = {fl.name: attr(fl.name) for fl in fields(CacheMeta)}
     except KeyError as e:
         raise CacheError(f"{path} lacks the cache attribute {e}") from e
+    for fl in fields(CacheMeta):  # a hand-edited or hostile file: every attribute a plain value of its type
+        kind = int if fl.type in (int, "int") else str
+        v = values[fl.name]
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise CacheError(f"{path}: cache attribute {fl.name!r} is {type(v).__name__} {_short(v)}, expected "
+                             f"{kind.__name__}; the file is damaged: re-run stage 1")
+    if values["feature_dim"] < 1 or values["views"] < 1:
+        raise CacheError(f"{path}: cache attributes feature_dim={values['feature_dim']}, views={values['views']} "
+                         f"must be positive; the file is damaged: re-run stage 1")
+    return CacheMeta(**values)
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_SIZE_SLACK = 64  # declared bytes may exceed the file by this factor (HDF5 compression), no more
+
+
+def _check_datasets(f: h5py.File, path, meta: CacheMeta, with_views: bool = False) -> None:
+    """Shapes, types and declared sizes of the datasets, from their headers, before any is read: a tiny
+    file declaring a huge array must not be allocated first."""
+    need = {"keys": 1, "status": 1, "errors": 1, "features": 2}
+    if with_views and meta.views > 1:
+        need["views"] = 3
+    ds = {}
+    for name, ndim in need.items():
+        d = f.get(name)
+        if not isinstance(d, h5py.Dataset):
+            raise CacheError(f"{path} lacks the {name!r} dataset; re-run stage 1 to rebuild it")
+        if d.ndim != ndim:
+            raise CacheError(f"{path}: {name!r} is {d.ndim}-D {list(d.shape)}, expected {ndim}-D; the file is "
+                             f"damaged: re-run stage 1")
+        ds[name] = d
+    n = ds["keys"].shape[0]
+    for name in ("keys", "errors"):
+        if h5py.check_string_dtype(ds[name].dtype) is None:
+            raise CacheError(f"{path}: {name!r} holds {ds[name].dtype}, expected text; re-run stage 1")
+    for name in ("features", "views"):
+        if name in ds and ds[name].dtype.kind != "f":
+            raise CacheError(f"{path}: {name!r} holds {ds[name].dtype}, expected floats; re-run stage 1")
+    if ds["status"].dtype.kind not in "iu":
+        raise CacheError(f"{path}: 'status' holds {ds['status'].dtype}, expected integers; re-run stage 1")
+    want = {"status": (n,), "errors": (n,), "features": (n, meta.feature_dim),
+            "views": (n, meta.views - 1, meta.feature_dim)}
+    for name, d in ds.items():
+        if name != "keys" and d.shape != want[name]:
+            raise CacheError(f"{path}: {name!r} has shape {list(d.shape)} but the cache lists {n} images of "
+                             f"{meta.feature_dim} features (expected {list(want[name])}); re-run stage 1")
+    size = os.path.getsize(path)
+    for name, d in ds.items():
+        declared = d.size * d.dtype.itemsize
+        if declared > _SIZE_SLACK * size + (1 << 20):
+            raise CacheError(f"{path}: {name!r} declares {list(d.shape)} ({declared / 2**20:,.0f} MiB) in a "
+                             f"{size / 2**10:,.1f} KiB file: it is damaged; re-run stage 1")
 
 
 def _text(v) -> str:
@@ -154,6 +214,8 @@ def mismatch(have: CacheMeta, want: CacheMeta) -> list[str]:
 
 def _why(e: OSError) -> str:
     """One line for an OSError, including h5py's long ones (which carry errno only in their text)."""
+    if isinstance(e, AtomicWriteError) and isinstance(e.__cause__, OSError):
+        e = e.__cause__  # the caller names the file itself
     if e.errno == errno.ENOSPC or "No space left" in str(e):
         return "No space left on device"
     return e.strerror or str(e).splitlines()[0]
@@ -175,28 +237,8 @@ def _read_shard_rows(path: Path) -> _Shard:
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
-    """`write(file)` into `.NAME.tmp` beside `path`, fsync, rename: `path` is whole or absent.
-
-    O_EXCL: never follow a link planted at the scratch name (only `path`'s folder is written).
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.unlink()
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())  # data on disk before the rename makes it count
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
+    """`write(file)` through common.atomic: `path` is whole or absent, no planted link is followed."""
+    atomic_write(path, write, what="cache part")
 
 
 class CacheWriter:
@@ -403,17 +445,13 @@ class CacheWriter:
         if need > free:
             raise CacheError(f"cannot write {self.out}: it needs {need / 2**20:.1f} MiB, only {free / 2**20:.1f} MiB "
                              f"free; finished batches are kept in {self.parts}, free space and re-run")
-        tmp = self.parts / ASSEMBLING_FILE
         try:
-            self._assemble(tmp, shards, owner)
-            os.replace(tmp, self.out)
+            # the temporary lives in OUT.parts/ (removed with it after a kill); atomic_path removes it on failure
+            with atomic_path(self.out, what="feature cache", scratch=self.parts) as tmp:
+                self._assemble(tmp, shards, owner)
         except OSError as e:
-            tmp.unlink(missing_ok=True)  # give the space back; the shards are untouched
-            raise CacheError(f"cannot write {self.out} (assembling {tmp}): {_why(e)}; finished batches are "
-                             f"kept in {self.parts}, re-run the same command to finish") from e
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            raise CacheError(f"cannot write {self.out}: {_why(e)}; finished batches are kept in {self.parts}, re-run the same "
+                             f"command to finish") from e
         remove_parts(self.out)
 
     def _assemble(self, tmp: Path, shards: list[_Shard], owner: np.ndarray) -> None:
@@ -435,11 +473,6 @@ class CacheWriter:
             f.attrs.update({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "complete": True,
                             "capcache_version": _version(), "torch_version": _torch_version()})
             f.attrs.update({k: str(v) if isinstance(v, str) else v for k, v in asdict(self.meta).items()})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the whole file on disk before it takes the final name
-        finally:
-            os.close(fd)
 
 
 def _copy_shard(feats: h5py.Dataset, shard: _Shard, keep: np.ndarray, views: h5py.Dataset | None = None) -> None:
@@ -466,7 +499,8 @@ def remove_parts(out: str | os.PathLike) -> None:
     if not parts.is_dir() or parts.is_symlink():
         return
     for name in os.listdir(parts):
-        if name in (META_FILE, ASSEMBLING_FILE, f".{META_FILE}.tmp") or _SHARD.match(name) or _TMP_SHARD.match(name):
+        scratch = name.startswith((f".{META_FILE}.", f".{Path(out).name}.")) and name.endswith(".tmp")
+        if name in (META_FILE, ASSEMBLING_FILE, ".lock") or scratch or _SHARD.match(name) or _TMP_SHARD.match(name):
             (parts / name).unlink(missing_ok=True)
     try:
         parts.rmdir()
@@ -497,7 +531,7 @@ def read_meta(path: str | os.PathLike) -> CacheMeta:
 
 def read_keys(path: str | os.PathLike) -> list[str]:
     with _open(path) as f:
-        _read_meta(f, path)
+        _check_datasets(f, path, _read_meta(f, path))
         return [_text(k) for k in f["keys"][:]]
 
 
@@ -545,6 +579,7 @@ def _load_cache(path, backbone, feature_dim, preprocess, with_views) -> FeatureC
             raise CacheError(f"{path} was made with {', '.join(wrong)}: re-run stage 1 "
                              f"(python -m stage1_extract --backbone {backbone or meta.backbone} ...) "
                              f"or use a checkpoint trained on this cache")
+        _check_datasets(f, path, meta, with_views)
         try:
             feats = f["features"][:]
             keys = [_text(k) for k in f["keys"][:]]
@@ -558,6 +593,9 @@ def _load_cache(path, backbone, feature_dim, preprocess, with_views) -> FeatureC
     if views is not None and views.shape != (len(keys), meta.views - 1, meta.feature_dim):
         raise CacheError(f"{path}: views have shape {views.shape}, expected "
                          f"({len(keys)}, {meta.views - 1}, {meta.feature_dim})")
+    if len(set(keys)) != len(keys):  # rows_by_key would give two images' features one key
+        twice = next(k for k, n in Counter(keys).items() if n > 1)
+        raise CacheError(f"{path}: key {twice!r} names more than one row; the cache is damaged: re-run stage 1")
     errors = {keys[i]: _text(e) for i, e in enumerate(errs) if status[i] == FAILED}
     return FeatureCache(str(path), meta, feats, keys, status, errors, views)
 

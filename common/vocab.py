@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from common.tokenizer import DEFAULT_TOKENIZER, TOKENIZERS, join_tokens
+from common.atomic import atomic_write
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)  # indices 0, 1, 2, 3: <pad> must be 0 (padding_idx)
@@ -80,14 +81,7 @@ class Vocabulary:
 
     def save(self, path: str | os.PathLike) -> None:
         # UTF-8 whatever the locale: the words may be any script (and emoji)
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")
-            os.replace(tmp, path)
-        except OSError as e:  # a full disk names no file by itself
-            tmp.unlink(missing_ok=True)
-            raise OSError(e.errno, f"cannot write vocabulary: {e.strerror}", str(path)) from e
+        atomic_write(path, json.dumps(self.to_dict(), ensure_ascii=False), what="vocabulary")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocabulary":

@@ -5,7 +5,7 @@ import click
 
 from common.backbones import DEFAULT_BACKBONE, REGISTRY, VIEWS
 from common.cli import run_guarded
-from common.datasets import FORMATS
+from common.datasets import FORMATS, OUTSIDE_FLAG
 from stage1_extract.distributed import RankFailed
 from stage1_extract.extract import ExtractConfig, extract
 
@@ -31,15 +31,18 @@ from stage1_extract.extract import ExtractConfig, extract
               help=f"Views cached per image, in this order: {', '.join(VIEWS)}. The centre crop is what captioning "
                    f"sees; the others are training augmentations (stage 2 draws one at random per caption). "
                    f"Each view costs one more forward pass.")
+@click.option(OUTSIDE_FLAG, "allow_outside_images", is_flag=True,
+              help="Also read captions entries whose image resolves outside --images (absolute, ../, symlinks).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--dist-timeout", type=click.FloatRange(min=1), default=ExtractConfig.dist_timeout_s, show_default=True,
               help="Under torchrun: seconds a rank waits for the others before giving up.")
 def main(dataset, images, captions, backbone, out, weights, batch_size, workers, device, limit, dtype, views,
-         no_progress, dist_timeout):
+         allow_outside_images, no_progress, dist_timeout):
     """Extract pooled CNN features for every image of a captions dataset into an HDF5 cache."""
     cfg = ExtractConfig(images=images, captions=captions, out=out, dataset=dataset, backbone=backbone,
                         weights=weights, batch_size=batch_size, workers=workers, device=device, limit=limit,
-                        dtype=dtype, views=views, progress=not no_progress, dist_timeout_s=dist_timeout)
+                        dtype=dtype, views=views, progress=not no_progress, dist_timeout_s=dist_timeout,
+                        allow_outside_images=allow_outside_images)
 
     def work():
         try:

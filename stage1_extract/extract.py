@@ -7,6 +7,7 @@ takes its own share of the rows (stage1_extract.distributed) and rank 0 assemble
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -25,6 +26,8 @@ from common.backbones import DEFAULT_BACKBONE, VIEWS, Backbone, ImageRows, load_
 from common.datasets import ImageRecord, guess_format, load_dataset
 from common.feature_cache import (DONE, PENDING, CacheError, CacheMeta, CacheWriter, mismatch, parts_dir, read_keys,
                                   read_meta, remove_parts)
+from common.cli import one_line
+from common.lock import LOCK_NAME, OutputBusy, hold
 from stage1_extract.distributed import Dist, device_for, from_env
 
 
@@ -52,6 +55,7 @@ class ExtractConfig:
     limit: int | None = None
     dtype: str = "float16"
     views: int = 1  # 1 = the centre crop only; 2-4 also cache VIEWS[1:views] (flips, whole image) for training
+    allow_outside_images: bool = False  # read captions entries whose image resolves outside --images
     progress: bool = True
     dist_timeout_s: float = 1800.0  # torchrun: how long a rank waits for the others at a sync point
 
@@ -86,13 +90,14 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         raise ValueError(f"--views must be 1..{len(VIEWS)} ({', '.join(VIEWS)}), got {cfg.views}")
     d = from_env(cfg.dist_timeout_s)
     try:
-        return _extract(cfg, d)
+        with contextlib.ExitStack() as owned:  # the cache-in-progress lock, held until extraction ends
+            return _extract(cfg, d, owned)
     finally:
         d.close()
 
 
 def _setup(cfg: ExtractConfig, d: Dist) -> tuple[list[ImageRecord], Path, Backbone, CacheMeta]:
-    records = load_dataset(cfg.dataset, cfg.captions, cfg.images, cfg.limit)
+    records = load_dataset(cfg.dataset, cfg.captions, cfg.images, cfg.limit, cfg.allow_outside_images)
     fmt = cfg.dataset if cfg.dataset != "auto" else guess_format(cfg.captions)
     out = Path(os.path.abspath(cfg.out))
     images_dir = Path(os.path.abspath(cfg.images))
@@ -118,9 +123,27 @@ def _check_finished(out: Path, meta: CacheMeta, keys: list[str]) -> None:
                          f"delete it or choose another --out")
 
 
-def _extract(cfg: ExtractConfig, d: Dist) -> ExtractSummary:
+def _lock(out: Path, owned: contextlib.ExitStack) -> None:
+    """One extraction per OUT: OUT.parts/.lock (removed with OUT.parts/ once OUT is whole: whoever takes
+    a lock after that finds OUT complete)."""
+    parts = parts_dir(out)
+    if out.exists():
+        return
+    if parts.is_symlink() or (parts.exists() and not parts.is_dir()):
+        raise CacheError(f"{parts} is in the way (not a folder); it holds extraction work for {out}: move it away")
+    try:
+        parts.mkdir(parents=True, exist_ok=True)
+        owned.enter_context(hold(parts / LOCK_NAME, "cache in progress"))
+    except OutputBusy:
+        raise
+    except OSError as e:
+        raise CacheError(f"cannot create {parts}: {e.strerror or e}") from e
+
+
+def _extract(cfg: ExtractConfig, d: Dist, owned: contextlib.ExitStack) -> ExtractSummary:
     records, out, backbone, meta = d.agree("setting up", lambda: _setup(cfg, d))
     keys = [r.key for r in records]
+    d.agree(f"locking {parts_dir(out)}", lambda: _lock(out, owned) if d.rank == 0 else None)
     if out.exists():
         d.agree(f"checking {out}", lambda: _check_finished(out, meta, keys))
         if d.rank == 0:
@@ -187,6 +210,12 @@ def _extract_rows(cfg: ExtractConfig, d: Dist, writer: CacheWriter, backbone: Ba
                 tqdm.write(f"skipped {records[r].key}: {e}")
             bar.update(len(batch_rows))
         writer.flush()
+    except RuntimeError as e:  # torch's report of a worker that died (the OOM killer's SIGKILL): a user's matter
+        if "DataLoader worker" not in str(e):
+            raise
+        raise CacheError(f"{one_line(e)} (out of memory? fewer --workers or a smaller --batch-size need less); "
+                         f"finished batches are kept in {parts_dir(writer.out)}, re-run the same command to "
+                         f"resume") from e
     finally:
         watched.close()
         del batches  # the last reference: DataLoader workers shut down now, also on an error

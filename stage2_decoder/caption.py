@@ -17,6 +17,7 @@ import click
 
 from common.cli import decode_options, run_guarded, sampling_options
 
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 ALT_MARKER = "  alt"  # starts each alternative caption's line: `  alt<TAB>score<TAB>caption`
 

@@ -8,7 +8,6 @@ weights beside their average); its best.pt does not (`inference_extra`).
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import pickle
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from common.atomic import atomic_write
 from common.vocab import Vocabulary, VocabError
 from stage2_decoder.model import CaptionDecoder, DecoderConfig
 
@@ -49,23 +49,10 @@ def save_checkpoint(path: str | os.PathLike, model: CaptionDecoder, vocab: Vocab
     path = Path(path)
     buf = io.BytesIO()
     torch.save(ckpt, buf)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)  # left by a killed run
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write(path, bytes(buf.getbuffer()), what="checkpoint")
     except OSError as e:  # disk full, read-only or vanished folder
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        raise CheckpointError(str(e)) from e
 
 
 BACKBONE_KEYS = ("name", "weights", "feature_dim", "preprocess")
@@ -108,7 +95,30 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: its backbone description lacks one of {', '.join(BACKBONE_KEYS)}")
     if not isinstance(ckpt["model_state"], dict) or not isinstance(ckpt["decoder_config"], dict):
         raise CheckpointError(f"{path}: model_state and decoder_config must be dicts")
+    split = ckpt.get("split")
+    if split is not None and not (isinstance(split, dict) and all(
+            isinstance(v, list) and all(isinstance(k, str) for k in v) for v in split.values())):
+        raise CheckpointError(f"{path}: its split must map split names to lists of image keys, got "
+                              f"{type(split).__name__}")
+    if not isinstance(ckpt.get("train_config", {}), dict):
+        raise CheckpointError(f"{path}: its train_config must be a dict, got {type(ckpt['train_config']).__name__}")
     return ckpt
+
+
+def _check_shapes(probe: CaptionDecoder, state: dict, config: dict) -> None:
+    """The weights a config declares must be the weights stored: a config with huge sizes beside small
+    tensors is refused before anything that large is allocated."""
+    want = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    bad = [k for k in want if k in have and want[k] != have[k]]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(f"checkpoint weights do not fit its decoder config {config}: {k} is stored as "
+                              f"{list(have[k])}, the config needs {list(want[k])}")
+    missing, extra = sorted(set(want) - set(have)), sorted(map(str, set(state) - set(want)))
+    if missing or extra:
+        raise CheckpointError("checkpoint weights do not fit its decoder config: "
+                              + (f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(extra[:3])}"))
 
 
 def model_from_checkpoint(ckpt: dict, device="cpu") -> tuple[CaptionDecoder, Vocabulary]:
@@ -120,9 +130,15 @@ def model_from_checkpoint(ckpt: dict, device="cpu") -> tuple[CaptionDecoder, Voc
         raise CheckpointError(f"checkpoint has a malformed vocabulary or decoder config: {e}") from e
     if cfg.vocab_size != len(vocab):
         raise CheckpointError(f"checkpoint's decoder has {cfg.vocab_size} words but its vocabulary {len(vocab)}")
+    try:  # on the meta device first: its parameter shapes, without allocating them
+        with torch.device("meta"):
+            probe = CaptionDecoder(cfg)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:  # sizes that are not positive ints
+        raise CheckpointError(f"checkpoint has an unusable decoder config {ckpt['decoder_config']}: {e}") from e
+    _check_shapes(probe, ckpt["model_state"], ckpt["decoder_config"])
     try:
         model = CaptionDecoder(cfg)
-    except (TypeError, ValueError, RuntimeError) as e:  # sizes that are not positive ints
+    except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint has an unusable decoder config {ckpt['decoder_config']}: {e}") from e
     try:
         model.load_state_dict(ckpt["model_state"], strict=True)

@@ -19,13 +19,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.atomic import atomic_write
 from common.cli import decode_options, run_guarded
-from common.datasets import FORMATS, ImageRecord, load_dataset
+from common.datasets import FORMATS, OUTSIDE_FLAG, ImageRecord, load_dataset
 from stage2_decoder.decode_config import DecodeConfig
 
 
 def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_override: dict | None = None,
-                        decode_cfg: DecodeConfig | None = None) -> tuple[dict[str, str], list[ImageRecord]]:
+                        decode_cfg: DecodeConfig | None = None, allow_outside_images: bool = False
+                        ) -> tuple[dict[str, str], list[ImageRecord]]:
     """Decode the split's images from the cache. Returns ({key: caption}, records)."""
     from common.feature_cache import load_cache
 
@@ -37,7 +39,7 @@ def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_over
     m = cache.meta
     o = records_override or {}
     recs = {r.key: r for r in load_dataset(o.get("dataset") or m.dataset_format, o.get("captions") or m.captions_file,
-                                           o.get("images") or m.images_dir)}
+                                           o.get("images") or m.images_dir, allow_outside_images=allow_outside_images)}
     rows = cache.rows_by_key()
     keys = [k for k in keys if k in rows and k in recs]
     if not keys:
@@ -136,10 +138,12 @@ def format_table(report: dict) -> str:
               help="Write a self-contained HTML gallery: metrics, then each photo with its captions and CIDEr.")
 @click.option("--html-max", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Most photos in the gallery: the best and worst half by CIDEr (0 = all).")
+@click.option(OUTSIDE_FLAG, "allow_outside_images", is_flag=True,
+              help="Also read captions entries whose image resolves outside the images folder.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--dry-run", is_flag=True, help="Check the options, the checkpoint and the data source; decode nothing.")
 def main(checkpoint, features, split, dataset, images, captions, limit, decode, spice, workers, device, as_json,
-         json_out, html_out, html_max, no_progress, dry_run):
+         json_out, html_out, html_max, allow_outside_images, no_progress, dry_run):
     """Score a checkpoint with BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE where it runs)."""
     from stage2_decoder.api import Captioner, find_checkpoint
     from stage2_decoder.checkpoint import load_checkpoint
@@ -158,23 +162,25 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
         if checkpoint is None:
             click.echo(f"using checkpoint {ckpt_path}", err=True)
         if dry_run:
-            n = len(load_dataset(dataset or "auto", captions, images, limit)) if raw else None
+            n = len(load_dataset(dataset or "auto", captions, images, limit, allow_outside_images)) if raw else None
             click.echo(f"dry run: checkpoint {ckpt_path}, " + (f"{n} images from {captions}" if raw
                                                                else f"the {split} split of {features}"), err=True)
             return 0
         cap = Captioner.load(ckpt_path, device)
         errors = {}
         if raw:
-            recs = load_dataset(dataset or "auto", captions, images, limit)
+            recs = load_dataset(dataset or "auto", captions, images, limit, allow_outside_images)
             res, recs, errors = captions_from_images(cap, recs, workers, progress=not no_progress, decode_cfg=decode)
             for k, e in errors.items():
                 click.echo(f"skipped {k}: {e}", err=True)
         else:
-            res, recs = captions_from_cache(cap, load_checkpoint(ckpt_path), features, split, decode_cfg=decode)
+            res, recs = captions_from_cache(cap, load_checkpoint(ckpt_path), features, split, decode_cfg=decode,
+                                            allow_outside_images=allow_outside_images)
         if not res:
             raise ValueError("no image could be captioned")
         report = evaluate_captions(res, recs, spice, cap.vocab.tokenizer)
-        report.update({"checkpoint": os.path.abspath(ckpt_path), "decode": asdict(decode),
+        images_root = os.path.abspath(images) if raw else read_meta(features).images_dir
+        report.update({"checkpoint": os.path.abspath(ckpt_path), "decode": asdict(decode), "images_root": images_root,
                        "source": "images" if raw else f"cache:{split}", "skipped": errors,
                        "seconds": round(time.perf_counter() - t0, 2)})
         if as_json:
@@ -183,14 +189,13 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
             click.echo(format_table(report))
             click.echo(f"{report['seconds']:.1f}s")
         if json_out:
-            from common.atomic import atomic_write
-
             atomic_write(json_out, json.dumps(report, indent=1, ensure_ascii=False), what="evaluation report")
         if html_out:
             from stage2_decoder.report import write_html
 
             write_html(report, html_out, f"Caption evaluation: {Path(ckpt_path).name}, {report['source']}",
-                       progress=not no_progress, max_images=html_max)
+                       progress=not no_progress, max_images=html_max,
+                       images_root=None if allow_outside_images else images_root)
             click.echo(f"gallery: {html_out}", err=as_json)
         return 0
 

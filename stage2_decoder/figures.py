@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from common.atomic import atomic_path
+
 FIGURE_WIDTH = 640  # px
 MAX_PHOTO_HEIGHT = 640  # px; a taller photo is scaled down further and centred
 DPI = 100
@@ -132,12 +134,8 @@ def save_caption_figure(image: str | os.PathLike, caption: str, out: str | os.Pa
         y += ln.height
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
+    with atomic_path(out, what="figure") as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, facecolor="white")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

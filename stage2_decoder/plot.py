@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from common.atomic import atomic_path
+
 CURVES_NAME = "curves.png"
 CURVES_SIZE = (1500, 450)  # px of curves.png
 DPI = 100
@@ -107,12 +109,8 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
             ax.legend(fontsize=9)
     fig.suptitle(f"{run_dir.resolve().name}: {len(records)} epochs")
     out = Path(out) if out is not None else run_dir / CURVES_NAME
-    tmp = out.with_name(out.name + ".tmp")
-    try:
+    with atomic_path(out, what="curves") as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -8,6 +8,11 @@ thumbnail embedded as base64 (the page needs no server and no other file), the g
 the reference captions and the image's CIDEr; ordered best to worst, re-sortable in the page. At
 most --html-max cards (default 1000): the best and the worst half, with a note of how many were left out.
 A Content-Security-Policy forbids every external request, so the page cannot depend on one.
+
+Only images inside one folder are read and embedded: `evaluate` passes its images folder; the
+`report` command takes `--images-root`, else the `images_root` the JSON records, else the JSON's
+own folder (a JSON from elsewhere should be rendered with `--images-root`); `--allow-outside-images`
+embeds every image the JSON names.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import base64
 import io
 import json
 import os
+import warnings
 from html import escape
 from pathlib import Path
 
@@ -23,6 +29,7 @@ from tqdm import tqdm
 
 from common.atomic import atomic_write
 from common.cli import run_guarded
+from common.datasets import OUTSIDE_FLAG, inside_folder
 
 THUMB_PX = 256
 # cards on one page: 5,000 embedded thumbnails make a ~60 MB page that browsers struggle with; a capped
@@ -108,6 +115,59 @@ def _summary(report: dict) -> str:
     return "".join(f'<p class="meta">{ln}</p>' for ln in lines)
 
 
+_NUMBER = (int, float)
+_ITEM_TYPES = {"key": (str, int), "image": (str, type(None)), "caption": (str, type(None)),
+               "cider": (*_NUMBER, type(None))}
+_STATS_TYPES = {"vocab_used": _NUMBER, "distinct_fraction": _NUMBER, "most_common_fraction": _NUMBER,
+                "most_common_caption": (str,)}
+
+
+def check_report(report, source) -> dict:
+    """An `evaluate --json` report whose every field the page uses has its type; else a ValueError naming
+    the field (a hand-edited or foreign JSON is one line, not a traceback)."""
+    def bad(where: str, value, want: str):
+        raise ValueError(f"{source}: {where} is {type(value).__name__} {str(value)[:40]!r}, expected {want}")
+
+    if not isinstance(report, dict) or not isinstance(report.get("images"), list):
+        raise ValueError(f"{source} is not an `evaluate --json` output (no 'images' list)")
+    for i, item in enumerate(report["images"]):
+        if not isinstance(item, dict):
+            bad(f"images[{i}]", item, "an object")
+        for k, kinds in _ITEM_TYPES.items():
+            if k in item and (not isinstance(item[k], kinds) or isinstance(item[k], bool)):
+                bad(f"images[{i}].{k}", item[k], " or ".join(t.__name__ for t in kinds))
+        refs = item.get("references", [])
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+            bad(f"images[{i}].references", refs, "a list of strings")
+    metrics = report.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(isinstance(v, (*_NUMBER, str)) for v in metrics.values()):
+        bad("metrics", metrics, "an object of numbers")
+    stats = report.get("stats")
+    if stats is not None and not (isinstance(stats, dict) and all(
+            isinstance(stats.get(k), kinds) for k, kinds in _STATS_TYPES.items())):
+        bad("stats", stats, f"an object with {', '.join(_STATS_TYPES)}")
+    for k, kind, want in (("notes", list, "a list"), ("skipped", dict, "an object"), ("decode", dict, "an object")):
+        if report.get(k) is not None and not isinstance(report[k], kind):
+            bad(k, report[k], want)
+    if not all(isinstance(n, str) for n in report.get("notes") or []):
+        bad("notes", report["notes"], "a list of strings")
+    if "n_images" in report and (not isinstance(report["n_images"], int) or isinstance(report["n_images"], bool)):
+        bad("n_images", report["n_images"], "an integer")
+    return report
+
+
+def _thumb(item: dict, thumb_px: int, images_root: str | None) -> str | None:
+    """The card's thumbnail; an image resolving outside `images_root` (when given) is not read."""
+    path = item.get("image")
+    if not isinstance(path, str) or not path:
+        return None
+    if images_root is not None and not inside_folder(path, images_root):
+        warnings.warn(f"image of {item.get('key')!r} not embedded: {path} is outside the images folder "
+                      f"{images_root} (--images-root DIR or {OUTSIDE_FLAG} to embed it)")
+        return None
+    return thumbnail_data_uri(path, thumb_px)
+
+
 def _card(index: int, item: dict, thumb: str | None) -> str:
     cider = item.get("cider")
     score = float(cider) if cider is not None else float("nan")
@@ -134,12 +194,15 @@ def shown_images(images: list[dict], max_images: int = MAX_IMAGES) -> tuple[list
 
 
 def render_html(report: dict, title: str = "Caption evaluation", thumb_px: int = THUMB_PX,
-                progress: bool = False, max_images: int = MAX_IMAGES) -> str:
+                progress: bool = False, max_images: int = MAX_IMAGES, images_root: str | os.PathLike | None = None
+                ) -> str:
     """The page for an `evaluate` report (metrics, stats, notes, images[{key, image, caption,
     references, cider}]) as a string; cards ordered by CIDEr, best first, at most `max_images`
-    of them (0 = all; see `shown_images`)."""
+    of them (0 = all; see `shown_images`). With `images_root`, only images resolving inside it are
+    read (the others get an empty card and a warning)."""
     images, left_out = shown_images(report.get("images", []), max_images)
-    cards = [_card(i, item, thumbnail_data_uri(item["image"], thumb_px) if item.get("image") else None)
+    root = os.fspath(images_root) if images_root is not None else None
+    cards = [_card(i, item, _thumb(item, thumb_px, root))
              for i, item in tqdm(images, desc="thumbnails", unit="img", disable=not progress, leave=False)]
     total = len(cards) + left_out
     capped = (f'<p class="meta" id="left-out">showing the {(len(cards) + 1) // 2} best and {len(cards) // 2} worst '
@@ -170,9 +233,9 @@ def render_html(report: dict, title: str = "Caption evaluation", thumb_px: int =
 
 
 def write_html(report: dict, out: str | os.PathLike, title: str = "Caption evaluation", progress: bool = False,
-               max_images: int = MAX_IMAGES) -> Path:
+               max_images: int = MAX_IMAGES, images_root: str | os.PathLike | None = None) -> Path:
     """Render the page and write it atomically to `out`."""
-    page = render_html(report, title, progress=progress, max_images=max_images)
+    page = render_html(report, title, progress=progress, max_images=max_images, images_root=images_root)
     out = Path(out)
     if out.parent != Path(""):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -185,17 +248,23 @@ def write_html(report: dict, out: str | os.PathLike, title: str = "Caption evalu
 @click.option("--title", default="Caption evaluation", show_default=True)
 @click.option("--html-max", type=click.IntRange(min=0), default=MAX_IMAGES, show_default=True,
               help="Most images on the page: the best and worst half by CIDEr (0 = all).")
-def main(eval_json, out, title, html_max):
+@click.option("--images-root", type=click.Path(file_okay=False), default=None,
+              help="Embed only images inside this folder [default: the images_root the JSON records, else the "
+                   "JSON's own folder].")
+@click.option(OUTSIDE_FLAG, "allow_outside_images", is_flag=True, help="Embed every image the JSON names.")
+def main(eval_json, out, title, html_max, images_root, allow_outside_images):
     """Turn an `evaluate --json` file into a self-contained HTML gallery."""
     def work():
         try:
             report = json.loads(Path(eval_json).read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{eval_json} is not JSON: {e}") from e
-        if not (isinstance(report, dict) and isinstance(report.get("images"), list)
-                and all(isinstance(i, dict) for i in report["images"])):
-            raise ValueError(f"{eval_json} is not an `evaluate --json` output (no 'images' list)")
-        write_html(report, out, title, progress=True, max_images=html_max)
+        check_report(report, eval_json)
+        recorded = report.get("images_root")
+        root = None if allow_outside_images else (
+            images_root or (recorded if isinstance(recorded, str) and recorded else None)
+            or os.path.dirname(os.path.abspath(eval_json)))
+        write_html(report, out, title, progress=True, max_images=html_max, images_root=root)
         shown = min(len(report["images"]), html_max or len(report["images"]))
         click.echo(f"wrote {out} ({shown} of {len(report['images'])} images)")
         return 0

@@ -44,8 +44,10 @@ from tqdm import tqdm
 # context in this process and make forking its runs unsafe; torch reads this when first asked
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
-from common.cli import run_guarded  # noqa: E402
+from common.atomic import atomic_path, atomic_write  # noqa: E402
+from common.cli import INT64, run_guarded  # noqa: E402
 from common.feature_cache import read_meta  # noqa: E402
+from common.lock import LOCK_NAME, hold  # noqa: E402
 from stage2_decoder.train import TrainConfig, train  # noqa: E402
 
 METRICS = {"cider": ("val_cider", True), "loss": ("val_loss", False)}  # column, higher is better
@@ -129,9 +131,17 @@ def load_grid(path: str | os.PathLike) -> dict[str, list]:
     return normalize_grid(grid)
 
 
+MAX_RUNS = 10_000  # points one sweep expands or samples: more is a typo (or a hostile grid), not a plan
+
+
 def expand_grid(grid: dict) -> list[dict]:
-    """Every point of the grid's product, in file order (the last key varies fastest)."""
+    """Every point of the grid's product, in file order (the last key varies fastest); its size is
+    checked before anything is built."""
     g = normalize_grid(grid)
+    total = math.prod(len(v) for v in g.values())
+    if total > MAX_RUNS:
+        raise SweepError(f"the grid has {total:,} points ({' x '.join(str(len(v)) for v in g.values())}); at most "
+                         f"{MAX_RUNS:,} are expanded: draw some of them with --random N")
     return [dict(zip(g, combo)) for combo in itertools.product(*g.values())]
 
 
@@ -142,6 +152,8 @@ def sample_grid(grid: dict, n: int, seed: int = 0) -> list[dict]:
     """
     if n < 1:
         raise SweepError(f"--random must be at least 1, got {n}")
+    if n > MAX_RUNS:
+        raise SweepError(f"--random {n:,} is more than the {MAX_RUNS:,} runs one sweep holds")
     g = normalize_grid(grid)
     sizes = [len(v) for v in g.values()]
     total = math.prod(sizes)
@@ -184,9 +196,7 @@ class RunSpec:
 
 
 def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(value, indent=1), what=path.name)
 
 
 def _finite(x) -> float | None:
@@ -261,7 +271,35 @@ _LIVE_LOCK = threading.Lock()
 _STOP = threading.Event()
 
 
+_SWEEP_PID: list[int] = []  # the sweep process, as its forked runs see it
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(INTERRUPTED_EXIT)
+
+
+def _die_with_parent() -> None:
+    """A run never outlives its sweep (kill -9 included): an orphan would go on training and collide with the
+    re-run. Linux: PR_SET_PDEATHSIG; elsewhere a thread watching the parent's pid."""
+    parent = _SWEEP_PID[0] if _SWEEP_PID else os.getppid()
+    armed = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent:  # the sweep died before the signal was armed
+        os._exit(INTERRUPTED_EXIT)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
 def _child_main(spec: RunSpec, threads: int | None, gpu: str | None = None) -> None:
+    _die_with_parent()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's click handler: just stop (SIGINT as inherited)
     if gpu is not None:  # before anything touches CUDA in this process: the run sees its one GPU as cuda:0
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
@@ -521,6 +559,13 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     read_meta(cfg.features)  # a missing or foreign cache is one clear error, not N failed runs
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    with hold(out / LOCK_NAME, "sweep folder"):  # one sweep per folder; each run also locks its own folder
+        return _run_locked(cfg, out, specs, grid, varied, t0)
+
+
+def _run_locked(cfg: SweepConfig, out: Path, specs: list[RunSpec], grid: dict[str, list], varied: list[str],
+                t0: float) -> SweepResult:
+    _SWEEP_PID[:] = [os.getpid()]
     _write_json(out / "sweep.json", {"features": os.path.abspath(cfg.features), "grid": grid, "varied": varied,
                                      "metric": cfg.metric, "random": cfg.random, "seed": cfg.seed,
                                      "dry_run": cfg.dry_run, "runs": [s.name for s in specs]})
@@ -577,9 +622,7 @@ def write_results(out: Path, rows: list[dict], grid: dict[str, list], varied: li
     w.writeheader()
     w.writerows(flat)
     paths = [out / "results.csv", out / "results.md", out / "results.json"]
-    tmp = paths[0].with_name(paths[0].name + ".tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, paths[0])
+    atomic_write(paths[0], buf.getvalue(), what="results table")
 
     col, higher = METRICS[metric]
     fixed = {k: v[0] for k, v in grid.items() if len(v) == 1}
@@ -590,9 +633,7 @@ def write_results(out: Path, rows: list[dict], grid: dict[str, list], varied: li
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in flat:
         lines.append("| " + " | ".join(_cell(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in cols) + " |")
-    tmp = paths[1].with_name(paths[1].name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, paths[1])
+    atomic_write(paths[1], "\n".join(lines) + "\n", what="results table")
     _write_json(paths[2], {"metric": metric, "varied": varied, "fixed": fixed, "rows": rows})
     return paths
 
@@ -642,12 +683,8 @@ def plot_sweep(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     fig.suptitle(f"{sweep_dir.resolve().name}: {len(ok)} of {len(res['rows'])} runs "
                  f"({'higher' if higher else 'lower'} {col} is better)")
     out = Path(out) if out is not None else sweep_dir / "sweep.png"
-    tmp = out.with_name(out.name + ".tmp")
-    try:
+    with atomic_path(out, what="sweep plot") as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -677,7 +714,7 @@ def _report(r: SweepResult) -> None:
 @click.option("--grid", required=True, type=click.Path(), help="JSON: training setting -> list of values.")
 @click.option("--n-jobs", type=int, default=None, help="Runs at once (default: number of cores; on CUDA 2 per GPU).")
 @click.option("--random", "random_n", type=int, default=0, help="Sample N points of the grid instead of all.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
+@click.option("--seed", type=INT64, default=0, show_default=True, help="Seed for --random.")
 @click.option("--metric", type=click.Choice(list(METRICS)), default="cider", show_default=True,
               help="Rank runs by validation CIDEr or validation loss.")
 @click.option("--threads", type=int, default=None, help="Torch threads per run (default: cores // n-jobs).")

@@ -8,12 +8,13 @@ resumes from last.pt.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import click
@@ -22,18 +23,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.atomic import atomic_write, remove_stale_temporaries
 from common.device import resolve_device
 from common.cli import config_options, run_guarded
 from common.datasets import FORMATS, load_dataset, official_split, split_keys, write_split
 from common.feature_cache import CacheError, FeatureCache, load_cache
-from common.tokenizer import TOKENIZERS
+from common.lock import LOCK_NAME, hold
 from common.token_cache import tokenize_records
+from common.tokenizer import TOKENIZERS
 from common.vocab import Vocabulary, build_vocab
-from stage2_decoder.checkpoint import (CheckpointError, cpu_state, inference_extra, load_checkpoint,
-                                       save_checkpoint)
+from stage2_decoder.checkpoint import cpu_state, inference_extra, load_checkpoint, save_checkpoint
 from stage2_decoder.data import CaptionPairs
 from stage2_decoder.ema import EMA
 from stage2_decoder.model import CaptionDecoder, DecoderConfig
+from stage2_decoder.resume import _resume, _run_config, cuda_rng_state
 
 
 @dataclass
@@ -84,16 +87,24 @@ class TrainConfig:
     progress: bool = True
     dry_run: bool = False  # one batch per epoch: the cheap mode tests use
 
-    # settings that must not change when a run resumes from last.pt
-    RESUME_FIXED = ("features", "embed_size", "hidden_size", "num_layers", "vocab_threshold", "max_caption_len",
-                    "val_frac", "test_frac", "split_seed", "dropout", "select_by", "val_beam_size",
-                    "tie_embeddings", "tokenizer")
-    RESUME_LEGACY = {"val_beam_size": 1, "tie_embeddings": False, "tokenizer": "nltk"}  # what older runs did
+    # a resume from last.pt may change these, and they apply to the epochs still to run (config.json records it)
+    RESUME_APPLIED = ("epochs", "scst_epochs", "patience")
+    # where the data is and how the run is shown, not the training math
+    RESUME_FREE = ("out", "captions", "images", "dataset", "device", "progress", "dry_run")
+    # every other field changes the math and must not change on resume (set below, new fields included)
+    RESUME_FIXED = ()
+    # what a run from before the setting existed did, where that is not the field's default
+    RESUME_LEGACY = {"val_beam_size": 1, "tie_embeddings": False, "tokenizer": "nltk"}
 
     def decoder_config(self, feature_dim: int, vocab_size: int) -> DecoderConfig:
         """The decoder these settings train (train() and the benchmarks build it from here)."""
         return DecoderConfig(feature_dim, vocab_size, self.embed_size, self.hidden_size, self.num_layers,
                              self.dropout, self.tie_embeddings)
+
+
+TrainConfig.RESUME_FIXED = tuple(f.name for f in fields(TrainConfig)
+                                 if f.name not in TrainConfig.RESUME_APPLIED + TrainConfig.RESUME_FREE)
+RUN_OUTPUTS = ("config.json", "split.json", "vocab.json", "metrics.jsonl", "best.pt", "last.pt", "curves.png")
 
 
 @dataclass
@@ -104,6 +115,9 @@ class TrainResult:
     best_val_loss: float
     history: list[dict]
     best_val_cider: float = float("nan")
+
+
+MAX_LSTM_WEIGHTS = 1 << 30  # 4 GiB of float32 before gradients and Adam's two moments: no decoder of this kind
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -132,6 +146,11 @@ def _check(cfg: TrainConfig) -> None:
     for name in ("weight_decay", "patience", "lr_patience", "val_images", "scst_epochs"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+    h, e, n = cfg.hidden_size, cfg.embed_size, cfg.num_layers
+    weights = 4 * h * (e + h + 2) + (n - 1) * 4 * h * (2 * h + 2)  # (4h, in + h) weights + 2 biases per layer
+    if weights > MAX_LSTM_WEIGHTS:
+        raise ValueError(f"--hidden-size {h} --embed-size {e} --num-layers {n}: the LSTM alone would need "
+                         f"{weights:,} weights ({weights * 4 / 2**30:,.0f} GiB); at most {MAX_LSTM_WEIGHTS:,}")
 
 
 def prepare_data(cfg: TrainConfig, cache: FeatureCache):
@@ -144,7 +163,7 @@ def prepare_data(cfg: TrainConfig, cache: FeatureCache):
     """
     m = cache.meta
     records = load_dataset(cfg.dataset or m.dataset_format, cfg.captions or m.captions_file,
-                           cfg.images or m.images_dir)
+                           cfg.images or m.images_dir, allow_outside_images=True)  # only captions are read here
     rows = cache.rows_by_key()
     records = [r for r in records if r.key in rows]
     if len(records) < 3:
@@ -163,6 +182,13 @@ def prepare_data(cfg: TrainConfig, cache: FeatureCache):
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) a decoder; returns the history. Importable: the CLI and sweeps call this."""
+    # absolute, so a resume from another working directory names the same cache (last.pt records this)
+    cfg = replace(cfg, features=os.path.abspath(cfg.features))
+    with contextlib.ExitStack() as owned:  # the run folder's lock, held until training returns or fails
+        return _train(cfg, owned)
+
+
+def _train(cfg: TrainConfig, owned: contextlib.ExitStack) -> TrainResult:
     _check(cfg)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -173,6 +199,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ValueError(f"--out {run} is inside the images folder {images_dir}; write the run elsewhere")
     parts, split, vocab, rows, tokens = prepare_data(cfg, cache)
     run.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be usable
+    owned.enter_context(hold(run / LOCK_NAME, "run folder"))
+    remove_stale_temporaries(run, RUN_OUTPUTS)  # what a killed run was writing: ours now that we hold the lock
     train_set = CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len, tokens).to(device)  # beside the features
     val_records = [r for r in parts["val"] if r.captions]  # images without references cannot validate
     if not val_records and cfg.progress:
@@ -212,12 +240,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     history, start_epoch, best = _resume(run, cfg, model, opt, sched, vocab, device, backbone, ema)
     val_keys = set([r.key for r in val_records][: cfg.val_images or None])
     val_refs = {r.key: r.captions for r in val_records if r.key in val_keys and r.captions}
+    atomic_write(run / "config.json", json.dumps(_run_config(run, cfg, start_epoch), indent=2), what="run config")
     if start_epoch == 0:
-        (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         write_split(split, run / "split.json")
         vocab.save(run / "vocab.json")
     # metrics.jsonl = the checkpoint's history (drops a line from an epoch whose last.pt never landed)
-    (run / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    atomic_write(run / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history), what="metrics")
 
     n_train = len(train_set)
     steps = 1 if cfg.dry_run else math.ceil(n_train / cfg.batch_size)
@@ -408,56 +436,6 @@ def evaluate_loss(model: CaptionDecoder, pairs: CaptionPairs, features: torch.Te
         if dry_run:
             break
     return float(total) / max(count, 1)
-
-
-def cuda_rng_state(device) -> dict:
-    """{"cuda_rng_state": one state per visible GPU} when training on CUDA (dropout and SCST sampling draw there)."""
-    if torch.device(device).type != "cuda":
-        return {}
-    return {"cuda_rng_state": [s.cpu() for s in torch.cuda.get_rng_state_all()]}
-
-
-def restore_cuda_rng_state(ckpt: dict, device) -> None:
-    """Put back the CUDA generators a checkpoint saved (as many GPUs as both have). cuDNN's LSTM is not
-    bitwise reproducible, so a resumed GPU run is statistically, not bitwise, the uninterrupted one."""
-    states = ckpt.get("cuda_rng_state")
-    if not states or torch.device(device).type != "cuda":
-        return
-    for i, state in enumerate(states[: torch.cuda.device_count()]):
-        torch.cuda.set_rng_state(state.cpu(), i)
-
-
-def _resume(run: Path, cfg: TrainConfig, model, opt, sched, vocab: Vocabulary, device, backbone: dict,
-            ema: EMA | None = None):
-    last = run / "last.pt"
-    if not last.exists():
-        return [], 0, {"score": float("-inf"), "epoch": 0}
-    ckpt = load_checkpoint(last, map_location=device)
-    old = ckpt.get("train_config", {})
-    changed = [k for k in TrainConfig.RESUME_FIXED
-               if k != "features" and old.get(k, TrainConfig.RESUME_LEGACY.get(k)) != getattr(cfg, k)]
-    if os.path.abspath(old.get("features", "")) != os.path.abspath(cfg.features):
-        changed.append("features")
-    # the same cache path may now hold features of another backbone (same size, other meaning)
-    changed += [f"backbone {k}" for k in ("name", "weights", "feature_dim", "preprocess")
-                if ckpt["backbone"].get(k) != backbone[k]]
-    if changed or Vocabulary.from_dict(ckpt["vocab"]) != vocab:
-        raise CheckpointError(f"{last} was trained with other settings ({', '.join(changed) or 'vocabulary'}); "
-                              f"use a new --out or delete {run}")
-    try:
-        model.load_state_dict(ckpt.get("train_model_state", ckpt["model_state"]), strict=True)
-        if ema is not None:
-            ema.load_state_dict(ckpt["model_state"])  # goes on averaging (not a fresh copy of the trained weights)
-        opt.load_state_dict(ckpt["optimizer_state"])
-        sched.load_state_dict(ckpt["scheduler_state"])
-        torch.set_rng_state(ckpt["rng_state"].cpu())
-        restore_cuda_rng_state(ckpt, device)
-        history, epoch, best = list(ckpt.get("history", [])), int(ckpt["epoch"]), dict(ckpt["best"])
-    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"cannot resume from {last}: {type(e).__name__}: {e}") from e
-    if cfg.progress:
-        tqdm.write(f"resuming {run} after epoch {epoch}")
-    return history, epoch, best
 
 
 _CLI_OWN = {"features", "out", "captions", "images", "dataset", "device", "progress", "dry_run"}

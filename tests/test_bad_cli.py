@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,13 +38,13 @@ def _invoke(module: str, args: list) -> object:
 
 @pytest.fixture(scope="module")
 def small_set(tmp_path_factory, coco_records) -> tuple[Path, Path]:
-    """An images folder (links to 3 real photos) and its COCO captions file, in a scratch folder."""
+    """An images folder (copies of 3 real photos) and its COCO captions file, in a scratch folder."""
     root = tmp_path_factory.mktemp("cli_set")
     images = root / "images"
     images.mkdir()
     recs = coco_records[:3]
     for r in recs:
-        os.symlink(r.path, images / Path(r.path).name)
+        shutil.copy(r.path, images / Path(r.path).name)  # copies: a link out of the folder is not read
     coco = {"images": [{"id": r.image_id, "file_name": Path(r.path).name} for r in recs],
             "annotations": [{"id": n, "image_id": r.image_id, "caption": c}
                             for n, (r, c) in enumerate(((r, c) for r in recs for c in r.captions), 1)]}

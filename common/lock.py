@@ -1,0 +1,81 @@
+"""One owner per output: an OS lock on a run folder, a sweep folder or a cache in progress.
+
+`hold(lock_file, what)` takes `fcntl.flock(LOCK_EX | LOCK_NB)` on `lock_file` (created if needed,
+never through a link) and writes the holder's pid in it. A second process gets one `OutputBusy`
+line naming that pid. The kernel releases the lock when the holder dies, however it dies (a
+SIGKILL leaves the file behind, unlocked: the next owner simply takes it). The file is never
+deleted: deleting it would let two processes lock two different files of the same name.
+
+A forked child does not keep its parent's locks: the inherited descriptors are closed in the
+child (closing, unlike unlocking, leaves the parent's lock in place), so a child outliving its
+parent cannot block the re-run, and a child's own release cannot free the parent's folder. (Until the
+child has first been scheduled, its copy still counts: a release in that instant waits for it.)
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: no locking there, as before
+    fcntl = None
+
+LOCK_NAME = ".lock"
+_held: set[int] = set()  # descriptors of the locks this process holds (closed in forked children)
+
+
+class OutputBusy(OSError):
+    """Another live process owns this output."""
+
+
+def _close_inherited() -> None:
+    for fd in list(_held):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited)
+
+
+def holder(lock_file: str | os.PathLike) -> str:
+    """The pid written in `lock_file` ("unknown" when it cannot be read)."""
+    with contextlib.suppress(OSError, ValueError):
+        fd = os.open(lock_file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            text = os.read(fd, 64).decode("ascii").strip()
+        finally:
+            os.close(fd)
+        if text.isdigit():
+            return text
+    return "unknown"
+
+
+@contextlib.contextmanager
+def hold(lock_file: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold the lock on `lock_file` for the block; `what` names the output in the busy message."""
+    lock_file = Path(lock_file)
+    if fcntl is None:
+        yield lock_file
+        return
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot lock {what} {lock_file.parent}: {e.strerror}") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputBusy(f"{what} {lock_file.parent} is in use by process {holder(lock_file)} (lock "
+                             f"{lock_file}); wait for it to finish or stop it, or use another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _held.add(fd)
+        yield lock_file
+    finally:
+        _held.discard(fd)
+        os.close(fd)  # releases the lock (the last descriptor of this open file)

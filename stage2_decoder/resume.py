@@ -1,0 +1,113 @@
+"""Resuming a training run from RUN_DIR/last.pt, strictly: settings that change the training math must
+match what last.pt recorded (TrainConfig.RESUME_FIXED), the few that may change (RESUME_APPLIED) apply to
+the remaining epochs, and config.json records each resume's changes. `cfg` is a TrainConfig."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import MISSING, asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from common.vocab import Vocabulary
+from stage2_decoder.checkpoint import CheckpointError, load_checkpoint
+from stage2_decoder.ema import EMA
+
+
+def cuda_rng_state(device) -> dict:
+    """{"cuda_rng_state": one state per visible GPU} when training on CUDA (dropout and SCST sampling draw there)."""
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"cuda_rng_state": [s.cpu() for s in torch.cuda.get_rng_state_all()]}
+
+
+def restore_cuda_rng_state(ckpt: dict, device) -> None:
+    """Put back the CUDA generators a checkpoint saved (as many GPUs as both have). cuDNN's LSTM is not
+    bitwise reproducible, so a resumed GPU run is statistically, not bitwise, the uninterrupted one."""
+    states = ckpt.get("cuda_rng_state")
+    if not states or torch.device(device).type != "cuda":
+        return
+    for i, state in enumerate(states[: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state.cpu(), i)
+
+
+def _run_config(run: Path, cfg, start_epoch: int) -> dict:
+    """config.json: the settings the epochs from `start_epoch` on use, and under "resumed" every resume that
+    changed one of type(cfg).RESUME_APPLIED ({"after_epoch", "changed": {name: [before, now]}})."""
+    before: dict = {}
+    if start_epoch:
+        try:
+            before = json.loads((run / "config.json").read_text())
+        except (OSError, ValueError):
+            before = {}
+        before = before if isinstance(before, dict) else {}
+    resumed = list(before.get("resumed", [])) if isinstance(before.get("resumed"), list) else []
+    changed = {k: [before[k], getattr(cfg, k)] for k in type(cfg).RESUME_APPLIED
+               if k in before and before[k] != getattr(cfg, k)}
+    if changed:
+        resumed.append({"after_epoch": start_epoch, "changed": changed})
+    return {**asdict(cfg), **({"resumed": resumed} if resumed else {})}
+
+
+def _recorded(cfg, old: dict, name: str):
+    """A setting as last.pt recorded it; one it predates is what runs did before it existed."""
+    if name in old:
+        return old[name]
+    if name in type(cfg).RESUME_LEGACY:
+        return type(cfg).RESUME_LEGACY[name]
+    default = type(cfg).__dataclass_fields__[name].default
+    return None if default is MISSING else default
+
+
+def _check_resume_epochs(last: Path, cfg, old: dict, done: int) -> None:
+    """More epochs (or patience) apply to the rest of the run; fewer than already ran, or a moved
+    cross-entropy / self-critical boundary once SCST began, are refused."""
+    old_epochs = old.get("epochs", cfg.epochs)
+    if cfg.epochs < min(done, old_epochs):
+        raise CheckpointError(f"{last} already ran {min(done, old_epochs)} cross-entropy epochs: --epochs "
+                              f"{cfg.epochs} cannot undo them (use --epochs {old_epochs} or a new --out)")
+    if done > old_epochs and cfg.epochs != old_epochs:
+        raise CheckpointError(f"{last} is in its self-critical phase (it began after epoch {old_epochs}): "
+                              f"--epochs must stay {old_epochs}")
+    if cfg.epochs + cfg.scst_epochs < done:
+        raise CheckpointError(f"{last} already ran {done} epochs: --epochs {cfg.epochs} + --scst-epochs "
+                              f"{cfg.scst_epochs} is fewer")
+
+
+def _resume(run: Path, cfg, model, opt, sched, vocab: Vocabulary, device, backbone: dict,
+            ema: EMA | None = None):
+    last = run / "last.pt"
+    if not last.exists():
+        return [], 0, {"score": float("-inf"), "epoch": 0}
+    ckpt = load_checkpoint(last, map_location=device)
+    old = ckpt.get("train_config", {})
+    if not isinstance(old, dict):
+        raise CheckpointError(f"{last} has a damaged train_config ({type(old).__name__}, expected a dict): "
+                              f"use a new --out or delete {run}")
+    changed = [f"{k} {_recorded(cfg, old, k)!r} -> {getattr(cfg, k)!r}"
+               for k in type(cfg).RESUME_FIXED if k != "features" and _recorded(cfg, old, k) != getattr(cfg, k)]
+    if os.path.abspath(old.get("features", "")) != os.path.abspath(cfg.features):
+        changed.append("features")
+    # the same cache path may now hold features of another backbone (same size, other meaning)
+    changed += [f"backbone {k}" for k in ("name", "weights", "feature_dim", "preprocess")
+                if ckpt["backbone"].get(k) != backbone[k]]
+    if changed or Vocabulary.from_dict(ckpt["vocab"]) != vocab:
+        raise CheckpointError(f"{last} was trained with other settings ({', '.join(changed) or 'vocabulary'}); "
+                              f"resume with the same ones, or use a new --out or delete {run}")
+    try:
+        model.load_state_dict(ckpt.get("train_model_state", ckpt["model_state"]), strict=True)
+        if ema is not None:
+            ema.load_state_dict(ckpt["model_state"])  # goes on averaging (not a fresh copy of the trained weights)
+        opt.load_state_dict(ckpt["optimizer_state"])
+        sched.load_state_dict(ckpt["scheduler_state"])
+        torch.set_rng_state(ckpt["rng_state"].cpu())
+        restore_cuda_rng_state(ckpt, device)
+        history, epoch, best = list(ckpt.get("history", [])), int(ckpt["epoch"]), dict(ckpt["best"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"cannot resume from {last}: {type(e).__name__}: {e}") from e
+    _check_resume_epochs(last, cfg, old, epoch)
+    if cfg.progress:
+        tqdm.write(f"resuming {run} after epoch {epoch}")
+    return history, epoch, best

@@ -1,0 +1,86 @@
+"""Resume is strict and truthful: a setting that changes the training math is refused on resume with
+one line naming it; epochs / patience may change and then really apply, and config.json says so; a
+resume from another working directory (features given as an absolute path) is the same run."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from reliability_helpers import TINY, one_error_line
+
+
+def _args(features, out, *more) -> list[str]:
+    return ["--features", str(features), "--out", str(out), "--scst-epochs", "0", "--dry-run", "--no-progress",
+            "--batch-size", "16", "--embed-size", str(TINY["embed_size"]), "--hidden-size", str(TINY["hidden_size"]),
+            "--vocab-threshold", str(TINY["vocab_threshold"]), "--device", "cpu", "--val-images", "4", *more]
+
+
+def _train(features, out, *more):
+    from stage2_decoder.train import main
+
+    return CliRunner().invoke(main, _args(features, out, *more))
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(shared_cache, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("resume") / "run"
+    r = _train(shared_cache, run, "--epochs", "2")
+    assert r.exit_code == 0, r.output
+    return run
+
+
+@pytest.fixture
+def run(two_epoch_run, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(two_epoch_run, copy)
+    return copy
+
+
+@pytest.mark.parametrize("option, value", [("--lr", "0.002"), ("--weight-decay", "0.01"), ("--batch-size", "8"),
+                                           ("--seed", "5"), ("--label-smoothing", "0.1"), ("--ema-decay", "0.9"),
+                                           ("--length-buckets", "4"), ("--grad-clip", "1.0"), ("--scst-lr", "0.001")])
+def test_a_resume_that_changes_the_training_math_is_refused_naming_the_option(shared_cache, run, option, value):
+    before = (run / "last.pt").read_bytes()
+    line = one_error_line(_train(shared_cache, run, "--epochs", "3", option, value))
+    assert f"{option[2:].replace('-', '_')} " in line and "other settings" in line
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_fewer_epochs_than_already_ran_are_refused(shared_cache, run):
+    before = (run / "last.pt").read_bytes()
+    line = one_error_line(_train(shared_cache, run, "--epochs", "1"))
+    assert "already ran 2" in line and "--epochs 1" in line
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_more_epochs_and_patience_apply_and_config_json_says_so(shared_cache, run):
+    from stage2_decoder.checkpoint import load_checkpoint
+
+    r = _train(shared_cache, run, "--epochs", "3", "--patience", "4")
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["epochs"] == 3 and cfg["patience"] == 4
+    assert cfg["resumed"] == [{"after_epoch": 2, "changed": {"epochs": [2, 3], "patience": [0, 4]}}]
+    assert [json.loads(ln)["epoch"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_resume_from_another_working_directory_with_an_absolute_features_path(shared_cache, tmp_path,
+                                                                                monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.chdir(shared_cache.parent)  # first started with a relative --features
+    r = _train(shared_cache.name, run, "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = _train(shared_cache.resolve(), run, "--epochs", "2")
+    assert r.exit_code == 0, r.output
+    from stage2_decoder.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["train_config"]["features"] == str(shared_cache.resolve())
