@@ -39,6 +39,16 @@ class FiniteFloat(click.ParamType):
 
 
 FINITE = FiniteFloat()
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A bounded float option that also refuses inf and nan (a one-sided range would take them)."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
 INT64 = click.IntRange(-(2**63), 2**63 - 1)  # what torch (seeds) and numpy take: a bigger one is a usage error
 
 
@@ -123,8 +133,10 @@ def _option_group(cls, param: str):
                 wrapper = click.option(flag, fl.name, is_flag=True, default=fl.default, help=meta.get("help"))(wrapper)
                 continue
             if meta.get("min") is not None or meta.get("max") is not None:
-                rng = click.IntRange if kind is int else click.FloatRange
+                rng = click.IntRange if kind is int else FiniteFloatRange
                 kind = rng(min=meta.get("min"), max=meta.get("max"), min_open=meta.get("min_open", False))
+            else:
+                kind = {int: INT64, float: FINITE}.get(kind, kind)
             wrapper = click.option(flag, fl.name, type=kind, default=fl.default, show_default=fl.default is not None,
                                    help=meta.get("help"))(wrapper)
         return wrapper

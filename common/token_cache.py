@@ -49,23 +49,21 @@ def cache_dir() -> Path:
 
 
 def tokenizer_fn(name: str) -> Callable[[str], list[str]]:
-    """The tokenizer called `name` (the caption tokenizer of common/tokenizer.py is "nltk")."""
+    """The tokenizer called `name` (common/tokenizer.py: nltk, whitespace, chars), looked up when called."""
     from common import tokenizer
 
-    if name == "nltk":
-        return tokenizer.tokenize
-    getter = getattr(tokenizer, "get_tokenizer", None)  # other tokenizers, where common/tokenizer.py offers them
-    if getter is None:
-        raise ValueError(f"unknown tokenizer {name!r}; choose nltk")
-    return getter(name)
+    tokenizer.check_tokenizer(name)
+    return lambda text: tokenizer.tokenize(text, name)
 
 
 def tokenizer_version(name: str) -> str:
     """Changes whenever the tokenizer's code (its module) or NLTK changes."""
     import nltk
 
-    fn = tokenizer_fn(name)
-    source = inspect.getsource(sys.modules[fn.__module__])
+    from common import tokenizer
+
+    tokenizer.check_tokenizer(name)
+    source = inspect.getsource(tokenizer)
     return hashlib.sha256(f"{name}\0{nltk.__version__}\0{source}".encode()).hexdigest()[:16]
 
 

@@ -397,6 +397,7 @@ def test_beam_search_reads_back_a_fixed_few_times_whatever_the_batch():
 
 def test_checkpoints_keep_the_cuda_generators_and_a_resume_puts_them_back(shared_cache, tmp_path, monkeypatch):
     """Faked CUDA generators (no GPU here): what a run on CUDA saves in last.pt and restores on resume."""
+    import stage2_decoder.resume as resume_mod
     import stage2_decoder.train as train_mod
     from stage2_decoder.checkpoint import load_checkpoint
 
@@ -413,9 +414,9 @@ def test_checkpoints_keep_the_cuda_generators_and_a_resume_puts_them_back(shared
     train_mod.train(train_mod.TrainConfig(epochs=1, **cfg))
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert [torch.equal(a, b) for a, b in zip(ckpt["cuda_rng_state"], fake)] == [True, True]
-    train_mod.restore_cuda_rng_state(ckpt, "cuda")  # one GPU now: its state, on device 0
+    resume_mod.restore_cuda_rng_state(ckpt, "cuda")  # one GPU now: its state, on device 0
     assert len(restored) == 1 and torch.equal(restored[0][0], fake[0]) and restored[0][1] == 0
-    train_mod.restore_cuda_rng_state(ckpt, "cpu")
+    resume_mod.restore_cuda_rng_state(ckpt, "cpu")
     assert len(restored) == 1  # a CPU resume leaves CUDA alone
 
 

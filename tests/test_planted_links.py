@@ -66,7 +66,7 @@ def test_evaluate_json_and_html_are_not_written_through_planted_links(run_dir, s
     victims = _plant(out, ["e.json", "e.html"])
     r = CliRunner().invoke(main, ["--checkpoint", str(run_dir / "best.pt"), "--features", str(shared_cache),
                                   "--split", "val", "--beam-size", "1", "--device", "cpu", "--workers", "0",
-                                  "--json", str(out / "e.json"), "--html", str(out / "e.html")])
+                                  "--json-out", str(out / "e.json"), "--html", str(out / "e.html")])
     assert r.exit_code == 0, r.output
     _untouched(victims)
     assert json.loads((out / "e.json").read_text())["source"] == "cache:val"

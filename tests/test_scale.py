@@ -108,7 +108,7 @@ def token_env(tmp_path, monkeypatch, coco_dir):
     records = load_dataset("coco", captions, coco_dir / "images")[:30]
     calls = []
     real = tokenizer_mod.tokenize
-    monkeypatch.setattr(tokenizer_mod, "tokenize", lambda c: calls.append(c) or real(c))
+    monkeypatch.setattr(tokenizer_mod, "tokenize", lambda c, *how: calls.append(c) or real(c, *how))
     return captions, records, calls
 
 
