@@ -1,7 +1,7 @@
 """Run a frozen backbone once over every image of a captions dataset and cache the features.
 
 Crash-safe and resumable: finished batches are atomic shard files in `OUT.parts/` (see
-common.feature_cache), assembled into OUT at the end; re-running the same command after a
+stage1_extract.cache_writer), assembled into OUT at the end; re-running the same command after a
 kill, Ctrl-C or a full disk computes only the rows no shard holds. Under torchrun every rank
 takes its own share of the rows (stage1_extract.distributed) and rank 0 assembles.
 """
@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from common.backbones import DEFAULT_BACKBONE, VIEWS, Backbone, ImageRows, load_backbone
 from common.datasets import ImageRecord, guess_format, load_dataset
-from common.feature_cache import (DONE, PENDING, CacheError, CacheMeta, CacheWriter, mismatch, parts_dir, read_keys,
-                                  read_meta, remove_parts)
+from common.feature_cache import DONE, PENDING, CacheError, CacheMeta, mismatch, parts_dir, read_keys, read_meta
 from common.cli import one_line
 from common.lock import LOCK_NAME, OutputBusy, hold
+from stage1_extract.cache_writer import CacheWriter, remove_parts
 from stage1_extract.distributed import Dist, device_for, from_env
 
 

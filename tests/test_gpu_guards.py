@@ -484,7 +484,8 @@ def test_a_cache_started_in_fp32_is_not_resumed_or_reused_in_bf16(coco_dir, tmp_
     import h5py
 
     from common.backbones import Backbone
-    from common.feature_cache import CacheError, CacheWriter, read_meta
+    from common.feature_cache import CacheError, read_meta
+    from stage1_extract.cache_writer import CacheWriter
     from stage1_extract.extract import ExtractConfig, _setup, extract
 
     cfg = ExtractConfig(images=str(coco_dir / "images"), captions=str(coco_dir / "captions.json"),
