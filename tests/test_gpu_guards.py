@@ -453,7 +453,7 @@ def test_torchrun_ranks_map_to_local_rank_modulo_the_visible_gpus(monkeypatch):
 
 
 def test_stage1_workers_default_to_every_core_per_rank(monkeypatch):
-    from stage1_extract.extract import default_workers
+    from common.backbones import default_workers
 
     cores = len(os.sched_getaffinity(0))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
