@@ -139,7 +139,8 @@ def child_assemble(a) -> dict:
     """Write the cache through CacheWriter (random non-negative float16 shards), then time finish()."""
     from common.backbones import preprocess_for
     from common.datasets import load_dataset
-    from common.feature_cache import CacheMeta, CacheWriter
+    from common.feature_cache import CacheMeta
+    from stage1_extract.cache_writer import CacheWriter
 
     keys = [r.key for r in load_dataset("coco", a.captions, a.images_dir)]
     meta = CacheMeta("resnet152", "none", "", a.feature_dim, preprocess_for("resnet152").describe(), "coco",

@@ -90,6 +90,14 @@ def preprocess_pil(im, pp: Preprocess, views: int = 1) -> torch.Tensor:
     return torch.from_numpy(load_views(im, pp, views))
 
 
+def default_workers() -> int:
+    """DataLoader workers decoding JPEGs (ImageRows), the one default of every --workers: every core this
+    process may use, shared among the torchrun ranks of this node (LOCAL_WORLD_SIZE). Fewer leave a GPU
+    waiting on decoding."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
 class ImageRows(torch.utils.data.Dataset):
     """(row, path) pairs -> (row, uint8 image, error message or ""), for DataLoader workers.
 

@@ -9,7 +9,7 @@ import sys
 import typing
 import warnings
 from collections.abc import Callable, Collection
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, field, fields
 
 import click
 
@@ -113,9 +113,16 @@ def config_options(cls, skip: Collection[str] = ()):
     return decorate
 
 
-def _option_group(cls, param: str):
-    """Click options for every field of config dataclass `cls` (help and bounds from the field's metadata);
-    the command receives them built into one `cls` instance named `param`."""
+def opt(default=MISSING, help: str | None = None, **cli):
+    """A config field with its CLI metadata for `config_group`: help, and optionally min/max/min_open (bounds),
+    choices, path (a file or folder name: click.Path), flag (the option's name when not --field-name)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+def config_group(cls, param: str):
+    """Click options for every field of config dataclass `cls` (help, bounds, choices and name from the field's
+    metadata); the command receives them built into one `cls` instance named `param`. A field without a default
+    is a required option; a bool defaulting to True is a `--no-field-name` flag."""
     hints = typing.get_type_hints(cls)
 
     def decorate(f):
@@ -128,17 +135,25 @@ def _option_group(cls, param: str):
 
         for fl in reversed(fields(cls)):
             kind = next((a for a in typing.get_args(hints[fl.name]) if a is not type(None)), hints[fl.name])
-            meta, flag = fl.metadata, "--" + fl.name.replace("_", "-")
+            meta, name = fl.metadata, fl.name.replace("_", "-")
             if kind is bool:
-                wrapper = click.option(flag, fl.name, is_flag=True, default=fl.default, help=meta.get("help"))(wrapper)
+                flag = meta.get("flag") or (f"--no-{name}" if fl.default else f"--{name}")
+                wrapper = click.option(flag, fl.name, is_flag=True, flag_value=not fl.default, default=fl.default,
+                                       help=meta.get("help"))(wrapper)
                 continue
-            if meta.get("min") is not None or meta.get("max") is not None:
+            if meta.get("path"):
+                kind = click.Path()
+            elif meta.get("choices") is not None:
+                kind = click.Choice(list(meta["choices"]))
+            elif meta.get("min") is not None or meta.get("max") is not None:
                 rng = click.IntRange if kind is int else FiniteFloatRange
                 kind = rng(min=meta.get("min"), max=meta.get("max"), min_open=meta.get("min_open", False))
             else:
                 kind = {int: INT64, float: FINITE}.get(kind, kind)
-            wrapper = click.option(flag, fl.name, type=kind, default=fl.default, show_default=fl.default is not None,
-                                   help=meta.get("help"))(wrapper)
+            required = fl.default is MISSING
+            default = None if required else fl.default
+            wrapper = click.option(meta.get("flag") or f"--{name}", fl.name, type=kind, default=default,
+                                   required=required, show_default=default is not None, help=meta.get("help"))(wrapper)
         return wrapper
     return decorate
 
@@ -147,11 +162,11 @@ def decode_options(f):
     """--beam-size, --max-len, ... from stage2_decoder's DecodeConfig; the command gets `decode: DecodeConfig`."""
     from stage2_decoder.decode_config import DecodeConfig  # torch-free
 
-    return _option_group(DecodeConfig, "decode")(f)
+    return config_group(DecodeConfig, "decode")(f)
 
 
 def sampling_options(f):
     """--num-captions, --sample, --temperature, --top-p, --seed; the command gets `sampling: SampleConfig`."""
     from stage2_decoder.decode_config import SampleConfig  # torch-free
 
-    return _option_group(SampleConfig, "sampling")(f)
+    return config_group(SampleConfig, "sampling")(f)

@@ -1,7 +1,7 @@
 """Run a frozen backbone once over every image of a captions dataset and cache the features.
 
 Crash-safe and resumable: finished batches are atomic shard files in `OUT.parts/` (see
-common.feature_cache), assembled into OUT at the end; re-running the same command after a
+stage1_extract.cache_writer), assembled into OUT at the end; re-running the same command after a
 kill, Ctrl-C or a full disk computes only the rows no shard holds. Under torchrun every rank
 takes its own share of the rows (stage1_extract.distributed) and rank 0 assembles.
 """
@@ -22,20 +22,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common.backbones import DEFAULT_BACKBONE, VIEWS, Backbone, ImageRows, load_backbone
-from common.datasets import ImageRecord, guess_format, load_dataset
-from common.feature_cache import (DONE, PENDING, CacheError, CacheMeta, CacheWriter, mismatch, parts_dir, read_keys,
-                                  read_meta, remove_parts)
-from common.cli import one_line
+from common.backbones import (DEFAULT_BACKBONE, REGISTRY, VIEWS, Backbone, BackboneError, ImageRows, default_workers,
+                              get_spec, load_backbone)
+from common.datasets import FORMATS, OUTSIDE_FLAG, ImageRecord, guess_format, load_dataset
+from common.feature_cache import DONE, PENDING, CacheError, CacheMeta, mismatch, parts_dir, read_keys, read_meta
+from common.cli import one_line, opt
+from common.device import resolve_device
 from common.lock import LOCK_NAME, OutputBusy, hold
+from stage1_extract.cache_writer import CacheWriter, remove_parts
 from stage1_extract.distributed import Dist, device_for, from_env
-
-
-def default_workers() -> int:
-    """DataLoader workers decoding JPEGs: every core this process may use, shared among the torchrun ranks of
-    this node (LOCAL_WORLD_SIZE). Fewer leave a GPU waiting on decoding."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
 
 
 PREFETCH = 4  # batches each DataLoader worker keeps ready (in shared memory)
@@ -43,21 +38,31 @@ PREFETCH = 4  # batches each DataLoader worker keeps ready (in shared memory)
 
 @dataclass
 class ExtractConfig:
-    images: str
-    captions: str
-    out: str
-    dataset: str = "auto"  # coco | flickr8k | auto (from the captions file's extension)
-    backbone: str = DEFAULT_BACKBONE
-    weights: str = "default"  # default | none | path to a state_dict
-    batch_size: int = 64
-    workers: int = default_workers()
-    device: str = "auto"
-    limit: int | None = None
-    dtype: str = "float16"
-    views: int = 1  # 1 = the centre crop only; 2-4 also cache VIEWS[1:views] (flips, whole image) for training
-    allow_outside_images: bool = False  # read captions entries whose image resolves outside --images
-    progress: bool = True
-    dist_timeout_s: float = 1800.0  # torchrun: how long a rank waits for the others at a sync point
+    """Stage 1's settings; `python -m stage1_extract` declares one option per field (common.cli.config_group)."""
+    images: str = opt(help="Folder of the dataset's images.", path=True)
+    captions: str = opt(help="Captions file (COCO JSON, Karpathy dataset_*.json, Flickr8k captions.txt, Flickr30k "
+                             ".token/.csv, or your own image,caption[,split] CSV / JSON Lines: docs/own-photos.md).", path=True)
+    out: str = opt(help="Output HDF5 cache (work in progress lives in OUT.parts/ until complete).", path=True)
+    dataset: str = opt("auto", "Captions file format (auto: from its extension and first bytes).",
+                       choices=["auto", *FORMATS])
+    backbone: str = opt(DEFAULT_BACKBONE, choices=list(REGISTRY))
+    weights: str = opt("default", "'default' (torchvision ImageNet weights), 'none' (random, plumbing tests only) "
+                                  "or a state_dict file.")
+    batch_size: int = opt(64, min=1)
+    workers: int = opt(default_workers(), "DataLoader worker processes decoding images.", min=0)
+    device: str = opt("auto", "auto | cpu | cuda[:N]")
+    limit: int | None = opt(None, "Only the first N images (by image id).", min=1)
+    dtype: str = opt("float16", choices=["float16", "float32"])
+    # 1 = the centre crop only; 2-4 also cache VIEWS[1:views] (flips, whole image) for training
+    views: int = opt(1, f"Views cached per image, in this order: {', '.join(VIEWS)}. The centre crop is what "
+                        f"captioning sees; the others are training augmentations (stage 2 draws one at random per "
+                        f"caption). Each view costs one more forward pass.", min=1, max=len(VIEWS))
+    allow_outside_images: bool = opt(False, "Also read captions entries whose image resolves outside --images "
+                                            "(absolute, ../, symlinks).", flag=OUTSIDE_FLAG)
+    progress: bool = opt(True, "No progress bar.")
+    # torchrun: how long a rank waits for the others at a sync point
+    dist_timeout_s: float = opt(1800.0, "Under torchrun: seconds a rank waits for the others before giving up.",
+                                min=1, flag="--dist-timeout")
 
 
 @dataclass
@@ -78,8 +83,8 @@ class ExtractSummary:
         return (self.done_now + self.failed_now) / self.seconds if self.seconds > 0 else 0.0
 
 
-def extract(cfg: ExtractConfig) -> ExtractSummary:
-    """Extract features for every image of the dataset into cfg.out (resuming if possible)."""
+def _check_settings(cfg: ExtractConfig) -> None:
+    """The settings a Python caller may get wrong (the CLI's option types already refuse them)."""
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.workers < 0:
@@ -88,6 +93,40 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         raise ValueError(f"--dtype must be float16 or float32, got {cfg.dtype}")
     if not 1 <= cfg.views <= len(VIEWS):
         raise ValueError(f"--views must be 1..{len(VIEWS)} ({', '.join(VIEWS)}), got {cfg.views}")
+
+
+def _out_path(cfg: ExtractConfig) -> Path:
+    out, images_dir = Path(os.path.abspath(cfg.out)), Path(os.path.abspath(cfg.images))
+    if out.is_relative_to(images_dir):
+        raise ValueError(f"--out {out} is inside the images folder {images_dir}; write the cache elsewhere")
+    return out
+
+
+def plan(cfg: ExtractConfig) -> str:
+    """What `extract(cfg)` would do, in one line, after checking the settings, the captions file, the images
+    folder and the backbone name; loads no CNN (the --dry-run of stage 1)."""
+    _check_settings(cfg)
+    spec = get_spec(cfg.backbone)
+    named = ("default", "none", spec.weights.split(".")[1])  # what load_backbone takes without a file
+    if cfg.weights not in named and not os.path.isfile(os.path.expanduser(cfg.weights)):
+        raise BackboneError(f"--weights {cfg.weights}: no such file (use default, none or a state_dict file)")
+    records = load_dataset(cfg.dataset, cfg.captions, cfg.images, cfg.limit, cfg.allow_outside_images)
+    fmt = cfg.dataset if cfg.dataset != "auto" else guess_format(cfg.captions)
+    out = _out_path(cfg)
+    if out.exists():
+        state = "already exists: checked against these settings, nothing extracted"
+    elif parts_dir(out).is_dir():
+        state = f"resumes the work in {parts_dir(out)}"
+    else:
+        state = "new"
+    return (f"{len(records)} images from {cfg.captions} ({fmt}) -> {spec.name} ({cfg.weights} weights, "
+            f"{spec.feature_dim} features, {cfg.views} view(s), {cfg.dtype}), batches of {cfg.batch_size}, "
+            f"{cfg.workers} workers, on {resolve_device(cfg.device)} -> {out} ({state})")
+
+
+def extract(cfg: ExtractConfig) -> ExtractSummary:
+    """Extract features for every image of the dataset into cfg.out (resuming if possible)."""
+    _check_settings(cfg)
     d = from_env(cfg.dist_timeout_s)
     try:
         with contextlib.ExitStack() as owned:  # the cache-in-progress lock, held until extraction ends
@@ -99,10 +138,8 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
 def _setup(cfg: ExtractConfig, d: Dist) -> tuple[list[ImageRecord], Path, Backbone, CacheMeta]:
     records = load_dataset(cfg.dataset, cfg.captions, cfg.images, cfg.limit, cfg.allow_outside_images)
     fmt = cfg.dataset if cfg.dataset != "auto" else guess_format(cfg.captions)
-    out = Path(os.path.abspath(cfg.out))
+    out = _out_path(cfg)
     images_dir = Path(os.path.abspath(cfg.images))
-    if out.is_relative_to(images_dir):
-        raise ValueError(f"--out {out} is inside the images folder {images_dir}; write the cache elsewhere")
     backbone = load_backbone(cfg.backbone, cfg.weights, device_for(cfg.device, d))
     if backbone.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every batch has one shape: time the conv algorithms once, keep the best

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from common.atomic import atomic_write
+from common.backbones import default_workers
 from common.cli import decode_options, run_guarded
 from common.datasets import FORMATS, OUTSIDE_FLAG, ImageRecord, load_dataset
 from stage2_decoder.decode_config import DecodeConfig
@@ -48,7 +49,7 @@ def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_over
     return _decode_all(cap, keys, feats, decode_cfg), [recs[k] for k in keys]
 
 
-def captions_from_images(cap, records: list[ImageRecord], workers: int = 2, batch_size: int = 64,
+def captions_from_images(cap, records: list[ImageRecord], workers: int = default_workers(), batch_size: int = 64,
                          progress: bool = True, decode_cfg: DecodeConfig | None = None
                          ) -> tuple[dict[str, str], list[ImageRecord], dict[str, str]]:
     """Encode raw images (stage 1's preprocessing, in DataLoader workers) and decode them."""
@@ -129,7 +130,8 @@ def format_table(report: dict) -> str:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Raw-image mode: first N images.")
 @decode_options
 @click.option("--spice", is_flag=True, help="Also try SPICE (needs a download on first use).")
-@click.option("--workers", type=click.IntRange(min=0), default=min(2, os.cpu_count() or 1), show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=default_workers(), show_default=True,
+              help="Raw-image mode: DataLoader worker processes decoding images.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report (metrics + every caption) as JSON, not a table.")
 @click.option("--json-out", "json_out", type=click.Path(dir_okay=False), default=None,

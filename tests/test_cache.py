@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 import pytest
 
-from common.feature_cache import (DONE, FAILED, PENDING, CacheError, CacheMeta, CacheWriter, load_cache, parts_dir,
-                                  read_meta)
+from common.feature_cache import DONE, FAILED, PENDING, CacheError, CacheMeta, load_cache, parts_dir, read_meta
+from stage1_extract.cache_writer import CacheWriter
 
 D = 8
 

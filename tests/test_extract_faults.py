@@ -7,7 +7,7 @@ image exactly once. Kill points are of two kinds: a SIGKILL from outside once so
 exist (the realistic one, timing-dependent), and a SIGKILL the child sends itself at an exact
 instant (a shard written but not yet renamed, half a shard's bytes written, in the middle of
 assembling, after the final rename but before the clean-up), set up by a tiny wrapper that
-patches one function of common.feature_cache before running the unchanged CLI.
+patches one function of stage1_extract.cache_writer before running the unchanged CLI.
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.feature_cache import DONE, CacheError, CacheWriter, load_cache, parts_dir
+from common.feature_cache import DONE, CacheError, load_cache, parts_dir
 from conftest import REPO, TEST_THREADS
+from stage1_extract.cache_writer import CacheWriter
 from stage1_extract.extract import ExtractConfig, extract
 
 LIMIT = 24
@@ -98,7 +99,7 @@ np.savez = savez
 """,
     # killed in the middle of assembling OUT from the shards
     "mid_assembly": _DIE + """
-import common.feature_cache as fc
+import stage1_extract.cache_writer as fc
 _copy, _n = fc._copy_shard, [0]
 def copy(*a):
     _n[0] += 1
@@ -108,12 +109,12 @@ fc._copy_shard = copy
 """,
     # OUT renamed into place, killed before OUT.parts/ is removed
     "after_final_rename": _DIE + """
-import common.feature_cache as fc
+import stage1_extract.cache_writer as fc
 fc.remove_parts = lambda out: die()
 """,
     # OUT.parts/meta.json written, killed before any shard
     "before_first_shard": _DIE + """
-import common.feature_cache as fc
+import stage1_extract.cache_writer as fc
 _atomic = fc._atomic_write_bytes
 def atomic(path, write):
     _atomic(path, write)

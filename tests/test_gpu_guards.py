@@ -454,7 +454,7 @@ def test_torchrun_ranks_map_to_local_rank_modulo_the_visible_gpus(monkeypatch):
 
 
 def test_stage1_workers_default_to_every_core_per_rank(monkeypatch):
-    from stage1_extract.extract import default_workers
+    from common.backbones import default_workers
 
     cores = len(os.sched_getaffinity(0))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -485,7 +485,8 @@ def test_a_cache_started_in_fp32_is_not_resumed_or_reused_in_bf16(coco_dir, tmp_
     import h5py
 
     from common.backbones import Backbone
-    from common.feature_cache import CacheError, CacheWriter, read_meta
+    from common.feature_cache import CacheError, read_meta
+    from stage1_extract.cache_writer import CacheWriter
     from stage1_extract.extract import ExtractConfig, _setup, extract
 
     cfg = ExtractConfig(images=str(coco_dir / "images"), captions=str(coco_dir / "captions.json"),

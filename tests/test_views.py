@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from common.backbones import VIEWS, load_image_u8, load_image_views, preprocess_for
-from common.feature_cache import CacheError, CacheWriter, load_cache, read_meta
+from common.feature_cache import CacheError, load_cache, read_meta
+from stage1_extract.cache_writer import CacheWriter
 from stage1_extract.extract import ExtractConfig, extract
 from stage2_decoder.data import CaptionPairs
 from tests.test_cache import KEYS, _feats, _meta, _write_complete
