@@ -30,6 +30,7 @@ from stage2_decoder.sweep_run import (_FORK, _SWEEP_PID, INTERRUPTED_EXIT, LOG, 
                                       _run_one, _start_context, _warm_page_cache, default_jobs, run_dask,
                                       run_local, visible_gpus)
 
+
 @dataclass
 class SweepConfig:
     features: str
@@ -128,8 +129,8 @@ def _run_locked(cfg: SweepConfig, out: Path, specs: list[RunSpec], grid: dict[st
                 t0: float) -> SweepResult:
     _SWEEP_PID[:] = [os.getpid()]
     write_json(out / "sweep.json", {"features": os.path.abspath(cfg.features), "grid": grid, "varied": varied,
-                                     "metric": cfg.metric, "random": cfg.random, "seed": cfg.seed,
-                                     "dry_run": cfg.dry_run, "runs": [s.name for s in specs]})
+                                    "metric": cfg.metric, "random": cfg.random, "seed": cfg.seed,
+                                    "dry_run": cfg.dry_run, "runs": [s.name for s in specs]})
     records: dict[str, dict] = {}
     pending = []
     for s in specs:

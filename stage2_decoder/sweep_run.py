@@ -1,5 +1,4 @@
-"""Sweep runs: one training run, forked runs (GPU assignment, parent death), the local and Dask executors
-(docs/sweeps.md, docs/gpu.md)."""
+"""Sweep runs: one run, forked runs on CPUs or GPUs, the local and Dask executors (docs/sweeps.md, docs/gpu.md)."""
 from __future__ import annotations
 
 import json
