@@ -1,9 +1,9 @@
-"""Training curves as a PNG: python -m stage2_decoder.plot RUN_DIR (or a sweep directory).
+"""Training curves and sweep plots as PNGs: python -m stage2_decoder.plot RUN_DIR (or a sweep directory).
 
 For a run directory (it has metrics.jsonl, written by train.py each epoch) this writes
 RUN_DIR/curves.png: train/val loss, train/val perplexity and validation CIDEr per epoch, the best
-epoch marked. train() calls `plot_run` itself when it finishes. A sweep directory is handed to
-`stage2_decoder.sweep.plot_sweep`. matplotlib is imported only when drawing (headless Agg canvas).
+epoch marked. train() calls `plot_run` itself when it finishes. For a sweep directory `plot_sweep`
+draws sweep.png (docs/sweeps.md). matplotlib is imported only when drawing (headless Agg canvas).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from common.atomic import atomic_path
 CURVES_NAME = "curves.png"
 CURVES_SIZE = (1500, 450)  # px of curves.png
 DPI = 100
+METRICS = {"cider": ("val_cider", True), "loss": ("val_loss", False)}  # a sweep's ranking: column, higher is better
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
@@ -114,6 +115,56 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     return out
 
 
+def plot_sweep(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Draw the metric against each varied setting from SWEEP_DIR/results.json into sweep.png (atomically)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazily, no pyplot: no global backend state
+    from matplotlib.figure import Figure
+
+    sweep_dir = Path(sweep_dir)
+    try:
+        res = json.loads((sweep_dir / "results.json").read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{sweep_dir / 'results.json'} not found: is {sweep_dir} a sweep directory?") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{sweep_dir / 'results.json'} is damaged ({e}); rerun the sweep to rewrite it") from e
+    metric, varied = res["metric"], res["varied"] or ["run"]
+    col, higher = METRICS[metric]
+    ok = [r for r in res["rows"] if r["status"] == "ok" and r.get(col) is not None]
+    fig = Figure(figsize=(4.2 * len(varied), 3.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(varied), squeeze=False)[0]
+    for ax, key in zip(axes, varied):
+        xs = [r["params"].get(key) if key != "run" else r["run"] for r in ok]
+        ys = [r[col] for r in ok]
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs) and xs
+        if numeric:
+            levels = sorted(set(xs))
+            if min(levels) > 0 and max(levels) / min(levels) >= 10:
+                ax.set_xscale("log")  # learning rates and other settings swept by factors
+            pos = xs
+        else:  # strings, booleans: one slot per value, in the grid's order
+            levels = list(dict.fromkeys(map(str, xs)))
+            pos = [levels.index(str(x)) for x in xs]
+            ax.set_xticks(range(len(levels)), levels, rotation=30 if key == "run" else 0, fontsize=8)
+        ax.scatter(pos, ys, alpha=0.6, label="runs")
+        if levels:  # the mean over the other settings, per value of this one
+            lv = levels if numeric else list(range(len(levels)))
+            means = [sum(y for p, y in zip(pos, ys) if p == v) / max(1, sum(p == v for p in pos)) for v in lv]
+            ax.plot(lv, means, color="tab:red", marker="_", label="mean")
+        ax.set(xlabel=key, ylabel=col, title=f"{col} vs {key}")
+        ax.grid(alpha=0.3)
+    if not ok:
+        axes[0].text(0.5, 0.5, "no finished run", ha="center", va="center", transform=axes[0].transAxes)
+    elif len(ok) > 1:
+        axes[0].legend(fontsize=8)
+    fig.suptitle(f"{sweep_dir.resolve().name}: {len(ok)} of {len(res['rows'])} runs "
+                 f"({'higher' if higher else 'lower'} {col} is better)")
+    out = Path(out) if out is not None else sweep_dir / "sweep.png"
+    with atomic_path(out, what="sweep plot") as tmp:
+        fig.savefig(tmp, format="png")
+    return out
+
+
 def _is_sweep_dir(path: Path) -> bool:
     """A sweep writes sweep.json and its results tables (results.csv/.json) beside its run directories."""
     return any((path / name).is_file() for name in ("sweep.json", "results.json", "results.csv"))
@@ -127,15 +178,7 @@ def plot_path(path: str | os.PathLike) -> list[Path]:
     if (p / "metrics.jsonl").is_file():
         return [plot_run(p)]
     if _is_sweep_dir(p):
-        try:
-            from stage2_decoder.sweep import plot_sweep  # lazily: sweeps are optional here
-        except ImportError as e:
-            raise ValueError(f"{path} looks like a sweep directory, but stage2_decoder.sweep.plot_sweep "
-                             f"is not available ({e})") from e
-        written = plot_sweep(p)
-        if written is None:
-            return []
-        return [Path(x) for x in written] if isinstance(written, (list, tuple)) else [Path(written)]
+        return [plot_sweep(p)]
     raise ValueError(f"{path} is neither a training run (no metrics.jsonl) nor a sweep directory (no results.csv)")
 
 

@@ -205,13 +205,9 @@ def test_plot_refuses_what_is_neither_a_run_nor_a_sweep(tmp_path):
     assert "no epochs" in _one_error_line(CliRunner().invoke(plot.main, [str(tmp_path / "run")]))
 
 
-def test_plot_hands_a_sweep_directory_to_the_sweep_module(tmp_path, monkeypatch):
-    import types
-
+def test_plot_hands_a_sweep_directory_to_plot_sweep(tmp_path, monkeypatch):
     calls = []
-    fake = types.ModuleType("stage2_decoder.sweep")
-    fake.plot_sweep = lambda d: calls.append(Path(d)) or Path(d) / "sweep.png"
-    monkeypatch.setitem(sys.modules, "stage2_decoder.sweep", fake)
+    monkeypatch.setattr(plot, "plot_sweep", lambda d: calls.append(Path(d)) or Path(d) / "sweep.png")
     (tmp_path / "results.csv").write_text("run,val_cider\n")
     assert plot.plot_path(tmp_path) == [tmp_path / "sweep.png"] and calls == [tmp_path]
 

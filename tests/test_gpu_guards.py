@@ -522,11 +522,12 @@ def test_a_sweep_on_cuda_spreads_runs_over_the_gpus_a_few_per_gpu_and_forks_only
     import json
 
     import stage2_decoder.sweep as sweep
+    import stage2_decoder.sweep_run as sweep_run
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(sweep, "_cpu_count", lambda: 16)
+    monkeypatch.setattr(sweep_run, "_cpu_count", lambda: 16)
     specs = [sweep.RunSpec(f"r{i}", str(tmp_path / f"r{i}"), str(shared_cache), {}) for i in range(4)]
     assert sweep.visible_gpus(specs) == ["0", "1"] and sweep.default_jobs(["0", "1"]) == 2 * sweep.RUNS_PER_GPU
     assert sweep.visible_gpus([sweep.RunSpec("c", "c", "f", {"device": "cpu"})]) == []
@@ -543,8 +544,8 @@ def test_a_sweep_on_cuda_spreads_runs_over_the_gpus_a_few_per_gpu_and_forks_only
         (Path(spec.run_dir) / sweep.RESULT).write_text(json.dumps(rec))
         return rec
 
-    monkeypatch.setattr(sweep, "_run_one", fake_run)
-    monkeypatch.setattr(sweep, "_read_result",
+    monkeypatch.setattr(sweep_run, "_run_one", fake_run)
+    monkeypatch.setattr(sweep_run, "_read_result",
                         lambda spec: json.loads((Path(spec.run_dir) / sweep.RESULT).read_text())
                         if (Path(spec.run_dir) / sweep.RESULT).exists() else None)
     cfg = sweep.SweepConfig(features=str(shared_cache), out=str(tmp_path), grid={"lr": [1e-3]}, progress=False)

@@ -1,0 +1,153 @@
+"""Sweep grids: load, check, expand or sample a grid of TrainConfig settings; name each run (docs/sweeps.md)."""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import os
+import random
+import re
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+from stage2_decoder.train import TrainConfig
+
+SWEEP_OWNED = ("features", "out", "progress")  # set by the sweep itself, not by the grid
+
+
+MAX_NAME = 96
+
+
+class SweepError(ValueError):
+    """A grid or sweep setting that cannot work (unknown key, wrong type, empty list...)."""
+
+
+def _train_fields() -> dict:
+    return {f.name: f for f in fields(TrainConfig)}
+
+
+def _coerce(name: str, value, default):
+    """`value` as the type of the TrainConfig field's default (ints stay ints: run names depend on it)."""
+    kind = ("true or false" if isinstance(default, bool) else "an integer" if isinstance(default, int)
+            else "a number" if isinstance(default, float) else "a string")
+    bad = SweepError(f"grid value {value!r} for {name!r} should be {kind}")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and not value.is_integer()):
+            raise bad
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if value is None and default is None:
+        return None
+    if not isinstance(value, str):
+        raise bad
+    return value
+
+
+def normalize_grid(grid: dict) -> dict[str, list]:
+    """Check a grid against TrainConfig: known keys, values of the field's type; scalars -> [scalar]."""
+    if not isinstance(grid, dict) or not grid:
+        raise SweepError("the grid must be a non-empty JSON object mapping training settings to lists of values")
+    known = _train_fields()
+    out = {}
+    for key, values in grid.items():
+        if key in SWEEP_OWNED:
+            raise SweepError(f"grid key {key!r} is set by the sweep itself (--{key}), not by the grid")
+        fl = known.get(key)
+        if fl is None:
+            names = [k for k in known if k not in SWEEP_OWNED]
+            close = difflib.get_close_matches(key, names, n=1)
+            raise SweepError(f"unknown grid key {key!r}: " + (f"did you mean {close[0]!r}?" if close else
+                                                              f"the training settings are {', '.join(names)}"))
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise SweepError(f"grid key {key!r} has an empty list of values")
+        default = None if fl.default is MISSING else fl.default
+        vals = [_coerce(key, v, default) for v in values]
+        if len(set(map(repr, vals))) != len(vals):
+            raise SweepError(f"grid key {key!r} lists a value twice: {values}")
+        out[key] = vals
+    return out
+
+
+def load_grid(path: str | os.PathLike) -> dict[str, list]:
+    """Read and check a JSON grid file."""
+    path = Path(path)
+    try:
+        grid = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"grid file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SweepError(f"{path} is not valid JSON: {e}") from e
+    return normalize_grid(grid)
+
+
+MAX_RUNS = 10_000  # points one sweep expands or samples: more is a typo (or a hostile grid), not a plan
+
+
+def expand_grid(grid: dict) -> list[dict]:
+    """Every point of the grid's product, in file order (the last key varies fastest); its size is
+    checked before anything is built."""
+    g = normalize_grid(grid)
+    total = math.prod(len(v) for v in g.values())
+    if total > MAX_RUNS:
+        raise SweepError(f"the grid has {total:,} points ({' x '.join(str(len(v)) for v in g.values())}); at most "
+                         f"{MAX_RUNS:,} are expanded: draw some of them with --random N")
+    return [dict(zip(g, combo)) for combo in itertools.product(*g.values())]
+
+
+def sample_grid(grid: dict, n: int, seed: int = 0) -> list[dict]:
+    """`n` distinct points of the product drawn with `seed` (all of it if n >= its size), in product order.
+
+    Points are drawn by index, so a huge product is never built in memory.
+    """
+    if n < 1:
+        raise SweepError(f"--random must be at least 1, got {n}")
+    if n > MAX_RUNS:
+        raise SweepError(f"--random {n:,} is more than the {MAX_RUNS:,} runs one sweep holds")
+    g = normalize_grid(grid)
+    sizes = [len(v) for v in g.values()]
+    total = math.prod(sizes)
+    chosen = sorted(random.Random(seed).sample(range(total), min(n, total)))
+    points = []
+    for index in chosen:
+        combo = []
+        for size in reversed(sizes):  # mixed radix, the last key is the fastest digit
+            index, digit = divmod(index, size)
+            combo.append(digit)
+        points.append({k: v[d] for (k, v), d in zip(g.items(), reversed(combo))})
+    return points
+
+
+def varied_keys(grid: dict[str, list]) -> list[str]:
+    return [k for k, v in grid.items() if len(v) > 1]
+
+
+def _fmt(v) -> str:
+    return format(v, "g") if isinstance(v, float) else str(v)
+
+
+def run_name(params: dict, varied: list[str], features: str) -> str:
+    """Deterministic, readable, file-system-safe: the varied settings plus a hash of everything."""
+    ident = json.dumps({"features": os.path.abspath(features), **params}, sort_keys=True)
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:8]
+    readable = ",".join(f"{k}={_fmt(params[k])}" for k in varied)
+    readable = re.sub(r"[^A-Za-z0-9._=,+-]", "_", readable)[:MAX_NAME]
+    return f"{readable}-{digest}" if readable else f"run-{digest}"
+
+
+@dataclass
+class RunSpec:
+    name: str
+    run_dir: str
+    features: str
+    params: dict  # TrainConfig fields this run sets (grid point + fixed settings)

@@ -1,0 +1,298 @@
+"""Sweep runs: one run, forked runs on CPUs or GPUs, the local and Dask executors (docs/sweeps.md, docs/gpu.md)."""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from tqdm import tqdm
+
+# CUDA queries by NVML (is_available, device_count) instead of the driver API, which would create a CUDA
+# context in this process and make forking its runs unsafe; torch reads this when first asked
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
+from stage2_decoder.sweep_grid import RunSpec  # noqa: E402
+from stage2_decoder.sweep_report import write_json  # noqa: E402
+from stage2_decoder.train import TrainConfig, train  # noqa: E402
+
+RESULT, PARAMS, LOG = "result.json", "params.json", "train.log"
+
+
+INTERRUPTED_EXIT = 130  # a run stopped by Ctrl-C / SIGTERM: unfinished, not failed
+
+
+RUNS_PER_GPU = 2  # default concurrent runs per GPU: small decoders leave a GPU mostly idle, one run at a time
+
+
+def _finite(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _divergence(history: list[dict]) -> str | None:
+    """Why a finished run's history is unusable (a nan/inf loss or reward), or None.
+
+    Only the values an epoch records are checked: self-critical epochs record a reward, no train loss.
+    """
+    if not history:
+        return "no epoch finished"
+    for h in history:
+        for key in ("train_loss", "val_loss", "train_reward"):
+            v = h.get(key, 0.0)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                return f"diverged: {key} is {v} in epoch {h.get('epoch')}"
+    return None
+
+
+def _record(spec: RunSpec, status: str, error: str = "", **values) -> dict:
+    return {"run": spec.name, "status": status, "val_cider": _finite(values.get("val_cider")),
+            "val_loss": _finite(values.get("val_loss")), "best_epoch": values.get("best_epoch"),
+            "epochs_run": values.get("epochs_run"), "seconds": values.get("seconds"),
+            "checkpoint": values.get("checkpoint", ""), "error": error, "params": spec.params}
+
+
+def _run_one(spec: RunSpec, threads: int | None) -> dict:
+    """Train one configuration and write its result.json. Never raises for a failure of the run itself."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / PARAMS, {"run": spec.name, "features": spec.features, "params": spec.params})
+    t0, started = time.perf_counter(), time.time()
+    try:
+        r = train(TrainConfig(features=spec.features, out=spec.run_dir, progress=False, **spec.params))
+        seconds = round(time.perf_counter() - t0, 2)
+        why = _divergence(r.history)
+        ckpt = str(Path(r.run_dir) / "best.pt")
+        rec = _record(spec, "failed" if why else "ok", why or "", val_cider=r.best_val_cider,
+                      val_loss=r.best_val_loss, best_epoch=r.best_epoch, epochs_run=r.epochs_run, seconds=seconds,
+                      checkpoint=ckpt if not why and os.path.exists(ckpt) else "")
+    except Exception as e:  # noqa: BLE001 - any error of one run is that run's failure, not the sweep's
+        traceback.print_exc(file=sys.stderr)  # into train.log for the full story
+        msg = (str(e).strip().splitlines() or [""])[0]
+        rec = _record(spec, "failed", f"{type(e).__name__}: {msg}" if msg else type(e).__name__,
+                      seconds=round(time.perf_counter() - t0, 2))
+    rec.update(started_at=started, host=socket.gethostname(), pid=os.getpid())  # where and when it ran
+    write_json(run_dir / RESULT, rec)
+    return rec
+
+
+def _read_result(spec: RunSpec) -> dict | None:
+    path = Path(spec.run_dir) / RESULT
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    # same name = same settings (the hash), unless the directory was edited by hand
+    return rec if isinstance(rec, dict) and rec.get("params") == spec.params and rec.get("status") else None
+
+
+# Forked runs. Forks come from joblib's threads; these locks keep the main thread from printing (tqdm)
+# while a fork happens, so no child inherits a held stdout lock, and let an interrupt stop new forks.
+_FORK = mp.get_context("fork")
+
+_LIVE: set = set()
+
+_LIVE_LOCK = threading.Lock()
+
+_STOP = threading.Event()
+
+
+_SWEEP_PID: list[int] = []  # the sweep process, as its forked runs see it
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(INTERRUPTED_EXIT)
+
+
+def _die_with_parent() -> None:
+    """A run never outlives its sweep (kill -9 included): an orphan would go on training and collide with the
+    re-run. Linux: PR_SET_PDEATHSIG; elsewhere a thread watching the parent's pid."""
+    parent = _SWEEP_PID[0] if _SWEEP_PID else os.getppid()
+    armed = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent:  # the sweep died before the signal was armed
+        os._exit(INTERRUPTED_EXIT)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _child_main(spec: RunSpec, threads: int | None, gpu: str | None = None) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's click handler: just stop (SIGINT as inherited)
+    if gpu is not None:  # before anything touches CUDA in this process: the run sees its one GPU as cuda:0
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    log = open(Path(spec.run_dir) / LOG, "a")
+    os.dup2(log.fileno(), 1)  # whatever the run prints goes to its own log, not over the progress bar
+    os.dup2(log.fileno(), 2)
+    try:
+        _run_one(spec, threads)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        os._exit(INTERRUPTED_EXIT)
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        sig = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+        return f"the run's process was killed by {sig}{hint}"
+    return f"the run's process exited with code {code} without a result"
+
+
+def _start_context():
+    """fork while this process has no CUDA context (a forked child cannot use its parent's), spawn otherwise."""
+    import torch
+
+    return mp.get_context("spawn") if torch.cuda.is_initialized() else _FORK
+
+
+def _run_forked(spec: RunSpec, threads: int | None, gpus: "queue.Queue | None" = None) -> dict | None:
+    """Run `spec` in a forked child and wait; None if the sweep was interrupted meanwhile. With `gpus`
+    (a pool of CUDA_VISIBLE_DEVICES ids, one entry per concurrent run) the child gets one of them."""
+    Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
+    gpu = gpus.get() if gpus is not None and _spreads(spec) else None
+    try:
+        p = _start_context().Process(target=_child_main, args=(spec, threads, gpu), name=f"sweep-run {spec.name}",
+                                     daemon=True)
+        with _LIVE_LOCK:
+            if _STOP.is_set():
+                return None
+            p.start()
+            _LIVE.add(p)
+        p.join()
+        with _LIVE_LOCK:
+            _LIVE.discard(p)
+    finally:
+        if gpu is not None:
+            gpus.put(gpu)
+    rec = _read_result(spec)
+    if rec is not None:
+        return rec
+    if _STOP.is_set() or p.exitcode in (INTERRUPTED_EXIT, -signal.SIGINT, -signal.SIGTERM):
+        return None  # interrupted, not failed: a rerun redoes it
+    rec = _record(spec, "failed", _exit_reason(p.exitcode))
+    write_json(Path(spec.run_dir) / RESULT, rec)
+    return rec
+
+
+def _stop_children() -> None:
+    with _LIVE_LOCK:
+        _STOP.set()
+        for p in list(_LIVE):
+            p.terminate()
+
+
+def _warm_page_cache(path: str) -> None:
+    """Read the cache file once so the runs, starting together, load it from the OS page cache."""
+    with open(path, "rb") as f:
+        while f.read(16 << 20):
+            pass
+
+
+def _preload() -> None:
+    """Import in this process what every run imports later, so forked runs share it instead of each
+    importing its own copy (matplotlib for train's curves.png, the CIDEr scorer, the decoder search)."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+    import pycocoevalcap.cider.cider  # noqa: F401
+
+    import stage2_decoder.decode  # noqa: F401
+    import stage2_decoder.metrics  # noqa: F401
+    import stage2_decoder.plot  # noqa: F401
+
+
+def _cpu_count() -> int:
+    import joblib
+
+    return max(1, joblib.cpu_count())
+
+
+def _spreads(spec: RunSpec) -> bool:
+    """Whether a run's device lets the sweep pick its GPU ("auto" or "cuda"; an explicit cuda:N stays as asked)."""
+    return str(spec.params.get("device", "auto")) in ("auto", "cuda")
+
+
+def visible_gpus(pending: list[RunSpec]) -> list[str]:
+    """The GPU ids (CUDA_VISIBLE_DEVICES entries) the runs are spread over; [] when they train on the CPU.
+    Asks NVML, so this process still has no CUDA context afterwards."""
+    import torch
+
+    if not any(_spreads(s) for s in pending) or not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip()][: torch.cuda.device_count()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def default_jobs(gpus: list[str]) -> int:
+    """Concurrent runs when --n-jobs is not given: RUNS_PER_GPU per GPU (at most one per core), else one per core."""
+    return min(_cpu_count(), RUNS_PER_GPU * len(gpus)) if gpus else _cpu_count()
+
+
+def run_dask(pending: list[RunSpec], bar, scheduler: str, threads: int) -> dict[str, dict]:
+    """Run the specs on the Dask cluster at `scheduler`; their records by name (a run the cluster lost has none)."""
+    from distributed import Client
+    from joblib import Parallel, delayed, parallel_config
+
+    done: dict[str, dict] = {}
+    with Client(scheduler, timeout="30s") as client, parallel_config(backend="dask", client=client):
+        try:
+            # batch_size=1: one run per Dask task, so a long run never holds others hostage
+            for rec in Parallel(batch_size=1, return_as="generator_unordered")(
+                    delayed(_run_one)(s, threads) for s in pending):
+                done[rec["run"]] = rec
+                bar.update()
+        except Exception as e:  # noqa: BLE001 - e.g. KilledWorker: keep what finished, report the rest
+            tqdm.write(f"warning: the Dask cluster lost runs ({type(e).__name__}: {e}); "
+                       f"rerun the sweep to redo them", file=sys.stderr)
+    return done
+
+
+def run_local(pending: list[RunSpec], bar, n_jobs: int | None, threads: int | None) -> dict[str, dict]:
+    """Run the specs as forked children, `n_jobs` at once (default: default_jobs), `threads` torch threads each
+    (default: cores // n_jobs); their records by name (an interrupted run has none)."""
+    from joblib import Parallel, delayed, parallel_config
+
+    done: dict[str, dict] = {}
+    _preload()
+    gpu_ids = visible_gpus(pending)
+    n_jobs = min(n_jobs or default_jobs(gpu_ids), len(pending))
+    threads = threads or max(1, _cpu_count() // n_jobs)
+    gpus = None
+    if gpu_ids:  # one pool entry per concurrent run, GPUs in turn: runs spread evenly over them
+        gpus = queue.Queue()
+        for i in range(n_jobs):
+            gpus.put(gpu_ids[i % len(gpu_ids)])
+    _STOP.clear()
+    try:
+        with parallel_config(backend="threading", n_jobs=n_jobs):
+            for rec in Parallel(batch_size=1, return_as="generator_unordered")(
+                    delayed(_run_forked)(s, threads, gpus) for s in pending):
+                if rec is not None:
+                    done[rec["run"]] = rec
+                with _LIVE_LOCK:
+                    bar.update()
+    except BaseException:
+        _stop_children()  # Ctrl-C / SIGTERM: the running runs stop now and are redone by a rerun
+        raise
+    return done
