@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,13 +18,18 @@ from stage2_decoder.data import CaptionBatch, CaptionPairs
 from stage2_decoder.ema import EMA
 from stage2_decoder.model import CaptionDecoder
 
+if TYPE_CHECKING:  # train.py imports this module
+    from stage2_decoder.scst import CiderD
+    from stage2_decoder.train import TrainConfig
+
 
 def _xe_epoch(model: CaptionDecoder, opt: torch.optim.Optimizer, train_set: CaptionPairs, features: torch.Tensor,
-              device: torch.device, cfg, epoch: int, steps: int, ema: EMA | None = None) -> dict[str, float]:
+              device: torch.device, cfg: TrainConfig, epoch: int, steps: int,
+              ema: EMA | None = None) -> dict[str, float]:
     """One cross-entropy (teacher-forcing) epoch; returns {"train_loss": mean per-token training loss}.
 
     `features` (N, D), or (V, N, D) for V cached views of each image, one drawn at random per caption.
-    `cfg` is the run's TrainConfig."""
+    """
     model.train()
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # order depends on (seed, epoch) only
     batches = train_set.batches(cfg.batch_size, g, cfg.length_buckets)
@@ -64,7 +70,7 @@ def train_step(model: CaptionDecoder, opt: torch.optim.Optimizer, b: CaptionBatc
     return loss.detach(), n
 
 
-def _start_scst(cfg, run: Path, model: CaptionDecoder, opt: torch.optim.Optimizer,
+def _start_scst(cfg: TrainConfig, run: Path, model: CaptionDecoder, opt: torch.optim.Optimizer,
                 sched: torch.optim.lr_scheduler.ReduceLROnPlateau, train_records: list[ImageRecord],
                 tokens: dict[str, list[list[str]]], epoch: int, device: torch.device):
     """Enter the SCST phase: from the best cross-entropy weights (at its first epoch), at --scst-lr.
@@ -82,8 +88,8 @@ def _start_scst(cfg, run: Path, model: CaptionDecoder, opt: torch.optim.Optimize
     return CiderD(scst_refs(train_records, tokens))
 
 
-def _scst_epoch(cfg, scorer, model: CaptionDecoder, opt: torch.optim.Optimizer, features: torch.Tensor,
-                rows: dict[str, int], vocab: Vocabulary, epoch: int) -> dict[str, float]:
+def _scst_epoch(cfg: TrainConfig, scorer: CiderD, model: CaptionDecoder, opt: torch.optim.Optimizer,
+                features: torch.Tensor, rows: dict[str, int], vocab: Vocabulary, epoch: int) -> dict[str, float]:
     """One SCST epoch over the training images; returns {"train_reward": mean sampled-caption CIDEr-D}."""
     from stage2_decoder.scst import scst_epoch, scst_keys
 
@@ -95,8 +101,9 @@ def _scst_epoch(cfg, scorer, model: CaptionDecoder, opt: torch.optim.Optimizer, 
                                            cfg.scst_samples, cfg.grad_clip, max_batches=n_batches, progress=bar)}
 
 
-def validate(model: CaptionDecoder, cfg, val_set: CaptionPairs, features: torch.Tensor, rows: dict[str, int],
-             vocab: Vocabulary, refs: dict[str, list[str]], device: torch.device) -> dict[str, float]:
+def validate(model: CaptionDecoder, cfg: TrainConfig, val_set: CaptionPairs, features: torch.Tensor,
+             rows: dict[str, int], vocab: Vocabulary, refs: dict[str, list[str]],
+             device: torch.device) -> dict[str, float]:
     """The validation epoch: {"val_loss": mean token cross-entropy, "val_cider": CIDEr of the decoded
     captions (0 without references)}."""
     val_loss = evaluate_loss(model, val_set, features, cfg.batch_size * 4, device, cfg.dry_run)

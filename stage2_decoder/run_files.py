@@ -7,6 +7,7 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,12 +18,17 @@ from stage2_decoder.checkpoint import cpu_state, inference_extra, save_checkpoin
 from stage2_decoder.model import CaptionDecoder
 from stage2_decoder.resume import _run_config, cuda_rng_state
 
+if TYPE_CHECKING:  # train.py imports this module
+    from stage2_decoder.train import TrainConfig
 
-def write_run_start(run: Path, cfg, start_epoch: int, split: dict[str, list[str]], vocab: Vocabulary,
-                    history: list[dict]) -> None:
+EpochRecord = dict[str, int | float | str]  # one metrics.jsonl line: {"epoch", "train_loss", ..., "lr"}
+
+
+def write_run_start(run: Path, cfg: TrainConfig, start_epoch: int, split: dict[str, list[str]],
+                    vocab: Vocabulary, history: list[EpochRecord]) -> None:
     """config.json (the settings the epochs from `start_epoch` on use); split.json and vocab.json on a fresh
     run; metrics.jsonl rewritten as the checkpoint's history (drops a line from an epoch whose last.pt never
-    landed). `cfg` is the run's TrainConfig."""
+    landed). """
     atomic_write(run / "config.json", json.dumps(_run_config(run, cfg, start_epoch), indent=2), what="run config")
     if start_epoch == 0:
         write_split(split, run / "split.json")
@@ -31,7 +37,7 @@ def write_run_start(run: Path, cfg, start_epoch: int, split: dict[str, list[str]
 
 
 def epoch_record(epoch: int, train: dict[str, float], val: dict[str, float], seconds: float, train_pairs: int,
-                 lr: float) -> dict:
+                 lr: float) -> EpochRecord:
     """One metrics.jsonl line. SCST epochs (a "train_reward" in `train`) maximise a reward (mean
     sampled-caption CIDEr-D) and have no cross-entropy loss."""
     # an SCST reward r is rounded as the loss -r was (5 places), then to 4: the figures runs always recorded
@@ -45,9 +51,10 @@ def epoch_record(epoch: int, train: dict[str, float], val: dict[str, float], sec
     return rec
 
 
-def save_epoch(run: Path, cfg, saved: CaptionDecoder, trained: CaptionDecoder | None, opt: torch.optim.Optimizer,
-               sched: torch.optim.lr_scheduler.ReduceLROnPlateau, device: torch.device, vocab: Vocabulary,
-               backbone: dict, split: dict[str, list[str]], history: list[dict], best: dict, is_best: bool) -> None:
+def save_epoch(run: Path, cfg: TrainConfig, saved: CaptionDecoder, trained: CaptionDecoder | None,
+               opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.ReduceLROnPlateau, device: torch.device,
+               vocab: Vocabulary, backbone: dict[str, str | int | None], split: dict[str, list[str]],
+               history: list[EpochRecord], best: dict[str, float], is_best: bool) -> None:
     """After epoch `history[-1]`: best.pt if `is_best`, then last.pt, then its metrics.jsonl line.
 
     `saved` holds the weights validated (the weight average in the cross-entropy phase), `trained` the

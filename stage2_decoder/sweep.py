@@ -192,7 +192,7 @@ class RunSpec:
     name: str
     run_dir: str
     features: str
-    params: dict  # TrainConfig fields this run sets (grid point + fixed settings)
+    params: dict[str, int | float | str | bool | None]  # TrainConfig fields this run sets (grid point + fixed settings)
 
 
 def _write_json(path: Path, value) -> None:

@@ -30,7 +30,7 @@ from stage2_decoder.ema import EMA
 from stage2_decoder.epochs import _scst_epoch, _start_scst, _xe_epoch, validate
 from stage2_decoder.model import CaptionDecoder, DecoderConfig
 from stage2_decoder.resume import _resume
-from stage2_decoder.run_files import epoch_record, save_epoch, write_run_start
+from stage2_decoder.run_files import EpochRecord, epoch_record, save_epoch, write_run_start
 from stage2_decoder.train_data import load_train_data
 # importable from here as before (tests, bench/): the training step, the losses, validation, the data
 from stage2_decoder.epochs import _batch_loss, evaluate_loss, train_step, validation_cider  # noqa: F401
@@ -112,7 +112,7 @@ class TrainResult:
     epochs_run: int
     best_epoch: int
     best_val_loss: float
-    history: list[dict]
+    history: list[EpochRecord]  # the metrics.jsonl lines
     best_val_cider: float = float("nan")
 
 
@@ -222,7 +222,7 @@ def _train(cfg: TrainConfig, owned: contextlib.ExitStack) -> TrainResult:
                        best.get("val_cider", float("nan")))
 
 
-def _print_epoch(cfg: TrainConfig, rec: dict, trained: dict[str, float], val: dict[str, float]) -> None:
+def _print_epoch(cfg: TrainConfig, rec: EpochRecord, trained: dict[str, float], val: dict[str, float]) -> None:
     """The epoch's summary line (unrounded losses and scores; rec's perplexity, rate and time)."""
     what = f"reward {trained['train_reward']:.4f}" if "train_reward" in trained else f"loss {trained['train_loss']:.4f}"
     tqdm.write(f"epoch {rec['epoch']}/{cfg.epochs + cfg.scst_epochs}  train {what}  val loss {val['val_loss']:.4f}  "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from common.feature_cache import CacheError, FeatureCache, load_cache
 from common.token_cache import tokenize_records
 from common.vocab import Vocabulary, build_vocab
 from stage2_decoder.data import CaptionPairs
+
+if TYPE_CHECKING:  # train.py imports this module
+    from stage2_decoder.train import TrainConfig
 
 
 @dataclass
@@ -30,14 +34,14 @@ class TrainData:
     features: torch.Tensor  # (N, D) centre view, on the device: validation and captioning see this one
     train_features: torch.Tensor  # (N, D), or (V, N, D) with --train-views
     scst_features: torch.Tensor  # (N, D), or (V, N, D) with --scst-views
-    backbone: dict  # the checkpoint's backbone description (name, weights, feature_dim, preprocess)
+    backbone: dict[str, str | int | None]  # the checkpoint's: name, weights, weights_sha256, feature_dim, preprocess
     feature_dim: int
 
 
-def prepare_data(cfg, cache: FeatureCache):
+def prepare_data(cfg: TrainConfig, cache: FeatureCache) -> tuple[
+        dict[str, list[ImageRecord]], dict[str, list[str]], Vocabulary, dict[str, int], dict[str, list[list[str]]]]:
     """Records of the cached images, the image split, the train-split vocabulary, the feature rows and
-    the tokenised captions of the train and val images ({key: one word list per caption}). `cfg` is a
-    TrainConfig.
+    the tokenised captions of the train and val images ({key: one word list per caption}).
 
     Captions are tokenised here once, by --tokenizer (NLTK: ~0.2 ms each, minutes on full COCO), for the
     vocabulary, the caption tensors and the SCST reward alike, and their tokens cached on disk
@@ -62,7 +66,7 @@ def prepare_data(cfg, cache: FeatureCache):
     return parts, split, vocab, rows, tokens
 
 
-def load_train_data(cfg, device: torch.device) -> TrainData:
+def load_train_data(cfg: TrainConfig, device: torch.device) -> TrainData:
     """Everything `train(cfg)` reads, checked, with the caption tensors and features on `device`; writes
     nothing (the run folder is made only once these inputs are known to be usable)."""
     cache = load_cache(cfg.features, views=cfg.train_views or cfg.scst_views)
