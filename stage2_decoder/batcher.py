@@ -38,9 +38,9 @@ class BatcherConfig:
 
 @dataclass
 class _Job:
-    items: list
+    items: list  # one request's inputs, whatever `run` takes (images, feature rows)
     key: Hashable
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    future: concurrent.futures.Future[Sequence] = field(default_factory=concurrent.futures.Future)
 
 
 @dataclass

@@ -150,4 +150,4 @@ class RunSpec:
     name: str
     run_dir: str
     features: str
-    params: dict  # TrainConfig fields this run sets (grid point + fixed settings)
+    params: dict[str, int | float | str | bool | None]  # TrainConfig fields this run sets (grid point + fixed settings)

@@ -398,6 +398,7 @@ def test_beam_search_reads_back_a_fixed_few_times_whatever_the_batch():
 def test_checkpoints_keep_the_cuda_generators_and_a_resume_puts_them_back(shared_cache, tmp_path, monkeypatch):
     """Faked CUDA generators (no GPU here): what a run on CUDA saves in last.pt and restores on resume."""
     import stage2_decoder.resume as resume_mod
+    import stage2_decoder.run_files as run_files_mod
     import stage2_decoder.train as train_mod
     from stage2_decoder.checkpoint import load_checkpoint
 
@@ -408,7 +409,7 @@ def test_checkpoints_keep_the_cuda_generators_and_a_resume_puts_them_back(shared
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
     saved = train_mod.cuda_rng_state("cuda")
     assert train_mod.cuda_rng_state("cpu") == {}
-    monkeypatch.setattr(train_mod, "cuda_rng_state", lambda device: saved)  # the run itself is on the CPU
+    monkeypatch.setattr(run_files_mod, "cuda_rng_state", lambda device: saved)  # the run itself is on the CPU
     cfg = dict(features=str(shared_cache), out=str(tmp_path / "run"), scst_epochs=0, batch_size=16, embed_size=16,
                hidden_size=32, vocab_threshold=2, dry_run=True, device="cpu", progress=False)
     train_mod.train(train_mod.TrainConfig(epochs=1, **cfg))

@@ -131,10 +131,10 @@ def test_ngram_blocking_holds_even_when_the_model_wants_to_repeat():
 # --- best checkpoint by validation CIDEr, early stopping --------------------------------------------------
 
 def test_best_checkpoint_and_early_stopping_follow_the_validation_metric(shared_cache, tmp_path, monkeypatch):
-    from stage2_decoder import train as train_mod
+    from stage2_decoder import epochs as epochs_mod, train as train_mod
 
     sequence = iter([0.10, 0.30, 0.20, 0.25, 0.29, 0.90, 0.95])
-    monkeypatch.setattr(train_mod, "validation_cider", lambda *a, **k: next(sequence))
+    monkeypatch.setattr(epochs_mod, "validation_cider", lambda *a, **k: next(sequence))
     cfg = train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=7, patience=3,
                                 scst_epochs=0, lr_patience=1, embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True,
                                 device="cpu", progress=False)
@@ -169,10 +169,10 @@ def test_validation_cider_scores_the_decoder_it_is_asked_for():
 
 
 def test_training_validates_with_the_configured_beam(shared_cache, tmp_path, monkeypatch):
-    from stage2_decoder import train as train_mod
+    from stage2_decoder import epochs as epochs_mod, train as train_mod
 
     seen = []
-    monkeypatch.setattr(train_mod, "validation_cider", lambda *a, **k: seen.append(k.get("beam_size")) or 0.1)
+    monkeypatch.setattr(epochs_mod, "validation_cider", lambda *a, **k: seen.append(k.get("beam_size")) or 0.1)
     cfg = train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=2, scst_epochs=1,
                                 val_beam_size=3, embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True,
                                 device="cpu", progress=False)
@@ -183,9 +183,9 @@ def test_training_validates_with_the_configured_beam(shared_cache, tmp_path, mon
 
 
 def test_select_by_loss_ignores_cider(shared_cache, tmp_path, monkeypatch):
-    from stage2_decoder import train as train_mod
+    from stage2_decoder import epochs as epochs_mod, train as train_mod
 
-    monkeypatch.setattr(train_mod, "validation_cider", lambda *a, **k: 0.0)
+    monkeypatch.setattr(epochs_mod, "validation_cider", lambda *a, **k: 0.0)
     cfg = train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=3, select_by="loss",
                                 scst_epochs=0, embed_size=16, hidden_size=32, vocab_threshold=2, batch_size=64, device="cpu",
                                 progress=False)

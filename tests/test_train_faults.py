@@ -31,6 +31,8 @@ import torch
 from conftest import REPO, TEST_THREADS
 from reliability_helpers import in_forked_child, one_error_line
 from stage2_decoder import checkpoint as ckpt_mod
+from stage2_decoder import epochs as epochs_mod
+from stage2_decoder import run_files as run_files_mod
 from stage2_decoder import train as train_mod
 from stage2_decoder.checkpoint import CheckpointError, load_checkpoint
 from stage2_decoder.train import TrainConfig, train
@@ -115,7 +117,7 @@ def _kill_mid_epoch(epoch: int, after_steps: int):
     """After `after_steps` optimizer steps of `epoch` (1-based; counted from where a resume starts)."""
     def inject():
         st = {"resumed": 0, "epochs_done": 0, "steps": 0}
-        orig_loss, orig_val, orig_resume = train_mod._batch_loss, train_mod.validation_cider, train_mod._resume
+        orig_loss, orig_val, orig_resume = epochs_mod._batch_loss, epochs_mod.validation_cider, train_mod._resume
 
         def resume(*a, **k):
             out = orig_resume(*a, **k)
@@ -134,13 +136,13 @@ def _kill_mid_epoch(epoch: int, after_steps: int):
                     _die()
             return orig_loss(model, b, *a, **k)
 
-        train_mod._batch_loss, train_mod.validation_cider, train_mod._resume = counting, validating, resume
+        epochs_mod._batch_loss, epochs_mod.validation_cider, train_mod._resume = counting, validating, resume
     return inject
 
 
 def _kill_in_validation(epoch: int):
     def inject():
-        orig = train_mod.validation_cider
+        orig = epochs_mod.validation_cider
         calls = {"n": 0}
 
         def validating(*a, **k):
@@ -149,7 +151,7 @@ def _kill_in_validation(epoch: int):
                 _die()
             return orig(*a, **k)
 
-        train_mod.validation_cider = validating
+        epochs_mod.validation_cider = validating
     return inject
 
 
@@ -157,14 +159,14 @@ def _kill_after_save(name: str, epoch: int):
     """After `name` (best.pt / last.pt) of `epoch` landed: between best.pt and last.pt, or between
     last.pt and the metrics.jsonl line."""
     def inject():
-        orig = train_mod.save_checkpoint
+        orig = run_files_mod.save_checkpoint
 
         def saving(path, *a, **extra):
             orig(path, *a, **extra)
             if Path(path).name == name and extra["epoch"] == epoch:
                 _die()
 
-        train_mod.save_checkpoint = saving
+        run_files_mod.save_checkpoint = saving
     return inject
 
 
@@ -193,7 +195,7 @@ def _kill_in_scst(after_steps: int):
 def _kill_while_writing(name: str, epoch: int):
     """Halfway through writing `name` of `epoch`: part of the bytes are on disk, then SIGKILL."""
     def inject():
-        orig_save, orig_fsync, current = train_mod.save_checkpoint, os.fsync, {}
+        orig_save, orig_fsync, current = run_files_mod.save_checkpoint, os.fsync, {}
 
         def saving(path, *a, **extra):
             current["hit"] = Path(path).name == name and extra["epoch"] == epoch
@@ -205,7 +207,7 @@ def _kill_while_writing(name: str, epoch: int):
                 _die()
             orig_fsync(fd)
 
-        train_mod.save_checkpoint = saving
+        run_files_mod.save_checkpoint = saving
         ckpt_mod.os.fsync = fsync  # the same os module object: patched in this child only
     return inject
 
