@@ -7,6 +7,7 @@ import torch
 
 from stage2_decoder.decode_config import DecodeConfig  # noqa: F401  (defined torch-free, re-exported)
 from stage2_decoder.model import CaptionDecoder
+from stage2_decoder.ngram_block import block_repeats
 
 START_ID, END_ID = 1, 2
 DONE_CHECK_EVERY = 4  # decoding steps between the loops' one host read (have all images finished?)
@@ -76,7 +77,7 @@ def beam_search_nbest(model: CaptionDecoder, features: torch.Tensor, cfg: Decode
         if t < cfg.min_len:
             logp[:, :, END_ID] = float("-inf")
         if cfg.no_repeat_ngram > 0 and t + 1 >= cfg.no_repeat_ngram:
-            _block_repeats(logp, seqs[:, :, :t], cfg.no_repeat_ngram)
+            block_repeats(logp, seqs[:, :, :t], cfg.no_repeat_ngram)
         cand = (scores.unsqueeze(-1) + logp).view(b, k * v)
         top, idx = cand.topk(k, dim=1)  # (B, k)
         beam, word = idx // v, idx % v
@@ -108,18 +109,3 @@ def beam_search_nbest(model: CaptionDecoder, features: torch.Tensor, cfg: Decode
                      for j in range(k) if math.isfinite(scores[i][j])]
         out.append(sorted(hyps, key=lambda h: -h[1])[:k] or [([], float("-inf"))])
     return out
-
-
-def _block_repeats(logp: torch.Tensor, seqs: torch.Tensor, n: int) -> None:
-    """Set -inf on words that would repeat an n-gram already in the beam's sequence."""
-    b, k, t = seqs.shape
-    if t < n - 1:
-        return
-    rows = seqs.tolist()
-    for i in range(b):
-        for j in range(k):
-            s = rows[i][j]
-            prefix = tuple(s[t - n + 1:]) if n > 1 else ()
-            banned = [s[p + n - 1] for p in range(t - n + 1) if tuple(s[p:p + n - 1]) == prefix]
-            if banned:
-                logp[i, j, banned] = float("-inf")

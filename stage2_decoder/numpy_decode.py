@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from stage2_decoder.ngram_block import block_repeats
+
 Step = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 NEG_INF = np.float32(-np.inf)
 
@@ -88,7 +90,7 @@ def beam_search_nbest(step: Step, h: np.ndarray, c: np.ndarray, start_id: int, e
         if t < min_len:
             logp[:, :, end_id] = NEG_INF
         if no_repeat_ngram > 0 and t + 1 >= no_repeat_ngram:
-            _block_repeats(logp, seqs, no_repeat_ngram)
+            block_repeats(logp, seqs, no_repeat_ngram)
         cand = (scores[:, :, None] + logp).reshape(b, k * v)
         top, idx = _topk(cand, k)  # (B, k)
         beam, word = idx // v, idx % v
@@ -120,18 +122,3 @@ def beam_search_nbest(step: Step, h: np.ndarray, c: np.ndarray, start_id: int, e
                     hyps.append((seqs[i, j].tolist(), float(scores[i, j]) / (max_len ** length_penalty)))
         out.append(sorted(hyps, key=lambda hyp: -hyp[1])[:k] or [([], float("-inf"))])
     return out
-
-
-def _block_repeats(logp: np.ndarray, seqs: np.ndarray, n: int) -> None:
-    """Set -inf on words that would repeat an n-gram already in the beam's sequence."""
-    b, k, t = seqs.shape
-    if t < n - 1:
-        return
-    rows = seqs.tolist()
-    for i in range(b):
-        for j in range(k):
-            s = rows[i][j]
-            prefix = tuple(s[t - n + 1:]) if n > 1 else ()
-            banned = [s[p + n - 1] for p in range(t - n + 1) if tuple(s[p:p + n - 1]) == prefix]
-            if banned:
-                logp[i, j, banned] = NEG_INF
