@@ -167,7 +167,9 @@ def export(cfg: ExportConfig) -> Path:
               help="A best.pt / last.pt from training (default: $CAPCACHE_CHECKPOINT, else the newest runs/*/best.pt).")
 @click.option("--out", required=True, type=click.Path(), help="Folder for the .onnx files and capcache-onnx.json.")
 @click.option("--weights", default=None, help="Backbone weights file, if it moved since extraction.")
-def main(checkpoint, out, weights):
+@click.option("--no-progress", is_flag=True, help="Accepted for symmetry with the other commands (export shows no bar).")
+@click.option("--dry-run", is_flag=True, help="Check the checkpoint and say what would be written; export nothing.")
+def main(checkpoint, out, weights, no_progress, dry_run):
     """Export a checkpoint's encoder and decoder as ONNX (for `caption --onnx DIR`)."""
     from common.cli import run_guarded
 
@@ -176,6 +178,15 @@ def main(checkpoint, out, weights):
             from stage2_decoder.api import find_checkpoint
 
             click.echo(f"using checkpoint {find_checkpoint()}", err=True)
+        if dry_run:
+            from stage2_decoder.api import find_checkpoint
+            from stage2_decoder.checkpoint import load_checkpoint, model_from_checkpoint
+
+            path = find_checkpoint(checkpoint)
+            decoder, vocab = model_from_checkpoint(load_checkpoint(path))
+            click.echo(f"dry run: {path} ({decoder.cfg.feature_dim}-d features, {len(vocab)} words) -> "
+                       f"{', '.join(GRAPHS)} and {MANIFEST} in {out}")
+            return 0
         manifest = export(ExportConfig(checkpoint, out, weights))
         click.echo(f"wrote {', '.join(GRAPHS)} and {manifest.name} to {manifest.parent}")
         return 0

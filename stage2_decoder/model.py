@@ -32,7 +32,7 @@ class CaptionDecoder(nn.Module):
         self.cfg = cfg
         self.project = nn.Linear(cfg.feature_dim, cfg.embed_size)
         self.bn = nn.BatchNorm1d(cfg.embed_size, momentum=0.01)
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_size, padding_idx=0)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_size, padding_idx=Vocabulary.pad_id)
         self.drop = nn.Dropout(cfg.dropout)
         self.lstm = nn.LSTM(cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True,
                             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)

@@ -184,11 +184,24 @@ def plot_path(path: str | os.PathLike) -> list[Path]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run_dir", type=click.Path())
-def main(run_dir):
+@click.option("--no-progress", is_flag=True, help="Accepted for symmetry with the other commands (plotting shows no bar).")
+@click.option("--dry-run", is_flag=True, help="Say what would be drawn (a run's curves or a sweep's plot); write nothing.")
+def main(run_dir, no_progress, dry_run):
     """Plot a training run's curves (RUN_DIR/curves.png) or a sweep directory's results."""
     from common.cli import run_guarded
 
     def work():
+        if dry_run:
+            p = Path(run_dir)
+            if not p.is_dir():
+                raise NotADirectoryError(f"{run_dir} is not a directory (give a run or sweep directory)")
+            if (p / "metrics.jsonl").is_file():
+                click.echo(f"dry run: {len(read_metrics(p))} epochs of {run_dir} -> {p / CURVES_NAME}")
+            elif _is_sweep_dir(p):
+                click.echo(f"dry run: the sweep {run_dir} -> {p / 'sweep.png'}")
+            else:
+                raise ValueError(f"{run_dir} is neither a training run (no metrics.jsonl) nor a sweep directory")
+            return 0
         written = plot_path(run_dir)
         for w in written:
             click.echo(f"wrote {w}")

@@ -252,7 +252,9 @@ def write_html(report: dict, out: str | os.PathLike, title: str = "Caption evalu
               help="Embed only images inside this folder [default: the images_root the JSON records, else the "
                    "JSON's own folder].")
 @click.option(OUTSIDE_FLAG, "allow_outside_images", is_flag=True, help="Embed every image the JSON names.")
-def main(eval_json, out, title, html_max, images_root, allow_outside_images):
+@click.option("--no-progress", is_flag=True, help="No progress bar while thumbnails are made.")
+@click.option("--dry-run", is_flag=True, help="Check the JSON and say what the page would hold; write nothing.")
+def main(eval_json, out, title, html_max, images_root, allow_outside_images, no_progress, dry_run):
     """Turn an `evaluate --json` file into a self-contained HTML gallery."""
     def work():
         try:
@@ -264,8 +266,12 @@ def main(eval_json, out, title, html_max, images_root, allow_outside_images):
         root = None if allow_outside_images else (
             images_root or (recorded if isinstance(recorded, str) and recorded else None)
             or os.path.dirname(os.path.abspath(eval_json)))
-        write_html(report, out, title, progress=True, max_images=html_max, images_root=root)
         shown = min(len(report["images"]), html_max or len(report["images"]))
+        if dry_run:
+            click.echo(f"dry run: {out} would show {shown} of {len(report['images'])} images"
+                       + (f" (embedding only images inside {root})" if root else ""))
+            return 0
+        write_html(report, out, title, progress=not no_progress, max_images=html_max, images_root=root)
         click.echo(f"wrote {out} ({shown} of {len(report['images'])} images)")
         return 0
 

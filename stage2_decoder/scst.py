@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from common.tokenizer import DEFAULT_TOKENIZER, tokenize
+from common.vocab import Vocabulary
 from stage2_decoder.cider import CiderD
 from stage2_decoder.data import view_rows
 from stage2_decoder.decode import END_ID, START_ID
@@ -54,7 +55,7 @@ def scst_loss(model: CaptionDecoder, features: torch.Tensor, keys: list[str], sc
               k: int = 5, max_len: int = 16) -> tuple[torch.Tensor, float]:
     """One SCST batch: returns (loss to minimise, mean reward of the samples)."""
     ids, logp, mask = sample(model, features, k, max_len)
-    hyps = [[itos[w] for w in row if w not in (0, END_ID)] for row in ids.tolist()]
+    hyps = [[itos[w] for w in row if w not in (Vocabulary.pad_id, END_ID)] for row in ids.tolist()]
     rewards = torch.from_numpy(scorer.score_batch([key for key in keys for _ in range(k)], hyps)).float()
     r = rewards.view(-1, k)
     baseline = (r.sum(1, keepdim=True) - r) / max(k - 1, 1)  # mean of the image's other samples
