@@ -1,4 +1,4 @@
-"""Bad artefacts (issue 5, "Bad input: artefacts"): caches and checkpoints that are damaged, made
+"""Bad artefacts (Bad input: artefacts): caches and checkpoints that are damaged, made
 differently, from the future, or not what they claim. Each is one `error:` line naming the file
 and what to do, exit 1, never a traceback; an unpickling attack is refused by weights_only=True.
 

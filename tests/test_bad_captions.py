@@ -1,4 +1,4 @@
-"""Bad captions files (issue 5, "Bad input: captions"): the loaders and the CLIs on top of them.
+"""Bad captions files (Bad input: captions): the loaders and the CLIs on top of them.
 
 Policy (documented in common/datasets.py and tests/RELIABILITY.md):
 - a file that is not the stated format (not JSON / not UTF-8, the wrong shape, a CSV header

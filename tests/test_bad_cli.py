@@ -1,4 +1,4 @@
-"""Bad command lines (issue 5, "Bad input: CLI") for every entry point where the case applies.
+"""Bad command lines (Bad input: CLI) for every entry point where the case applies.
 
 Two kinds of answer, never a traceback:
 - a value click itself can check (unknown choice, a number out of range): click's usage error,

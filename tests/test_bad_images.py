@@ -1,4 +1,4 @@
-"""Bad image files through the real CLIs (issue 5, "Bad input: images").
+"""Bad image files through the real CLIs (Bad input: images).
 
 One folder holds two real COCO photos and every awkward case the issue lists, each made here
 with Pillow/numpy: zero-byte, truncated JPEG, random bytes named .jpg, RGBA PNG, palette PNG,

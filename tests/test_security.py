@@ -1,4 +1,4 @@
-"""Static security scan of the project's own Python files (issue 5, "Security").
+"""Static security scan of the project's own Python files (Security).
 
 - nothing is unpickled: every `torch.load` (and torchvision/torch.hub's `get_state_dict` /
   `load_state_dict_from_url`, which call `torch.load` underneath) passes `weights_only=True`; no

@@ -1,4 +1,4 @@
-"""Training under faults (issue 5, "Interruptions" for stage 2): SIGKILL at exact points and at a
+"""Training under faults (Interruptions for stage 2): SIGKILL at exact points and at a
 random instant, Ctrl-C / SIGTERM, a full disk, an unwritable run folder, checkpoint writes that die.
 
 The promise: a rerun with the same command resumes from the last complete checkpoint with the
