@@ -244,7 +244,8 @@ def test_the_step_packs_without_sorting_on_the_device_and_the_average_reads_noth
 @torch.inference_mode()
 def _old_beam_search_nbest(model, features, cfg):
     """f959e73's beam search, the reference: per-image Python bookkeeping, `.tolist()` per finished hypothesis."""
-    from stage2_decoder.decode import END_ID, START_ID, _block_repeats
+    from stage2_decoder.decode import END_ID, START_ID
+    from stage2_decoder.ngram_block import block_repeats as _block_repeats
 
     b, k, dev = features.shape[0], cfg.beam_size, features.device
     h, c = model.init_state(features)
@@ -405,7 +406,6 @@ def test_checkpoints_keep_the_cuda_generators_and_a_resume_puts_them_back(shared
     fake = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
     restored = []
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: fake)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
     saved = train_mod.cuda_rng_state("cuda")
     assert train_mod.cuda_rng_state("cpu") == {}
@@ -415,7 +415,9 @@ def test_checkpoints_keep_the_cuda_generators_and_a_resume_puts_them_back(shared
     train_mod.train(train_mod.TrainConfig(epochs=1, **cfg))
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert [torch.equal(a, b) for a, b in zip(ckpt["cuda_rng_state"], fake)] == [True, True]
-    resume_mod.restore_cuda_rng_state(ckpt, "cuda")  # one GPU now: its state, on device 0
+    # one GPU now: its state, on device 0 (faked only here: during train() Adam would ask the "GPU" for a stream)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    resume_mod.restore_cuda_rng_state(ckpt, "cuda")
     assert len(restored) == 1 and torch.equal(restored[0][0], fake[0]) and restored[0][1] == 0
     resume_mod.restore_cuda_rng_state(ckpt, "cpu")
     assert len(restored) == 1  # a CPU resume leaves CUDA alone

@@ -60,7 +60,7 @@ def test_evaluate_json_and_html_are_not_written_through_planted_links(run_dir, s
     from stage2_decoder.evaluate import main
 
     # the writers are under test, not the scorers (METEOR's Java start-up alone takes seconds)
-    monkeypatch.setattr(stage2_decoder.metrics, "score_captions", lambda gts, res, spice=False: ({"CIDEr": 0.5}, {}, []))
+    monkeypatch.setattr(stage2_decoder.metrics, "score_captions", lambda gts, res, spice=False, **how: ({"CIDEr": 0.5}, {}, []))
 
     out = tmp_path / "eval"
     victims = _plant(out, ["e.json", "e.html"])

@@ -206,6 +206,6 @@ def test_a_run_from_before_the_setting_resumes_as_nltk(shared_cache, tmp_path):
     assert ckpt["train_config"]["tokenizer"] == ckpt["vocab"]["tokenizer"] == "nltk"
     del ckpt["train_config"]["tokenizer"], ckpt["vocab"]["tokenizer"]
     torch.save(ckpt, last)
-    with pytest.raises(ValueError, match=r"other settings \(tokenizer\)"):
+    with pytest.raises(ValueError, match=r"other settings \(tokenizer 'nltk' -> 'whitespace'\)"):
         train(cfg(epochs=2, tokenizer="whitespace"))
     assert train(cfg(epochs=2)).epochs_run == 2
