@@ -17,28 +17,9 @@ Step = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarr
 NEG_INF = np.float32(-np.inf)
 
 
-def greedy(step: Step, h: np.ndarray, c: np.ndarray, start_id: int, end_id: int, max_len: int = 20,
-           min_len: int = 0) -> list[list[int]]:
-    """Initial state (L, B, H) x 2 -> per image, the word ids up to (not including) <end>."""
-    b = h.shape[1]
-    tokens = np.full((b,), start_id, dtype=np.int64)
-    out = np.zeros((b, max_len), dtype=np.int64)
-    finished = np.zeros(b, dtype=bool)
-    for t in range(max_len):
-        logp, h, c = step(tokens, h, c)  # (B, V)
-        if t < min_len:
-            logp[:, end_id] = NEG_INF
-        tokens = logp.argmax(-1).astype(np.int64)
-        out[:, t] = tokens
-        finished |= tokens == end_id
-        if finished.all():
-            break
-    return [_until_end(row, end_id) for row in out.tolist()]
-
-
 def greedy_scored(step: Step, h: np.ndarray, c: np.ndarray, start_id: int, end_id: int, max_len: int = 20,
                   min_len: int = 1, length_penalty: float = 0.0) -> list[list[tuple[list[int], float]]]:
-    """Per image [(word ids, score)]: `greedy`'s caption with the score a beam of one gives it (sum log p /
+    """Per image [(word ids, score)]: the greedy caption with the score a beam of one gives it (sum log p /
     tokens ** length_penalty, <end> counted), as `stage2_decoder.sampling.greedy_scored` (float32 sums)."""
     b = h.shape[1]
     tokens = np.full((b,), start_id, dtype=np.int64)
