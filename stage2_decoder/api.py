@@ -54,6 +54,30 @@ def image_label(image) -> str | None:
     return None
 
 
+def load_chunk(chunk: Sequence, start: int, load, on_error: str) -> tuple[list, list[int], dict[int, str]]:
+    """`load(image, index)` for each input of `chunk` (whose first input is images[start]): returns the loaded
+    inputs, their positions in `chunk`, and {position: one-line error} for the unreadable ones; with
+    on_error="raise" the first ImageError is raised instead. The PyTorch and the ONNX captioner share it."""
+    from common.preprocess import ImageError  # torch-free (common.backbones re-exports it)
+
+    loaded, good, errors = [], [], {}
+    for i, im in enumerate(chunk):
+        try:
+            loaded.append(load(im, start + i))
+            good.append(i)
+        except ImageError as e:
+            if on_error == "raise":
+                raise
+            errors[i] = " ".join(str(e).split())
+    return loaded, good, errors
+
+
+def chunk_results(chunk: Sequence, decoded: dict[int, dict], errors: dict[int, str]) -> list[dict]:
+    """One result dict per input of `chunk`, in order: its decoded captions, or its error."""
+    return [{"image": image_label(im), "error": errors[i]} if i in errors else {"image": image_label(im), **decoded[i]}
+            for i, im in enumerate(chunk)]
+
+
 def decode_settings(num_captions: int = 1, beam_size: int = 3, max_len: int = 20, min_len: int = 1,
                     length_penalty: float = 0.7, no_repeat_ngram: int = 0, sample: bool = False,
                     temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None
@@ -117,8 +141,6 @@ class Captioner:
         import torch
         from tqdm import tqdm
 
-        from common.backbones import ImageError
-
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
         if batch_size < 1:
@@ -129,22 +151,12 @@ class Captioner:
         starts = [0, *range(min(FIRST_CHUNK, batch_size), len(images), batch_size)]
         for s, end in zip(starts, [*starts[1:], len(images)]):
             chunk = images[s:end]
-            tensors, good, errors = [], [], {}
-            for i, im in enumerate(chunk):
-                try:
-                    tensors.append(self._load(im, s + i))
-                    good.append(i)
-                except ImageError as e:
-                    if on_error == "raise":
-                        raise
-                    errors[i] = " ".join(str(e).split())
+            tensors, good, errors = load_chunk(chunk, s, self._load, on_error)
             decoded = {}
             if tensors:
                 feats = self.backbone.encode(torch.stack(tensors))  # (b, D)
                 decoded = dict(zip(good, self._decode(feats, *settings)))
-            for i, im in enumerate(chunk):
-                label = image_label(im)
-                yield {"image": label, "error": errors[i]} if i in errors else {"image": label, **decoded[i]}
+            yield from chunk_results(chunk, decoded, errors)
             bar.update(len(chunk))
         bar.close()
 

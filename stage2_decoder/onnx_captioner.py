@@ -20,6 +20,7 @@ import numpy as np
 
 from common.preprocess import ImageError, Preprocess, load_views
 from common.vocab import Vocabulary
+from stage2_decoder.api import ON_ERROR, chunk_results, load_chunk
 from stage2_decoder.numpy_decode import beam_search_nbest, greedy_scored
 
 # the export folder's format (stage2_decoder.export writes it)
@@ -27,7 +28,6 @@ ONNX_FORMAT = "capcache-onnx"
 ONNX_VERSION = 1
 MANIFEST = "capcache-onnx.json"
 GRAPHS = ("encoder.onnx", "decoder_init.onnx", "decoder_step.onnx")
-ON_ERROR = ("raise", "return")
 
 
 class OnnxExportError(ValueError):
@@ -165,24 +165,14 @@ class OnnxCaptioner:
         results: list[dict] = []
         for s in range(0, len(images), batch_size):
             chunk = images[s:s + batch_size]
-            arrays, good, errors = [], [], {}
-            for i, im in enumerate(chunk):
-                try:
-                    arrays.append(self._load(im, s + i))
-                    good.append(i)
-                except ImageError as e:
-                    if on_error == "raise":
-                        raise
-                    errors[i] = " ".join(str(e).split())
+            arrays, good, errors = load_chunk(chunk, s, self._load, on_error)
             decoded = {}
             if arrays:
                 # the beam holds at least N hypotheses, as in the PyTorch API
                 hyps = self.search(self.features(np.stack(arrays)), max(beam_size, num_captions), max_len,
                                    min_len, length_penalty, no_repeat_ngram)
                 decoded = dict(zip(good, (self._format(row, num_captions) for row in hyps)))
-            for i, im in enumerate(chunk):
-                label = os.fspath(im) if isinstance(im, (str, os.PathLike)) else None
-                results.append({"image": label, "error": errors[i]} if i in errors else {"image": label, **decoded[i]})
+            results += chunk_results(chunk, decoded, errors)
         return results
 
     def _format(self, row: list[tuple[list[int], float]], num_captions: int) -> dict:
