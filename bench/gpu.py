@@ -148,7 +148,7 @@ def sync_check(cache: Path, device, cfg) -> str:
     pairs = CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len, tokens).to(device)
     feats = torch.from_numpy(c.features).float().to(device)
     model = CaptionDecoder(cfg.decoder_config(c.meta.feature_dim, len(vocab))).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
+    opt = cfg.optimizer(model.parameters())
     ema = EMA(model, cfg.ema_decay)
     batches = [i for i in pairs.batches(cfg.batch_size, torch.Generator().manual_seed(0)) if len(i) > 1][:6]
     for idx in batches[:2]:  # warm-up outside the check: the first steps allocate and pick kernels

@@ -181,7 +181,7 @@ def _start(features: str, out: str):
     features_t = torch.from_numpy(cache.features)  # (N, D) in the cache's dtype, as train() keeps it
     cache.features = None
     model = CaptionDecoder(cfg.decoder_config(cache.meta.feature_dim, len(vocab)))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = cfg.optimizer(model.parameters())
     g = torch.Generator().manual_seed(0)
     batches = train_set.batches(cfg.batch_size, g, cfg.length_buckets)
     model.train()

@@ -151,7 +151,7 @@ def step_efficiency(pairs: CaptionPairs, features: torch.Tensor, vocab_size: int
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         shapes += [pairs.gather(i) for i in pairs.batches(cfg.batch_size, g, cfg.length_buckets) if len(i) > 1]
     model = CaptionDecoder(cfg.decoder_config(features.shape[1], vocab_size)).train()  # as train() builds it
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # as train() builds it on the CPU
+    opt = cfg.optimizer(model.parameters())  # as train() builds it
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None  # the default weight average, as train() keeps it
     bare = BareStep(shapes, cfg.embed_size, cfg.hidden_size, cfg.num_layers, vocab_size, cfg.tie_embeddings)
     n = sum(len(b.lengths) for b in shapes)

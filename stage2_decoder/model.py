@@ -23,6 +23,17 @@ class DecoderConfig:
     tie_embeddings: bool = False
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout whose CPU mask comes from uniform draws (`rand_like(x) >= p`): PyTorch's CPU
+    `bernoulli_` is ~4x slower and was a training step's largest cost over a bare LSTM step
+    (bench/RESULTS.md). The same distribution, other draws; CUDA keeps the native fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        return x * (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+
 class CaptionDecoder(nn.Module):
     """features (B, D) -> Linear+BatchNorm -> (B, E) image embedding fed at t=0; then the LSTM
     reads <start> w1 .. wn and is trained to emit w1 .. wn <end>."""
@@ -33,7 +44,7 @@ class CaptionDecoder(nn.Module):
         self.project = nn.Linear(cfg.feature_dim, cfg.embed_size)
         self.bn = nn.BatchNorm1d(cfg.embed_size, momentum=0.01)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_size, padding_idx=Vocabulary.pad_id)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.lstm = nn.LSTM(cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True,
                             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
         if cfg.tie_embeddings:

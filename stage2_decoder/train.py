@@ -100,6 +100,11 @@ class TrainConfig:
         return DecoderConfig(feature_dim, vocab_size, self.embed_size, self.hidden_size, self.num_layers,
                              self.dropout, self.tie_embeddings)
 
+    def optimizer(self, params) -> torch.optim.Adam:
+        """The optimiser these settings train with (train() and the benchmarks build it from here).
+        Fused on every device: one kernel per step on CUDA, and a faster step on the CPU too."""
+        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=True)
+
 
 TrainConfig.RESUME_FIXED = tuple(f.name for f in fields(TrainConfig)
                                  if f.name not in TrainConfig.RESUME_APPLIED + TrainConfig.RESUME_FREE)
@@ -171,8 +176,7 @@ def _train(cfg: TrainConfig, owned: contextlib.ExitStack) -> TrainResult:
     remove_stale_temporaries(run, RUN_OUTPUTS)  # what a killed run was writing: ours now that we hold the lock
 
     model = CaptionDecoder(cfg.decoder_config(data.feature_dim, len(data.vocab))).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                           fused=device.type == "cuda")
+    opt = cfg.optimizer(model.parameters())
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.lr_factor,
                                                        patience=cfg.lr_patience)
     # with --ema-decay the cross-entropy phase's weights validated, selected and saved (model_state) are a

@@ -141,6 +141,8 @@ def test_train_cli_outputs(run4, cache50):
     assert split["val"] and split["test"] and len(split["train"]) > 40
     last = load_checkpoint(run4 / "last.pt")
     assert last["epoch"] == 4
+    # the fused Adam of TrainConfig.optimizer, on the CPU too (a faster step: bench/stage2.py)
+    assert all(g["fused"] for g in last["optimizer_state"]["param_groups"])
     assert last["backbone"]["name"] == "mobilenet_v2" and last["backbone"]["feature_dim"] == 1280
     vocab = json.loads((run4 / "vocab.json").read_text())
     assert vocab["words"] == last["vocab"]["words"] and vocab["threshold"] == 2
