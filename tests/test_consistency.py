@@ -17,8 +17,10 @@ def shared_run(shared_cache, tmp_path_factory):
     from stage2_decoder.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("consistency_run")
+    # plain weights at a higher rate: the default 0.995 weight average over these ~50 steps is still mostly the
+    # random start, whose outputs hardly depend on the image (and agreement would then prove little)
     result = train(TrainConfig(features=str(shared_cache), out=str(out), epochs=4, scst_epochs=0, batch_size=16, embed_size=32,
-                               hidden_size=64, vocab_threshold=2, device="cpu", progress=False))
+                               hidden_size=64, vocab_threshold=2, ema_decay=0.0, lr=3e-3, device="cpu", progress=False))
     assert result.epochs_run == 4
     assert (out / "best.pt").is_file()
     return out
@@ -60,11 +62,18 @@ def test_captions_from_cache_and_from_files_agree(shared_cache, shared_run, coco
 
     cap = Captioner.load(shared_run / "best.pt", device="cpu")
     picks = coco_records[:N_CHECK]
-    from_files = [r["caption"] for r in cap.caption([r.path for r in picks], beam_size=1)]
-    from_cache = [r["caption"] for r in cap.caption_features(_cached(shared_cache, [r.key for r in picks]), beam_size=1)]
+    files = cap.caption([r.path for r in picks], beam_size=1)
+    cached = cap.caption_features(_cached(shared_cache, [r.key for r in picks]), beam_size=1)
+    from_files, from_cache = [r["caption"] for r in files], [r["caption"] for r in cached]
     assert all(c.strip() for c in from_files)
-    assert len(set(from_files)) > 1  # image-dependent captions, or agreement would prove nothing
+    # image-dependent outputs, or agreement would prove nothing: a decoder trained this briefly may give
+    # several images one caption, but not one log-probability
+    file_scores = [r["captions"][0]["score"] for r in files]
+    assert len(set(from_files)) > 1 or max(file_scores) - min(file_scores) > 0.05, (from_files, file_scores)
     assert sum(a == b for a, b in zip(from_files, from_cache)) >= N_CHECK - 1
+    agree = [i for i in range(N_CHECK) if from_files[i] == from_cache[i]]
+    for i in agree:  # same caption: the same score, up to the cache's float16 storage
+        assert abs(files[i]["captions"][0]["score"] - cached[i]["captions"][0]["score"]) < 0.02
 
 
 def test_random_weights_backbone_is_rebuilt_identically(flickr_dir, tmp_path):
