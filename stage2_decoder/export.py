@@ -174,12 +174,11 @@ def main(checkpoint, out, weights, no_progress, dry_run):
     from common.cli import run_guarded
 
     def work():
-        if checkpoint is None:
-            from stage2_decoder.api import find_checkpoint
+        from stage2_decoder.api import find_checkpoint
 
+        if checkpoint is None:
             click.echo(f"using checkpoint {find_checkpoint()}", err=True)
         if dry_run:
-            from stage2_decoder.api import find_checkpoint
             from stage2_decoder.checkpoint import load_checkpoint, model_from_checkpoint
 
             path = find_checkpoint(checkpoint)

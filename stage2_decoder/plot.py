@@ -170,16 +170,21 @@ def _is_sweep_dir(path: Path) -> bool:
     return any((path / name).is_file() for name in ("sweep.json", "results.json", "results.csv"))
 
 
-def plot_path(path: str | os.PathLike) -> list[Path]:
-    """Curves for a run directory, or the sweep plot for a sweep directory. Returns the PNGs written."""
+def _dir_kind(path: str | os.PathLike) -> str:
+    """"run" (it has metrics.jsonl) or "sweep"; anything else is refused with one line."""
     p = Path(path)
     if not p.is_dir():
         raise NotADirectoryError(f"{path} is not a directory (give a run or sweep directory)")
     if (p / "metrics.jsonl").is_file():
-        return [plot_run(p)]
+        return "run"
     if _is_sweep_dir(p):
-        return [plot_sweep(p)]
+        return "sweep"
     raise ValueError(f"{path} is neither a training run (no metrics.jsonl) nor a sweep directory (no results.csv)")
+
+
+def plot_path(path: str | os.PathLike) -> list[Path]:
+    """Curves for a run directory, or the sweep plot for a sweep directory. Returns the PNGs written."""
+    return [plot_run(path) if _dir_kind(path) == "run" else plot_sweep(path)]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -193,14 +198,10 @@ def main(run_dir, no_progress, dry_run):
     def work():
         if dry_run:
             p = Path(run_dir)
-            if not p.is_dir():
-                raise NotADirectoryError(f"{run_dir} is not a directory (give a run or sweep directory)")
-            if (p / "metrics.jsonl").is_file():
+            if _dir_kind(p) == "run":
                 click.echo(f"dry run: {len(read_metrics(p))} epochs of {run_dir} -> {p / CURVES_NAME}")
-            elif _is_sweep_dir(p):
-                click.echo(f"dry run: the sweep {run_dir} -> {p / 'sweep.png'}")
             else:
-                raise ValueError(f"{run_dir} is neither a training run (no metrics.jsonl) nor a sweep directory")
+                click.echo(f"dry run: the sweep {run_dir} -> {p / 'sweep.png'}")
             return 0
         written = plot_path(run_dir)
         for w in written:
