@@ -3,7 +3,6 @@ options it generates from config dataclasses (train's settings, the shared decod
 from __future__ import annotations
 
 import functools
-import math
 import signal
 import sys
 import typing
@@ -12,6 +11,8 @@ from collections.abc import Callable, Collection
 from dataclasses import MISSING, field, fields
 
 import click
+
+from common.bounds import BOUNDS, check
 
 # the errors a user can cause with bad input (or a full disk, or a diverging run: FloatingPointError
 # is train's "loss became nan"); the library's own errors (BackboneError, ImageError, DatasetError,
@@ -27,29 +28,27 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return USER_ERRORS + ((oom,) if oom is not None else ())
 
 
-class FiniteFloat(click.ParamType):
-    """A float option that refuses inf and nan (`--length-penalty -inf` is no setting), naming the option."""
-    name = "float"
+class Bounded(click.ParamType):
+    """A number option limited as common.bounds.BOUNDS[setting] says (the table the API and grids use)."""
+
+    def __init__(self, setting: str):
+        self.setting = setting
+        self.bound = BOUNDS[setting]
+        self.name = "integer" if self.bound.kind is int else "float"
 
     def convert(self, value, param, ctx):
-        v = click.FLOAT.convert(value, param, ctx)
-        if not math.isfinite(v):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return v
+        base = click.INT if self.bound.kind is int else click.FLOAT
+        v = base.convert(value, param, ctx)
+        try:
+            return check(self.setting, v)
+        except ValueError:
+            self.fail(f"{value!r} is not {self.bound.describe()}", param, ctx)
 
 
-FINITE = FiniteFloat()
+def bounded(setting: str) -> Bounded:
+    """The click type of a number setting with a row in common.bounds.BOUNDS."""
+    return Bounded(setting)
 
-
-class FiniteFloatRange(click.FloatRange):
-    """A bounded float option that also refuses inf and nan (a one-sided range would take them)."""
-
-    def convert(self, value, param, ctx):
-        v = super().convert(value, param, ctx)
-        if not math.isfinite(v):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return v
-INT64 = click.IntRange(-(2**63), 2**63 - 1)  # what torch (seeds) and numpy take: a bigger one is a usage error
 
 
 class Terminated(Exception):
@@ -106,7 +105,7 @@ def config_options(cls, skip: Collection[str] = ()):
             if fl.name in skip or fl.default is MISSING:
                 continue
             kind = type(fl.default) if fl.default is not None else str
-            kind = {int: INT64, float: FINITE}.get(kind, kind)
+            kind = bounded(fl.name) if kind in (int, float) else kind  # limits from the one table
             f = click.option("--" + fl.name.replace("_", "-"), fl.name, type=kind, default=fl.default,
                              show_default=True)(f)
         return f
@@ -114,14 +113,13 @@ def config_options(cls, skip: Collection[str] = ()):
 
 
 def opt(default=MISSING, help: str | None = None, **cli):
-    """A config field with its CLI metadata for `config_group`: help, and optionally min/max/min_open (bounds),
-    choices, path (a file or folder name: click.Path), flag (the option's name when not --field-name)."""
+    """A config field with its CLI metadata for `config_group`: help, and optionally choices, path (a file or folder name: click.Path), flag (the option's name when not --field-name)."""
     return field(default=default, metadata={"help": help, **cli})
 
 
 def config_group(cls, param: str):
-    """Click options for every field of config dataclass `cls` (help, bounds, choices and name from the field's
-    metadata); the command receives them built into one `cls` instance named `param`. A field without a default
+    """Click options for every field of config dataclass `cls` (help, choices and name from the field's
+    metadata, a number's limits from common.bounds.BOUNDS by the field's name); the command receives them built into one `cls` instance named `param`. A field without a default
     is a required option; a bool defaulting to True is a `--no-field-name` flag."""
     hints = typing.get_type_hints(cls)
 
@@ -145,11 +143,8 @@ def config_group(cls, param: str):
                 kind = click.Path()
             elif meta.get("choices") is not None:
                 kind = click.Choice(list(meta["choices"]))
-            elif meta.get("min") is not None or meta.get("max") is not None:
-                rng = click.IntRange if kind is int else FiniteFloatRange
-                kind = rng(min=meta.get("min"), max=meta.get("max"), min_open=meta.get("min_open", False))
-            else:
-                kind = {int: INT64, float: FINITE}.get(kind, kind)
+            elif kind in (int, float):  # every number has its limits in the one table
+                kind = bounded(fl.name)
             required = fl.default is MISSING
             default = None if required else fl.default
             wrapper = click.option(meta.get("flag") or f"--{name}", fl.name, type=kind, default=default,

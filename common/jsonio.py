@@ -65,11 +65,26 @@ def _depth_ok(obj: object, max_depth: int) -> bool:
     return True
 
 
+def _unique_keys(what: str):
+    """An object_pairs_hook refusing an object that names a key twice (json keeps the last one silently)."""
+    def hook(pairs: list[tuple[str, object]]) -> dict:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            seen: set[str] = set()
+            dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise JSONFileError(f"{what} names the key {dup!r} twice in one object")
+        return out
+    return hook
+
+
 def parse_json(text: str | bytes, what: str, expect: type | tuple[type, ...] | None = None,
-               max_depth: int = MAX_DEPTH) -> object:
-    """Parse one JSON document, with the depth and the top-level type checked; errors name `what`."""
+               max_depth: int = MAX_DEPTH, reject_duplicate_keys: bool = False) -> object:
+    """Parse one JSON document, with the depth and the top-level type checked; errors name `what`.
+    With `reject_duplicate_keys` an object naming a key twice is an error (a hand-written file's typo)."""
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_unique_keys(what) if reject_duplicate_keys else None)
+    except JSONFileError:  # a duplicate key: the hook's own message
+        raise
     except RecursionError:
         raise JSONFileError(f"{what} is nested deeper than {max_depth} levels") from None
     except UnicodeDecodeError as e:
@@ -85,12 +100,13 @@ def parse_json(text: str | bytes, what: str, expect: type | tuple[type, ...] | N
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file", expect: type | tuple[type, ...] | None = None,
-              max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) -> object:
-    """Read one JSON file (a UTF-8 BOM is allowed), bounded in size and depth, of the `expect`ed type."""
+              max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH, reject_duplicate_keys: bool = False) -> object:
+    """Read one JSON file (a UTF-8 BOM is allowed), bounded in size and depth, of the `expect`ed type
+    (`reject_duplicate_keys`: as parse_json)."""
     data = read_bytes(path, what, max_bytes)
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    return parse_json(data, f"{what} {path}", expect, max_depth)
+    return parse_json(data, f"{what} {path}", expect, max_depth, reject_duplicate_keys)
 
 
 def iter_jsonl(path: str | os.PathLike, what: str = "JSON-lines file", expect: type | tuple[type, ...] | None = dict,

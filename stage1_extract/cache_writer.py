@@ -44,6 +44,7 @@ import h5py
 import numpy as np
 
 from common.atomic import AtomicWriteError, atomic_path, atomic_write
+from common.jsonio import read_json
 from common.feature_cache import (DONE, FAILED, PENDING, SCHEMA, SCHEMA_VERSION, CacheError, CacheMeta, mismatch,
                                   parts_dir)
 
@@ -145,7 +146,7 @@ class CacheWriter:
 
     def _check_meta(self, meta_file: Path) -> None:
         try:
-            doc = json.loads(meta_file.read_text())
+            doc = read_json(meta_file, "cache meta", expect=dict)
             have = CacheMeta(**{**CacheMeta.OPTIONAL, **doc["meta"]})
             stored_keys = doc["keys"]
             if doc.get("schema") != SCHEMA or doc.get("schema_version") != SCHEMA_VERSION:

@@ -48,21 +48,21 @@ class ExtractConfig:
     backbone: str = opt(DEFAULT_BACKBONE, choices=list(REGISTRY))
     weights: str = opt("default", "'default' (torchvision ImageNet weights), 'none' (random, plumbing tests only) "
                                   "or a state_dict file.")
-    batch_size: int = opt(64, min=1)
-    workers: int = opt(default_workers(), "DataLoader worker processes decoding images.", min=0)
+    batch_size: int = opt(64)
+    workers: int = opt(default_workers(), "DataLoader worker processes decoding images.")
     device: str = opt("auto", "auto | cpu | cuda[:N]")
-    limit: int | None = opt(None, "Only the first N images (by image id).", min=1)
+    limit: int | None = opt(None, "Only the first N images (by image id).")
     dtype: str = opt("float16", choices=["float16", "float32"])
     # 1 = the centre crop only; 2-4 also cache VIEWS[1:views] (flips, whole image) for training
     views: int = opt(1, f"Views cached per image, in this order: {', '.join(VIEWS)}. The centre crop is what "
                         f"captioning sees; the others are training augmentations (stage 2 draws one at random per "
-                        f"caption). Each view costs one more forward pass.", min=1, max=len(VIEWS))
+                        f"caption). Each view costs one more forward pass.")
     allow_outside_images: bool = opt(False, "Also read captions entries whose image resolves outside --images "
                                             "(absolute, ../, symlinks).", flag=OUTSIDE_FLAG)
     progress: bool = opt(True, "No progress bar.")
     # torchrun: how long a rank waits for the others at a sync point
     dist_timeout_s: float = opt(1800.0, "Under torchrun: seconds a rank waits for the others before giving up.",
-                                min=1, flag="--dist-timeout")
+                                flag="--dist-timeout")
 
 
 @dataclass

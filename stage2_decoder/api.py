@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from common.bounds import check
 from stage2_decoder.decode_config import DecodeConfig, SampleConfig, check_bounds
 
 CHECKPOINT_ENV = "CAPCACHE_CHECKPOINT"
@@ -78,6 +79,23 @@ def chunk_results(chunk: Sequence, decoded: dict[int, dict], errors: dict[int, s
             for i, im in enumerate(chunk)]
 
 
+def as_image_list(images) -> list:
+    """The inputs as a list: one path (str or PathLike), PIL image or array is a list of one; a str is never
+    iterated character by character."""
+    import sys
+
+    np = sys.modules.get("numpy")  # an array can only be given where numpy is already loaded
+    single = (str, bytes, os.PathLike) + ((np.ndarray,) if np is not None else ())
+    pil = sys.modules.get("PIL.Image")
+    if isinstance(images, single) or (pil is not None and isinstance(images, pil.Image)):
+        return [images]
+    try:
+        return list(images)
+    except TypeError:
+        raise ValueError(f"images must be a list of file paths, PIL images or arrays, got "
+                         f"{type(images).__name__}") from None
+
+
 def decode_settings(num_captions: int = 1, beam_size: int = 3, max_len: int = 20, min_len: int = 1,
                     length_penalty: float = 0.7, no_repeat_ngram: int = 0, sample: bool = False,
                     temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None
@@ -124,7 +142,7 @@ class Captioner:
                 on_error: str = "raise") -> list[dict]:
         """One dict per image, in order: {"image", "caption", "captions": [{"caption", "score"}, ...]}.
 
-        images: file paths, PIL images or HxWx3 uint8 arrays, mixed. num_captions: the N best distinct beam
+        images: file paths, PIL images or HxWx3 uint8 arrays, mixed; one path (a str or PathLike) is a list of one. num_captions: the N best distinct beam
         hypotheses (beam widened to N), or N samples with sample=True (decode_config.py says what each
         setting does; docs/captioning.md what the scores are). on_error="raise": an unreadable image raises
         ImageError naming it; "return": its dict is {"image", "error"} and the others are captioned.
@@ -143,10 +161,9 @@ class Captioner:
 
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        check("batch_size", batch_size)
         settings = decode_settings(**decode)
-        images = list(images)
+        images = as_image_list(images)
         bar = tqdm(total=len(images), unit="img", desc="caption", disable=not progress, leave=False)
         starts = [0, *range(min(FIRST_CHUNK, batch_size), len(images), batch_size)]
         for s, end in zip(starts, [*starts[1:], len(images)]):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from common.cli import decode_options, run_guarded, sampling_options
+from common.cli import bounded, decode_options, run_guarded, sampling_options
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -51,7 +51,7 @@ def text_lines(result: dict) -> list[str]:
               help="A best.pt / last.pt from training [default: $CAPCACHE_CHECKPOINT, else the newest runs/*/best.pt].")
 @decode_options
 @sampling_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=bounded("batch_size"), default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--weights", default=None, help="Backbone weights file, if it moved since extraction.")
 @click.option("--onnx", "onnx_dir", type=click.Path(file_okay=False), default=None,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from common.atomic import atomic_write
 from common.backbones import default_workers
-from common.cli import decode_options, run_guarded
+from common.cli import bounded, decode_options, run_guarded
 from common.datasets import FORMATS, OUTSIDE_FLAG, ImageRecord, load_dataset
 from stage2_decoder.decode_config import DecodeConfig
 
@@ -127,10 +127,10 @@ def format_table(report: dict) -> str:
               help="Raw-image mode: captions file format.")
 @click.option("--images", type=click.Path(), default=None, help="Raw-image mode: images folder.")
 @click.option("--captions", type=click.Path(), default=None, help="Raw-image mode: captions file.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Raw-image mode: first N images.")
+@click.option("--limit", type=bounded("limit"), default=None, help="Raw-image mode: first N images.")
 @decode_options
 @click.option("--spice", is_flag=True, help="Also try SPICE (needs a download on first use).")
-@click.option("--workers", type=click.IntRange(min=0), default=default_workers(), show_default=True,
+@click.option("--workers", type=bounded("workers"), default=default_workers(), show_default=True,
               help="Raw-image mode: DataLoader worker processes decoding images.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report (metrics + every caption) as JSON, not a table.")
@@ -138,7 +138,7 @@ def format_table(report: dict) -> str:
               help="Also write the report (metrics + every caption) to this JSON file.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None,
               help="Write a self-contained HTML gallery: metrics, then each photo with its captions and CIDEr.")
-@click.option("--html-max", type=click.IntRange(min=0), default=1000, show_default=True,
+@click.option("--html-max", type=bounded("html_max"), default=1000, show_default=True,
               help="Most photos in the gallery: the best and worst half by CIDEr (0 = all).")
 @click.option(OUTSIDE_FLAG, "allow_outside_images", is_flag=True,
               help="Also read captions entries whose image resolves outside the images folder.")

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common.bounds import check
 from common.preprocess import ImageError, Preprocess, load_views
 from common.vocab import Vocabulary
-from stage2_decoder.api import ON_ERROR, chunk_results, load_chunk
+from stage2_decoder.api import ON_ERROR, as_image_list, chunk_results, decode_settings, load_chunk
 from stage2_decoder.numpy_decode import beam_search_nbest, greedy_scored
 
 # the export folder's format (stage2_decoder.export writes it)
@@ -156,12 +157,9 @@ class OnnxCaptioner:
             raise ValueError("the ONNX captioner searches (beam); sampling needs the PyTorch checkpoint")
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
-        for name, value, low in (("num_captions", num_captions, 1), ("beam_size", beam_size, 1),
-                                 ("max_len", max_len, 1), ("min_len", min_len, 0),
-                                 ("no_repeat_ngram", no_repeat_ngram, 0), ("batch_size", batch_size, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        images = list(images)
+        decode_settings(num_captions, beam_size, max_len, min_len, length_penalty, no_repeat_ngram)  # the API's limits
+        check("batch_size", batch_size)
+        images = as_image_list(images)
         results: list[dict] = []
         for s in range(0, len(images), batch_size):
             chunk = images[s:s + batch_size]

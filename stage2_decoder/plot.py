@@ -7,7 +7,6 @@ draws sweep.png (docs/sweeps.md). matplotlib is imported only when drawing (head
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import click
 
 from common.atomic import atomic_path
+from common.jsonio import JSONFileError, iter_jsonl, read_json
 
 CURVES_NAME = "curves.png"
 CURVES_SIZE = (1500, 450)  # px of curves.png
@@ -28,14 +28,12 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a training run directory?")
     by_epoch = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            by_epoch[int(rec["epoch"])] = rec
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path} line {n} is not a metrics record: {e}") from e
+    for n, rec in iter_jsonl(path, "metrics file", expect=dict):
+        epoch = rec.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 < epoch <= 10**9:
+            raise ValueError(f"{path} line {n} is not a metrics record: its epoch is {str(epoch)[:40]!r}, "
+                             f"expected a positive integer")
+        by_epoch[epoch] = rec
     if not by_epoch:
         raise ValueError(f"{path} has no epochs yet: nothing to plot")
     return [by_epoch[e] for e in sorted(by_epoch)]
@@ -54,8 +52,8 @@ def _series(records: list[dict], key: str, fn=None) -> tuple[list[int], list[flo
 def _run_config(run_dir: Path) -> dict:
     """RUN_DIR/config.json ({} if missing or unreadable: the plot then assumes the defaults of old runs)."""
     try:
-        return json.loads((run_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_json(run_dir / "config.json", "run config", expect=dict)
+    except (OSError, JSONFileError):
         return {}
 
 
@@ -121,12 +119,7 @@ def plot_sweep(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     from matplotlib.figure import Figure
 
     sweep_dir = Path(sweep_dir)
-    try:
-        res = json.loads((sweep_dir / "results.json").read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{sweep_dir / 'results.json'} not found: is {sweep_dir} a sweep directory?") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{sweep_dir / 'results.json'} is damaged ({e}); rerun the sweep to rewrite it") from e
+    res = read_sweep_results(sweep_dir / "results.json")
     metric, varied = res["metric"], res["varied"] or ["run"]
     col, higher = METRICS[metric]
     ok = [r for r in res["rows"] if r["status"] == "ok" and r.get(col) is not None]
@@ -134,7 +127,7 @@ def plot_sweep(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(varied), squeeze=False)[0]
     for ax, key in zip(axes, varied):
-        xs = [r["params"].get(key) if key != "run" else r["run"] for r in ok]
+        xs = [r["params"].get(key) if key != "run" else r.get("run") for r in ok]
         ys = [r[col] for r in ok]
         numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs) and xs
         if numeric:
@@ -163,6 +156,36 @@ def plot_sweep(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     with atomic_path(out, what="sweep plot") as tmp:
         fig.savefig(tmp, format="png")
     return out
+
+
+def read_sweep_results(path: Path) -> dict:
+    """SWEEP_DIR/results.json with every field the plot uses of its type; else one ValueError naming it."""
+    try:
+        res = read_json(path, "sweep results", expect=dict)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: is {path.parent} a sweep directory?") from None
+    except JSONFileError as e:
+        raise JSONFileError(f"{e}; rerun the sweep to rewrite it") from None
+    rows, varied = res.get("rows"), res.get("varied")
+    why = ("'metric' is not one of " + ", ".join(METRICS) if res.get("metric") not in METRICS else
+           "'varied' is not a list of setting names" if not (isinstance(varied, list)
+                                                             and all(isinstance(v, str) for v in varied)) else
+           "'rows' is not a list of run objects" if not (isinstance(rows, list)
+                                                         and all(isinstance(r, dict) for r in rows)) else None)
+    col = METRICS.get(res.get("metric"), ("",))[0]
+    for i, r in enumerate(rows if why is None else []):
+        value = r.get(col)
+        if not isinstance(r.get("status"), str) or not isinstance(r.get("params", {}), dict):
+            why = f"rows[{i}] has no 'status' string or a 'params' that is not an object"
+        elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                    or not math.isfinite(value)):
+            why = f"rows[{i}].{col} is {str(value)[:40]!r}, not a finite number"
+        if why:
+            break
+    if why:
+        raise ValueError(f"sweep results {path} is damaged ({why}); rerun the sweep to rewrite it")
+    res["rows"] = [{**r, "params": r.get("params", {})} for r in rows]
+    return res
 
 
 def _is_sweep_dir(path: Path) -> bool:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import warnings
 from html import escape
@@ -28,8 +27,9 @@ import click
 from tqdm import tqdm
 
 from common.atomic import atomic_write
-from common.cli import run_guarded
+from common.cli import bounded, run_guarded
 from common.datasets import OUTSIDE_FLAG, inside_folder
+from common.jsonio import read_json
 
 THUMB_PX = 256
 # cards on one page: 5,000 embedded thumbnails make a ~60 MB page that browsers struggle with; a capped
@@ -156,6 +156,12 @@ def check_report(report, source) -> dict:
     return report
 
 
+def read_report(path: str | os.PathLike) -> dict:
+    """An `evaluate --json` file as a dict (bounded in size and depth; one JSONFileError naming it); its
+    fields are check_report's to check."""
+    return read_json(path, "evaluation report", expect=dict)
+
+
 def _thumb(item: dict, thumb_px: int, images_root: str | None) -> str | None:
     """The card's thumbnail; an image resolving outside `images_root` (when given) is not read."""
     path = item.get("image")
@@ -246,7 +252,7 @@ def write_html(report: dict, out: str | os.PathLike, title: str = "Caption evalu
 @click.argument("eval_json", type=click.Path())
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The HTML page to write.")
 @click.option("--title", default="Caption evaluation", show_default=True)
-@click.option("--html-max", type=click.IntRange(min=0), default=MAX_IMAGES, show_default=True,
+@click.option("--html-max", type=bounded("html_max"), default=MAX_IMAGES, show_default=True,
               help="Most images on the page: the best and worst half by CIDEr (0 = all).")
 @click.option("--images-root", type=click.Path(file_okay=False), default=None,
               help="Embed only images inside this folder [default: the images_root the JSON records, else the "
@@ -257,11 +263,7 @@ def write_html(report: dict, out: str | os.PathLike, title: str = "Caption evalu
 def main(eval_json, out, title, html_max, images_root, allow_outside_images, no_progress, dry_run):
     """Turn an `evaluate --json` file into a self-contained HTML gallery."""
     def work():
-        try:
-            report = json.loads(Path(eval_json).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{eval_json} is not JSON: {e}") from e
-        check_report(report, eval_json)
+        report = check_report(read_report(eval_json), eval_json)
         recorded = report.get("images_root")
         root = None if allow_outside_images else (
             images_root or (recorded if isinstance(recorded, str) and recorded else None)

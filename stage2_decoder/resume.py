@@ -3,7 +3,7 @@ match what last.pt recorded (TrainConfig.RESUME_FIXED), the few that may change 
 the remaining epochs, and config.json records each resume's changes. `cfg` is a TrainConfig."""
 from __future__ import annotations
 
-import json
+import math
 import os
 from dataclasses import MISSING, asdict
 from pathlib import Path
@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from common.bounds import MAX_EPOCHS
+from common.jsonio import JSONFileError, read_json
 from common.vocab import Vocabulary
 from stage2_decoder.checkpoint import CheckpointError, load_checkpoint
 from stage2_decoder.ema import EMA
@@ -39,10 +41,9 @@ def _run_config(run: Path, cfg, start_epoch: int) -> dict:
     before: dict = {}
     if start_epoch:
         try:
-            before = json.loads((run / "config.json").read_text())
-        except (OSError, ValueError):
+            before = read_json(run / "config.json", "run config", expect=dict)
+        except (OSError, JSONFileError):
             before = {}
-        before = before if isinstance(before, dict) else {}
     resumed = list(before.get("resumed", [])) if isinstance(before.get("resumed"), list) else []
     changed = {k: [before[k], getattr(cfg, k)] for k in type(cfg).RESUME_APPLIED
                if k in before and before[k] != getattr(cfg, k)}
@@ -76,6 +77,30 @@ def _check_resume_epochs(last: Path, cfg, old: dict, done: int) -> None:
                               f"{cfg.scst_epochs} is fewer")
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_progress(last: Path, run: Path, epoch: int, best: dict, history: list) -> None:
+    """last.pt's record of the epochs run, each field of the type training reads, else one CheckpointError
+    (a best without a score was a KeyError traceback in the first resumed epoch)."""
+    why = None
+    if not 0 <= epoch <= MAX_EPOCHS + MAX_EPOCHS:
+        why = f"its epoch is {epoch}"
+    elif not (_number(best.get("score")) and not math.isnan(best["score"])):
+        why = f"its best has no score (got {str(best.get('score'))[:40]!r})"
+    elif not (isinstance(best.get("epoch"), int) and not isinstance(best["epoch"], bool)
+              and 0 <= best["epoch"] <= epoch):
+        why = f"its best epoch is {str(best.get('epoch'))[:40]!r}, not one of the {epoch} epochs run"
+    elif not all(_number(v) for k, v in best.items() if k not in ("score", "epoch")):
+        why = "its best holds a value that is not a number"
+    elif not all(isinstance(h, dict) and all(isinstance(v, (str, int, float, type(None))) for v in h.values())
+                 for h in history):
+        why = "its history is not a list of epoch records"
+    if why:
+        raise CheckpointError(f"cannot resume from {last}: {why}; use a new --out or delete {run}")
+
+
 def _resume(run: Path, cfg, model, opt, sched, vocab: Vocabulary, device, backbone: dict,
             ema: EMA | None = None):
     last = run / "last.pt"
@@ -107,6 +132,7 @@ def _resume(run: Path, cfg, model, opt, sched, vocab: Vocabulary, device, backbo
         history, epoch, best = list(ckpt.get("history", [])), int(ckpt["epoch"]), dict(ckpt["best"])
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"cannot resume from {last}: {type(e).__name__}: {e}") from e
+    _check_progress(last, run, epoch, best, history)
     _check_resume_epochs(last, cfg, old, epoch)
     if cfg.progress:
         tqdm.write(f"resuming {run} after epoch {epoch}")

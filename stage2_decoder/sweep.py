@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from common.cli import INT64, run_guarded
+from common.cli import bounded, run_guarded
 from common.feature_cache import read_meta
 from common.lock import LOCK_NAME, hold
 from stage2_decoder.plot import METRICS, plot_sweep
@@ -180,12 +180,12 @@ def _report(r: SweepResult) -> None:
 @click.option("--features", required=True, type=click.Path(), help="Feature cache from stage 1 (shared by all runs).")
 @click.option("--out", required=True, type=click.Path(), help="Sweep directory (resumed when it exists).")
 @click.option("--grid", required=True, type=click.Path(), help="JSON: training setting -> list of values.")
-@click.option("--n-jobs", type=int, default=None, help="Runs at once (default: number of cores; on CUDA 2 per GPU).")
-@click.option("--random", "random_n", type=int, default=0, help="Sample N points of the grid instead of all.")
-@click.option("--seed", type=INT64, default=0, show_default=True, help="Seed for --random.")
+@click.option("--n-jobs", type=bounded("n_jobs"), default=None, help="Runs at once (default: number of cores; on CUDA 2 per GPU).")
+@click.option("--random", "random_n", type=bounded("random"), default=0, help="Sample N points of the grid instead of all.")
+@click.option("--seed", type=bounded("seed"), default=0, show_default=True, help="Seed for --random.")
 @click.option("--metric", type=click.Choice(list(METRICS)), default="cider", show_default=True,
               help="Rank runs by validation CIDEr or validation loss.")
-@click.option("--threads", type=int, default=None, help="Torch threads per run (default: cores // n-jobs).")
+@click.option("--threads", type=bounded("threads"), default=None, help="Torch threads per run (default: cores // n-jobs).")
 @click.option("--backend", type=click.Choice(["local", "dask"]), default="local", show_default=True)
 @click.option("--scheduler", default=None, help="Dask scheduler address (with --backend dask).")
 @click.option("--retry-failed", is_flag=True, help="Redo runs recorded as failed.")

@@ -12,6 +12,8 @@ import re
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
+from common.bounds import BOUNDS, check
+from common.jsonio import JSONFileError, read_json
 from stage2_decoder.train import TrainConfig
 
 SWEEP_OWNED = ("features", "out", "progress")  # set by the sweep itself, not by the grid
@@ -32,7 +34,7 @@ def _coerce(name: str, value, default):
     """`value` as the type of the TrainConfig field's default (ints stay ints: run names depend on it)."""
     kind = ("true or false" if isinstance(default, bool) else "an integer" if isinstance(default, int)
             else "a number" if isinstance(default, float) else "a string")
-    bad = SweepError(f"grid value {value!r} for {name!r} should be {kind}")
+    bad = SweepError(f"grid value {_short(value)} for {name!r} should be {kind}")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise bad
@@ -51,6 +53,23 @@ def _coerce(name: str, value, default):
     if not isinstance(value, str):
         raise bad
     return value
+
+
+def _bounded(name: str, raw, value):
+    """`value` (`raw` coerced) if the CLI's option would take it (common.bounds: no NaN lr, no 1e308 epochs)."""
+    if name not in BOUNDS or value is None:
+        return value
+    try:
+        check(name, value)
+    except ValueError:
+        raise SweepError(f"grid value {_short(raw)} for {name!r} should be {BOUNDS[name].describe()} "
+                         f"(as --{name.replace('_', '-')})") from None
+    return value
+
+
+def _short(value) -> str:
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 200 else "a huge integer"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def normalize_grid(grid: dict) -> dict[str, list]:
@@ -72,7 +91,7 @@ def normalize_grid(grid: dict) -> dict[str, list]:
         if not values:
             raise SweepError(f"grid key {key!r} has an empty list of values")
         default = None if fl.default is MISSING else fl.default
-        vals = [_coerce(key, v, default) for v in values]
+        vals = [_bounded(key, v, _coerce(key, v, default)) for v in values]
         if len(set(map(repr, vals))) != len(vals):
             raise SweepError(f"grid key {key!r} lists a value twice: {values}")
         out[key] = vals
@@ -83,11 +102,11 @@ def load_grid(path: str | os.PathLike) -> dict[str, list]:
     """Read and check a JSON grid file."""
     path = Path(path)
     try:
-        grid = json.loads(path.read_text())
+        grid = read_json(path, "grid file", expect=dict, reject_duplicate_keys=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"grid file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SweepError(f"{path} is not valid JSON: {e}") from e
+    except JSONFileError as e:
+        raise SweepError(str(e)) from None
     return normalize_grid(grid)
 
 

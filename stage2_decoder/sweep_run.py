@@ -1,7 +1,6 @@
 """Sweep runs: one run, forked runs on CPUs or GPUs, the local and Dask executors (docs/sweeps.md, docs/gpu.md)."""
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing as mp
 import os
@@ -20,6 +19,7 @@ from tqdm import tqdm
 # context in this process and make forking its runs unsafe; torch reads this when first asked
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
+from common.jsonio import JSONFileError, read_json  # noqa: E402
 from stage2_decoder.sweep_grid import RunSpec  # noqa: E402
 from stage2_decoder.sweep_report import write_json  # noqa: E402
 from stage2_decoder.train import TrainConfig, train  # noqa: E402
@@ -88,13 +88,22 @@ def _run_one(spec: RunSpec, threads: int | None) -> dict:
 
 
 def _read_result(spec: RunSpec) -> dict | None:
+    """The run's result.json if it records this run's settings and every field has its type; None (the run
+    is redone, resuming from its last.pt) if it is missing, damaged, hostile or of other settings."""
     path = Path(spec.run_dir) / RESULT
     try:
-        rec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        rec = read_json(path, "run result", expect=dict)
+    except (OSError, JSONFileError):
         return None
     # same name = same settings (the hash), unless the directory was edited by hand
-    return rec if isinstance(rec, dict) and rec.get("params") == spec.params and rec.get("status") else None
+    if rec.get("params") != spec.params or rec.get("status") not in ("ok", "failed"):
+        return None
+    number, count = (int, float, type(None)), (int, type(None))
+    typed = all(isinstance(rec.get(k), kinds) and not isinstance(rec.get(k), bool) for k, kinds in (
+        ("val_cider", number), ("val_loss", number), ("seconds", number), ("best_epoch", count),
+        ("epochs_run", count), ("checkpoint", str), ("error", str), ("run", str)))
+    finite = all(rec[k] is None or math.isfinite(rec[k]) for k in ("val_cider", "val_loss", "seconds"))
+    return rec if typed and finite else None
 
 
 # Forked runs. Forks come from joblib's threads; these locks keep the main thread from printing (tqdm)

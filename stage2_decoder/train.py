@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from common.atomic import remove_stale_temporaries
+from common.bounds import check_fields
 from common.cli import config_options, run_guarded
 from common.datasets import FORMATS
 from common.device import resolve_device
@@ -94,6 +95,10 @@ class TrainConfig:
     RESUME_FIXED = ()
     # what a run from before the setting existed did, where that is not the field's default
     RESUME_LEGACY = {"val_beam_size": 1, "tie_embeddings": False, "tokenizer": "nltk"}
+
+    def __post_init__(self):
+        # each number within common.bounds' limits, as the CLI and a sweep grid check it, named as the option
+        check_fields(self, lambda name: "--" + name.replace("_", "-"))
 
     def decoder_config(self, feature_dim: int, vocab_size: int) -> DecoderConfig:
         """The decoder these settings train (train() and the benchmarks build it from here)."""

@@ -3,6 +3,7 @@ vocabulary, the caption tensors of the train and val images, and the cached feat
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +15,7 @@ from tqdm import tqdm
 from common.datasets import ImageRecord, load_dataset, official_split, split_keys
 from common.feature_cache import CacheError, FeatureCache, load_cache
 from common.token_cache import tokenize_records
-from common.vocab import Vocabulary, build_vocab
+from common.vocab import SPECIALS, Vocabulary, build_vocab
 from stage2_decoder.data import CaptionPairs
 
 if TYPE_CHECKING:  # train.py imports this module
@@ -63,6 +64,12 @@ def prepare_data(cfg: TrainConfig, cache: FeatureCache) -> tuple[
     tokens = tokenize_records(cfg.captions or m.captions_file, [r for n in ("train", "val") for r in parts[n]],
                               cfg.tokenizer, progress=cfg.progress)  # read from the token cache when it has them
     vocab = build_vocab((words for r in parts["train"] for words in tokens[r.key]), cfg.vocab_threshold, cfg.tokenizer)
+    if len(vocab) <= len(SPECIALS):  # a decoder that can only write <end>: refused, not trained
+        counts = Counter(w for r in parts["train"] for words in tokens[r.key] for w in words)
+        top = counts.most_common(1)
+        raise ValueError(f"--vocab-threshold {cfg.vocab_threshold} leaves no word in the vocabulary: "
+                         + (f"the most frequent training word, {top[0][0]!r}, occurs {top[0][1]} times"
+                            if top else "the training captions have no words") + "; lower --vocab-threshold")
     return parts, split, vocab, rows, tokens
 
 

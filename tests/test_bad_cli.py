@@ -108,6 +108,18 @@ def _train_args(features, out, *more):
 
 
 @pytest.mark.parametrize("bad, option", [
+    (["--val-frac", "0.6", "--test-frac", "0.6"], "val=0.6"),
+    (["--select-by", "bleu"], "--select-by"),
+    (["--device", "gpu"], "--device 'gpu'"),
+])
+def test_train_bad_settings_are_one_error_line(shared_cache, tmp_path, bad, option):
+    line = one_error_line(_invoke("stage2_decoder.train", _train_args(shared_cache, tmp_path / "run", *bad)))
+    assert option in line
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("*.pt"))
+
+
+# a number out of common.bounds' limits is click's usage error, before anything is read
+@pytest.mark.parametrize("bad, option", [
     (["--batch-size", "-8"], "--batch-size"),
     (["--epochs", "0"], "--epochs"),
     (["--lr", "0"], "--lr"),
@@ -118,14 +130,11 @@ def _train_args(features, out, *more):
     (["--grad-clip", "-1"], "--grad-clip"),
     (["--weight-decay", "-0.1"], "--weight-decay"),
     (["--val-images", "-3"], "--val-images"),
-    (["--val-frac", "1.5"], "val=1.5"),
-    (["--select-by", "bleu"], "--select-by"),
-    (["--device", "gpu"], "--device 'gpu'"),
+    (["--val-frac", "1.5"], "--val-frac"),
 ])
-def test_train_bad_settings_are_one_error_line(shared_cache, tmp_path, bad, option):
-    line = one_error_line(_invoke("stage2_decoder.train", _train_args(shared_cache, tmp_path / "run", *bad)))
-    assert option in line
-    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("*.pt"))
+def test_train_settings_out_of_bounds_are_usage_errors(shared_cache, tmp_path, bad, option):
+    usage_error(_invoke("stage2_decoder.train", _train_args(shared_cache, tmp_path / "run", *bad)), option)
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_usage_errors(shared_cache, tmp_path):
