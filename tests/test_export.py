@@ -163,8 +163,9 @@ def _torchless_env(tmp_path: Path) -> dict:
 
 
 # what docs/deploy.md says to ship beside the export folder
-SHIP_FILES = ("common/__init__.py", "common/preprocess.py", "common/vocab.py", "stage2_decoder/__init__.py",
-              "stage2_decoder/onnx_captioner.py", "stage2_decoder/numpy_decode.py")
+SHIP_FILES = ("common/__init__.py", "common/preprocess.py", "common/vocab.py", "common/bounds.py",
+              "stage2_decoder/__init__.py", "stage2_decoder/onnx_captioner.py", "stage2_decoder/numpy_decode.py",
+              "stage2_decoder/api.py", "stage2_decoder/decode_config.py")
 
 
 def test_onnx_captioner_runs_from_the_shipped_files_where_torch_cannot_be_imported(export_dir, photos, tmp_path):

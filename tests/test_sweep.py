@@ -99,17 +99,17 @@ def _result_mtimes(out: Path) -> dict[str, float]:
 
 def test_two_worker_sweep_records_a_failure_ranks_resumes_and_plots(shared_cache, tmp_path):
     out = tmp_path / "sweep"
-    # dropout 1.5 is refused inside train(): a real failure of two runs that must not stop the others
-    grid = {"hidden_size": [16, 24], "dropout": [0.0, 1.5], **TINY}
+    # select_by "bleu" is refused inside train(): a real failure of two runs that must not stop the others
+    grid = {"hidden_size": [16, 24], "select_by": ["cider", "bleu"], **TINY}
     cfg = SweepConfig(features=str(shared_cache), out=str(out), grid=grid, n_jobs=2, threads=1, dry_run=True,
                       progress=False)
     r = run_sweep(cfg)
     assert (r.ran, r.skipped) == (4, 0)
     assert [x["status"] for x in r.rows] == ["ok", "ok", "failed", "failed"]
     ok, failed = r.rows[:2], r.rows[2:]
-    assert all(x["params"]["dropout"] == 1.5 for x in failed)
-    assert all("ValueError: --dropout must be in [0, 1), got 1.5" == x["error"] for x in failed)
-    assert {x["params"]["hidden_size"] for x in ok} == {16, 24} and all(x["params"]["dropout"] == 0.0 for x in ok)
+    assert all(x["params"]["select_by"] == "bleu" for x in failed)
+    assert all("ValueError: --select-by must be cider or loss, got 'bleu'" == x["error"] for x in failed)
+    assert {x["params"]["hidden_size"] for x in ok} == {16, 24} and all(x["params"]["select_by"] == "cider" for x in ok)
     assert ok[0]["val_cider"] >= ok[1]["val_cider"]  # ranked by validation CIDEr, best first
     assert [x["rank"] for x in r.rows] == [1, 2, 3, 4]
     for x in ok:
@@ -124,15 +124,15 @@ def test_two_worker_sweep_records_a_failure_ranks_resumes_and_plots(shared_cache
     with open(out / "results.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert [t["run"] for t in table] == [x["run"] for x in r.rows]
-    assert {"rank", "status", "val_cider", "val_loss", "hidden_size", "dropout", "checkpoint", "error"} <= set(table[0])
+    assert {"rank", "status", "val_cider", "val_loss", "hidden_size", "select_by", "checkpoint", "error"} <= set(table[0])
     assert [t["hidden_size"] for t in table[:2]] == [str(x["params"]["hidden_size"]) for x in ok]
-    assert table[3]["error"].startswith("ValueError: --dropout") and table[0]["error"] == ""
+    assert table[3]["error"].startswith("ValueError: --select-by") and table[0]["error"] == ""
     assert float(table[0]["val_cider"]) == pytest.approx(ok[0]["val_cider"])
     md = (out / "results.md").read_text()
     assert "Ranked by val_cider (higher is better)" in md and "Fixed: embed_size=16, epochs=1, val_images=8, scst_epochs=0" in md
     assert md.index(ok[0]["run"]) < md.index(ok[1]["run"]) < md.index(failed[0]["run"])
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and r.plot == str(out / "sweep.png")
-    assert json.loads((out / "sweep.json").read_text())["varied"] == ["hidden_size", "dropout"]
+    assert json.loads((out / "sweep.json").read_text())["varied"] == ["hidden_size", "select_by"]
 
     # rerun: every run has its result.json (ok or failed) -> nothing is trained again
     before = _result_mtimes(out)
