@@ -88,10 +88,10 @@ def _check_progress(last: Path, run: Path, epoch: int, best: dict, history: list
     if not 0 <= epoch <= MAX_EPOCHS + MAX_EPOCHS:
         why = f"its epoch is {epoch}"
     elif not (_number(best.get("score")) and not math.isnan(best["score"])):
-        why = f"its best has no score (got {str(best.get('score'))[:40]!r})"
+        why = f"its best has no score (got {repr(best.get('score'))[:40]})"
     elif not (isinstance(best.get("epoch"), int) and not isinstance(best["epoch"], bool)
               and 0 <= best["epoch"] <= epoch):
-        why = f"its best epoch is {str(best.get('epoch'))[:40]!r}, not one of the {epoch} epochs run"
+        why = f"its best epoch is {repr(best.get('epoch'))[:40]}, not one of the {epoch} epochs run"
     elif not all(_number(v) for k, v in best.items() if k not in ("score", "epoch")):
         why = "its best holds a value that is not a number"
     elif not all(isinstance(h, dict) and all(isinstance(v, (str, int, float, type(None))) for v in h.values())
