@@ -31,7 +31,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     for n, rec in iter_jsonl(path, "metrics file", expect=dict):
         epoch = rec.get("epoch")
         if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 < epoch <= 10**9:
-            raise ValueError(f"{path} line {n} is not a metrics record: its epoch is {str(epoch)[:40]!r}, "
+            raise ValueError(f"{path} line {n} is not a metrics record: its epoch is {repr(epoch)[:40]}, "
                              f"expected a positive integer")
         by_epoch[epoch] = rec
     if not by_epoch:

@@ -102,8 +102,9 @@ def _read_result(spec: RunSpec) -> dict | None:
     typed = all(isinstance(rec.get(k), kinds) and not isinstance(rec.get(k), bool) for k, kinds in (
         ("val_cider", number), ("val_loss", number), ("seconds", number), ("best_epoch", count),
         ("epochs_run", count), ("checkpoint", str), ("error", str), ("run", str)))
-    finite = all(rec[k] is None or math.isfinite(rec[k]) for k in ("val_cider", "val_loss", "seconds"))
-    return rec if typed and finite else None
+    if not typed:
+        return None
+    return rec if all(rec[k] is None or math.isfinite(rec[k]) for k in ("val_cider", "val_loss", "seconds")) else None
 
 
 # Forked runs. Forks come from joblib's threads; these locks keep the main thread from printing (tqdm)
