@@ -50,7 +50,6 @@ def bounded(setting: str) -> Bounded:
     return Bounded(setting)
 
 
-
 class Terminated(Exception):
     """Raised in the main thread on SIGTERM, so cleanup runs as for Ctrl-C."""
 
