@@ -308,3 +308,15 @@ def test_caption_output_escapes_the_path():
                                                                                           "score": 0.0}]})
     assert "\n" not in line and "\x1b" not in line and line.count("\t") == 1
     assert line.endswith("\ta dog")
+
+
+def test_a_deeply_nested_or_fifo_vocabulary_is_one_error(tmp_path):
+    from common.vocab import Vocabulary, VocabError
+
+    f = tmp_path / "vocab.json"
+    f.write_text('{"words": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(VocabError, match="nested deeper than"):
+        Vocabulary.load(f)
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(VocabError, match="not a regular file"):
+        Vocabulary.load(tmp_path / "fifo.json")
