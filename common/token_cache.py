@@ -46,6 +46,7 @@ from tqdm import tqdm
 from common.atomic import atomic_path
 from common.jsonio import JSONFileError, open_regular, parse_json
 from common.text import printable
+from common.tokenizer import normalize
 
 FORMAT = "capcache-tokens/2"
 _CHUNK = 1 << 20
@@ -116,8 +117,6 @@ def captions_digest(captions: Sequence[str]) -> bytes:
 def tokens_fit(tokens: list[list[str]], captions: Sequence[str], tokenizer: str) -> bool:
     """Whether each caption's tokens occur, in order and without overlapping, in its normalised text: what
     `tokenize` always gives, and what tokens of other words do not."""
-    from common.tokenizer import normalize
-
     if len(tokens) != len(captions):
         return False
     for toks, caption in zip(tokens, captions):
