@@ -320,3 +320,16 @@ def test_a_deeply_nested_or_fifo_vocabulary_is_one_error(tmp_path):
     os.mkfifo(tmp_path / "fifo.json")
     with pytest.raises(VocabError, match="not a regular file"):
         Vocabulary.load(tmp_path / "fifo.json")
+
+
+def test_train_out_through_a_symlink_into_the_images_folder_is_refused(tmp_path, shared_cache):
+    from common.feature_cache import read_meta
+    from stage2_decoder.train import TrainConfig
+    from stage2_decoder.train_data import load_train_data
+
+    images = Path(read_meta(shared_cache).images_dir)
+    (tmp_path / "link").symlink_to(images)
+    with pytest.raises(OutputInsideImages, match="write the run elsewhere"):
+        load_train_data(TrainConfig(features=str(shared_cache), out=str(tmp_path / "link" / "run"), progress=False),
+                        "cpu")
+    assert not (images / "run").exists()
