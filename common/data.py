@@ -38,6 +38,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -45,6 +46,8 @@ import click
 from tqdm import tqdm
 
 from common.atomic import atomic_write
+from common.jsonio import JSONFileError, read_json
+from common.text import printable
 
 MIRROR_ENV = "CAPCACHE_DATA_MIRROR"
 DEFAULT_ROOT = "data"
@@ -52,10 +55,17 @@ CHUNK = 1 << 20
 RETRIES = 3  # a connection that breaks mid-file is resumed this many times before giving up
 RETRY_WAIT_S = 1.0  # doubled after each broken attempt
 TIMEOUT_S = 60
+# an archive without a published size is still capped: a mirror that sends no Content-Length (or a wrong one)
+# must not fill the disk; above the largest archive of the registry (train2017.zip, 19.3 GB)
+MAX_ARCHIVE_BYTES = 32 * 2**30
 
 
 class DownloadError(OSError):
     """An archive that cannot be fetched, verified or extracted; the message says what to do."""
+
+
+class ArchiveDamaged(DownloadError):
+    """An archive whose contents cannot be unpacked (a damaged member), though its size or checksum passed."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,12 @@ class Archive:
     md5: str | None = None  # published md5, when known (never guessed: None means "check the size only")
     members: tuple[str, ...] = ()  # extract only these files (matched by base name), flattened into `into`
     into: str = "."  # folder, under the dataset's folder, that receives the archive's contents
+    max_size: int | None = None  # without a published size: more than this is not the archive
+
+    @property
+    def cap(self) -> int:
+        """The most bytes a download of it may take."""
+        return self.size or self.max_size or MAX_ARCHIVE_BYTES
 
     @property
     def filename(self) -> str:
@@ -91,7 +107,7 @@ FLICKR8K = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k"
 def _karpathy(json_name: str) -> Archive:
     # Karpathy & Fei-Fei's split files (dataset_{coco,flickr8k,flickr30k}.json), about 37 MB zipped;
     # no published checksum
-    return Archive(KARPATHY_URL, members=(json_name,), into="karpathy")
+    return Archive(KARPATHY_URL, members=(json_name,), into="karpathy", max_size=200 * 2**20)
 
 
 # md5 and sizes as published for the COCO zips (and used by LAVIS, PaddleDetection, torchvision-based
@@ -113,7 +129,8 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in (
                 note="the Karpathy split names 2014 files: for it use coco2014 (the same photos)"),
     DatasetSpec("flickr8k", "Flickr8k images and captions (the widely used copy of the Illinois release, ~1.1 GB)"
                 " and the Karpathy split",
-                (Archive(f"{FLICKR8K}/Flickr8k_Dataset.zip"), Archive(f"{FLICKR8K}/Flickr8k_text.zip"),
+                (Archive(f"{FLICKR8K}/Flickr8k_Dataset.zip", max_size=4 * 2**30),
+                 Archive(f"{FLICKR8K}/Flickr8k_text.zip", max_size=100 * 2**20),
                  _karpathy("dataset_flickr8k.json")),
                 images="Flicker8k_Dataset", captions="karpathy/dataset_flickr8k.json", fmt="karpathy"),
     DatasetSpec("flickr30k", "Flickr30k captions with the Karpathy split (the photos are not downloadable)",
@@ -127,12 +144,33 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in (
 # --- fetching -----------------------------------------------------------------------------------------------
 
 def _read_json(path: Path) -> dict:
+    """A download record (manifest.json, .extracted.json): {} when absent; one DownloadError when it is not a
+    JSON object (bounded in size and depth: common/jsonio.py)."""
     try:
-        return json.loads(path.read_text())
+        return read_json(path, "download record", expect=dict, max_bytes=16 * 2**20)
     except FileNotFoundError:
         return {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DownloadError(f"{path} is damaged ({e}); delete it and run again") from e
+    except JSONFileError as e:
+        raise DownloadError(f"{e}; delete it and run again") from None
+
+
+_MANIFEST_FIELDS = {"size": int, "sha256": str}
+_MARKER_FIELDS = {"sha256": str, "files": int}
+
+
+def _entry(record: dict, name: str, path: Path, fields: dict[str, type]) -> dict | None:
+    """`record[name]` checked to be an object with `fields` of their types (None when absent)."""
+    entry = record.get(name)
+    if entry is None:
+        return None
+    bad = not isinstance(entry, dict) or any(not isinstance(entry.get(f), t) or isinstance(entry.get(f), bool)
+                                             for f, t in fields.items())
+    if not bad and not isinstance(entry.get("archive_removed", False), bool):
+        bad = True
+    if bad:
+        raise DownloadError(f"download record {printable(path)}: its entry {name!r} is damaged (needs "
+                            f"{', '.join(f'{f}: {t.__name__}' for f, t in fields.items())}); delete it and run again")
+    return entry
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -206,15 +244,26 @@ def _download(url: str, part: Path, archive: Archive, progress: bool) -> None:
             if archive.size is not None and total is not None and total != archive.size:
                 raise DownloadError(f"{url} is {total:,} bytes, but {archive.filename} should be "
                                     f"{archive.size:,}; is the mirror serving another file?")
+            if total is not None and total > archive.cap:
+                raise DownloadError(f"{url} is {total:,} bytes, more than {archive.filename} can be "
+                                    f"({archive.cap:,}); is the mirror serving another file?")
             try:
                 flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if resuming else os.O_TRUNC)
                 with os.fdopen(os.open(part, flags | getattr(os, "O_NOFOLLOW", 0), 0o644), "ab" if resuming else "wb") as f, \
                         tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                              desc=archive.filename, disable=not progress, dynamic_ncols=True) as bar:
                     while chunk := resp.read(CHUNK):
+                        if have + len(chunk) > archive.cap:  # no or a wrong Content-Length: stop at the cap
+                            f.close()
+                            part.unlink()
+                            raise DownloadError(f"{url} sent more than the {archive.cap:,} bytes {archive.filename} "
+                                                f"can be; is the mirror serving another file? (nothing kept)")
+                        have += len(chunk)
                         f.write(chunk)
                         bar.update(len(chunk))
                 broken = None
+            except DownloadError:
+                raise
             except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
                 broken = e
         got = part.stat().st_size
@@ -252,7 +301,7 @@ def fetch(archive: Archive, archives_dir: Path, mirror: str | None = None, quick
     archives_dir.mkdir(parents=True, exist_ok=True)
     final, part = archives_dir / archive.filename, archives_dir / (archive.filename + ".part")
     manifest_path = archives_dir / "manifest.json"
-    known = _read_json(manifest_path).get(archive.filename)
+    known = _entry(_read_json(manifest_path), archive.filename, manifest_path, _MANIFEST_FIELDS)
     if final.exists():
         size = final.stat().st_size
         if quick and known and known.get("size") == size and (archive.size is None or archive.size == size):
@@ -312,6 +361,33 @@ def extract_archive(path: Path, dest: Path, members: tuple[str, ...] = (), into:
         found.add(rel.name)
         return target / (rel.name if wanted else rel)
 
+    try:
+        _unpack(path, out_path, progress)
+    except (zlib.error, zipfile.BadZipFile, tarfile.TarError, EOFError) as e:  # a damaged member: not our bug
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArchiveDamaged(f"{path} is damaged ({type(e).__name__}: {_reason(e)})") from None
+    except DownloadError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if wanted - found:
+        shutil.rmtree(tmp)
+        raise DownloadError(f"{path} does not hold {', '.join(sorted(wanted - found))}")
+    n = 0
+    for src in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        dst = dest / src.relative_to(tmp)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+        n += 1
+    shutil.rmtree(tmp)
+    return n
+
+
+def _reason(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _unpack(path: Path, out_path, progress: bool) -> None:
+    """Each wanted member of a zip or tar archive to `out_path(name)`."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             for info in tqdm(zf.infolist(), desc=f"extract {path.name}", unit="file", disable=not progress,
@@ -330,19 +406,7 @@ def extract_archive(path: Path, dest: Path, members: tuple[str, ...] = (), into:
                     with tf.extractfile(info) as src, open(out, "wb") as dst:
                         shutil.copyfileobj(src, dst, CHUNK)
     else:
-        shutil.rmtree(tmp)
         raise DownloadError(f"{path} is neither a zip nor a tar archive; delete it and run again")
-    if wanted - found:
-        shutil.rmtree(tmp)
-        raise DownloadError(f"{path} does not hold {', '.join(sorted(wanted - found))}")
-    n = 0
-    for src in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        dst = dest / src.relative_to(tmp)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
-        n += 1
-    shutil.rmtree(tmp)
-    return n
 
 
 # --- a whole dataset ----------------------------------------------------------------------------------------
@@ -368,7 +432,7 @@ def download_dataset(spec: DatasetSpec | str, root: str | os.PathLike = DEFAULT_
     steps = []
     for archive in spec.archives:
         key = f"{archive.filename}:{archive.into}:{','.join(archive.members)}"  # one archive can feed 2 folders
-        done = _read_json(marker_path).get(key)
+        done = _entry(_read_json(marker_path), key, marker_path, _MARKER_FIELDS)
         if done and done.get("archive_removed") and not (archives_dir / archive.filename).exists():
             steps.append(Step(archive.filename, "removed earlier", "already extracted"))
             continue
@@ -376,7 +440,10 @@ def download_dataset(spec: DatasetSpec | str, root: str | os.PathLike = DEFAULT_
         if done and done.get("sha256") == sha:
             extracted = "already extracted"
         else:
-            n = extract_archive(path, dest, archive.members, archive.into, progress)
+            try:
+                n = extract_archive(path, dest, archive.members, archive.into, progress)
+            except ArchiveDamaged as e:
+                raise DownloadError(f"{e}: {_forget(archive, path)}; run again to download it again") from None
             marker = _read_json(marker_path)
             marker[key] = {"sha256": sha, "files": n}
             _write_json(marker_path, marker)
@@ -388,6 +455,18 @@ def download_dataset(spec: DatasetSpec | str, root: str | os.PathLike = DEFAULT_
             path.unlink()
         steps.append(Step(archive.filename, fetched, extracted))
     return steps
+
+
+def _forget(archive: Archive, path: Path) -> str:
+    """Un-record a verified archive that turned out damaged and move it aside, so the next run downloads it
+    again instead of trusting it; says what was done."""
+    manifest_path = path.parent / "manifest.json"
+    manifest = _read_json(manifest_path)
+    if manifest.pop(archive.filename, None) is not None:
+        _write_json(manifest_path, manifest)
+    bad = path.with_name(path.name + ".bad")
+    os.replace(path, bad)
+    return f"moved it to {bad.name} and removed it from {manifest_path.name}"
 
 
 def next_command(spec: DatasetSpec, root: str | os.PathLike) -> str:

@@ -16,12 +16,16 @@ import io
 import json
 import os
 import re
+import stat
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from common.atomic import atomic_write
+from common.jsonio import JSONFileError, open_regular, read_json
+from common.text import printable
 
 FORMATS = ("coco", "flickr8k", "karpathy", "flickr30k", "folder")
 SPLITS = ("train", "val", "test")
@@ -40,12 +44,106 @@ class ImageRecord:
     split: str | None = None  # train | val | test when the dataset file prescribes it (Karpathy's), else None
 
 
+def check_captions_file(captions_file: str | os.PathLike) -> Path:
+    """`captions_file` as a Path if it is a regular file; a DatasetError if it is missing or anything else
+    (a FIFO would block the first read forever, a device never end)."""
+    try:
+        mode = os.stat(captions_file).st_mode
+    except FileNotFoundError:
+        raise DatasetError(f"captions file not found: {printable(captions_file)}") from None
+    except OSError as e:
+        raise DatasetError(f"cannot read captions file {printable(captions_file)}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
+        raise DatasetError(f"captions file {printable(captions_file)} is {kind}, not a regular file")
+    return Path(captions_file)
+
+
+def open_captions(captions_file: str | os.PathLike) -> TextIO:
+    """The captions file as UTF-8 text (a BOM skipped, newlines as written for the csv module), opened only
+    if it is a regular file, without blocking (see `check_captions_file`)."""
+    try:
+        fd = open_regular(captions_file, "captions file")
+    except FileNotFoundError:
+        raise DatasetError(f"captions file not found: {printable(captions_file)}") from None
+    except JSONFileError as e:
+        raise DatasetError(str(e)) from None
+    except OSError as e:
+        raise DatasetError(f"cannot read captions file {printable(captions_file)}: {e.strerror or e}") from None
+    return open(fd, encoding="utf-8-sig", newline="")  # -sig: spreadsheets write a BOM
+
+
+def _read_captions_json(captions_file: Path) -> object:
+    try:
+        return read_json(captions_file, "captions file")
+    except FileNotFoundError:
+        raise DatasetError(f"captions file not found: {printable(captions_file)}") from None
+    except JSONFileError as e:
+        raise DatasetError(str(e)) from None
+
+
+def image_name(name: str) -> str:
+    """One spelling per image path, so `a.jpg`, `./a.jpg` and `sub/../a.jpg` are one image (one key, one
+    split) and never a copy in train and another in test: the path with `.`, `..` and doubled slashes
+    folded. A name that leaves the folder (`../x.jpg`, `/x.jpg`) keeps its `..` / root and is refused later."""
+    return os.path.normpath(name) if name else name
+
+
+class _CaptionsByImage:
+    """Captions gathered row by row under their image's `image_name`: a repeated row and an image named
+    two ways are counted, in time linear in the rows (a dict per image, not a list scanned per row)."""
+
+    def __init__(self):
+        self.captions: dict[str, dict[str, None]] = {}  # key -> its captions, in order, each once
+        self.spelling: dict[str, str] = {}  # key -> the first spelling met
+        self.repeats = 0
+        self.aliases = 0
+        self.alias_example: tuple[str, str] | None = None
+
+    def key(self, name: str) -> str:
+        key = image_name(name)
+        first = self.spelling.setdefault(key, name)
+        if first != name:
+            self.aliases += 1
+            self.alias_example = self.alias_example or (first, name)
+        return key
+
+    def add(self, key: str, caption) -> None:
+        caps = self.captions.setdefault(key, {})
+        if not isinstance(caption, str):  # not hashable maybe: kept for `_clean_captions` to count
+            caps[_Unhashable(caption)] = None
+        elif caption in caps:
+            self.repeats += 1
+        else:
+            caps[caption] = None
+
+    def items(self):
+        return ((k, [c.value if isinstance(c, _Unhashable) else c for c in caps]) for k, caps in self.captions.items())
+
+    def warn(self, captions_file, skipped: Counter) -> None:
+        if self.repeats:
+            skipped["repeated rows"] += self.repeats
+        if self.aliases:
+            a, b = self.alias_example
+            warnings.warn(DatasetWarning(f"{printable(captions_file)}: {self.aliases} rows name an image another row "
+                                         f"names differently (e.g. {printable(b)} is {printable(a)}): read as one "
+                                         f"image, {image_name(a)!r}"), stacklevel=3)
+
+
+class _Unhashable:
+    """A non-text caption value (a number, a list) held in a caption set by identity."""
+
+    def __init__(self, value):
+        self.value = value
+
+
 def _head(path: str | os.PathLike, n: int) -> str:
     try:
-        with open(path, "rb") as f:
-            return f.read(n).decode("utf-8", errors="replace")
-    except OSError:
-        return ""  # a missing file: the reader will say so
+        fd = open_regular(path, "captions file")
+    except (OSError, JSONFileError):
+        return ""  # missing or not a regular file: the reader will say so
+    with os.fdopen(fd, "rb") as f:
+        return f.read(n).decode("utf-8", errors="replace")
 
 
 _TOKEN_LINE = re.compile(r"^[^\t#]+#\d+\t")  # `1000092795.jpg#0<TAB>caption` (Flickr30k/Flickr8k .token)
@@ -108,7 +206,7 @@ def _clean_captions(captions: list, skipped: Counter) -> list[str]:
 
 def _warn_skipped(captions_file, skipped: Counter) -> None:
     if skipped:
-        warnings.warn(DatasetWarning(f"{captions_file}: skipped " +
+        warnings.warn(DatasetWarning(f"{printable(captions_file)}: skipped " +
                                      "; ".join(f"{n} {why}" for why, n in skipped.items())), stacklevel=3)
 
 
@@ -121,18 +219,12 @@ def load_coco(captions_file: str | os.PathLike, images_dir: str | os.PathLike) -
     """
     from pycocotools.coco import COCO
 
-    captions_file, images_dir = Path(captions_file), Path(images_dir)
-    if not captions_file.is_file():
-        raise DatasetError(f"captions file not found: {captions_file}")
-    try:  # read it here, not in COCO(): UTF-8 whatever the locale, a BOM tolerated
-        data = json.loads(captions_file.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{captions_file} is not valid JSON: {e}") from e
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{captions_file} is not UTF-8 text: {e}") from e
+    captions_file, images_dir = check_captions_file(captions_file), Path(images_dir)
+    # read it here, not in COCO(): bounded (size, depth), UTF-8 whatever the locale, a BOM tolerated
+    data = _read_captions_json(captions_file)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations", []), list):
-        raise DatasetError(f"{captions_file} is not a COCO captions file (needs 'images' and "
+        raise DatasetError(f"{printable(captions_file)} is not a COCO captions file (needs 'images' and "
                            f"'annotations' lists)")
     coco = COCO()
     coco.dataset = data
@@ -140,16 +232,16 @@ def load_coco(captions_file: str | os.PathLike, images_dir: str | os.PathLike) -
         with contextlib.redirect_stdout(io.StringIO()):  # createIndex() prints progress chatter
             coco.createIndex()
     except (KeyError, TypeError, AttributeError) as e:
-        raise DatasetError(f"{captions_file} is not a COCO captions file (each image needs an 'id', each "
+        raise DatasetError(f"{printable(captions_file)} is not a COCO captions file (each image needs an 'id', each "
                            f"annotation an 'id' and 'image_id'): {e!r}") from e
     if not coco.imgs:
-        raise DatasetError(f"{captions_file} lists no images")
+        raise DatasetError(f"{printable(captions_file)} lists no images")
     skipped: Counter = Counter()
     names: dict = {}
     for img in data["images"]:  # createIndex keeps the last of repeated ids: refuse conflicting ones
         first = names.setdefault(img["id"], img.get("file_name"))
         if first != img.get("file_name"):
-            raise DatasetError(f"{captions_file}: image id {img['id']!r} is listed twice, as {first!r} "
+            raise DatasetError(f"{printable(captions_file)}: image id {img['id']!r} is listed twice, as {first!r} "
                                f"and {img.get('file_name')!r}")
     if len(data["images"]) > len(coco.imgs):
         skipped["repeated image entries"] += len(data["images"]) - len(coco.imgs)
@@ -172,7 +264,7 @@ def load_coco(captions_file: str | os.PathLike, images_dir: str | os.PathLike) -
             records.append(ImageRecord(str(img_id), img_id, os.path.abspath(images_dir / img["file_name"]),
                                        caps))
         except (KeyError, TypeError, AttributeError) as e:
-            raise DatasetError(f"{captions_file}: malformed image entry {img!r}: {e!r}") from e
+            raise DatasetError(f"{printable(captions_file)}: malformed image entry {img!r}: {e!r}") from e
     _warn_skipped(captions_file, skipped)
     return sorted(records, key=_sort_key)
 
@@ -187,20 +279,18 @@ def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLik
     byte, a row repeated exactly, and unusable captions (see `_clean_captions`) are skipped with one
     DatasetWarning; a few captions with unquoted commas are joined back, with a warning naming a line.
     """
-    captions_file, images_dir = Path(captions_file), Path(images_dir)
-    if not captions_file.is_file():
-        raise DatasetError(f"captions file not found: {captions_file}")
-    by_image: OrderedDict[str, list[str]] = OrderedDict()
+    captions_file, images_dir = check_captions_file(captions_file), Path(images_dir)
+    by_image = _CaptionsByImage()
     skipped: Counter = Counter()
     bad_rows: list[int] = []
     nul_rows: list[int] = []
     glued: list[int] = []  # rows with more fields than the header
     n_rows = 0
     try:
-        with open(captions_file, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
+        with open_captions(captions_file) as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or not {"image", "caption"} <= set(reader.fieldnames):
-                raise DatasetError(f"{captions_file}: expected a CSV header 'image,caption', "
+                raise DatasetError(f"{printable(captions_file)}: expected a CSV header 'image,caption', "
                                    f"got {reader.fieldnames}")
             end = reader.line_num
             for row in reader:
@@ -215,34 +305,31 @@ def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLik
                     continue
                 if "\n" in caption or "\r" in caption or len(caption) > MAX_CAPTION_CHARS:
                     span = f"runs to line {end}" if end > start else "is one line"
-                    raise DatasetError(f"{captions_file}:{start}: this caption {span} ({len(caption)} characters): "
+                    raise DatasetError(f"{printable(captions_file)}:{start}: this caption {span} ({len(caption)} characters): "
                                        f"a quote opened here is never closed? Close it or remove it")
                 if row.get(None):  # `a.jpg,A dog, running` -> caption "A dog, running"
                     glued.append(start)
                     caption = ",".join([caption, *row[None]])
-                caps = by_image.setdefault(image, [])
-                if caption in caps:
-                    skipped["repeated rows"] += 1
-                else:
-                    caps.append(caption)
+                by_image.add(by_image.key(image), caption)
     except UnicodeDecodeError as e:
-        raise DatasetError(f"{captions_file} is not UTF-8 text: {e}") from e
+        raise DatasetError(f"{printable(captions_file)} is not UTF-8 text: {e}") from e
     except csv.Error as e:
-        raise DatasetError(f"{captions_file}: not a readable CSV file: {e}") from e
+        raise DatasetError(f"{printable(captions_file)}: not a readable CSV file: {e}") from e
+    by_image.warn(captions_file, skipped)
     if bad_rows:
         skipped[f"rows without an image or caption (e.g. line {bad_rows[0]})"] = len(bad_rows)
     if nul_rows:
         skipped[f"rows whose image name holds a NUL byte (e.g. line {nul_rows[0]})"] = len(nul_rows)
     if glued and 2 * len(glued) > n_rows:
-        raise DatasetError(f"{captions_file}: {len(glued)} of {n_rows} rows have more fields than the header "
+        raise DatasetError(f"{printable(captions_file)}: {len(glued)} of {n_rows} rows have more fields than the header "
                            f"names (e.g. line {glued[0]}): name the extra column in the header, or quote the captions")
     if glued:
-        warnings.warn(DatasetWarning(f"{captions_file}: {len(glued)} captions had unquoted commas (more fields than "
+        warnings.warn(DatasetWarning(f"{printable(captions_file)}: {len(glued)} captions had unquoted commas (more fields than "
                                      f"the header, e.g. line {glued[0]}): joined back with commas"), stacklevel=2)
     records = [ImageRecord(name, name, os.path.abspath(images_dir / name), _clean_captions(caps, skipped))
                for name, caps in by_image.items()]
     if not records:
-        raise DatasetError(f"{captions_file} lists no images")
+        raise DatasetError(f"{printable(captions_file)} lists no images")
     _warn_skipped(captions_file, skipped)
     return sorted(records, key=_sort_key)
 
@@ -260,32 +347,24 @@ def load_karpathy(captions_file: str | os.PathLike, images_dir: str | os.PathLik
     file name. Each record carries its split, "restval" counted as "train" (the usual 113k/5k/5k).
     Unusable captions are skipped with one DatasetWarning, as by the other readers.
     """
-    captions_file, images_dir = Path(captions_file), Path(images_dir)
-    if not captions_file.is_file():
-        raise DatasetError(f"captions file not found: {captions_file}")
-    try:
-        with open(captions_file, encoding="utf-8-sig") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{captions_file} is not valid JSON: {e}") from e
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{captions_file} is not UTF-8 text: {e}") from e
+    captions_file, images_dir = check_captions_file(captions_file), Path(images_dir)
+    data = _read_captions_json(captions_file)
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list) or not images:
-        raise DatasetError(f"{captions_file} is not a Karpathy split file (needs a non-empty 'images' list)")
+        raise DatasetError(f"{printable(captions_file)} is not a Karpathy split file (needs a non-empty 'images' list)")
     records, seen, skipped = [], set(), Counter()
     for i, img in enumerate(images):
         try:
-            name, split = img["filename"], KARPATHY_SPLITS[img["split"]]
+            name, split = image_name(img["filename"]), KARPATHY_SPLITS[img["split"]]
             image_id = int(img["cocoid"]) if "cocoid" in img else name
             path = images_dir / img.get("filepath", "") / name
             caps = _clean_captions([s.get("raw") for s in img["sentences"]], skipped)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise DatasetError(f"{captions_file}: malformed image entry #{i} ({e!r}); needs filename, "
+            raise DatasetError(f"{printable(captions_file)}: malformed image entry #{i} ({e!r}); needs filename, "
                                f"split (train|val|test|restval) and sentences[].raw") from e
         key = str(image_id)
         if key in seen:
-            raise DatasetError(f"{captions_file}: image {key} is listed twice")
+            raise DatasetError(f"{printable(captions_file)}: image {printable(key)} is listed twice")
         seen.add(key)
         records.append(ImageRecord(key, image_id, os.path.abspath(path), caps, split))
     _warn_skipped(captions_file, skipped)
@@ -296,14 +375,14 @@ def load_flickr30k(captions_file: str | os.PathLike, images_dir: str | os.PathLi
     """Read Flickr30k captions: `results_20130124.token` (`NAME.jpg#N<TAB>caption`, also Flickr8k's
     `Flickr8k.token.txt`) or Kaggle's `results.csv` (`image_name| comment_number| comment`).
     A line of neither shape is a DatasetError; unusable captions are skipped with one DatasetWarning."""
-    captions_file, images_dir = Path(captions_file), Path(images_dir)
-    if not captions_file.is_file():
-        raise DatasetError(f"captions file not found: {captions_file}")
-    by_image: OrderedDict[str, list[tuple[int, str]]] = OrderedDict()  # name -> [(caption number, caption)]
+    captions_file, images_dir = check_captions_file(captions_file), Path(images_dir)
+    by_image: dict[str, list[tuple[int, str]]] = {}  # name -> [(caption number, caption)]
+    names = _CaptionsByImage()  # only for its one spelling per image
     try:
-        lines = captions_file.read_text(encoding="utf-8-sig").splitlines()
+        with open_captions(captions_file) as f:
+            lines = f.read().splitlines()
     except UnicodeDecodeError as e:
-        raise DatasetError(f"{captions_file} is not UTF-8 text: {e}") from e
+        raise DatasetError(f"{printable(captions_file)} is not UTF-8 text: {e}") from e
     piped = bool(lines) and lines[0].replace(" ", "").startswith("image_name|")
     for line_no, line in enumerate(lines[1:] if piped else lines, start=2 if piped else 1):
         if not line.strip():
@@ -314,21 +393,22 @@ def load_flickr30k(captions_file: str | os.PathLike, images_dir: str | os.PathLi
                 m = re.match(r"(\d+)\s+(.*)", parts[1])
                 parts = [parts[0], *m.groups()] if m else parts
             if len(parts) != 3 or not parts[0] or not parts[1].isdigit():
-                raise DatasetError(f"{captions_file}:{line_no}: expected 'image_name| comment_number| comment'")
+                raise DatasetError(f"{printable(captions_file)}:{line_no}: expected 'image_name| comment_number| comment'")
             image, number, caption = parts
         else:
             head, tab, caption = line.partition("\t")
             image, _, number = head.strip().rpartition("#")
             if not tab or not image or not number.isdigit():
-                raise DatasetError(f"{captions_file}:{line_no}: expected 'IMAGE#N<TAB>caption'")
-        by_image.setdefault(image, []).append((int(number), caption.strip()))
+                raise DatasetError(f"{printable(captions_file)}:{line_no}: expected 'IMAGE#N<TAB>caption'")
+        by_image.setdefault(names.key(image), []).append((int(number), caption.strip()))
     skipped: Counter = Counter()
+    names.warn(captions_file, skipped)
     # captions in their numbered order, whatever the order of the lines
     records = [ImageRecord(name, name, os.path.abspath(images_dir / name),
                            _clean_captions([c for _, c in sorted(caps)], skipped))
                for name, caps in by_image.items()]
     if not records:
-        raise DatasetError(f"{captions_file} lists no images")
+        raise DatasetError(f"{printable(captions_file)} lists no images")
     _warn_skipped(captions_file, skipped)
     return sorted(records, key=_sort_key)
 
@@ -342,18 +422,22 @@ def inside_folder(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
 
 
-def _drop_outside(records: list[ImageRecord], captions_file, images_dir) -> list[ImageRecord]:
+def _drop_outside(records: list[ImageRecord], real: dict[int, str], captions_file, images_dir) -> list[ImageRecord]:
     """Entries whose image resolves outside the images folder (an absolute path, `../`, a symlink out) are
-    not read: one warning per entry (the first few, then a count) and a total."""
+    not read: one warning per entry (the first few, then a count) and a total. `real`: id(record) -> its
+    resolved path."""
+    folder = Path(os.path.realpath(images_dir))
     kept, outside = [], []
     for r in records:
-        (kept if inside_folder(r.path, images_dir) else outside).append(r)
+        (kept if Path(real[id(r)]).is_relative_to(folder) else outside).append(r)
     for r in outside[:_LISTED_OUTSIDE]:
-        warnings.warn(DatasetWarning(f"{captions_file}: image {r.key!r} resolves outside the images folder "
-                                     f"{images_dir} ({r.path}): skipped"), stacklevel=3)
+        warnings.warn(DatasetWarning(f"{printable(captions_file)}: image {printable(r.key)} resolves outside the "
+                                     f"images folder {printable(images_dir)} ({printable(r.path)}): skipped"),
+                      stacklevel=3)
     if outside:
-        warnings.warn(DatasetWarning(f"{captions_file}: skipped {len(outside)} entries whose image is outside "
-                                     f"{images_dir} (pass {OUTSIDE_FLAG} if your layout needs them)"), stacklevel=3)
+        warnings.warn(DatasetWarning(f"{printable(captions_file)}: skipped {len(outside)} entries whose image is "
+                                     f"outside {printable(images_dir)} (pass {OUTSIDE_FLAG} if your layout needs "
+                                     f"them)"), stacklevel=3)
     return kept
 
 
@@ -364,14 +448,46 @@ def _drop_unusable_names(records: list[ImageRecord], captions_file) -> list[Imag
     twice = [k for k, n in counts.items() if n > 1]
     if twice:
         ids = [repr(r.image_id) for r in records if r.key == twice[0]]
-        raise DatasetError(f"{captions_file}: image key {twice[0]!r} is given {counts[twice[0]]} times "
+        raise DatasetError(f"{printable(captions_file)}: image key {twice[0]!r} is given {counts[twice[0]]} times "
                            f"(as {', '.join(ids)}): make the image ids unique")
     bad = [r for r in records if "\x00" in r.path or "\x00" in r.key]
     for r in bad:
-        warnings.warn(DatasetWarning(f"{captions_file}: image {r.key!r}: its name holds a NUL byte: skipped"),
-                      stacklevel=3)
+        warnings.warn(DatasetWarning(f"{printable(captions_file)}: image {r.key!r}: its name holds a NUL byte: "
+                                     f"skipped"), stacklevel=3)
     bad_ids = {id(r) for r in bad}
     return [r for r in records if id(r) not in bad_ids]
+
+
+def _merge_same_photo(records: list[ImageRecord], real: dict[int, str], captions_file,
+                      images_dir) -> list[ImageRecord]:
+    """One record per photo file of the images folder: entries whose paths resolve to the same file (a
+    symlink beside its target, one file under two COCO ids) are merged into the first (in key order), their
+    captions joined, so one photo never lands in two splits. Entries the file puts in different splits are
+    a DatasetError. Entries outside the folder (read only with --allow-outside-images) are left as listed."""
+    folder = Path(os.path.realpath(images_dir))
+    first: dict[str, ImageRecord] = {}
+    merged: list[tuple[ImageRecord, ImageRecord]] = []
+    for r in records:  # sorted: the survivor is the same whatever the file's order
+        if not Path(real[id(r)]).is_relative_to(folder):
+            continue
+        keep = first.setdefault(real[id(r)], r)
+        if keep is r:
+            continue
+        if r.split != keep.split:
+            raise DatasetError(f"{printable(captions_file)}: images {printable(keep.key)} and {printable(r.key)} "
+                               f"are the same file ({printable(real[id(r)])}) but are put in {keep.split} and "
+                               f"{r.split}: the test split would hold a training photo")
+        have = set(keep.captions)
+        keep.captions.extend(c for c in r.captions if c not in have)
+        merged.append((keep, r))
+    if not merged:
+        return records
+    keep, r = merged[0]
+    warnings.warn(DatasetWarning(f"{printable(captions_file)}: {len(merged)} entries name a photo another entry "
+                                 f"names too (e.g. {printable(r.key)} is {printable(keep.key)}, "
+                                 f"{printable(real[id(r)])}): their captions are read as one image's"), stacklevel=3)
+    gone = {id(r) for _, r in merged}
+    return [r for r in records if id(r) not in gone]
 
 
 def load_dataset(fmt: str, captions_file: str | os.PathLike, images_dir: str | os.PathLike,
@@ -379,22 +495,27 @@ def load_dataset(fmt: str, captions_file: str | os.PathLike, images_dir: str | o
     """Records of a dataset in stable order (by image id / name); the first `limit` if given.
 
     Entries whose image resolves outside `images_dir` are skipped with a warning unless
-    `allow_outside_images` (readers that open no image, like training, pass it)."""
+    `allow_outside_images` (readers that open no image, like training, pass it). Entries naming one
+    photo file (`./a.jpg` and `a.jpg`, a link and its target) are read as one image."""
+    check_captions_file(captions_file)  # before anything opens it: a FIFO would hang the format check
     if fmt == "auto":
         fmt = guess_format(captions_file)
     if fmt not in FORMATS:
         raise DatasetError(f"unknown dataset format {fmt!r}; choose from {', '.join(FORMATS)}")
     if not Path(images_dir).is_dir():
-        raise DatasetError(f"images folder not found: {images_dir}")
+        raise DatasetError(f"images folder not found: {printable(images_dir)}")
     from common.folder_dataset import load_folder
 
     loaders = {"coco": load_coco, "flickr8k": load_flickr8k, "karpathy": load_karpathy, "flickr30k": load_flickr30k,
                "folder": load_folder}
     records = _drop_unusable_names(loaders[fmt](captions_file, images_dir), captions_file)
+    real = {id(r): os.path.realpath(r.path) for r in records}
+    records = _merge_same_photo(records, real, captions_file, images_dir)
     if not allow_outside_images:
-        records = _drop_outside(records, captions_file, images_dir)
+        records = _drop_outside(records, real, captions_file, images_dir)
         if not records:
-            raise DatasetError(f"{captions_file}: no image lies inside the images folder {images_dir}")
+            raise DatasetError(f"{printable(captions_file)}: no image lies inside the images folder "
+                               f"{printable(images_dir)}")
     if limit is not None:
         if limit < 1:
             raise DatasetError(f"--limit must be at least 1, got {limit}")

@@ -10,14 +10,15 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter
 from pathlib import Path
 
-from common.datasets import (SPLITS, DatasetError, DatasetWarning, ImageRecord, _clean_captions, _sort_key,
-                             _warn_skipped)
+from common.datasets import (SPLITS, DatasetError, DatasetWarning, ImageRecord, _CaptionsByImage, _clean_captions,
+                             _sort_key, _warn_skipped, check_captions_file, open_captions)
+from common.jsonio import MAX_LINE_BYTES, JSONFileError, parse_json
+from common.text import printable
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 COLUMNS = ("image", "caption", "split")
@@ -38,17 +39,20 @@ def _rows(captions_file: Path):
     columns are dropped with one DatasetWarning."""
     unknown: set = set()
     try:
-        with open(captions_file, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
+        with open_captions(captions_file) as f:
             if captions_file.suffix.lower() in JSONL_SUFFIXES:
-                for line_no, line in enumerate(f, start=1):
+                for line_no, line in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), ""), start=1):
+                    if len(line) > MAX_LINE_BYTES:
+                        raise DatasetError(f"{printable(captions_file)}:{line_no}: longer than {MAX_LINE_BYTES:,} "
+                                           f"characters; one row is one image and one caption")
                     if not line.strip():
                         continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DatasetError(f"{captions_file}:{line_no}: not a JSON object: {e}") from e
+                    try:  # bounded in depth: 100,000 nested brackets are one error, not a RecursionError
+                        row = parse_json(line, "the row")
+                    except JSONFileError as e:
+                        raise DatasetError(f"{printable(captions_file)}:{line_no}: not a JSON object: {e}") from None
                     if not isinstance(row, dict):
-                        raise DatasetError(f"{captions_file}:{line_no}: expected a JSON object "
+                        raise DatasetError(f"{printable(captions_file)}:{line_no}: expected a JSON object "
                                            f'{{"image": ..., "caption": ..., "split"?: ...}}, got {row!r:.60}')
                     unknown.update(k for k in row if k not in COLUMNS)
                     yield line_no, row
@@ -56,7 +60,7 @@ def _rows(captions_file: Path):
                 reader = csv.reader(f)
                 header = [n.strip().lower() for n in next(reader, [])]
                 if not {"image", "caption"} <= set(header) or len(set(header)) != len(header):
-                    raise DatasetError(f"{captions_file}: expected a CSV header naming image and caption once "
+                    raise DatasetError(f"{printable(captions_file)}: expected a CSV header naming image and caption once "
                                        f"each (and optionally split), got {header}")
                 unknown.update(n for n in header if n not in COLUMNS)
                 line_no = reader.line_num + 1  # where the next row starts
@@ -65,19 +69,19 @@ def _rows(captions_file: Path):
                         line_no = reader.line_num + 1
                         continue
                     if any("\n" in v or "\r" in v for v in fields):  # a quote left open swallows the lines after it
-                        raise DatasetError(f"{captions_file}:{line_no}: a field runs on over several lines (a double "
+                        raise DatasetError(f"{printable(captions_file)}:{line_no}: a field runs on over several lines (a double "
                                            f"quote left open?); quote a whole caption, or double a quote inside one")
                     if len(fields) > len(header):
-                        raise DatasetError(f"{captions_file}:{line_no}: {len(fields)} fields, the header "
+                        raise DatasetError(f"{printable(captions_file)}:{line_no}: {len(fields)} fields, the header "
                                            f"has {len(header)}; put captions that contain commas in double quotes")
                     yield line_no, dict(zip(header, fields))  # fields left out at the end read as absent
                     line_no = reader.line_num + 1
     except UnicodeDecodeError as e:
-        raise DatasetError(f"{captions_file} is not UTF-8 text: {e}") from e
+        raise DatasetError(f"{printable(captions_file)} is not UTF-8 text: {e}") from e
     except csv.Error as e:
-        raise DatasetError(f"{captions_file}: not a readable CSV file: {e}") from e
+        raise DatasetError(f"{printable(captions_file)}: not a readable CSV file: {e}") from e
     if unknown:
-        warnings.warn(DatasetWarning(f"{captions_file}: ignored columns {', '.join(sorted(map(str, unknown)))} "
+        warnings.warn(DatasetWarning(f"{printable(captions_file)}: ignored columns {', '.join(sorted(map(str, unknown)))} "
                                      f"(known: {', '.join(COLUMNS)})"), stacklevel=4)
 
 
@@ -91,10 +95,8 @@ def load_folder(captions_file: str | os.PathLike, images_dir: str | os.PathLike)
     unusable captions (see `_clean_captions`) are skipped with one DatasetWarning, as Flickr8k's
     reader does: an `image,caption` CSV reads the same with either.
     """
-    captions_file, images_dir = Path(captions_file), Path(images_dir)
-    if not captions_file.is_file():
-        raise DatasetError(f"captions file not found: {captions_file}")
-    by_image: OrderedDict[str, list] = OrderedDict()
+    captions_file, images_dir = check_captions_file(captions_file), Path(images_dir)
+    by_image = _CaptionsByImage()
     splits: dict[str, str] = {}
     skipped: Counter = Counter()
     bad_rows: list[int] = []
@@ -104,28 +106,27 @@ def load_folder(captions_file: str | os.PathLike, images_dir: str | os.PathLike)
         if not image or caption is None:
             bad_rows.append(line_no)
             continue
+        image = by_image.key(image)  # `./a.jpg` and `a.jpg` are one image, in one split
         split = row.get("split")
         split = split.strip().lower() if isinstance(split, str) else split
         if split not in (None, ""):
             if split not in SPLITS:
-                raise DatasetError(f"{captions_file}:{line_no}: split {split!r} of {image} is not one of "
-                                   f"{', '.join(SPLITS)} (or empty)")
+                raise DatasetError(f"{printable(captions_file)}:{line_no}: split {split!r} of {printable(image)} is "
+                                   f"not one of {', '.join(SPLITS)} (or empty)")
             if splits.setdefault(image, split) != split:
-                raise DatasetError(f"{captions_file}:{line_no}: {image} is put in {split}, an earlier row puts it "
-                                   f"in {splits[image]}")
-        caps = by_image.setdefault(image, [])
-        if caption in caps:
-            skipped["repeated rows"] += 1
-        else:
-            caps.append(caption)
+                raise DatasetError(f"{printable(captions_file)}:{line_no}: {printable(image)} is put in {split}, "
+                                   f"an earlier row puts it in {splits[image]}")
+        by_image.add(image, caption)
+    by_image.warn(captions_file, skipped)
     if bad_rows:
         skipped[f"rows without an image or caption (e.g. line {bad_rows[0]})"] = len(bad_rows)
-    if not by_image:
-        raise DatasetError(f"{captions_file} lists no images")
-    if splits and len(splits) < len(by_image):
-        missing = next(k for k in by_image if k not in splits)
-        raise DatasetError(f"{captions_file}: {len(splits)} images have a split and {len(by_image) - len(splits)} "
-                           f"have none (e.g. {missing}); give every image a split, or none (then training "
+    if not by_image.captions:
+        raise DatasetError(f"{printable(captions_file)} lists no images")
+    if splits and len(splits) < len(by_image.captions):
+        missing = next(k for k in by_image.captions if k not in splits)
+        raise DatasetError(f"{printable(captions_file)}: {len(splits)} images have a split and "
+                           f"{len(by_image.captions) - len(splits)} "
+                           f"have none (e.g. {printable(missing)}); give every image a split, or none (then training "
                            f"splits them by --val-frac/--test-frac)")
     records = [ImageRecord(name, name, os.path.abspath(images_dir / name), _clean_captions(caps, skipped),
                            splits.get(name)) for name, caps in by_image.items()]

@@ -1,7 +1,9 @@
 """One owner per output: an OS lock on a run folder, a sweep folder or a cache in progress.
 
 `hold(lock_file, what)` takes `fcntl.flock(LOCK_EX | LOCK_NB)` on `lock_file` (created if needed,
-never through a link) and writes the holder's pid in it. A second process gets one `OutputBusy`
+never through a link, never truncated on opening) and writes the holder's pid in it. A lock file that
+is not a regular file of one link (a FIFO, a hard link to some other file, whose content the pid would
+overwrite) is refused with one `LockFileError` naming it, before anything is written. A second process gets one `OutputBusy`
 line naming that pid. The kernel releases the lock when the holder dies, however it dies (a
 SIGKILL leaves the file behind, unlocked: the next owner simply takes it). The file is never
 deleted: deleting it would let two processes lock two different files of the same name.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +34,10 @@ class OutputBusy(OSError):
     """Another live process owns this output."""
 
 
+class LockFileError(ValueError):
+    """A lock file that cannot be used as one (not a regular file, or another file's hard link)."""
+
+
 def _close_inherited() -> None:
     for fd in list(_held):
         with contextlib.suppress(OSError):
@@ -45,7 +52,7 @@ if hasattr(os, "register_at_fork"):
 def holder(lock_file: str | os.PathLike) -> str:
     """The pid written in `lock_file` ("unknown" when it cannot be read)."""
     with contextlib.suppress(OSError, ValueError):
-        fd = os.open(lock_file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(lock_file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
         try:
             text = os.read(fd, 64).decode("ascii").strip()
         finally:
@@ -62,11 +69,20 @@ def hold(lock_file: str | os.PathLike, what: str) -> Iterator[Path]:
     if fcntl is None:
         yield lock_file
         return
-    try:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:  # no O_TRUNC: the file is checked first; O_NONBLOCK: a FIFO must not block the open
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0),
+                     0o644)
     except OSError as e:
         raise OSError(e.errno, f"cannot lock {what} {lock_file.parent}: {e.strerror}") from e
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise LockFileError(f"cannot lock {what} {lock_file.parent}: its lock file {lock_file} is not a regular "
+                                f"file (a FIFO, device or socket); remove it and run again")
+        if st.st_nlink != 1:
+            raise LockFileError(f"cannot lock {what} {lock_file.parent}: its lock file {lock_file} has {st.st_nlink} "
+                                f"hard links (it is another file's name too, which locking would overwrite); "
+                                f"remove it and run again")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -22,18 +22,41 @@ def check_tokenizer(name: str) -> str:
     return name
 
 
+def normalize(text: str, name: str = DEFAULT_TOKENIZER) -> str:
+    """The text as the named tokenizer reads it: without invisible format characters, control characters
+    as spaces (see `_visible`), lower-cased (and NFC for `chars`). Every token of `tokenize(text, name)` is a
+    substring of it, in order (the token cache checks cached tokens against their captions this way)."""
+    text = _visible(text).lower()
+    return unicodedata.normalize("NFC", text) if name == "chars" else text
+
+
 def tokenize(text: str, name: str = DEFAULT_TOKENIZER) -> list[str]:
     """Lower-case and split a caption into tokens with the named tokenizer (see the module docstring).
 
     Punctuation never becomes a token: it carries no content and the COCO evaluation strips it
     too, so keeping it would only teach the decoder to emit punctuation.
     """
+    check_tokenizer(name)
+    text = normalize(text, name)
     if name == "nltk":
         return _nltk(text)
     if name == "whitespace":
-        return [t for t in (_strip_punct(w) for w in text.lower().split()) if _has_content(t)]
-    check_tokenizer(name)  # raises for any name but the last one left
+        return [t for t in (_strip_punct(w) for w in text.split()) if _has_content(t)]
     return _chars(text)
+
+
+_JOINERS = "\u200c\u200d"  # zero-width (non-)joiner: part of the spelling of Persian and Indic words
+
+
+def _visible(text: str) -> str:
+    """The text without invisible format characters (Unicode category Cf: the bidi controls U+202A-202E,
+    U+2066-2069, U+200E/F that reorder what a terminal shows, zero-width spaces, soft hyphens, BOMs; the
+    joiners stay) and with control characters (Cc: ESC, tabs, newlines) as spaces, so that no word of a
+    vocabulary hides them: `dog` and `do\\u202eg` are one word, and a decoded caption never drives a terminal."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(" " if (cat := unicodedata.category(ch)) == "Cc" else "" if cat == "Cf" and ch not in _JOINERS
+                   else ch for ch in text)
 
 
 def join_tokens(tokens: list[str], name: str = DEFAULT_TOKENIZER) -> str:
@@ -42,13 +65,13 @@ def join_tokens(tokens: list[str], name: str = DEFAULT_TOKENIZER) -> str:
 
 
 def _nltk(text: str) -> list[str]:
-    """`preserve_line=True` skips NLTK's sentence splitter, which needs the downloaded `punkt`
-    data; the captions are single sentences anyway. NLTK is imported here: decoding needs only
+    """Tokens of normalised (lower-cased) text. `preserve_line=True` skips NLTK's sentence splitter, which
+    needs the downloaded `punkt` data; the captions are single sentences anyway. NLTK is imported here: decoding needs only
     `join_tokens`, so the torch-free ONNX captioner runs without it."""
     from nltk.tokenize import word_tokenize
 
     out = []
-    for t in word_tokenize(text.lower(), preserve_line=True):
+    for t in word_tokenize(text, preserve_line=True):
         if not (t.startswith("'") or t == "n't"):  # keep clitics ('s, 're, n't); strip glued "man." / ":a"
             t = t.strip(_PUNCT)
         if any(ch.isalnum() for ch in t):
@@ -57,11 +80,11 @@ def _nltk(text: str) -> list[str]:
 
 
 def _chars(text: str) -> list[str]:
-    """Every character that is not a space, punctuation or a symbol is a token; a combining mark
+    """Tokens of normalised (lower-cased, NFC) text. Every character that is not a space, punctuation or a symbol is a token; a combining mark
     (a Thai vowel sign, a Devanagari matra, a separate accent) stays with the character before it."""
     out: list[str] = []
     kept_last = False
-    for ch in unicodedata.normalize("NFC", text.lower()):
+    for ch in text:
         cat = unicodedata.category(ch)
         if cat[0] == "M":  # combining mark: part of the previous character, dropped with it
             if kept_last:

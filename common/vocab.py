@@ -5,10 +5,10 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 from common.tokenizer import DEFAULT_TOKENIZER, TOKENIZERS, join_tokens
 from common.atomic import atomic_write
+from common.jsonio import JSONFileError, read_json
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)  # indices 0, 1, 2, 3: <pad> must be 0 (padding_idx)
@@ -85,9 +85,11 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocabulary":
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, ValueError) as e:  # ValueError: bad JSON, not UTF-8, VocabError
+        try:  # bounded in size and depth, a regular file only (common/jsonio.py)
+            return cls.from_dict(read_json(path, "vocabulary", expect=dict, max_bytes=64 * 2**20))
+        except JSONFileError as e:
+            raise VocabError(str(e)) from e
+        except (OSError, ValueError) as e:  # ValueError: VocabError
             raise VocabError(f"cannot read vocabulary {path}: {e}") from e
 
 

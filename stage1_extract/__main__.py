@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from common.cli import config_group, run_guarded
+from common.text import printable
 from stage1_extract.distributed import RankFailed
 from stage1_extract.extract import ExtractConfig, extract, plan
 
@@ -32,7 +33,7 @@ def main(cfg: ExtractConfig, dry_run):
         click.echo(f"wrote {s.out}: {s.total} images, {s.done_now} extracted now, {s.already_done} resumed, "
                    f"{len(s.failed)} skipped, {s.images_per_s:.1f} images/s")
         for key, reason in list(s.failed.items())[:20]:
-            click.echo(f"  skipped {key}: {reason}")
+            click.echo(f"  skipped {printable(key)}: {printable(reason)}")
         return 0
 
     raise SystemExit(run_guarded(work, interrupted_msg="extraction interrupted; finished batches are kept in "

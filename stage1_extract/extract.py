@@ -29,6 +29,8 @@ from common.feature_cache import DONE, PENDING, CacheError, CacheMeta, mismatch,
 from common.cli import one_line, opt
 from common.device import resolve_device
 from common.lock import LOCK_NAME, OutputBusy, hold
+from common.paths import refuse_inside
+from common.text import printable
 from stage1_extract.cache_writer import CacheWriter, remove_parts
 from stage1_extract.distributed import Dist, device_for, from_env
 
@@ -96,10 +98,7 @@ def _check_settings(cfg: ExtractConfig) -> None:
 
 
 def _out_path(cfg: ExtractConfig) -> Path:
-    out, images_dir = Path(os.path.abspath(cfg.out)), Path(os.path.abspath(cfg.images))
-    if out.is_relative_to(images_dir):
-        raise ValueError(f"--out {out} is inside the images folder {images_dir}; write the cache elsewhere")
-    return out
+    return refuse_inside(cfg.out, cfg.images, "the cache")
 
 
 def plan(cfg: ExtractConfig) -> str:
@@ -244,7 +243,7 @@ def _extract_rows(cfg: ExtractConfig, d: Dist, writer: CacheWriter, backbone: Ba
             done_now += int(ok.sum())
             failed_now += len(failed)
             for r, e in failed.items():
-                tqdm.write(f"skipped {records[r].key}: {e}")
+                tqdm.write(f"skipped {printable(records[r].key)}: {printable(e)}")
             bar.update(len(batch_rows))
         writer.flush()
     except RuntimeError as e:  # torch's report of a worker that died (the OOM killer's SIGKILL): a user's matter

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from common.cli import bounded, decode_options, run_guarded, sampling_options
+from common.text import printable
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -39,8 +40,9 @@ def collect_images(inputs: list[str]) -> list[str]:
 
 
 def text_lines(result: dict) -> list[str]:
-    """`path<TAB>caption`, then with several captions one `  alt<TAB>score<TAB>caption` line per alternative."""
-    lines = [f"{result['image']}\t{result['caption']}"]
+    """`path<TAB>caption`, then with several captions one `  alt<TAB>score<TAB>caption` line per alternative.
+    A path with a tab, newline or terminal control character is printed escaped (common/text.py)."""
+    lines = [f"{printable(result['image'])}\t{result['caption']}"]
     lines += [f"{ALT_MARKER}\t{c['score']:.4f}\t{c['caption']}" for c in result["captions"][1:]]
     return lines
 
@@ -73,7 +75,7 @@ def main(images, checkpoint, decode, sampling, batch_size, device, weights, onnx
         if not paths:
             raise ValueError(f"no image files in {' '.join(images)}")
         if dry_run:
-            click.echo("\n".join(paths))
+            click.echo("\n".join(map(printable, paths)))
             click.echo(f"dry run: {len(paths)} images, {'onnx' if onnx_dir else 'checkpoint'} {source}", err=True)
             return 0
         kwargs = {**asdict(decode), **asdict(sampling)}
@@ -86,7 +88,7 @@ def main(images, checkpoint, decode, sampling, batch_size, device, weights, onnx
         for r in results:
             if "error" in r:
                 failed += 1
-                click.echo(f"error: {r['error']}", err=True)
+                click.echo(f"error: {printable(r['error'])}", err=True)
                 continue
             if figure_dir is not None:
                 from stage2_decoder.figures import figure_path, save_caption_figure  # matplotlib only when asked

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from common.cli import bounded, run_guarded
 from common.feature_cache import read_meta
 from common.lock import LOCK_NAME, hold
+from common.paths import refuse_inside
 from stage2_decoder.plot import METRICS, plot_sweep
 from stage2_decoder.sweep_grid import (MAX_RUNS, SWEEP_OWNED, RunSpec, SweepError, expand_grid,  # noqa: F401
                                        load_grid, normalize_grid, run_name, sample_grid, varied_keys)
@@ -118,7 +119,9 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     _check_config(cfg)
     t0 = time.perf_counter()
     specs, grid, varied = plan_runs(cfg)
-    read_meta(cfg.features)  # a missing or foreign cache is one clear error, not N failed runs
+    meta = read_meta(cfg.features)  # a missing or foreign cache is one clear error, not N failed runs
+    for images in sorted({str(s.params.get("images") or meta.images_dir) for s in specs}):
+        refuse_inside(cfg.out, images, "the sweep")  # before the folder, its lock or any run is made
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     with hold(out / LOCK_NAME, "sweep folder"):  # one sweep per folder; each run also locks its own folder

@@ -2,10 +2,8 @@
 vocabulary, the caption tensors of the train and val images, and the cached features on the device."""
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,6 +12,7 @@ from tqdm import tqdm
 
 from common.datasets import ImageRecord, load_dataset, official_split, split_keys
 from common.feature_cache import CacheError, FeatureCache, load_cache
+from common.paths import refuse_inside
 from common.token_cache import tokenize_records
 from common.vocab import SPECIALS, Vocabulary, build_vocab
 from stage2_decoder.data import CaptionPairs
@@ -77,9 +76,7 @@ def load_train_data(cfg: TrainConfig, device: torch.device) -> TrainData:
     """Everything `train(cfg)` reads, checked, with the caption tensors and features on `device`; writes
     nothing (the run folder is made only once these inputs are known to be usable)."""
     cache = load_cache(cfg.features, views=cfg.train_views or cfg.scst_views)
-    images_dir = Path(os.path.abspath(cfg.images or cache.meta.images_dir))
-    if Path(os.path.abspath(cfg.out)).is_relative_to(images_dir):
-        raise ValueError(f"--out {Path(cfg.out)} is inside the images folder {images_dir}; write the run elsewhere")
+    refuse_inside(cfg.out, cfg.images or cache.meta.images_dir, "the run")
     parts, split, vocab, rows, tokens = prepare_data(cfg, cache)
     train_set = CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len, tokens).to(device)  # beside the features
     val_records = [r for r in parts["val"] if r.captions]  # images without references cannot validate

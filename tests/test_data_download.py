@@ -46,7 +46,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
-        self.send_header("Content-Length", str(len(body) - start))
+        if not srv.no_length:  # else the body ends when the connection closes (HTTP/1.0)
+            self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         payload = body[start:]
         if srv.cut_next:  # announce the whole length, send half, hang up: a connection that breaks
@@ -63,7 +64,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.files, srv.log, srv.sent, srv.ranges, srv.cut_next = {}, [], 0, True, 0
+    srv.files, srv.log, srv.sent, srv.ranges, srv.cut_next, srv.no_length = {}, [], 0, True, 0, False
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
@@ -318,3 +319,65 @@ def test_cli_wrong_file_from_mirror(tmp_path, server, cli):
                    env={"CAPCACHE_DATA_MIRROR": server.url}, timeout=120)
     assert "should be 13,510,573,713" in _one_error_line(proc)
     assert not (tmp_path / "coco2014/train2014").exists()
+
+
+# --- round three: records, damaged members, uncapped mirrors (tests/RELIABILITY.md) ------------------------
+
+def test_a_mirror_without_content_length_is_capped(tmp_path, server):
+    """No Content-Length and a body longer than the archive can be: stopped at the cap, nothing kept."""
+    server.no_length = True
+    server.files["big.zip"] = b"x" * 300_000
+    archive = Archive("http://official.invalid/big.zip", max_size=100_000)
+    with pytest.raises(DownloadError, match="sent more than the 100,000 bytes big.zip can be"):
+        data.fetch(archive, tmp_path / "archives", mirror=server.url, progress=False)
+    assert not list((tmp_path / "archives").iterdir())
+
+
+def test_every_archive_without_a_published_size_has_a_cap():
+    for spec in REGISTRY.values():
+        for a in spec.archives:
+            assert a.cap <= (a.size or 4 * 2**30), a.filename
+
+
+def _damaged_zip() -> tuple[bytes, bytes]:
+    content = json.dumps({"images": [{"sentences": [{"raw": f"caption {i}"} for i in range(2000)]}]}).encode()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("dataset_coco.json", content)
+    good = buf.getvalue()
+    bad = bytearray(good)
+    middle = len(bad) // 2
+    bad[middle:middle + 40] = bytes(40)  # inside the deflate stream: a zlib.error or a CRC error on reading
+    return good, bytes(bad)
+
+
+def test_a_damaged_member_is_one_error_and_the_archive_is_downloaded_again(tmp_path, server, tiny):
+    good, bad = _damaged_zip()
+    server.files["caption_datasets.zip"] = bad
+    with pytest.raises(DownloadError, match=r"caption_datasets.zip is damaged .*moved it to caption_datasets.zip.bad"
+                                            r" and removed it from manifest.json; run again") as e:
+        _get(tiny, tmp_path, server)
+    assert "\n" not in str(e.value)
+    manifest = json.loads((tmp_path / "archives/manifest.json").read_text())
+    assert "caption_datasets.zip" not in manifest and (tmp_path / "archives/caption_datasets.zip.bad").is_file()
+    server.files["caption_datasets.zip"] = good  # the mirror is fixed: the rerun fetches it again and succeeds
+    steps = _get(tiny, tmp_path, server)
+    assert steps[-1].fetched == "downloaded"
+    assert (tmp_path / "tiny/karpathy/dataset_coco.json").read_bytes() == \
+        zipfile.ZipFile(io.BytesIO(good)).read("dataset_coco.json")
+
+
+@pytest.mark.parametrize("record, text", [
+    ("manifest.json", "[1, 2]"),
+    ("manifest.json", '{"train2014.zip": "verified"}'),
+    ("manifest.json", '{"train2014.zip": {"size": "big", "sha256": 5}}'),
+    ("manifest.json", "[" * 100_000 + "]" * 100_000),
+    ("extracted", '{"train2014.zip:.:": ["done"]}'),
+    ("extracted", '{"train2014.zip:.:": {"sha256": "x", "files": 2, "archive_removed": "yes"}}'),
+])
+def test_wrong_typed_or_nested_download_records_are_one_error(tmp_path, server, tiny, record, text):
+    path = tmp_path / "archives/manifest.json" if record == "manifest.json" else tmp_path / "tiny/.extracted.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(DownloadError, match=r"(damaged|must be a JSON object|nested deeper).*delete it and run again"):
+        _get(tiny, tmp_path, server)

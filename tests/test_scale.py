@@ -181,9 +181,9 @@ def test_a_corrupt_or_foreign_token_cache_is_ignored_and_rebuilt(token_env, dama
             meta = json.loads(str(arrays["meta"]))
             arrays["meta"] = np.array(json.dumps({**meta, "captions_sha256": "0" * 64}))
         elif damage == "bad_ids":
-            arrays["ids"] = arrays["ids"] + len(arrays["words"])
-        else:  # the same keys, other captions: the stored caption lengths no longer match
-            arrays["cap_chars"] = arrays["cap_chars"] + 1
+            arrays["ids"] = arrays["ids"] + len(json.loads(str(arrays["words"])))
+        else:  # the same keys, other captions: the stored caption digests no longer match
+            arrays["digests"] = arrays["digests"] ^ 1
         with open(path, "wb") as f:
             np.savez(f, **arrays)
     calls.clear()

@@ -1,0 +1,15 @@
+"""File names and other user text made safe to print: one line, no terminal control sequences.
+
+A file may be called `a\\nb.jpg` or carry an ESC sequence (`\\x1b[2J` clears the screen) or a bidi override
+(U+202E shows `gpj.exe` as `exe.jpg`): printed raw, such a name forges log lines or rewrites the terminal.
+"""
+from __future__ import annotations
+
+import os
+
+
+def printable(name: str | os.PathLike | bytes) -> str:
+    """`name` unchanged when every character prints as itself; else its Python repr (quoted, with
+    `\\n`, `\\x1b`, `\\u202e` escaped), so the reader sees that it was escaped and can tell it apart."""
+    text = os.fsdecode(name) if isinstance(name, (bytes, os.PathLike)) else str(name)
+    return text if text.isprintable() else repr(text)
