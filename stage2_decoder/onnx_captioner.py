@@ -21,6 +21,7 @@ import numpy as np
 
 from common.jsonio import JSONFileError, read_json
 from common.preprocess import MAX_ASPECT, ImageError, Preprocess, load_views
+from common.tokenizer import join_tokens
 from common.vocab import Vocabulary
 from stage2_decoder.api import ON_ERROR, chunk_results, load_chunk
 from stage2_decoder.numpy_decode import beam_search_nbest, greedy_scored
@@ -99,13 +100,22 @@ def _check_numbers(m: dict, path: Path) -> None:
         v = pp.get(key)
         if not (isinstance(v, list) and len(v) == 3 and all(type(x) in (int, float) and math.isfinite(x) for x in v)
                 and (key == "mean" or all(0 < x <= 10 for x in v))):
-            raise OnnxExportError(f"{path}: preprocess.{key} must be 3 finite numbers, got {v!r:.80}")
-    if pp.get("interpolation") != "bilinear" or not all(type(pp.get(k)) is bool for k in ("jpeg_draft", "exif_transpose")):
+            raise OnnxExportError(f"{path}: preprocess.{key} must be 3 finite numbers"
+                                  f"{' in (0, 10]' if key == 'std' else ''}, got {v!r:.80}")
+    if pp.get("interpolation") != "bilinear" \
+            or not all(type(pp.get(k)) is bool for k in ("jpeg_draft", "exif_transpose")):
         raise OnnxExportError(f"{path}: preprocess must be bilinear with true/false jpeg_draft and exif_transpose")
     if m["image"].get("max_aspect") != MAX_ASPECT \
             or m["image"].get("transparency_background") != [255, 255, 255]:
         raise OnnxExportError(f"{path} was made under other image rules (max_aspect, transparency_background) than "
                               f"this capcache applies; export the checkpoint again")
+    tokenizer = m.get("tokenizer") or "nltk"
+    if m["text"].get("tokenizer") != tokenizer or m["text"].get("join") != join_tokens(["", ""], tokenizer):
+        raise OnnxExportError(f"{path}: text.tokenizer and text.join do not match the tokenizer {tokenizer!r:.40}")
+    if m.get("special_ids") != {"pad": Vocabulary.pad_id, "start": Vocabulary.start_id, "end": Vocabulary.end_id,
+                                "unk": Vocabulary.unk_id}:
+        raise OnnxExportError(f"{path}: special_ids must be {{pad: 0, start: 1, end: 2, unk: 3}}, "
+                              f"got {m.get('special_ids')!r:.80}")
 
 
 def _inside(folder: Path, name: object, path: Path) -> str:

@@ -170,3 +170,16 @@ def test_a_fifo_named_as_a_graph_is_refused_without_blocking(copy, photos):
     os.mkfifo(copy / "decoder_init.onnx")
     with pytest.raises(OnnxExportError, match=r"decoder_init\.onnx is not a regular file"):
         _captions(copy, photos)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["text"].__setitem__("join", ""), "text.tokenizer and text.join do not match"),
+    (lambda m: m["special_ids"].__setitem__("end", 5), "special_ids must be"),
+    (lambda m: m["image"].__setitem__("max_aspect", 4), "other image rules"),
+], ids=["join", "special_ids", "max_aspect"])
+def test_a_manifest_that_states_other_rules_than_the_captioner_applies_is_refused(copy, photos, edit, message):
+    from stage2_decoder.onnx_captioner import OnnxExportError
+
+    _edit(copy, edit)
+    with pytest.raises(OnnxExportError, match=message):
+        _captions(copy, photos)
