@@ -5,6 +5,16 @@ trim an extreme long side -> resize the shorter side (Pillow bilinear, antialias
 -> uint8 views. It reproduces, byte for byte, what torchvision's `F.resize` / `F.center_crop` /
 `F.pil_to_tensor` do on a PIL image, so the ONNX captioner (no torch installed) sees exactly the
 pixels stage 1 cached features from. `common.backbones` wraps it into torch tensors.
+
+Rules for images that are not plain 8-bit RGB (also written into every ONNX export's manifest by
+`image_contract`, so a deployer can reproduce them without this file):
+- transparency (RGBA, LA, PA, P with a transparent colour) is composited onto white;
+- 16-bit and 32-bit integer grayscale (I;16*, I) is scaled by the image's own maximum:
+  x / max * 255 in float32, truncated to uint8 (an all-zero image stays black);
+- 32-bit float grayscale (F, e.g. a float TIFF) is read by its range: values up to 1.0 as 0..1, up to
+  255 as 0..255, larger ones scaled by the image's own maximum; then rounded to the nearest integer
+  (half to even) and clipped to 0..255; NaN and -inf count as 0, +inf as the top;
+- a side longer than MAX_ASPECT x the other is centre-trimmed to that ratio before resizing.
 """
 from __future__ import annotations
 
@@ -178,9 +188,48 @@ def _trim_long_side(im: Image.Image, max_aspect: float) -> Image.Image:
     return im.crop((off, 0, off + keep, h) if w > h else (0, off, w, off + keep))
 
 
+def image_contract(pp: Preprocess) -> dict:
+    """The image path as plain values and exact rules, for a deployer who reimplements it (the ONNX manifest)."""
+    return {
+        "input": {"name": "images", "shape": ["batch", 3, pp.crop, pp.crop], "dtype": "uint8",
+                  "layout": "RGB, channels first (C, H, W), rows top to bottom",
+                  "normalisation": "inside encoder.onnx: (x / 255 - mean) / std"},
+        "jpeg_draft_size": [pp.resize, pp.resize] if pp.jpeg_draft else None,
+        "exif_transpose": pp.exif_transpose,
+        "transparency_background": [255, 255, 255],
+        "max_aspect": MAX_ASPECT,
+        "resize": pp.resize, "crop": pp.crop, "interpolation": pp.interpolation,
+        "steps": [
+            "open the file with Pillow (Image.open); for a JPEG call im.draft('RGB', (jpeg_draft_size)) before "
+            "anything reads its pixels: libjpeg decodes at the largest reduction 1/2, 1/4 or 1/8 that keeps "
+            "both sides >= jpeg_draft_size (skip for other formats, or when jpeg_draft_size is null)",
+            "if exif_transpose: PIL.ImageOps.exif_transpose(im)",
+            "mode I;16, I;16B, I;16L or I: a = float32 pixels; a = a / max(a) * 255 (max 0 counts as 1), "
+            "clipped to 0..255, truncated to uint8, mode L",
+            "mode F: a = float32 pixels, NaN and -inf -> 0, +inf -> the largest finite value; m = largest finite "
+            "value (0 if none); scale = 255 if m <= 1, else 1 if m <= 255, else 255 / m; "
+            "a = clip(rint(a * scale), 0, 255) (half to even), uint8, mode L",
+            "mode RGBA, LA, PA, or P with 'transparency' in im.info: convert to RGBA and alpha_composite onto an "
+            "opaque transparency_background image of the same size",
+            "im.convert('RGB') (any other mode: Pillow's conversion)",
+            "if the longer side > max_aspect x the shorter: keep = int(shorter * max_aspect), "
+            "off = (longer - keep) // 2, crop the longer side to [off, off + keep)",
+            "resize so the shorter side is `resize` and the longer one int(resize * longer / shorter) "
+            "(truncated), with im.resize((w, h), Image.BILINEAR) (Pillow's bilinear widens its filter when "
+            "shrinking: antialiased); skip when the size already matches",
+            "centre crop crop x crop: if a side is shorter than crop, first pad it with black, "
+            "(crop - side) // 2 before and the rest after; then top = round((h - crop) / 2), "
+            "left = round((w - crop) / 2) with Python's round (half to even)",
+            "np.asarray(im, uint8) is (H, W, 3): transpose to (3, H, W) and stack a batch",
+        ],
+    }
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
+    if im.mode == "F":  # 32-bit float (a float TIFF): Pillow's own conversion would read 0..1 as black
+        im = Image.fromarray(_float_to_u8(np.asarray(im, dtype=np.float32)))  # (H, W) uint8: mode L
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits
         arr = np.asarray(im, dtype=np.float32)
         hi = np.float32(arr.max()) or np.float32(1.0)
@@ -191,3 +240,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent -> white
         im = Image.alpha_composite(bg, im)
     return im.convert("RGB")
+
+
+def _float_to_u8(arr: np.ndarray) -> np.ndarray:
+    """Float pixels -> uint8 by their range (see the module docstring): 0..1, 0..255, or by their own maximum."""
+    finite = np.isfinite(arr)
+    hi = np.float32(arr[finite].max()) if finite.any() else np.float32(0)
+    arr = np.nan_to_num(arr, nan=0.0, posinf=float(hi), neginf=0.0)
+    scale = np.float32(255) if hi <= 1 else np.float32(1) if hi <= 255 else np.float32(255) / hi
+    return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)

@@ -9,9 +9,12 @@ has it is complete):
 - decoder_init.onnx  features (B, D) -> h, c (L, B, H): the LSTM state after the t=0 image step.
 - decoder_step.onnx  tokens (B,) int64, h, c -> logp (B, V) (log-probs, <pad>/<start> masked as
                      in training-time decoding), h, c.
-- capcache-onnx.json format + version, vocabulary, preprocessing, decode defaults, backbone and
-                     decoder descriptions, the source checkpoint's name, each graph's sha256.
-`stage2_decoder.onnx_captioner` runs them with onnxruntime, numpy and Pillow alone.
+- capcache-onnx.json format + version, vocabulary, the image contract (every rule that turns a file
+                     into the encoder's input, `common.preprocess.image_contract`), the text rule
+                     (how tokens join), decode defaults, backbone (with its weights' sha256) and
+                     decoder descriptions, the source checkpoint's name, each file's sha256 and size.
+`stage2_decoder.onnx_captioner` runs them with onnxruntime, numpy and Pillow alone; docs/deploy.md
+describes the contract for a deployer who writes their own.
 """
 from __future__ import annotations
 
@@ -34,6 +37,16 @@ class ExportConfig:
     checkpoint: str | None = None  # None: stage2_decoder.api.find_checkpoint (the caption CLI's lookup)
     out: str = "onnx"
     weights: str | None = None  # backbone weights file, if it moved since extraction
+
+
+def text_rule(tokenizer: str) -> dict:
+    """How the step graph's word ids become the caption text (`Vocabulary.caption`), as plain values."""
+    from common.tokenizer import join_tokens
+
+    return {"tokenizer": tokenizer, "join": join_tokens(["", ""], tokenizer),
+            "rule": "start from the first generated id; stop at <end> (not included); skip <pad> and <start>; "
+                    "map each id to vocab.words[id]; join the words with `join` (\"\" for the chars tokenizer, "
+                    "one space otherwise); the step graph never chooses <pad>, <start> or <unk>"}
 
 
 def _modules(cap):
@@ -91,12 +104,50 @@ def _check_outputs(name: str, path: Path, module, args: tuple, inputs: list[str]
                              f"(onnxruntime {ort.__version__}): export not kept")
 
 
+def _weights_sha256(backbone: dict) -> str | None:
+    """The backbone weights file's sha256: a --weights file's (recorded at extraction), else that of the
+    torchvision file the default weights load from; None for random ("none") weights."""
+    if backbone.get("weights_sha256"):
+        return backbone["weights_sha256"]
+    if backbone.get("weights") in (None, "none"):
+        return None
+    import torchvision
+
+    from common.backbones import get_spec, hub_checkpoint_dir
+
+    url = torchvision.models.get_weight(get_spec(backbone["name"]).weights).url
+    path = hub_checkpoint_dir() / url.rsplit("/", 1)[-1]
+    if not path.is_file():
+        raise FileNotFoundError(f"the {backbone['name']} weights file {path} is missing: it was read to build the "
+                                f"encoder, so it should be there")
+    return sha256_file(path)
+
+
+def _self_contained(name: str, path: Path) -> None:
+    """The graph holds all its tensors (no external data file): the manifest vouches for one file per graph."""
+    import onnx
+
+    def tensors(graph):  # initializers and constant attributes, subgraphs included
+        yield from graph.initializer
+        for node in graph.node:
+            for a in node.attribute:
+                yield from ([a.t] if a.HasField("t") else []) + list(a.tensors)
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    yield from tensors(g)
+
+    model = onnx.load(str(path), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors(model.graph)):
+        raise ValueError(f"the exported {name} keeps tensors in external data files (a graph over 2 GB): "
+                         f"not supported by this export")
+
+
 def export(cfg: ExportConfig) -> Path:
     """Write the ONNX folder for `cfg.checkpoint`; returns the manifest's path."""
     import onnx
     import torch
 
     from common.atomic import atomic_path, atomic_write
+    from common.preprocess import image_contract
     from stage2_decoder.api import Captioner, find_checkpoint
     from stage2_decoder.checkpoint import load_checkpoint
     from stage2_decoder.decode import DecodeConfig
@@ -141,8 +192,10 @@ def export(cfg: ExportConfig) -> Path:
                 onnx.checker.check_model(str(tmp), full_check=True)
             except onnx.checker.ValidationError as e:
                 raise ValueError(f"the exported {name} fails onnx.checker: {e}") from e
+            _self_contained(name, tmp)
             _check_outputs(name, tmp, module, args, inputs)
-        digests[name] = sha256_file(out / name)
+        digests[name] = {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size,
+                         "external_data": []}
 
     manifest = {
         "format": ONNX_FORMAT, "version": ONNX_VERSION,
@@ -150,12 +203,15 @@ def export(cfg: ExportConfig) -> Path:
         "vocab": {"words": list(cap.vocab.itos), "threshold": cap.vocab.threshold},
         "tokenizer": ckpt["vocab"].get("tokenizer"),
         "preprocess": json.loads(pp.describe()),
+        "image": image_contract(pp),
+        "text": text_rule(cap.vocab.tokenizer),
         "decode": asdict(DecodeConfig()),
-        "backbone": {k: v for k, v in ckpt["backbone"].items() if isinstance(v, (str, int, float, type(None)))},
+        "backbone": {**{k: v for k, v in ckpt["backbone"].items() if isinstance(v, (str, int, float, type(None)))},
+                     "weights_sha256": _weights_sha256(ckpt["backbone"])},
         "decoder": asdict(dcfg),
         "special_ids": {"pad": cap.vocab.pad_id, "start": cap.vocab.start_id, "end": cap.vocab.end_id,
                         "unk": cap.vocab.unk_id},
-        "files": {name: {"sha256": digests[name]} for name in GRAPHS},
+        "files": {name: digests[name] for name in GRAPHS},
         "opset": OPSET,
     }
     return atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",

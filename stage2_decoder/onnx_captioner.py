@@ -11,24 +11,37 @@ Images go through stage 1's own preprocessing (common.preprocess) and the search
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from common.bounds import check
-from common.preprocess import ImageError, Preprocess, load_views
+from common.jsonio import JSONFileError, read_json
+from common.preprocess import MAX_ASPECT, ImageError, Preprocess, load_views
+from common.tokenizer import join_tokens
 from common.vocab import Vocabulary
 from stage2_decoder.api import ON_ERROR, as_image_list, chunk_results, decode_settings, load_chunk
 from stage2_decoder.numpy_decode import beam_search_nbest, greedy_scored
 
 # the export folder's format (stage2_decoder.export writes it)
 ONNX_FORMAT = "capcache-onnx"
-ONNX_VERSION = 1
+ONNX_VERSION = 2  # 2: the image contract, the text rule, external data files and sizes in the manifest
 MANIFEST = "capcache-onnx.json"
 GRAPHS = ("encoder.onnx", "decoder_init.onnx", "decoder_step.onnx")
+MANIFEST_MAX_BYTES = 16 * 2**20  # a 100,000-word vocabulary is ~2 MB of JSON
+MANIFEST_MAX_DEPTH = 8  # the manifest nests 4 levels
+MAX_FILE_BYTES = 64 * 2**30  # one graph or external data file (ResNet-152's encoder is ~240 MB)
+# (low, high) of every number the manifest sets: a value outside is a damaged or hostile manifest, refused
+# before anything is allocated from it (resize sets the size of every intermediate image)
+LIMITS = {
+    "preprocess.resize": (1, 2048), "preprocess.crop": (1, 2048),
+    "decode.beam_size": (1, 64), "decode.max_len": (1, 512), "decode.min_len": (0, 512),
+    "decode.length_penalty": (-10.0, 10.0), "decode.no_repeat_ngram": (0, 512),
+}
 
 
 class OnnxExportError(ValueError):
@@ -48,24 +61,141 @@ def _read_manifest(folder: Path) -> dict:
         raise OnnxExportError(f"ONNX export folder not found: {folder}" if not folder.exists()
                               else f"{folder} is not a folder")
     path = folder / MANIFEST
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise OnnxExportError(f"{path} is missing: {folder} is not a complete export "
                               f"(run python -m stage2_decoder.export --out {folder})")
+    _inside(folder, MANIFEST, path)
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise OnnxExportError(f"{path} is not readable JSON: {e}") from e
-    if not isinstance(m, dict) or m.get("format") != ONNX_FORMAT:
+        m = read_json(path, "ONNX manifest", dict, max_bytes=MANIFEST_MAX_BYTES, max_depth=MANIFEST_MAX_DEPTH)
+    except (JSONFileError, OSError) as e:
+        raise OnnxExportError(str(e) if isinstance(e, JSONFileError) else f"{path} is not readable: {e}") from e
+    if m.get("format") != ONNX_FORMAT:
         raise OnnxExportError(f"{path} is not a {ONNX_FORMAT} manifest")
     if m.get("version") != ONNX_VERSION:
-        newer = "; it was written by a newer capcache: upgrade" if isinstance(m.get("version"), int) \
+        newer = "; it was written by a newer capcache: upgrade" if type(m.get("version")) is int \
             and m["version"] > ONNX_VERSION else "; export the checkpoint again"
         raise OnnxExportError(f"{path} has {ONNX_FORMAT} version {m.get('version')!r}; this capcache reads "
                               f"version {ONNX_VERSION}{newer}")
-    for key in ("vocab", "preprocess", "files", "decode"):
+    for key in ("vocab", "preprocess", "files", "decode", "image", "text"):
         if not isinstance(m.get(key), dict):
             raise OnnxExportError(f"{path} lacks {key!r}")
+    _check_numbers(m, path)
     return m
+
+
+def _check_numbers(m: dict, path: Path) -> None:
+    """Every number the manifest sets is of its type and within LIMITS; one error naming the field."""
+    for key, (lo, hi) in LIMITS.items():
+        section, name = key.split(".")
+        if name not in m[section]:
+            raise OnnxExportError(f"{path} lacks {key}")
+        v = m[section][name]
+        ok = type(v) is int if isinstance(lo, int) else type(v) in (int, float) and math.isfinite(v)
+        if not ok or not lo <= v <= hi:
+            kind = "an integer" if isinstance(lo, int) else "a number"
+            raise OnnxExportError(f"{path}: {key} must be {kind} in {lo}..{hi}, got {v!r:.40}")
+    pp = m["preprocess"]
+    if pp["crop"] > pp["resize"]:
+        raise OnnxExportError(f"{path}: preprocess.crop {pp['crop']} exceeds preprocess.resize {pp['resize']}")
+    for key in ("mean", "std"):
+        v = pp.get(key)
+        if not (isinstance(v, list) and len(v) == 3 and all(type(x) in (int, float) and math.isfinite(x) for x in v)
+                and (key == "mean" or all(0 < x <= 10 for x in v))):
+            raise OnnxExportError(f"{path}: preprocess.{key} must be 3 finite numbers"
+                                  f"{' in (0, 10]' if key == 'std' else ''}, got {v!r:.80}")
+    if pp.get("interpolation") != "bilinear" \
+            or not all(type(pp.get(k)) is bool for k in ("jpeg_draft", "exif_transpose")):
+        raise OnnxExportError(f"{path}: preprocess must be bilinear with true/false jpeg_draft and exif_transpose")
+    if m["image"].get("max_aspect") != MAX_ASPECT \
+            or m["image"].get("transparency_background") != [255, 255, 255]:
+        raise OnnxExportError(f"{path} was made under other image rules (max_aspect, transparency_background) than "
+                              f"this capcache applies; export the checkpoint again")
+    tokenizer = m.get("tokenizer") or "nltk"
+    if m["text"].get("tokenizer") != tokenizer or m["text"].get("join") != join_tokens(["", ""], tokenizer):
+        raise OnnxExportError(f"{path}: text.tokenizer and text.join do not match the tokenizer {tokenizer!r:.40}")
+    if m.get("special_ids") != {"pad": Vocabulary.pad_id, "start": Vocabulary.start_id, "end": Vocabulary.end_id,
+                                "unk": Vocabulary.unk_id}:
+        raise OnnxExportError(f"{path}: special_ids must be {{pad: 0, start: 1, end: 2, unk: 3}}, "
+                              f"got {m.get('special_ids')!r:.80}")
+
+
+def _inside(folder: Path, name: object, path: Path) -> str:
+    """A file the manifest names must be a plain name of a regular file that really lies in `folder`:
+    a symlink out of it (or `..`) would make the export read, and vouch for, a file it does not hold."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise OnnxExportError(f"{folder / MANIFEST} names {name!r:.80}, which is not a file name in {folder}")
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    if os.path.dirname(real) != root:
+        raise OnnxExportError(f"{path} points outside the export folder ({real}): refused")
+    try:
+        mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        raise OnnxExportError(f"{path} is missing (listed in {folder / MANIFEST})") from None
+    if not stat.S_ISREG(mode):
+        raise OnnxExportError(f"{path} is not a regular file")
+    return real
+
+
+def _verified_bytes(folder: Path, name: str, entry: object) -> bytes:
+    """A manifest-named file's bytes, read once and checked against the manifest's sha256 and size (the bytes
+    checked are the bytes used: nothing can swap the file between the check and the load)."""
+    mpath = folder / MANIFEST
+    path = folder / name
+    real = _inside(folder, name, path)
+    want = entry.get("sha256") if isinstance(entry, dict) else None
+    size = entry.get("bytes") if isinstance(entry, dict) else None
+    if not isinstance(want, str) or len(want) != 64:
+        raise OnnxExportError(f"{mpath} lists no sha256 for {name}")
+    if type(size) is not int or not 0 < size <= MAX_FILE_BYTES:
+        raise OnnxExportError(f"{mpath} lists no size (1..{MAX_FILE_BYTES:,} bytes) for {name}, got {size!r:.40}")
+    # O_NOFOLLOW: a symlink swapped in after the check is refused, not followed
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise OnnxExportError(f"{path} cannot be opened: {e.strerror}") from e
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OnnxExportError(f"{path} is not a regular file")
+        data = f.read(size + 1)
+    if len(data) != size or hashlib.sha256(data).hexdigest() != want:
+        raise OnnxExportError(f"{path} differs from the file exported (sha256 or size mismatch with {mpath}): "
+                              f"corrupted or replaced; export again")
+    return data
+
+
+def _session(folder: Path, name: str, files: dict, opts_for):
+    """One graph's onnxruntime session, from verified bytes; its external data (if the manifest lists any)
+    from verified bytes too, and nothing else from disk."""
+    import onnxruntime as ort
+
+    mpath = folder / MANIFEST
+    entry = files.get(name)
+    graph = _verified_bytes(folder, name, entry)
+    external = entry.get("external_data", [])
+    if not isinstance(external, list):
+        raise OnnxExportError(f"{mpath}: files.{name}.external_data must be a list of file names")
+    buffers = {}
+    for ext in external:
+        if ext not in files or ext in GRAPHS:
+            raise OnnxExportError(f"{mpath}: {name}'s external data {ext!r:.80} has no entry of its own in files")
+        buffers[ext] = np.frombuffer(_verified_bytes(folder, ext, files[ext]), dtype=np.uint8)
+    opts = opts_for()
+    # a graph loaded from bytes would otherwise read unlisted external data from the working directory: point
+    # onnxruntime at a folder that cannot exist (a path below the manifest file)
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                  os.path.join(os.path.realpath(mpath), "none"))
+    if buffers:
+        names = list(buffers)
+        opts.add_external_initializers_from_files_in_memory(names, [buffers[n] for n in names],
+                                                            [len(buffers[n]) for n in names])
+    try:
+        return ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"]), buffers
+    except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeException
+        msg = str(e).splitlines()[0] if str(e) else ""
+        if "xternal" in msg:
+            raise OnnxExportError(f"{folder / name} uses external data that {mpath} does not list for it "
+                                  f"({msg}): refused") from e
+        raise OnnxExportError(f"{folder / name} is not a loadable ONNX model: {type(e).__name__}: {msg}") from e
 
 
 class OnnxCaptioner:
@@ -77,7 +207,8 @@ class OnnxCaptioner:
 
     @classmethod
     def load(cls, folder: str | os.PathLike, threads: int = 0) -> "OnnxCaptioner":
-        """Check the folder (manifest, versions, checksums, sizes) and open its graphs. Raises OnnxExportError.
+        """Check the folder (manifest, versions, bounds, checksums of every file, sizes) and open its graphs.
+        Raises OnnxExportError.
 
         threads: onnxruntime's intra-op threads (0 = its default, one per core)."""
         import onnxruntime as ort
@@ -90,28 +221,24 @@ class OnnxCaptioner:
             pp = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["preprocess"].items()})
         except (KeyError, TypeError, ValueError) as e:
             raise OnnxExportError(f"{mpath}: unusable vocabulary or preprocessing: {e}") from e
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3  # errors only: its warnings are not the user's business
-        sessions = {}
+
+        def opts_for():
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            opts.log_severity_level = 3  # errors only: its warnings are not the user's business
+            return opts
+
+        sessions, external = {}, []
         for name in GRAPHS:
-            path = folder / name
-            want = (m["files"].get(name) or {}).get("sha256")
-            if not path.is_file():
-                raise OnnxExportError(f"{path} is missing (listed in {mpath})")
-            if not want:
-                raise OnnxExportError(f"{mpath} lists no sha256 for {name}")
-            if sha256_file(path) != want:
-                raise OnnxExportError(f"{path} differs from the file exported (sha256 mismatch with {mpath}): "
-                                      f"corrupted or replaced; export again")
-            try:
-                sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeException
-                raise OnnxExportError(f"{path} is not a loadable ONNX model: {type(e).__name__}: "
-                                      f"{str(e).splitlines()[0] if str(e) else ''}") from e
+            if name not in m["files"]:
+                raise OnnxExportError(f"{mpath} does not list {name}")
+            sessions[name], buffers = _session(folder, name, m["files"], opts_for)
+            external.append(buffers)
         cls._check_shapes(sessions, vocab, pp, folder)
-        return cls(folder, m, sessions, vocab, pp)
+        cap = cls(folder, m, sessions, vocab, pp)
+        cap._external = external  # onnxruntime may keep pointing into the external data it was handed
+        return cap
 
     @staticmethod
     def _check_shapes(sessions: dict, vocab: Vocabulary, pp: Preprocess, folder: Path) -> None:

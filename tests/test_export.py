@@ -54,13 +54,14 @@ def test_export_writes_checked_graphs_and_a_manifest(export_dir, tiny_checkpoint
 
     m = json.loads((export_dir / "capcache-onnx.json").read_text())
     ckpt = load_checkpoint(tiny_checkpoint)
-    assert (m["format"], m["version"], m["checkpoint"]) == ("capcache-onnx", 1, "best.pt")
+    assert (m["format"], m["version"], m["checkpoint"]) == ("capcache-onnx", 2, "best.pt")
     assert Vocabulary(m["vocab"]["words"]) == Vocabulary.from_dict(ckpt["vocab"])
     assert m["backbone"]["name"] == "mobilenet_v2" and m["preprocess"]["resize"] == 256
     assert m["decode"]["beam_size"] == 3 and m["decoder"] == ckpt["decoder_config"]
     for name in ("encoder.onnx", "decoder_init.onnx", "decoder_step.onnx"):
         onnx.checker.check_model(str(export_dir / name), full_check=True)
         assert m["files"][name]["sha256"] == sha256_file(export_dir / name)
+        assert m["files"][name]["bytes"] == (export_dir / name).stat().st_size
         model = onnx.load(str(export_dir / name))
         assert model.opset_import[0].version >= 17
         assert all(i.type.tensor_type.shape.dim[0 if i.name in ("images", "features", "tokens") else 1].dim_param
@@ -163,9 +164,10 @@ def _torchless_env(tmp_path: Path) -> dict:
 
 
 # what docs/deploy.md says to ship beside the export folder
-SHIP_FILES = ("common/__init__.py", "common/preprocess.py", "common/vocab.py", "common/bounds.py",
-              "stage2_decoder/__init__.py", "stage2_decoder/onnx_captioner.py", "stage2_decoder/numpy_decode.py",
-              "stage2_decoder/api.py", "stage2_decoder/decode_config.py")
+SHIP_FILES = ("common/__init__.py", "common/atomic.py", "common/bounds.py", "common/jsonio.py", "common/preprocess.py",
+              "common/tokenizer.py", "common/vocab.py", "stage2_decoder/__init__.py", "stage2_decoder/api.py",
+              "stage2_decoder/decode_config.py", "stage2_decoder/ngram_block.py", "stage2_decoder/numpy_decode.py",
+              "stage2_decoder/onnx_captioner.py")
 
 
 def test_onnx_captioner_runs_from_the_shipped_files_where_torch_cannot_be_imported(export_dir, photos, tmp_path):
@@ -175,11 +177,16 @@ def test_onnx_captioner_runs_from_the_shipped_files_where_torch_cannot_be_import
         shutil.copy(REPO / f, shipped / f)
     env = _torchless_env(tmp_path)
     env["PYTHONPATH"] = env["PYTHONPATH"].replace(str(REPO), str(shipped))
+    env["SHIPPED"] = str(shipped)  # every project module must come from the shipped copy, not an installed one
     code = ("import json, sys\n"
             "try:\n    import torch\nexcept ImportError:\n    pass\nelse:\n    sys.exit('torch imported')\n"
             "from stage2_decoder.onnx_captioner import OnnxCaptioner\n"
             "out = OnnxCaptioner.load(sys.argv[1], threads=1).caption(sys.argv[2:], beam_size=1)\n"
             "assert not any(m.split('.')[0] in ('torch', 'torchvision') for m in sys.modules if sys.modules[m])\n"
+            "ours = [m for m in sys.modules if m.split('.')[0] in ('common', 'stage2_decoder')]\n"
+            "import os\n"
+            "stray = [m for m in ours if not sys.modules[m].__file__.startswith(os.environ['SHIPPED'])]\n"
+            "assert not stray, stray\n"
             "print(json.dumps([r['caption'] for r in out]))\n")
     p = subprocess.run([sys.executable, "-c", code, str(export_dir), *photos[:3]], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=120)
@@ -248,7 +255,8 @@ def test_a_corrupted_graph_with_a_matching_checksum_is_still_named(export_dir, t
     d = _broken(export_dir, tmp_path, "corrupted_onnx")
     m = json.loads((d / "capcache-onnx.json").read_text())
     (d / "decoder_step.onnx").write_bytes(b"\x08\x07garbage")
-    m["files"]["decoder_step.onnx"]["sha256"] = sha256_file(d / "decoder_step.onnx")
+    m["files"]["decoder_step.onnx"].update(sha256=sha256_file(d / "decoder_step.onnx"),
+                                           bytes=(d / "decoder_step.onnx").stat().st_size)
     (d / "capcache-onnx.json").write_text(json.dumps(m))
     with pytest.raises(OnnxExportError, match=r"decoder_step\.onnx is not a loadable ONNX model"):
         OnnxCaptioner.load(d)
