@@ -85,7 +85,8 @@ def test_quality_mean_of_runs_averages_metrics_and_each_image():
 def test_quality_quick_mode_scores_the_seed_recipe_as_a_mean_of_runs(data_dir, coco_dir, tmp_path):
     out = tmp_path / "q.json"
     p = subprocess.run([sys.executable, "bench/quality.py", "--quick", "--datasets", "coco", "--seed-runs", "2",
-                        "--ours-runs", "2", "--compare", "ema_warmup=off", "--data", str(data_dir), "--work", str(tmp_path / "work"), "--json", str(out)],
+                        "--ours-runs", "2", "--compare", "ema_warmup=off", "--data", str(data_dir),
+                        "--work", str(tmp_path / "work"), "--json", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": TEST_THREADS})
     assert p.returncode == 0, p.stderr[-3000:]
