@@ -172,7 +172,7 @@ class Captioner:
             decoded = {}
             if tensors:
                 feats = self.backbone.encode(torch.stack(tensors))  # (b, D)
-                decoded = dict(zip(good, self._decode(feats, *settings)))
+                decoded = dict(zip(good, self._decode(feats, *settings, keys=self._sample_keys(tensors, settings))))
             yield from chunk_results(chunk, decoded, errors)
             bar.update(len(chunk))
         bar.close()
@@ -204,8 +204,19 @@ class Captioner:
         raise TypeError(f"images[{index}]: expected a file path, a PIL image or an HxWx3 uint8 array, "
                         f"got {type(image).__name__}")
 
-    def _decode(self, feats: torch.Tensor, dcfg: DecodeConfig, scfg: SampleConfig) -> list[dict]:
-        """(B, D) features -> per row {"caption", "captions"}: N distinct beam hypotheses or N samples."""
+    @staticmethod
+    def _sample_keys(tensors: list, settings: tuple[DecodeConfig, SampleConfig]) -> list[int] | None:
+        """With sampling, what each image's draws are seeded from besides the seed: its preprocessed pixels,
+        so a photo gets the same samples alone or anywhere in a folder (its features may differ in the last
+        bits with the batch around it)."""
+        from stage2_decoder.sampling import content_key
+
+        return [content_key(t) for t in tensors] if settings[1].sample else None
+
+    def _decode(self, feats: torch.Tensor, dcfg: DecodeConfig, scfg: SampleConfig,
+                keys: list[int] | None = None) -> list[dict]:
+        """(B, D) features -> per row {"caption", "captions"}: N distinct beam hypotheses or N samples (each
+        row's draws seeded from (seed, its key), default its feature row: sampling.sample_captions)."""
         from dataclasses import replace
 
         from stage2_decoder.decode import beam_search_nbest
@@ -214,7 +225,7 @@ class Captioner:
         feats = feats.to(next(self.decoder.parameters()).device)
         if scfg.sample:
             hyps = sample_captions(self.decoder, feats, scfg.num_captions, dcfg.max_len, dcfg.min_len,
-                                   scfg.temperature, scfg.top_p, scfg.seed)
+                                   scfg.temperature, scfg.top_p, scfg.seed, keys)
         elif dcfg.beam_size == scfg.num_captions == 1 and dcfg.no_repeat_ngram == 0:  # a beam of one, faster
             hyps = greedy_scored(self.decoder, feats, dcfg.max_len, dcfg.min_len, dcfg.length_penalty)
         else:  # the beam holds at least N hypotheses

@@ -98,7 +98,8 @@ def _scst_epoch(cfg: TrainConfig, scorer: CiderD, model: CaptionDecoder, opt: to
     with tqdm(total=n_batches, desc=f"scst {epoch + 1}/{cfg.epochs + cfg.scst_epochs}", unit="batch", leave=False,
               disable=not cfg.progress, dynamic_ncols=True) as bar:
         return {"train_reward": scst_epoch(model, opt, features, rows, scorer, vocab.itos, cfg.batch_size, g,
-                                           cfg.scst_samples, cfg.grad_clip, max_batches=n_batches, progress=bar)}
+                                           cfg.scst_samples, cfg.grad_clip, max_batches=n_batches, progress=bar,
+                                           max_len=cfg.scst_max_len)}
 
 
 def validate(model: CaptionDecoder, cfg: TrainConfig, val_set: CaptionPairs, features: torch.Tensor,

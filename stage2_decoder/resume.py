@@ -15,7 +15,7 @@ from common.bounds import MAX_EPOCHS
 from common.jsonio import JSONFileError, read_json
 from common.vocab import Vocabulary
 from stage2_decoder.checkpoint import CheckpointError, load_checkpoint
-from stage2_decoder.ema import EMA
+from stage2_decoder.ema import EMA, optimizer_steps
 
 
 def cuda_rng_state(device) -> dict:
@@ -124,7 +124,9 @@ def _resume(run: Path, cfg, model, opt, sched, vocab: Vocabulary, device, backbo
     try:
         model.load_state_dict(ckpt.get("train_model_state", ckpt["model_state"]), strict=True)
         if ema is not None:
-            ema.load_state_dict(ckpt["model_state"])  # goes on averaging (not a fresh copy of the trained weights)
+            # goes on averaging (not a fresh copy of the trained weights); a last.pt from before the counter:
+            # one update per optimiser step
+            ema.load_state_dict(ckpt["model_state"], ckpt.get("ema_updates", optimizer_steps(ckpt["optimizer_state"])))
         opt.load_state_dict(ckpt["optimizer_state"])
         sched.load_state_dict(ckpt["scheduler_state"])
         torch.set_rng_state(ckpt["rng_state"].cpu())

@@ -54,17 +54,21 @@ def epoch_record(epoch: int, train: dict[str, float], val: dict[str, float], sec
 def save_epoch(run: Path, cfg: TrainConfig, saved: CaptionDecoder, trained: CaptionDecoder | None,
                opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.ReduceLROnPlateau, device: torch.device,
                vocab: Vocabulary, backbone: dict[str, str | int | None], split: dict[str, list[str]],
-               history: list[EpochRecord], best: dict[str, float], is_best: bool) -> None:
+               history: list[EpochRecord], best: dict[str, float], is_best: bool,
+               ema_updates: int | None = None) -> None:
     """After epoch `history[-1]`: best.pt if `is_best`, then last.pt, then its metrics.jsonl line.
 
     `saved` holds the weights validated (the weight average in the cross-entropy phase), `trained` the
-    trained ones beside them (None when they are the same), which last.pt keeps to go on exactly."""
+    trained ones beside them (None when they are the same), which last.pt keeps to go on exactly, with
+    the number of updates the average holds (`ema_updates`: its warm-up goes on from there)."""
     rec = history[-1]
     extra = dict(epoch=rec["epoch"], optimizer_state=opt.state_dict(), scheduler_state=sched.state_dict(),
                  rng_state=torch.get_rng_state(), train_config=asdict(cfg), history=history, best=best,
                  split={"val": split["val"], "test": split["test"]}, **cuda_rng_state(device))
     if trained is not None:
         extra["train_model_state"] = cpu_state(trained)
+    if ema_updates is not None:
+        extra["ema_updates"] = ema_updates
     if is_best:  # before last.pt: a kill between the two redoes this epoch, best.pt included
         save_checkpoint(run / "best.pt", saved, vocab, backbone, **inference_extra(extra))  # no resume state
     save_checkpoint(run / "last.pt", saved, vocab, backbone, **extra)

@@ -2,33 +2,50 @@
 captions per image, and greedy decoding (the argmax at each step) with the beam search's score."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from common.vocab import Vocabulary
 from stage2_decoder.model import CaptionDecoder
 
 
+def content_key(data: torch.Tensor) -> int:
+    """What an image's draws are seeded from besides the seed: a digest of its pixels (or its feature row)."""
+    return int.from_bytes(hashlib.sha256(data.detach().cpu().contiguous().numpy().tobytes()).digest()[:16], "big")
+
+
+def image_seed(seed: int, key: int) -> int:
+    """The seed of one image's generator, mixed from the request's seed and the image's key (SeedSequence:
+    nearby seeds and keys give unrelated streams)."""
+    return int(np.random.SeedSequence([seed % 2**64, key]).generate_state(1, np.uint64)[0])
+
+
 @torch.inference_mode()
 def sample_captions(model: CaptionDecoder, features: torch.Tensor, n: int, max_len: int = 20, min_len: int = 1,
-                    temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None
-                    ) -> list[list[tuple[list[int], float]]]:
+                    temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                    keys: Sequence[int] | None = None) -> list[list[tuple[list[int], float]]]:
     """features (B, D) -> per image, n sampled (word ids without <end>, score), best score first.
 
     The score is the caption's mean log-probability per emitted token (its words and <end>) under the
     model itself, not the tempered distribution it was drawn from, so scores compare across settings.
-    The same seed on the same device gives the same captions.
+    Each image draws from its own generator, seeded from (seed, its key; default: `content_key` of its
+    feature row): the same seed gives an image the same captions on the same device wherever it stands in
+    a request and however the request is split into batches.
     """
-    gen = torch.Generator(device=features.device)
     if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
+        seed = torch.Generator().seed()
+    keys = [content_key(f) for f in features] if keys is None else list(keys)
+    if len(keys) != features.shape[0]:
+        raise ValueError(f"sample_captions: {len(keys)} keys for {features.shape[0]} images")
+    gens = [torch.Generator(device=features.device).manual_seed(image_seed(seed, k)) for k in keys]
 
     def draw(logp: torch.Tensor) -> torch.Tensor:
         probs = _nucleus(torch.softmax(logp / temperature, dim=-1), top_p)  # (B*n, V)
-        return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        # each image's n rows from its own generator: its draws never depend on the other images
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs.split(n), gens)]).squeeze(1)
 
     ids, total, count = _word_by_word(model, features, n, max_len, min_len, draw)
     return _ranked(ids, (total / count).tolist(), features.shape[0], n)

@@ -66,13 +66,14 @@ def scst_loss(model: CaptionDecoder, features: torch.Tensor, keys: list[str], sc
 
 def scst_epoch(model: CaptionDecoder, opt: torch.optim.Optimizer, features: torch.Tensor, rows: dict[str, int],
                scorer: CiderD, itos: list[str], batch_images: int, generator: torch.Generator, k: int = 5,
-               grad_clip: float = 5.0, max_batches: int | None = None, progress=None) -> float:
-    """One pass of SCST over the scorer's images (in a seeded random order); returns the mean reward.
+               grad_clip: float = 5.0, max_batches: int | None = None, progress=None, max_len: int = 16) -> float:
+    """One pass of SCST over the scorer's images (in a seeded random order), sampling captions of at most
+    `max_len` words (TrainConfig.scst_max_len); returns the mean reward.
 
     `features` (N, D), or (V, N, D) for V cached views: then each image of a batch gets a random one."""
     with scst_mode(model):
         return _scst_batches(model, opt, features, rows, scorer, itos, batch_images, generator, k, grad_clip,
-                             max_batches, progress)
+                             max_batches, progress, max_len)
 
 
 @contextlib.contextmanager
@@ -100,7 +101,7 @@ def scst_mode(model: CaptionDecoder):
 
 def _scst_batches(model: CaptionDecoder, opt: torch.optim.Optimizer, features: torch.Tensor, rows: dict[str, int],
                   scorer: CiderD, itos: list[str], batch_images: int, generator: torch.Generator, k: int,
-                  grad_clip: float, max_batches: int | None, progress) -> float:
+                  grad_clip: float, max_batches: int | None, progress, max_len: int) -> float:
     keys = scst_keys(scorer, rows)
     order = torch.randperm(len(keys), generator=generator).tolist()
     total, batches = 0.0, 0
@@ -108,7 +109,7 @@ def _scst_batches(model: CaptionDecoder, opt: torch.optim.Optimizer, features: t
         chunk = [keys[i] for i in order[s:s + batch_images]]
         batch_rows = torch.tensor([rows[key] for key in chunk], device=features.device)
         feats = view_rows(features, batch_rows, generator).float()  # cached views are in the cache's float16
-        loss, reward = scst_loss(model, feats, chunk, scorer, itos, k)
+        loss, reward = scst_loss(model, feats, chunk, scorer, itos, k, max_len)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

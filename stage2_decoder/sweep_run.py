@@ -259,8 +259,40 @@ def default_jobs(gpus: list[str]) -> int:
     return min(_cpu_count(), RUNS_PER_GPU * len(gpus)) if gpus else _cpu_count()
 
 
+def _run_in_process(spec: RunSpec, threads: int) -> dict:
+    """A Dask task: train `spec` in a Python process of its own and return its record.
+
+    A worker runs its tasks as threads of one process, and a run seeds torch's global generators (dropout,
+    SCST sampling, the RNG state last.pt saves) and sets its thread count: runs side by side in one process
+    would draw from each other's generators. Its own process makes a run's result depend on its settings
+    alone. A subprocess, not multiprocessing: Dask's worker processes are daemons, which may not fork children
+    of that kind."""
+    import subprocess
+
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    root = str(Path(__file__).resolve().parents[1])  # the code this worker runs, not another installed copy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    with open(run_dir / LOG, "a") as log:
+        proc = subprocess.run([sys.executable, "-m", "stage2_decoder.sweep_run", json.dumps(
+            {"name": spec.name, "run_dir": spec.run_dir, "features": spec.features, "params": spec.params}),
+            str(threads)], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, check=False)
+    rec = _read_result(spec)
+    if rec is None:
+        rec = _record(spec, "failed", _exit_reason(proc.returncode))
+        write_json(run_dir / RESULT, rec)
+    return {**rec, "worker_pid": os.getpid()}  # pid: the run's own process
+
+
+def _process_main(spec_json: str, threads: str) -> None:
+    """`python -m stage2_decoder.sweep_run SPEC_JSON THREADS`: one run, dying with the worker that started it."""
+    _die_with_parent()
+    _run_one(RunSpec(**json.loads(spec_json)), int(threads))
+
+
 def run_dask(pending: list[RunSpec], bar, scheduler: str, threads: int) -> dict[str, dict]:
-    """Run the specs on the Dask cluster at `scheduler`; their records by name (a run the cluster lost has none)."""
+    """Run the specs on the Dask cluster at `scheduler`, each in its own process on a worker; their records by
+    name (a run the cluster lost has none)."""
     from distributed import Client
     from joblib import Parallel, delayed, parallel_config
 
@@ -269,7 +301,7 @@ def run_dask(pending: list[RunSpec], bar, scheduler: str, threads: int) -> dict[
         try:
             # batch_size=1: one run per Dask task, so a long run never holds others hostage
             for rec in Parallel(batch_size=1, return_as="generator_unordered")(
-                    delayed(_run_one)(s, threads) for s in pending):
+                    delayed(_run_in_process)(s, threads) for s in pending):
                 done[rec["run"]] = rec
                 bar.update()
         except Exception as e:  # noqa: BLE001 - e.g. KilledWorker: keep what finished, report the rest
@@ -306,3 +338,7 @@ def run_local(pending: list[RunSpec], bar, n_jobs: int | None, threads: int | No
         _stop_children()  # Ctrl-C / SIGTERM: the running runs stop now and are redone by a rerun
         raise
     return done
+
+
+if __name__ == "__main__":
+    _process_main(*sys.argv[1:])

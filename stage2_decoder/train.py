@@ -67,6 +67,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # >0: validate, select and save a per-step moving average of the cross-entropy weights (~1/(1-decay) steps)
     ema_decay: float = 0.995
+    # warm the average up: decay_t = min(ema_decay, (1 + t) / (10 + t)) after t steps (docs/defaults.md)
+    ema_warmup: bool = True
     train_views: bool = True  # cross-entropy: each caption's image from a random cached view, if the cache has several
     length_buckets: int = 16  # batch captions of like length, sorted within runs of this many batches (1 = random)
     select_by: str = "cider"  # best.pt by validation "cider" (decoded as --val-beam-size says) or "loss"
@@ -79,6 +81,7 @@ class TrainConfig:
     scst_lr: float = 1e-4
     scst_views: bool = False  # SCST: each image's feature from a random cached view (as --train-views does)
     scst_samples: int = 5  # captions sampled per image; each one's baseline is the mean of the others
+    scst_max_len: int = 16  # most words per sampled SCST caption (docs/defaults.md)
     # validation decodes as the captioner does (1 = greedy) to pick best.pt and the schedule (docs/defaults.md)
     val_beam_size: int = 3
     val_images: int = 500  # validation images decoded for CIDEr each epoch (0 = all)
@@ -131,7 +134,7 @@ MAX_LSTM_WEIGHTS = 1 << 30  # 4 GiB of float32 before gradients and Adam's two m
 
 def _check(cfg: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "embed_size", "hidden_size", "num_layers", "vocab_threshold",
-                 "max_caption_len", "length_buckets", "val_beam_size"):
+                 "max_caption_len", "length_buckets", "val_beam_size", "scst_max_len"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
@@ -187,7 +190,7 @@ def _train(cfg: TrainConfig, owned: contextlib.ExitStack) -> TrainResult:
     # with --ema-decay the cross-entropy phase's weights validated, selected and saved (model_state) are a
     # moving average of the trained ones, which its checkpoints also keep (train_model_state) so a resumed run
     # goes on exactly. SCST is not averaged: its few steps (one per batch of images) would be mostly undone.
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
     history, start_epoch, best = _resume(run, cfg, model, opt, sched, data.vocab, device, data.backbone, ema)
     val_keys = set([r.key for r in data.val_records][: cfg.val_images or None])
     val_refs = {r.key: r.captions for r in data.val_records if r.key in val_keys and r.captions}
@@ -223,7 +226,7 @@ def _train(cfg: TrainConfig, owned: contextlib.ExitStack) -> TrainResult:
             best = {"score": score, "epoch": epoch + 1, **val}
         sched.step(score)
         save_epoch(run, cfg, saved, model if averaged else None, opt, sched, device, data.vocab, data.backbone,
-                   data.split, history, best, is_best)
+                   data.split, history, best, is_best, ema.updates if averaged else None)
         if _patience_ran_out(cfg, best, epoch + 1) and cfg.progress:
             tqdm.write(f"early stop: no better validation {cfg.select_by} for {cfg.patience} epochs")
     _plot(run)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import time
 
 import numpy as np
 import pytest
@@ -172,15 +171,12 @@ def test_missing_default_weights_raise_weights_not_found(tmp_path, monkeypatch):
     home = tmp_path / "torch_home"
     home.mkdir()
     monkeypatch.setenv("TORCH_HOME", str(home))
-    t0 = time.perf_counter()
     with pytest.raises(WeightsNotFound) as ei:
         load_backbone("resnet152", "default")
-    elapsed = time.perf_counter() - t0
     msg = str(ei.value)
     assert "resnet152-f82ba261.pth" in msg
     assert str(home) in msg  # says where to put it
     assert not list(home.rglob("*.pth"))  # no half-downloaded file left that would look like weights
-    assert elapsed < 60, f"download attempt took {elapsed:.0f}s"
 
 
 # --- images ------------------------------------------------------------------------------------------------

@@ -85,14 +85,31 @@ def test_quality_mean_of_runs_averages_metrics_and_each_image():
 def test_quality_quick_mode_scores_the_seed_recipe_as_a_mean_of_runs(data_dir, coco_dir, tmp_path):
     out = tmp_path / "q.json"
     p = subprocess.run([sys.executable, "bench/quality.py", "--quick", "--datasets", "coco", "--seed-runs", "2",
-                        "--data", str(data_dir), "--work", str(tmp_path / "work"), "--json", str(out)],
+                        "--ours-runs", "2", "--compare", "ema_warmup=off", "--data", str(data_dir),
+                        "--work", str(tmp_path / "work"), "--json", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": TEST_THREADS})
     assert p.returncode == 0, p.stderr[-3000:]
     assert "mean of 2 training seeds" in p.stdout and "its worst" in p.stdout
+    assert "ours / ours (ema_warmup=False) = " in p.stdout  # the A/B of one setting, paired
     report = json.loads(out.read_text())["coco"]
-    assert {"seed recipe", "nearest neighbour", "ours (default)"} <= set(report["metrics"])
+    assert {"seed recipe", "nearest neighbour", "ours (default)", "ours (ema_warmup=False)"} <= set(report["metrics"])
+    assert (tmp_path / "work" / "coco-ours-s1" / "last.pt").is_file()
     assert sorted(k for k in report["timings"] if k.startswith("train seed recipe")) == \
         ["train seed recipe seed 0 s", "train seed recipe seed 1 s"]
     assert (tmp_path / "work" / "coco-seed" / "last.pt").is_file()  # the first run keeps the old directory
     assert (tmp_path / "work" / "coco-seed-s1" / "last.pt").is_file()
+
+
+def test_quality_compare_takes_one_train_setting_of_its_type():
+    import argparse
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from quality import compare_setting
+
+    assert compare_setting("ema_warmup=off") == ("ema_warmup", False)
+    assert compare_setting("ema_decay=0.99") == ("ema_decay", 0.99)
+    assert compare_setting("scst_max_len=20") == ("scst_max_len", 20)
+    for bad in ("ema_warmup", "no_such=1", "ema_warmup=maybe", "scst_max_len=1.5", "features=x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            compare_setting(bad)

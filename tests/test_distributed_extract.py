@@ -185,9 +185,8 @@ def test_a_failing_rank_stops_the_others_without_torchrun(coco_dir, tmp_path):
                               env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                        MASTER_PORT=port))
              for r in range(2)]
-    t0 = time.monotonic()
+    # a hang guard, not a timing: ranks that waited out --dist-timeout 600 would overrun it
     (_, err0), (_, err1) = [p.communicate(timeout=240) for p in procs]
-    assert time.monotonic() - t0 < 200  # far below the 600 s timeout
     assert [p.returncode for p in procs] == [1, 1], (err0, err1)
     assert "Traceback" not in err0 + err1
     assert "error: cannot write" in err1 and "No space left on device" in err1

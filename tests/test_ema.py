@@ -1,11 +1,14 @@
-"""--ema-decay: the weights validated, selected and saved are a moving average of the trained ones."""
+"""--ema-decay: the weights validated, selected and saved are a moving average of the trained ones, warmed
+up (--ema-warmup) so a short run's average is not mostly its random start."""
 from __future__ import annotations
 
 import shutil
 
 import torch
+from torch import nn
 
 from stage2_decoder.checkpoint import load_checkpoint
+from stage2_decoder.ema import EMA, warmed_decay
 from stage2_decoder.train import TrainConfig, train
 
 TINY = dict(batch_size=16, embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True, device="cpu",
@@ -25,9 +28,11 @@ def test_saved_weights_are_the_moving_average_and_a_resume_goes_on_exactly(share
     second = load_checkpoint(tmp_path / "two" / "last.pt")
     w1, w2 = first["train_model_state"], second["train_model_state"]
     assert not torch.equal(w1["embed.weight"], w2["embed.weight"])
-    for k, v in second["model_state"].items():  # after step 2: decay * w1 + (1 - decay) * w2
-        if v.is_floating_point():
-            torch.testing.assert_close(v, decay * w1[k] + (1 - decay) * w2[k], rtol=1e-5, atol=1e-6)
+    d = warmed_decay(decay, 1)  # the second update: min(0.75, 2 / 11)
+    assert second["ema_updates"] == 2 and d == 2 / 11
+    for k, v in second["model_state"].items():  # after step 2: d * w1 + (1 - d) * w2
+        if v.is_floating_point():  # one lerp vs this expression: float32 rounding only
+            torch.testing.assert_close(v, d * w1[k] + (1 - d) * w2[k], rtol=1e-5, atol=1e-6)
 
     # resumed after epoch 1, it ends where an uninterrupted run ends, average and trained weights alike
     train(TrainConfig(features=str(shared_cache), out=str(run), epochs=3, ema_decay=decay, **TINY))
@@ -50,3 +55,84 @@ def test_the_self_critical_phase_is_not_averaged(shared_cache, tmp_path):
                       **{**TINY, "scst_epochs": 1}))
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["history"][-1]["phase"] == "scst" and "train_model_state" not in ckpt
+
+
+def _linear(value: float) -> nn.Linear:
+    m = nn.Linear(4, 3)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(value)
+    return m
+
+
+def test_a_short_run_average_is_mostly_the_trained_weights():
+    """60 updates (a 400-photo, 4-epoch run): a constant 0.995 from the start would keep 0.995 ** 59 = 74% of
+    the first weights; warmed up, their share is the product of (1 + t) / (10 + t), below 1e-9."""
+    model = _linear(0.0)  # the weights after the first step
+    ema = EMA(model, 0.995)
+    ema.update(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)  # where training went
+    for _ in range(59):
+        ema.update(model)
+    assert ema.updates == 60
+    for p in ema.module.parameters():  # float32 lerps of 0 -> 1: a few ulps
+        torch.testing.assert_close(p, torch.ones_like(p), rtol=0, atol=1e-6)
+
+
+def test_the_warm_up_follows_its_schedule_then_the_decay():
+    model = _linear(0.0)
+    ema = EMA(model, 0.9)
+    want = 0.0
+    for t in range(40):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(t))
+        ema.update(model)
+        d = 0.0 if t == 0 else min(0.9, (1 + t) / (10 + t))
+        want = d * want + (1 - d) * t
+        torch.testing.assert_close(ema.module.weight, torch.full((3, 4), want), rtol=1e-6, atol=1e-5)  # float32
+    assert warmed_decay(0.9, 80) == 0.9 and warmed_decay(0.995, 1791) == 0.995  # then the decay as set
+    assert warmed_decay(0.9, 79) < 0.9 and warmed_decay(0.995, 1789) < 0.995
+
+
+def test_without_warm_up_the_decay_is_constant():
+    model = _linear(0.0)
+    ema = EMA(model, 0.5, warmup=False)
+    ema.update(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+    ema.update(model)
+    ema.update(model)
+    torch.testing.assert_close(ema.module.weight, torch.full((3, 4), 0.75), rtol=0, atol=0)  # exact in binary
+
+
+def test_a_last_pt_from_before_the_counter_resumes_exactly(shared_cache, tmp_path):
+    """A last.pt without "ema_updates" takes the count from Adam's steps (one update followed each): it
+    ends where an uninterrupted run ends, bit for bit."""
+    run = tmp_path / "run"
+    train(TrainConfig(features=str(shared_cache), out=str(run), epochs=2, ema_decay=0.9, **TINY))
+    old = torch.load(run / "last.pt", weights_only=True)
+    assert old.pop("ema_updates") == 2
+    torch.save(old, run / "last.pt")
+    train(TrainConfig(features=str(shared_cache), out=str(run), epochs=4, ema_decay=0.9, **TINY))
+    train(TrainConfig(features=str(shared_cache), out=str(tmp_path / "straight"), epochs=4, ema_decay=0.9, **TINY))
+    a, b = load_checkpoint(run / "last.pt"), load_checkpoint(tmp_path / "straight" / "last.pt")
+    assert a["ema_updates"] == b["ema_updates"] == 4
+    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
+
+
+def test_the_warm_up_is_a_recorded_setting_a_resume_keeps(shared_cache, tmp_path):
+    import json
+
+    import pytest
+
+    from stage2_decoder.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    train(TrainConfig(features=str(shared_cache), out=str(run), epochs=1, ema_warmup=False, **TINY))
+    assert json.loads((run / "config.json").read_text())["ema_warmup"] is False
+    with pytest.raises(CheckpointError, match="ema_warmup False -> True"):
+        train(TrainConfig(features=str(shared_cache), out=str(run), epochs=2, **TINY))

@@ -197,11 +197,6 @@ def test_onnx_captioner_runs_from_the_shipped_files_where_torch_cannot_be_import
                                                                                                  beam_size=1)]
 
 
-needs_onnx_cli = pytest.mark.skipif('"--onnx"' not in (REPO / "stage2_decoder" / "caption.py").read_text(),
-                                    reason="caption has no --onnx option here")
-
-
-@needs_onnx_cli
 def test_caption_cli_with_onnx_needs_no_torch(export_dir, tiny_checkpoint, photos, tmp_path):
     from stage2_decoder.api import Captioner
 
@@ -262,7 +257,6 @@ def test_a_corrupted_graph_with_a_matching_checksum_is_still_named(export_dir, t
         OnnxCaptioner.load(d)
 
 
-@needs_onnx_cli
 @pytest.mark.parametrize("how", sorted(BROKEN))
 def test_caption_cli_on_a_broken_export_prints_one_error_line(export_dir, photos, tmp_path, how, cli):
     p = cli("stage2_decoder.caption", "--onnx", _broken(export_dir, tmp_path, how), photos[0])

@@ -128,9 +128,9 @@ NOISE = ("project.bias", "bn.running_mean")
 
 
 def test_the_sync_free_step_trains_exactly_as_before(shared_cache):
-    """Twelve steps of train()'s own step + EMA against f959e73's (unsorted batches, enforce_sorted=False,
-    AveragedModel): the same losses bit for bit, with BatchNorm training (dropout off: its masks follow
-    the rows, and the rows now come in another order)."""
+    """Twelve steps of train()'s own step + EMA (without warm-up: AveragedModel has none) against f959e73's
+    (unsorted batches, enforce_sorted=False, AveragedModel): the same losses to float32 rounding, with
+    BatchNorm training (dropout off: its masks follow the rows, and the rows now come in another order)."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from stage2_decoder.ema import EMA
@@ -142,7 +142,7 @@ def test_the_sync_free_step_trains_exactly_as_before(shared_cache):
     old = CaptionDecoder(cfg.decoder_config(dim, vocab_size)).train()
     old.load_state_dict(new.state_dict())
     opt_new, opt_old = (torch.optim.Adam(m.parameters(), lr=3e-3) for m in (new, old))
-    ema_new = EMA(new, 0.9)
+    ema_new = EMA(new, 0.9, warmup=False)
     ema_old = AveragedModel(old, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
     batches = [i for i in pairs.batches(cfg.batch_size, torch.Generator().manual_seed(0), 4) if len(i) > 1][:12]
     g_new, g_old = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
@@ -157,7 +157,10 @@ def test_the_sync_free_step_trains_exactly_as_before(shared_cache):
         torch.nn.utils.clip_grad_norm_(old.parameters(), cfg.grad_clip)
         opt_old.step()
         ema_old.update_parameters(old)
-        assert n_new == n_old and torch.equal(loss_new, loss_old.detach())
+        assert n_new == n_old
+        # the two sum the same token losses in other orders, over weights that agree to ~1e-6 (below): float32
+        # rounding of a mean of ~1e3 terms, a few ulps (bit-equality held on some CPUs' kernels, not others)
+        torch.testing.assert_close(loss_new, loss_old.detach(), rtol=1e-5, atol=0)
     assert any(not torch.equal(pairs.lengths[i], pairs.lengths[i].sort(descending=True).values)
                for i in batches)  # the old step did get unsorted batches
     # the weights agree to rounding only: the embedding's backward adds its rows' gradients in the rows' order,

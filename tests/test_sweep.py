@@ -189,7 +189,7 @@ def test_cli_bad_grid_is_one_error_line(cli, shared_cache, tmp_path):
 
 
 def test_dask_backend_on_a_local_cluster(cli, shared_cache, tmp_path):
-    distributed = pytest.importorskip("distributed")
+    import distributed
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps({"hidden_size": [16, 24], **TINY}))
     out = tmp_path / "sweep"
@@ -202,8 +202,42 @@ def test_dask_backend_on_a_local_cluster(cli, shared_cache, tmp_path):
     assert "best: hidden_size=" in p.stdout and "checkpoint: " in p.stdout
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["ok", "ok"]
-    assert {r["pid"] for r in rows} <= worker_pids  # trained inside the Dask workers
+    assert {r["worker_pid"] for r in rows} <= worker_pids  # sent to the Dask workers
+    assert not {r["pid"] for r in rows} & worker_pids  # each trained in a process of its own
     assert all(Path(r["checkpoint"]).is_file() for r in rows)
+
+
+def test_a_dask_run_gives_the_same_result_alone_and_beside_another(shared_cache, tmp_path):
+    """Dask runs tasks as threads of one worker process; a run seeds torch's global generators (dropout draws
+    from them), so two runs side by side in one process would draw from each other's. Each runs in its own."""
+    import distributed
+    import torch
+
+    from stage2_decoder.checkpoint import load_checkpoint
+    from stage2_decoder.sweep_grid import RunSpec
+    from stage2_decoder.sweep_run import run_dask
+
+    class Bar:
+        def update(self, n=1):
+            pass
+
+    params = {"embed_size": 16, "hidden_size": 16, "batch_size": 32, "epochs": 1, "val_images": 8, "scst_epochs": 0,
+              "val_beam_size": 1, "device": "cpu"}  # dropout 0.5 on: a few batches of random masks
+
+    def spec(name, **more):
+        return RunSpec(name, str(tmp_path / name), str(shared_cache), {**params, **more})
+
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None,
+                                  worker_dashboard_address=None) as cluster:
+        alone = run_dask([spec("alone")], Bar(), cluster.scheduler_address, 1)["alone"]
+        both = run_dask([spec("beside"), spec("other", hidden_size=24)], Bar(), cluster.scheduler_address, 1)
+    beside = both["beside"]
+    assert alone["status"] == beside["status"] == both["other"]["status"] == "ok", (alone, both)
+    assert alone["pid"] != beside["pid"] and alone["worker_pid"] == beside["worker_pid"]
+    # the same computation in a fresh process each time: bit for bit
+    assert (alone["val_loss"], alone["val_cider"]) == (beside["val_loss"], beside["val_cider"])
+    a, b = (load_checkpoint(tmp_path / n / "last.pt")["model_state"] for n in ("alone", "beside"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow  # two sweep processes and a CNN: ~30 s of CPU
