@@ -456,12 +456,12 @@ def test_torchrun_ranks_map_to_local_rank_modulo_the_visible_gpus(monkeypatch):
     assert device_for("cuda:1", Dist()) == torch.device("cuda", 1)  # without torchrun: as asked
 
 
-def test_stage1_workers_default_to_every_core_per_rank(monkeypatch):
+def test_stage1_workers_default_to_the_cores_per_rank_less_the_main_process(monkeypatch):
     from common.backbones import default_workers
 
     cores = len(os.sched_getaffinity(0))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert default_workers() == cores
+    assert default_workers() == max(1, cores - 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))
     assert default_workers() == 1
 
