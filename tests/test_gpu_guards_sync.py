@@ -279,3 +279,59 @@ def test_a_bf16_backbone_casts_its_weights_once_and_runs_without_autocast(monkey
     assert autocasts == [] and got.dtype == torch.float32
     # bf16 keeps 8 bits of mantissa: the features agree in direction, not in their last digits
     assert float(torch.nn.functional.cosine_similarity(got, want).min()) > 0.99
+
+
+# --- bench/gpu.py: a part that fails makes the check fail ---------------------------------------------------
+
+def _gpu_bench(monkeypatch):
+    import sys
+
+    from conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    sys.modules.pop("gpu", None)
+    import gpu
+
+    return gpu
+
+
+@pytest.mark.parametrize("how, status", [("raise", "error"), ("fail", "failed"), ("hang", "timeout")])
+def test_a_part_that_fails_or_hangs_is_reported_and_the_check_exits_non_zero(how, status, data_dir, tmp_path,
+                                                                             monkeypatch):
+    import json
+    import time
+
+    gpu = _gpu_bench(monkeypatch)
+
+    def broken(ctx):
+        if how == "raise":
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        if how == "hang":
+            time.sleep(30)
+        return {"ok": 0, "_failed": True}
+
+    monkeypatch.setitem(gpu.RUNNERS, "jpegs", broken)
+    monkeypatch.setitem(gpu.RUNNERS, "stage2", lambda ctx: {"xe_epoch_s": 1.0})
+    rc = gpu.main(["--device", "cpu", "--tiny", "--data", str(data_dir), "--work", str(tmp_path),
+                   "--parts", "jpegs,stage1,stage2", "--limit", "jpegs=1"])
+    assert rc == 1
+    lines = [json.loads(x) for x in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    assert [(x["part"], x["status"]) for x in lines[::2]] == [("jpegs", status), ("stage2", "ok")]
+    # what needed it: skipped, or (after a part that failed a check but ran) an error of its own
+    assert lines[1]["part"] == "stage1" and lines[1]["status"] == ("error" if how == "fail" else "skipped")
+    doc = json.loads((tmp_path / "gpu.json").read_text())
+    assert doc["parts"]["jpegs"] == status and doc["stage2"]["xe_epoch_s"] == 1.0
+    assert any(n.startswith(f"jpegs: {status}") for n in doc["notes"])
+
+
+def test_a_sweep_whose_runs_all_fail_fails_the_check(monkeypatch, tmp_path):
+    """The real sweep CLI in its own process, over a cache that is no cache: no run finishes."""
+    from types import SimpleNamespace
+
+    gpu = _gpu_bench(monkeypatch)
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not an HDF5 file")
+    ctx = SimpleNamespace(args=SimpleNamespace(tiny=True), device=torch.device("cpu"), work=tmp_path, cache=bad,
+                          limits={})
+    r = gpu.part_sweep(ctx)
+    assert r["ok"] == 0 and r["failed"] == r["runs"] == 2 and r["rc"] != 0 and r["_failed"] is True
