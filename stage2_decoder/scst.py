@@ -52,7 +52,8 @@ def sample(model: CaptionDecoder, features: torch.Tensor, k: int, max_len: int
     for t in range(max_len):
         logp, state = model.step(tokens, state)  # (n, V)
         probs = logp.detach().exp()
-        ok = torch.isfinite(probs).all(1, keepdim=True) & (probs.sum(1, keepdim=True) > 0)  # (n, 1)
+        total = probs.sum(1, keepdim=True)  # (n, 1): NaN if any probability is (log_softmax makes no +inf)
+        ok = torch.isfinite(total) & (total > 0)
         # a bad row draws from a harmless stand-in; the error is raised at the next check, on the host
         tokens = torch.multinomial(torch.where(ok, probs, 1.0), 1).squeeze(1)
         gen_states.append(gen.get_state())
