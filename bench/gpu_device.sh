@@ -10,6 +10,7 @@ set -euo pipefail
 OUT="${OUT:-runs/device-out}"
 WORK="${WORK:-/tmp/capcache-device-check}"
 mkdir -p "$OUT"
+export CAPCACHE_TOKEN_CACHE="${CAPCACHE_TOKEN_CACHE:-$WORK/tokens}"  # the train part fills it, the sweep reads it
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python -m pip install --no-index --no-deps --quiet .whl/*.whl 2>&1 | tail -n 3 | tee "$OUT/pip.log"
