@@ -1,46 +1,77 @@
-"""The prepared GPU run: the whole CUDA path exercised and timed, one table (at most ~8 minutes on one GPU).
+"""The device check: the CUDA path at COCO's real sizes, measured part by part in about 5 minutes on one GPU.
 
-    python bench/gpu.py                      # on a machine with a GPU
-    python bench/gpu.py --device cpu --tiny  # the same code paths in seconds (the tests run this)
-    python bench/gpu.py --prepare            # only copy the photos (~53 MB) for a machine without ../shared
+    bash bench/gpu_device.sh                 # on the GPU machine: carried wheels, then this script (docs/gpu.md)
+    python bench/gpu.py                      # the script alone, on a machine with a GPU
+    python bench/gpu.py --device cpu --tiny  # the same code paths in well under a minute (the tests run this)
+    python bench/gpu.py --prepare            # only copy photos into bench/gpu-photos/ (git-ignored, carried)
 
-1. stage 1: ResNet-152 (random weights: the same compute as real ones; MobileNetV2 with --tiny) over the
-   COCO photos, batch 192,
-   every core decoding: images/s of decode + forward (extract()) and of the forward alone.
-2. stage 2 from that cache: 5 epochs with the default settings + 1 SCST epoch, seconds per epoch and
-   peak GPU memory; a few training steps under `torch.cuda.set_sync_debug_mode("error")` (any host
-   sync in the step raises); the beam-3 decode of the cache's images.
-3. a 4-run sweep with 2 jobs on one GPU; torchrun with 1 process against a plain extraction (the same
-   features); caption cold start (`python -m stage2_decoder.caption IMAGE`, process start to exit).
+Parts, in order; each prints one JSON line when it ends (flushed, and appended to RESULTS/gpu.jsonl), so a
+part that fails or runs past its time limit (`--limit PART=SECONDS`) leaves the others' results:
 
-The photos: `--data`'s coco2017-mini (../shared/data), copied (the first --photos of them, ~26 KB each)
-into bench/gpu-photos/ (git-ignored) so the folder can travel to a GPU machine that lacks ../shared.
+  jpegs     20,000 JPEGs of 640x480 at COCO's file size (~150 KB), made from the carried photos (random
+            crop and flip, a grain that gives back the detail their downscaling took away)
+  stage1    ResNet-152 (random weights: the same compute) over them: decoding alone (the DataLoader),
+            the forward alone (one pinned batch), and the real extract() end to end (decode + forward + write)
+  train     the real train() on that cache, cross-entropy and SCST (one batch each): cuDNN's RNN backward
+            in SCST, the EMA copy's "not one contiguous chunk" warning counted
+  stage2    a synthetic full-COCO workload (123,287 images x 2,048 fp16 features, 616k captions, 10k words,
+            token ids drawn directly) through the product's step, SCST epoch and validation: seconds per
+            epoch projected from timed batches, 500-image beam-3 validation, the default recipe projected
+  syncs     host syncs counted (`torch.cuda.set_sync_debug_mode("warn")`, each one a warning with its line)
+            over cross-entropy steps, an SCST step and a beam-3 decode
+  sweep     the real sweep CLI in a fresh process (the fork path a user's sweep takes), 4 runs (2 with
+            --tiny), 2 jobs; failed runs counted
+  torchrun  stage 1 under torchrun with 1 process against a plain run: the same features
+  caption   caption cold start: `python -m stage2_decoder.caption IMAGE` from process start to exit
+
+At the end RESULTS/gpu.json gathers them (shape in `summary`). Exit status 1 when a part fails or times
+out, a sweep run fails, the cross-entropy step syncs, or the torchrun features differ.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import warnings
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 from harness import REPO, default_data, machine
 
 PHOTOS = Path(__file__).resolve().parent / "gpu-photos"
+PARTS = ("jpegs", "stage1", "train", "stage2", "syncs", "sweep", "torchrun", "caption")
+# seconds per part on the device: together under 5 minutes (bench/gpu_device.sh runs within that)
+# (train tokenises the 100k captions once; the sweep's runs then read them from the token cache)
+LIMITS = {"jpegs": 35, "stage1": 70, "train": 45, "stage2": 65, "syncs": 15, "sweep": 35, "torchrun": 20,
+          "caption": 15}
+COCO = {"images": 123_287, "captions": 616_767, "vocab": 10_000}  # COCO 2017 train + val; words seen >= 4 times
+JPEG_SIZE, JPEG_QUALITY, GRAIN = (640, 480), 92, 14.0  # 14 levels of grain at quality 92: ~150 KB, COCO's mean
+CHUNK_WARNING = "contiguous chunk"  # cuDNN: "RNN module weights are not part of single contiguous chunk of memory"
+
+
+class PartTimeout(Exception):
+    """A part ran past its --limit."""
 
 
 def photo_dir(data: Path, n: int) -> Path:
     """A COCO-format folder (captions.json, images/) of n photos: bench/gpu-photos/, filled from `data` if
-    it is at hand, else as an earlier run left it."""
+    it is at hand, else as an earlier run left it (the folder a GPU machine receives)."""
     src = data / "coco2017-mini"
     have = PHOTOS / "captions.json"
     if have.is_file() and len(json.loads(have.read_text())["images"]) >= n:
         return PHOTOS
     if not (src / "captions.json").is_file():
-        raise SystemExit(f"error: no COCO photos: neither {src} nor {PHOTOS} (run once where ../shared/data is)")
+        raise SystemExit(f"error: no COCO photos: neither {src} nor {PHOTOS} (run --prepare where ../shared/data is)")
     doc = json.loads((src / "captions.json").read_text())
     images = sorted(doc["images"], key=lambda im: im["id"])[:n]
     ids = {im["id"] for im in images}
@@ -74,213 +105,519 @@ class Clock:
         self.s = time.perf_counter() - self.t0
 
 
-def stage1(photos: Path, work: Path, device, args, rows: list):
-    import torch
+# --- jpegs ------------------------------------------------------------------------------------------------
 
-    from common.backbones import load_backbone
-    from stage1_extract.extract import PREFETCH, ExtractConfig, check_shm, extract
+_GRAIN: np.ndarray | None = None  # one noise field per process, windows of it at random offsets
 
-    cache = work / f"{args.backbone}.h5"
-    for p in (cache, Path(str(cache) + ".parts")):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    cfg = ExtractConfig(images=str(photos / "images"), captions=str(photos / "captions.json"), out=str(cache),
-                        backbone=args.backbone, weights="none", batch_size=args.batch_size, device=str(device),
-                        dtype="float32", progress=False, limit=args.photos)
-    note = ""
+
+def _make_jpeg(job: tuple[str, str, int]) -> int:
+    """One COCO-size JPEG from a carried photo: random crop (60-100% of each side), flip half the time,
+    640x480, grain; returns its size in bytes."""
+    from PIL import Image, ImageOps
+
+    global _GRAIN
+    src, dst, seed = job
+    rng = np.random.default_rng(seed)
+    if _GRAIN is None:
+        _GRAIN = np.random.default_rng(0).normal(0, GRAIN, (JPEG_SIZE[1] + 64, JPEG_SIZE[0] + 64, 3)).astype(np.float32)
+    with Image.open(src) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+    w, h = im.size
+    cw, ch = max(8, int(w * rng.uniform(0.6, 1.0))), max(8, int(h * rng.uniform(0.6, 1.0)))
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    im = im.crop((x0, y0, x0 + cw, y0 + ch)).resize(JPEG_SIZE, Image.BILINEAR)
+    if rng.random() < 0.5:
+        im = ImageOps.mirror(im)
+    dy, dx = int(rng.integers(0, 64)), int(rng.integers(0, 64))
+    a = np.asarray(im, dtype=np.float32) + _GRAIN[dy:dy + JPEG_SIZE[1], dx:dx + JPEG_SIZE[0]]
+    Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(dst, quality=JPEG_QUALITY)
+    return os.path.getsize(dst)
+
+
+def part_jpegs(ctx) -> dict:
+    """ctx.jpegs: a folder of images/ and captions.csv (each JPEG with its source photo's captions; a CSV,
+    so no pycocotools is needed to read it)."""
+    import multiprocessing as mp
+
+    doc = json.loads((ctx.photos / "captions.json").read_text())
+    caps: dict[int, list[str]] = {}
+    for a in doc["annotations"]:
+        caps.setdefault(a["image_id"], []).append(a["caption"].strip())
+    sources = [(ctx.photos / "images" / im["file_name"], caps.get(im["id"], [])) for im in doc["images"]]
+    out = ctx.work / "jpegs"
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "images").mkdir(parents=True)
+    jobs = [(str(sources[i % len(sources)][0]), str(out / "images" / f"{i:06d}.jpg"), i) for i in range(ctx.args.jpegs)]
+    with mp.get_context("fork").Pool(max(1, os.cpu_count() or 1)) as pool:  # before any CUDA context
+        sizes = pool.map(_make_jpeg, jobs, chunksize=16)
+    with open(out / "captions.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "caption"])
+        for i in range(ctx.args.jpegs):
+            for c in sources[i % len(sources)][1]:
+                w.writerow([f"{i:06d}.jpg", c])
+    ctx.jpegs = out
+    return {"images": len(jobs), "jpeg_size": list(JPEG_SIZE), "mean_kb": round(sum(sizes) / len(sizes) / 1024, 1),
+            "quality": JPEG_QUALITY, "from_photos": len(sources)}
+
+
+# --- stage 1 ----------------------------------------------------------------------------------------------
+
+def _workers_that_fit(workers: int, batch: int, crop: int) -> tuple[int, str]:
+    from stage1_extract.extract import PREFETCH, check_shm
+
     try:
-        check_shm(cfg.workers, cfg.batch_size, 224)
+        check_shm(workers, batch, crop)
+        return workers, ""
     except ValueError:  # a small /dev/shm (Docker's 64 MB): as many workers as fit, and say so
-        per_worker = PREFETCH * cfg.batch_size * 3 * 224 * 224
-        cfg.workers = max(0, min(cfg.workers, shutil.disk_usage("/dev/shm").free // per_worker))
-        note = " (as many as /dev/shm holds)"
-    s = extract(cfg)
-    rows.append(("stage 1 decode + forward (extract), images/s", f"{s.images_per_s:.1f}",
-                 f"{s.done_now} images, batch {cfg.batch_size}, {cfg.workers} workers{note}"))
+        per_worker = PREFETCH * batch * 3 * crop * crop
+        return max(0, min(workers, shutil.disk_usage("/dev/shm").free // per_worker)), "as many as /dev/shm holds"
+
+
+def part_stage1(ctx) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from common.backbones import ImageRows, default_workers, load_backbone
+    from common.datasets import load_dataset
+    from stage1_extract.extract import PREFETCH, ExtractConfig, extract
+
+    args, device = ctx.args, ctx.device
     bb = load_backbone(args.backbone, "none", device)
     crop = bb.preprocess.crop
+    workers, note = _workers_that_fit(default_workers(), args.batch_size, crop)
+    records = load_dataset("auto", str(ctx.jpegs / "captions.csv"), str(ctx.jpegs / "images"))
+    # decoding alone: the DataLoader extract() builds, nothing on the device
+    loader = DataLoader(ImageRows([(i, r.path) for i, r in enumerate(records)], bb.preprocess),
+                        batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=PREFETCH if workers else None)
+    t0 = time.perf_counter()
+    n = sum(len(rows) for rows, _, _ in loader)
+    decode_s = time.perf_counter() - t0
+    # the forward alone, on one pinned batch
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if args.compile:
+        bb.compile()
     x = torch.randint(0, 256, (args.batch_size, 3, crop, crop), dtype=torch.uint8)
     x = x.pin_memory() if device.type == "cuda" else x
-    bb.encode(x)  # warm-up: cudnn.benchmark picks its kernels here
-    n = 2 if args.tiny else 10
+    for _ in range(2):  # warm-up: cudnn.benchmark (and torch.compile) choose their kernels here
+        bb.encode(x)
+    reps = 2 if args.tiny else 20
     with Clock(device) as c:
-        for _ in range(n):
+        for _ in range(reps):
             bb.encode(x)
-    rows.append(("stage 1 forward alone, images/s", f"{n * args.batch_size / c.s:.1f}", f"precision {bb.precision}"))
-    return cache
+    forward = reps * args.batch_size / c.s
+    del bb
+    # end to end: the real extract(), decode + forward + copy-out + shard writes + assembly
+    cache = ctx.work / "stage1.h5"
+    for p in (cache, Path(str(cache) + ".parts")):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    cfg = ExtractConfig(images=str(ctx.jpegs / "images"), captions=str(ctx.jpegs / "captions.csv"), out=str(cache),
+                        backbone=args.backbone, weights="none", batch_size=args.batch_size, device=str(device),
+                        workers=workers, progress=False, compile=args.compile)
+    s = extract(cfg)
+    ctx.cache = cache
+    return {"images": n, "decode_only_img_s": round(n / decode_s, 1), "forward_img_s": round(forward, 1),
+            "end_to_end_img_s": round(s.images_per_s, 1), "workers": workers, "batch": args.batch_size,
+            "backbone": args.backbone, "precision": "bfloat16" if device.type == "cuda" else "float32",
+            "compile": args.compile, **({"note": note} if note else {})}
 
 
-def stage2(cache: Path, work: Path, device, args, rows: list):
-    import torch
+# --- the real train() ------------------------------------------------------------------------------------
 
+def part_train(ctx) -> dict:
     from stage2_decoder.train import TrainConfig, train
 
-    run = work / "train"
+    run = ctx.work / "train"
     shutil.rmtree(run, ignore_errors=True)
-    cfg = TrainConfig(features=str(cache), out=str(run), epochs=2 if args.tiny else 5, scst_epochs=1,
-                      device=str(device), progress=False, dry_run=args.tiny)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    r = train(cfg)
-    xe = [h["seconds"] for h in r.history if h.get("phase") != "scst"]
-    scst = [h["seconds"] for h in r.history if h.get("phase") == "scst"]
-    peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a (CPU)"
-    rows.append(("stage 2 cross-entropy epoch, s (mean)", f"{sum(xe) / len(xe):.2f}", f"{len(xe)} epochs, "
-                 f"val CIDEr {r.history[len(xe) - 1]['val_cider']:.3f}"))
-    rows.append(("stage 2 SCST epoch, s", f"{scst[0]:.2f}", f"val CIDEr {r.history[-1]['val_cider']:.3f}"))
-    rows.append(("stage 2 peak GPU memory", peak, "train(), both phases"))
-    rows.append(("training step host syncs", sync_check(cache, device, cfg), "set_sync_debug_mode('error')"))
-    rows.append(beam_decode(run / "best.pt", cache, device))
-    return run
+    cfg = TrainConfig(features=str(ctx.cache), out=str(run), epochs=1, scst_epochs=1, device=str(ctx.device),
+                      progress=False, dry_run=True, val_images=50, vocab_threshold=2 if ctx.args.tiny else 4)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        r = train(cfg)
+    ctx.run = run
+    chunk = sum(CHUNK_WARNING in str(w.message) for w in seen)
+    return {"epochs": [h.get("phase", "xe") for h in r.history], "val_cider": round(r.history[-1]["val_cider"], 4),
+            "ema_chunk_warnings": chunk, "_failed": chunk > 0}
 
 
-def sync_check(cache: Path, device, cfg) -> str:
-    """A few steps of train()'s own step + EMA with any host sync made an error (CUDA only)."""
+# --- stage 2 at full COCO size ----------------------------------------------------------------------------
+
+def _synthetic(ctx):
+    """Full-COCO-size training data on the device: features (N, D) fp16, caption pairs built through
+    CaptionPairs from word lists drawn directly (no tokenising), a vocabulary of COCO's size."""
     import torch
 
-    from common.feature_cache import load_cache
+    from common.datasets import ImageRecord
+    from common.vocab import SPECIALS, Vocabulary
     from stage2_decoder.data import CaptionPairs
-    from stage2_decoder.ema import EMA
-    from stage2_decoder.model import CaptionDecoder
-    from stage2_decoder.train import prepare_data, train_step
 
-    c = load_cache(str(cache))
-    parts, _, vocab, rows, tokens = prepare_data(cfg, c)
-    pairs = CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len, tokens).to(device)
-    feats = torch.from_numpy(c.features).float().to(device)
-    model = CaptionDecoder(cfg.decoder_config(c.meta.feature_dim, len(vocab))).to(device).train()
+    tiny = ctx.args.tiny
+    n, v, per = (400, 300, 5) if tiny else (COCO["images"], COCO["vocab"], 5)
+    g = np.random.default_rng(0)
+    vocab = Vocabulary([*SPECIALS, *(f"w{i}" for i in range(v - len(SPECIALS)))], tokenizer="whitespace")
+    # COCO captions: ~10.5 words, most 8-15; word frequencies roughly Zipf
+    lengths = np.clip(np.rint(g.normal(10.5, 2.4, n * per)), 5, 30).astype(int)
+    ranks = np.minimum(g.zipf(1.2, lengths.sum()), v - len(SPECIALS)) - 1
+    words = np.array(vocab.itos[len(SPECIALS):], dtype=object)[ranks]
+    cuts = np.cumsum(lengths)[:-1]
+    caps = [list(c) for c in np.split(words, cuts)]
+    keys = [f"{i:06d}" for i in range(n)]
+    tokens = {k: caps[i * per:(i + 1) * per] for i, k in enumerate(keys)}
+    records = [ImageRecord(key=k, image_id=k, path=f"{k}.jpg", captions=[" ".join(c) for c in tokens[k]]) for k in keys]
+    rows = {k: i for i, k in enumerate(keys)}
+    n_train, n_val = int(0.9 * n), int(0.05 * n)
+    dev = ctx.device
+    train_set = CaptionPairs(records[:n_train], rows, vocab, 50, tokens).to(dev)
+    val_set = CaptionPairs(records[n_train:n_train + n_val], rows, vocab, 50, tokens).to(dev)
+    feats = torch.rand(n, 2048, generator=torch.Generator().manual_seed(0)).to(torch.float16).to(dev)
+    return SimpleNamespace(vocab=vocab, records=records, tokens=tokens, rows=rows, train_set=train_set,
+                           val_set=val_set, features=feats, n=n, n_train=n_train, n_val=n_val,
+                           captions=int(lengths.size))
+
+
+def _xe_steps(s, cfg, batches, model, opt, ema, device, g):
+    """`_xe_epoch`'s loop body (stage2_decoder/epochs.py) over `batches`: gather, step, average."""
+    import torch
+
+    from stage2_decoder.epochs import train_step
+
+    tokens_per_batch = float(s.train_set.lengths.sum()) / max(len(batches), 1)
+    loss_sum = torch.zeros((), device=device)
+    for idx in batches:
+        if len(idx) < 2:
+            continue
+        b = s.train_set.gather(idx, s.features, g)
+        loss, n = train_step(model, opt, b, device, cfg.grad_clip, cfg.label_smoothing,
+                             weight=float(b.lengths.sum()) / tokens_per_batch)
+        ema.update(model)
+        loss_sum += loss * n
+    return loss_sum
+
+
+def part_stage2(ctx) -> dict:
+    import torch
+
+    from stage2_decoder.cider import CiderD
+    from stage2_decoder.ema import EMA
+    from stage2_decoder.epochs import evaluate_loss, validation_cider
+    from stage2_decoder.model import CaptionDecoder
+    from stage2_decoder.scst import scst_epoch
+    from stage2_decoder.train import TrainConfig
+
+    dev, tiny = ctx.device, ctx.args.tiny
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    s = _synthetic(ctx)
+    build_s = time.perf_counter() - t0
+    cfg = TrainConfig(features="synthetic", out="unused", device=str(dev), progress=False)
+    torch.manual_seed(0)
+    model = CaptionDecoder(cfg.decoder_config(2048, len(s.vocab))).to(dev).train()
     opt = cfg.optimizer(model.parameters())
     ema = EMA(model, cfg.ema_decay)
-    batches = [i for i in pairs.batches(cfg.batch_size, torch.Generator().manual_seed(0)) if len(i) > 1][:6]
-    for idx in batches[:2]:  # warm-up outside the check: the first steps allocate and pick kernels
-        train_step(model, opt, pairs.gather(idx, feats), device, cfg.grad_clip)
-        ema.update(model)
-    if device.type != "cuda":
-        return "not checked (CPU)"
-    torch.cuda.synchronize(device)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for idx in batches[2:]:
-            train_step(model, opt, pairs.gather(idx, feats), device, cfg.grad_clip)
-            ema.update(model)
-    except RuntimeError as e:
-        return f"SYNC: {str(e).splitlines()[0][:80]}"
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    return f"none in {len(batches) - 2} steps"
+    g = torch.Generator().manual_seed(0)
+    batches = s.train_set.batches(cfg.batch_size, g, cfg.length_buckets)
+    warm, timed = (2, 4) if tiny else (20, 400)
+    _xe_steps(s, cfg, batches[:warm], model, opt, ema, dev, g)
+    with Clock(dev) as c:
+        _xe_steps(s, cfg, batches[warm:warm + timed], model, opt, ema, dev, g)
+    xe_epoch_s = c.s / timed * len(batches)
+    # validation: the loss over the val captions, and CIDEr of 500 images decoded with beam 3
+    with Clock(dev) as c:
+        evaluate_loss(model, s.val_set, s.features, cfg.batch_size * 4, dev)
+    val_loss_s = c.s
+    val_keys = [r.key for r in s.records[s.n_train:s.n_train + min(500, s.n_val)]]
+    refs = {k: [" ".join(w) for w in s.tokens[k]] for k in val_keys}
+    validation_cider(model, s.vocab, s.features, s.rows, dict(list(refs.items())[:16]), beam_size=3)  # warm-up
+    with Clock(dev) as c:
+        validation_cider(model, s.vocab, s.features, s.rows, refs, beam_size=3)
+    val_beam_s = c.s
+    # SCST: the product's epoch over enough images for a few batches; the scorer's corpus is those images
+    scst_batches = 1 if tiny else 12
+    scst_keys = [r.key for r in s.records[:cfg.batch_size * (scst_batches + 1)]]
+    scorer = CiderD({k: s.tokens[k] for k in scst_keys}, tokenizer="whitespace")
+    scst_rows = {k: s.rows[k] for k in scst_keys}
+    scst_epoch(model, opt, s.features, scst_rows, scorer, s.vocab.itos, cfg.batch_size, g, cfg.scst_samples,
+               cfg.grad_clip, max_batches=1)  # warm-up
+    with Clock(dev) as c:
+        scst_epoch(model, opt, s.features, scst_rows, scorer, s.vocab.itos, cfg.batch_size, g, cfg.scst_samples,
+                   cfg.grad_clip, max_batches=scst_batches)
+    scst_epoch_s = c.s / scst_batches * math.ceil(s.n_train / cfg.batch_size)
+    val_s = val_loss_s + val_beam_s
+    recipe = cfg.epochs * (xe_epoch_s + val_s) + cfg.scst_epochs * (scst_epoch_s + val_s)
+    ctx.s2 = SimpleNamespace(data=s, cfg=cfg, model=model, opt=opt, ema=ema, batches=batches, g=g, scorer=scorer,
+                             scst_rows=scst_rows)
+    peak = torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None
+    return {"images": s.n, "captions": s.captions, "vocab": len(s.vocab), "xe_epoch_s": round(xe_epoch_s, 2),
+            "scst_epoch_s": round(scst_epoch_s, 2), "val_500_beam3_s": round(val_beam_s, 3),
+            "val_loss_s": round(val_loss_s, 3), "recipe_projected_s": round(recipe, 1),
+            "peak_gpu_gb": None if peak is None else round(peak, 2), "xe_steps_timed": timed,
+            "xe_steps_per_epoch": len(batches), "scst_batches_timed": scst_batches, "build_s": round(build_s, 1)}
 
 
-def beam_decode(ckpt_path: Path, cache: Path, device):
+# --- host syncs -------------------------------------------------------------------------------------------
+
+@contextmanager
+def _count_syncs(device, found: dict, name: str):
+    """Every host sync in the block as a warning (set_sync_debug_mode "warn": "error" would stop at the
+    first); found[name] = {"count", "where": the Python lines that synced}. Not counted off CUDA."""
     import torch
 
-    from common.feature_cache import load_cache
-    from stage2_decoder.checkpoint import load_checkpoint
-    from stage2_decoder.decode import DecodeConfig, decode
-    from stage2_decoder.model import CaptionDecoder, DecoderConfig
+    if device.type != "cuda":
+        yield
+        found[name] = {"count": None, "where": []}
+        return
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in seen if "synchroniz" in str(w.message)]
+    found[name] = {"count": len(syncs), "where": sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})}
 
-    ckpt = load_checkpoint(ckpt_path, map_location=device)
-    model = CaptionDecoder(DecoderConfig(**ckpt["decoder_config"])).to(device).eval()
-    model.load_state_dict(ckpt["model_state"])
-    feats = torch.from_numpy(load_cache(str(cache)).features).float().to(device)
-    decode(model, feats[:8], DecodeConfig(3))  # warm-up
-    with Clock(device) as c:
-        for s in range(0, len(feats), 256):
-            decode(model, feats[s:s + 256], DecodeConfig(3))
-    return "beam-3 decode, images/s", f"{len(feats) / c.s:.1f}", f"{len(feats)} images, batches of 256"
+
+def part_syncs(ctx) -> dict:
+    from stage2_decoder.decode import DecodeConfig, beam_search_nbest
+    from stage2_decoder.scst import scst_epoch
+
+    z, dev = ctx.s2, ctx.device
+    s, found = z.data, {}
+    steps = 3
+    with _count_syncs(dev, found, "xe_step"):
+        _xe_steps(s, z.cfg, z.batches[-steps:], z.model, z.opt, z.ema, dev, z.g)
+    with _count_syncs(dev, found, "scst_step"):
+        scst_epoch(z.model, z.opt, s.features, z.scst_rows, z.scorer, s.vocab.itos, z.cfg.batch_size, z.g,
+                   z.cfg.scst_samples, z.cfg.grad_clip, max_batches=1)
+    z.model.eval()
+    with _count_syncs(dev, found, "beam"):
+        beam_search_nbest(z.model, s.features[:256].float(), DecodeConfig(3))
+    per_step = None if found["xe_step"]["count"] is None else found["xe_step"]["count"] / steps
+    return {"xe_step": per_step, "scst_step": found["scst_step"]["count"], "beam": found["beam"]["count"],
+            "where": {k: v["where"] for k, v in found.items()}, "checked": dev.type == "cuda",
+            "_failed": bool(per_step)}
 
 
-def sweep(cache: Path, work: Path, device, args, rows: list) -> None:
-    from stage2_decoder.sweep import SweepConfig, run_sweep
+# --- the sweep CLI, torchrun, caption cold start ----------------------------------------------------------
 
-    out = work / "sweep"
+def part_sweep(ctx) -> dict:
+    out = ctx.work / "sweep"
     shutil.rmtree(out, ignore_errors=True)
-    grid = {"lr": [1e-3, 2e-3], "dropout": [0.3, 0.5], "epochs": [1], "scst_epochs": [0], "device": [str(device)]}
+    grid = ctx.work / "grid.json"
+    # 4 runs (2 with --tiny: the same fork path, half the process starts on a small CPU)
+    runs = {"lr": [1e-3, 2e-3], "dropout": [0.5] if ctx.args.tiny else [0.3, 0.5]}
+    grid.write_text(json.dumps({**runs, "epochs": [1], "scst_epochs": [0], "vocab_threshold": [2],
+                                "device": [str(ctx.device)]}))
+    n_runs = math.prod(len(v) for v in runs.values())
     t0 = time.perf_counter()
-    r = run_sweep(SweepConfig(features=str(cache), out=str(out), grid=grid, n_jobs=2, progress=False, plot=False,
-                              dry_run=args.tiny))
-    ok = sum(row["status"] == "ok" for row in r.rows)
-    rows.append(("sweep of 4 runs, 2 jobs, s", f"{time.perf_counter() - t0:.1f}", f"{ok}/4 runs ok"))
+    p = subprocess.run([sys.executable, "-m", "stage2_decoder.sweep", "--features", str(ctx.cache), "--out", str(out),
+                        "--grid", str(grid), "--n-jobs", "2", "--dry-run", "--no-progress"], cwd=REPO,
+                       capture_output=True, text=True, timeout=ctx.limits.get("sweep") or 600)
+    seconds = time.perf_counter() - t0
+    rows = []
+    if (out / "results.json").is_file():
+        doc = json.loads((out / "results.json").read_text())
+        rows = doc if isinstance(doc, list) else doc.get("runs") or doc.get("rows") or []
+    ok = sum(r.get("status") == "ok" for r in rows)
+    text = p.stdout + p.stderr + "".join(f.read_text(errors="replace") for f in out.rglob("*.log"))
+    chunk = text.count(CHUNK_WARNING)
+    return {"runs": n_runs, "ok": ok, "failed": n_runs - ok, "rc": p.returncode, "jobs": 2,
+            "seconds": round(seconds, 1), "ema_chunk_warnings": chunk,
+            "_failed": ok < n_runs or p.returncode != 0 or chunk > 0,
+            **({"stderr": p.stderr.strip().splitlines()[-1][:200]} if ok < n_runs and p.stderr.strip() else {})}
 
 
-def torchrun_vs_plain(photos: Path, work: Path, device, args, rows: list) -> None:
-    import numpy as np
-
+def part_torchrun(ctx) -> dict:
     from common.feature_cache import load_cache
 
-    n = 8 if args.tiny else 256
+    n = 8 if ctx.args.tiny else 256
     outs = {}
     for how in ("plain", "torchrun"):
-        out = work / f"{how}.h5"
+        out = ctx.work / f"{how}.h5"
         out.unlink(missing_ok=True)
         shutil.rmtree(str(out) + ".parts", ignore_errors=True)
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] \
             if how == "torchrun" else [sys.executable]
-        cmd = [*launcher, "-m", "stage1_extract", "--images", str(photos / "images"), "--captions",
-               str(photos / "captions.json"), "--out", str(out), "--backbone", args.backbone, "--weights", "none",
-               "--dtype", "float32", "--limit", str(n), "--batch-size", "8" if args.tiny else "32", "--workers", "1",
-               "--device", str(device), "--no-progress"]
-        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        cmd = [*launcher, "-m", "stage1_extract", "--images", str(ctx.jpegs / "images"), "--captions",
+               str(ctx.jpegs / "captions.csv"), "--out", str(out), "--backbone", ctx.args.backbone, "--weights", "none",
+               "--dtype", "float32", "--limit", str(n), "--batch-size", "8" if ctx.args.tiny else "64",
+               "--workers", "2", "--device", str(ctx.device), "--no-progress"]
+        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
         if p.returncode != 0:
-            rows.append((f"torchrun 1 process vs plain: {how} failed", "FAIL", p.stderr.strip().splitlines()[-1:]))
-            return
+            return {"torchrun_equal": False, "_failed": True,
+                    "error": f"{how}: " + " ".join(p.stderr.strip().splitlines()[-1:])[:200]}
         outs[how] = load_cache(str(out))
     a, b = outs["plain"], outs["torchrun"]
-    same_keys = a.keys == b.keys
     rel = float(np.abs(a.features - b.features).max() / max(float(np.abs(a.features).max()), 1e-30))
-    verdict = "equal" if same_keys and rel == 0 else ("close" if same_keys and rel < 1e-2 else "DIFFERENT")
-    rows.append(("torchrun 1 process vs plain extraction", verdict, f"{n} images, max |diff| / max |x| = {rel:.1e}"))
+    # bf16 on CUDA: cudnn.benchmark may time other kernels in each process, so equal up to bf16 rounding
+    equal = a.keys == b.keys and rel < 1e-2
+    return {"torchrun_equal": equal, "bitwise": a.keys == b.keys and rel == 0.0, "images": n,
+            "max_rel_diff": rel, "_failed": not equal}
 
 
-def caption_cold_start(run: Path, photos: Path, device, rows: list) -> None:
-    image = sorted((photos / "images").iterdir())[0]
+def part_caption(ctx) -> dict:
+    image = sorted((ctx.jpegs / "images").iterdir())[0]
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "stage2_decoder.caption", str(image), "--checkpoint",
-                        str(run / "best.pt"), "--device", str(device)], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
+                        str(ctx.run / "best.pt"), "--device", str(ctx.device)], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
     s = time.perf_counter() - t0
-    ok = p.returncode == 0 and p.stdout.strip()
-    rows.append(("caption cold start (1 image, beam 3), s", f"{s:.2f}" if ok else "FAIL",
-                 (p.stdout.strip().splitlines() or p.stderr.strip().splitlines() or [""])[-1][:60]))
+    ok = p.returncode == 0 and bool(p.stdout.strip())
+    last = (p.stdout.strip().splitlines() or p.stderr.strip().splitlines() or [""])[-1][:120]
+    return {"caption_cold_start_s": round(s, 2) if ok else None, "output": last, "_failed": not ok}
+
+
+RUNNERS = {"jpegs": part_jpegs, "stage1": part_stage1, "train": part_train, "stage2": part_stage2,
+           "syncs": part_syncs, "sweep": part_sweep, "torchrun": part_torchrun, "caption": part_caption}
+NEEDS = {"stage1": "jpegs", "train": "stage1", "syncs": "stage2", "sweep": "stage1", "torchrun": "jpegs",
+         "caption": "train"}
+
+
+def _alarm(signum, frame):
+    raise PartTimeout
+
+
+def run_part(name: str, ctx, log) -> dict:
+    """Run one part within its time limit; its JSON line goes to stdout and `log` at once."""
+    limit = ctx.limits.get(name)
+    t0 = time.perf_counter()
+    line = {"part": name}
+    need = NEEDS.get(name)
+    if need and ctx.status.get(need) != "ok":
+        line.update(status="skipped", error=f"needs part {need!r}, which did not finish")
+    else:
+        timed = limit and hasattr(signal, "SIGALRM")
+        if timed:
+            old = signal.signal(signal.SIGALRM, _alarm)
+            signal.alarm(int(math.ceil(limit)))
+        try:
+            result = RUNNERS[name](ctx) or {}
+            failed = result.pop("_failed", False)
+            line.update(status="failed" if failed else "ok", **result)
+        except PartTimeout:
+            line.update(status="timeout", error=f"ran past its limit of {limit} s")
+        except Exception as e:  # noqa: BLE001  (a part's failure is reported, and the others still run)
+            msg = " ".join(str(e).split())[:300]
+            line.update(status="error", error=f"{type(e).__name__}: {msg}")
+        finally:
+            if timed:
+                signal.alarm(0)
+                signal.signal(signal.SIGALRM, old)
+    line["part_s"] = round(time.perf_counter() - t0, 2)
+    # a part that failed still leaves what later parts need (the cache, the run) when it made them
+    ctx.status[name] = "ok" if line["status"] in ("ok", "failed") else line["status"]
+    text = json.dumps(line)
+    print(text, flush=True)
+    log.write(text + "\n")
+    log.flush()
+    return line
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def summary(lines: dict[str, dict], device) -> dict:
+    """gpu.json: the parts' figures in one document (None where a part did not measure)."""
+    import torch
+
+    def pick(part, *keys):
+        got = lines.get(part, {})
+        return {k: got.get(k) for k in keys}
+
+    stage1 = {**pick("jpegs", "images", "jpeg_size", "mean_kb"),
+              **pick("stage1", "decode_only_img_s", "forward_img_s", "end_to_end_img_s", "workers", "batch")}
+    notes = [f"{name}: {line['status']}: {line.get('error', '')}".rstrip(": ")
+             for name, line in lines.items() if line["status"] != "ok"]
+    where = lines.get("syncs", {}).get("where") or {}
+    notes += [f"syncs in {k} at {', '.join(v)}" for k, v in where.items() if v]
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({machine()})",
+            "commit": _commit(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "stage1": stage1,
+            "stage2": pick("stage2", "images", "captions", "vocab", "xe_epoch_s", "scst_epoch_s", "val_500_beam3_s",
+                           "recipe_projected_s", "peak_gpu_gb"),
+            "syncs": pick("syncs", "xe_step", "scst_step", "beam"),
+            "sweep": pick("sweep", "runs", "ok", "failed", "rc", "jobs", "seconds", "ema_chunk_warnings"),
+            "torchrun_equal": lines.get("torchrun", {}).get("torchrun_equal"),
+            "caption_cold_start_s": lines.get("caption", {}).get("caption_cold_start_s"),
+            "parts": {name: line["status"] for name, line in lines.items()}, "notes": notes}
+
+
+def _limits(items: list[str], tiny: bool) -> dict[str, float | None]:
+    # tiny runs on shared CPUs: no limits unless asked (a loaded test machine must not time a part out)
+    limits: dict[str, float | None] = {p: None for p in PARTS} if tiny else dict(LIMITS)
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in PARTS or not value:
+            raise SystemExit(f"error: --limit {item!r}: use PART=SECONDS with PART one of {', '.join(PARTS)}")
+        limits[name] = float(value) if float(value) > 0 else None
+    return limits
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda[:N] (the point of it) or cpu")
-    ap.add_argument("--tiny", action="store_true", help="a few images, one batch per epoch: seconds, same code paths")
+    ap.add_argument("--tiny", action="store_true", help="a few images and batches: seconds, the same code paths")
     ap.add_argument("--data", type=Path, default=default_data())
-    ap.add_argument("--photos", type=int, default=None, help="photos used (default 2000, 16 with --tiny)")
-    ap.add_argument("--batch-size", type=int, default=None, help="stage 1 batch (default 192, 8 with --tiny)")
+    ap.add_argument("--photos", type=int, default=None, help="carried photos used (default 300, 16 with --tiny)")
+    ap.add_argument("--jpegs", type=int, default=None, help="COCO-size JPEGs made (default 20000, 24 with --tiny)")
+    ap.add_argument("--batch-size", type=int, default=None, help="stage 1 batch (default 256, 8 with --tiny)")
     ap.add_argument("--backbone", default=None, help="stage 1 CNN (default resnet152, mobilenet_v2 with --tiny)")
+    ap.add_argument("--compile", action="store_true", help="stage 1 through torch.compile (extract --compile)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    ap.add_argument("--limit", action="append", default=[], metavar="PART=SECONDS",
+                    help="a part's time limit (defaults fit 5 minutes; 0 = none; none by default with --tiny)")
     ap.add_argument("--prepare", action="store_true", help="only copy the photos into bench/gpu-photos/, then exit")
-    ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-gpu")
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-gpu", help="scratch folder (JPEGs, caches)")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="folder for gpu.json and gpu.jsonl (default bench/results; --work with --tiny)")
     args = ap.parse_args(argv)
-    args.photos = args.photos or (16 if args.tiny else 2000)
-    args.batch_size = args.batch_size or (8 if args.tiny else 192)
+    args.photos = args.photos or (16 if args.tiny else 300)
+    args.jpegs = args.jpegs or (24 if args.tiny else 20_000)
+    args.batch_size = args.batch_size or (8 if args.tiny else 256)
     args.backbone = args.backbone or ("mobilenet_v2" if args.tiny else "resnet152")
+    parts = [p for p in args.parts.split(",") if p]
+    if unknown := [p for p in parts if p not in PARTS]:
+        raise SystemExit(f"error: --parts: unknown {', '.join(unknown)} (known: {', '.join(PARTS)})")
+    limits = _limits(args.limit, args.tiny)
     photos = photo_dir(args.data, args.photos)
     if args.prepare:
         print(f"{photos}: {args.photos} photos")
         return 0
+    from common.atomic import atomic_write
     from common.device import resolve_device
 
     device = resolve_device(args.device)
     args.work.mkdir(parents=True, exist_ok=True)
-    print(f"== GPU path: {device}, {args.backbone}, {args.photos} COCO photos  [{machine()}]", flush=True)
-    rows: list = []
-    t0 = time.perf_counter()
-    cache = stage1(photos, args.work, device, args, rows)
-    run = stage2(cache, args.work, device, args, rows)
-    sweep(cache, args.work, device, args, rows)
-    torchrun_vs_plain(photos, args.work, device, args, rows)
-    caption_cold_start(run, photos, device, rows)
-    width = max(len(r[0]) for r in rows)
-    print(f"| {'what':<{width}} | value | note |\n|{'-' * (width + 2)}|---|---|")
-    for what, value, note in rows:
-        print(f"| {what:<{width}} | {value} | {note} |")
-    print(f"total {time.perf_counter() - t0:.0f} s")
-    failed = [r for r in rows if r[1] in ("FAIL", "DIFFERENT") or str(r[1]).startswith("SYNC")]
-    return 1 if failed else 0
+    results = args.results or (args.work if args.tiny else REPO / "bench" / "results")
+    results.mkdir(parents=True, exist_ok=True)
+    print(f"== device check: {device}, {args.backbone}, {args.jpegs} JPEGs from {args.photos} photos  [{machine()}]",
+          flush=True)
+    ctx = SimpleNamespace(args=args, device=device, work=args.work, photos=photos, limits=limits, status={},
+                          jpegs=None, cache=None, run=None, s2=None)
+    lines: dict[str, dict] = {}
+    with open(results / "gpu.jsonl", "w", encoding="utf-8") as log:
+        for name in parts:
+            lines[name] = run_part(name, ctx, log)
+    doc = summary(lines, device)
+    atomic_write(results / "gpu.json", json.dumps(doc, indent=1) + "\n", what="results")
+    bad = [n for n, line in lines.items() if line["status"] != "ok"]
+    print(f"{results / 'gpu.json'}: {len(lines) - len(bad)}/{len(lines)} parts ok" +
+          (f"; not ok: {', '.join(bad)}" if bad else ""), flush=True)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # the sweep forks: no CUDA context before it
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # subprocesses fork: no CUDA context before them
     sys.exit(main())

@@ -62,6 +62,8 @@ class ExtractConfig:
     allow_outside_images: bool = opt(False, "Also read captions entries whose image resolves outside --images "
                                             "(absolute, ../, symlinks).", flag=OUTSIDE_FLAG)
     progress: bool = opt(True, "No progress bar.")
+    compile: bool = opt(False, "Run the CNN through torch.compile (GPU; its compile time counts against the images "
+                               "it speeds up: docs/gpu.md).")
     # torchrun: how long a rank waits for the others at a sync point
     dist_timeout_s: float = opt(1800.0, "Under torchrun: seconds a rank waits for the others before giving up.",
                                 flag="--dist-timeout")
@@ -142,6 +144,8 @@ def _setup(cfg: ExtractConfig, d: Dist) -> tuple[list[ImageRecord], Path, Backbo
     backbone = load_backbone(cfg.backbone, cfg.weights, device_for(cfg.device, d))
     if backbone.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every batch has one shape: time the conv algorithms once, keep the best
+    if cfg.compile:
+        backbone.compile()
     info = backbone.describe()
     meta = CacheMeta(backbone=info["name"], weights=info["weights"], weights_sha256=info["weights_sha256"] or "",
                      feature_dim=info["feature_dim"], preprocess=info["preprocess"], dataset_format=fmt,
@@ -226,25 +230,35 @@ def _extract_rows(cfg: ExtractConfig, d: Dist, writer: CacheWriter, backbone: Ba
     stop = _StopRequest()
     batches = iter(loader)
     watched = stop.watch(batches)
+    pending = None  # the batch whose features are on their way to the host while the next one is encoded
     try:
         for batch_rows, images, errors in watched:
             batch_rows = batch_rows.numpy()
             ok = np.array([not e for e in errors])
-            feats = views = None
+            feats = None
             if ok.any():
                 images = images[torch.from_numpy(ok)] if not ok.all() else images  # (b, 3, H, W) or (b, V, 3, H, W)
                 if cfg.views > 1:  # every view of the batch in one forward pass
-                    both = backbone.encode(images.flatten(0, 1)).unflatten(0, (-1, cfg.views)).cpu().numpy()
-                    feats, views = both[:, 0], both[:, 1:]  # (b, D), (b, V-1, D)
+                    feats = backbone.encode(images.flatten(0, 1)).unflatten(0, (-1, cfg.views))  # (b, V, D)
                 else:
-                    feats = backbone.encode(images).cpu().numpy()  # (b, D)
+                    feats = backbone.encode(images)  # (b, D)
             failed = {int(r): e for r, e in zip(batch_rows, errors) if e}
-            writer.write(batch_rows[ok], feats, failed, views)  # queued; a background thread writes the shard
+            out = _CopyOut(batch_rows[ok], feats, failed, cfg.views > 1)
+            if pending is not None:
+                pending, prev = None, pending
+                prev.write(writer)
+            if out.event is None:  # on the CPU: written at once, as before
+                out.write(writer)
+            else:
+                pending = out
             done_now += int(ok.sum())
             failed_now += len(failed)
             for r, e in failed.items():
                 tqdm.write(f"skipped {printable(records[r].key)}: {printable(e)}")
             bar.update(len(batch_rows))
+        if pending is not None:
+            pending, last = None, pending
+            last.write(writer)
         writer.flush()
     except RuntimeError as e:  # torch's report of a worker that died (the OOM killer's SIGKILL): a user's matter
         if "DataLoader worker" not in str(e):
@@ -256,9 +270,37 @@ def _extract_rows(cfg: ExtractConfig, d: Dist, writer: CacheWriter, backbone: Ba
         watched.close()
         del batches  # the last reference: DataLoader workers shut down now, also on an error
         bar.close()
+        if pending is not None:  # an error after the batch was encoded: its shard is still written
+            with contextlib.suppress(Exception):
+                pending.write(writer)
         writer.close()  # shards of the batches already computed are still written
     stop.act()
     return done_now, failed_now
+
+
+class _CopyOut:
+    """One batch's features on their way to the host: on CUDA a non-blocking copy into pinned memory, waited
+    for (an event, not a device-wide sync) only when the shard is handed to the writer, after the next
+    batch's forward has been queued; on the CPU the features are already there."""
+
+    def __init__(self, rows: np.ndarray, feats: torch.Tensor | None, failed: dict[int, str], views: bool):
+        self.rows, self.failed, self.views, self.event = rows, failed, views, None
+        self.host = feats
+        if feats is not None and feats.device.type == "cuda":
+            self.host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+            self.host.copy_(feats, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def write(self, writer: CacheWriter) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+        feats = views = None
+        if self.host is not None:
+            arr = self.host.numpy()
+            feats, views = (arr[:, 0], arr[:, 1:]) if self.views else (arr, None)  # (b, D), (b, V-1, D)
+        self.host = None
+        writer.write(self.rows, feats, self.failed, views)  # queued; a background thread writes the shard
 
 
 def check_shm(workers: int, images_per_batch: int, crop: int, shm: str = "/dev/shm") -> None:

@@ -3,8 +3,8 @@
 A checkpoint holds everything `caption` needs: the decoder's state_dict and config, the
 vocabulary (its word list), and the backbone (name, weights, feature size, preprocessing), plus
 small metadata (epoch, best validation scores, split, training settings). A run's last.pt also
-holds the training state for resuming (optimizer, scheduler and RNG state, history, the trained
-weights beside their average); its best.pt does not (`inference_extra`).
+holds the training state for resuming (optimizer, scheduler and RNG state, CUDA's too, history, the
+trained weights beside their average); its best.pt does not (`inference_extra`).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def save_checkpoint(path: str | os.PathLike, model: CaptionDecoder, vocab: Vocab
 BACKBONE_KEYS = ("name", "weights", "feature_dim", "preprocess")
 # what only resuming needs: last.pt keeps it, best.pt (what captioning loads) leaves it out (the Adam
 # moments and the trained weights beside the averaged ones are 3x the weights: 78 MB vs 19 MB, 10k words)
-RESUME_ONLY = ("optimizer_state", "scheduler_state", "rng_state", "history", "train_model_state")
+RESUME_ONLY = ("optimizer_state", "scheduler_state", "rng_state", "cuda_rng_state", "history", "train_model_state")
 
 
 def inference_extra(extra: dict) -> dict:

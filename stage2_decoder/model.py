@@ -52,6 +52,12 @@ class CaptionDecoder(nn.Module):
             self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         else:
             self.out = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        # (V,) True on <pad>, <start>, <unk>: built once and moved with the model, so a decoding step masks
+        # without turning a Python list into a device index (a blocking upload per step on CUDA); not
+        # persistent: checkpoints keep their keys
+        banned = torch.isin(torch.arange(cfg.vocab_size), torch.tensor(
+            [Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]))
+        self.register_buffer("banned_words", banned, persistent=False)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LSTM outputs (..., H) -> next-word logits (..., V)."""
@@ -65,7 +71,9 @@ class CaptionDecoder(nn.Module):
     def run_lstm(self, x: torch.Tensor, state=None):
         """The LSTM over x (B, T, E), in fp32 with autocast off: autocast casts cuDNN's LSTM to fp16 whatever
         dtype it was asked for, and fp16 without loss scaling flushes its small gradients to zero; the
-        FLOPs are in the projections around it, which stay under the caller's (bf16) autocast."""
+        FLOPs are in the projections around it, which stay under the caller's (bf16) autocast. On Ampere and
+        newer GPUs cuDNN runs it in TF32 (PyTorch's default `cudnn.allow_tf32`): fp32's exponent range, which
+        is what the gradients need, with a 10-bit mantissa (docs/gpu.md)."""
         with torch.autocast(x.device.type, enabled=False):
             return self.lstm(x.float(), state)
 
@@ -98,5 +106,5 @@ class CaptionDecoder(nn.Module):
         logits = self.logits(h.squeeze(1)).float()
         # never emit <pad>, <start> or <unk>: a word the vocabulary lacks is no caption word (a model
         # trained on few photos otherwise answers "a <unk> <unk> ..."); greedy, beam, sampling, SCST all call this
-        logits[:, [Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]] = float("-inf")
+        logits = logits.masked_fill(self.banned_words, float("-inf"))
         return torch.log_softmax(logits, dim=-1), state

@@ -23,7 +23,7 @@ from common.tokenizer import DEFAULT_TOKENIZER, tokenize
 from common.vocab import Vocabulary
 from stage2_decoder.cider import CiderD
 from stage2_decoder.data import view_rows
-from stage2_decoder.decode import END_ID, START_ID
+from stage2_decoder.decode import DONE_CHECK_EVERY, END_ID, START_ID
 from stage2_decoder.model import CaptionDecoder
 
 def sample(model: CaptionDecoder, features: torch.Tensor, k: int, max_len: int
@@ -32,22 +32,51 @@ def sample(model: CaptionDecoder, features: torch.Tensor, k: int, max_len: int
 
     features (B, D) -> ids (B*k, T) (0 after <end>), log-probs of the chosen tokens (B*k, T) and
     their mask (B*k, T): 1 for every word and the <end> that closes the caption.
+
+    The loop asks the device only every DONE_CHECK_EVERY steps whether every caption has ended (a host
+    sync on CUDA); it then keeps the steps up to the first with none alive and puts the sampling
+    generator back to its state after that step's draw, so every draw is the one a per-step check took.
+    Non-finite next-word probabilities raise FloatingPointError (torch.multinomial would trip a CUDA
+    device-side assert, which kills the process's CUDA context).
     """
+    dev = features.device
+    gen = torch.default_generator if dev.type == "cpu" else \
+        torch.cuda.default_generators[dev.index if dev.index is not None else torch.cuda.current_device()]
     h, c = model.init_state(features)  # (L, B, H)
     state = (h.repeat_interleave(k, dim=1), c.repeat_interleave(k, dim=1))
     n = features.shape[0] * k
-    tokens = torch.full((n,), START_ID, dtype=torch.long, device=features.device)
-    alive = torch.ones(n, dtype=torch.bool, device=features.device)
+    tokens = torch.full((n,), START_ID, dtype=torch.long, device=dev)
+    alive = torch.ones(n, dtype=torch.bool, device=dev)
     ids, logps, masks = [], [], []
-    for _ in range(max_len):
+    any_alive, finite, gen_states = [], [], []  # per step since the last check
+    for t in range(max_len):
         logp, state = model.step(tokens, state)  # (n, V)
-        tokens = torch.multinomial(logp.detach().exp(), 1).squeeze(1)
+        probs = logp.detach().exp()
+        total = probs.sum(1, keepdim=True)  # (n, 1): NaN if any probability is (log_softmax makes no +inf)
+        ok = torch.isfinite(total) & (total > 0)
+        # a bad row draws from a harmless stand-in; the error is raised at the next check, on the host
+        tokens = torch.multinomial(torch.where(ok, probs, 1.0), 1).squeeze(1)
+        gen_states.append(gen.get_state())
         masks.append(alive.clone())
         logps.append(logp.gather(1, tokens[:, None]).squeeze(1))
         ids.append(torch.where(alive, tokens, torch.zeros_like(tokens)))
         alive &= tokens != END_ID
-        if not bool(alive.any()):
+        any_alive.append(alive.any())
+        finite.append(ok.all())
+        if (t + 1) % DONE_CHECK_EVERY and t + 1 < max_len:
+            continue
+        flags = torch.stack([torch.stack(any_alive), torch.stack(finite)]).tolist()  # the window's one host read
+        first = t + 1 - len(flags[0])  # the step the window starts at
+        if False in flags[1]:
+            raise FloatingPointError(f"SCST sampling: the decoder's next-word probabilities are not finite at "
+                                     f"step {first + flags[1].index(False) + 1} (NaN or inf in its weights or "
+                                     f"features)")
+        if False in flags[0]:
+            last = flags[0].index(False)  # every caption had ended after step first + last
+            del ids[first + last + 1:], logps[first + last + 1:], masks[first + last + 1:]
+            gen.set_state(gen_states[last])
             break
+        any_alive, finite, gen_states = [], [], []
     return torch.stack(ids, 1), torch.stack(logps, 1), torch.stack(masks, 1).float()
 
 
@@ -109,7 +138,9 @@ def _scst_batches(model: CaptionDecoder, opt: torch.optim.Optimizer, features: t
         chunk = [keys[i] for i in order[s:s + batch_images]]
         batch_rows = torch.tensor([rows[key] for key in chunk], device=features.device)
         feats = view_rows(features, batch_rows, generator).float()  # cached views are in the cache's float16
-        loss, reward = scst_loss(model, feats, chunk, scorer, itos, k, max_len)
+        # bf16 autocast on CUDA for the projections, as in the cross-entropy step (the LSTM stays fp32)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=features.device.type == "cuda"):
+            loss, reward = scst_loss(model, feats, chunk, scorer, itos, k, max_len)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The device check in one command, from the repository root of a checkout on the GPU machine:
+#
+#     bash bench/gpu_device.sh          # ~5 minutes; results under $OUT (default runs/device-out)
+#
+# It needs the git-ignored folders docs/gpu.md says how to prepare: .whl/ (wheels of what the machine
+# lacks, installed offline without their dependencies) and bench/gpu-photos/ (a few hundred COCO photos
+# with their captions.json). Scratch files (20,000 JPEGs, caches) go to /tmp, not to $OUT.
+set -euo pipefail
+OUT="${OUT:-runs/device-out}"
+WORK="${WORK:-/tmp/capcache-device-check}"
+mkdir -p "$OUT"
+export CAPCACHE_TOKEN_CACHE="${CAPCACHE_TOKEN_CACHE:-$WORK/tokens}"  # the train part fills it, the sweep reads it
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python -m pip install --no-index --no-deps --quiet .whl/*.whl 2>&1 | tail -n 3 | tee "$OUT/pip.log"
+fi
+if [ -d .whl/site ]; then  # files carried as a folder (pycocoevalcap's pure-Python scorers)
+  export PYTHONPATH="$PYTHONPATH:$PWD/.whl/site"
+fi
+python - <<'PY' 2>&1 | tee "$OUT/env.txt"
+import importlib, platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU")
+for m in ("nltk", "pycocoevalcap.cider.cider", "h5py", "click", "tqdm", "joblib", "PIL"):
+    try:
+        importlib.import_module(m)
+        print("ok     ", m)
+    except Exception as e:
+        print("MISSING", m, type(e).__name__, e)
+PY
+# the parts' limits (bench/gpu.py LIMITS) add up to under 300 s; the outer limit leaves it a margin
+timeout 330 python bench/gpu.py --device cuda --work "$WORK" --results "$OUT" "$@" 2>"$OUT/stderr.log" \
+  | tee "$OUT/stdout.log"

@@ -1,0 +1,337 @@
+"""CPU guards for the host syncs and faults that only a GPU would feel: the decoding step's special-word mask,
+n-gram blocking on the device, SCST's sampling loop and its non-finite check, best.pt without the CUDA
+generators, stage 1's workers and its frozen CNN cast once. Each checks on the CPU the property a GPU run
+depends on (the counts the GPU itself gives are bench/gpu.py's)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from stage2_decoder.model import CaptionDecoder, DecoderConfig
+
+HOST_READS = ("__bool__", "item", "tolist", "cpu", "__int__", "__float__", "numpy")
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the calls that read a tensor back to the host (each a device sync on CUDA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_READS:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+class ListIndexing(TorchFunctionMode):
+    """Counts indexing with a Python list (torch turns the list into an index tensor: an upload on CUDA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("__setitem__", "__getitem__") and len(args) > 1:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            self.n += any(isinstance(i, list) for i in index)
+        return func(*args, **(kwargs or {}))
+
+
+def _decoder(**kw) -> CaptionDecoder:
+    torch.manual_seed(0)
+    return CaptionDecoder(DecoderConfig(**{**dict(feature_dim=32, vocab_size=40, embed_size=16, hidden_size=24,
+                                                  num_layers=2, dropout=0.0, tie_embeddings=True), **kw}))
+
+
+# --- the decoding step's mask ------------------------------------------------------------------------------
+
+def test_a_decoding_step_masks_the_special_words_without_a_python_list_index():
+    from common.vocab import Vocabulary
+
+    m = _decoder().eval()
+    feats = torch.randn(5, 32)
+    state = m.init_state(feats)
+    with ListIndexing() as mode, torch.inference_mode():
+        logp, _ = m.step(torch.full((5,), Vocabulary.start_id), state)
+    assert mode.n == 0
+    special = [Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]
+    assert torch.isinf(logp[:, special]).all() and torch.isfinite(logp[:, 4:]).all()
+    # the other words: log_softmax over the same finite logits (masking writes -inf, no arithmetic)
+    with torch.inference_mode():
+        h, _ = m.run_lstm(m.embed(torch.full((5,), Vocabulary.start_id)).unsqueeze(1), state)
+        logits = m.logits(h.squeeze(1)).float()
+        logits[:, special] = float("-inf")
+    assert torch.equal(logp, torch.log_softmax(logits, -1))
+
+
+def test_the_mask_is_not_in_the_state_dict_and_old_checkpoints_load_strictly():
+    m = _decoder()
+    assert "banned_words" not in m.state_dict()
+    old_keys = ["project.weight", "project.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+                "bn.num_batches_tracked", "embed.weight", "out_proj.weight", "out_proj.bias", "out_bias"]
+    state = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("lstm.")}
+    assert sorted(state) == sorted(old_keys)
+    other = _decoder()
+    other.load_state_dict(m.state_dict(), strict=True)
+    assert other.banned_words.dtype == torch.bool and int(other.banned_words.sum()) == 3
+    assert m.to(torch.float64).banned_words.dtype == torch.bool  # a dtype cast leaves the mask a mask
+
+
+# --- n-gram blocking on the device ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_ngram_blocking_on_the_device_matches_the_numpy_loop(n):
+    from stage2_decoder.ngram_block import block_repeats
+
+    rng = np.random.default_rng(n)
+    for t in range(0, 12):
+        seqs = rng.integers(0, 6, (3, 4, t))  # 6 words: many repeats
+        logp = rng.normal(size=(3, 4, 9)).astype(np.float32)
+        want = logp.copy()
+        block_repeats(want, seqs, n)  # the numpy path (the ONNX decoder's)
+        got = torch.from_numpy(logp.copy())
+        block_repeats(got, torch.from_numpy(seqs), n)
+        np.testing.assert_array_equal(got.numpy(), want)  # -inf written or not: no arithmetic to round
+    assert np.isinf(want).any()
+
+
+def test_ngram_blocking_reads_nothing_back_from_the_device():
+    from stage2_decoder.ngram_block import block_repeats
+
+    seqs = torch.randint(0, 5, (4, 3, 10))
+    logp = torch.randn(4, 3, 20)
+    with HostReads() as mode:
+        block_repeats(logp, seqs, 2)
+    assert mode.n == 0
+    assert torch.isinf(logp).any()
+
+
+def test_beam_search_with_ngram_blocking_reads_back_a_fixed_few_times():
+    from stage2_decoder.decode import DONE_CHECK_EVERY, DecodeConfig, beam_search_nbest
+
+    m = _decoder().eval()
+    with HostReads() as mode:
+        beam_search_nbest(m, torch.randn(16, 32), DecodeConfig(beam_size=3, max_len=20, no_repeat_ngram=2))
+    assert mode.n <= 20 // DONE_CHECK_EVERY + 6, mode.n  # was one read per step for the n-gram check alone
+
+
+# --- SCST sampling -----------------------------------------------------------------------------------------
+
+def _old_sample(model, features, k, max_len):
+    """3ddb13e's SCST sampling loop: it asked the device "any caption alive?" after every step."""
+    from stage2_decoder.decode import END_ID, START_ID
+
+    h, c = model.init_state(features)
+    state = (h.repeat_interleave(k, dim=1), c.repeat_interleave(k, dim=1))
+    n = features.shape[0] * k
+    tokens = torch.full((n,), START_ID, dtype=torch.long)
+    alive = torch.ones(n, dtype=torch.bool)
+    ids, logps, masks = [], [], []
+    for _ in range(max_len):
+        logp, state = model.step(tokens, state)
+        tokens = torch.multinomial(logp.detach().exp(), 1).squeeze(1)
+        masks.append(alive.clone())
+        logps.append(logp.gather(1, tokens[:, None]).squeeze(1))
+        ids.append(torch.where(alive, tokens, torch.zeros_like(tokens)))
+        alive &= tokens != END_ID
+        if not bool(alive.any()):
+            break
+    return torch.stack(ids, 1), torch.stack(logps, 1), torch.stack(masks, 1).float()
+
+
+@pytest.mark.parametrize("end_bias, max_len", [(4.0, 16), (2.0, 16), (-9.0, 16), (4.0, 7), (1.0, 5)])
+def test_scst_sampling_draws_as_before_and_leaves_the_generator_as_before(end_bias, max_len):
+    """The same computation as 3ddb13e's loop (the same ops on the same draws), so the same bits; and the
+    generator ends where the old loop left it, so the next batch draws the same too."""
+    from stage2_decoder.decode import END_ID
+    from stage2_decoder.scst import sample, scst_mode
+
+    m = _decoder()
+    m.out_bias.data[END_ID] = end_bias  # captions end early, late or never
+    feats = torch.randn(6, 32)
+    with scst_mode(m):
+        torch.manual_seed(7)
+        got = sample(m, feats, 5, max_len)
+        after_new = torch.get_rng_state()
+        torch.manual_seed(7)
+        want = _old_sample(m, feats, 5, max_len)
+        after_old = torch.get_rng_state()
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.equal(a, b)
+    assert torch.equal(after_new, after_old)
+
+
+def test_scst_sampling_reads_the_device_every_few_steps_not_every_step():
+    from stage2_decoder.decode import DONE_CHECK_EVERY, END_ID
+    from stage2_decoder.scst import sample, scst_mode
+
+    m = _decoder()
+    m.out_bias.data[END_ID] = -9.0  # no caption ends: all 16 steps run
+    with scst_mode(m), HostReads() as mode:
+        ids, _, _ = sample(m, torch.randn(4, 32), 5, 16)
+    assert ids.shape[1] == 16
+    assert mode.n <= 16 // DONE_CHECK_EVERY, mode.n  # 3ddb13e: 16 (one `bool(alive.any())` per step)
+
+
+def test_scst_sampling_from_nan_weights_is_a_floating_point_error_not_a_multinomial_failure():
+    """On CUDA, torch.multinomial on NaN probabilities is a device-side assert that kills the CUDA context."""
+    from stage2_decoder.scst import sample, scst_mode
+
+    m = _decoder()
+    m.out_proj.weight.data[0, 0] = float("nan")
+    with scst_mode(m), pytest.raises(FloatingPointError, match="not finite at step 1"):
+        sample(m, torch.randn(3, 32), 5, 16)
+
+
+def test_a_diverged_decoder_in_the_scst_cli_is_one_error_line(shared_cache, tmp_path):
+    """NaN weights reaching SCST: one `error:` line and exit 1 from the train CLI, no traceback."""
+    from click.testing import CliRunner
+
+    import stage2_decoder.scst as scst_mod
+    from stage2_decoder.train import main
+
+    real = scst_mod.sample
+
+    def poisoned(model, features, k, max_len):
+        with torch.no_grad():
+            model.out_proj.weight[0, 0] = float("nan")
+        return real(model, features, k, max_len)
+
+    scst_mod.sample = poisoned
+    try:
+        r = CliRunner().invoke(main, ["--features", str(shared_cache), "--out", str(tmp_path / "run"), "--epochs", "1",
+                                      "--scst-epochs", "1", "--batch-size", "16", "--embed-size", "16",
+                                      "--hidden-size", "32", "--vocab-threshold", "2", "--device", "cpu",
+                                      "--no-progress", "--dry-run"])
+    finally:
+        scst_mod.sample = real
+    assert r.exit_code == 1, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not finite" in errors[0] and "Traceback" not in r.output
+
+
+# --- best.pt without the CUDA generators -----------------------------------------------------------------
+
+def test_best_pt_leaves_the_cuda_generators_to_last_pt(shared_cache, tmp_path, monkeypatch):
+    """Faked CUDA generators (no GPU here), as a CUDA run would save them."""
+    import stage2_decoder.run_files as run_files_mod
+    import stage2_decoder.train as train_mod
+    from stage2_decoder.checkpoint import load_checkpoint
+
+    fake = {"cuda_rng_state": [torch.arange(16, dtype=torch.uint8)]}
+    monkeypatch.setattr(run_files_mod, "cuda_rng_state", lambda device: fake)
+    train_mod.train(train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=1,
+                                          scst_epochs=0, batch_size=16, embed_size=16, hidden_size=32,
+                                          vocab_threshold=2, dry_run=True, device="cpu", progress=False))
+    assert "cuda_rng_state" in load_checkpoint(tmp_path / "run" / "last.pt")
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert "cuda_rng_state" not in best and "rng_state" not in best
+
+
+# --- stage 1: workers, the frozen CNN cast once ------------------------------------------------------------
+
+def test_stage1_workers_leave_the_main_process_a_core(monkeypatch):
+    from common.backbones import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_workers() == 7  # 8 cores per rank, one for each rank's main process
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert default_workers() == 1  # never none: 0 would decode in the main process
+
+
+def test_batchnorm_folding_keeps_the_features():
+    from common.backbones import fold_batchnorm, load_backbone
+
+    bb = load_backbone("mobilenet_v2", "none", "cpu")
+    folded = fold_batchnorm(bb.model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        a, b = bb.model(x), folded(x)
+    # fp32 rounding of the folded weights through ~50 layers: ~1e-6 of the features' scale
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-4 * float(a.abs().max()))
+
+
+def test_a_bf16_backbone_casts_its_weights_once_and_runs_without_autocast(monkeypatch):
+    """What CUDA gets (precision bfloat16), forced on the CPU: bf16 weights from the start, no autocast per
+    forward, features close to the fp32 ones."""
+    import common.backbones as bb_mod
+
+    fp32 = bb_mod.load_backbone("mobilenet_v2", "none", "cpu")
+    x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    want = fp32.encode(x)
+    monkeypatch.setattr(bb_mod.Backbone, "precision", property(lambda self: "bfloat16"))
+    autocasts = []
+    real = torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda *a, **kw: (autocasts.append(a), real(*a, **kw))[1])
+    bf16 = bb_mod.load_backbone("mobilenet_v2", "none", "cpu")
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    got = bf16.encode(x)
+    assert autocasts == [] and got.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: the features agree in direction, not in their last digits
+    assert float(torch.nn.functional.cosine_similarity(got, want).min()) > 0.99
+
+
+# --- bench/gpu.py: a part that fails makes the check fail ---------------------------------------------------
+
+def _gpu_bench(monkeypatch):
+    import sys
+
+    from conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    sys.modules.pop("gpu", None)
+    import gpu
+
+    return gpu
+
+
+@pytest.mark.parametrize("how, status", [("raise", "error"), ("fail", "failed"), ("hang", "timeout")])
+def test_a_part_that_fails_or_hangs_is_reported_and_the_check_exits_non_zero(how, status, data_dir, tmp_path,
+                                                                             monkeypatch):
+    import json
+    import time
+
+    gpu = _gpu_bench(monkeypatch)
+
+    def broken(ctx):
+        if how == "raise":
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        if how == "hang":
+            time.sleep(30)
+        return {"ok": 0, "_failed": True}
+
+    monkeypatch.setitem(gpu.RUNNERS, "jpegs", broken)
+    monkeypatch.setitem(gpu.RUNNERS, "stage2", lambda ctx: {"xe_epoch_s": 1.0})
+    rc = gpu.main(["--device", "cpu", "--tiny", "--data", str(data_dir), "--work", str(tmp_path),
+                   "--parts", "jpegs,stage1,stage2", "--limit", "jpegs=1"])
+    assert rc == 1
+    lines = [json.loads(x) for x in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    assert [(x["part"], x["status"]) for x in lines[::2]] == [("jpegs", status), ("stage2", "ok")]
+    # what needed it: skipped, or (after a part that failed a check but ran) an error of its own
+    assert lines[1]["part"] == "stage1" and lines[1]["status"] == ("error" if how == "fail" else "skipped")
+    doc = json.loads((tmp_path / "gpu.json").read_text())
+    assert doc["parts"]["jpegs"] == status and doc["stage2"]["xe_epoch_s"] == 1.0
+    assert any(n.startswith(f"jpegs: {status}") for n in doc["notes"])
+
+
+def test_a_sweep_whose_runs_all_fail_fails_the_check(monkeypatch, tmp_path):
+    """The real sweep CLI in its own process, over a cache that is no cache: no run finishes."""
+    from types import SimpleNamespace
+
+    gpu = _gpu_bench(monkeypatch)
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not an HDF5 file")
+    ctx = SimpleNamespace(args=SimpleNamespace(tiny=True), device=torch.device("cpu"), work=tmp_path, cache=bad,
+                          limits={})
+    r = gpu.part_sweep(ctx)
+    assert r["ok"] == 0 and r["failed"] == r["runs"] == 2 and r["rc"] != 0 and r["_failed"] is True
