@@ -559,10 +559,12 @@ def test_bench_serve_tiny_mode_prints_its_table_and_ratios(data_dir, coco_dir, c
                         "--checkpoint", str(checkpoint)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
-    rows = re.findall(r"^\s+(\d+)\s+(batching|one at a time)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)$",
-                      p.stdout, re.M)
+    rows = re.findall(r"^\s+(\d+)\s+(batching|one at a time)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+(\d+)"
+                      r"\s+([\d.]+)$", p.stdout, re.M)
     assert {(n, mode) for n, mode, *_ in rows} == {(n, m) for n in ("1", "4") for m in ("batching", "one at a time")}
-    assert all(float(rps) > 0 and float(p50) <= float(p99) for _, _, rps, p50, p99, _, _ in rows), p.stdout
+    assert all(float(rps) > 0 and float(p50) <= float(p99) and errors == "0"
+               for _, _, rps, p50, p99, _, errors, _ in rows), p.stdout
+    assert re.search(r"overload, 16 clients at once.*answered in time \d+%", p.stdout), p.stdout
     assert all(float(per_call) == 1 for _, mode, *_, per_call in rows if mode == "one at a time"), p.stdout
     ratios = dict(re.findall(r"^ratio (serve\.throughput \d+ clients batching/one-at-a-time): (\d+\.\d+)x", p.stdout,
                              re.M))
