@@ -19,7 +19,7 @@ from common.bounds import check
 from stage2_decoder.decode_config import DecodeConfig, SampleConfig, check_bounds
 
 CHECKPOINT_ENV = "CAPCACHE_CHECKPOINT"
-FIRST_CHUNK = 4  # images in the first batch (time to the first caption of a folder: bench/caption.py)
+FIRST_CHUNK = 4  # images in the CLI's first batch (time to the first caption of a folder: bench/caption.py)
 ON_ERROR = ("raise", "return")
 
 
@@ -147,15 +147,17 @@ class Captioner:
         setting does; docs/captioning.md what the scores are). on_error="raise": an unreadable image raises
         ImageError naming it; "return": its dict is {"image", "error"} and the others are captioned.
         """
-        return list(self.caption_iter(images, batch_size, on_error, num_captions=num_captions, beam_size=beam_size,
+        return list(self.caption_iter(images, batch_size, on_error, first_chunk=None, num_captions=num_captions,
+                                      beam_size=beam_size,
                                       max_len=max_len, min_len=min_len, length_penalty=length_penalty,
                                       no_repeat_ngram=no_repeat_ngram, sample=sample, temperature=temperature,
                                       top_p=top_p, seed=seed))
 
     def caption_iter(self, images: Sequence, batch_size: int = 32, on_error: str = "raise", progress: bool = False,
-                     **decode) -> Iterator[dict]:
+                     first_chunk: int | None = FIRST_CHUNK, **decode) -> Iterator[dict]:
         """`caption` (same keyword arguments), yielding each result as soon as its batch is decoded; the
-        first batch is small, so a folder's first caption comes quickly."""
+        first batch holds `first_chunk` images, so a folder's first caption comes quickly (None: every
+        batch holds `batch_size`, one model pass each, as `caption` does)."""
         import torch
         from tqdm import tqdm
 
@@ -165,7 +167,7 @@ class Captioner:
         settings = decode_settings(**decode)
         images = as_image_list(images)
         bar = tqdm(total=len(images), unit="img", desc="caption", disable=not progress, leave=False)
-        starts = [0, *range(min(FIRST_CHUNK, batch_size), len(images), batch_size)]
+        starts = [0, *range(min(first_chunk or batch_size, batch_size), len(images), batch_size)]
         for s, end in zip(starts, [*starts[1:], len(images)]):
             chunk = images[s:end]
             tensors, good, errors = load_chunk(chunk, s, self._load, on_error)

@@ -1,20 +1,27 @@
 """Dynamic batching: concurrent requests share one model call, run in a worker thread.
 
-Each request hands in its images and a key (the decode settings: only requests with equal keys can
+Each request hands in its items and a key (the decode settings: only requests with equal keys can
 share a batch). The worker takes the oldest waiting request, then keeps gathering requests with the
-same key until the batch holds `max_batch_images` images or `max_wait_ms` have passed since it began
-gathering, makes ONE call `run(images, key)` and hands each request back its own slice of the results.
+same key until the batch holds `max_batch_images` items or `max_wait_ms` have passed since it began
+gathering, makes ONE call `run(items, key)` and hands each request back its own slice of the results.
 It waits only for the company it can expect: until the batch holds as many requests as the previous
 one did (their clients tend to send again), so a lone client's requests run at once; requests already
 queued always join.
-Requests are never split, so one larger than the limit runs as a batch of its own. With
-`enabled=False` every request is run alone, in arrival order (one-request-at-a-time, the baseline
-`bench/serve.py` compares against).
+
+What the queue holds is bounded: `submit` refuses (QueueFull) a request whose items would take the
+items accepted and not yet answered past `max_queue_images`. A request whose future was cancelled
+(its client left, its deadline passed) or whose `deadline` has passed is dropped before the model
+sees it. When a batch of several requests fails (an exception, an out-of-memory), each request is
+run again alone, so only the one at fault fails. Requests are never split, so one larger than the
+limit runs as a batch of its own. With `enabled=False` every request is run alone, in arrival order
+(one-request-at-a-time, the baseline `bench/serve.py` compares against).
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import math
 import queue
 import threading
 import time
@@ -22,24 +29,39 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
+log = logging.getLogger("capcache.serve")
+MAX_WAIT_MS = 10_000  # a batch that waits longer for company is a configuration mistake
+
 
 @dataclass
 class BatcherConfig:
     max_batch_images: int = 16  # B: images in one model call at most
     max_wait_ms: float = 50.0  # T: how long the first request of a batch waits for company
     enabled: bool = True  # False: one request per model call
+    max_queue_images: int = 256  # items accepted and not yet answered, at most
 
     def __post_init__(self):
         if self.max_batch_images < 1:
             raise ValueError(f"max_batch_images must be >= 1, got {self.max_batch_images}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if not (math.isfinite(self.max_wait_ms) and 0 <= self.max_wait_ms <= MAX_WAIT_MS):
+            raise ValueError(f"max_wait_ms must be between 0 and {MAX_WAIT_MS}, got {self.max_wait_ms}")
+        if self.max_queue_images < 1:
+            raise ValueError(f"max_queue_images must be >= 1, got {self.max_queue_images}")
+
+
+class QueueFull(RuntimeError):
+    """The queue holds too many items to take this request now."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """A request's deadline passed before the model reached it."""
 
 
 @dataclass
 class _Job:
     items: list  # one request's inputs, whatever `run` takes (images, feature rows)
     key: Hashable
+    deadline: float | None = None  # time.monotonic() after which it is dropped unrun
     future: concurrent.futures.Future[Sequence] = field(default_factory=concurrent.futures.Future)
 
 
@@ -49,6 +71,9 @@ class BatchStats:
     calls: int = 0  # model calls made
     images: int = 0  # images in them
     largest: int = 0  # the most images one call held
+    refused: int = 0  # requests refused with QueueFull
+    dropped: int = 0  # requests dropped unrun: cancelled or past their deadline
+    retried: int = 0  # batches that failed and were run again one request at a time
 
 
 class DynamicBatcher:
@@ -63,6 +88,15 @@ class DynamicBatcher:
         self._lock = threading.Lock()
         self._stopping = False
         self._last_requests = 0  # requests in the previous batch
+        self._pending = 0  # items accepted and not yet answered (queued, held or running)
+
+    @property
+    def pending_images(self) -> int:
+        return self._pending
+
+    def full(self, more: int = 1) -> bool:
+        """Whether `more` items would take the queue past its bound."""
+        return self._pending + more > self.cfg.max_queue_images
 
     def start(self) -> "DynamicBatcher":
         with self._lock:
@@ -79,17 +113,33 @@ class DynamicBatcher:
             self._queue.put(None)
             thread.join(timeout)
 
-    def submit(self, items: list, key: Hashable = None) -> concurrent.futures.Future:
-        """Queue one request; the future resolves to its results (or the exception its batch raised)."""
+    def submit(self, items: list, key: Hashable = None, deadline: float | None = None) -> concurrent.futures.Future:
+        """Queue one request; the future resolves to its results (or the exception its run raised).
+
+        Raises QueueFull when its items do not fit in the queue's bound. Cancelling the future before
+        the model reaches the request drops it; so does `deadline` (a time.monotonic() value) passing.
+        """
         if self._thread is None:
             raise RuntimeError("the batcher is not running (call start())")
-        job = _Job(list(items), key)
+        job = _Job(list(items), key, deadline)
+        with self._lock:
+            # a request larger than the whole bound still runs when it is alone
+            if self._pending and self._pending + len(job.items) > self.cfg.max_queue_images:
+                self.stats.refused += 1
+                raise QueueFull(f"{self._pending} images are waiting (at most {self.cfg.max_queue_images})")
+            self._pending += len(job.items)
+        job.future.add_done_callback(lambda _f, n=len(job.items): self._release(n))
         self._queue.put(job)
         return job.future
 
-    async def __call__(self, items: list, key: Hashable = None) -> list:
-        """`submit` for asyncio code: awaits the results without blocking the event loop."""
-        return await asyncio.wrap_future(self.submit(items, key))
+    def _release(self, n: int) -> None:
+        with self._lock:
+            self._pending -= n
+
+    async def __call__(self, items: list, key: Hashable = None, deadline: float | None = None) -> list:
+        """`submit` for asyncio code: awaits the results without blocking the event loop; cancelling the
+        awaiting task cancels the request (dropped if the model has not reached it)."""
+        return await asyncio.wrap_future(self.submit(items, key, deadline))
 
     def _next(self, timeout: float | None) -> _Job | None:
         """A held job first, else one from the queue (None: stop asked, or nothing within `timeout`)."""
@@ -126,6 +176,9 @@ class DynamicBatcher:
             if job is None:
                 self._stopping = True
                 break
+            if job.future.cancelled():  # its client left while it queued: it takes no place in the batch
+                self.stats.dropped += 1
+                continue
             if job.key == first.key and n + len(job.items) <= self.cfg.max_batch_images:
                 batch.append(job)
                 n += len(job.items)
@@ -135,6 +188,53 @@ class DynamicBatcher:
                     break
         return batch
 
+    def _live(self, batch: list[_Job]) -> list[_Job]:
+        """The jobs still wanted, marked running; cancelled ones and those past their deadline are dropped."""
+        now, live = time.monotonic(), []
+        for job in batch:
+            if job.future.set_running_or_notify_cancel():  # False: cancelled
+                if job.deadline is None or now <= job.deadline:
+                    live.append(job)
+                    continue
+                job.future.set_exception(DeadlineExceeded("the request waited past its deadline"))
+            self.stats.dropped += 1
+        return live
+
+    def _call(self, jobs: list[_Job]) -> list:
+        items = [it for job in jobs for it in job.items]
+        results = list(self.run(items, jobs[0].key))
+        if len(results) != len(items):
+            raise RuntimeError(f"batched call returned {len(results)} results for {len(items)} items")
+        self.stats.calls += 1
+        self.stats.images += len(items)
+        self.stats.largest = max(self.stats.largest, len(items))
+        return results
+
+    def _answer(self, jobs: list[_Job], results: list) -> None:
+        start = 0
+        for job in jobs:
+            job.future.set_result(results[start:start + len(job.items)])
+            start += len(job.items)
+        self.stats.requests += len(jobs)
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        try:
+            self._answer(batch, self._call(batch))
+            self._last_requests = len(batch)
+            return
+        except BaseException as e:  # noqa: BLE001 - handed to the request at fault, the worker goes on
+            if len(batch) == 1:
+                batch[0].future.set_exception(e)
+                return
+            log.warning("a batch of %d requests failed (%s: %s); running each alone", len(batch),
+                        type(e).__name__, e)
+        self.stats.retried += 1
+        for job in batch:  # one failing request (or a batch too large for memory) fails only itself
+            try:
+                self._answer([job], self._call([job]))
+            except BaseException as e:  # noqa: BLE001
+                job.future.set_exception(e)
+
     def _work(self) -> None:
         self._stopping = False
         while True:
@@ -143,25 +243,13 @@ class DynamicBatcher:
                 if self._stopping and not self._held:
                     return
                 continue
-            # a request whose client went away (its future cancelled) is dropped, not run
-            batch = [job for job in self._gather(first) if job.future.set_running_or_notify_cancel()]
-            if not batch:
-                continue
-            items = [it for job in batch for it in job.items]
             try:
-                results = list(self.run(items, batch[0].key))
-                if len(results) != len(items):
-                    raise RuntimeError(f"batched call returned {len(results)} results for {len(items)} items")
-            except BaseException as e:  # noqa: BLE001 - handed to every waiting request, the worker goes on
-                for job in batch:
-                    job.future.set_exception(e)
-                continue
-            self._last_requests = len(batch)
-            self.stats.calls += 1
-            self.stats.images += len(items)
-            self.stats.requests += len(batch)
-            self.stats.largest = max(self.stats.largest, len(items))
-            start = 0
-            for job in batch:
-                job.future.set_result(results[start:start + len(job.items)])
-                start += len(job.items)
+                batch = self._live(self._gather(first))
+                if batch:
+                    self._run_batch(batch)
+            except Exception as e:  # noqa: BLE001 - a bug here must not leave later requests waiting forever
+                log.error("batcher error: %s: %s", type(e).__name__, e)
+                for job in [first, *self._held]:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+                self._held.clear()

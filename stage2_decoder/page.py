@@ -4,7 +4,9 @@ Self-contained: no external script, style, font or image, so it works offline. E
 server or the user (file names, captions, errors) goes in through `textContent`, never as markup. The
 Content-Security-Policy (sent as a header and repeated in a <meta>) allows only this page's own script
 and style (by hash), photos from `blob:` object URLs, and requests to the same origin.
-Each photo is sent as its own request, so the server's batcher gathers a dropped folder into batches.
+Each photo is sent as its own request, so the server's batcher gathers a dropped folder into batches;
+cards keep the order the photos were chosen in, and a request refused with 503 is sent again after
+the server's Retry-After (3 times at most).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ h1 { font-size: 1.4em; }
 .card img { width: 100%; height: 220px; object-fit: cover; border-radius: 4px; }
 .name { color: #777; font-size: .85em; overflow-wrap: anywhere; }
 .caption { font-weight: 600; margin: .3em 0; }
-.alts { margin: 0; padding-left: 1.3em; color: #444; font-size: .9em; }
+.score { color: #777; font-size: .85em; }
+.alts { margin: .3em 0 0; padding-left: 1.6em; color: #444; font-size: .9em; }
 .error { color: #b00; }
 .pending .caption { color: #999; font-weight: normal; }
 """
@@ -32,6 +35,7 @@ SCRIPT = """
 "use strict";
 const input = document.getElementById("files"), drop = document.getElementById("drop");
 const cards = document.getElementById("cards");
+const RETRIES = 3;  // a 503 (queue full) is tried again after the server's Retry-After
 
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -40,27 +44,47 @@ function el(tag, cls, text) {
   return e;
 }
 
-async function captionOne(file) {
-  const card = el("div", "card pending");
+function scored(c) {
+  return c.caption + " (score " + c.score.toFixed(2) + ")";
+}
+
+async function send(file) {
+  for (let attempt = 0; ; attempt++) {
+    const form = new FormData();
+    form.append("images", file, file.name);
+    form.append("num_captions", document.getElementById("num").value);
+    form.append("beam_size", document.getElementById("beam").value);
+    let reply;
+    try {
+      reply = await fetch("v1/caption", {method: "POST", body: form});
+    } catch (err) {
+      throw new Error("The server could not be reached.");
+    }
+    let data = null;
+    try { data = await reply.json(); } catch (err) { data = null; }
+    if (reply.ok && data) return data.results[0];
+    if (reply.status === 503 && attempt < RETRIES) {
+      const wait = Math.min(30, Number(reply.headers.get("Retry-After")) || 2);
+      await new Promise(done => setTimeout(done, 1000 * wait));
+      continue;
+    }
+    throw new Error(data && data.error ? data.error : "The server answered with an error (HTTP " + reply.status + ").");
+  }
+}
+
+async function captionOne(file, card) {
   const img = el("img");
   img.src = URL.createObjectURL(file);
   img.alt = file.name;
-  const caption = el("div", "caption", "captioning\\u2026"), alts = el("ol", "alts");
-  card.append(img, el("div", "name", file.name), caption, alts);
-  cards.prepend(card);
-  const form = new FormData();
-  form.append("images", file, file.name);
-  form.append("num_captions", document.getElementById("num").value);
-  form.append("beam_size", document.getElementById("beam").value);
+  const caption = el("div", "caption", "captioning\u2026"), score = el("div", "score");
+  const alts = el("ol", "alts");
+  alts.start = 2;  // the alternatives are the 2nd, 3rd, ... best captions
+  card.append(img, el("div", "name", file.name), caption, score, alts);
   try {
-    const reply = await fetch("v1/caption", {method: "POST", body: form});
-    const data = await reply.json();
-    if (!reply.ok) throw new Error(data.error || ("HTTP " + reply.status));
-    const r = data.results[0];
+    const r = await send(file);
     caption.textContent = r.caption;
-    for (const alt of r.captions.slice(1)) {
-      alts.append(el("li", "", alt.caption + " (" + alt.score.toFixed(2) + ")"));
-    }
+    score.textContent = "score " + r.captions[0].score.toFixed(2);
+    for (const alt of r.captions.slice(1)) alts.append(el("li", "", scored(alt)));
     card.classList.remove("pending");
     card.classList.add("done");
   } catch (err) {
@@ -72,7 +96,13 @@ async function captionOne(file) {
 }
 
 function captionAll(files) {
-  for (const f of files) captionOne(f);
+  // every card is placed first, in the order chosen; answers fill them in as they come
+  const placed = Array.from(files).map(f => {
+    const card = el("div", "card pending");
+    cards.append(card);
+    return [f, card];
+  });
+  for (const [f, card] of placed) captionOne(f, card);
 }
 
 input.addEventListener("change", () => { captionAll(input.files); input.value = ""; });

@@ -26,6 +26,7 @@ from stage2_decoder.data import view_rows
 from stage2_decoder.decode import DONE_CHECK_EVERY, END_ID, START_ID
 from stage2_decoder.model import CaptionDecoder
 
+
 def sample(model: CaptionDecoder, features: torch.Tensor, k: int, max_len: int
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample k captions per image, keeping the graph.

@@ -1,152 +1,39 @@
-"""The captioning web service: one page, one JSON endpoint, concurrent requests batched.
+"""The captioning web service: one page, one typed JSON endpoint, concurrent requests batched.
 
     python -m stage2_decoder.serve [--checkpoint FILE] [--host 127.0.0.1] [--port 8000] [--max-batch N]
-        [--max-wait-ms T] [--max-files N] [--max-upload-mb X] [--max-pixels N] [--device D] [--dry-run]
+        [--max-wait-ms T] [--max-queue N] [--request-timeout-s S] [--max-files N] [--max-upload-mb X]
+        [--max-pixels N] [--decode-workers N] [--device D] [--dry-run] ...   (docs/serving.md: all settings)
 
 The model is loaded once (`Captioner.load`: the caption CLI's checkpoint lookup). `GET /` is the page,
 `POST /v1/caption` takes multipart files in the field `images` (form fields `num_captions`,
-`beam_size`), `GET /healthz` names the checkpoint. Uploads are decoded from memory; a bad file, a
-request over a limit or a bad form value gets a 4xx `{"error": "..."}` naming it, and the server goes
-on. Requests are gathered by `stage2_decoder.batcher` into one model call run off the event loop.
+`beam_size`), `GET /healthz` names the checkpoint, `/openapi.json` and `/docs` describe the API. A
+request is admitted only while the queue has room (else 503 + Retry-After at once); its files are
+decoded and preprocessed in a small thread pool; its images join a batch of `stage2_decoder.batcher`,
+run in one model call off the event loop; a client that leaves or a request past its deadline is
+dropped before the model sees it. Every refusal is a 4xx/5xx `{"error": "..."}` in one sentence.
 """
-from __future__ import annotations
-
+import asyncio
+import concurrent.futures
 import contextlib
-import io
+import logging
+import math
 import sys
-import warnings
-from dataclasses import asdict, dataclass, field, replace
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Annotated
 
 import click
+from fastapi import File, Form, Request, UploadFile  # module level: FastAPI resolves the annotations here
 
 from common.cli import decode_options
-from stage2_decoder.decode_config import DecodeConfig  # torch-free
-from starlette.requests import Request  # module level: FastAPI resolves the endpoint's annotation here
+from stage2_decoder.serve_models import (ERROR_RESPONSES, CaptionResponse, CaptionResult, ErrorResponse, Health,
+                                         Stats)
+from stage2_decoder.serve_settings import ServeConfig  # noqa: F401 - re-exported: the service's config
+from stage2_decoder.serve_uploads import RequestError, decode_upload, megabytes, open_upload
 
-MB = 1 << 20
-FORM_OVERHEAD = 1 * MB  # multipart headers and the small form fields, beyond the files' own bytes
-
-
-@dataclass
-class ServeConfig:
-    checkpoint: str | None = None  # None: $CAPCACHE_CHECKPOINT, else the newest runs/*/best.pt
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch: int = 16  # B: images in one model call at most
-    max_wait_ms: float = 50.0  # T: how long a batch waits for more requests (not when one client is alone)
-    batching: bool = True  # False: one request per model call (the benchmark's baseline)
-    max_files: int = 16  # files in one request
-    max_upload_mb: float = 10.0  # bytes of one file, in MiB
-    max_pixels: int = 40_000_000  # width x height of one image, read from its header before decoding
-    num_captions: int = 1  # when the request does not say
-    max_num_captions: int = 10
-    decode: DecodeConfig = field(default_factory=DecodeConfig)  # beam_size: when the request does not say
-    max_beam_size: int = 10
-    device: str = "auto"
-    encode_chunk: int = 4  # images per encoder pass on CPU (0: the whole batch at once)
-    access_log: bool = True  # uvicorn's line per request (--no-progress turns it off)
-
-    def __post_init__(self):
-        checks = [("--port", self.port, 0, 65535), ("--max-batch", self.max_batch, 1, None),
-                  ("--max-files", self.max_files, 1, None), ("--max-pixels", self.max_pixels, 1, None),
-                  ("--max-wait-ms", self.max_wait_ms, 0, None), ("--encode-chunk", self.encode_chunk, 0, None), ("--max-upload-mb", self.max_upload_mb, 1e-6, None),
-                  ("num_captions", self.num_captions, 1, self.max_num_captions),
-                  ("--beam-size", self.decode.beam_size, 1, self.max_beam_size)]
-        for name, value, lo, hi in checks:
-            if value < lo or (hi is not None and value > hi):
-                allowed = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-                raise ValueError(f"{name} must be {allowed}, got {value}")
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * MB)
-
-
-class RequestError(Exception):
-    """A bad request: answered with `status` and {"error": message}."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def _limited_stream(request, limit: int):
-    """The request body as it arrives, refused (413) as soon as it passes `limit` bytes."""
-    async def stream():
-        seen = 0
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > limit:
-                raise RequestError(413, f"request body over {limit} bytes (at most {limit // MB} MiB in all)")
-            yield chunk
-    return stream()
-
-
-async def _read_form(request, cfg: ServeConfig):
-    """The multipart form, kept in memory; files past `max_files` or a body past the limits are refused."""
-    from starlette.formparsers import MultiPartException, MultiPartParser
-
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise RequestError(415, "send the photos as multipart/form-data, one or more files in the field 'images'")
-    limit = cfg.max_files * cfg.max_upload_bytes + FORM_OVERHEAD
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"request body of {declared} bytes is over the limit of {limit} bytes "
-                                f"({cfg.max_files} files of at most {cfg.max_upload_mb:g} MiB)")
-    parser = MultiPartParser(request.headers, _limited_stream(request, limit), max_files=cfg.max_files,
-                             max_fields=16, max_part_size=64 << 10)
-    parser.spool_max_size = cfg.max_upload_bytes + 1  # a file stays in memory (never a named file on disk)
-    try:
-        return await parser.parse()
-    except MultiPartException as e:
-        too_many = "Too many files" in str(e)
-        message = f"more than {cfg.max_files} files in one request" if too_many else f"bad multipart form: {e}"
-        raise RequestError(413 if too_many else 400, message)
-
-
-def _int_field(form, name: str, default: int, hi: int) -> int:
-    raw = form.get(name)
-    if raw is None or raw == "":
-        return default
-    if not isinstance(raw, str):
-        raise RequestError(400, f"form field {name!r} must be a number, not a file")
-    try:
-        value = int(raw)
-    except ValueError:
-        raise RequestError(400, f"form field {name!r} must be a whole number, got {raw[:40]!r}") from None
-    if not 1 <= value <= hi:
-        raise RequestError(400, f"form field {name!r} must be between 1 and {hi}, got {value}")
-    return value
-
-
-def open_upload(name: str, data: bytes, cfg: ServeConfig, preprocess=None):
-    """Upload bytes -> a PIL image opened from memory, its size checked from the header (not yet decoded).
-
-    With the backbone's `preprocess`, a JPEG is set to decode at the reduced scale stage 1 uses for
-    files (`common.backbones.load_image_views`), so an upload gets the caption its file gets.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if len(data) > cfg.max_upload_bytes:
-        raise RequestError(413, f"{name}: {len(data)} bytes is over the limit of {cfg.max_upload_bytes} bytes "
-                                f"({cfg.max_upload_mb:g} MiB)")
-    if not data:
-        raise RequestError(422, f"{name}: the file is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
-            im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise RequestError(413, f"{name}: {e}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise RequestError(415, f"{name}: not an image this server can read ({type(e).__name__})") from None
-    if im.width * im.height > cfg.max_pixels:
-        im.close()
-        raise RequestError(413, f"{name}: {im.width}x{im.height} pixels is over the limit of {cfg.max_pixels} pixels")
-    if preprocess is not None and preprocess.jpeg_draft and im.format == "JPEG":
-        im.draft("RGB", (preprocess.resize, preprocess.resize))
-    return im
+log = logging.getLogger("capcache.serve")
+CAPTION_PATH = "/v1/caption"
 
 
 class ChunkedEncoder:
@@ -178,27 +65,166 @@ def checkpoint_name(path) -> str:
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
+class Admission:
+    """Pure ASGI guard in front of the caption endpoint: refuses at once, before the body is read, what
+    cannot be taken (not multipart, a declared body over the limit, a full queue), counts the requests
+    in progress, and logs a client that leaves mid-upload in one line."""
+
+    def __init__(self, app, cfg: ServeConfig, state):  # add_middleware(Admission, cfg=..., state=...)
+        self.app, self.cfg, self.state = app, cfg, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != CAPTION_PATH or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        declared = headers.get("content-length", "")
+        if not headers.get("content-type", "").startswith("multipart/form-data"):
+            return await _reply(send, RequestError(415, "Send the photos as multipart/form-data, one or more "
+                                                        "files in the field 'images'."))
+        limit = self.cfg.max_body_bytes
+        if declared.isdigit() and int(declared) > limit:
+            return await _reply(send, _body_too_large(self.cfg, int(declared)))
+        if self.state.in_progress >= self.cfg.max_queue or self.state.batcher.full(1):
+            self.state.batcher.stats.refused += 1
+            return await _reply(send, busy(self.state, "The server is busy"))
+        self.state.in_progress += 1
+        seen, gone = 0, False
+
+        async def counted():
+            nonlocal seen, gone
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # more than declared (or none declared): stop reading here
+                    scope["capcache.too_large"] = seen
+                    raise _TooLarge
+            elif message["type"] == "http.disconnect" and not scope.get("capcache.body_read"):
+                gone = True
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await _reply(send, _body_too_large(self.cfg, seen))
+        finally:
+            self.state.in_progress -= 1
+            if gone:
+                log.info("client %s went away during its upload", _peer(scope))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _peer(scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "?"
+
+
+def _body_too_large(cfg: ServeConfig, n: int) -> RequestError:
+    return RequestError(413, f"The request body of {megabytes(n)} or more is over the limit of "
+                             f"{megabytes(cfg.max_body_bytes)} ({cfg.max_files} files of at most "
+                             f"{cfg.max_upload_mb:g} MB).")
+
+
+async def _reply(send, e: RequestError) -> None:
+    import json
+
+    body = json.dumps({"error": str(e)}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), str(v).encode()) for k, v in e.headers.items()]
+    await send({"type": "http.response.start", "status": e.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def busy(state, what: str) -> RequestError:
+    """503 with Retry-After: the seconds the queue in front needs, from the recent time per image."""
+    pending = state.batcher.pending_images
+    wait = max(1, min(60, math.ceil((pending + 1) * state.seconds_per_image)))
+    return RequestError(503, f"{what}: {pending} images are waiting; try again in {wait} s.",
+                        {"Retry-After": str(wait)})
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (once the body is read, the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def await_answer(request: Request, future: concurrent.futures.Future, timeout: float) -> list:
+    """The batcher's answer for `future`; cancels it (dropped unless the model has it) when the client
+    leaves (ClientGone) or `timeout` passes (503 while queued, 504 once in the model)."""
+    answer = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({answer, gone}, timeout=max(timeout, 0.0),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if answer in done:
+        return answer.result()
+    running = future.running()
+    future.cancel()
+    answer.cancel()
+    if gone in done:
+        raise ClientGone
+    if running:
+        raise RequestError(504, "The model did not finish this request in time.")
+    raise RequestError(503, "The server is busy: the request waited past its deadline in the queue.",
+                       {"Retry-After": "5"})
+
+
+def _field_error(errors, cfg: ServeConfig) -> str:
+    """FastAPI's validation errors -> one sentence naming the first field at fault."""
+    e = errors[0]
+    name = next((str(x) for x in reversed(e.get("loc", ())) if isinstance(x, str) and x != "body"), "form")
+    if name == "images":
+        return "No photos: send one or more files in the multipart field 'images'."
+    hi = {"num_captions": cfg.max_num_captions, "beam_size": cfg.max_beam_size}.get(name)
+    got = e.get("input")
+    got = f", got {str(got)[:40]!r}" if isinstance(got, (str, int, float)) else ""
+    if hi is None:
+        return f"Form field {name!r}: {e.get('msg', 'not valid')}{got}."
+    return f"Form field {name!r} must be a whole number between 1 and {hi}{got}."
+
+
 def create_app(captioner, cfg: ServeConfig):
-    """The FastAPI app over a loaded captioner (anything with `.caption(...)` and `.checkpoint_path`)."""
+    """The FastAPI app over a loaded captioner: anything with `.backbone` (`.preprocess`, `.encode`),
+    `.caption_features(feats, **decode)` and `.checkpoint_path`."""
     from fastapi import FastAPI
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.exceptions import HTTPException
 
-    from stage2_decoder.batcher import BatcherConfig, DynamicBatcher
+    from stage2_decoder.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher, QueueFull
     from stage2_decoder.page import CSP, PAGE
 
-    def run_batch(images: list, key: tuple[int, int]) -> list[dict]:
-        num_captions, beam_size = key
-        decode = asdict(replace(cfg.decode, beam_size=beam_size))
-        try:
-            return captioner.caption(images, num_captions=num_captions, batch_size=len(images), on_error="return",
-                                     **decode)
-        finally:
-            for im in images:
-                im.close()
+    def run_batch(arrays: list, key: tuple[int, int]) -> list[dict]:
+        import numpy as np
+        import torch
 
-    preprocess = getattr(getattr(captioner, "backbone", None), "preprocess", None)
-    batcher = DynamicBatcher(run_batch, BatcherConfig(cfg.max_batch, cfg.max_wait_ms, cfg.batching))
+        num_captions, beam_size = key
+        t0 = time.perf_counter()
+        try:
+            feats = captioner.backbone.encode(torch.from_numpy(np.stack(arrays)))  # (B, D)
+            out = captioner.caption_features(feats, num_captions=num_captions,
+                                             **asdict(replace(cfg.decode, beam_size=beam_size)))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()  # what the failed batch held, before it is retried one request at a time
+            raise
+        state.seconds_per_image = 0.8 * state.seconds_per_image + 0.2 * (time.perf_counter() - t0) / len(arrays)
+        return out
+
+    pp = captioner.backbone.preprocess
+    batcher = DynamicBatcher(run_batch, BatcherConfig(cfg.max_batch, cfg.max_wait_ms, cfg.batching, cfg.max_queue))
+    pool = concurrent.futures.ThreadPoolExecutor(cfg.decode_workers, thread_name_prefix="caption-decode")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -206,66 +232,116 @@ def create_app(captioner, cfg: ServeConfig):
         try:
             yield
         finally:
-            batcher.stop()
+            batcher.stop()  # requests already accepted are answered first
+            pool.shutdown(wait=True)
 
-    app = FastAPI(title="capcache", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.batcher, app.state.cfg, app.state.captioner = batcher, cfg, captioner
+    app = FastAPI(title="capcache", version="1", lifespan=lifespan, redoc_url=None,
+                  description="Caption photos with a trained capcache checkpoint. docs/serving.md has the limits.",
+                  form_limits={"max_files": cfg.max_files, "max_fields": 16, "max_part_size": 64 << 10})
+    state = app.state
+    state.batcher, state.cfg, state.captioner, state.pool = batcher, cfg, captioner, pool
+    state.in_progress, state.seconds_per_image = 0, 0.1
 
     @app.exception_handler(RequestError)
-    async def bad_request(request, e: RequestError):
-        return JSONResponse({"error": str(e)}, status_code=e.status)
+    async def request_error(request, e: RequestError):
+        return JSONResponse({"error": str(e)}, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        return JSONResponse({"error": _field_error(e.errors(), cfg)}, status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
-        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+        detail = str(e.detail)
+        if "capcache.too_large" in request.scope:  # the form parser met the admission's byte limit
+            return await request_error(request, _body_too_large(cfg, request.scope["capcache.too_large"]))
+        if "Too many files" in detail:
+            return JSONResponse({"error": f"More than {cfg.max_files} files in one request."}, status_code=413)
+        if e.status_code == 400 and request.url.path == CAPTION_PATH:
+            detail = "The multipart form could not be read (a malformed or incomplete body)."
+        return JSONResponse({"error": detail}, status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(Exception)
     async def server_error(request, e: Exception):
-        return JSONResponse({"error": f"internal error: {type(e).__name__}"}, status_code=500)
+        log.error("internal error on %s: %s: %s", request.url.path, type(e).__name__, e)
+        return JSONResponse({"error": f"Internal error ({type(e).__name__})."}, status_code=500)
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return HTMLResponse(PAGE, headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"})
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health)
     async def healthz():
-        return {"status": "ok", "checkpoint": checkpoint_name(captioner.checkpoint_path)}
+        return Health(checkpoint=checkpoint_name(captioner.checkpoint_path))
 
-    @app.get("/v1/stats")
+    @app.get("/v1/stats", response_model=Stats)
     async def stats():
         s = batcher.stats
-        return {"requests": s.requests, "model_calls": s.calls, "images": s.images, "largest_batch": s.largest,
-                "batching": cfg.batching, "max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms}
+        return Stats(requests=s.requests, model_calls=s.calls, images=s.images, largest_batch=s.largest,
+                     refused=s.refused, dropped=s.dropped, retried_batches=s.retried,
+                     queued_images=batcher.pending_images, batching=cfg.batching, max_batch=cfg.max_batch,
+                     max_wait_ms=cfg.max_wait_ms, max_queue=cfg.max_queue)
 
-    @app.post("/v1/caption")
-    async def caption(request: Request):
-        form = await _read_form(request, cfg)
+    @app.post(CAPTION_PATH, response_model=CaptionResponse, responses=ERROR_RESPONSES,
+              summary="Caption one or more photos")
+    async def caption(request: Request,
+                      images: Annotated[list[UploadFile], File(description="The photos (JPEG, PNG, WebP, ...).")],
+                      num_captions: Annotated[int | None, Form(ge=1, le=cfg.max_num_captions, description=(
+                          "Distinct captions per photo, best first (default: the server's)."))] = None,
+                      beam_size: Annotated[int | None, Form(ge=1, le=cfg.max_beam_size, description=(
+                          "Beam width (1 = greedy; default: the server's)."))] = None) -> CaptionResponse:
+        request.scope["capcache.body_read"] = True
+        deadline = time.monotonic() + cfg.request_timeout_s
+        loop = asyncio.get_running_loop()
+        names = [f.filename or f"images[{i}]" for i, f in enumerate(images)]
+        blobs = []
+        for name, f in zip(names, images):
+            if f.size is not None and f.size > cfg.max_upload_bytes:  # refused before it is read into memory
+                raise RequestError(413, f"{name} is {megabytes(f.size)}, over the limit of "
+                                        f"{megabytes(cfg.max_upload_bytes)} per file.")
+            blobs.append(await f.read())
+        await _check_request_pixels(loop, pool, names, blobs, cfg)
+        arrays = await asyncio.gather(*[loop.run_in_executor(pool, decode_upload, name, data, pp,
+                                                             cfg.max_upload_bytes, cfg.max_pixels)
+                                        for name, data in zip(names, blobs)], return_exceptions=True)
+        del blobs
+        failed = next((a for a in arrays if isinstance(a, BaseException)), None)
+        if failed is not None:
+            raise failed
+        key = (num_captions or cfg.num_captions, beam_size or cfg.decode.beam_size)
         try:
-            num_captions = _int_field(form, "num_captions", cfg.num_captions, cfg.max_num_captions)
-            beam_size = _int_field(form, "beam_size", cfg.decode.beam_size, cfg.max_beam_size)
-            files = [f for f in form.getlist("images") if not isinstance(f, str)]
-            if not files:
-                raise RequestError(400, "no photos: send one or more files in the multipart field 'images'")
-            names, images = [], []
-            try:
-                for i, f in enumerate(files):
-                    names.append(f.filename or f"images[{i}]")
-                    images.append(open_upload(names[-1], await f.read(cfg.max_upload_bytes + 1), cfg, preprocess))
-            except BaseException:
-                for im in images:
-                    im.close()
-                raise
-        finally:
-            await form.close()
-        results = await batcher(images, (num_captions, beam_size))
-        for name, r in zip(names, results):
-            if "error" in r:
-                reason = str(r["error"]).split(": ", 1)[-1] if ": " in str(r["error"]) else r["error"]
-                raise RequestError(422, f"{name}: not a readable image ({reason})")
-        return {"results": [{"filename": name, "caption": r["caption"], "captions": r["captions"]}
-                            for name, r in zip(names, results)]}
+            future = batcher.submit(arrays, key, deadline)
+        except QueueFull:
+            raise busy(state, "The server is busy") from None
+        try:
+            results = await await_answer(request, future, deadline - time.monotonic())
+        except DeadlineExceeded:
+            raise RequestError(503, "The server is busy: the request waited past its deadline in the queue.",
+                               {"Retry-After": "5"}) from None
+        except ClientGone:
+            log.info("client %s went away before its captions were ready; its request was dropped",
+                     _peer(request.scope))
+            return Response(status_code=499)
+        return CaptionResponse(results=[CaptionResult(filename=name, caption=r["caption"], captions=r["captions"])
+                                        for name, r in zip(names, results)])
 
+    app.add_middleware(Admission, cfg=cfg, state=state)
     return app
+
+
+async def _check_request_pixels(loop, pool, names: list[str], blobs: list[bytes], cfg: ServeConfig) -> None:
+    """413 when the images' headers add up to more than --max-request-pixels (read in the pool)."""
+    def pixels():
+        total = 0
+        for name, data in zip(names, blobs):
+            with open_upload(name, data, cfg.max_upload_bytes, cfg.max_pixels) as im:
+                total += im.width * im.height
+        return total
+
+    total = await loop.run_in_executor(pool, pixels)
+    if total > cfg.max_request_pixels:
+        raise RequestError(413, f"The request's images hold {total:,} pixels in all, over the limit of "
+                                f"{cfg.max_request_pixels:,} per request.")
 
 
 def serve(cfg: ServeConfig, dry_run: bool = False) -> int:
@@ -280,19 +356,29 @@ def serve(cfg: ServeConfig, dry_run: bool = False) -> int:
 
         model_from_checkpoint(load_checkpoint(path))
         click.echo(f"ok: would serve {path} on http://{cfg.host}:{cfg.port}/ (batches of up to {cfg.max_batch} "
-                   f"images within {cfg.max_wait_ms:g} ms; {cfg.max_files} files of {cfg.max_upload_mb:g} MiB "
+                   f"images within {cfg.max_wait_ms:g} ms, {cfg.max_queue} images queued at most, "
+                   f"{cfg.request_timeout_s:g} s per request; {cfg.max_files} files of {cfg.max_upload_mb:g} MB "
                    f"and {cfg.max_pixels} pixels per request at most)")
         return 0
     import uvicorn
 
+    from common.cli import Terminated
     from stage2_decoder import Captioner
+    from stage2_decoder.serve_protocol import header_timeout_protocol
 
     cap = Captioner.load(path, cfg.device)
     if cfg.encode_chunk and cap.backbone.device.type == "cpu":
         cap.backbone = ChunkedEncoder(cap.backbone, cfg.encode_chunk)
     click.echo(f"serving {cap.checkpoint_path} on http://{cfg.host}:{cfg.port}/", err=True)
-    uvicorn.run(create_app(cap, cfg), host=cfg.host, port=cfg.port, access_log=cfg.access_log,
-                log_level="info" if cfg.access_log else "warning")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    # SIGTERM: uvicorn stops accepting, answers the requests in progress, then raises the signal again
+    try:
+        uvicorn.run(create_app(cap, cfg), host=cfg.host, port=cfg.port, access_log=cfg.access_log,
+                    log_level="info" if cfg.access_log else "warning",
+                    http=header_timeout_protocol(cfg.header_timeout_s), timeout_keep_alive=cfg.keep_alive_s,
+                    limit_concurrency=cfg.max_connections)
+    except Terminated:  # drained: a requested stop, not a failure
+        click.echo("stopped: every accepted request was answered", err=True)
     return 0
 
 
@@ -304,14 +390,28 @@ def serve(cfg: ServeConfig, dry_run: bool = False) -> int:
 @click.option("--max-batch", type=int, default=ServeConfig.max_batch, show_default=True,
               help="Images in one model call at most.")
 @click.option("--max-wait-ms", type=float, default=ServeConfig.max_wait_ms, show_default=True,
-              help="How long a batch waits for more requests.")
+              help="How long a batch waits for more requests (0-10000).")
 @click.option("--batching/--no-batching", default=True, show_default=True,
               help="--no-batching: one request per model call.")
+@click.option("--max-queue", type=int, default=ServeConfig.max_queue, show_default=True,
+              help="Images accepted and not yet answered; beyond: 503 with Retry-After.")
+@click.option("--request-timeout-s", type=float, default=ServeConfig.request_timeout_s, show_default=True,
+              help="A request not answered by then gets 503/504 and is dropped.")
 @click.option("--max-files", type=int, default=ServeConfig.max_files, show_default=True, help="Files per request.")
 @click.option("--max-upload-mb", type=float, default=ServeConfig.max_upload_mb, show_default=True,
               help="Bytes of one file, in MiB.")
 @click.option("--max-pixels", type=int, default=ServeConfig.max_pixels, show_default=True,
               help="Width x height of one image.")
+@click.option("--max-request-pixels", type=int, default=ServeConfig.max_request_pixels, show_default=True,
+              help="Width x height summed over one request's images.")
+@click.option("--decode-workers", type=int, default=ServeConfig.decode_workers, show_default=True,
+              help="Threads decoding uploads.")
+@click.option("--header-timeout-s", type=float, default=ServeConfig.header_timeout_s, show_default=True,
+              help="Close a connection whose request head is not in by then.")
+@click.option("--keep-alive-s", type=float, default=ServeConfig.keep_alive_s, show_default=True,
+              help="Close an idle keep-alive connection after this.")
+@click.option("--max-connections", type=int, default=ServeConfig.max_connections, show_default=True,
+              help="Connections and requests in progress; beyond: a plain 503.")
 @click.option("--num-captions", type=int, default=ServeConfig.num_captions, show_default=True,
               help="Captions per photo when a request does not say.")
 @decode_options
@@ -320,19 +420,24 @@ def serve(cfg: ServeConfig, dry_run: bool = False) -> int:
               help="Images per encoder pass on CPU (0: the whole batch at once).")
 @click.option("--dry-run", is_flag=True, help="Check the settings and the checkpoint, then exit.")
 @click.option("--no-progress", is_flag=True, help="No line per request.")
-def main(checkpoint, host, port, max_batch, max_wait_ms, batching, max_files, max_upload_mb, max_pixels,
-         num_captions, decode, device, encode_chunk, dry_run, no_progress):
-    """Serve captions over HTTP: a page at /, JSON at /v1/caption."""
+def main(checkpoint, host, port, max_batch, max_wait_ms, batching, max_queue, request_timeout_s, max_files,
+         max_upload_mb, max_pixels, max_request_pixels, decode_workers, header_timeout_s, keep_alive_s,
+         max_connections, num_captions, decode, device, encode_chunk, dry_run, no_progress):
+    """Serve captions over HTTP: a page at /, JSON at /v1/caption, the API at /docs."""
     from common.cli import run_guarded
 
-    def work():
+    try:
         cfg = ServeConfig(checkpoint=checkpoint, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                          batching=batching, max_files=max_files, max_upload_mb=max_upload_mb, max_pixels=max_pixels,
-                          num_captions=num_captions, decode=decode, device=device, encode_chunk=encode_chunk,
-                          access_log=not no_progress)
-        return serve(cfg, dry_run)
-
-    sys.exit(run_guarded(work))
+                          batching=batching, max_queue=max_queue, request_timeout_s=request_timeout_s,
+                          max_files=max_files, max_upload_mb=max_upload_mb, max_pixels=max_pixels,
+                          max_request_pixels=max_request_pixels, decode_workers=decode_workers,
+                          header_timeout_s=header_timeout_s, keep_alive_s=keep_alive_s,
+                          max_connections=max_connections, num_captions=num_captions, decode=decode, device=device,
+                          encode_chunk=encode_chunk, access_log=not no_progress)
+    except ValueError as e:  # a setting out of range is a usage error
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    sys.exit(run_guarded(lambda: serve(cfg, dry_run)))
 
 
 if __name__ == "__main__":

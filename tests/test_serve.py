@@ -15,6 +15,7 @@ from PIL import Image
 from stage2_decoder.batcher import BatcherConfig, DynamicBatcher
 from stage2_decoder.page import CSP, PAGE
 from stage2_decoder.serve import ServeConfig, create_app
+from test_serve_limits import StandIn  # the captioner's serving interface over mean colours
 
 # --- the batcher -------------------------------------------------------------------------------------------
 
@@ -135,29 +136,6 @@ def test_batcher_settings_are_checked():
 # --- the app, in process, over a stand-in captioner ---------------------------------------------------------
 
 
-class StandIn:
-    """The Captioner's interface on PIL images: the caption names the image's size and mean colour."""
-    checkpoint_path = "/somewhere/runs/tiny/best.pt"
-
-    def __init__(self):
-        self.calls = []  # (images, beam_size, the other decode settings) per call
-
-    def caption(self, images, num_captions=1, beam_size=3, batch_size=32, on_error="raise", **decode):
-        self.calls.append((len(images), beam_size, decode))
-        out = []
-        for im in images:
-            try:
-                im.load()
-            except OSError as e:
-                out.append({"image": None, "error": f"<image>: OSError: {e}"})
-                continue
-            r, g, b = (int(v) for v in im.convert("RGB").resize((1, 1)).getpixel((0, 0)))
-            caps = [{"caption": f"a {im.width}x{im.height} photo {r} {g} {b} take {k}", "score": -0.1 * (k + 1)}
-                    for k in range(max(num_captions, 1))]
-            out.append({"image": None, "caption": caps[0]["caption"], "captions": caps})
-        return out
-
-
 def _jpeg(w=32, h=24, colour=(200, 30, 40), fmt="JPEG") -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h), colour).save(buf, fmt)
@@ -182,7 +160,7 @@ def client():
 def _good(client):
     r = client.post("/v1/caption", files=[("images", ("ok.jpg", _jpeg(), "image/jpeg"))])
     assert r.status_code == 200, r.text
-    assert r.json()["results"][0]["caption"].startswith("a 32x24 photo")
+    assert r.json()["results"][0]["caption"].startswith("a red photo")
     return r
 
 
@@ -193,12 +171,13 @@ def test_caption_endpoint_answers_each_file_in_order_with_its_alternatives(clien
     assert r.status_code == 200, r.text
     res = r.json()["results"]
     assert [x["filename"] for x in res] == ["red.jpg", "blue.png"]
-    assert res[0]["caption"].startswith("a 32x24 photo 2") and res[1]["caption"].startswith("a 40x10 photo 0 0 2")
+    assert res[0]["caption"].startswith("a red photo") and res[1]["caption"].startswith("a blue photo")
     assert all(len(x["captions"]) == 3 and x["captions"][0]["caption"] == x["caption"] for x in res)
-    n, beam, decode = client.stand_in.calls[-1]
-    assert (n, beam) == (2, 4) and decode["max_len"] == 7 and decode["length_penalty"] == 0.5  # server settings
+    assert client.stand_in.calls[-1] == ["red", "blue"]  # one model call for the request
+    beam, decode = client.stand_in.settings[-1]
+    assert beam == 4 and decode["max_len"] == 7 and decode["length_penalty"] == 0.5  # server settings
     _good(client)
-    assert client.stand_in.calls[-1][1] == 2  # the server's default beam when the request names none
+    assert client.stand_in.settings[-1][0] == 2  # the server's default beam when the request names none
     assert client.get("/healthz").json() == {"status": "ok", "checkpoint": "tiny/best.pt"}
 
 
@@ -228,16 +207,16 @@ BAD_REQUESTS = [
     ("truncated image", {"files": [("images", ("cut.jpg", _noise_jpeg()[:1500], "image/jpeg"))]}, 422,
      ["cut.jpg", "not a readable image"]),
     ("too many bytes", {"files": [("images", ("big.png", bytes(_jpeg(5, 5, fmt="PNG")) + b"\0" * 60_000,
-                                              "image/png"))]}, 413, ["big.png", "bytes"]),
+                                              "image/png"))]}, 413, ["big.png is 59 KB, over the limit of 51 KB"]),
     ("too many pixels", {"files": [("images", ("huge.png", _jpeg(300, 300, fmt="PNG"), "image/png"))]}, 413,
      ["huge.png", "300x300", "pixels"]),
     ("a bomb's header", {"files": [("images", ("bomb.png", _png_claiming(40000, 40000), "image/png"))]}, 413,
      ["bomb.png", "pixels"]),
     ("over --max-pixels, under Pillow's limit", {"files": [("images", ("wide.png", _png_claiming(1000, 1000),
                                                                        "image/png"))]}, 413,
-     ["wide.png", "1000x1000 pixels is over the limit of 40000"]),
+     ["wide.png is 1000x1000 pixels, over the limit of 40,000"]),
     ("too many files", {"files": [("images", (f"{i}.jpg", _jpeg(), "image/jpeg")) for i in range(4)]}, 413,
-     ["more than 3 files"]),
+     ["More than 3 files"]),
     ("one bad file among good ones", {"files": [("images", ("fine.jpg", _jpeg(), "image/jpeg")),
                                                 ("images", ("broken.gif", b"GIF89a nonsense", "image/gif"))]}, 415,
      ["broken.gif"]),
@@ -260,6 +239,7 @@ def test_bad_requests_get_a_4xx_json_error_naming_the_fault_and_the_server_goes_
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert all(w in err for w in words), err
+    assert "Error" not in err and err.endswith(".")  # one plain sentence, no exception chain
     _good(client)
 
 
@@ -279,6 +259,9 @@ def test_the_page_is_self_contained_and_inserts_text_as_text(client):
     assert "http://" not in PAGE and "https://" not in PAGE and "//cdn" not in PAGE
     assert "innerHTML" not in PAGE and "insertAdjacentHTML" not in PAGE and "document.write" not in PAGE
     assert 'type="file"' in PAGE and "drop" in PAGE and "textContent" in PAGE
+    assert "prepend" not in PAGE and "cards.append(card)" in PAGE  # cards in the order chosen
+    assert "alts.start = 2" in PAGE and "Retry-After" in PAGE
+    assert client.head("/").status_code == 200
 
 
 def test_serve_settings_are_checked():
@@ -368,6 +351,7 @@ def server(checkpoint):
             proc.wait()
     out = proc.stdout.read()
     assert "Traceback" not in out, out
+    assert proc.returncode == 0, out  # SIGTERM: the requests in progress are answered, then a clean exit
 
 
 def _post(url, paths, **fields):
@@ -386,6 +370,43 @@ def test_batching_never_changes_a_caption(captioner, photos):
     assert [c["score"] for r in together for c in r["captions"]] == pytest.approx(
         [c["score"] for r in alone for c in r["captions"]], abs=1e-4)
     assert len({r["caption"] for r in alone}) > 1  # the photos are told apart: the check can fail
+
+
+class CountingBackbone:
+    """A backbone that records the batch size of each encoder pass."""
+
+    def __init__(self, backbone):
+        self._backbone, self.passes = backbone, []
+
+    def __getattr__(self, name):
+        return getattr(self._backbone, name)
+
+    def encode(self, images_u8):
+        self.passes.append(images_u8.shape[0])
+        return self._backbone.encode(images_u8)
+
+
+def test_one_8_photo_request_is_one_model_call(captioner, photos):
+    """`caption` and the service make one pass per batch (only the CLI's folder path splits off a first chunk)."""
+    import copy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+
+    cap = copy.copy(captioner)
+    cap.backbone = CountingBackbone(captioner.backbone)
+    cap.caption(photos, batch_size=len(photos))
+    assert cap.backbone.passes == [8]
+    cap.backbone.passes.clear()
+    with TestClient(create_app(cap, ServeConfig(max_wait_ms=0))) as c:
+        files = [("images", (Path(p).name, Path(p).read_bytes(), "image/jpeg")) for p in photos]
+        r = c.post("/v1/caption", files=files)
+        stats = c.get("/v1/stats").json()
+    assert r.status_code == 200 and len(r.json()["results"]) == 8
+    assert cap.backbone.passes == [8] and stats["model_calls"] == 1 and stats["largest_batch"] == 8
+    want = captioner.caption(photos)
+    assert [x["caption"] for x in r.json()["results"]] == [w["caption"] for w in want]
 
 
 def test_chunked_encoder_gives_the_whole_batch_features(captioner, photos):
@@ -426,7 +447,7 @@ def test_real_server_refuses_bad_uploads_and_keeps_serving(server, photos, tmp_p
     bad = [
         ([("images", ("notes.txt", b"not a photo at all", "text/plain"))], 415, "notes.txt"),
         ([("images", ("half.jpg", photo[:len(photo) // 3], "image/jpeg"))], 422, "half.jpg"),
-        ([("images", (f"{i}.jpg", photo, "image/jpeg")) for i in range(5)], 413, "more than 4 files"),
+        ([("images", (f"{i}.jpg", photo, "image/jpeg")) for i in range(5)], 413, "More than 4 files"),
         ([("images", ("big.jpg", photo + b"\0" * (1 << 20), "image/jpeg"))], 413, "big.jpg"),
     ]
     for files, status, words in bad:
@@ -459,6 +480,8 @@ _CARDS_JS = """Array.from(document.querySelectorAll('#cards .card')).map(c => ({
     state: c.classList.contains('done') ? 'done' : c.classList.contains('failed') ? 'failed' : 'pending',
     name: c.querySelector('.name').textContent, caption: c.querySelector('.caption').textContent,
     alts: c.querySelectorAll('.alts li').length, bold: c.querySelectorAll('b').length,
+    score: c.querySelector('.score').textContent, start: c.querySelector('.alts').start,
+    altTexts: Array.from(c.querySelectorAll('.alts li')).map(li => li.textContent),
     img: (i => i.complete && i.naturalWidth > 0)(c.querySelector('img'))}))"""
 
 
@@ -487,15 +510,24 @@ def test_the_page_in_a_real_browser_captions_a_photo_picked_with_the_file_input(
         browser.close()
     # the refused upload's 415 is logged by the browser as a failed load; nothing else may be
     assert [p for p in problems if "status of 415" not in p] == [], problems
+    assert [c["name"] for c in cards] == [Path(photos[0]).name, odd.name, not_photo.name]  # the order chosen
     by_name = {c["name"]: c for c in cards}
     assert set(by_name) == {Path(photos[0]).name, odd.name, not_photo.name}, cards
     refused = by_name[not_photo.name]
     assert refused["state"] == "failed" and "notes.jpg" in refused["caption"] and "not an image" in refused["caption"]
+    assert "Error" not in refused["caption"]  # one plain sentence, no exception chain
     want = captioner.caption([photos[0], photos[1]], num_captions=3, beam_size=3)  # the page's defaults
     for name, w in zip([Path(photos[0]).name, odd.name], want):
         c = by_name[name]
         assert c["state"] == "done" and c["caption"] == w["caption"] and c["img"], c
         assert c["alts"] == len(w["captions"]) - 1 and c["bold"] == 0
+        # scores shown to 2 decimals: within rounding (0.005) plus batching's float noise (1e-4)
+        assert c["score"].startswith("score ") and c["start"] == 2  # the alternatives are the 2nd, 3rd, ...
+        assert float(c["score"].split()[1]) == pytest.approx(w["captions"][0]["score"], abs=0.006)
+        shown = [t.rsplit(" (score ", 1) for t in c["altTexts"]]
+        assert [t for t, _ in shown] == [a["caption"] for a in w["captions"][1:]]
+        assert [float(v.rstrip(")")) for _, v in shown] == pytest.approx([a["score"] for a in w["captions"][1:]],
+                                                                         abs=0.006)
 
 
 def test_serve_cli_dry_run_bad_settings_and_no_checkpoint(checkpoint, tmp_path, monkeypatch):
@@ -506,7 +538,7 @@ def test_serve_cli_dry_run_bad_settings_and_no_checkpoint(checkpoint, tmp_path, 
     ok = CliRunner().invoke(main, ["--checkpoint", str(checkpoint), "--dry-run", "--port", "0", "--device", "cpu"])
     assert ok.exit_code == 0 and "would serve" in ok.stdout, ok.output
     bad = CliRunner().invoke(main, ["--checkpoint", str(checkpoint), "--dry-run", "--max-batch", "0"])
-    assert bad.exit_code == 1 and bad.stderr.strip() == "error: --max-batch must be >= 1, got 0"
+    assert bad.exit_code == 2 and bad.stderr.strip() == "error: --max-batch must be between 1 and 4096, got 0"
     monkeypatch.delenv("CAPCACHE_CHECKPOINT", raising=False)
     monkeypatch.chdir(tmp_path)
     none = CliRunner().invoke(main, ["--dry-run"])
@@ -527,10 +559,12 @@ def test_bench_serve_tiny_mode_prints_its_table_and_ratios(data_dir, coco_dir, c
                         "--checkpoint", str(checkpoint)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
-    rows = re.findall(r"^\s+(\d+)\s+(batching|one at a time)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)$",
-                      p.stdout, re.M)
+    rows = re.findall(r"^\s+(\d+)\s+(batching|one at a time)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+(\d+)"
+                      r"\s+([\d.]+)$", p.stdout, re.M)
     assert {(n, mode) for n, mode, *_ in rows} == {(n, m) for n in ("1", "4") for m in ("batching", "one at a time")}
-    assert all(float(rps) > 0 and float(p50) <= float(p99) for _, _, rps, p50, p99, _, _ in rows), p.stdout
+    assert all(float(rps) > 0 and float(p50) <= float(p99) and errors == "0"
+               for _, _, rps, p50, p99, _, errors, _ in rows), p.stdout
+    assert re.search(r"overload, 16 clients at once.*answered in time \d+%", p.stdout), p.stdout
     assert all(float(per_call) == 1 for _, mode, *_, per_call in rows if mode == "one at a time"), p.stdout
     ratios = dict(re.findall(r"^ratio (serve\.throughput \d+ clients batching/one-at-a-time): (\d+\.\d+)x", p.stdout,
                              re.M))

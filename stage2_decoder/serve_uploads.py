@@ -1,0 +1,113 @@
+"""One upload -> the model's input: checked from its header, decoded and preprocessed in a worker thread.
+
+`decode_upload` is what the service's decode pool runs for each file, off the event loop and off the
+model thread. Its pixels go through the one preprocessing path (`common.preprocess.load_views` on the
+upload's bytes, exactly as on the same file), so a photo gets the caption `caption` gives its file.
+Only one image per worker is ever decoded at full size, so decoded pixels in flight are at most
+`decode_workers x max_pixels`; what a request keeps is its (3, crop, crop) uint8 arrays. A large
+non-JPEG (a JPEG is already decoded at a reduced DCT scale) is box-reduced towards the model's input
+scale before the resize, so its intermediates stay small.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import io
+import warnings
+
+import numpy as np
+
+from stage2_decoder.serve_settings import MB
+
+REDUCE_ABOVE = 4  # a non-JPEG whose shorter side is this many times `resize` or more is reduced first
+TRIM_ABOVE = 4_000_000  # pixels: after a decode this large, free memory goes back to the system
+
+
+class RequestError(Exception):
+    """A bad request: answered with `status` and {"error": message}, a plain sentence."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+
+
+def megabytes(n: int) -> str:
+    """A byte count as a person reads it: "10.5 MB" (MiB, as the settings are)."""
+    return f"{n / MB:.1f} MB" if n >= MB // 10 else f"{n / 1024:.0f} KB"
+
+
+def open_upload(name: str, data: bytes, max_upload_bytes: int, max_pixels: int):
+    """Upload bytes -> a PIL image opened from memory (not yet decoded), its size checked from the header."""
+    from PIL import Image
+
+    if len(data) > max_upload_bytes:
+        raise RequestError(413, f"{name} is {megabytes(len(data))}, over the limit of "
+                                f"{megabytes(max_upload_bytes)} per file.")
+    if not data:
+        raise RequestError(422, f"{name} is empty.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise RequestError(413, f"{name} has more pixels than this server accepts ({max_pixels:,} at most).") \
+            from None
+    except Exception:  # noqa: BLE001 - whatever Pillow raises, an unreadable format is the client's
+        raise RequestError(415, f"{name}: not an image this server can read (send a JPEG, PNG, WebP, ...).") \
+            from None
+    if im.width * im.height > max_pixels:
+        im.close()
+        raise RequestError(413, f"{name} is {im.width}x{im.height} pixels, over the limit of {max_pixels:,} "
+                                f"pixels per image.")
+    return im
+
+
+def decode_upload(name: str, data: bytes, pp, max_upload_bytes: int, max_pixels: int) -> np.ndarray:
+    """Upload bytes -> (3, crop, crop) uint8, as `common.preprocess.load_views` makes it from the file.
+
+    RequestError: 413 over a limit, 415 not an image (or a format Pillow knows but cannot decode), 422
+    an image whose data is damaged or incomplete.
+    """
+    from common.preprocess import ImageError, load_views
+
+    im = open_upload(name, data, max_upload_bytes, max_pixels)
+    pixels = im.width * im.height
+    try:
+        if im.format != "JPEG" and min(im.size) >= REDUCE_ABOVE * pp.resize and _plain(im):
+            im.load()
+            factor = min(im.size) // (2 * pp.resize)  # both sides stay >= 2 x resize
+            source = im.reduce(factor)
+            im.close()
+        else:
+            source = data
+        return load_views(source, pp, 1, name)[0]
+    except ImageError as e:
+        if isinstance(e.__cause__, NotImplementedError):  # e.g. a DDS with an unknown pixel format
+            raise RequestError(415, f"{name}: an image format this server cannot decode.") from None
+        raise RequestError(422, f"{name}: not a readable image (its data is damaged or incomplete).") from None
+    except (OSError, ValueError, SyntaxError):  # from the load before the reduce
+        raise RequestError(422, f"{name}: not a readable image (its data is damaged or incomplete).") from None
+    except NotImplementedError:
+        raise RequestError(415, f"{name}: an image format this server cannot decode.") from None
+    finally:
+        im.close()
+        if pixels > TRIM_ABOVE:
+            _trim()
+
+
+def _plain(im) -> bool:
+    """8-bit RGB/L without an EXIF rotation: reducing it first changes nothing but the scale."""
+    return im.mode in ("RGB", "L") and im.getexif().get(0x0112, 1) == 1
+
+
+_libc = None
+
+
+def _trim() -> None:
+    """Hand freed heap pages back to the system (glibc keeps them per thread arena otherwise)."""
+    global _libc
+    if _libc is None:
+        path = ctypes.util.find_library("c")
+        _libc = ctypes.CDLL(path) if path else False
+    if _libc and hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
