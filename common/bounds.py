@@ -86,6 +86,7 @@ BOUNDS: dict[str, Bound] = {
     "scst_epochs": _int(0, MAX_EPOCHS),
     "scst_lr": Bound(float, 0.0, 10.0, lo_open=True),
     "scst_samples": _int(1, MAX_BEAM),
+    "scst_max_len": _int(1, MAX_TOKENS),
     "val_beam_size": _int(1, MAX_BEAM),
     "val_images": _int(0, 10**9),
     # stage 1 (ExtractConfig) and evaluate's raw-image mode
