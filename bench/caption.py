@@ -33,8 +33,9 @@ import torch  # noqa: E402
 
 from stage1_extract.extract import ExtractConfig, extract  # noqa: E402
 from stage2_decoder.api import Captioner  # noqa: E402
-from stage2_decoder.decode import greedy  # noqa: E402
-from stage2_decoder.train import TrainConfig, train  # noqa: E402
+from stage2_decoder.decoding.beam import greedy  # noqa: E402
+from stage2_decoder.training.config import TrainConfig  # noqa: E402
+from stage2_decoder.training.loop import train  # noqa: E402
 
 FOLDER_BATCH = 32  # the CLI's --batch-size default
 

@@ -227,7 +227,8 @@ def part_stage1(ctx) -> dict:
 # --- the real train() ------------------------------------------------------------------------------------
 
 def part_train(ctx) -> dict:
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     run = ctx.work / "train"
     shutil.rmtree(run, ignore_errors=True)
@@ -249,9 +250,9 @@ def _synthetic(ctx):
     CaptionPairs from word lists drawn directly (no tokenising), a vocabulary of COCO's size."""
     import torch
 
-    from common.datasets import ImageRecord
+    from common.records import ImageRecord
     from common.vocab import SPECIALS, Vocabulary
-    from stage2_decoder.data import CaptionPairs
+    from stage2_decoder.training.pairs import CaptionPairs
 
     tiny = ctx.args.tiny
     n, v, per = (400, 300, 5) if tiny else (COCO["images"], COCO["vocab"], 5)
@@ -278,10 +279,10 @@ def _synthetic(ctx):
 
 
 def _xe_steps(s, cfg, batches, model, opt, ema, device, g):
-    """`_xe_epoch`'s loop body (stage2_decoder/epochs.py) over `batches`: gather, step, average."""
+    """`_xe_epoch`'s loop body (stage2_decoder/training/epochs.py) over `batches`: gather, step, average."""
     import torch
 
-    from stage2_decoder.epochs import train_step
+    from stage2_decoder.training.epochs import train_step
 
     tokens_per_batch = float(s.train_set.lengths.sum()) / max(len(batches), 1)
     loss_sum = torch.zeros((), device=device)
@@ -299,12 +300,12 @@ def _xe_steps(s, cfg, batches, model, opt, ema, device, g):
 def part_stage2(ctx) -> dict:
     import torch
 
-    from stage2_decoder.cider import CiderD
-    from stage2_decoder.ema import EMA
-    from stage2_decoder.epochs import evaluate_loss, validation_cider
+    from stage2_decoder.training.cider import CiderD
+    from stage2_decoder.training.ema import EMA
+    from stage2_decoder.training.epochs import evaluate_loss, validation_cider
     from stage2_decoder.model import CaptionDecoder
-    from stage2_decoder.scst import scst_epoch
-    from stage2_decoder.train import TrainConfig
+    from stage2_decoder.training.scst import scst_epoch
+    from stage2_decoder.training.config import TrainConfig
 
     dev, tiny = ctx.device, ctx.args.tiny
     if dev.type == "cuda":
@@ -382,8 +383,9 @@ def _count_syncs(device, found: dict, name: str):
 
 
 def part_syncs(ctx) -> dict:
-    from stage2_decoder.decode import DecodeConfig, beam_search_nbest
-    from stage2_decoder.scst import scst_epoch
+    from stage2_decoder.decoding.config import DecodeConfig
+    from stage2_decoder.decoding.beam import beam_search_nbest
+    from stage2_decoder.training.scst import scst_epoch
 
     z, dev = ctx.s2, ctx.device
     s, found = z.data, {}

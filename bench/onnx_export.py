@@ -27,9 +27,10 @@ from harness import Report, default_data, median, pin_threads, timed
 
 from stage1_extract.extract import ExtractConfig, extract  # noqa: E402
 from stage2_decoder.api import Captioner  # noqa: E402
-from stage2_decoder.export import ExportConfig, export  # noqa: E402
-from stage2_decoder.onnx_captioner import OnnxCaptioner  # noqa: E402
-from stage2_decoder.train import TrainConfig, train  # noqa: E402
+from stage2_decoder.serving.onnx_export import ExportConfig, export  # noqa: E402
+from stage2_decoder.serving.onnx_captioner import OnnxCaptioner  # noqa: E402
+from stage2_decoder.training.config import TrainConfig  # noqa: E402
+from stage2_decoder.training.loop import train  # noqa: E402
 
 
 def make_export(coco: Path, n_images: int, epochs: int, tmp: Path) -> tuple[Path, Path]:

@@ -165,9 +165,11 @@ def _start(features: str, out: str):
     import torch
 
     from common.feature_cache import load_cache
-    from stage2_decoder.data import CaptionPairs
+    from stage2_decoder.training.pairs import CaptionPairs
     from stage2_decoder.model import CaptionDecoder
-    from stage2_decoder.train import TrainConfig, prepare_data, train_step
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.data import prepare_data
+    from stage2_decoder.training.epochs import train_step
 
     cfg = TrainConfig(features=features, out=out, progress=False)
     t = {}
@@ -202,13 +204,15 @@ def child_measure(a) -> dict:
         return t
     parts, split, vocab, rows, tokens, train_set, val_set, features, model, opt, batches, g = state
     from stage2_decoder.api import Captioner
-    from stage2_decoder.ema import EMA
-    from stage2_decoder.checkpoint import cpu_state, inference_extra, save_checkpoint
-    from stage2_decoder.data import CaptionPairs
-    from stage2_decoder.evaluate import _decode_all, captions_from_cache, evaluate_captions
-    from stage2_decoder.report import write_html
-    from stage2_decoder.scst import CiderD, scst_epoch, scst_refs
-    from stage2_decoder.train import evaluate_loss, train_step, validation_cider
+    from stage2_decoder.training.ema import EMA
+    from stage2_decoder.training.checkpoint import cpu_state, inference_extra, save_checkpoint
+    from stage2_decoder.training.pairs import CaptionPairs
+    from stage2_decoder.decoding.captions import caption_keys
+    from stage2_decoder.reporting.evaluation import captions_from_cache, evaluate_captions
+    from stage2_decoder.reporting.gallery import write_html
+    from stage2_decoder.training.cider import CiderD
+    from stage2_decoder.training.scst import scst_epoch, scst_refs
+    from stage2_decoder.training.epochs import evaluate_loss, train_step, validation_cider
 
     plan = dict(steps=2, val_batches=1, val_images=10, scst_batches=1, eval_images=20) if a.tiny else \
         dict(steps=6, val_batches=3, val_images=100, scst_batches=1, eval_images=100)
@@ -271,19 +275,19 @@ def child_measure(a) -> dict:
         t[f"{name}_pt_mb"] = (run / f"{name}.pt").stat().st_size / 2**20
     t["run_rss_mb"] = _rss_mb()  # everything a training run holds (evaluate is a process of its own)
     if a.evaluate:
-        t.update(_evaluate(a, ema.module, vocab, split, plan, Captioner, captions_from_cache, _decode_all,
+        t.update(_evaluate(a, ema.module, vocab, split, plan, Captioner, captions_from_cache, caption_keys,
                            evaluate_captions, write_html, run))
     return t
 
 
-def _evaluate(a, model, vocab, split, plan, Captioner, captions_from_cache, _decode_all, evaluate_captions,
+def _evaluate(a, model, vocab, split, plan, Captioner, captions_from_cache, caption_keys, evaluate_captions,
               write_html, run: Path) -> dict:
     """`evaluate` of 5,000 cached test images: its own cache read and decode of a part (the decode
     projected to 5,000), the metrics of 5,000 captions; the gallery of 5,000 real photos (capped page)."""
     import torch
 
     from common.backbones import preprocess_for
-    from common.datasets import ImageRecord
+    from common.records import ImageRecord
 
     t = {}
     n = 5000 if not a.tiny else 40
@@ -297,7 +301,7 @@ def _evaluate(a, model, vocab, split, plan, Captioner, captions_from_cache, _dec
     part = time.perf_counter() - s0
     feats = torch.rand(len(res), model.cfg.feature_dim)
     s0 = time.perf_counter()
-    _decode_all(cap, list(res), feats, None)
+    caption_keys(cap.decoder, cap.vocab, list(res), feats, None)
     per_image = (time.perf_counter() - s0) / max(len(res), 1)
     t["evaluate_decode_s"] = part + per_image * (n - len(res))
     caps = list(res.values())

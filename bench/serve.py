@@ -40,7 +40,8 @@ import httpx  # noqa: E402
 def make_checkpoint(coco: Path, n_images: int, epochs: int, tmp: Path) -> Path:
     """The set-up's decoder; one already made in `tmp` (a `--work` folder) is used again."""
     from stage1_extract.extract import ExtractConfig, extract
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     run, metrics = tmp / "run", tmp / "run" / "metrics.jsonl"
     if (run / "best.pt").is_file() and metrics.is_file() and len(metrics.read_text().splitlines()) >= epochs:

@@ -40,10 +40,12 @@ from torch import nn  # noqa: E402
 
 from common.feature_cache import load_cache  # noqa: E402
 from stage1_extract.extract import ExtractConfig, extract  # noqa: E402
-from stage2_decoder.data import CaptionBatch, CaptionPairs  # noqa: E402
+from stage2_decoder.training.pairs import CaptionBatch, CaptionPairs  # noqa: E402
 from stage2_decoder.model import CaptionDecoder, DecoderConfig  # noqa: E402
-from stage2_decoder.train import TrainConfig, _xe_epoch, prepare_data, train_step  # noqa: E402
-from stage2_decoder.ema import EMA  # noqa: E402
+from stage2_decoder.training.config import TrainConfig  # noqa: E402
+from stage2_decoder.training.epochs import xe_epoch, train_step  # noqa: E402
+from stage2_decoder.training.data import prepare_data  # noqa: E402
+from stage2_decoder.training.ema import EMA  # noqa: E402
 
 # the child that runs train() alone in its process, so its peak RSS is training's own
 _CHILD = """
@@ -76,7 +78,7 @@ class SeedPairs(torch.utils.data.Dataset):
     def __init__(self, paths: list[str]):
         from torchvision import transforms
 
-        from common.backbones import IMAGENET_MEAN, IMAGENET_STD
+        from common.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
         self.paths = paths
         self.transform = transforms.Compose([
@@ -159,7 +161,7 @@ def step_efficiency(pairs: CaptionPairs, features: torch.Tensor, vocab_size: int
 
     def ours() -> None:  # gather, train_step (forward, loss, backward, clip, Adam), loss bookkeeping, EMA
         for epoch in range(passes):
-            _xe_epoch(model, opt, pairs, features, "cpu", cfg, epoch, steps, ema)
+            xe_epoch(model, opt, pairs, features, "cpu", cfg, epoch, steps, ema)
 
     ours(), bare.run()  # warm-up: allocator, oneDNN kernel selection
     t_ours, t_bare = [], []

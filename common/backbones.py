@@ -22,8 +22,7 @@ import torch.utils.data
 from torch import nn
 
 # the image path itself is torch-free (the ONNX captioner shares it); re-exported here for stage 1
-from common.preprocess import (IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT, VIEWS, ImageError,  # noqa: F401
-                               Preprocess, _to_rgb, _trim_long_side, load_views)
+from common.preprocess import ImageError, Preprocess, load_views
 from common.atomic import atomic_path
 
 # torchvision.models is imported lazily: it is the slowest import of a caption run.

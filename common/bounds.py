@@ -92,7 +92,7 @@ BOUNDS: dict[str, Bound] = {
     # stage 1 (ExtractConfig) and evaluate's raw-image mode
     "workers": _int(0, 256),
     "limit": _int(1, 10**9),
-    "views": _int(1, 4),  # stage1_extract.extract.VIEWS
+    "views": _int(1, 4),  # common.preprocess.VIEWS
     "dist_timeout_s": Bound(float, 1.0, 7 * 24 * 3600.0),
     "html_max": _int(0, 10**9),
     # sweeps

@@ -154,13 +154,13 @@ def config_group(cls, param: str):
 
 def decode_options(f):
     """--beam-size, --max-len, ... from stage2_decoder's DecodeConfig; the command gets `decode: DecodeConfig`."""
-    from stage2_decoder.decode_config import DecodeConfig  # torch-free
+    from stage2_decoder.decoding.config import DecodeConfig  # torch-free
 
     return config_group(DecodeConfig, "decode")(f)
 
 
 def sampling_options(f):
     """--num-captions, --sample, --temperature, --top-p, --seed; the command gets `sampling: SampleConfig`."""
-    from stage2_decoder.decode_config import SampleConfig  # torch-free
+    from stage2_decoder.decoding.config import SampleConfig  # torch-free
 
     return config_group(SampleConfig, "sampling")(f)

@@ -16,61 +16,18 @@ import io
 import json
 import os
 import re
-import stat
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
 from common.atomic import atomic_write
 from common.jsonio import JSONFileError, open_regular, read_json
 from common.text import printable
+from common.records import (DatasetError, DatasetWarning, ImageRecord, CaptionsByImage, clean_captions, record_sort_key,
+                            warn_skipped, check_captions_file, image_name, open_captions)
+from common.folder_dataset import JSONL_SUFFIXES, is_folder_header, load_folder
 
 FORMATS = ("coco", "flickr8k", "karpathy", "flickr30k", "folder")
-SPLITS = ("train", "val", "test")
-
-
-class DatasetError(ValueError):
-    """A captions file or images folder that cannot be read as the stated format."""
-
-
-@dataclass
-class ImageRecord:
-    key: str  # stable unique name of the image (COCO id as text, or Flickr8k file name)
-    image_id: int | str
-    path: str  # absolute path of the image file
-    captions: list[str] = field(default_factory=list)
-    split: str | None = None  # train | val | test when the dataset file prescribes it (Karpathy's), else None
-
-
-def check_captions_file(captions_file: str | os.PathLike) -> Path:
-    """`captions_file` as a Path if it is a regular file; a DatasetError if it is missing or anything else
-    (a FIFO would block the first read forever, a device never end)."""
-    try:
-        mode = os.stat(captions_file).st_mode
-    except FileNotFoundError:
-        raise DatasetError(f"captions file not found: {printable(captions_file)}") from None
-    except OSError as e:
-        raise DatasetError(f"cannot read captions file {printable(captions_file)}: {e.strerror or e}") from None
-    if not stat.S_ISREG(mode):
-        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
-        raise DatasetError(f"captions file {printable(captions_file)} is {kind}, not a regular file")
-    return Path(captions_file)
-
-
-def open_captions(captions_file: str | os.PathLike) -> TextIO:
-    """The captions file as UTF-8 text (a BOM skipped, newlines as written for the csv module), opened only
-    if it is a regular file, without blocking (see `check_captions_file`)."""
-    try:
-        fd = open_regular(captions_file, "captions file")
-    except FileNotFoundError:
-        raise DatasetError(f"captions file not found: {printable(captions_file)}") from None
-    except JSONFileError as e:
-        raise DatasetError(str(e)) from None
-    except OSError as e:
-        raise DatasetError(f"cannot read captions file {printable(captions_file)}: {e.strerror or e}") from None
-    return open(fd, encoding="utf-8-sig", newline="")  # -sig: spreadsheets write a BOM
 
 
 def _read_captions_json(captions_file: Path) -> object:
@@ -80,61 +37,6 @@ def _read_captions_json(captions_file: Path) -> object:
         raise DatasetError(f"captions file not found: {printable(captions_file)}") from None
     except JSONFileError as e:
         raise DatasetError(str(e)) from None
-
-
-def image_name(name: str) -> str:
-    """One spelling per image path, so `a.jpg`, `./a.jpg` and `sub/../a.jpg` are one image (one key, one
-    split) and never a copy in train and another in test: the path with `.`, `..` and doubled slashes
-    folded. A name that leaves the folder (`../x.jpg`, `/x.jpg`) keeps its `..` / root and is refused later."""
-    return os.path.normpath(name) if name else name
-
-
-class _CaptionsByImage:
-    """Captions gathered row by row under their image's `image_name`: a repeated row and an image named
-    two ways are counted, in time linear in the rows (a dict per image, not a list scanned per row)."""
-
-    def __init__(self):
-        self.captions: dict[str, dict[str, None]] = {}  # key -> its captions, in order, each once
-        self.spelling: dict[str, str] = {}  # key -> the first spelling met
-        self.repeats = 0
-        self.aliases = 0
-        self.alias_example: tuple[str, str] | None = None
-
-    def key(self, name: str) -> str:
-        key = image_name(name)
-        first = self.spelling.setdefault(key, name)
-        if first != name:
-            self.aliases += 1
-            self.alias_example = self.alias_example or (first, name)
-        return key
-
-    def add(self, key: str, caption) -> None:
-        caps = self.captions.setdefault(key, {})
-        if not isinstance(caption, str):  # not hashable maybe: kept for `_clean_captions` to count
-            caps[_Unhashable(caption)] = None
-        elif caption in caps:
-            self.repeats += 1
-        else:
-            caps[caption] = None
-
-    def items(self):
-        return ((k, [c.value if isinstance(c, _Unhashable) else c for c in caps]) for k, caps in self.captions.items())
-
-    def warn(self, captions_file, skipped: Counter) -> None:
-        if self.repeats:
-            skipped["repeated rows"] += self.repeats
-        if self.aliases:
-            a, b = self.alias_example
-            warnings.warn(DatasetWarning(f"{printable(captions_file)}: {self.aliases} rows name an image another row "
-                                         f"names differently (e.g. {printable(b)} is {printable(a)}): read as one "
-                                         f"image, {image_name(a)!r}"), stacklevel=3)
-
-
-class _Unhashable:
-    """A non-text caption value (a number, a list) held in a caption set by identity."""
-
-    def __init__(self, value):
-        self.value = value
 
 
 def _head(path: str | os.PathLike, n: int) -> str:
@@ -158,7 +60,6 @@ def guess_format(captions_file: str | os.PathLike) -> str:
     `caption` other than exactly Flickr8k's `image,caption` (with `split`, other columns, another
     order), else 'flickr8k' (which reads an `image,caption` file as `folder` would).
     """
-    from common.folder_dataset import JSONL_SUFFIXES, is_folder_header
 
     suffix = Path(captions_file).suffix.lower()
     if suffix in JSONL_SUFFIXES:
@@ -175,39 +76,6 @@ def guess_format(captions_file: str | os.PathLike) -> str:
         return "folder" if is_folder_header(first) else "flickr8k"
     raise DatasetError(f"cannot tell the dataset format of {captions_file}; pass --dataset "
                        f"{'|'.join(FORMATS)}")
-
-
-def _sort_key(rec: ImageRecord):
-    # numeric ids in numeric order, then names in text order: the stable order `--limit` uses
-    return (0, rec.image_id, "") if isinstance(rec.image_id, int) else (1, 0, str(rec.image_id))
-
-
-class DatasetWarning(UserWarning):
-    """Entries of a captions file that were skipped; the rest of the file is used."""
-
-
-_HAS_WORD = re.compile(r"[^\W_]")  # a letter or digit: what `tokenize` needs to keep a token
-
-
-def _clean_captions(captions: list, skipped: Counter) -> list[str]:
-    """One image's captions without the unusable ones, counted into `skipped` by reason: non-text
-    values, and captions without a letter or digit (empty, punctuation only: they tokenise to
-    nothing). Two annotators writing the same sentence is not a repeat: both stay references."""
-    kept = []
-    for c in captions:
-        if not isinstance(c, str):
-            skipped["captions that are not text"] += 1
-        elif not _HAS_WORD.search(c):
-            skipped["captions without a word (empty or punctuation only)"] += 1
-        else:
-            kept.append(c)
-    return kept
-
-
-def _warn_skipped(captions_file, skipped: Counter) -> None:
-    if skipped:
-        warnings.warn(DatasetWarning(f"{printable(captions_file)}: skipped " +
-                                     "; ".join(f"{n} {why}" for why, n in skipped.items())), stacklevel=3)
 
 
 def load_coco(captions_file: str | os.PathLike, images_dir: str | os.PathLike) -> list[ImageRecord]:
@@ -260,13 +128,13 @@ def load_coco(captions_file: str | os.PathLike, images_dir: str | os.PathLike) -
                 seen_ann.add(a["id"])
                 anns.append(a)
         try:
-            caps = _clean_captions([a.get("caption") for a in anns], skipped)
+            caps = clean_captions([a.get("caption") for a in anns], skipped)
             records.append(ImageRecord(str(img_id), img_id, os.path.abspath(images_dir / img["file_name"]),
                                        caps))
         except (KeyError, TypeError, AttributeError) as e:
             raise DatasetError(f"{printable(captions_file)}: malformed image entry {img!r}: {e!r}") from e
-    _warn_skipped(captions_file, skipped)
-    return sorted(records, key=_sort_key)
+    warn_skipped(captions_file, skipped)
+    return sorted(records, key=record_sort_key)
 
 
 def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLike) -> list[ImageRecord]:
@@ -280,7 +148,7 @@ def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLik
     DatasetWarning; a few captions with unquoted commas are joined back, with a warning naming a line.
     """
     captions_file, images_dir = check_captions_file(captions_file), Path(images_dir)
-    by_image = _CaptionsByImage()
+    by_image = CaptionsByImage()
     skipped: Counter = Counter()
     bad_rows: list[int] = []
     nul_rows: list[int] = []
@@ -326,12 +194,12 @@ def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLik
     if glued:
         warnings.warn(DatasetWarning(f"{printable(captions_file)}: {len(glued)} captions had unquoted commas (more fields than "
                                      f"the header, e.g. line {glued[0]}): joined back with commas"), stacklevel=2)
-    records = [ImageRecord(name, name, os.path.abspath(images_dir / name), _clean_captions(caps, skipped))
+    records = [ImageRecord(name, name, os.path.abspath(images_dir / name), clean_captions(caps, skipped))
                for name, caps in by_image.items()]
     if not records:
         raise DatasetError(f"{printable(captions_file)} lists no images")
-    _warn_skipped(captions_file, skipped)
-    return sorted(records, key=_sort_key)
+    warn_skipped(captions_file, skipped)
+    return sorted(records, key=record_sort_key)
 
 
 MAX_CAPTION_CHARS = 1000  # longer is no caption: a field that swallowed the rows after an unmatched quote
@@ -358,7 +226,7 @@ def load_karpathy(captions_file: str | os.PathLike, images_dir: str | os.PathLik
             name, split = image_name(img["filename"]), KARPATHY_SPLITS[img["split"]]
             image_id = int(img["cocoid"]) if "cocoid" in img else name
             path = images_dir / img.get("filepath", "") / name
-            caps = _clean_captions([s.get("raw") for s in img["sentences"]], skipped)
+            caps = clean_captions([s.get("raw") for s in img["sentences"]], skipped)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DatasetError(f"{printable(captions_file)}: malformed image entry #{i} ({e!r}); needs filename, "
                                f"split (train|val|test|restval) and sentences[].raw") from e
@@ -367,8 +235,8 @@ def load_karpathy(captions_file: str | os.PathLike, images_dir: str | os.PathLik
             raise DatasetError(f"{printable(captions_file)}: image {printable(key)} is listed twice")
         seen.add(key)
         records.append(ImageRecord(key, image_id, os.path.abspath(path), caps, split))
-    _warn_skipped(captions_file, skipped)
-    return sorted(records, key=_sort_key)
+    warn_skipped(captions_file, skipped)
+    return sorted(records, key=record_sort_key)
 
 
 def load_flickr30k(captions_file: str | os.PathLike, images_dir: str | os.PathLike) -> list[ImageRecord]:
@@ -377,7 +245,7 @@ def load_flickr30k(captions_file: str | os.PathLike, images_dir: str | os.PathLi
     A line of neither shape is a DatasetError; unusable captions are skipped with one DatasetWarning."""
     captions_file, images_dir = check_captions_file(captions_file), Path(images_dir)
     by_image: dict[str, list[tuple[int, str]]] = {}  # name -> [(caption number, caption)]
-    names = _CaptionsByImage()  # only for its one spelling per image
+    names = CaptionsByImage()  # only for its one spelling per image
     try:
         with open_captions(captions_file) as f:
             lines = f.read().splitlines()
@@ -405,12 +273,12 @@ def load_flickr30k(captions_file: str | os.PathLike, images_dir: str | os.PathLi
     names.warn(captions_file, skipped)
     # captions in their numbered order, whatever the order of the lines
     records = [ImageRecord(name, name, os.path.abspath(images_dir / name),
-                           _clean_captions([c for _, c in sorted(caps)], skipped))
+                           clean_captions([c for _, c in sorted(caps)], skipped))
                for name, caps in by_image.items()]
     if not records:
         raise DatasetError(f"{printable(captions_file)} lists no images")
-    _warn_skipped(captions_file, skipped)
-    return sorted(records, key=_sort_key)
+    warn_skipped(captions_file, skipped)
+    return sorted(records, key=record_sort_key)
 
 
 OUTSIDE_FLAG = "--allow-outside-images"
@@ -504,7 +372,6 @@ def load_dataset(fmt: str, captions_file: str | os.PathLike, images_dir: str | o
         raise DatasetError(f"unknown dataset format {fmt!r}; choose from {', '.join(FORMATS)}")
     if not Path(images_dir).is_dir():
         raise DatasetError(f"images folder not found: {printable(images_dir)}")
-    from common.folder_dataset import load_folder
 
     loaders = {"coco": load_coco, "flickr8k": load_flickr8k, "karpathy": load_karpathy, "flickr30k": load_flickr30k,
                "folder": load_folder}

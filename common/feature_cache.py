@@ -8,7 +8,7 @@ Schema (version 1), one file per (dataset, backbone):
     /status     uint8, shape (N,)                 0 = not done yet, 1 = done, 2 = failed
     /errors     UTF-8 strings, shape (N,)         why a failed row failed ("" otherwise)
     /views      like /features, shape (N, V-1, D) only when views = V > 1: the extra views of image
-                                                  row i, in the order of common.backbones.VIEWS after
+                                                  row i, in the order of common.preprocess.VIEWS after
                                                   the first ("centre-flip", "whole", "whole-flip");
                                                   /features is always the centre view, the one that
                                                   captioning computes from a raw photo
@@ -16,7 +16,7 @@ Schema (version 1), one file per (dataset, backbone):
     attributes of the file:
       schema = "capcache-features", schema_version = 1
       backbone, weights, weights_sha256 ("" unless a weights file), feature_dim,
-      preprocess (canonical JSON of common.backbones.Preprocess)
+      preprocess (canonical JSON of common.preprocess.Preprocess)
       dataset_format ("coco" | "flickr8k"), images_dir, captions_file (absolute paths), limit (-1 = all)
       dtype, views (1 when absent: caches written before views existed),
       precision ("float32" | "bfloat16": what the CNN computed in; "float32" when absent),
@@ -57,7 +57,7 @@ class CacheMeta:
     captions_file: str
     limit: int = -1
     dtype: str = "float16"
-    views: int = 1  # cached views per image (common.backbones.VIEWS): /features + (views - 1) in /views
+    views: int = 1  # cached views per image (common.preprocess.VIEWS): /features + (views - 1) in /views
     # what the CNN computed in (Backbone.describe: bfloat16 autocast on CUDA, float32 on the CPU): rows of
     # another precision differ in their last bits, so a cache started on a CPU is not finished on a GPU
     precision: str = "float32"

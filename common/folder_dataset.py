@@ -15,8 +15,8 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from common.datasets import (SPLITS, DatasetError, DatasetWarning, ImageRecord, _CaptionsByImage, _clean_captions,
-                             _sort_key, _warn_skipped, check_captions_file, open_captions)
+from common.records import (SPLITS, DatasetError, DatasetWarning, ImageRecord, CaptionsByImage, clean_captions,
+                            record_sort_key, warn_skipped, check_captions_file, open_captions)
 from common.jsonio import MAX_LINE_BYTES, JSONFileError, parse_json
 from common.text import printable
 
@@ -96,7 +96,7 @@ def load_folder(captions_file: str | os.PathLike, images_dir: str | os.PathLike)
     reader does: an `image,caption` CSV reads the same with either.
     """
     captions_file, images_dir = check_captions_file(captions_file), Path(images_dir)
-    by_image = _CaptionsByImage()
+    by_image = CaptionsByImage()
     splits: dict[str, str] = {}
     skipped: Counter = Counter()
     bad_rows: list[int] = []
@@ -128,8 +128,8 @@ def load_folder(captions_file: str | os.PathLike, images_dir: str | os.PathLike)
                            f"{len(by_image.captions) - len(splits)} "
                            f"have none (e.g. {printable(missing)}); give every image a split, or none (then training "
                            f"splits them by --val-frac/--test-frac)")
-    records = [ImageRecord(name, name, os.path.abspath(images_dir / name), _clean_captions(caps, skipped),
+    records = [ImageRecord(name, name, os.path.abspath(images_dir / name), clean_captions(caps, skipped),
                            splits.get(name)) for name, caps in by_image.items()]
-    _warn_skipped(captions_file, skipped)
-    return sorted(records, key=_sort_key)
+    warn_skipped(captions_file, skipped)
+    return sorted(records, key=record_sort_key)
 

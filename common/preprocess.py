@@ -130,7 +130,7 @@ def _views(im: Image.Image, pp: Preprocess, views: int, draft: bool = True) -> n
             f"{Image.MAX_IMAGE_PIXELS} pixels")
     if pp.exif_transpose:
         im = ImageOps.exif_transpose(im)
-    im = _trim_long_side(_to_rgb(im), MAX_ASPECT)
+    im = trim_long_side(_to_rgb(im), MAX_ASPECT)
     centre = _to_chw(center_crop(resize_shorter(im, pp.resize), pp.crop))  # (3, crop, crop)
     out = [centre, centre[:, :, ::-1]]
     if views > 2:
@@ -172,7 +172,7 @@ def center_crop(im: Image.Image, size: int) -> Image.Image:
     return im.crop((left, top, left + size, top + size))
 
 
-def _trim_long_side(im: Image.Image, max_aspect: float) -> Image.Image:
+def trim_long_side(im: Image.Image, max_aspect: float) -> Image.Image:
     """Centre-crop the longer side to `max_aspect` x the shorter one.
 
     The final centre crop only ever sees (crop / resize) x the shorter side of the longer one, so

@@ -22,9 +22,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common.backbones import (DEFAULT_BACKBONE, REGISTRY, VIEWS, Backbone, BackboneError, ImageRows, default_workers,
+from common.backbones import (DEFAULT_BACKBONE, REGISTRY, Backbone, BackboneError, ImageRows, default_workers,
                               get_spec, load_backbone)
-from common.datasets import FORMATS, OUTSIDE_FLAG, ImageRecord, guess_format, load_dataset
+from common.preprocess import VIEWS
+from common.datasets import FORMATS, OUTSIDE_FLAG, guess_format, load_dataset
+from common.records import ImageRecord
 from common.feature_cache import DONE, PENDING, CacheError, CacheMeta, mismatch, parts_dir, read_keys, read_meta
 from common.cli import one_line, opt
 from common.device import resolve_device
@@ -136,7 +138,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         d.close()
 
 
-def _setup(cfg: ExtractConfig, d: Dist) -> tuple[list[ImageRecord], Path, Backbone, CacheMeta]:
+def setup_extract(cfg: ExtractConfig, d: Dist) -> tuple[list[ImageRecord], Path, Backbone, CacheMeta]:
     records = load_dataset(cfg.dataset, cfg.captions, cfg.images, cfg.limit, cfg.allow_outside_images)
     fmt = cfg.dataset if cfg.dataset != "auto" else guess_format(cfg.captions)
     out = _out_path(cfg)
@@ -181,7 +183,7 @@ def _lock(out: Path, owned: contextlib.ExitStack) -> None:
 
 
 def _extract(cfg: ExtractConfig, d: Dist, owned: contextlib.ExitStack) -> ExtractSummary:
-    records, out, backbone, meta = d.agree("setting up", lambda: _setup(cfg, d))
+    records, out, backbone, meta = d.agree("setting up", lambda: setup_extract(cfg, d))
     keys = [r.key for r in records]
     d.agree(f"locking {parts_dir(out)}", lambda: _lock(out, owned) if d.rank == 0 else None)
     if out.exists():

@@ -10,6 +10,7 @@ __all__ = ["Captioner"]
 
 def __getattr__(name: str):
     if name == "Captioner":
+        # imported on use: a module-level import would make an import circle
         from stage2_decoder.api import Captioner
 
         return Captioner

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from common.bounds import check
-from stage2_decoder.decode_config import DecodeConfig, SampleConfig, check_bounds
+from stage2_decoder.decoding.config import DecodeConfig, SampleConfig, check_bounds
 
 CHECKPOINT_ENV = "CAPCACHE_CHECKPOINT"
 FIRST_CHUNK = 4  # images in the CLI's first batch (time to the first caption of a folder: bench/caption.py)
@@ -25,7 +25,6 @@ ON_ERROR = ("raise", "return")
 
 class NoCheckpointError(ValueError):
     """No checkpoint was named and none was found where training writes them."""
-
 
 def find_checkpoint(path: str | os.PathLike | None = None) -> Path:
     """`path` if given, else $CAPCACHE_CHECKPOINT, else the newest runs/*/best.pt under the cwd (by mtime)."""
@@ -121,9 +120,12 @@ class Captioner:
     def load(cls, path: str | os.PathLike | None = None, device: str = "auto",
              weights: str | None = None) -> "Captioner":
         """Load `path` (None: `find_checkpoint()`); `weights` overrides the backbone weights file it names."""
+        # imported on use: importing this module stays free of PIL, numpy, torch
         from common.backbones import BackboneError, load_backbone
+        # imported on use: importing this module stays free of torch
         from common.device import resolve_device
-        from stage2_decoder.checkpoint import load_checkpoint, model_from_checkpoint
+        # imported on use: importing this module stays free of torch
+        from stage2_decoder.training.checkpoint import load_checkpoint, model_from_checkpoint
 
         path = find_checkpoint(path)
         dev = resolve_device(device)
@@ -188,7 +190,10 @@ class Captioner:
         import numpy as np
         from PIL import Image
 
-        from common.backbones import ImageError, load_image_u8, preprocess_pil
+        # imported on use: importing this module stays free of PIL, numpy
+        from common.preprocess import ImageError
+        # imported on use: importing this module stays free of PIL, numpy, torch
+        from common.backbones import load_image_u8, preprocess_pil
 
         pp = self.backbone.preprocess
         if isinstance(image, (str, os.PathLike)):
@@ -211,7 +216,8 @@ class Captioner:
         """With sampling, what each image's draws are seeded from besides the seed: its preprocessed pixels,
         so a photo gets the same samples alone or anywhere in a folder (its features may differ in the last
         bits with the batch around it)."""
-        from stage2_decoder.sampling import content_key
+        # imported on use: importing this module stays free of numpy, torch
+        from stage2_decoder.decoding.sampling import content_key
 
         return [content_key(t) for t in tensors] if settings[1].sample else None
 
@@ -219,28 +225,7 @@ class Captioner:
                 keys: list[int] | None = None) -> list[dict]:
         """(B, D) features -> per row {"caption", "captions"}: N distinct beam hypotheses or N samples (each
         row's draws seeded from (seed, its key), default its feature row: sampling.sample_captions)."""
-        from dataclasses import replace
+        # imported on use: importing the API stays free of torch
+        from stage2_decoder.decoding.captions import decode_features
 
-        from stage2_decoder.decode import beam_search_nbest
-        from stage2_decoder.sampling import greedy_scored, sample_captions
-
-        feats = feats.to(next(self.decoder.parameters()).device)
-        if scfg.sample:
-            hyps = sample_captions(self.decoder, feats, scfg.num_captions, dcfg.max_len, dcfg.min_len,
-                                   scfg.temperature, scfg.top_p, scfg.seed, keys)
-        elif dcfg.beam_size == scfg.num_captions == 1 and dcfg.no_repeat_ngram == 0:  # a beam of one, faster
-            hyps = greedy_scored(self.decoder, feats, dcfg.max_len, dcfg.min_len, dcfg.length_penalty)
-        else:  # the beam holds at least N hypotheses
-            hyps = beam_search_nbest(self.decoder, feats, replace(dcfg, beam_size=max(dcfg.beam_size,
-                                                                                      scfg.num_captions)))
-        out = []
-        for row in hyps:
-            captions, seen = [], set()
-            for ids, score in row:
-                text = self.vocab.caption(ids)
-                if scfg.sample or text not in seen:  # samples may repeat; beam alternatives are distinct
-                    seen.add(text)
-                    captions.append({"caption": text, "score": float(score)})
-            captions = captions[:scfg.num_captions]
-            out.append({"caption": captions[0]["caption"], "captions": captions})
-        return out
+        return decode_features(self.decoder, self.vocab, feats, dcfg, scfg)

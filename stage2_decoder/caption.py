@@ -17,6 +17,7 @@ import click
 
 from common.cli import bounded, decode_options, run_guarded, sampling_options
 from common.text import printable
+from stage2_decoder.api import find_checkpoint, Captioner
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -91,7 +92,7 @@ def main(images, checkpoint, decode, sampling, batch_size, device, weights, onnx
                 click.echo(f"error: {printable(r['error'])}", err=True)
                 continue
             if figure_dir is not None:
-                from stage2_decoder.figures import figure_path, save_caption_figure  # matplotlib only when asked
+                from stage2_decoder.reporting.figures import figure_path, save_caption_figure  # matplotlib only when asked
 
                 hyps = [(c["caption"], c["score"]) for c in r["captions"]] if len(r["captions"]) > 1 else None
                 save_caption_figure(r["image"], r["caption"], figure_path(figure_dir, r["image"], figure_names),
@@ -113,7 +114,6 @@ def main(images, checkpoint, decode, sampling, batch_size, device, weights, onnx
 
 def _checkpoint(checkpoint: str | None) -> str:
     """The checkpoint to use; says on stderr which one was found when none was named."""
-    from stage2_decoder.api import find_checkpoint
 
     path = find_checkpoint(checkpoint)
     if checkpoint is None:
@@ -125,10 +125,10 @@ def _results(source: str, onnx: bool, paths: list[str], kwargs: dict, batch_size
              weights: str | None, progress: bool):
     """Result dicts in order: streamed batch by batch from a checkpoint, all at once from an ONNX export."""
     if onnx:  # no torch on this path
-        from stage2_decoder.onnx_captioner import OnnxCaptioner
+        # imported on use: importing this module stays free of PIL, numpy
+        from stage2_decoder.serving.onnx_captioner import OnnxCaptioner
 
         return OnnxCaptioner.load(source).caption(paths, batch_size=batch_size, on_error="return", **kwargs)
-    from stage2_decoder.api import Captioner
 
     cap = Captioner.load(source, device, weights)
     return cap.caption_iter(paths, batch_size, on_error="return", progress=progress, **kwargs)

@@ -29,7 +29,8 @@ def one_error_line(proc) -> str:
 def tiny_run(shared_cache: Path, tmp_path_factory) -> Path:
     """A one-batch (dry-run) decoder run on the shared mobilenet cache, made once per test session:
     RUN/best.pt and RUN/last.pt are enough to caption and evaluate through the real CLIs."""
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     run = tmp_path_factory.getbasetemp() / "reliability-tiny-run"
     if not (run / "last.pt").is_file():

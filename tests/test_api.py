@@ -118,7 +118,7 @@ def test_caller_images_are_left_as_they_were(cap, photos):
 
 
 def test_unreadable_images_raise_or_are_returned(cap, photos, tmp_path):
-    from common.backbones import ImageError
+    from common.preprocess import ImageError
 
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg at all")
@@ -144,7 +144,8 @@ def test_bad_arguments_name_themselves(cap, photos, kwargs, says):
 # --- several captions --------------------------------------------------------------------------------------
 
 def test_num_captions_gives_distinct_beam_hypotheses_best_first(cap, photos):
-    from stage2_decoder.decode import DecodeConfig, beam_search_nbest
+    from stage2_decoder.decoding.config import DecodeConfig
+    from stage2_decoder.decoding.beam import beam_search_nbest
 
     one = cap.caption(photos, beam_size=4)
     four = cap.caption(photos, beam_size=4, num_captions=4)
@@ -165,7 +166,8 @@ def test_num_captions_gives_distinct_beam_hypotheses_best_first(cap, photos):
 
 
 def test_greedy_equals_a_beam_of_one(cap, photos):
-    from stage2_decoder.decode import DecodeConfig, beam_search_nbest
+    from stage2_decoder.decoding.config import DecodeConfig
+    from stage2_decoder.decoding.beam import beam_search_nbest
 
     feats = cap.backbone.encode(torch.stack([cap._load(p, 0) for p in photos]))
     got = cap.caption_features(feats, beam_size=1)
@@ -195,7 +197,8 @@ def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(cap, photos):
 def unk_model(shared_cache, tmp_path_factory):
     """A decoder trained briefly with a vocabulary so small that most caption words are <unk>."""
     from stage2_decoder.api import Captioner
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     out = tmp_path_factory.mktemp("unk_run")
     train(TrainConfig(features=str(shared_cache), out=str(out), epochs=2, scst_epochs=0, batch_size=32,
@@ -215,8 +218,9 @@ def _old_step(model):
 
 def test_no_unk_from_greedy_beam_or_sampling(unk_model, shared_cache, monkeypatch):
     from common.feature_cache import load_cache
-    from stage2_decoder.decode import DecodeConfig, beam_search_nbest, greedy
-    from stage2_decoder.sampling import sample_captions
+    from stage2_decoder.decoding.config import DecodeConfig
+    from stage2_decoder.decoding.beam import beam_search_nbest, greedy
+    from stage2_decoder.decoding.sampling import sample_captions
 
     cap, unk = unk_model, unk_model.vocab.unk_id
     feats = torch.from_numpy(load_cache(shared_cache).features[:16].astype(np.float32))
@@ -242,7 +246,7 @@ def test_caption_defaults_are_the_decode_configs():
     from dataclasses import fields
 
     from stage2_decoder.api import Captioner
-    from stage2_decoder.decode_config import DecodeConfig, SampleConfig
+    from stage2_decoder.decoding.config import DecodeConfig, SampleConfig
 
     params = inspect.signature(Captioner.caption).parameters
     declared = {f.name: f.default for cls in (DecodeConfig, SampleConfig) for f in fields(cls)}

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from common.backbones import (REGISTRY, BackboneError, ImageError, WeightsNotFound, get_spec, load_backbone,
-                              load_image_u8, preprocess_for)
+from common.backbones import (REGISTRY, BackboneError, WeightsNotFound, get_spec, load_backbone, load_image_u8,
+                              preprocess_for)
+from common.preprocess import ImageError
 
 MB_PP = preprocess_for("mobilenet_v2")
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from common.datasets import DatasetError, DatasetWarning, load_coco, load_dataset, load_flickr8k, split_keys
+from common.records import DatasetError, DatasetWarning
+from common.datasets import load_coco, load_dataset, load_flickr8k, split_keys
 from common.tokenizer import tokenize
 from reliability_helpers import TINY, no_traceback, one_error_line
 
@@ -170,7 +171,7 @@ def test_non_ascii_emoji_and_a_byte_order_mark(tmp_path, fmt):
 
 def test_very_long_caption_is_kept_and_truncated_for_training(tmp_path):
     from common.vocab import build_vocab
-    from stage2_decoder.data import CaptionPairs
+    from stage2_decoder.training.pairs import CaptionPairs
 
     long = " ".join(["a dog"] * 5000) + " ."
     recs, warned = _load_quietly(load_coco, _coco(tmp_path / "c.json", _imgs(1), _anns((1, long))), tmp_path)
@@ -273,9 +274,9 @@ def test_train_cli_on_a_messy_captions_file_warns_once_and_trains(shared_cache, 
 
 def test_evaluation_skips_images_without_references(monkeypatch):
     """pycocoevalcap asserts on an empty reference list: such images are left out, with a note."""
-    from common.datasets import ImageRecord
-    from stage2_decoder import metrics
-    from stage2_decoder.evaluate import evaluate_captions
+    from common.records import ImageRecord
+    from stage2_decoder.reporting import metrics
+    from stage2_decoder.reporting.evaluation import evaluate_captions
 
     monkeypatch.setattr(metrics, "java_available", lambda: False)  # the in-process scorers suffice here
     records = [ImageRecord("1", 1, "/x/1.jpg", ["a dog on a bench", "a brown dog sits"]),

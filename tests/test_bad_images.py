@@ -30,7 +30,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common.backbones import ImageError, load_image_u8, preprocess_for
+from common.preprocess import ImageError
+from common.backbones import load_image_u8, preprocess_for
 from reliability_helpers import no_traceback, tiny_run
 
 MB_PP = preprocess_for("mobilenet_v2")
@@ -200,7 +201,7 @@ def test_evaluate_raw_images_skips_bad_files(bad_folder, tiny_checkpoint):
     """Raw-image evaluation's encoder path (DataLoader workers) skips the same files and names them."""
     from common.datasets import load_dataset
     from stage2_decoder import Captioner
-    from stage2_decoder.evaluate import captions_from_images
+    from stage2_decoder.reporting.evaluation import captions_from_images
 
     root, images, cases, good, keys = bad_folder
     cap = Captioner.load(tiny_checkpoint, "cpu")
@@ -291,8 +292,8 @@ def test_extreme_strips_are_trimmed_before_resizing(tmp_path, monkeypatch, size)
 
 
 def test_ordinary_shapes_are_not_trimmed():
-    from common.backbones import MAX_ASPECT, _trim_long_side
+    from common.preprocess import MAX_ASPECT, trim_long_side
 
     for size in [(640, 480), (480, 640), (300, 100), (100, 300)]:
         im = Image.new("RGB", size)
-        assert _trim_long_side(im, MAX_ASPECT) is im
+        assert trim_long_side(im, MAX_ASPECT) is im

@@ -17,9 +17,9 @@ from common.cli import Bounded
 from reliability_helpers import TINY, no_traceback, one_error_line, tiny_run
 from stage1_extract.extract import ExtractConfig
 from stage2_decoder.api import Captioner, decode_settings
-from stage2_decoder.decode_config import DecodeConfig, SampleConfig
-from stage2_decoder.sweep_grid import SweepError, normalize_grid
-from stage2_decoder.train import TrainConfig
+from stage2_decoder.decoding.config import DecodeConfig, SampleConfig
+from stage2_decoder.sweeps.grid import SweepError, normalize_grid
+from stage2_decoder.training.config import TrainConfig
 
 CONFIGS = (TrainConfig, DecodeConfig, SampleConfig, ExtractConfig)
 
@@ -170,7 +170,7 @@ def test_captioner_takes_one_path_as_a_list_of_one(run_dir, tmp_path):
 # --- train: a vocabulary without words, a last.pt without a best score ------------------------------------
 
 def test_a_vocabulary_threshold_that_leaves_no_word_is_one_clear_error(shared_cache, tmp_path):
-    from stage2_decoder.train import train
+    from stage2_decoder.training.loop import train
 
     cfg = TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=1, scst_epochs=0,
                       batch_size=16, dry_run=True, **{**TINY, "vocab_threshold": 1_000_000})

@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from common.datasets import ImageRecord
+from common.records import ImageRecord
 from common.tokenizer import tokenize
 from common.vocab import build_vocab
-from stage2_decoder.data import CaptionPairs
+from stage2_decoder.training.pairs import CaptionPairs
 
 KNOWN = ["a", "dog", "cat", "runs", "on", "the", "grass", "café"]
 OTHER = ["zebra", "kite", "ünïcode"]

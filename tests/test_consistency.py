@@ -14,7 +14,8 @@ N_CHECK = 5
 @pytest.fixture(scope="module")
 def shared_run(shared_cache, tmp_path_factory):
     """A briefly trained decoder checkpoint from the shared cache, through the importable train()."""
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     out = tmp_path_factory.mktemp("consistency_run")
     # plain weights at a higher rate: the default 0.995 weight average over these ~50 steps is still mostly the

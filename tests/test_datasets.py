@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.datasets import DatasetError, guess_format, load_coco, load_dataset, load_flickr8k, split_keys
+from common.records import DatasetError
+from common.datasets import guess_format, load_coco, load_dataset, load_flickr8k, split_keys
 
 
 @pytest.fixture(scope="module")

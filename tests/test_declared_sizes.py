@@ -33,7 +33,7 @@ def test_a_tiny_cache_declaring_many_rows_is_refused_before_reading(shared_cache
 
 def test_a_checkpoint_declaring_a_huge_decoder_is_refused_before_building_it(tmp_path):
     from common.vocab import build_vocab
-    from stage2_decoder.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+    from stage2_decoder.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
     from stage2_decoder.model import CaptionDecoder, DecoderConfig
 
     vocab = build_vocab([["a", "dog"]], threshold=1)
@@ -50,7 +50,7 @@ def test_a_checkpoint_declaring_a_huge_decoder_is_refused_before_building_it(tmp
 
 
 def test_a_huge_sweep_grid_is_refused_before_expanding_with_a_hint(tmp_path):
-    from stage2_decoder.sweep import SweepError, expand_grid, sample_grid
+    from stage2_decoder.sweeps.grid import SweepError, expand_grid, sample_grid
 
     grid = {"lr": [1e-4 * (i + 1) for i in range(10)], "batch_size": list(range(8, 18)),
             "hidden_size": list(range(16, 26)), "embed_size": list(range(16, 26)), "seed": list(range(10))}

@@ -10,7 +10,7 @@ import pytest
 
 from common.feature_cache import CacheError, load_cache
 from common.tokenizer import tokenize
-from stage2_decoder.checkpoint import load_checkpoint
+from stage2_decoder.training.checkpoint import load_checkpoint
 
 LIMIT = 50
 
@@ -229,7 +229,7 @@ def test_mobilenet_cache_refuses_another_backbone(cache50, run4):
 # --- learning, end to end ----------------------------------------------------------------------------------
 
 def test_decoder_trained_on_a_handful_of_images_reproduces_a_caption(cli, coco_dir, coco_records, tmp_path):
-    from stage2_decoder.train import TrainConfig
+    from stage2_decoder.training.config import TrainConfig
 
     n = 4
     cache = tmp_path / "coco4.h5"
@@ -259,8 +259,10 @@ def _small(cfg_cls, **kw):
 
 def test_training_survives_a_last_batch_of_one(shared_cache, tmp_path):
     from common.feature_cache import load_cache as _load
-    from stage2_decoder.data import CaptionPairs
-    from stage2_decoder.train import TrainConfig, prepare_data, train
+    from stage2_decoder.training.pairs import CaptionPairs
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.data import prepare_data
+    from stage2_decoder.training.loop import train
 
     cfg = _small(TrainConfig, features=str(shared_cache), out=str(tmp_path / "run"), epochs=1, vocab_threshold=2)
     parts, _, vocab, rows, _ = prepare_data(cfg, _load(cfg.features))
@@ -270,7 +272,8 @@ def test_training_survives_a_last_batch_of_one(shared_cache, tmp_path):
 
 
 def test_empty_validation_split_still_tracks_the_best_epoch(shared_cache, tmp_path):
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     # validated on training images instead; a 5-epoch toy's CIDEr is noise near 0, so which epoch wins
     # by CIDEr is a draw: best.pt must be that epoch, and by loss (which does fall) a later one
@@ -289,7 +292,8 @@ def test_empty_validation_split_still_tracks_the_best_epoch(shared_cache, tmp_pa
 
 def test_train_dry_run_is_cheap_and_complete(shared_cache, tmp_path):
     """The cheap mode: one batch per epoch, yet every output a real run writes."""
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     run = tmp_path / "dry"
     result = train(_small(TrainConfig, features=str(shared_cache), out=str(run), epochs=2, batch_size=8,

@@ -7,9 +7,10 @@ import shutil
 import torch
 from torch import nn
 
-from stage2_decoder.checkpoint import load_checkpoint
-from stage2_decoder.ema import EMA, warmed_decay
-from stage2_decoder.train import TrainConfig, train
+from stage2_decoder.training.checkpoint import load_checkpoint
+from stage2_decoder.training.ema import EMA, warmed_decay
+from stage2_decoder.training.config import TrainConfig
+from stage2_decoder.training.loop import train
 
 TINY = dict(batch_size=16, embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True, device="cpu",
             progress=False, scst_epochs=0)
@@ -129,7 +130,7 @@ def test_the_warm_up_is_a_recorded_setting_a_resume_keeps(shared_cache, tmp_path
 
     import pytest
 
-    from stage2_decoder.checkpoint import CheckpointError
+    from stage2_decoder.training.checkpoint import CheckpointError
 
     run = tmp_path / "run"
     train(TrainConfig(features=str(shared_cache), out=str(run), epochs=1, ema_warmup=False, **TINY))

@@ -19,7 +19,8 @@ N_PHOTOS = 8
 @pytest.fixture(scope="module")
 def tiny_checkpoint(shared_cache, tmp_path_factory) -> Path:
     """A small decoder trained for a few seconds on the shared mobilenet_v2 cache (image-dependent captions)."""
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     out = tmp_path_factory.mktemp("export_run")
     train(TrainConfig(features=str(shared_cache), out=str(out), epochs=8, scst_epochs=0, batch_size=16, embed_size=32,
@@ -30,7 +31,7 @@ def tiny_checkpoint(shared_cache, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def export_dir(tiny_checkpoint, tmp_path_factory) -> Path:
-    from stage2_decoder.export import ExportConfig, export
+    from stage2_decoder.serving.onnx_export import ExportConfig, export
 
     out = tmp_path_factory.mktemp("export") / "onnx"
     manifest = export(ExportConfig(checkpoint=str(tiny_checkpoint), out=str(out)))
@@ -49,8 +50,8 @@ def test_export_writes_checked_graphs_and_a_manifest(export_dir, tiny_checkpoint
     import onnx
 
     from common.vocab import Vocabulary
-    from stage2_decoder.checkpoint import load_checkpoint
-    from stage2_decoder.export import sha256_file
+    from stage2_decoder.training.checkpoint import load_checkpoint
+    from stage2_decoder.serving.onnx_captioner import sha256_file
 
     m = json.loads((export_dir / "capcache-onnx.json").read_text())
     ckpt = load_checkpoint(tiny_checkpoint)
@@ -74,7 +75,7 @@ def test_graphs_compute_what_the_torch_modules_do_at_any_batch(export_dir, tiny_
 
     from common.backbones import load_image_u8
     from stage2_decoder.api import Captioner
-    from stage2_decoder.onnx_captioner import OnnxCaptioner
+    from stage2_decoder.serving.onnx_captioner import OnnxCaptioner
 
     cap = Captioner.load(tiny_checkpoint, device="cpu")
     oc = OnnxCaptioner.load(export_dir, threads=1)
@@ -98,7 +99,7 @@ def test_graphs_compute_what_the_torch_modules_do_at_any_batch(export_dir, tiny_
                                       dict(no_repeat_ngram=2, min_len=3, max_len=8)], ids=str)
 def test_onnx_captions_equal_the_pytorch_captions(export_dir, tiny_checkpoint, photos, settings):
     from stage2_decoder.api import Captioner
-    from stage2_decoder.onnx_captioner import OnnxCaptioner
+    from stage2_decoder.serving.onnx_captioner import OnnxCaptioner
 
     want = Captioner.load(tiny_checkpoint, device="cpu").caption(photos, **settings)
     got = OnnxCaptioner.load(export_dir, threads=1).caption(photos, batch_size=3, **settings)
@@ -116,9 +117,9 @@ def test_numpy_greedy_ids_equal_torch_greedy(export_dir, tiny_checkpoint, photos
 
     from common.backbones import load_image_u8
     from stage2_decoder.api import Captioner
-    from stage2_decoder.decode import greedy
-    from stage2_decoder.numpy_decode import greedy_scored
-    from stage2_decoder.onnx_captioner import OnnxCaptioner
+    from stage2_decoder.decoding.beam import greedy
+    from stage2_decoder.decoding.numpy_decode import greedy_scored
+    from stage2_decoder.serving.onnx_captioner import OnnxCaptioner
 
     cap = Captioner.load(tiny_checkpoint, device="cpu")
     oc = OnnxCaptioner.load(export_dir, threads=1)
@@ -135,7 +136,7 @@ def test_unreadable_images_are_returned_or_raised(export_dir, photos, tmp_path):
     from PIL import Image
 
     from common.preprocess import ImageError
-    from stage2_decoder.onnx_captioner import OnnxCaptioner
+    from stage2_decoder.serving.onnx_captioner import OnnxCaptioner
 
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
@@ -166,8 +167,8 @@ def _torchless_env(tmp_path: Path) -> dict:
 # what docs/deploy.md says to ship beside the export folder
 SHIP_FILES = ("common/__init__.py", "common/atomic.py", "common/bounds.py", "common/jsonio.py", "common/preprocess.py",
               "common/tokenizer.py", "common/vocab.py", "stage2_decoder/__init__.py", "stage2_decoder/api.py",
-              "stage2_decoder/decode_config.py", "stage2_decoder/ngram_block.py", "stage2_decoder/numpy_decode.py",
-              "stage2_decoder/onnx_captioner.py")
+              "stage2_decoder/decoding/config.py", "stage2_decoder/decoding/ngram_block.py", "stage2_decoder/decoding/numpy_decode.py",
+              "stage2_decoder/serving/onnx_captioner.py")
 
 
 def test_onnx_captioner_runs_from_the_shipped_files_where_torch_cannot_be_imported(export_dir, photos, tmp_path):
@@ -180,7 +181,7 @@ def test_onnx_captioner_runs_from_the_shipped_files_where_torch_cannot_be_import
     env["SHIPPED"] = str(shipped)  # every project module must come from the shipped copy, not an installed one
     code = ("import json, sys\n"
             "try:\n    import torch\nexcept ImportError:\n    pass\nelse:\n    sys.exit('torch imported')\n"
-            "from stage2_decoder.onnx_captioner import OnnxCaptioner\n"
+            "from stage2_decoder.serving.onnx_captioner import OnnxCaptioner\n"
             "out = OnnxCaptioner.load(sys.argv[1], threads=1).caption(sys.argv[2:], beam_size=1)\n"
             "assert not any(m.split('.')[0] in ('torch', 'torchvision') for m in sys.modules if sys.modules[m])\n"
             "ours = [m for m in sys.modules if m.split('.')[0] in ('common', 'stage2_decoder')]\n"
@@ -191,7 +192,7 @@ def test_onnx_captioner_runs_from_the_shipped_files_where_torch_cannot_be_import
     p = subprocess.run([sys.executable, "-c", code, str(export_dir), *photos[:3]], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
-    from stage2_decoder.onnx_captioner import OnnxCaptioner
+    from stage2_decoder.serving.onnx_captioner import OnnxCaptioner
 
     assert json.loads(p.stdout) == [r["caption"] for r in OnnxCaptioner.load(export_dir).caption(photos[:3],
                                                                                                  beam_size=1)]
@@ -237,15 +238,15 @@ BROKEN = {"corrupted_onnx": r"decoder_step\.onnx.*sha256", "missing_json": r"cap
 
 @pytest.mark.parametrize("how", sorted(BROKEN))
 def test_a_broken_export_is_one_clear_error(export_dir, tmp_path, how):
-    from stage2_decoder.onnx_captioner import OnnxCaptioner, OnnxExportError
+    from stage2_decoder.serving.onnx_captioner import OnnxCaptioner, OnnxExportError
 
     with pytest.raises(OnnxExportError, match=BROKEN[how]):
         OnnxCaptioner.load(_broken(export_dir, tmp_path, how))
 
 
 def test_a_corrupted_graph_with_a_matching_checksum_is_still_named(export_dir, tmp_path):
-    from stage2_decoder.export import sha256_file
-    from stage2_decoder.onnx_captioner import OnnxCaptioner, OnnxExportError
+    from stage2_decoder.serving.onnx_captioner import sha256_file
+    from stage2_decoder.serving.onnx_captioner import OnnxCaptioner, OnnxExportError
 
     d = _broken(export_dir, tmp_path, "corrupted_onnx")
     m = json.loads((d / "capcache-onnx.json").read_text())
@@ -284,13 +285,13 @@ def test_export_refuses_a_graph_that_computes_something_else(export_dir, tiny_ch
     import torch
 
     from stage2_decoder.api import Captioner
-    from stage2_decoder.export import _check_outputs, _modules
+    from stage2_decoder.serving.onnx_export import check_outputs, export_modules
 
     cap = Captioner.load(tiny_checkpoint, device="cpu")
-    _, _, step = _modules(cap)
+    _, _, step = export_modules(cap)
     h = torch.rand(1, 2, cap.decoder.cfg.hidden_size) - 0.5
     args, inputs = (torch.tensor([1, 7]), h, h.clone()), ["tokens", "h_in", "c_in"]
-    _check_outputs("decoder_step.onnx", export_dir / "decoder_step.onnx", step, args, inputs)  # the real one passes
+    check_outputs("decoder_step.onnx", export_dir / "decoder_step.onnx", step, args, inputs)  # the real one passes
 
     class Shifted(torch.nn.Module):  # what a wrong export would compute
         def forward(self, *a):
@@ -298,4 +299,4 @@ def test_export_refuses_a_graph_that_computes_something_else(export_dir, tiny_ch
             return logp + 0.01, h, c
 
     with pytest.raises(ValueError, match="decoder_step.onnx does not compute what the PyTorch model does"):
-        _check_outputs("decoder_step.onnx", export_dir / "decoder_step.onnx", Shifted(), args, inputs)
+        check_outputs("decoder_step.onnx", export_dir / "decoder_step.onnx", Shifted(), args, inputs)

@@ -103,8 +103,9 @@ class Outsider:
 
 @pytest.fixture(scope="module")
 def export_dir(shared_cache, tmp_path_factory) -> Path:
-    from stage2_decoder.export import ExportConfig, export
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.serving.onnx_export import ExportConfig, export
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     run = tmp_path_factory.mktemp("contract_run")
     train(TrainConfig(features=str(shared_cache), out=str(run), epochs=8, scst_epochs=0, batch_size=16, embed_size=32,
@@ -180,7 +181,7 @@ def test_weights_sha256_is_the_weights_file_digest(export_dir):
 @pytest.mark.parametrize("tokenizer", ["nltk", "whitespace", "chars"])
 def test_the_text_rule_joins_as_the_vocabulary_does(tokenizer):
     from common.vocab import Vocabulary
-    from stage2_decoder.export import text_rule
+    from stage2_decoder.serving.onnx_export import text_rule
 
     vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "犬", "が"], tokenizer=tokenizer)
     ids = [1, 4, 0, 5, 6, 7, 2, 4]
@@ -190,7 +191,7 @@ def test_the_text_rule_joins_as_the_vocabulary_does(tokenizer):
 
 
 def test_a_captioner_written_from_the_manifest_matches_caption_onnx(export_dir, inputs):
-    from stage2_decoder.onnx_captioner import OnnxCaptioner
+    from stage2_decoder.serving.onnx_captioner import OnnxCaptioner
 
     names, paths = list(inputs), [str(p) for p in inputs.values()]
     outsider = Outsider(export_dir)

@@ -15,8 +15,9 @@ MANIFEST = "capcache-onnx.json"
 
 @pytest.fixture(scope="module")
 def export_dir(shared_cache, tmp_path_factory) -> Path:
-    from stage2_decoder.export import ExportConfig, export
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.serving.onnx_export import ExportConfig, export
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     run = tmp_path_factory.mktemp("files_run")
     train(TrainConfig(features=str(shared_cache), out=str(run), epochs=1, scst_epochs=0, batch_size=16, embed_size=16,
@@ -44,7 +45,7 @@ def _with_external_data(d: Path, name: str = "decoder_step.onnx", listed: bool =
     """Re-save one graph with its weights in `NAME.data` (as onnx does for graphs over 2 GB)."""
     import onnx
 
-    from stage2_decoder.onnx_captioner import sha256_file
+    from stage2_decoder.serving.onnx_captioner import sha256_file
 
     model = onnx.load(str(d / name))
     onnx.save_model(model, str(d / name), save_as_external_data=True, location=name + ".data", size_threshold=0)
@@ -61,7 +62,7 @@ def _with_external_data(d: Path, name: str = "decoder_step.onnx", listed: bool =
 
 
 def _captions(d: Path, photos: list[str]) -> list[str]:
-    from stage2_decoder.onnx_captioner import OnnxCaptioner
+    from stage2_decoder.serving.onnx_captioner import OnnxCaptioner
 
     return [r["caption"] for r in OnnxCaptioner.load(d, threads=1).caption(photos, beam_size=1)]
 
@@ -72,7 +73,7 @@ def photos(coco_dir) -> list[str]:
 
 
 def test_external_data_listed_in_the_manifest_is_verified_and_used(export_dir, copy, photos):
-    from stage2_decoder.onnx_captioner import OnnxExportError
+    from stage2_decoder.serving.onnx_captioner import OnnxExportError
 
     data = _with_external_data(copy)
     assert _captions(copy, photos) == _captions(export_dir, photos)  # the same weights, from the .data file
@@ -84,7 +85,7 @@ def test_external_data_listed_in_the_manifest_is_verified_and_used(export_dir, c
 
 
 def test_external_data_the_manifest_does_not_list_is_refused(copy, photos, monkeypatch):
-    from stage2_decoder.onnx_captioner import OnnxExportError
+    from stage2_decoder.serving.onnx_captioner import OnnxExportError
 
     data = _with_external_data(copy, listed=False)
     monkeypatch.chdir(copy)  # onnxruntime would look in the working directory for a graph loaded from bytes
@@ -95,7 +96,7 @@ def test_external_data_the_manifest_does_not_list_is_refused(copy, photos, monke
 
 @pytest.mark.parametrize("name", ["encoder.onnx", MANIFEST])
 def test_a_symlink_out_of_the_export_folder_is_refused(copy, tmp_path, photos, name):
-    from stage2_decoder.onnx_captioner import OnnxExportError
+    from stage2_decoder.serving.onnx_captioner import OnnxExportError
 
     outside = tmp_path / "elsewhere" / name
     outside.parent.mkdir()
@@ -113,7 +114,7 @@ def test_a_symlink_inside_the_export_folder_is_followed(copy, photos, export_dir
 
 @pytest.mark.parametrize("name", ["../encoder.onnx", "/etc/passwd", "sub/x.onnx", ""])
 def test_external_data_names_must_be_file_names_in_the_folder(copy, photos, name):
-    from stage2_decoder.onnx_captioner import OnnxExportError
+    from stage2_decoder.serving.onnx_captioner import OnnxExportError
 
     def plant(m):
         m["files"]["decoder_step.onnx"]["external_data"] = [name]
@@ -131,7 +132,7 @@ BAD_NUMBERS = [("preprocess", "resize", 10**9), ("preprocess", "resize", 1e308),
 
 @pytest.mark.parametrize("section,key,value", BAD_NUMBERS, ids=[f"{s}.{k}={v!r}" for s, k, v in BAD_NUMBERS])
 def test_unbounded_numbers_in_the_manifest_are_one_error(copy, photos, section, key, value):
-    from stage2_decoder.onnx_captioner import OnnxExportError
+    from stage2_decoder.serving.onnx_captioner import OnnxExportError
 
     _edit(copy, lambda m: m[section].__setitem__(key, value))
     with pytest.raises(OnnxExportError, match=rf"{MANIFEST}: {section}\.{key} must be"):
@@ -139,7 +140,7 @@ def test_unbounded_numbers_in_the_manifest_are_one_error(copy, photos, section, 
 
 
 def test_a_huge_manifest_is_refused_before_it_is_read(copy, photos):
-    from stage2_decoder.onnx_captioner import MANIFEST_MAX_BYTES, OnnxExportError
+    from stage2_decoder.serving.onnx_captioner import MANIFEST_MAX_BYTES, OnnxExportError
 
     with open(copy / MANIFEST, "r+b") as f:  # a sparse file: huge on paper, nothing to read into memory
         f.truncate(64 * 2**30)
@@ -148,7 +149,7 @@ def test_a_huge_manifest_is_refused_before_it_is_read(copy, photos):
 
 
 def test_a_deeply_nested_manifest_is_one_error(copy, photos):
-    from stage2_decoder.onnx_captioner import OnnxExportError
+    from stage2_decoder.serving.onnx_captioner import OnnxExportError
 
     (copy / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(OnnxExportError, match="nested deeper than"):
@@ -164,7 +165,7 @@ def test_caption_cli_on_a_hostile_manifest_prints_one_error_line(copy, photos, c
 
 
 def test_a_fifo_named_as_a_graph_is_refused_without_blocking(copy, photos):
-    from stage2_decoder.onnx_captioner import OnnxExportError
+    from stage2_decoder.serving.onnx_captioner import OnnxExportError
 
     os.unlink(copy / "decoder_init.onnx")
     os.mkfifo(copy / "decoder_init.onnx")
@@ -178,7 +179,7 @@ def test_a_fifo_named_as_a_graph_is_refused_without_blocking(copy, photos):
     (lambda m: m["image"].__setitem__("max_aspect", 4), "other image rules"),
 ], ids=["join", "special_ids", "max_aspect"])
 def test_a_manifest_that_states_other_rules_than_the_captioner_applies_is_refused(copy, photos, edit, message):
-    from stage2_decoder.onnx_captioner import OnnxExportError
+    from stage2_decoder.serving.onnx_captioner import OnnxExportError
 
     _edit(copy, edit)
     with pytest.raises(OnnxExportError, match=message):

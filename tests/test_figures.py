@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stage2_decoder import figures, plot, report
+from stage2_decoder.reporting import figures
+from stage2_decoder import plot, report
+import stage2_decoder.reporting.curves as curves_mod
+import stage2_decoder.reporting.gallery as gallery_mod
 
 # --- helpers -----------------------------------------------------------------------------------------------
 
@@ -41,7 +44,8 @@ def _png(path) -> Image.Image:
 @pytest.fixture(scope="module")
 def run_dir(shared_cache, tmp_path_factory):
     """A small decoder trained for a few (fast) epochs; 30% of the 48 images held out as the test split."""
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     out = tmp_path_factory.mktemp("figures") / "run"
     train(TrainConfig(features=str(shared_cache), out=str(out), epochs=8, scst_epochs=0, batch_size=32, lr=5e-3, embed_size=64,
@@ -161,7 +165,7 @@ def test_caption_save_figure_writes_one_png_per_image_and_matplotlib_only_then(r
 
 def test_training_writes_curves_png(run_dir):
     im = _png(run_dir / "curves.png")
-    assert im.size == plot.CURVES_SIZE
+    assert im.size == curves_mod.CURVES_SIZE
     assert len(plot.read_metrics(run_dir)) == 8
     # not a blank canvas: lines in several colours
     arr = np.asarray(im.convert("RGB"))
@@ -174,7 +178,7 @@ def test_plot_cli_redraws_a_run(cli, run_dir, tmp_path):
     (run / "curves.png").unlink()
     proc = _ok(cli("stage2_decoder.plot", run))
     assert "curves.png" in proc.stdout
-    assert _png(run / "curves.png").size == plot.CURVES_SIZE
+    assert _png(run / "curves.png").size == curves_mod.CURVES_SIZE
 
 
 def test_plot_older_metrics_without_cider_and_duplicate_epochs(tmp_path):
@@ -183,7 +187,7 @@ def test_plot_older_metrics_without_cider_and_duplicate_epochs(tmp_path):
              {"epoch": 2, "train_loss": 2.9, "val_loss": 3.4, "val_perplexity": 30.0}]  # a re-run epoch: last wins
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert [r["train_loss"] for r in plot.read_metrics(tmp_path)] == [4.0, 2.9]
-    assert _png(plot.plot_run(tmp_path)).size == plot.CURVES_SIZE
+    assert _png(curves_mod.plot_run(tmp_path)).size == curves_mod.CURVES_SIZE
 
 
 def _one_error_line(result) -> str:
@@ -207,18 +211,19 @@ def test_plot_refuses_what_is_neither_a_run_nor_a_sweep(tmp_path):
 
 def test_plot_hands_a_sweep_directory_to_plot_sweep(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(plot, "plot_sweep", lambda d: calls.append(Path(d)) or Path(d) / "sweep.png")
+    monkeypatch.setattr(curves_mod, "plot_sweep", lambda d: calls.append(Path(d)) or Path(d) / "sweep.png")
     (tmp_path / "results.csv").write_text("run,val_cider\n")
     assert plot.plot_path(tmp_path) == [tmp_path / "sweep.png"] and calls == [tmp_path]
 
 
 def test_a_plotting_failure_does_not_fail_training(shared_cache, tmp_path, monkeypatch, capsys):
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     def broken(run_dir):
         raise RuntimeError("no fonts today")
 
-    monkeypatch.setattr(plot, "plot_run", broken)
+    monkeypatch.setattr(curves_mod, "plot_run", broken)
     result = train(TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=1, scst_epochs=0, embed_size=16,
                                hidden_size=32, vocab_threshold=2, device="cpu", progress=False, dry_run=True))
     assert result.epochs_run == 1 and (tmp_path / "run" / "best.pt").is_file()
@@ -266,7 +271,7 @@ def test_report_orders_best_first_escapes_text_and_embeds_thumbnails(coco_record
                       {"key": "gone", "image": "/nonexistent/x.jpg", "caption": "no photo", "references": [],
                        "cider": None},
                       {"key": recs[2].key, "image": recs[2].path, "caption": "middle", "references": [], "cider": 0.9}]}
-    page = report.render_html(rep)
+    page = gallery_mod.render_html(rep)
     p = _Cards()
     p.feed(page)
     assert p.cards == [2.0, 0.9, 0.1, -1.0]  # best -> worst; no score last
@@ -275,9 +280,9 @@ def test_report_orders_best_first_escapes_text_and_embeds_thumbnails(coco_record
     assert p.external == []  # no external assets: every src/href is a data: URI
     assert page.count("data:image/jpeg;base64,") == 3 and "image not readable" in page
     assert "<th>BLEU-1</th><th>CIDEr</th>" in page and "<td>0.250</td>" in page
-    thumb = report.thumbnail_data_uri(recs[0].path)
+    thumb = gallery_mod.thumbnail_data_uri(recs[0].path)
     with Image.open(__import__("io").BytesIO(base64.b64decode(thumb.split(",", 1)[1]))) as im:
-        assert im.format == "JPEG" and max(im.size) == report.THUMB_PX
+        assert im.format == "JPEG" and max(im.size) == gallery_mod.THUMB_PX
 
 
 # --- the HTML gallery in a real browser --------------------------------------------------------------------

@@ -48,7 +48,7 @@ def test_no_gradient_flows_through_an_lstm_in_eval_mode_during_training_with_scs
 
 
 def test_scst_mode_freezes_batchnorm_and_switches_every_dropout_off():
-    from stage2_decoder.scst import scst_mode
+    from stage2_decoder.training.scst import scst_mode
 
     m = _decoder()
     before = m.bn.running_mean.clone()
@@ -86,7 +86,7 @@ def test_the_lstm_runs_in_fp32_with_autocast_off_while_the_projections_stay_unde
 
 def _old_gather(pairs, idx, features, generator):
     """f959e73's CaptionPairs.gather: rows in idx's order (packing sorted them on the device)."""
-    from stage2_decoder.data import CaptionBatch, view_rows
+    from stage2_decoder.training.pairs import CaptionBatch, view_rows
 
     lengths = pairs.lengths[idx]
     t = int(lengths.max())
@@ -111,8 +111,9 @@ def _old_batch_loss(model, b):
 
 def _train_pairs(shared_cache):
     from common.feature_cache import load_cache
-    from stage2_decoder.data import CaptionPairs
-    from stage2_decoder.train import TrainConfig, prepare_data
+    from stage2_decoder.training.pairs import CaptionPairs
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.data import prepare_data
 
     cfg = TrainConfig(features=str(shared_cache), out="unused", vocab_threshold=2, embed_size=16, hidden_size=32,
                       batch_size=16, dropout=0.0, device="cpu", progress=False)
@@ -133,8 +134,8 @@ def test_the_sync_free_step_trains_exactly_as_before(shared_cache):
     BatchNorm training (dropout off: its masks follow the rows, and the rows now come in another order)."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from stage2_decoder.ema import EMA
-    from stage2_decoder.train import train_step
+    from stage2_decoder.training.ema import EMA
+    from stage2_decoder.training.epochs import train_step
 
     cfg, pairs, feats, vocab_size, dim = _train_pairs(shared_cache)
     torch.manual_seed(0)
@@ -177,7 +178,7 @@ def test_the_sync_free_step_trains_exactly_as_before(shared_cache):
 
 def test_validation_batches_give_the_same_loss_as_before(shared_cache):
     """evaluate_loss's batches (ascending lengths, eval mode) in f959e73's loss and in today's."""
-    from stage2_decoder.train import _batch_loss
+    from stage2_decoder.training.epochs import batch_loss
 
     cfg, pairs, feats, vocab_size, dim = _train_pairs(shared_cache)
     torch.manual_seed(0)
@@ -186,7 +187,7 @@ def test_validation_batches_give_the_same_loss_as_before(shared_cache):
     idx = torch.argsort(pairs.lengths, stable=True)
     with torch.no_grad():
         for s in range(0, len(idx), 64):
-            loss, n = _batch_loss(model, pairs.gather(idx[s:s + 64], centre), "cpu")
+            loss, n = batch_loss(model, pairs.gather(idx[s:s + 64], centre), "cpu")
             want, m = _old_batch_loss(model, _old_gather(pairs, idx[s:s + 64], centre, None))
             assert n == m and torch.equal(loss, want)
 
@@ -198,7 +199,8 @@ def test_the_step_packs_without_sorting_on_the_device_and_the_average_reads_noth
     from torch.overrides import TorchFunctionMode
 
     import stage2_decoder.model as model_mod
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     sorted_flags = []
     real = rnn.pack_padded_sequence
@@ -221,15 +223,16 @@ def test_the_step_packs_without_sorting_on_the_device_and_the_average_reads_noth
             return func(*args, **(kwargs or {}))
 
     import stage2_decoder.train as train_mod
+    import stage2_decoder.training.loop as loop_mod
 
     averages = []
-    real_xe = train_mod._xe_epoch
+    real_xe = loop_mod.xe_epoch
 
     def xe(model, opt, train_set, features, device, cfg, epoch, steps, ema=None):
         averages.append(ema)
         return real_xe(model, opt, train_set, features, device, cfg, epoch, steps, ema)
 
-    monkeypatch.setattr(train_mod, "_xe_epoch", xe)
+    monkeypatch.setattr(loop_mod, "xe_epoch", xe)
     train(TrainConfig(features=str(shared_cache), out=str(shared_cache.parent / "sync-free-run"), epochs=1,
                       scst_epochs=0, batch_size=16, embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True,
                       device="cpu", progress=False))
@@ -247,8 +250,8 @@ def test_the_step_packs_without_sorting_on_the_device_and_the_average_reads_noth
 @torch.inference_mode()
 def _old_beam_search_nbest(model, features, cfg):
     """f959e73's beam search, the reference: per-image Python bookkeeping, `.tolist()` per finished hypothesis."""
-    from stage2_decoder.decode import END_ID, START_ID
-    from stage2_decoder.ngram_block import block_repeats as _block_repeats
+    from stage2_decoder.decoding.beam import END_ID, START_ID
+    from stage2_decoder.decoding.ngram_block import block_repeats as _block_repeats
 
     b, k, dev = features.shape[0], cfg.beam_size, features.device
     h, c = model.init_state(features)
@@ -304,7 +307,7 @@ def _old_beam_search_nbest(model, features, cfg):
 @torch.inference_mode()
 def _old_greedy(model, features, max_len=20, min_len=0):
     """f959e73's greedy decoding, the reference: it asked the device "all finished?" after every step."""
-    from stage2_decoder.decode import END_ID, START_ID, _until_end
+    from stage2_decoder.decoding.beam import END_ID, START_ID, until_end
 
     state = model.init_state(features)
     tokens = torch.full((features.shape[0],), START_ID, dtype=torch.long)
@@ -319,7 +322,7 @@ def _old_greedy(model, features, max_len=20, min_len=0):
         finished |= tokens == END_ID
         if bool(finished.all()):
             break
-    return [_until_end(row) for row in out.tolist()]
+    return [until_end(row) for row in out.tolist()]
 
 
 BEAM_SETTINGS = [dict(beam_size=3), dict(beam_size=5, length_penalty=0.0), dict(beam_size=2, min_len=4),
@@ -328,8 +331,9 @@ BEAM_SETTINGS = [dict(beam_size=3), dict(beam_size=5, length_penalty=0.0), dict(
 
 
 def _trained_decoder(cache, tmp_path, epochs: int, lr: float = 1e-3):
-    from stage2_decoder.checkpoint import load_checkpoint
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.checkpoint import load_checkpoint
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     run = tmp_path / "beam-run"
     train(TrainConfig(features=str(cache), out=str(run), epochs=epochs, scst_epochs=0, batch_size=32, embed_size=32,
@@ -342,7 +346,8 @@ def _trained_decoder(cache, tmp_path, epochs: int, lr: float = 1e-3):
 
 
 def _assert_beams_as_before(model, feats):
-    from stage2_decoder.decode import DecodeConfig, beam_search_nbest
+    from stage2_decoder.decoding.config import DecodeConfig
+    from stage2_decoder.decoding.beam import beam_search_nbest
 
     lengths = set()
     for how in BEAM_SETTINGS:
@@ -352,7 +357,7 @@ def _assert_beams_as_before(model, feats):
             assert got == want, how  # the ids and the float scores, every hypothesis of every image
             lengths |= {len(ids) for hyps in got for ids, _ in hyps}
     assert len(lengths) > 3  # short and long captions: finished, filled and cut-off hypotheses all compared
-    from stage2_decoder.decode import greedy
+    from stage2_decoder.decoding.beam import greedy
 
     for max_len, min_len in ((20, 0), (7, 1), (13, 3)):
         assert greedy(model, feats, max_len, min_len) == _old_greedy(model, feats, max_len, min_len)
@@ -382,7 +387,8 @@ def test_beam_search_reads_back_a_fixed_few_times_whatever_the_batch():
     """f959e73 read the device per step and per image (`bool(...)`, `.tolist()` per finished hypothesis)."""
     from torch.overrides import TorchFunctionMode
 
-    from stage2_decoder.decode import DecodeConfig, beam_search_nbest
+    from stage2_decoder.decoding.config import DecodeConfig
+    from stage2_decoder.decoding.beam import beam_search_nbest
 
     class HostReads(TorchFunctionMode):
         n = 0
@@ -401,17 +407,17 @@ def test_beam_search_reads_back_a_fixed_few_times_whatever_the_batch():
 
 def test_checkpoints_keep_the_cuda_generators_and_a_resume_puts_them_back(shared_cache, tmp_path, monkeypatch):
     """Faked CUDA generators (no GPU here): what a run on CUDA saves in last.pt and restores on resume."""
-    import stage2_decoder.resume as resume_mod
-    import stage2_decoder.run_files as run_files_mod
+    import stage2_decoder.training.resume as resume_mod
+    import stage2_decoder.training.run_files as run_files_mod
     import stage2_decoder.train as train_mod
-    from stage2_decoder.checkpoint import load_checkpoint
+    from stage2_decoder.training.checkpoint import load_checkpoint
 
     fake = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
     restored = []
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: fake)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
-    saved = train_mod.cuda_rng_state("cuda")
-    assert train_mod.cuda_rng_state("cpu") == {}
+    saved = resume_mod.cuda_rng_state("cuda")
+    assert resume_mod.cuda_rng_state("cpu") == {}
     monkeypatch.setattr(run_files_mod, "cuda_rng_state", lambda device: saved)  # the run itself is on the CPU
     cfg = dict(features=str(shared_cache), out=str(tmp_path / "run"), scst_epochs=0, batch_size=16, embed_size=16,
                hidden_size=32, vocab_threshold=2, dry_run=True, device="cpu", progress=False)
@@ -430,12 +436,13 @@ def test_the_weight_average_recompacts_its_lstm_copy(shared_cache, tmp_path, mon
     """A deep-copied LSTM's weights are no longer one contiguous cuDNN chunk (a warning and a re-compaction
     at every call on CUDA) until flatten_parameters() runs on the copy; on the CPU it is a no-op, so spy on it."""
     import stage2_decoder.train as train_mod
+    import stage2_decoder.training.loop as loop_mod
 
     flattened, averages = [], []
     real = nn.LSTM.flatten_parameters
     monkeypatch.setattr(nn.LSTM, "flatten_parameters", lambda self: (flattened.append(self), real(self))[1])
-    real_xe = train_mod._xe_epoch
-    monkeypatch.setattr(train_mod, "_xe_epoch", lambda *a, **kw: (averages.append(a[-1]), real_xe(*a, **kw))[1])
+    real_xe = loop_mod.xe_epoch
+    monkeypatch.setattr(loop_mod, "xe_epoch", lambda *a, **kw: (averages.append(a[-1]), real_xe(*a, **kw))[1])
     train_mod.train(train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=1,
                                           scst_epochs=0, batch_size=16, embed_size=16, hidden_size=32,
                                           vocab_threshold=2, dry_run=True, device="cpu", progress=False))
@@ -493,7 +500,7 @@ def test_a_cache_started_in_fp32_is_not_resumed_or_reused_in_bf16(coco_dir, tmp_
     from common.backbones import Backbone
     from common.feature_cache import CacheError, read_meta
     from stage1_extract.cache_writer import CacheWriter
-    from stage1_extract.extract import ExtractConfig, _setup, extract
+    from stage1_extract.extract import ExtractConfig, setup_extract, extract
 
     cfg = ExtractConfig(images=str(coco_dir / "images"), captions=str(coco_dir / "captions.json"),
                         out=str(tmp_path / "c.h5"), backbone="mobilenet_v2", weights="none", workers=0, device="cpu",
@@ -502,7 +509,7 @@ def test_a_cache_started_in_fp32_is_not_resumed_or_reused_in_bf16(coco_dir, tmp_
     assert read_meta(cfg.out).precision == "float32"
     from stage1_extract.distributed import Dist
 
-    records, _, _, fp32 = _setup(cfg, Dist())
+    records, _, _, fp32 = setup_extract(cfg, Dist())
     monkeypatch.setattr(Backbone, "precision", property(lambda self: "bfloat16"))  # as on a GPU
     with pytest.raises(CacheError, match="precision"):
         extract(cfg)
@@ -528,34 +535,35 @@ def test_a_sweep_on_cuda_spreads_runs_over_the_gpus_a_few_per_gpu_and_forks_only
     import json
 
     import stage2_decoder.sweep as sweep
-    import stage2_decoder.sweep_run as sweep_run
+    import stage2_decoder.sweeps.sweep as sweep_mod
+    import stage2_decoder.sweeps.run as sweep_run
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(sweep_run, "_cpu_count", lambda: 16)
-    specs = [sweep.RunSpec(f"r{i}", str(tmp_path / f"r{i}"), str(shared_cache), {}) for i in range(4)]
-    assert sweep.visible_gpus(specs) == ["0", "1"] and sweep.default_jobs(["0", "1"]) == 2 * sweep.RUNS_PER_GPU
-    assert sweep.visible_gpus([sweep.RunSpec("c", "c", "f", {"device": "cpu"})]) == []
-    assert sweep.default_jobs([]) == 16
+    specs = [sweep_mod.RunSpec(f"r{i}", str(tmp_path / f"r{i}"), str(shared_cache), {}) for i in range(4)]
+    assert sweep_run.visible_gpus(specs) == ["0", "1"] and sweep_run.default_jobs(["0", "1"]) == 2 * sweep_run.RUNS_PER_GPU
+    assert sweep_run.visible_gpus([sweep_mod.RunSpec("c", "c", "f", {"device": "cpu"})]) == []
+    assert sweep_run.default_jobs([]) == 16
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    assert sweep.visible_gpus(specs) == ["3", "5"]
-    assert sweep._start_context().get_start_method() == "fork"
+    assert sweep_run.visible_gpus(specs) == ["3", "5"]
+    assert sweep_run._start_context().get_start_method() == "fork"
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    assert sweep._start_context().get_start_method() == "spawn"
+    assert sweep_run._start_context().get_start_method() == "spawn"
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
 
     def fake_run(spec, threads):  # what the forked child sees, instead of training
         rec = {"run": spec.name, "status": "ok", "params": spec.params, "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}
-        (Path(spec.run_dir) / sweep.RESULT).write_text(json.dumps(rec))
+        (Path(spec.run_dir) / sweep_run.RESULT).write_text(json.dumps(rec))
         return rec
 
     monkeypatch.setattr(sweep_run, "_run_one", fake_run)
-    monkeypatch.setattr(sweep_run, "_read_result",
-                        lambda spec: json.loads((Path(spec.run_dir) / sweep.RESULT).read_text())
-                        if (Path(spec.run_dir) / sweep.RESULT).exists() else None)
+    monkeypatch.setattr(sweep_run, "read_result",
+                        lambda spec: json.loads((Path(spec.run_dir) / sweep_run.RESULT).read_text())
+                        if (Path(spec.run_dir) / sweep_run.RESULT).exists() else None)
     cfg = sweep.SweepConfig(features=str(shared_cache), out=str(tmp_path), grid={"lr": [1e-3]}, progress=False)
-    done = sweep._execute(cfg, specs, type("Bar", (), {"update": lambda self, n=1: None})())
+    done = sweep_mod._execute(cfg, specs, type("Bar", (), {"update": lambda self, n=1: None})())
     gpus = sorted(r["gpu"] for r in done.values())
     assert gpus == ["3", "3", "5", "5"]  # each run saw one GPU, both GPUs used evenly
 
@@ -566,7 +574,8 @@ def test_damaged_features_are_found_on_the_host_before_any_upload(shared_cache, 
     from torch.overrides import TorchFunctionMode
 
     from common.feature_cache import CacheError
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     bad = tmp_path / "bad.h5"
     shutil.copy(shared_cache, bad)

@@ -87,7 +87,7 @@ def test_the_mask_is_not_in_the_state_dict_and_old_checkpoints_load_strictly():
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_ngram_blocking_on_the_device_matches_the_numpy_loop(n):
-    from stage2_decoder.ngram_block import block_repeats
+    from stage2_decoder.decoding.ngram_block import block_repeats
 
     rng = np.random.default_rng(n)
     for t in range(0, 12):
@@ -102,7 +102,7 @@ def test_ngram_blocking_on_the_device_matches_the_numpy_loop(n):
 
 
 def test_ngram_blocking_reads_nothing_back_from_the_device():
-    from stage2_decoder.ngram_block import block_repeats
+    from stage2_decoder.decoding.ngram_block import block_repeats
 
     seqs = torch.randint(0, 5, (4, 3, 10))
     logp = torch.randn(4, 3, 20)
@@ -113,7 +113,8 @@ def test_ngram_blocking_reads_nothing_back_from_the_device():
 
 
 def test_beam_search_with_ngram_blocking_reads_back_a_fixed_few_times():
-    from stage2_decoder.decode import DONE_CHECK_EVERY, DecodeConfig, beam_search_nbest
+    from stage2_decoder.decoding.beam import DONE_CHECK_EVERY, beam_search_nbest
+    from stage2_decoder.decoding.config import DecodeConfig
 
     m = _decoder().eval()
     with HostReads() as mode:
@@ -125,7 +126,7 @@ def test_beam_search_with_ngram_blocking_reads_back_a_fixed_few_times():
 
 def _old_sample(model, features, k, max_len):
     """3ddb13e's SCST sampling loop: it asked the device "any caption alive?" after every step."""
-    from stage2_decoder.decode import END_ID, START_ID
+    from stage2_decoder.decoding.beam import END_ID, START_ID
 
     h, c = model.init_state(features)
     state = (h.repeat_interleave(k, dim=1), c.repeat_interleave(k, dim=1))
@@ -149,8 +150,8 @@ def _old_sample(model, features, k, max_len):
 def test_scst_sampling_draws_as_before_and_leaves_the_generator_as_before(end_bias, max_len):
     """The same computation as 3ddb13e's loop (the same ops on the same draws), so the same bits; and the
     generator ends where the old loop left it, so the next batch draws the same too."""
-    from stage2_decoder.decode import END_ID
-    from stage2_decoder.scst import sample, scst_mode
+    from stage2_decoder.decoding.beam import END_ID
+    from stage2_decoder.training.scst import sample, scst_mode
 
     m = _decoder()
     m.out_bias.data[END_ID] = end_bias  # captions end early, late or never
@@ -168,8 +169,8 @@ def test_scst_sampling_draws_as_before_and_leaves_the_generator_as_before(end_bi
 
 
 def test_scst_sampling_reads_the_device_every_few_steps_not_every_step():
-    from stage2_decoder.decode import DONE_CHECK_EVERY, END_ID
-    from stage2_decoder.scst import sample, scst_mode
+    from stage2_decoder.decoding.beam import DONE_CHECK_EVERY, END_ID
+    from stage2_decoder.training.scst import sample, scst_mode
 
     m = _decoder()
     m.out_bias.data[END_ID] = -9.0  # no caption ends: all 16 steps run
@@ -181,7 +182,7 @@ def test_scst_sampling_reads_the_device_every_few_steps_not_every_step():
 
 def test_scst_sampling_from_nan_weights_is_a_floating_point_error_not_a_multinomial_failure():
     """On CUDA, torch.multinomial on NaN probabilities is a device-side assert that kills the CUDA context."""
-    from stage2_decoder.scst import sample, scst_mode
+    from stage2_decoder.training.scst import sample, scst_mode
 
     m = _decoder()
     m.out_proj.weight.data[0, 0] = float("nan")
@@ -193,7 +194,7 @@ def test_a_diverged_decoder_in_the_scst_cli_is_one_error_line(shared_cache, tmp_
     """NaN weights reaching SCST: one `error:` line and exit 1 from the train CLI, no traceback."""
     from click.testing import CliRunner
 
-    import stage2_decoder.scst as scst_mod
+    import stage2_decoder.training.scst as scst_mod
     from stage2_decoder.train import main
 
     real = scst_mod.sample
@@ -220,9 +221,9 @@ def test_a_diverged_decoder_in_the_scst_cli_is_one_error_line(shared_cache, tmp_
 
 def test_best_pt_leaves_the_cuda_generators_to_last_pt(shared_cache, tmp_path, monkeypatch):
     """Faked CUDA generators (no GPU here), as a CUDA run would save them."""
-    import stage2_decoder.run_files as run_files_mod
+    import stage2_decoder.training.run_files as run_files_mod
     import stage2_decoder.train as train_mod
-    from stage2_decoder.checkpoint import load_checkpoint
+    from stage2_decoder.training.checkpoint import load_checkpoint
 
     fake = {"cuda_rng_state": [torch.arange(16, dtype=torch.uint8)]}
     monkeypatch.setattr(run_files_mod, "cuda_rng_state", lambda device: fake)

@@ -41,7 +41,7 @@ def test_a_bad_grid_file_is_one_error_line_before_anything_runs(tmp_path, text, 
 
 
 def test_a_grid_that_is_a_fifo_is_refused_without_hanging(tmp_path):
-    from stage2_decoder.sweep_grid import SweepError, load_grid
+    from stage2_decoder.sweeps.grid import SweepError, load_grid
 
     fifo = tmp_path / "grid.json"
     os.mkfifo(fifo)
@@ -94,11 +94,11 @@ def test_plot_of_a_hostile_metrics_jsonl_is_one_error_line(tmp_path, lines, says
 
 
 def test_plot_reads_a_run_whose_config_json_is_hostile_as_an_old_run(tmp_path):
-    from stage2_decoder.plot import _run_config
+    from stage2_decoder.reporting.curves import run_config
 
     for text in (DEEP, "[1]", "{bad"):
         (tmp_path / "config.json").write_text(text)
-        assert _run_config(tmp_path) == {}
+        assert run_config(tmp_path) == {}
 
 
 @pytest.mark.parametrize("results, says", [
@@ -139,27 +139,27 @@ def test_samples_of_a_hostile_split_json_is_one_error(tmp_path, shared_cache, te
     {"status": ["ok"]},
 ])
 def test_a_hostile_result_json_means_the_run_is_redone(tmp_path, record):
-    from stage2_decoder.sweep_grid import RunSpec
-    from stage2_decoder.sweep_run import _read_result, _record
+    from stage2_decoder.sweeps.grid import RunSpec
+    from stage2_decoder.sweeps.run import read_result, record
 
     spec = RunSpec("r", str(tmp_path), "f.h5", {"lr": 0.001})
-    good = {**_record(spec, "ok", val_cider=0.5, val_loss=2.0, best_epoch=1, epochs_run=1, seconds=1.0,
+    good = {**record(spec, "ok", val_cider=0.5, val_loss=2.0, best_epoch=1, epochs_run=1, seconds=1.0,
                       checkpoint="x"), "started_at": 1.0}
     (tmp_path / "result.json").write_text(json.dumps(good))
-    assert _read_result(spec) == good
+    assert read_result(spec) == good
     text = record if isinstance(record, str) else json.dumps({**good, **record})
     (tmp_path / "result.json").write_text(text)
-    assert _read_result(spec) is None
+    assert read_result(spec) is None
 
 
 def test_a_hostile_config_json_is_ignored_on_resume(tmp_path):
-    from stage2_decoder.resume import _run_config
-    from stage2_decoder.train import TrainConfig
+    from stage2_decoder.training.resume import run_config
+    from stage2_decoder.training.config import TrainConfig
 
     cfg = TrainConfig(features="f", out=str(tmp_path))
     for text in (DEEP, "[1]", '{"resumed": "x", "epochs": 3}'):
         (tmp_path / "config.json").write_text(text)
-        out = _run_config(tmp_path, cfg, start_epoch=1)
+        out = run_config(tmp_path, cfg, start_epoch=1)
         assert out["epochs"] == cfg.epochs
 
 

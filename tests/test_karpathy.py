@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.datasets import (DatasetError, DatasetWarning, guess_format, load_dataset, load_flickr8k, load_karpathy,
-                             official_split)
+from common.records import DatasetError, DatasetWarning
+from common.datasets import guess_format, load_dataset, load_flickr8k, load_karpathy, official_split
 
 SPLIT_CYCLE = ("train", "val", "train", "test", "restval", "train")  # 30 images: 15 train, 5 restval, 5+5
 
@@ -57,7 +57,8 @@ def test_official_split_respected_restval_trains(coco_dir, coco30, coco30_file):
 
 def test_training_uses_the_official_split(tmp_path, coco_dir, coco_records, shared_cache):
     from common.feature_cache import load_cache
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     n = len(load_cache(shared_cache).rows_by_key())
     recs = coco_records[:n]

@@ -9,12 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from common.datasets import ImageRecord
+from common.records import ImageRecord
 from common.tokenizer import tokenize
 from common.vocab import Vocabulary, build_vocab
-from stage2_decoder.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from stage2_decoder.data import CaptionPairs
-from stage2_decoder.decode import DecodeConfig, beam_search_nbest, greedy
+from stage2_decoder.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from stage2_decoder.training.pairs import CaptionPairs
+from stage2_decoder.decoding.config import DecodeConfig
+from stage2_decoder.decoding.beam import beam_search_nbest, greedy
 from stage2_decoder.model import CaptionDecoder, DecoderConfig
 
 D = 32

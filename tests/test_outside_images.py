@@ -41,7 +41,8 @@ def layout(coco_records, tmp_path) -> dict:
 
 
 def test_load_dataset_skips_every_way_out_of_the_images_folder(layout):
-    from common.datasets import DatasetWarning, load_dataset
+    from common.records import DatasetWarning
+    from common.datasets import load_dataset
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -71,11 +72,11 @@ def test_stage1_does_not_cache_a_photo_from_outside_the_images_folder(layout, tm
 @pytest.mark.slow  # raw-image evaluation: a backbone over real photos
 def test_evaluate_html_does_not_show_a_photo_from_outside(layout, shared_cache, tmp_path_factory, tmp_path,
                                                           monkeypatch):
-    import stage2_decoder.metrics
+    import stage2_decoder.reporting.metrics
     from stage2_decoder.evaluate import main
 
     run = tiny_run(shared_cache, tmp_path_factory)
-    monkeypatch.setattr(stage2_decoder.metrics, "score_captions", lambda gts, res, spice=False: ({"CIDEr": 0.5}, {}, []))
+    monkeypatch.setattr(stage2_decoder.reporting.metrics, "score_captions", lambda gts, res, spice=False: ({"CIDEr": 0.5}, {}, []))
     page, js = tmp_path / "e.html", tmp_path / "e.json"
     r = CliRunner().invoke(main, ["--checkpoint", str(run / "best.pt"), "--images", str(layout["images"]),
                                   "--captions", str(layout["captions"]), "--beam-size", "1", "--workers", "0",

@@ -9,7 +9,8 @@ import warnings
 
 import pytest
 
-from common.datasets import DatasetError, DatasetWarning, guess_format, load_dataset, official_split
+from common.records import DatasetError, DatasetWarning
+from common.datasets import guess_format, load_dataset, official_split
 from common.folder_dataset import load_folder
 
 N_PHOTOS = 30
@@ -149,7 +150,7 @@ def test_extract_refuses_a_mixed_split_file_in_one_line(cli, tmp_path):
 
 def test_own_photos_from_a_folder_to_captions_in_four_commands(cli, own_folder, tmp_path):
     from common.feature_cache import load_cache
-    from stage2_decoder.checkpoint import load_checkpoint
+    from stage2_decoder.training.checkpoint import load_checkpoint
 
     photos, captions, by_rel = own_folder  # command 1: the captions file, written by the fixture
     cache, run = tmp_path / "cache.h5", tmp_path / "run"

@@ -136,7 +136,7 @@ def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path):
 
 _SWEEP_PARENT = """
 import sys, time
-import stage2_decoder.sweep_run as sweep
+import stage2_decoder.sweeps.run as sweep
 sweep._run_one = lambda spec, threads: time.sleep(120)  # a long run
 getattr(sweep, "_SWEEP_PID", [])[:] = [__import__("os").getpid()]  # what run_sweep records
 spec = sweep.RunSpec("r", sys.argv[1], "f.h5", {})

@@ -56,11 +56,11 @@ def test_train_writes_no_output_through_a_planted_link(shared_cache, tmp_path):
 
 
 def test_evaluate_json_and_html_are_not_written_through_planted_links(run_dir, shared_cache, tmp_path, monkeypatch):
-    import stage2_decoder.metrics
+    import stage2_decoder.reporting.metrics
     from stage2_decoder.evaluate import main
 
     # the writers are under test, not the scorers (METEOR's Java start-up alone takes seconds)
-    monkeypatch.setattr(stage2_decoder.metrics, "score_captions", lambda gts, res, spice=False, **how: ({"CIDEr": 0.5}, {}, []))
+    monkeypatch.setattr(stage2_decoder.reporting.metrics, "score_captions", lambda gts, res, spice=False, **how: ({"CIDEr": 0.5}, {}, []))
 
     out = tmp_path / "eval"
     victims = _plant(out, ["e.json", "e.html"])
@@ -77,7 +77,7 @@ def test_curves_and_sweep_tables_are_not_written_through_planted_links(run_dir, 
     import shutil
 
     from stage2_decoder.plot import main
-    from stage2_decoder.sweep import write_results
+    from stage2_decoder.sweeps.results import write_results
 
     run = tmp_path / "copy"
     shutil.copytree(run_dir, run)

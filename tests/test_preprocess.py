@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps, PngImagePlugin
 
-from common.preprocess import MAX_ASPECT, ImageError, Preprocess, _trim_long_side, load_views
+from common.preprocess import MAX_ASPECT, ImageError, Preprocess, trim_long_side, load_views
 from conftest import REPO
 
 
@@ -48,7 +48,7 @@ def _reference_views(path, pp: Preprocess, views: int) -> np.ndarray:
             im.draft("RGB", (pp.resize, pp.resize))
         if pp.exif_transpose:
             im = ImageOps.exif_transpose(im)
-        im = _trim_long_side(_reference_to_rgb(im), MAX_ASPECT)
+        im = trim_long_side(_reference_to_rgb(im), MAX_ASPECT)
         centre = F.pil_to_tensor(F.center_crop(
             F.resize(im, pp.resize, interpolation=F.InterpolationMode.BILINEAR, antialias=True), pp.crop))
         out = [centre, centre.flip(-1)]

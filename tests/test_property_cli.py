@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.cli import Bounded
-from stage2_decoder.train import TrainConfig
+from stage2_decoder.training.config import TrainConfig
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from stage2_decoder import metrics
-from stage2_decoder.checkpoint import load_checkpoint
-from stage2_decoder.decode import END_ID, DecodeConfig, beam_search_nbest, greedy
+from stage2_decoder.reporting import metrics
+from stage2_decoder.training.checkpoint import load_checkpoint
+from stage2_decoder.decoding.beam import END_ID, beam_search_nbest, greedy
+from stage2_decoder.decoding.config import DecodeConfig
 from stage2_decoder.model import CaptionDecoder, DecoderConfig
 
 REFS = {"a": ["a man riding a wave on top of a surfboard", "a surfer riding a large wave in the ocean"],
@@ -131,7 +132,8 @@ def test_ngram_blocking_holds_even_when_the_model_wants_to_repeat():
 # --- best checkpoint by validation CIDEr, early stopping --------------------------------------------------
 
 def test_best_checkpoint_and_early_stopping_follow_the_validation_metric(shared_cache, tmp_path, monkeypatch):
-    from stage2_decoder import epochs as epochs_mod, train as train_mod
+    from stage2_decoder.training import epochs as epochs_mod
+    from stage2_decoder import train as train_mod
 
     sequence = iter([0.10, 0.30, 0.20, 0.25, 0.29, 0.90, 0.95])
     monkeypatch.setattr(epochs_mod, "validation_cider", lambda *a, **k: next(sequence))
@@ -150,8 +152,8 @@ def test_best_checkpoint_and_early_stopping_follow_the_validation_metric(shared_
 
 def test_validation_cider_scores_the_decoder_it_is_asked_for():
     from common.vocab import SPECIALS, Vocabulary
-    from stage2_decoder.decode import decode
-    from stage2_decoder.train import validation_cider
+    from stage2_decoder.decoding.beam import decode
+    from stage2_decoder.training.epochs import validation_cider
 
     model, feats = _model(1), torch.randn(16, D)
     vocab = Vocabulary([*SPECIALS, *(f"w{i}" for i in range(V - len(SPECIALS)))])
@@ -169,7 +171,8 @@ def test_validation_cider_scores_the_decoder_it_is_asked_for():
 
 
 def test_training_validates_with_the_configured_beam(shared_cache, tmp_path, monkeypatch):
-    from stage2_decoder import epochs as epochs_mod, train as train_mod
+    from stage2_decoder.training import epochs as epochs_mod
+    from stage2_decoder import train as train_mod
 
     seen = []
     monkeypatch.setattr(epochs_mod, "validation_cider", lambda *a, **k: seen.append(k.get("beam_size")) or 0.1)
@@ -183,7 +186,8 @@ def test_training_validates_with_the_configured_beam(shared_cache, tmp_path, mon
 
 
 def test_select_by_loss_ignores_cider(shared_cache, tmp_path, monkeypatch):
-    from stage2_decoder import epochs as epochs_mod, train as train_mod
+    from stage2_decoder.training import epochs as epochs_mod
+    from stage2_decoder import train as train_mod
 
     monkeypatch.setattr(epochs_mod, "validation_cider", lambda *a, **k: 0.0)
     cfg = train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=3, select_by="loss",
@@ -198,7 +202,8 @@ def test_select_by_loss_ignores_cider(shared_cache, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def small_run(shared_cache, tmp_path_factory):
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     run = tmp_path_factory.mktemp("quality") / "run"
     train(TrainConfig(features=str(shared_cache), out=str(run), epochs=2, batch_size=32, embed_size=32,
@@ -249,7 +254,7 @@ def test_cider_d_with_corpus_frequencies_equals_the_reference_scorer(coco_record
     from pycocoevalcap.cider.cider import Cider
 
     from common.tokenizer import tokenize
-    from stage2_decoder.scst import CiderD
+    from stage2_decoder.training.cider import CiderD
 
     recs = coco_records[:40]
     refs = {r.key: r.captions[1:] for r in recs}
@@ -263,7 +268,7 @@ def test_cider_d_with_corpus_frequencies_equals_the_reference_scorer(coco_record
 
 
 def test_sampled_captions_are_masked_after_end():
-    from stage2_decoder.scst import sample
+    from stage2_decoder.training.scst import sample
 
     model = _model(1)
     torch.manual_seed(0)
@@ -278,7 +283,8 @@ def test_sampled_captions_are_masked_after_end():
 
 
 def test_scst_phase_follows_cross_entropy_from_the_best_epoch(shared_cache, tmp_path):
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     cfg = TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=2, scst_epochs=2, batch_size=16,
                       embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True, device="cpu", progress=False)
@@ -291,12 +297,14 @@ def test_scst_phase_follows_cross_entropy_from_the_best_epoch(shared_cache, tmp_
 
 
 def test_training_captions_are_tokenised_once_for_vocab_tensors_and_rewards(shared_cache, tmp_path, monkeypatch):
-    import stage2_decoder.data as data_mod
-    import stage2_decoder.scst as scst_mod
+    import stage2_decoder.training.pairs as data_mod
+    import stage2_decoder.training.scst as scst_mod
     import stage2_decoder.train as train_mod
+    import stage2_decoder.training.data as training_data_mod
     from common.feature_cache import load_cache
-    from stage2_decoder.data import CaptionPairs
-    from stage2_decoder.scst import CiderD, scst_refs
+    from stage2_decoder.training.pairs import CaptionPairs
+    from stage2_decoder.training.cider import CiderD
+    from stage2_decoder.training.scst import scst_refs
 
     import common.tokenizer as tokenizer_mod
 
@@ -305,7 +313,7 @@ def test_training_captions_are_tokenised_once_for_vocab_tensors_and_rewards(shar
     calls = []
     real = tokenizer_mod.tokenize
     monkeypatch.setattr(tokenizer_mod, "tokenize", lambda c, *how: calls.append(c) or real(c, *how))
-    parts, _, vocab, rows, tokens = train_mod.prepare_data(cfg, load_cache(shared_cache))
+    parts, _, vocab, rows, tokens = training_data_mod.prepare_data(cfg, load_cache(shared_cache))
     assert len(calls) == sum(len(r.captions) for name in ("train", "val") for r in parts[name])
 
     # the tokenised pass gives exactly what tokenising at each use gives

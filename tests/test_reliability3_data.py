@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 import common.datasets as datasets_mod
 import common.folder_dataset as folder_mod
-from common.datasets import DatasetError, DatasetWarning, load_dataset, split_keys
+from common.records import DatasetError, DatasetWarning
+from common.datasets import load_dataset, split_keys
 from common.folder_dataset import load_folder
 from common.lock import LockFileError, hold
 from common.paths import OutputInsideImages, refuse_inside
@@ -249,7 +250,7 @@ def test_stage1_out_through_a_symlink_into_the_images_folder_is_refused(tmp_path
 
 def test_a_sweep_inside_the_images_folder_writes_nothing(tmp_path, shared_cache):
     from common.feature_cache import read_meta
-    from stage2_decoder.sweep import SweepConfig, run_sweep
+    from stage2_decoder.sweeps.sweep import SweepConfig, run_sweep
 
     images = Path(read_meta(shared_cache).images_dir)
     before = sorted(p.name for p in images.iterdir())
@@ -324,8 +325,8 @@ def test_a_deeply_nested_or_fifo_vocabulary_is_one_error(tmp_path):
 
 def test_train_out_through_a_symlink_into_the_images_folder_is_refused(tmp_path, shared_cache):
     from common.feature_cache import read_meta
-    from stage2_decoder.train import TrainConfig
-    from stage2_decoder.train_data import load_train_data
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.data import load_train_data
 
     images = Path(read_meta(shared_cache).images_dir)
     (tmp_path / "link").symlink_to(images)

@@ -58,7 +58,7 @@ def test_fewer_epochs_than_already_ran_are_refused(shared_cache, run):
 
 
 def test_more_epochs_and_patience_apply_and_config_json_says_so(shared_cache, run):
-    from stage2_decoder.checkpoint import load_checkpoint
+    from stage2_decoder.training.checkpoint import load_checkpoint
 
     r = _train(shared_cache, run, "--epochs", "3", "--patience", "4")
     assert r.exit_code == 0, r.output
@@ -80,7 +80,7 @@ def test_a_resume_from_another_working_directory_with_an_absolute_features_path(
     monkeypatch.chdir(elsewhere)
     r = _train(shared_cache.resolve(), run, "--epochs", "2")
     assert r.exit_code == 0, r.output
-    from stage2_decoder.checkpoint import load_checkpoint
+    from stage2_decoder.training.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["train_config"]["features"] == str(shared_cache.resolve())

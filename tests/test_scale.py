@@ -55,7 +55,7 @@ class DictCiderD:
 # --- CIDEr-D ------------------------------------------------------------------------------------------------
 
 def test_array_cider_d_equals_the_dict_scorer_on_real_captions(coco_records):
-    from stage2_decoder.cider import CiderD
+    from stage2_decoder.training.cider import CiderD
 
     recs = coco_records[:300]
     refs = {r.key: [tokenize(c) for c in r.captions[1:]] for r in recs}
@@ -82,7 +82,7 @@ def test_array_cider_d_equals_the_dict_scorer_on_real_captions(coco_records):
 
 
 def test_array_cider_d_tokenises_string_references_like_word_lists(coco_records):
-    from stage2_decoder.cider import CiderD
+    from stage2_decoder.training.cider import CiderD
 
     recs = coco_records[:20]
     as_text = CiderD({r.key: r.captions for r in recs})
@@ -208,7 +208,8 @@ def torch_from(a):
 
 @pytest.fixture(scope="module")
 def tiny_run(shared_cache, tmp_path_factory):
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     run = tmp_path_factory.mktemp("scale") / "run"
     train(TrainConfig(features=str(shared_cache), out=str(run), epochs=1, **TINY))
@@ -218,7 +219,7 @@ def tiny_run(shared_cache, tmp_path_factory):
 def test_best_pt_holds_what_captioning_needs_and_last_pt_the_resume_state(tiny_run, shared_cache):
     from common.feature_cache import load_cache
     from stage2_decoder.api import Captioner
-    from stage2_decoder.checkpoint import RESUME_ONLY, load_checkpoint
+    from stage2_decoder.training.checkpoint import RESUME_ONLY, load_checkpoint
 
     best, last = load_checkpoint(tiny_run / "best.pt"), load_checkpoint(tiny_run / "last.pt")
     assert not set(RESUME_ONLY) & set(best)
@@ -234,7 +235,7 @@ def test_an_old_best_pt_with_the_resume_state_still_loads_and_captions_the_same(
 
     from common.feature_cache import load_cache
     from stage2_decoder.api import Captioner
-    from stage2_decoder.checkpoint import load_checkpoint
+    from stage2_decoder.training.checkpoint import load_checkpoint
 
     last = torch.load(tiny_run / "last.pt", weights_only=True)
     fat = tmp_path / "old-best.pt"
@@ -251,9 +252,9 @@ def test_an_old_best_pt_with_the_resume_state_still_loads_and_captions_the_same(
 def test_best_pt_of_the_default_decoder_at_ten_thousand_words_is_under_25_mb(tmp_path):
     import torch
 
-    from stage2_decoder.checkpoint import inference_extra, save_checkpoint
+    from stage2_decoder.training.checkpoint import inference_extra, save_checkpoint
     from stage2_decoder.model import CaptionDecoder
-    from stage2_decoder.train import TrainConfig
+    from stage2_decoder.training.config import TrainConfig
     from common.vocab import SPECIALS, Vocabulary
 
     vocab = Vocabulary([*SPECIALS, *(f"w{i}" for i in range(10_000 - len(SPECIALS)))])
@@ -281,7 +282,7 @@ def _report(n):
 def test_the_gallery_keeps_the_best_and_worst_and_says_how_many_it_left_out():
     import re
 
-    from stage2_decoder.report import render_html, shown_images
+    from stage2_decoder.reporting.gallery import render_html, shown_images
 
     report = _report(30)
     shown, left_out = shown_images(report["images"], 10)

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-import stage2_decoder.scst as scst
-from stage2_decoder.checkpoint import CheckpointError
-from stage2_decoder.train import TrainConfig, train
+import stage2_decoder.training.scst as scst
+from stage2_decoder.training.checkpoint import CheckpointError
+from stage2_decoder.training.config import TrainConfig
+from stage2_decoder.training.loop import train
 
 TINY = dict(batch_size=16, embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True, device="cpu",
             progress=False, epochs=1, scst_epochs=1)

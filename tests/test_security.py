@@ -122,7 +122,7 @@ def project_python_files() -> list[Path]:
 
 def test_the_scan_covers_the_project():
     files = {str(p.relative_to(REPO)) for p in project_python_files()}
-    for must in ("stage2_decoder/checkpoint.py", "common/backbones.py", "stage1_extract/extract.py",
+    for must in ("stage2_decoder/training/checkpoint.py", "common/backbones.py", "stage1_extract/extract.py",
                  "stage2_decoder/train.py", "tests/conftest.py"):
         assert must in files
     assert not any(f.startswith(".venv") for f in files)
@@ -245,7 +245,7 @@ def test_train_caption_evaluate_write_only_where_told(shared_cache, coco_dir, co
                                          "--device", "cpu"]).exit_code
 
     def evaluate():
-        from stage2_decoder import metrics
+        from stage2_decoder.reporting import metrics
         from stage2_decoder.evaluate import main
 
         metrics.java_available = lambda: False  # this child only: the pure-Python scorers are enough here

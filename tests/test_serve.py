@@ -12,9 +12,10 @@ import warnings
 import pytest
 from PIL import Image
 
-from stage2_decoder.batcher import BatcherConfig, DynamicBatcher
-from stage2_decoder.page import CSP, PAGE
-from stage2_decoder.serve import ServeConfig, create_app
+from stage2_decoder.serving.batcher import BatcherConfig, DynamicBatcher
+from stage2_decoder.serving.page import CSP, PAGE
+from stage2_decoder.serving.settings import ServeConfig
+from stage2_decoder.serving.app import create_app
 from test_serve_limits import StandIn  # the captioner's serving interface over mean colours
 
 # --- the batcher -------------------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def client():
         warnings.simplefilter("ignore")
         from fastapi.testclient import TestClient
 
-    from stage2_decoder.decode_config import DecodeConfig
+    from stage2_decoder.decoding.config import DecodeConfig
 
     cfg = ServeConfig(max_files=3, max_upload_mb=0.05, max_pixels=200 * 200, max_wait_ms=1,
                       decode=DecodeConfig(beam_size=2, max_len=7, length_penalty=0.5))
@@ -281,7 +282,8 @@ PHOTOS = 8
 @pytest.fixture(scope="module")
 def checkpoint(shared_cache, tmp_path_factory):
     """A small decoder trained for a few (fast) epochs on the shared 48-image cache."""
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     out = tmp_path_factory.mktemp("serve") / "run"
     train(TrainConfig(features=str(shared_cache), out=str(out), epochs=10, scst_epochs=0, batch_size=32, lr=5e-3,
@@ -413,7 +415,7 @@ def test_chunked_encoder_gives_the_whole_batch_features(captioner, photos):
     import torch
 
     from common.backbones import load_image_u8
-    from stage2_decoder.serve import ChunkedEncoder
+    from stage2_decoder.serving.app import ChunkedEncoder
 
     x = torch.stack([load_image_u8(p, captioner.backbone.preprocess) for p in photos])  # (8, 3, 224, 224)
     chunked = ChunkedEncoder(captioner.backbone, 3)

@@ -17,8 +17,9 @@ import pytest
 from PIL import Image
 
 from common.preprocess import Preprocess
-from stage2_decoder.batcher import BatcherConfig, DynamicBatcher, QueueFull
-from stage2_decoder.serve import ServeConfig, create_app
+from stage2_decoder.serving.batcher import BatcherConfig, DynamicBatcher, QueueFull
+from stage2_decoder.serving.settings import ServeConfig
+from stage2_decoder.serving.app import create_app
 
 COLOURS = ("red", "green", "blue")
 
@@ -90,7 +91,7 @@ def live_server(captioner, **settings):
 
     import uvicorn
 
-    from stage2_decoder.serve_protocol import header_timeout_protocol
+    from stage2_decoder.serving.protocol import header_timeout_protocol
 
     cfg = ServeConfig(**settings)
     with socket.socket() as s:
@@ -315,7 +316,7 @@ def test_an_image_pillow_knows_but_cannot_decode_is_415_not_500(client_for):
 
 def test_a_huge_png_is_reduced_before_preprocessing_and_captioned_like_its_file(client_for):
     from common.preprocess import load_views
-    from stage2_decoder.serve_uploads import decode_upload
+    from stage2_decoder.serving.uploads import decode_upload
 
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)

@@ -11,7 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from common.datasets import DatasetError, DatasetWarning, load_dataset
+from common.records import DatasetError, DatasetWarning
+from common.datasets import load_dataset
 
 
 def _flickr(tmp_path, text: str):

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from stage2_decoder.sweep import (SweepConfig, SweepError, _divergence, expand_grid, normalize_grid, plot_sweep,
-                                  run_name, run_sweep, sample_grid)
+from stage2_decoder.sweeps.sweep import SweepConfig, run_sweep
+from stage2_decoder.sweeps.grid import SweepError, expand_grid, normalize_grid, run_name, sample_grid
+from stage2_decoder.sweeps.run import divergence
+from stage2_decoder.reporting.curves import plot_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny runs: one batch per epoch (dry_run), small decoder, few validation images
@@ -81,14 +83,14 @@ def test_run_names_are_deterministic_safe_and_distinct(tmp_path):
 
 def test_divergence_is_read_from_the_history():
     ok = [{"epoch": 1, "train_loss": 4.2, "val_loss": 4.0}]
-    assert _divergence(ok) is None
-    assert "val_loss is nan in epoch 2" in _divergence(ok + [{"epoch": 2, "train_loss": 3.9, "val_loss": math.nan}])
-    assert "train_loss is inf" in _divergence([{"epoch": 1, "train_loss": math.inf, "val_loss": 4.0}])
-    assert _divergence([]) == "no epoch finished"
+    assert divergence(ok) is None
+    assert "val_loss is nan in epoch 2" in divergence(ok + [{"epoch": 2, "train_loss": 3.9, "val_loss": math.nan}])
+    assert "train_loss is inf" in divergence([{"epoch": 1, "train_loss": math.inf, "val_loss": 4.0}])
+    assert divergence([]) == "no epoch finished"
     # a self-critical epoch records a reward and no train loss: fine unless the reward is not finite
     scst = {"epoch": 2, "val_loss": 4.1, "phase": "scst", "train_reward": 0.03}
-    assert _divergence(ok + [scst]) is None
-    assert "train_reward is nan" in _divergence(ok + [{**scst, "train_reward": math.nan}])
+    assert divergence(ok + [scst]) is None
+    assert "train_reward is nan" in divergence(ok + [{**scst, "train_reward": math.nan}])
 
 
 # --- real sweeps on the shared 48-image cache ------------------------------------------------------------------
@@ -150,7 +152,7 @@ def test_two_worker_sweep_records_a_failure_ranks_resumes_and_plots(shared_cache
     assert (r4.ran, r4.skipped) == (2, 2) and len(r4.failed) == 2
 
     # stage2_decoder.plot hands a sweep directory to plot_sweep
-    from stage2_decoder.plot import plot_path
+    from stage2_decoder.reporting.curves import plot_path
 
     assert plot_path(out) == [out / "sweep.png"] and plot_sweep(out, tmp_path / "again.png").is_file()
 
@@ -213,9 +215,9 @@ def test_a_dask_run_gives_the_same_result_alone_and_beside_another(shared_cache,
     import distributed
     import torch
 
-    from stage2_decoder.checkpoint import load_checkpoint
-    from stage2_decoder.sweep_grid import RunSpec
-    from stage2_decoder.sweep_run import run_dask
+    from stage2_decoder.training.checkpoint import load_checkpoint
+    from stage2_decoder.sweeps.grid import RunSpec
+    from stage2_decoder.sweeps.run import run_dask
 
     class Bar:
         def update(self, n=1):

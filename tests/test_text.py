@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from common.tokenizer import tokenize
 from common.vocab import END, PAD, SPECIALS, START, UNK, Vocabulary, VocabError, build_vocab
-from stage2_decoder.data import pad_captions
+from stage2_decoder.training.pairs import pad_captions
 
 PROPS = settings(max_examples=200, deadline=None)
 

@@ -96,7 +96,7 @@ def test_a_vocabulary_from_before_the_setting_reads_as_nltk_and_a_bad_name_is_re
 # --- used again for scoring -----------------------------------------------------------------------------------
 
 def test_cider_scores_chars_runs_by_character():
-    from stage2_decoder.metrics import cider
+    from stage2_decoder.reporting.metrics import cider
 
     refs = {k: caps for k, caps in list(JAPANESE.items())[:6]}
     good = {k: caps[0].rstrip("。") for k, caps in refs.items()}
@@ -110,7 +110,7 @@ def test_cider_scores_chars_runs_by_character():
 def test_score_captions_never_hands_chars_runs_to_the_english_ptb_tokenizer(monkeypatch):
     from pycocoevalcap.tokenizer import ptbtokenizer
 
-    from stage2_decoder import metrics
+    from stage2_decoder.reporting import metrics
 
     def refuse(*a, **k):
         raise AssertionError("PTB tokenizer used on a chars run")
@@ -127,7 +127,8 @@ def test_score_captions_never_hands_chars_runs_to_the_english_ptb_tokenizer(monk
 
 
 def test_scst_references_follow_the_runs_tokenizer(coco_records):
-    from stage2_decoder.scst import CiderD, scst_refs
+    from stage2_decoder.training.cider import CiderD
+    from stage2_decoder.training.scst import scst_refs
 
     # copies: the session's records are shared with other tests
     ja = [dataclasses.replace(r, captions=JAPANESE[r.key]) for r in coco_records if r.key in JAPANESE][:3]
@@ -143,8 +144,8 @@ def test_scst_references_follow_the_runs_tokenizer(coco_records):
 
 def test_a_japanese_run_trains_on_characters_and_captions_without_spaces(cli, coco_records, tmp_path):
     from common.feature_cache import load_cache
-    from stage2_decoder.checkpoint import load_checkpoint
-    from stage2_decoder.metrics import score_captions
+    from stage2_decoder.training.checkpoint import load_checkpoint
+    from stage2_decoder.reporting.metrics import score_captions
 
     photos, rows = tmp_path / "photos", []
     photos.mkdir()
@@ -193,7 +194,8 @@ def test_a_japanese_run_trains_on_characters_and_captions_without_spaces(cli, co
 def test_a_run_from_before_the_setting_resumes_as_nltk(shared_cache, tmp_path):
     """A last.pt whose config and vocabulary name no tokenizer was split by NLTK: it resumes with the
     default and is refused with another."""
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     def cfg(**more):
         return TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), embed_size=16, hidden_size=32,

@@ -30,12 +30,14 @@ import torch
 
 from conftest import REPO, TEST_THREADS
 from reliability_helpers import in_forked_child, one_error_line
-from stage2_decoder import checkpoint as ckpt_mod
-from stage2_decoder import epochs as epochs_mod
-from stage2_decoder import run_files as run_files_mod
+from stage2_decoder.training import checkpoint as ckpt_mod
+from stage2_decoder.training import epochs as epochs_mod
+from stage2_decoder.training import run_files as run_files_mod
 from stage2_decoder import train as train_mod
-from stage2_decoder.checkpoint import CheckpointError, load_checkpoint
-from stage2_decoder.train import TrainConfig, train
+import stage2_decoder.training.loop as loop_mod
+from stage2_decoder.training.checkpoint import CheckpointError, load_checkpoint
+from stage2_decoder.training.config import TrainConfig
+from stage2_decoder.training.loop import train
 
 XE_EPOCHS, SCST_EPOCHS = 3, 1  # the default pipeline: cross-entropy epochs, then self-critical ones
 EPOCHS = XE_EPOCHS + SCST_EPOCHS
@@ -117,7 +119,7 @@ def _kill_mid_epoch(epoch: int, after_steps: int):
     """After `after_steps` optimizer steps of `epoch` (1-based; counted from where a resume starts)."""
     def inject():
         st = {"resumed": 0, "epochs_done": 0, "steps": 0}
-        orig_loss, orig_val, orig_resume = epochs_mod._batch_loss, epochs_mod.validation_cider, train_mod._resume
+        orig_loss, orig_val, orig_resume = epochs_mod.batch_loss, epochs_mod.validation_cider, loop_mod.resume_run
 
         def resume(*a, **k):
             out = orig_resume(*a, **k)
@@ -136,7 +138,7 @@ def _kill_mid_epoch(epoch: int, after_steps: int):
                     _die()
             return orig_loss(model, b, *a, **k)
 
-        epochs_mod._batch_loss, epochs_mod.validation_cider, train_mod._resume = counting, validating, resume
+        epochs_mod.batch_loss, epochs_mod.validation_cider, loop_mod.resume_run = counting, validating, resume
     return inject
 
 
@@ -174,7 +176,7 @@ def _kill_in_scst(after_steps: int):
     """After `after_steps` optimizer steps of the self-critical phase."""
     def inject():
         st = {"on": False, "steps": 0}
-        orig_start, orig_step = train_mod._start_scst, torch.optim.Adam.step
+        orig_start, orig_step = loop_mod.start_scst, torch.optim.Adam.step
 
         def start(*a, **k):
             st["on"] = True
@@ -188,7 +190,7 @@ def _kill_in_scst(after_steps: int):
                     _die()
             return out
 
-        train_mod._start_scst, torch.optim.Adam.step = start, step
+        loop_mod.start_scst, torch.optim.Adam.step = start, step
     return inject
 
 

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.backbones import VIEWS, load_image_u8, load_image_views, preprocess_for
+from common.preprocess import VIEWS
+from common.backbones import load_image_u8, load_image_views, preprocess_for
 from common.feature_cache import CacheError, load_cache, read_meta
 from stage1_extract.cache_writer import CacheWriter
 from stage1_extract.extract import ExtractConfig, extract
-from stage2_decoder.data import CaptionPairs
+from stage2_decoder.training.pairs import CaptionPairs
 from tests.test_cache import KEYS, _feats, _meta, _write_complete
 
 MB_PP = preprocess_for("mobilenet_v2")
@@ -89,7 +90,7 @@ def test_extracted_views_are_the_encoded_views(coco_dir, mobilenet, tmp_path):
 
 
 def test_gather_draws_one_view_per_caption():
-    from common.datasets import ImageRecord
+    from common.records import ImageRecord
     from common.vocab import build_vocab
 
     recs = [ImageRecord(key=str(i), image_id=i, path="", captions=["a dog runs", "a cat sits"]) for i in range(6)]
@@ -130,7 +131,8 @@ def view_caches(shared_cache, tmp_path):
 
 
 def _train_tiny(cache, tmp_path, **kw) -> list[dict]:
-    from stage2_decoder.train import TrainConfig, train
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
 
     r = train(TrainConfig(**{"features": str(cache), "out": str(tmp_path / f"run{len(list(tmp_path.iterdir()))}"),
                              "epochs": 1, "scst_epochs": 0, "batch_size": 16, "val_images": 4, "dry_run": True,
@@ -151,7 +153,7 @@ def test_training_draws_the_cached_views(shared_cache, view_caches, tmp_path):
 
 
 def test_self_critical_training_gets_the_views_only_when_asked(view_caches, tmp_path, monkeypatch):
-    import stage2_decoder.scst as scst
+    import stage2_decoder.training.scst as scst
 
     shapes = []
 
@@ -170,7 +172,7 @@ def test_self_critical_training_gets_the_views_only_when_asked(view_caches, tmp_
 
 
 def test_scst_epoch_draws_one_view_per_image():
-    import stage2_decoder.scst as scst
+    import stage2_decoder.training.scst as scst
 
     n, v = 12, 4
     feats = (torch.arange(v)[:, None, None] * 100 + torch.arange(n)[None, :, None]).expand(v, n, 3).half()

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.datasets import ImageRecord
+from common.records import ImageRecord
 from common.tokenizer import tokenize
 from common.vocab import Vocabulary
 

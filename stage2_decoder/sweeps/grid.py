@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common.bounds import BOUNDS, check
 from common.jsonio import JSONFileError, read_json
-from stage2_decoder.train import TrainConfig
+from stage2_decoder.training.config import TrainConfig
 
 SWEEP_OWNED = ("features", "out", "progress")  # set by the sweep itself, not by the grid
 
@@ -24,7 +24,6 @@ MAX_NAME = 96
 
 class SweepError(ValueError):
     """A grid or sweep setting that cannot work (unknown key, wrong type, empty list...)."""
-
 
 def _train_fields() -> dict:
     return {f.name: f for f in fields(TrainConfig)}
@@ -151,7 +150,7 @@ def varied_keys(grid: dict[str, list]) -> list[str]:
     return [k for k, v in grid.items() if len(v) > 1]
 
 
-def _fmt(v) -> str:
+def format_value(v) -> str:
     return format(v, "g") if isinstance(v, float) else str(v)
 
 
@@ -159,7 +158,7 @@ def run_name(params: dict, varied: list[str], features: str) -> str:
     """Deterministic, readable, file-system-safe: the varied settings plus a hash of everything."""
     ident = json.dumps({"features": os.path.abspath(features), **params}, sort_keys=True)
     digest = hashlib.sha256(ident.encode()).hexdigest()[:8]
-    readable = ",".join(f"{k}={_fmt(params[k])}" for k in varied)
+    readable = ",".join(f"{k}={format_value(params[k])}" for k in varied)
     readable = re.sub(r"[^A-Za-z0-9._=,+-]", "_", readable)[:MAX_NAME]
     return f"{readable}-{digest}" if readable else f"run-{digest}"
 

@@ -7,19 +7,17 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from common.atomic import atomic_write
 from common.datasets import write_split
 from common.vocab import Vocabulary
-from stage2_decoder.checkpoint import cpu_state, inference_extra, save_checkpoint
+from stage2_decoder.training.checkpoint import cpu_state, inference_extra, save_checkpoint
 from stage2_decoder.model import CaptionDecoder
-from stage2_decoder.resume import _run_config, cuda_rng_state
+from stage2_decoder.training.resume import run_config, cuda_rng_state
+from stage2_decoder.training.config import TrainConfig
 
-if TYPE_CHECKING:  # train.py imports this module
-    from stage2_decoder.train import TrainConfig
 
 EpochRecord = dict[str, int | float | str]  # one metrics.jsonl line: {"epoch", "train_loss", ..., "lr"}
 
@@ -29,7 +27,7 @@ def write_run_start(run: Path, cfg: TrainConfig, start_epoch: int, split: dict[s
     """config.json (the settings the epochs from `start_epoch` on use); split.json and vocab.json on a fresh
     run; metrics.jsonl rewritten as the checkpoint's history (drops a line from an epoch whose last.pt never
     landed). """
-    atomic_write(run / "config.json", json.dumps(_run_config(run, cfg, start_epoch), indent=2), what="run config")
+    atomic_write(run / "config.json", json.dumps(run_config(run, cfg, start_epoch), indent=2), what="run config")
     if start_epoch == 0:
         write_split(split, run / "split.json")
         vocab.save(run / "vocab.json")

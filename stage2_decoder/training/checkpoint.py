@@ -27,7 +27,6 @@ CHECKPOINT_VERSION = 1
 class CheckpointError(ValueError):
     """A file that is not a usable capcache checkpoint."""
 
-
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A module's state_dict as detached CPU tensors: what a checkpoint stores."""
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.datasets import ImageRecord, load_dataset, official_split, split_keys
+from common.records import ImageRecord
+from common.datasets import load_dataset, official_split, split_keys
 from common.feature_cache import CacheError, FeatureCache, load_cache
 from common.paths import refuse_inside
 from common.token_cache import tokenize_records
 from common.vocab import SPECIALS, Vocabulary, build_vocab
-from stage2_decoder.data import CaptionPairs
-
-if TYPE_CHECKING:  # train.py imports this module
-    from stage2_decoder.train import TrainConfig
+from stage2_decoder.training.pairs import CaptionPairs
+from stage2_decoder.training.config import TrainConfig
 
 
 @dataclass

@@ -7,15 +7,15 @@ import json
 from pathlib import Path
 
 from common.atomic import atomic_write
-from stage2_decoder.plot import METRICS
-from stage2_decoder.sweep_grid import _fmt
+from stage2_decoder.reporting.curves import METRICS
+from stage2_decoder.sweeps.grid import format_value
 
 
 def write_json(path: Path, value) -> None:
     atomic_write(path, json.dumps(value, indent=1), what=path.name)
 
 
-def _rank(rows: list[dict], metric: str) -> list[dict]:
+def rank_rows(rows: list[dict], metric: str) -> list[dict]:
     col, higher = METRICS[metric]
 
     def key(r):
@@ -41,7 +41,7 @@ def _flat(row: dict, varied: list[str]) -> dict:
     return {**{k: v for k, v in row.items() if k != "params"}, **{k: row["params"].get(k) for k in varied}}
 
 
-def _cell(v) -> str:
+def format_cell(v) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
@@ -65,10 +65,10 @@ def write_results(out: Path, rows: list[dict], grid: dict[str, list], varied: li
     n_ok = sum(r["status"] == "ok" for r in rows)
     lines = [f"# Sweep: {len(rows)} runs, {n_ok} ok", "",
              f"Ranked by {col} ({'higher' if higher else 'lower'} is better)."
-             + (f" Fixed: {', '.join(f'{k}={_fmt(v)}' for k, v in fixed.items())}." if fixed else ""), "",
+             + (f" Fixed: {', '.join(f'{k}={format_value(v)}' for k, v in fixed.items())}." if fixed else ""), "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in flat:
-        lines.append("| " + " | ".join(_cell(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in cols) + " |")
+        lines.append("| " + " | ".join(format_cell(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in cols) + " |")
     atomic_write(paths[1], "\n".join(lines) + "\n", what="results table")
     write_json(paths[2], {"metric": metric, "varied": varied, "fixed": fixed, "rows": rows})
     return paths

@@ -1,12 +1,12 @@
 """Caption images with an ONNX export (`python -m stage2_decoder.export`): onnxruntime, numpy, Pillow; no torch.
 
-    from stage2_decoder.onnx_captioner import OnnxCaptioner
+    from stage2_decoder.serving.onnx_captioner import OnnxCaptioner
     cap = OnnxCaptioner.load("onnx/")
     for r in cap.caption(["photo.jpg"], num_captions=3):
         print(r["image"], r["caption"], r["captions"])
 
 Images go through stage 1's own preprocessing (common.preprocess) and the search is
-`stage2_decoder.decode`'s, in numpy, so the captions are those of the PyTorch `Captioner`.
+`stage2_decoder.decoding.beam`'s, in numpy, so the captions are those of the PyTorch `Captioner`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from common.preprocess import MAX_ASPECT, ImageError, Preprocess, load_views
 from common.tokenizer import join_tokens
 from common.vocab import Vocabulary
 from stage2_decoder.api import ON_ERROR, as_image_list, chunk_results, decode_settings, load_chunk
-from stage2_decoder.numpy_decode import beam_search_nbest, greedy_scored
+from stage2_decoder.decoding.numpy_decode import beam_search_nbest, greedy_scored
 
 # the export folder's format (stage2_decoder.export writes it)
 ONNX_FORMAT = "capcache-onnx"
@@ -46,7 +46,6 @@ LIMITS = {
 
 class OnnxExportError(ValueError):
     """An export folder that cannot be used; the message names the file at fault."""
-
 
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()

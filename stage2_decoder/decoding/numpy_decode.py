@@ -1,6 +1,6 @@
 """Greedy and beam search in numpy over one decoder step (the ONNX captioner's search).
 
-A line-by-line copy of `stage2_decoder.decode` (same minimum length, length penalty, finished-beam
+A line-by-line copy of `stage2_decoder.decoding.beam` (same minimum length, length penalty, finished-beam
 handling, n-best fill with unfinished beams, float32 scores), so an exported model gives the very
 captions the PyTorch one does. `step(tokens (N,) int64, h, c) -> (logp (N, V) float32, h, c)`, the
 states (L, N, H). Ties in top-k go to the lower index (numpy's stable sort).
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from stage2_decoder.ngram_block import block_repeats
+from stage2_decoder.decoding.ngram_block import block_repeats
 
 Step = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 NEG_INF = np.float32(-np.inf)
@@ -20,7 +20,7 @@ NEG_INF = np.float32(-np.inf)
 def greedy_scored(step: Step, h: np.ndarray, c: np.ndarray, start_id: int, end_id: int, max_len: int = 20,
                   min_len: int = 1, length_penalty: float = 0.0) -> list[list[tuple[list[int], float]]]:
     """Per image [(word ids, score)]: the greedy caption with the score a beam of one gives it (sum log p /
-    tokens ** length_penalty, <end> counted), as `stage2_decoder.sampling.greedy_scored` (float32 sums)."""
+    tokens ** length_penalty, <end> counted), as `stage2_decoder.decoding.sampling.greedy_scored` (float32 sums)."""
     b = h.shape[1]
     tokens = np.full((b,), start_id, dtype=np.int64)
     out = np.zeros((b, max_len), dtype=np.int64)

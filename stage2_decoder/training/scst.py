@@ -8,7 +8,7 @@ The loss is -(reward - baseline) * log p(caption), averaged over the sampled tok
 
 CIDEr-D needs document frequencies from a fixed corpus (pycocoevalcap recomputes them from whatever
 set it is given, which for a batch of 64 images would be meaningless), so `CiderD`
-(stage2_decoder/cider.py: integer n-gram ids in numpy arrays) takes them once from the training
+(stage2_decoder/training/cider.py: integer n-gram ids in numpy arrays) takes them once from the training
 references, with the same formula as pycocoevalcap's scorer, and scores a whole batch at once.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ from torch import nn
 
 from common.tokenizer import DEFAULT_TOKENIZER, tokenize
 from common.vocab import Vocabulary
-from stage2_decoder.cider import CiderD
-from stage2_decoder.data import view_rows
-from stage2_decoder.decode import DONE_CHECK_EVERY, END_ID, START_ID
+from stage2_decoder.training.cider import CiderD
+from stage2_decoder.training.pairs import view_rows
+from stage2_decoder.decoding.beam import DONE_CHECK_EVERY, END_ID, START_ID
 from stage2_decoder.model import CaptionDecoder
 
 

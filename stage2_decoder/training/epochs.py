@@ -5,25 +5,26 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.datasets import ImageRecord
+from common.records import ImageRecord
 from common.vocab import Vocabulary
-from stage2_decoder.checkpoint import load_checkpoint
-from stage2_decoder.data import CaptionBatch, CaptionPairs
-from stage2_decoder.ema import EMA
+from stage2_decoder.training.checkpoint import load_checkpoint
+from stage2_decoder.training.pairs import CaptionBatch, CaptionPairs
+from stage2_decoder.training.ema import EMA
 from stage2_decoder.model import CaptionDecoder
+from stage2_decoder.training.cider import CiderD
+from stage2_decoder.training.config import TrainConfig
+from stage2_decoder.training.scst import scst_refs, scst_epoch, scst_keys
+from stage2_decoder.decoding.config import DecodeConfig
+from stage2_decoder.decoding.captions import caption_keys
+from stage2_decoder.reporting.metrics import cider
 
-if TYPE_CHECKING:  # train.py imports this module
-    from stage2_decoder.scst import CiderD
-    from stage2_decoder.train import TrainConfig
 
-
-def _xe_epoch(model: CaptionDecoder, opt: torch.optim.Optimizer, train_set: CaptionPairs, features: torch.Tensor,
+def xe_epoch(model: CaptionDecoder, opt: torch.optim.Optimizer, train_set: CaptionPairs, features: torch.Tensor,
               device: torch.device, cfg: TrainConfig, epoch: int, steps: int,
               ema: EMA | None = None) -> dict[str, float]:
     """One cross-entropy (teacher-forcing) epoch; returns {"train_loss": mean per-token training loss}.
@@ -62,7 +63,7 @@ def train_step(model: CaptionDecoder, opt: torch.optim.Optimizer, b: CaptionBatc
     LSTM + Linear + Adam step). Nothing in it waits for the device: the token count comes from
     the CPU-side lengths and the loss stays a device tensor.
     """
-    loss, n = _batch_loss(model, b, device, label_smoothing)
+    loss, n = batch_loss(model, b, device, label_smoothing)
     opt.zero_grad(set_to_none=True)
     (loss * weight).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -70,12 +71,11 @@ def train_step(model: CaptionDecoder, opt: torch.optim.Optimizer, b: CaptionBatc
     return loss.detach(), n
 
 
-def _start_scst(cfg: TrainConfig, run: Path, model: CaptionDecoder, opt: torch.optim.Optimizer,
+def start_scst(cfg: TrainConfig, run: Path, model: CaptionDecoder, opt: torch.optim.Optimizer,
                 sched: torch.optim.lr_scheduler.ReduceLROnPlateau, train_records: list[ImageRecord],
                 tokens: dict[str, list[list[str]]], epoch: int, device: torch.device):
     """Enter the SCST phase: from the best cross-entropy weights (at its first epoch), at --scst-lr.
     Returns the CiderD reward scorer of the training images."""
-    from stage2_decoder.scst import CiderD, scst_refs
 
     if epoch == cfg.epochs:  # not when resuming inside the phase: last.pt already holds SCST weights and state
         model.load_state_dict(load_checkpoint(run / "best.pt", map_location=device)["model_state"], strict=True)
@@ -88,10 +88,9 @@ def _start_scst(cfg: TrainConfig, run: Path, model: CaptionDecoder, opt: torch.o
     return CiderD(scst_refs(train_records, tokens))
 
 
-def _scst_epoch(cfg: TrainConfig, scorer: CiderD, model: CaptionDecoder, opt: torch.optim.Optimizer,
+def self_critical_epoch(cfg: TrainConfig, scorer: CiderD, model: CaptionDecoder, opt: torch.optim.Optimizer,
                 features: torch.Tensor, rows: dict[str, int], vocab: Vocabulary, epoch: int) -> dict[str, float]:
     """One SCST epoch over the training images; returns {"train_reward": mean sampled-caption CIDEr-D}."""
-    from stage2_decoder.scst import scst_epoch, scst_keys
 
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     n_batches = 1 if cfg.dry_run else math.ceil(len(scst_keys(scorer, rows)) / cfg.batch_size)
@@ -117,21 +116,17 @@ def validation_cider(model: CaptionDecoder, vocab: Vocabulary, features: torch.T
                      refs: dict[str, list[str]], batch_size: int = 256, beam_size: int = 1) -> float:
     """Decode the validation images from the cache as evaluate does (greedy, or a beam search of
     `beam_size` with the deployed decoder's other settings) and score them with CIDEr (in-process)."""
-    from stage2_decoder.api import Captioner
-    from stage2_decoder.decode_config import DecodeConfig
-    from stage2_decoder.evaluate import _decode_all
-    from stage2_decoder.metrics import cider
 
     # beam 1 is the greedy validation of old runs (no minimum length)
     how = DecodeConfig(1, min_len=0) if beam_size == 1 else DecodeConfig(beam_size)
     model.eval()
     keys = sorted(refs)
     feats = features[torch.tensor([rows[k] for k in keys])]  # (len(keys), D)
-    res = _decode_all(Captioner(None, model, vocab, ""), keys, feats, how, batch_size)
+    res = caption_keys(model, vocab, keys, feats, how, batch_size)
     return cider(refs, res, vocab.tokenizer)[0]
 
 
-def _batch_loss(model: CaptionDecoder, b: CaptionBatch, device: torch.device | str,
+def batch_loss(model: CaptionDecoder, b: CaptionBatch, device: torch.device | str,
                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
     from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -154,7 +149,7 @@ def evaluate_loss(model: CaptionDecoder, pairs: CaptionPairs, features: torch.Te
     idx = torch.argsort(pairs.lengths, stable=True)  # by length: batches with little padding, same sum
     for s in range(0, len(pairs), batch_size):
         b = pairs.gather(idx[s:s + batch_size], features)
-        loss, n = _batch_loss(model, b, device)
+        loss, n = batch_loss(model, b, device)
         total += loss * n
         count += n
         if dry_run:

@@ -52,10 +52,8 @@ class BatcherConfig:
 class QueueFull(RuntimeError):
     """The queue holds too many items to take this request now."""
 
-
 class DeadlineExceeded(TimeoutError):
     """A request's deadline passed before the model reached it."""
-
 
 @dataclass
 class _Job:

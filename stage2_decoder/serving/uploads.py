@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-from stage2_decoder.serve_settings import MB
+from stage2_decoder.serving.settings import MB
 
 REDUCE_ABOVE = 4  # a non-JPEG whose shorter side is this many times `resize` or more is reduced first
 TRIM_ABOVE = 4_000_000  # pixels: after a decode this large, free memory goes back to the system
@@ -68,6 +68,7 @@ def decode_upload(name: str, data: bytes, pp, max_upload_bytes: int, max_pixels:
     RequestError: 413 over a limit, 415 not an image (or a format Pillow knows but cannot decode), 422
     an image whose data is damaged or incomplete.
     """
+    # imported on use: importing this module stays free of PIL
     from common.preprocess import ImageError, load_views
 
     im = open_upload(name, data, max_upload_bytes, max_pixels)

@@ -6,9 +6,9 @@ import math
 import torch
 
 from common.vocab import Vocabulary
-from stage2_decoder.decode_config import DecodeConfig  # noqa: F401  (defined torch-free, re-exported)
+from stage2_decoder.decoding.config import DecodeConfig  # noqa: F401  (defined torch-free, re-exported)
 from stage2_decoder.model import CaptionDecoder
-from stage2_decoder.ngram_block import block_repeats
+from stage2_decoder.decoding.ngram_block import block_repeats
 
 START_ID, END_ID = Vocabulary.start_id, Vocabulary.end_id  # every vocabulary's fixed special ids
 DONE_CHECK_EVERY = 4  # decoding steps between the loops' one host read (have all images finished?)
@@ -31,10 +31,10 @@ def greedy(model: CaptionDecoder, features: torch.Tensor, max_len: int = 20, min
         finished |= tokens == END_ID
         if (t + 1) % DONE_CHECK_EVERY == 0 and bool(finished.all()):  # later steps only write past the <end>
             break
-    return [_until_end(row) for row in out.tolist()]
+    return [until_end(row) for row in out.tolist()]
 
 
-def _until_end(ids: list[int]) -> list[int]:
+def until_end(ids: list[int]) -> list[int]:
     return ids[: ids.index(END_ID)] if END_ID in ids else ids
 
 

@@ -27,7 +27,6 @@ CAPTION_LINE, SMALL_LINE = 24, 18  # px per text line: the caption (13 pt) and t
 class FigureError(ValueError):
     """An image that cannot be drawn (unreadable file)."""
 
-
 def load_display_image(path: str | os.PathLike, max_side: int | None = None) -> Image.Image:
     """An image file as an upright RGB PIL image, optionally shrunk to fit max_side. Raises FigureError."""
     try:

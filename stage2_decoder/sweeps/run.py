@@ -20,9 +20,13 @@ from tqdm import tqdm
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 from common.jsonio import JSONFileError, read_json  # noqa: E402
-from stage2_decoder.sweep_grid import RunSpec  # noqa: E402
-from stage2_decoder.sweep_report import write_json  # noqa: E402
-from stage2_decoder.train import TrainConfig, train  # noqa: E402
+from stage2_decoder.sweeps.grid import RunSpec  # noqa: E402
+from stage2_decoder.sweeps.results import write_json  # noqa: E402
+from stage2_decoder.training.config import TrainConfig  # noqa: E402
+from stage2_decoder.training.loop import train  # noqa: E402
+import stage2_decoder.decoding.beam
+import stage2_decoder.reporting.metrics
+import stage2_decoder.reporting.curves
 
 RESULT, PARAMS, LOG = "result.json", "params.json", "train.log"
 
@@ -37,7 +41,7 @@ def _finite(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-def _divergence(history: list[dict]) -> str | None:
+def divergence(history: list[dict]) -> str | None:
     """Why a finished run's history is unusable (a nan/inf loss or reward), or None.
 
     Only the values an epoch records are checked: self-critical epochs record a reward, no train loss.
@@ -52,7 +56,7 @@ def _divergence(history: list[dict]) -> str | None:
     return None
 
 
-def _record(spec: RunSpec, status: str, error: str = "", **values) -> dict:
+def record(spec: RunSpec, status: str, error: str = "", **values) -> dict:
     return {"run": spec.name, "status": status, "val_cider": _finite(values.get("val_cider")),
             "val_loss": _finite(values.get("val_loss")), "best_epoch": values.get("best_epoch"),
             "epochs_run": values.get("epochs_run"), "seconds": values.get("seconds"),
@@ -72,22 +76,22 @@ def _run_one(spec: RunSpec, threads: int | None) -> dict:
     try:
         r = train(TrainConfig(features=spec.features, out=spec.run_dir, progress=False, **spec.params))
         seconds = round(time.perf_counter() - t0, 2)
-        why = _divergence(r.history)
+        why = divergence(r.history)
         ckpt = str(Path(r.run_dir) / "best.pt")
-        rec = _record(spec, "failed" if why else "ok", why or "", val_cider=r.best_val_cider,
+        rec = record(spec, "failed" if why else "ok", why or "", val_cider=r.best_val_cider,
                       val_loss=r.best_val_loss, best_epoch=r.best_epoch, epochs_run=r.epochs_run, seconds=seconds,
                       checkpoint=ckpt if not why and os.path.exists(ckpt) else "")
     except Exception as e:  # noqa: BLE001 - any error of one run is that run's failure, not the sweep's
         traceback.print_exc(file=sys.stderr)  # into train.log for the full story
         msg = (str(e).strip().splitlines() or [""])[0]
-        rec = _record(spec, "failed", f"{type(e).__name__}: {msg}" if msg else type(e).__name__,
+        rec = record(spec, "failed", f"{type(e).__name__}: {msg}" if msg else type(e).__name__,
                       seconds=round(time.perf_counter() - t0, 2))
     rec.update(started_at=started, host=socket.gethostname(), pid=os.getpid())  # where and when it ran
     write_json(run_dir / RESULT, rec)
     return rec
 
 
-def _read_result(spec: RunSpec) -> dict | None:
+def read_result(spec: RunSpec) -> dict | None:
     """The run's result.json if it records this run's settings and every field has its type; None (the run
     is redone, resuming from its last.pt) if it is missing, damaged, hostile or of other settings."""
     path = Path(spec.run_dir) / RESULT
@@ -118,7 +122,7 @@ _LIVE_LOCK = threading.Lock()
 _STOP = threading.Event()
 
 
-_SWEEP_PID: list[int] = []  # the sweep process, as its forked runs see it
+SWEEP_PID: list[int] = []  # the sweep process, as its forked runs see it
 
 
 def _watch_parent(parent: int) -> None:
@@ -130,7 +134,7 @@ def _watch_parent(parent: int) -> None:
 def _die_with_parent() -> None:
     """A run never outlives its sweep (kill -9 included): an orphan would go on training and collide with the
     re-run. Linux: PR_SET_PDEATHSIG; elsewhere a thread watching the parent's pid."""
-    parent = _SWEEP_PID[0] if _SWEEP_PID else os.getppid()
+    parent = SWEEP_PID[0] if SWEEP_PID else os.getppid()
     armed = False
     if sys.platform.startswith("linux"):
         import ctypes
@@ -194,12 +198,12 @@ def _run_forked(spec: RunSpec, threads: int | None, gpus: "queue.Queue | None" =
     finally:
         if gpu is not None:
             gpus.put(gpu)
-    rec = _read_result(spec)
+    rec = read_result(spec)
     if rec is not None:
         return rec
     if _STOP.is_set() or p.exitcode in (INTERRUPTED_EXIT, -signal.SIGINT, -signal.SIGTERM):
         return None  # interrupted, not failed: a rerun redoes it
-    rec = _record(spec, "failed", _exit_reason(p.exitcode))
+    rec = record(spec, "failed", _exit_reason(p.exitcode))
     write_json(Path(spec.run_dir) / RESULT, rec)
     return rec
 
@@ -211,7 +215,7 @@ def _stop_children() -> None:
             p.terminate()
 
 
-def _warm_page_cache(path: str) -> None:
+def warm_page_cache(path: str) -> None:
     """Read the cache file once so the runs, starting together, load it from the OS page cache."""
     with open(path, "rb") as f:
         while f.read(16 << 20):
@@ -224,10 +228,6 @@ def _preload() -> None:
     import matplotlib.backends.backend_agg  # noqa: F401
     import matplotlib.figure  # noqa: F401
     import pycocoevalcap.cider.cider  # noqa: F401
-
-    import stage2_decoder.decode  # noqa: F401
-    import stage2_decoder.metrics  # noqa: F401
-    import stage2_decoder.plot  # noqa: F401
 
 
 def _cpu_count() -> int:
@@ -274,18 +274,18 @@ def _run_in_process(spec: RunSpec, threads: int) -> dict:
     root = str(Path(__file__).resolve().parents[1])  # the code this worker runs, not another installed copy
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
     with open(run_dir / LOG, "a") as log:
-        proc = subprocess.run([sys.executable, "-m", "stage2_decoder.sweep_run", json.dumps(
+        proc = subprocess.run([sys.executable, "-m", "stage2_decoder.sweeps.run", json.dumps(
             {"name": spec.name, "run_dir": spec.run_dir, "features": spec.features, "params": spec.params}),
             str(threads)], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, check=False)
-    rec = _read_result(spec)
+    rec = read_result(spec)
     if rec is None:
-        rec = _record(spec, "failed", _exit_reason(proc.returncode))
+        rec = record(spec, "failed", _exit_reason(proc.returncode))
         write_json(run_dir / RESULT, rec)
     return {**rec, "worker_pid": os.getpid()}  # pid: the run's own process
 
 
 def _process_main(spec_json: str, threads: str) -> None:
-    """`python -m stage2_decoder.sweep_run SPEC_JSON THREADS`: one run, dying with the worker that started it."""
+    """`python -m stage2_decoder.sweeps.run SPEC_JSON THREADS`: one run, dying with the worker that started it."""
     _die_with_parent()
     _run_one(RunSpec(**json.loads(spec_json)), int(threads))
 

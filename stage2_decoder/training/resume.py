@@ -14,8 +14,8 @@ from tqdm import tqdm
 from common.bounds import MAX_EPOCHS
 from common.jsonio import JSONFileError, read_json
 from common.vocab import Vocabulary
-from stage2_decoder.checkpoint import CheckpointError, load_checkpoint
-from stage2_decoder.ema import EMA, optimizer_steps
+from stage2_decoder.training.checkpoint import CheckpointError, load_checkpoint
+from stage2_decoder.training.ema import EMA, optimizer_steps
 
 
 def cuda_rng_state(device) -> dict:
@@ -35,7 +35,7 @@ def restore_cuda_rng_state(ckpt: dict, device) -> None:
         torch.cuda.set_rng_state(state.cpu(), i)
 
 
-def _run_config(run: Path, cfg, start_epoch: int) -> dict:
+def run_config(run: Path, cfg, start_epoch: int) -> dict:
     """config.json: the settings the epochs from `start_epoch` on use, and under "resumed" every resume that
     changed one of type(cfg).RESUME_APPLIED ({"after_epoch", "changed": {name: [before, now]}})."""
     before: dict = {}
@@ -101,7 +101,7 @@ def _check_progress(last: Path, run: Path, epoch: int, best: dict, history: list
         raise CheckpointError(f"cannot resume from {last}: {why}; use a new --out or delete {run}")
 
 
-def _resume(run: Path, cfg, model, opt, sched, vocab: Vocabulary, device, backbone: dict,
+def resume_run(run: Path, cfg, model, opt, sched, vocab: Vocabulary, device, backbone: dict,
             ema: EMA | None = None):
     last = run / "last.pt"
     if not last.exists():

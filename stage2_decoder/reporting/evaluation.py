@@ -1,0 +1,96 @@
+"""Caption a split (from the cache or raw images) and score it with the standard caption metrics.
+"""
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.backbones import default_workers, ImageRows
+from common.records import ImageRecord
+from common.datasets import load_dataset
+from stage2_decoder.decoding.config import DecodeConfig
+from stage2_decoder.decoding.captions import caption_keys
+from stage2_decoder.reporting.metrics import caption_stats, score_captions
+
+
+def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_override: dict | None = None,
+                        decode_cfg: DecodeConfig | None = None, allow_outside_images: bool = False
+                        ) -> tuple[dict[str, str], list[ImageRecord]]:
+    """Decode the split's images from the cache. Returns ({key: caption}, records)."""
+    # imported on use: importing this module stays free of h5py
+    from common.feature_cache import load_cache
+
+    bb = ckpt["backbone"]
+    cache = load_cache(features, backbone=bb["name"], feature_dim=bb["feature_dim"], preprocess=bb["preprocess"])
+    keys = (ckpt.get("split") or {}).get(split)
+    if keys is None:
+        raise ValueError(f"the checkpoint records no {split!r} split; evaluate raw images instead")
+    m = cache.meta
+    o = records_override or {}
+    recs = {r.key: r for r in load_dataset(o.get("dataset") or m.dataset_format, o.get("captions") or m.captions_file,
+                                           o.get("images") or m.images_dir, allow_outside_images=allow_outside_images)}
+    rows = cache.rows_by_key()
+    keys = [k for k in keys if k in rows and k in recs]
+    if not keys:
+        raise ValueError(f"no image of the {split!r} split has features in {features}")
+    feats = torch.from_numpy(cache.features[[rows[k] for k in keys]]).float()
+    return caption_keys(cap.decoder, cap.vocab, keys, feats, decode_cfg), [recs[k] for k in keys]
+
+
+def captions_from_images(cap, records: list[ImageRecord], workers: int = default_workers(), batch_size: int = 64,
+                         progress: bool = True, decode_cfg: DecodeConfig | None = None
+                         ) -> tuple[dict[str, str], list[ImageRecord], dict[str, str]]:
+    """Encode raw images (stage 1's preprocessing, in DataLoader workers) and decode them."""
+    from torch.utils.data import DataLoader
+
+
+    loader = DataLoader(ImageRows(list(enumerate(r.path for r in records)), cap.backbone.preprocess),
+                        batch_size=batch_size, num_workers=workers)
+    feats = torch.zeros(len(records), cap.backbone.feature_dim)
+    ok = np.zeros(len(records), dtype=bool)
+    errors = {}
+    for rows, images, errs in tqdm(loader, desc="encode", unit="batch", disable=not progress, leave=False):
+        good = torch.tensor([not e for e in errs])
+        if good.any():
+            feats[rows[good]] = cap.backbone.encode(images[good]).cpu()
+            ok[rows[good].numpy()] = True
+        for r, e in zip(rows.tolist(), errs):
+            if e:
+                errors[records[r].key] = e
+    kept = [r for r, g in zip(records, ok) if g]
+    return caption_keys(cap.decoder, cap.vocab,
+                        [r.key for r in kept], feats[torch.from_numpy(ok)], decode_cfg), kept, errors
+
+
+def evaluate_captions(res: dict[str, str], records: list[ImageRecord], spice: bool = False,
+                      tokenizer: str = "nltk") -> dict:
+    """Metrics + diversity stats + per-image results, as one JSON-able dict; references and results are
+    split by `tokenizer`, the checkpoint vocabulary's."""
+
+    unscored = sum(1 for r in records if not r.captions)  # pycocoevalcap asserts on an empty reference list
+    records = [r for r in records if r.captions]
+    if not records:
+        raise ValueError("none of these images has a reference caption to score against")
+    res = {r.key: res[r.key] for r in records}
+    gts = {r.key: r.captions for r in records}
+    metrics, per_cider, notes = score_captions(gts, res, spice=spice, tokenizer=tokenizer)
+    if unscored:
+        notes.append(f"{unscored} images without reference captions were left out of the scores")
+    images = [{"key": r.key, "image": r.path, "caption": res[r.key], "references": r.captions,
+               "cider": per_cider.get(r.key)} for r in records]
+    return {"metrics": metrics, "stats": caption_stats(res, tokenizer), "notes": notes, "n_images": len(records),
+            "images": images}
+
+
+def format_table(report: dict) -> str:
+    m, s = report["metrics"], report["stats"]
+    names = [k for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE") if k in m]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names),
+             "| " + " | ".join(f"{m[k]:.3f}" for k in names) + " |",
+             f"images: {report['n_images']}   words used: {s['vocab_used']}   distinct captions: "
+             f"{s['distinct_fraction']:.1%}   most repeated ({s['most_common_fraction']:.1%}): "
+             f"\"{s['most_common_caption']}\""]
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)

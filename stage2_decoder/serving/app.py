@@ -1,0 +1,372 @@
+"""The web service's app: upload parsing and limits, the page, the JSON endpoint, the batched model call.
+"""
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Annotated
+
+import click
+from fastapi import File, Form, Request, UploadFile
+
+from stage2_decoder.serving.models import ERROR_RESPONSES, CaptionResponse, CaptionResult, Health, Stats
+from stage2_decoder.serving.settings import ServeConfig
+from stage2_decoder.serving.uploads import RequestError, decode_upload, megabytes, open_upload
+from stage2_decoder.serving.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher, QueueFull
+from stage2_decoder.serving.page import CSP, PAGE
+from stage2_decoder.api import find_checkpoint
+from common.cli import Terminated
+from stage2_decoder import Captioner
+
+
+log = logging.getLogger("capcache.serve")
+
+
+CAPTION_PATH = "/v1/caption"
+
+
+class ChunkedEncoder:
+    """A backbone whose `encode` runs a large batch in passes of `chunk` images.
+
+    On CPU the decoder gains from large batches and the encoder does not: mobilenet_v2 at 224 px took
+    33 ms per image in passes of 1-8 and 50 ms in one pass of 16 on this project's 2-core Xeon (the
+    activations outgrow the cache), so a batch of 16 is encoded in 4 passes and decoded in one.
+    """
+
+    def __init__(self, backbone, chunk: int):
+        self._backbone, self._chunk = backbone, chunk
+
+    def __getattr__(self, name):
+        return getattr(self._backbone, name)
+
+    def encode(self, images_u8):
+        """(B, 3, H, W) uint8 -> (B, D) features, as `Backbone.encode` computes them."""
+        import torch
+
+        if images_u8.shape[0] <= self._chunk:
+            return self._backbone.encode(images_u8)
+        return torch.cat([self._backbone.encode(c) for c in images_u8.split(self._chunk)])
+
+
+def checkpoint_name(path) -> str:
+    """What /healthz reports: the run folder and file (`coco-resnet152/best.pt`), not the server's full path."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+class Admission:
+    """Pure ASGI guard in front of the caption endpoint: refuses at once, before the body is read, what
+    cannot be taken (not multipart, a declared body over the limit, a full queue), counts the requests
+    in progress, and logs a client that leaves mid-upload in one line."""
+
+    def __init__(self, app, cfg: ServeConfig, state):  # add_middleware(Admission, cfg=..., state=...)
+        self.app, self.cfg, self.state = app, cfg, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != CAPTION_PATH or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        declared = headers.get("content-length", "")
+        if not headers.get("content-type", "").startswith("multipart/form-data"):
+            return await _reply(send, RequestError(415, "Send the photos as multipart/form-data, one or more "
+                                                        "files in the field 'images'."))
+        limit = self.cfg.max_body_bytes
+        if declared.isdigit() and int(declared) > limit:
+            return await _reply(send, _body_too_large(self.cfg, int(declared)))
+        if self.state.in_progress >= self.cfg.max_queue or self.state.batcher.full(1):
+            self.state.batcher.stats.refused += 1
+            return await _reply(send, busy(self.state, "The server is busy"))
+        self.state.in_progress += 1
+        seen, gone = 0, False
+
+        async def counted():
+            nonlocal seen, gone
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # more than declared (or none declared): stop reading here
+                    scope["capcache.too_large"] = seen
+                    raise _TooLarge
+            elif message["type"] == "http.disconnect" and not scope.get("capcache.body_read"):
+                gone = True
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await _reply(send, _body_too_large(self.cfg, seen))
+        finally:
+            self.state.in_progress -= 1
+            if gone:
+                log.info("client %s went away during its upload", _peer(scope))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _peer(scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "?"
+
+
+def _body_too_large(cfg: ServeConfig, n: int) -> RequestError:
+    return RequestError(413, f"The request body of {megabytes(n)} or more is over the limit of "
+                             f"{megabytes(cfg.max_body_bytes)} ({cfg.max_files} files of at most "
+                             f"{cfg.max_upload_mb:g} MB).")
+
+
+async def _reply(send, e: RequestError) -> None:
+    import json
+
+    body = json.dumps({"error": str(e)}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), str(v).encode()) for k, v in e.headers.items()]
+    await send({"type": "http.response.start", "status": e.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def busy(state, what: str) -> RequestError:
+    """503 with Retry-After: the seconds the queue in front needs, from the recent time per image."""
+    pending = state.batcher.pending_images
+    wait = max(1, min(60, math.ceil((pending + 1) * state.seconds_per_image)))
+    return RequestError(503, f"{what}: {pending} images are waiting; try again in {wait} s.",
+                        {"Retry-After": str(wait)})
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (once the body is read, the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def await_answer(request: Request, future: concurrent.futures.Future, timeout: float) -> list:
+    """The batcher's answer for `future`; cancels it (dropped unless the model has it) when the client
+    leaves (ClientGone) or `timeout` passes (503 while queued, 504 once in the model)."""
+    answer = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({answer, gone}, timeout=max(timeout, 0.0),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if answer in done:
+        return answer.result()
+    running = future.running()
+    future.cancel()
+    answer.cancel()
+    if gone in done:
+        raise ClientGone
+    if running:
+        raise RequestError(504, "The model did not finish this request in time.")
+    raise RequestError(503, "The server is busy: the request waited past its deadline in the queue.",
+                       {"Retry-After": "5"})
+
+
+def _field_error(errors, cfg: ServeConfig) -> str:
+    """FastAPI's validation errors -> one sentence naming the first field at fault."""
+    e = errors[0]
+    name = next((str(x) for x in reversed(e.get("loc", ())) if isinstance(x, str) and x != "body"), "form")
+    if name == "images":
+        return "No photos: send one or more files in the multipart field 'images'."
+    hi = {"num_captions": cfg.max_num_captions, "beam_size": cfg.max_beam_size}.get(name)
+    got = e.get("input")
+    got = f", got {str(got)[:40]!r}" if isinstance(got, (str, int, float)) else ""
+    if hi is None:
+        return f"Form field {name!r}: {e.get('msg', 'not valid')}{got}."
+    return f"Form field {name!r} must be a whole number between 1 and {hi}{got}."
+
+
+def create_app(captioner, cfg: ServeConfig):
+    """The FastAPI app over a loaded captioner: anything with `.backbone` (`.preprocess`, `.encode`),
+    `.caption_features(feats, **decode)` and `.checkpoint_path`."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.exceptions import HTTPException
+
+
+    def run_batch(arrays: list, key: tuple[int, int]) -> list[dict]:
+        import numpy as np
+        import torch
+
+        num_captions, beam_size = key
+        t0 = time.perf_counter()
+        try:
+            feats = captioner.backbone.encode(torch.from_numpy(np.stack(arrays)))  # (B, D)
+            out = captioner.caption_features(feats, num_captions=num_captions,
+                                             **asdict(replace(cfg.decode, beam_size=beam_size)))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()  # what the failed batch held, before it is retried one request at a time
+            raise
+        state.seconds_per_image = 0.8 * state.seconds_per_image + 0.2 * (time.perf_counter() - t0) / len(arrays)
+        return out
+
+    pp = captioner.backbone.preprocess
+    batcher = DynamicBatcher(run_batch, BatcherConfig(cfg.max_batch, cfg.max_wait_ms, cfg.batching, cfg.max_queue))
+    pool = concurrent.futures.ThreadPoolExecutor(cfg.decode_workers, thread_name_prefix="caption-decode")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        try:
+            yield
+        finally:
+            batcher.stop()  # requests already accepted are answered first
+            pool.shutdown(wait=True)
+
+    app = FastAPI(title="capcache", version="1", lifespan=lifespan, redoc_url=None,
+                  description="Caption photos with a trained capcache checkpoint. docs/serving.md has the limits.",
+                  form_limits={"max_files": cfg.max_files, "max_fields": 16, "max_part_size": 64 << 10})
+    state = app.state
+    state.batcher, state.cfg, state.captioner, state.pool = batcher, cfg, captioner, pool
+    state.in_progress, state.seconds_per_image = 0, 0.1
+
+    @app.exception_handler(RequestError)
+    async def request_error(request, e: RequestError):
+        return JSONResponse({"error": str(e)}, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        return JSONResponse({"error": _field_error(e.errors(), cfg)}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        detail = str(e.detail)
+        if "capcache.too_large" in request.scope:  # the form parser met the admission's byte limit
+            return await request_error(request, _body_too_large(cfg, request.scope["capcache.too_large"]))
+        if "Too many files" in detail:
+            return JSONResponse({"error": f"More than {cfg.max_files} files in one request."}, status_code=413)
+        if e.status_code == 400 and request.url.path == CAPTION_PATH:
+            detail = "The multipart form could not be read (a malformed or incomplete body)."
+        return JSONResponse({"error": detail}, status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e: Exception):
+        log.error("internal error on %s: %s: %s", request.url.path, type(e).__name__, e)
+        return JSONResponse({"error": f"Internal error ({type(e).__name__})."}, status_code=500)
+
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse(PAGE, headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz():
+        return Health(checkpoint=checkpoint_name(captioner.checkpoint_path))
+
+    @app.get("/v1/stats", response_model=Stats)
+    async def stats():
+        s = batcher.stats
+        return Stats(requests=s.requests, model_calls=s.calls, images=s.images, largest_batch=s.largest,
+                     refused=s.refused, dropped=s.dropped, retried_batches=s.retried,
+                     queued_images=batcher.pending_images, batching=cfg.batching, max_batch=cfg.max_batch,
+                     max_wait_ms=cfg.max_wait_ms, max_queue=cfg.max_queue)
+
+    @app.post(CAPTION_PATH, response_model=CaptionResponse, responses=ERROR_RESPONSES,
+              summary="Caption one or more photos")
+    async def caption(request: Request,
+                      images: Annotated[list[UploadFile], File(description="The photos (JPEG, PNG, WebP, ...).")],
+                      num_captions: Annotated[int | None, Form(ge=1, le=cfg.max_num_captions, description=(
+                          "Distinct captions per photo, best first (default: the server's)."))] = None,
+                      beam_size: Annotated[int | None, Form(ge=1, le=cfg.max_beam_size, description=(
+                          "Beam width (1 = greedy; default: the server's)."))] = None) -> CaptionResponse:
+        request.scope["capcache.body_read"] = True
+        deadline = time.monotonic() + cfg.request_timeout_s
+        loop = asyncio.get_running_loop()
+        names = [f.filename or f"images[{i}]" for i, f in enumerate(images)]
+        blobs = []
+        for name, f in zip(names, images):
+            if f.size is not None and f.size > cfg.max_upload_bytes:  # refused before it is read into memory
+                raise RequestError(413, f"{name} is {megabytes(f.size)}, over the limit of "
+                                        f"{megabytes(cfg.max_upload_bytes)} per file.")
+            blobs.append(await f.read())
+        await _check_request_pixels(loop, pool, names, blobs, cfg)
+        arrays = await asyncio.gather(*[loop.run_in_executor(pool, decode_upload, name, data, pp,
+                                                             cfg.max_upload_bytes, cfg.max_pixels)
+                                        for name, data in zip(names, blobs)], return_exceptions=True)
+        del blobs
+        failed = next((a for a in arrays if isinstance(a, BaseException)), None)
+        if failed is not None:
+            raise failed
+        key = (num_captions or cfg.num_captions, beam_size or cfg.decode.beam_size)
+        try:
+            future = batcher.submit(arrays, key, deadline)
+        except QueueFull:
+            raise busy(state, "The server is busy") from None
+        try:
+            results = await await_answer(request, future, deadline - time.monotonic())
+        except DeadlineExceeded:
+            raise RequestError(503, "The server is busy: the request waited past its deadline in the queue.",
+                               {"Retry-After": "5"}) from None
+        except ClientGone:
+            log.info("client %s went away before its captions were ready; its request was dropped",
+                     _peer(request.scope))
+            return Response(status_code=499)
+        return CaptionResponse(results=[CaptionResult(filename=name, caption=r["caption"], captions=r["captions"])
+                                        for name, r in zip(names, results)])
+
+    app.add_middleware(Admission, cfg=cfg, state=state)
+    return app
+
+
+async def _check_request_pixels(loop, pool, names: list[str], blobs: list[bytes], cfg: ServeConfig) -> None:
+    """413 when the images' headers add up to more than --max-request-pixels (read in the pool)."""
+    def pixels():
+        total = 0
+        for name, data in zip(names, blobs):
+            with open_upload(name, data, cfg.max_upload_bytes, cfg.max_pixels) as im:
+                total += im.width * im.height
+        return total
+
+    total = await loop.run_in_executor(pool, pixels)
+    if total > cfg.max_request_pixels:
+        raise RequestError(413, f"The request's images hold {total:,} pixels in all, over the limit of "
+                                f"{cfg.max_request_pixels:,} per request.")
+
+
+def serve(cfg: ServeConfig, dry_run: bool = False) -> int:
+    """Load the checkpoint once and serve it with uvicorn until interrupted (`dry_run`: check and return)."""
+    # imported on use: importing this module stays free of torch
+    from common.device import resolve_device
+
+    path = find_checkpoint(cfg.checkpoint)
+    resolve_device(cfg.device)
+    if dry_run:
+        # imported on use: importing this module stays free of torch
+        from stage2_decoder.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+        model_from_checkpoint(load_checkpoint(path))
+        click.echo(f"ok: would serve {path} on http://{cfg.host}:{cfg.port}/ (batches of up to {cfg.max_batch} "
+                   f"images within {cfg.max_wait_ms:g} ms, {cfg.max_queue} images queued at most, "
+                   f"{cfg.request_timeout_s:g} s per request; {cfg.max_files} files of {cfg.max_upload_mb:g} MB "
+                   f"and {cfg.max_pixels} pixels per request at most)")
+        return 0
+    import uvicorn
+
+    # imported on use: importing this module stays free of uvicorn
+    from stage2_decoder.serving.protocol import header_timeout_protocol
+
+    cap = Captioner.load(path, cfg.device)
+    if cfg.encode_chunk and cap.backbone.device.type == "cpu":
+        cap.backbone = ChunkedEncoder(cap.backbone, cfg.encode_chunk)
+    click.echo(f"serving {cap.checkpoint_path} on http://{cfg.host}:{cfg.port}/", err=True)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    # SIGTERM: uvicorn stops accepting, answers the requests in progress, then raises the signal again
+    try:
+        uvicorn.run(create_app(cap, cfg), host=cfg.host, port=cfg.port, access_log=cfg.access_log,
+                    log_level="info" if cfg.access_log else "warning",
+                    http=header_timeout_protocol(cfg.header_timeout_s), timeout_keep_alive=cfg.keep_alive_s,
+                    limit_concurrency=cfg.max_connections)
+    except Terminated:  # drained: a requested stop, not a failure
+        click.echo("stopped: every accepted request was answered", err=True)
+    return 0
