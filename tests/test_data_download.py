@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 import common.data as data
-from common.data import REGISTRY, Archive, DatasetSpec, DownloadError, download_dataset, extract_archive
+from common.archives import DownloadError, extract_archive
+from common.data import REGISTRY, Archive, DatasetSpec, download_dataset
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
