@@ -13,6 +13,7 @@ from dataclasses import MISSING, field, fields
 import click
 
 from common.bounds import BOUNDS, check
+from common.text import escape_controls
 
 # the errors a user can cause with bad input (or a full disk, or a diverging run: FloatingPointError
 # is train's "loss became nan"); the library's own errors (BackboneError, ImageError, DatasetError,
@@ -59,16 +60,18 @@ def _on_sigterm(signum, frame):
 
 
 def one_line(e: BaseException) -> str:
-    """An exception as one line: library messages (h5py, torch) often span several."""
-    return " ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
+    """An exception as one line: library messages (h5py, torch) often span several, and one may quote user
+    text holding terminal controls (an ESC sequence, a bidi override), which are escaped."""
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    return escape_controls(text) or type(e).__name__
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     # one line per warning (a skipped caption, a corrupt EXIF tag), not Python's two-line format
     # with the source line of the library that warned
     name = "" if issubclass(category, UserWarning) else f"{category.__name__}: "
-    print(f"warning: {name}{one_line(message) if isinstance(message, Exception) else message}",
-          file=file or sys.stderr)
+    text = one_line(message) if isinstance(message, Exception) else escape_controls(str(message))
+    print(f"warning: {name}{text}", file=file or sys.stderr)
 
 
 def run_guarded(work: Callable[[], int], interrupted_msg: str = "interrupted") -> int:

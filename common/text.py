@@ -13,3 +13,9 @@ def printable(name: str | os.PathLike | bytes) -> str:
     `\\n`, `\\x1b`, `\\u202e` escaped), so the reader sees that it was escaped and can tell it apart."""
     text = os.fsdecode(name) if isinstance(name, (bytes, os.PathLike)) else str(name)
     return text if text.isprintable() else repr(text)
+
+
+def escape_controls(text: str) -> str:
+    """`text` with each character that does not print as itself (controls, ESC, bidi overrides) written as
+    its escape (`\\x1b`, `\\u202e`), the rest unchanged: for messages, which quote names of their own."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

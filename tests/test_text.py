@@ -215,3 +215,21 @@ def test_pad_captions_properties(seqs, pad_id):
     for i, s in enumerate(seqs):
         assert padded[i, : len(s)].tolist() == s
         assert (padded[i, len(s):] == pad_id).all()
+
+
+def test_error_and_warning_lines_escape_terminal_controls(capsys):
+    """A library message may quote user text (a caption, a name inside an archive): an ESC sequence or a
+    bidi override in it must reach the terminal as an escape, not act on it, and the line stays one line."""
+    import warnings
+
+    from common.cli import run_guarded
+
+    def work():
+        warnings.warn("caption 'a\u202eexe.jpg' skipped")
+        raise ValueError("bad name 'x\x1b[2Jy'\nsecond line")
+
+    assert run_guarded(work) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\u202e" not in err
+    assert err.splitlines() == ["warning: caption 'a\\u202eexe.jpg' skipped",
+                                "error: bad name 'x\\x1b[2Jy' second line"]
