@@ -300,12 +300,12 @@ def _xe_steps(s, cfg, batches, model, opt, ema, device, g):
 def part_stage2(ctx) -> dict:
     import torch
 
+    from stage2_decoder.model import CaptionDecoder
     from stage2_decoder.training.cider import CiderD
+    from stage2_decoder.training.config import TrainConfig
     from stage2_decoder.training.ema import EMA
     from stage2_decoder.training.epochs import evaluate_loss, validation_cider
-    from stage2_decoder.model import CaptionDecoder
     from stage2_decoder.training.scst import scst_epoch
-    from stage2_decoder.training.config import TrainConfig
 
     dev, tiny = ctx.device, ctx.args.tiny
     if dev.type == "cuda":
@@ -383,8 +383,8 @@ def _count_syncs(device, found: dict, name: str):
 
 
 def part_syncs(ctx) -> dict:
-    from stage2_decoder.decoding.config import DecodeConfig
     from stage2_decoder.decoding.beam import beam_search_nbest
+    from stage2_decoder.decoding.config import DecodeConfig
     from stage2_decoder.training.scst import scst_epoch
 
     z, dev = ctx.s2, ctx.device

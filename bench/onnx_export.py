@@ -27,8 +27,8 @@ from harness import Report, default_data, median, pin_threads, timed
 
 from stage1_extract.extract import ExtractConfig, extract  # noqa: E402
 from stage2_decoder.api import Captioner  # noqa: E402
-from stage2_decoder.serving.onnx_export import ExportConfig, export  # noqa: E402
 from stage2_decoder.serving.onnx_captioner import OnnxCaptioner  # noqa: E402
+from stage2_decoder.serving.onnx_export import ExportConfig, export  # noqa: E402
 from stage2_decoder.training.config import TrainConfig  # noqa: E402
 from stage2_decoder.training.loop import train  # noqa: E402
 

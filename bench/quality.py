@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.feature_cache import load_cache  # noqa: E402
 from stage1_extract.extract import ExtractConfig, extract  # noqa: E402
 from stage2_decoder.api import Captioner  # noqa: E402
-from stage2_decoder.training.checkpoint import load_checkpoint  # noqa: E402
 from stage2_decoder.decoding.config import DecodeConfig  # noqa: E402
 from stage2_decoder.reporting.evaluation import captions_from_cache, evaluate_captions  # noqa: E402
 from stage2_decoder.reporting.metrics import cider  # noqa: E402
+from stage2_decoder.training.checkpoint import load_checkpoint  # noqa: E402
 from stage2_decoder.training.config import TrainConfig  # noqa: E402
 from stage2_decoder.training.loop import train  # noqa: E402
 

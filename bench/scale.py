@@ -165,11 +165,11 @@ def _start(features: str, out: str):
     import torch
 
     from common.feature_cache import load_cache
-    from stage2_decoder.training.pairs import CaptionPairs
     from stage2_decoder.model import CaptionDecoder
     from stage2_decoder.training.config import TrainConfig
     from stage2_decoder.training.data import prepare_data
     from stage2_decoder.training.epochs import train_step
+    from stage2_decoder.training.pairs import CaptionPairs
 
     cfg = TrainConfig(features=features, out=out, progress=False)
     t = {}
@@ -204,15 +204,15 @@ def child_measure(a) -> dict:
         return t
     parts, split, vocab, rows, tokens, train_set, val_set, features, model, opt, batches, g = state
     from stage2_decoder.api import Captioner
-    from stage2_decoder.training.ema import EMA
-    from stage2_decoder.training.checkpoint import cpu_state, inference_extra, save_checkpoint
-    from stage2_decoder.training.pairs import CaptionPairs
     from stage2_decoder.decoding.captions import caption_keys
     from stage2_decoder.reporting.evaluation import captions_from_cache, evaluate_captions
     from stage2_decoder.reporting.gallery import write_html
+    from stage2_decoder.training.checkpoint import cpu_state, inference_extra, save_checkpoint
     from stage2_decoder.training.cider import CiderD
-    from stage2_decoder.training.scst import scst_epoch, scst_refs
+    from stage2_decoder.training.ema import EMA
     from stage2_decoder.training.epochs import evaluate_loss, train_step, validation_cider
+    from stage2_decoder.training.pairs import CaptionPairs
+    from stage2_decoder.training.scst import scst_epoch, scst_refs
 
     plan = dict(steps=2, val_batches=1, val_images=10, scst_batches=1, eval_images=20) if a.tiny else \
         dict(steps=6, val_batches=3, val_images=100, scst_batches=1, eval_images=100)

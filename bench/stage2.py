@@ -40,12 +40,12 @@ from torch import nn  # noqa: E402
 
 from common.feature_cache import load_cache  # noqa: E402
 from stage1_extract.extract import ExtractConfig, extract  # noqa: E402
-from stage2_decoder.training.pairs import CaptionBatch, CaptionPairs  # noqa: E402
 from stage2_decoder.model import CaptionDecoder, DecoderConfig  # noqa: E402
 from stage2_decoder.training.config import TrainConfig  # noqa: E402
-from stage2_decoder.training.epochs import xe_epoch, train_step  # noqa: E402
 from stage2_decoder.training.data import prepare_data  # noqa: E402
 from stage2_decoder.training.ema import EMA  # noqa: E402
+from stage2_decoder.training.epochs import train_step, xe_epoch  # noqa: E402
+from stage2_decoder.training.pairs import CaptionBatch, CaptionPairs  # noqa: E402
 
 # the child that runs train() alone in its process, so its peak RSS is training's own
 _CHILD = """

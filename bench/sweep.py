@@ -118,7 +118,7 @@ def cnn_seconds_per_image(features: Path, backbone: str, weights: str, n_images:
     """Decode + preprocess + forward of `backbone` per image, on this CPU, over the cache's first images."""
     import torch
 
-    from common.backbones import load_backbone, preprocess_for, load_image_u8
+    from common.backbones import load_backbone, load_image_u8, preprocess_for
     from common.datasets import load_dataset
     from common.feature_cache import read_meta
 

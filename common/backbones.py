@@ -22,8 +22,8 @@ import torch.utils.data
 from torch import nn
 
 # the image path itself is torch-free (the ONNX captioner shares it); re-exported here for stage 1
-from common.preprocess import ImageError, Preprocess, load_views
 from common.atomic import atomic_path
+from common.preprocess import ImageError, Preprocess, load_views
 
 # torchvision.models is imported lazily: it is the slowest import of a caption run.
 

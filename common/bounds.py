@@ -98,7 +98,7 @@ BOUNDS: dict[str, Bound] = {
     # sweeps
     "n_jobs": _int(1, 1_024),
     "threads": _int(1, 1_024),
-    "random": _int(0, 10_000),  # sweep_grid.MAX_RUNS
+    "random": _int(0, 10_000),  # sweeps.grid.MAX_RUNS
 }
 
 

@@ -6,9 +6,9 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from common.tokenizer import DEFAULT_TOKENIZER, TOKENIZERS, join_tokens
 from common.atomic import atomic_write
 from common.jsonio import JSONFileError, read_json
+from common.tokenizer import DEFAULT_TOKENIZER, TOKENIZERS, join_tokens
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)  # indices 0, 1, 2, 3: <pad> must be 0 (padding_idx)

@@ -24,14 +24,14 @@ from tqdm import tqdm
 
 from common.backbones import (DEFAULT_BACKBONE, REGISTRY, Backbone, BackboneError, ImageRows, default_workers,
                               get_spec, load_backbone)
-from common.preprocess import VIEWS
-from common.datasets import FORMATS, OUTSIDE_FLAG, guess_format, load_dataset
-from common.records import ImageRecord
-from common.feature_cache import DONE, PENDING, CacheError, CacheMeta, mismatch, parts_dir, read_keys, read_meta
 from common.cli import one_line, opt
+from common.datasets import FORMATS, OUTSIDE_FLAG, guess_format, load_dataset
 from common.device import resolve_device
+from common.feature_cache import DONE, PENDING, CacheError, CacheMeta, mismatch, parts_dir, read_keys, read_meta
 from common.lock import LOCK_NAME, OutputBusy, hold
 from common.paths import refuse_inside
+from common.preprocess import VIEWS
+from common.records import ImageRecord
 from common.text import printable
 from stage1_extract.cache_writer import CacheWriter, remove_parts
 from stage1_extract.distributed import Dist, device_for, from_env

@@ -145,7 +145,7 @@ class Captioner:
         """One dict per image, in order: {"image", "caption", "captions": [{"caption", "score"}, ...]}.
 
         images: file paths, PIL images or HxWx3 uint8 arrays, mixed; one path (a str or PathLike) is a list of one. num_captions: the N best distinct beam
-        hypotheses (beam widened to N), or N samples with sample=True (decode_config.py says what each
+        hypotheses (beam widened to N), or N samples with sample=True (decoding/config.py says what each
         setting does; docs/captioning.md what the scores are). on_error="raise": an unreadable image raises
         ImageError naming it; "return": its dict is {"image", "error"} and the others are captioned.
         """
@@ -223,9 +223,8 @@ class Captioner:
 
     def _decode(self, feats: torch.Tensor, dcfg: DecodeConfig, scfg: SampleConfig,
                 keys: list[int] | None = None) -> list[dict]:
-        """(B, D) features -> per row {"caption", "captions"}: N distinct beam hypotheses or N samples (each
-        row's draws seeded from (seed, its key), default its feature row: sampling.sample_captions)."""
+        """(B, D) features -> per row {"caption", "captions"}: decoding.captions.decode_features."""
         # imported on use: importing the API stays free of torch
         from stage2_decoder.decoding.captions import decode_features
 
-        return decode_features(self.decoder, self.vocab, feats, dcfg, scfg)
+        return decode_features(self.decoder, self.vocab, feats, dcfg, scfg, keys)

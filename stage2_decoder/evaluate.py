@@ -23,8 +23,8 @@ from common.datasets import FORMATS, OUTSIDE_FLAG, load_dataset
 from stage2_decoder.reporting.evaluation import (captions_from_cache, captions_from_images, evaluate_captions,
                                                  format_table)
 from stage2_decoder.api import Captioner, find_checkpoint
-from stage2_decoder.training.checkpoint import load_checkpoint
 from stage2_decoder.reporting.gallery import write_html
+from stage2_decoder.training.checkpoint import load_checkpoint
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -23,10 +23,10 @@ import sys
 import click
 
 # the reader owns the format
-from stage2_decoder.serving.onnx_captioner import GRAPHS, MANIFEST
-from stage2_decoder.serving.onnx_export import ExportConfig, export
 from common.cli import run_guarded
 from stage2_decoder.api import find_checkpoint
+from stage2_decoder.serving.onnx_captioner import GRAPHS, MANIFEST
+from stage2_decoder.serving.onnx_export import ExportConfig, export
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

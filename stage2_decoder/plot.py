@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from stage2_decoder.reporting.curves import CURVES_NAME, dir_kind, plot_path, read_metrics
 from common.cli import run_guarded
+from stage2_decoder.reporting.curves import CURVES_NAME, dir_kind, plot_path, read_metrics
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

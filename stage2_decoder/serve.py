@@ -17,8 +17,8 @@ import sys
 import click
 
 from common.cli import decode_options, run_guarded
-from stage2_decoder.serving.settings import ServeConfig  # noqa: F401 - re-exported: the service's config
 from stage2_decoder.serving.app import serve
+from stage2_decoder.serving.settings import ServeConfig  # noqa: F401 - re-exported: the service's config
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -144,8 +144,8 @@ def test_bad_arguments_name_themselves(cap, photos, kwargs, says):
 # --- several captions --------------------------------------------------------------------------------------
 
 def test_num_captions_gives_distinct_beam_hypotheses_best_first(cap, photos):
-    from stage2_decoder.decoding.config import DecodeConfig
     from stage2_decoder.decoding.beam import beam_search_nbest
+    from stage2_decoder.decoding.config import DecodeConfig
 
     one = cap.caption(photos, beam_size=4)
     four = cap.caption(photos, beam_size=4, num_captions=4)
@@ -166,8 +166,8 @@ def test_num_captions_gives_distinct_beam_hypotheses_best_first(cap, photos):
 
 
 def test_greedy_equals_a_beam_of_one(cap, photos):
-    from stage2_decoder.decoding.config import DecodeConfig
     from stage2_decoder.decoding.beam import beam_search_nbest
+    from stage2_decoder.decoding.config import DecodeConfig
 
     feats = cap.backbone.encode(torch.stack([cap._load(p, 0) for p in photos]))
     got = cap.caption_features(feats, beam_size=1)
@@ -218,8 +218,8 @@ def _old_step(model):
 
 def test_no_unk_from_greedy_beam_or_sampling(unk_model, shared_cache, monkeypatch):
     from common.feature_cache import load_cache
-    from stage2_decoder.decoding.config import DecodeConfig
     from stage2_decoder.decoding.beam import beam_search_nbest, greedy
+    from stage2_decoder.decoding.config import DecodeConfig
     from stage2_decoder.decoding.sampling import sample_captions
 
     cap, unk = unk_model, unk_model.vocab.unk_id

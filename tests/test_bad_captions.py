@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from common.records import DatasetError, DatasetWarning
 from common.datasets import load_coco, load_dataset, load_flickr8k, split_keys
+from common.records import DatasetError, DatasetWarning
 from common.tokenizer import tokenize
 from reliability_helpers import TINY, no_traceback, one_error_line
 

@@ -30,8 +30,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common.preprocess import ImageError
 from common.backbones import load_image_u8, preprocess_for
+from common.preprocess import ImageError
 from reliability_helpers import no_traceback, tiny_run
 
 MB_PP = preprocess_for("mobilenet_v2")
@@ -278,7 +278,6 @@ def test_images_between_one_and_two_bomb_limits_are_refused_unless_draft_shrinks
 def test_extreme_strips_are_trimmed_before_resizing(tmp_path, monkeypatch, size):
     """Resizing a 20000 x 1 strip's short side to 256 would make a ~4 GB intermediate (5 GB, 18 s
     measured): the long side is centre-cropped to 3x the short one first."""
-    import common.backbones as bb
     import common.preprocess as pre
 
     path = tmp_path / "strip.png"
@@ -288,7 +287,7 @@ def test_extreme_strips_are_trimmed_before_resizing(tmp_path, monkeypatch, size)
     x = load_image_u8(path, preprocess_for("mobilenet_v2"))
     assert x.shape == (3, 224, 224) and (x[:, 112, 112] == torch.tensor([10, 200, 30], dtype=torch.uint8)).all()
     (w, h), = seen
-    assert max(w, h) <= bb.MAX_ASPECT * min(w, h) and min(w, h) == min(size)
+    assert max(w, h) <= pre.MAX_ASPECT * min(w, h) and min(w, h) == min(size)
 
 
 def test_ordinary_shapes_are_not_trimmed():

@@ -139,8 +139,8 @@ def test_make_caption(ckpt, photos):
 
 def test_evaluate_json_means_what_it_means_in_caption(ckpt, shared_cache, tmp_path, monkeypatch):
     """evaluate --json prints the report as JSON on stdout (as caption --json does); --json-out writes it."""
-    from stage2_decoder.reporting import metrics
     from stage2_decoder.evaluate import main
+    from stage2_decoder.reporting import metrics
 
     monkeypatch.setattr(metrics, "java_available", lambda: False)  # the pure-Python scorers are enough here
     out = tmp_path / "eval.json"

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.records import DatasetError
 from common.datasets import guess_format, load_coco, load_dataset, load_flickr8k, split_keys
+from common.records import DatasetError
 
 
 @pytest.fixture(scope="module")

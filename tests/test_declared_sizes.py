@@ -33,8 +33,8 @@ def test_a_tiny_cache_declaring_many_rows_is_refused_before_reading(shared_cache
 
 def test_a_checkpoint_declaring_a_huge_decoder_is_refused_before_building_it(tmp_path):
     from common.vocab import build_vocab
-    from stage2_decoder.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
     from stage2_decoder.model import CaptionDecoder, DecoderConfig
+    from stage2_decoder.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 
     vocab = build_vocab([["a", "dog"]], threshold=1)
     path = tmp_path / "c.pt"

@@ -259,10 +259,10 @@ def _small(cfg_cls, **kw):
 
 def test_training_survives_a_last_batch_of_one(shared_cache, tmp_path):
     from common.feature_cache import load_cache as _load
-    from stage2_decoder.training.pairs import CaptionPairs
     from stage2_decoder.training.config import TrainConfig
     from stage2_decoder.training.data import prepare_data
     from stage2_decoder.training.loop import train
+    from stage2_decoder.training.pairs import CaptionPairs
 
     cfg = _small(TrainConfig, features=str(shared_cache), out=str(tmp_path / "run"), epochs=1, vocab_threshold=2)
     parts, _, vocab, rows, _ = prepare_data(cfg, _load(cfg.features))

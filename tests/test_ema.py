@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from stage2_decoder.training.checkpoint import load_checkpoint
-from stage2_decoder.training.ema import EMA, warmed_decay
 from stage2_decoder.training.config import TrainConfig
+from stage2_decoder.training.ema import EMA, warmed_decay
 from stage2_decoder.training.loop import train
 
 TINY = dict(batch_size=16, embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True, device="cpu",

@@ -50,8 +50,8 @@ def test_export_writes_checked_graphs_and_a_manifest(export_dir, tiny_checkpoint
     import onnx
 
     from common.vocab import Vocabulary
-    from stage2_decoder.training.checkpoint import load_checkpoint
     from stage2_decoder.serving.onnx_captioner import sha256_file
+    from stage2_decoder.training.checkpoint import load_checkpoint
 
     m = json.loads((export_dir / "capcache-onnx.json").read_text())
     ckpt = load_checkpoint(tiny_checkpoint)
@@ -167,8 +167,9 @@ def _torchless_env(tmp_path: Path) -> dict:
 # what docs/deploy.md says to ship beside the export folder
 SHIP_FILES = ("common/__init__.py", "common/atomic.py", "common/bounds.py", "common/jsonio.py", "common/preprocess.py",
               "common/tokenizer.py", "common/vocab.py", "stage2_decoder/__init__.py", "stage2_decoder/api.py",
-              "stage2_decoder/decoding/config.py", "stage2_decoder/decoding/ngram_block.py", "stage2_decoder/decoding/numpy_decode.py",
-              "stage2_decoder/serving/onnx_captioner.py")
+              "stage2_decoder/decoding/__init__.py", "stage2_decoder/decoding/config.py",
+              "stage2_decoder/decoding/ngram_block.py", "stage2_decoder/decoding/numpy_decode.py",
+              "stage2_decoder/serving/__init__.py", "stage2_decoder/serving/onnx_captioner.py")
 
 
 def test_onnx_captioner_runs_from_the_shipped_files_where_torch_cannot_be_imported(export_dir, photos, tmp_path):

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stage2_decoder.reporting import figures
-from stage2_decoder import plot, report
 import stage2_decoder.reporting.curves as curves_mod
 import stage2_decoder.reporting.gallery as gallery_mod
+from stage2_decoder import plot, report
+from stage2_decoder.reporting import figures
 
 # --- helpers -----------------------------------------------------------------------------------------------
 

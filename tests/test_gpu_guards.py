@@ -111,9 +111,9 @@ def _old_batch_loss(model, b):
 
 def _train_pairs(shared_cache):
     from common.feature_cache import load_cache
-    from stage2_decoder.training.pairs import CaptionPairs
     from stage2_decoder.training.config import TrainConfig
     from stage2_decoder.training.data import prepare_data
+    from stage2_decoder.training.pairs import CaptionPairs
 
     cfg = TrainConfig(features=str(shared_cache), out="unused", vocab_threshold=2, embed_size=16, hidden_size=32,
                       batch_size=16, dropout=0.0, device="cpu", progress=False)
@@ -346,8 +346,8 @@ def _trained_decoder(cache, tmp_path, epochs: int, lr: float = 1e-3):
 
 
 def _assert_beams_as_before(model, feats):
-    from stage2_decoder.decoding.config import DecodeConfig
     from stage2_decoder.decoding.beam import beam_search_nbest
+    from stage2_decoder.decoding.config import DecodeConfig
 
     lengths = set()
     for how in BEAM_SETTINGS:
@@ -387,8 +387,8 @@ def test_beam_search_reads_back_a_fixed_few_times_whatever_the_batch():
     """f959e73 read the device per step and per image (`bool(...)`, `.tolist()` per finished hypothesis)."""
     from torch.overrides import TorchFunctionMode
 
-    from stage2_decoder.decoding.config import DecodeConfig
     from stage2_decoder.decoding.beam import beam_search_nbest
+    from stage2_decoder.decoding.config import DecodeConfig
 
     class HostReads(TorchFunctionMode):
         n = 0
@@ -407,9 +407,9 @@ def test_beam_search_reads_back_a_fixed_few_times_whatever_the_batch():
 
 def test_checkpoints_keep_the_cuda_generators_and_a_resume_puts_them_back(shared_cache, tmp_path, monkeypatch):
     """Faked CUDA generators (no GPU here): what a run on CUDA saves in last.pt and restores on resume."""
+    import stage2_decoder.train as train_mod
     import stage2_decoder.training.resume as resume_mod
     import stage2_decoder.training.run_files as run_files_mod
-    import stage2_decoder.train as train_mod
     from stage2_decoder.training.checkpoint import load_checkpoint
 
     fake = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
@@ -535,8 +535,8 @@ def test_a_sweep_on_cuda_spreads_runs_over_the_gpus_a_few_per_gpu_and_forks_only
     import json
 
     import stage2_decoder.sweep as sweep
-    import stage2_decoder.sweeps.sweep as sweep_mod
     import stage2_decoder.sweeps.run as sweep_run
+    import stage2_decoder.sweeps.sweep as sweep_mod
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

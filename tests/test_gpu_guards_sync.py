@@ -221,8 +221,8 @@ def test_a_diverged_decoder_in_the_scst_cli_is_one_error_line(shared_cache, tmp_
 
 def test_best_pt_leaves_the_cuda_generators_to_last_pt(shared_cache, tmp_path, monkeypatch):
     """Faked CUDA generators (no GPU here), as a CUDA run would save them."""
-    import stage2_decoder.training.run_files as run_files_mod
     import stage2_decoder.train as train_mod
+    import stage2_decoder.training.run_files as run_files_mod
     from stage2_decoder.training.checkpoint import load_checkpoint
 
     fake = {"cuda_rng_state": [torch.arange(16, dtype=torch.uint8)]}

@@ -35,8 +35,8 @@ def folder(coco_records, tmp_path) -> dict:
 
 
 def test_load_image_views_refuses_a_fifo_without_opening_it(folder):
-    from common.preprocess import ImageError
     from common.backbones import load_backbone, load_image_views
+    from common.preprocess import ImageError
 
     pp = load_backbone("mobilenet_v2", "none", "cpu").preprocess
     with pytest.raises(ImageError, match=r"fifo\.jpg: .*not a regular file"):
@@ -46,8 +46,8 @@ def test_load_image_views_refuses_a_fifo_without_opening_it(folder):
 def test_a_decoder_raising_not_implemented_is_that_files_error(folder, monkeypatch):
     from PIL import ImageFile
 
-    from common.preprocess import ImageError
     from common.backbones import load_backbone, load_image_views
+    from common.preprocess import ImageError
 
     pp = load_backbone("mobilenet_v2", "none", "cpu").preprocess
 

@@ -131,14 +131,14 @@ def test_samples_of_a_hostile_split_json_is_one_error(tmp_path, shared_cache, te
 
 # --- a sweep run's result.json, a resumed run's config.json, stage 1's meta.json -----------------------------
 
-@pytest.mark.parametrize("record", [
+@pytest.mark.parametrize("hostile", [
     DEEP, "[1]",
     {"status": "ok", "val_cider": "high"},
     {"status": "ok", "val_cider": 0.5, "best_epoch": "one"},
     {"status": "ok", "val_cider": float("nan")},
     {"status": ["ok"]},
 ])
-def test_a_hostile_result_json_means_the_run_is_redone(tmp_path, record):
+def test_a_hostile_result_json_means_the_run_is_redone(tmp_path, hostile):
     from stage2_decoder.sweeps.grid import RunSpec
     from stage2_decoder.sweeps.run import read_result, record
 
@@ -147,14 +147,14 @@ def test_a_hostile_result_json_means_the_run_is_redone(tmp_path, record):
                       checkpoint="x"), "started_at": 1.0}
     (tmp_path / "result.json").write_text(json.dumps(good))
     assert read_result(spec) == good
-    text = record if isinstance(record, str) else json.dumps({**good, **record})
+    text = hostile if isinstance(hostile, str) else json.dumps({**good, **hostile})
     (tmp_path / "result.json").write_text(text)
     assert read_result(spec) is None
 
 
 def test_a_hostile_config_json_is_ignored_on_resume(tmp_path):
-    from stage2_decoder.training.resume import run_config
     from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.resume import run_config
 
     cfg = TrainConfig(features="f", out=str(tmp_path))
     for text in (DEEP, "[1]", '{"resumed": "x", "epochs": 3}'):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.records import DatasetError, DatasetWarning
 from common.datasets import guess_format, load_dataset, load_flickr8k, load_karpathy, official_split
+from common.records import DatasetError, DatasetWarning
 
 SPLIT_CYCLE = ("train", "val", "train", "test", "restval", "train")  # 30 images: 15 train, 5 restval, 5+5
 

@@ -12,11 +12,11 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from common.records import ImageRecord
 from common.tokenizer import tokenize
 from common.vocab import Vocabulary, build_vocab
+from stage2_decoder.decoding.beam import beam_search_nbest, greedy
+from stage2_decoder.decoding.config import DecodeConfig
+from stage2_decoder.model import CaptionDecoder, DecoderConfig
 from stage2_decoder.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from stage2_decoder.training.pairs import CaptionPairs
-from stage2_decoder.decoding.config import DecodeConfig
-from stage2_decoder.decoding.beam import beam_search_nbest, greedy
-from stage2_decoder.model import CaptionDecoder, DecoderConfig
 
 D = 32
 START, END = 1, 2

@@ -41,8 +41,8 @@ def layout(coco_records, tmp_path) -> dict:
 
 
 def test_load_dataset_skips_every_way_out_of_the_images_folder(layout):
-    from common.records import DatasetWarning
     from common.datasets import load_dataset
+    from common.records import DatasetWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -9,9 +9,9 @@ import warnings
 
 import pytest
 
-from common.records import DatasetError, DatasetWarning
 from common.datasets import guess_format, load_dataset, official_split
 from common.folder_dataset import load_folder
+from common.records import DatasetError, DatasetWarning
 
 N_PHOTOS = 30
 SPLIT_OF = {**{i: "val" for i in (3, 13, 23)}, **{i: "test" for i in (7, 17, 27)}}  # photo index -> split

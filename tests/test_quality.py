@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from stage2_decoder.reporting import metrics
-from stage2_decoder.training.checkpoint import load_checkpoint
 from stage2_decoder.decoding.beam import END_ID, beam_search_nbest, greedy
 from stage2_decoder.decoding.config import DecodeConfig
 from stage2_decoder.model import CaptionDecoder, DecoderConfig
+from stage2_decoder.reporting import metrics
+from stage2_decoder.training.checkpoint import load_checkpoint
 
 REFS = {"a": ["a man riding a wave on top of a surfboard", "a surfer riding a large wave in the ocean"],
         "b": ["two dogs playing with a red ball in the grass", "a pair of dogs chase a ball on a lawn"]}
@@ -132,8 +132,8 @@ def test_ngram_blocking_holds_even_when_the_model_wants_to_repeat():
 # --- best checkpoint by validation CIDEr, early stopping --------------------------------------------------
 
 def test_best_checkpoint_and_early_stopping_follow_the_validation_metric(shared_cache, tmp_path, monkeypatch):
-    from stage2_decoder.training import epochs as epochs_mod
     from stage2_decoder import train as train_mod
+    from stage2_decoder.training import epochs as epochs_mod
 
     sequence = iter([0.10, 0.30, 0.20, 0.25, 0.29, 0.90, 0.95])
     monkeypatch.setattr(epochs_mod, "validation_cider", lambda *a, **k: next(sequence))
@@ -171,8 +171,8 @@ def test_validation_cider_scores_the_decoder_it_is_asked_for():
 
 
 def test_training_validates_with_the_configured_beam(shared_cache, tmp_path, monkeypatch):
-    from stage2_decoder.training import epochs as epochs_mod
     from stage2_decoder import train as train_mod
+    from stage2_decoder.training import epochs as epochs_mod
 
     seen = []
     monkeypatch.setattr(epochs_mod, "validation_cider", lambda *a, **k: seen.append(k.get("beam_size")) or 0.1)
@@ -186,8 +186,8 @@ def test_training_validates_with_the_configured_beam(shared_cache, tmp_path, mon
 
 
 def test_select_by_loss_ignores_cider(shared_cache, tmp_path, monkeypatch):
-    from stage2_decoder.training import epochs as epochs_mod
     from stage2_decoder import train as train_mod
+    from stage2_decoder.training import epochs as epochs_mod
 
     monkeypatch.setattr(epochs_mod, "validation_cider", lambda *a, **k: 0.0)
     cfg = train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=3, select_by="loss",
@@ -297,18 +297,18 @@ def test_scst_phase_follows_cross_entropy_from_the_best_epoch(shared_cache, tmp_
 
 
 def test_training_captions_are_tokenised_once_for_vocab_tensors_and_rewards(shared_cache, tmp_path, monkeypatch):
+    import common.tokenizer as tokenizer_mod
+    import stage2_decoder.training.cider as cider_mod
+    import stage2_decoder.training.data as training_data_mod
     import stage2_decoder.training.pairs as data_mod
     import stage2_decoder.training.scst as scst_mod
-    import stage2_decoder.train as train_mod
-    import stage2_decoder.training.data as training_data_mod
     from common.feature_cache import load_cache
-    from stage2_decoder.training.pairs import CaptionPairs
     from stage2_decoder.training.cider import CiderD
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.pairs import CaptionPairs
     from stage2_decoder.training.scst import scst_refs
 
-    import common.tokenizer as tokenizer_mod
-
-    cfg = train_mod.TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), vocab_threshold=2)
+    cfg = TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), vocab_threshold=2)
     monkeypatch.setenv("CAPCACHE_TOKEN_CACHE", str(tmp_path / "tokens"))  # an empty token cache
     calls = []
     real = tokenizer_mod.tokenize
@@ -325,6 +325,7 @@ def test_training_captions_are_tokenised_once_for_vocab_tensors_and_rewards(shar
 
     monkeypatch.setattr(data_mod, "tokenize", refuse)
     monkeypatch.setattr(scst_mod, "tokenize", refuse)
+    monkeypatch.setattr(cider_mod, "tokenize", refuse)
     pairs = CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len, tokens)
     cider_d = CiderD(scst_refs(parts["train"], tokens))
     assert torch.equal(pairs.tokens, plain_pairs.tokens) and torch.equal(pairs.rows, plain_pairs.rows)

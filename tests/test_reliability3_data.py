@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 
 import common.datasets as datasets_mod
 import common.folder_dataset as folder_mod
-from common.records import DatasetError, DatasetWarning
 from common.datasets import load_dataset, split_keys
 from common.folder_dataset import load_folder
 from common.lock import LockFileError, hold
 from common.paths import OutputInsideImages, refuse_inside
+from common.records import DatasetError, DatasetWarning
 from common.text import printable
 from common.tokenizer import TOKENIZERS, tokenize
 

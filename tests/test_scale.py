@@ -252,10 +252,10 @@ def test_an_old_best_pt_with_the_resume_state_still_loads_and_captions_the_same(
 def test_best_pt_of_the_default_decoder_at_ten_thousand_words_is_under_25_mb(tmp_path):
     import torch
 
-    from stage2_decoder.training.checkpoint import inference_extra, save_checkpoint
-    from stage2_decoder.model import CaptionDecoder
-    from stage2_decoder.training.config import TrainConfig
     from common.vocab import SPECIALS, Vocabulary
+    from stage2_decoder.model import CaptionDecoder
+    from stage2_decoder.training.checkpoint import inference_extra, save_checkpoint
+    from stage2_decoder.training.config import TrainConfig
 
     vocab = Vocabulary([*SPECIALS, *(f"w{i}" for i in range(10_000 - len(SPECIALS)))])
     model = CaptionDecoder(TrainConfig(features="f", out="o").decoder_config(2048, len(vocab)))

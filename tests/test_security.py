@@ -245,8 +245,8 @@ def test_train_caption_evaluate_write_only_where_told(shared_cache, coco_dir, co
                                          "--device", "cpu"]).exit_code
 
     def evaluate():
-        from stage2_decoder.reporting import metrics
         from stage2_decoder.evaluate import main
+        from stage2_decoder.reporting import metrics
 
         metrics.java_available = lambda: False  # this child only: the pure-Python scorers are enough here
         return CliRunner().invoke(main, ["--checkpoint", str(run / "best.pt"), "--features", str(cache),

@@ -12,10 +12,10 @@ import warnings
 import pytest
 from PIL import Image
 
+from stage2_decoder.serving.app import create_app
 from stage2_decoder.serving.batcher import BatcherConfig, DynamicBatcher
 from stage2_decoder.serving.page import CSP, PAGE
 from stage2_decoder.serving.settings import ServeConfig
-from stage2_decoder.serving.app import create_app
 from test_serve_limits import StandIn  # the captioner's serving interface over mean colours
 
 # --- the batcher -------------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from common.preprocess import Preprocess
+from stage2_decoder.serving.app import create_app
 from stage2_decoder.serving.batcher import BatcherConfig, DynamicBatcher, QueueFull
 from stage2_decoder.serving.settings import ServeConfig
-from stage2_decoder.serving.app import create_app
 
 COLOURS = ("red", "green", "blue")
 

@@ -11,8 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from common.records import DatasetError, DatasetWarning
 from common.datasets import load_dataset
+from common.records import DatasetError, DatasetWarning
 
 
 def _flickr(tmp_path, text: str):

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from stage2_decoder.sweeps.sweep import SweepConfig, run_sweep
+from stage2_decoder.reporting.curves import plot_sweep
 from stage2_decoder.sweeps.grid import SweepError, expand_grid, normalize_grid, run_name, sample_grid
 from stage2_decoder.sweeps.run import divergence
-from stage2_decoder.reporting.curves import plot_sweep
+from stage2_decoder.sweeps.sweep import SweepConfig, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny runs: one batch per epoch (dry_run), small decoder, few validation images
@@ -215,9 +215,9 @@ def test_a_dask_run_gives_the_same_result_alone_and_beside_another(shared_cache,
     import distributed
     import torch
 
-    from stage2_decoder.training.checkpoint import load_checkpoint
     from stage2_decoder.sweeps.grid import RunSpec
     from stage2_decoder.sweeps.run import run_dask
+    from stage2_decoder.training.checkpoint import load_checkpoint
 
     class Bar:
         def update(self, n=1):

@@ -144,8 +144,8 @@ def test_scst_references_follow_the_runs_tokenizer(coco_records):
 
 def test_a_japanese_run_trains_on_characters_and_captions_without_spaces(cli, coco_records, tmp_path):
     from common.feature_cache import load_cache
-    from stage2_decoder.training.checkpoint import load_checkpoint
     from stage2_decoder.reporting.metrics import score_captions
+    from stage2_decoder.training.checkpoint import load_checkpoint
 
     photos, rows = tmp_path / "photos", []
     photos.mkdir()

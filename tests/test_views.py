@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.preprocess import VIEWS
 from common.backbones import load_image_u8, load_image_views, preprocess_for
 from common.feature_cache import CacheError, load_cache, read_meta
+from common.preprocess import VIEWS
 from stage1_extract.cache_writer import CacheWriter
 from stage1_extract.extract import ExtractConfig, extract
 from stage2_decoder.training.pairs import CaptionPairs
@@ -153,7 +153,7 @@ def test_training_draws_the_cached_views(shared_cache, view_caches, tmp_path):
 
 
 def test_self_critical_training_gets_the_views_only_when_asked(view_caches, tmp_path, monkeypatch):
-    import stage2_decoder.training.scst as scst
+    import stage2_decoder.training.epochs as epochs
 
     shapes = []
 
@@ -161,7 +161,7 @@ def test_self_critical_training_gets_the_views_only_when_asked(view_caches, tmp_
         shapes.append(tuple(features.shape))
         return 0.5
 
-    monkeypatch.setattr(scst, "scst_epoch", fake_epoch)
+    monkeypatch.setattr(epochs, "scst_epoch", fake_epoch)  # where the epoch function calls it
     _, other = view_caches
     for scst_views, train_views in ((False, True), (True, True), (True, False)):
         h = _train_tiny(other, tmp_path, scst_epochs=1, scst_views=scst_views, train_views=train_views)

@@ -7,8 +7,8 @@ import torch
 
 from common.vocab import Vocabulary
 from stage2_decoder.decoding.config import DecodeConfig  # noqa: F401  (defined torch-free, re-exported)
-from stage2_decoder.model import CaptionDecoder
 from stage2_decoder.decoding.ngram_block import block_repeats
+from stage2_decoder.model import CaptionDecoder
 
 START_ID, END_ID = Vocabulary.start_id, Vocabulary.end_id  # every vocabulary's fixed special ids
 DONE_CHECK_EVERY = 4  # decoding steps between the loops' one host read (have all images finished?)

@@ -15,8 +15,9 @@ from stage2_decoder.model import CaptionDecoder
 
 
 def decode_features(decoder: CaptionDecoder, vocab: Vocabulary, feats: torch.Tensor, dcfg: DecodeConfig,
-                    scfg: SampleConfig) -> list[dict]:
-    """(B, D) features -> per row {"caption", "captions"}: N distinct beam hypotheses or N samples."""
+                    scfg: SampleConfig, keys: list[int] | None = None) -> list[dict]:
+    """(B, D) features -> per row {"caption", "captions"}: N distinct beam hypotheses or N samples (each
+    row's draws seeded from (seed, its key), default its feature row: sampling.sample_captions)."""
     feats = feats.to(next(decoder.parameters()).device)
     if scfg.sample:
         hyps = sample_captions(decoder, feats, scfg.num_captions, dcfg.max_len, dcfg.min_len,

@@ -8,10 +8,10 @@ import torch
 from tqdm import tqdm
 
 from common.backbones import default_workers, ImageRows
-from common.records import ImageRecord
 from common.datasets import load_dataset
-from stage2_decoder.decoding.config import DecodeConfig
+from common.records import ImageRecord
 from stage2_decoder.decoding.captions import caption_keys
+from stage2_decoder.decoding.config import DecodeConfig
 from stage2_decoder.reporting.metrics import caption_stats, score_captions
 
 

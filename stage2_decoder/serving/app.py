@@ -13,14 +13,14 @@ from typing import Annotated
 import click
 from fastapi import File, Form, Request, UploadFile
 
-from stage2_decoder.serving.models import ERROR_RESPONSES, CaptionResponse, CaptionResult, Health, Stats
-from stage2_decoder.serving.settings import ServeConfig
-from stage2_decoder.serving.uploads import RequestError, decode_upload, megabytes, open_upload
-from stage2_decoder.serving.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher, QueueFull
-from stage2_decoder.serving.page import CSP, PAGE
-from stage2_decoder.api import find_checkpoint
 from common.cli import Terminated
 from stage2_decoder import Captioner
+from stage2_decoder.api import find_checkpoint
+from stage2_decoder.serving.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher, QueueFull
+from stage2_decoder.serving.models import ERROR_RESPONSES, CaptionResponse, CaptionResult, Health, Stats
+from stage2_decoder.serving.page import CSP, PAGE
+from stage2_decoder.serving.settings import ServeConfig
+from stage2_decoder.serving.uploads import RequestError, decode_upload, megabytes, open_upload
 
 
 log = logging.getLogger("capcache.serve")

@@ -7,12 +7,12 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from stage2_decoder.serving.onnx_captioner import GRAPHS, MANIFEST, ONNX_FORMAT, ONNX_VERSION, sha256_file
-from common.tokenizer import join_tokens
 from common.atomic import atomic_path, atomic_write
 from common.preprocess import image_contract
+from common.tokenizer import join_tokens
 from stage2_decoder.api import Captioner, find_checkpoint
 from stage2_decoder.decoding.config import DecodeConfig
+from stage2_decoder.serving.onnx_captioner import GRAPHS, MANIFEST, ONNX_FORMAT, ONNX_VERSION, sha256_file
 
 
 OPSET = 17

@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from stage2_decoder.serving.batcher import MAX_WAIT_MS
 from stage2_decoder.decoding.config import DecodeConfig  # torch-free
+from stage2_decoder.serving.batcher import MAX_WAIT_MS
 
 MB = 1 << 20
 FORM_OVERHEAD = 1 * MB  # multipart headers and the small form fields, beyond the files' own bytes

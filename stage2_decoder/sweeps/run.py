@@ -1,6 +1,7 @@
 """Sweep runs: one run, forked runs on CPUs or GPUs, the local and Dask executors (docs/sweeps.md, docs/gpu.md)."""
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing as mp
 import os
@@ -24,9 +25,6 @@ from stage2_decoder.sweeps.grid import RunSpec  # noqa: E402
 from stage2_decoder.sweeps.results import write_json  # noqa: E402
 from stage2_decoder.training.config import TrainConfig  # noqa: E402
 from stage2_decoder.training.loop import train  # noqa: E402
-import stage2_decoder.decoding.beam
-import stage2_decoder.reporting.metrics
-import stage2_decoder.reporting.curves
 
 RESULT, PARAMS, LOG = "result.json", "params.json", "train.log"
 
@@ -228,6 +226,10 @@ def _preload() -> None:
     import matplotlib.backends.backend_agg  # noqa: F401
     import matplotlib.figure  # noqa: F401
     import pycocoevalcap.cider.cider  # noqa: F401
+
+    import stage2_decoder.decoding.beam  # noqa: F401
+    import stage2_decoder.reporting.curves  # noqa: F401
+    import stage2_decoder.reporting.metrics  # noqa: F401
 
 
 def _cpu_count() -> int:

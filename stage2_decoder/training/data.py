@@ -9,14 +9,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.records import ImageRecord
 from common.datasets import load_dataset, official_split, split_keys
 from common.feature_cache import CacheError, FeatureCache, load_cache
 from common.paths import refuse_inside
+from common.records import ImageRecord
 from common.token_cache import tokenize_records
 from common.vocab import SPECIALS, Vocabulary, build_vocab
-from stage2_decoder.training.pairs import CaptionPairs
 from stage2_decoder.training.config import TrainConfig
+from stage2_decoder.training.pairs import CaptionPairs
 
 
 @dataclass

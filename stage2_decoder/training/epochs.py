@@ -12,16 +12,16 @@ from tqdm import tqdm
 
 from common.records import ImageRecord
 from common.vocab import Vocabulary
-from stage2_decoder.training.checkpoint import load_checkpoint
-from stage2_decoder.training.pairs import CaptionBatch, CaptionPairs
-from stage2_decoder.training.ema import EMA
+from stage2_decoder.decoding.captions import caption_keys
+from stage2_decoder.decoding.config import DecodeConfig
 from stage2_decoder.model import CaptionDecoder
+from stage2_decoder.reporting.metrics import cider
+from stage2_decoder.training.checkpoint import load_checkpoint
 from stage2_decoder.training.cider import CiderD
 from stage2_decoder.training.config import TrainConfig
-from stage2_decoder.training.scst import scst_refs, scst_epoch, scst_keys
-from stage2_decoder.decoding.config import DecodeConfig
-from stage2_decoder.decoding.captions import caption_keys
-from stage2_decoder.reporting.metrics import cider
+from stage2_decoder.training.ema import EMA
+from stage2_decoder.training.pairs import CaptionBatch, CaptionPairs
+from stage2_decoder.training.scst import scst_epoch, scst_keys, scst_refs
 
 
 def xe_epoch(model: CaptionDecoder, opt: torch.optim.Optimizer, train_set: CaptionPairs, features: torch.Tensor,
@@ -91,7 +91,6 @@ def start_scst(cfg: TrainConfig, run: Path, model: CaptionDecoder, opt: torch.op
 def self_critical_epoch(cfg: TrainConfig, scorer: CiderD, model: CaptionDecoder, opt: torch.optim.Optimizer,
                 features: torch.Tensor, rows: dict[str, int], vocab: Vocabulary, epoch: int) -> dict[str, float]:
     """One SCST epoch over the training images; returns {"train_reward": mean sampled-caption CIDEr-D}."""
-
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     n_batches = 1 if cfg.dry_run else math.ceil(len(scst_keys(scorer, rows)) / cfg.batch_size)
     with tqdm(total=n_batches, desc=f"scst {epoch + 1}/{cfg.epochs + cfg.scst_epochs}", unit="batch", leave=False,

@@ -18,13 +18,13 @@ from common.atomic import remove_stale_temporaries
 from common.device import resolve_device
 from common.lock import LOCK_NAME, hold
 from common.tokenizer import TOKENIZERS
-from stage2_decoder.training.ema import EMA
-from stage2_decoder.training.epochs import self_critical_epoch, start_scst, xe_epoch, validate
 from stage2_decoder.model import CaptionDecoder
+from stage2_decoder.training.config import TrainConfig
+from stage2_decoder.training.data import load_train_data
+from stage2_decoder.training.ema import EMA
+from stage2_decoder.training.epochs import self_critical_epoch, start_scst, validate, xe_epoch
 from stage2_decoder.training.resume import resume_run
 from stage2_decoder.training.run_files import EpochRecord, epoch_record, save_epoch, write_run_start
-from stage2_decoder.training.data import load_train_data
-from stage2_decoder.training.config import TrainConfig
 
 
 RUN_OUTPUTS = ("config.json", "split.json", "vocab.json", "metrics.jsonl", "best.pt", "last.pt", "curves.png")

@@ -13,10 +13,10 @@ import torch
 from common.atomic import atomic_write
 from common.datasets import write_split
 from common.vocab import Vocabulary
-from stage2_decoder.training.checkpoint import cpu_state, inference_extra, save_checkpoint
 from stage2_decoder.model import CaptionDecoder
-from stage2_decoder.training.resume import run_config, cuda_rng_state
+from stage2_decoder.training.checkpoint import cpu_state, inference_extra, save_checkpoint
 from stage2_decoder.training.config import TrainConfig
+from stage2_decoder.training.resume import cuda_rng_state, run_config
 
 
 EpochRecord = dict[str, int | float | str]  # one metrics.jsonl line: {"epoch", "train_loss", ..., "lr"}

@@ -21,10 +21,10 @@ from torch import nn
 
 from common.tokenizer import DEFAULT_TOKENIZER, tokenize
 from common.vocab import Vocabulary
-from stage2_decoder.training.cider import CiderD
-from stage2_decoder.training.pairs import view_rows
 from stage2_decoder.decoding.beam import DONE_CHECK_EVERY, END_ID, START_ID
 from stage2_decoder.model import CaptionDecoder
+from stage2_decoder.training.cider import CiderD
+from stage2_decoder.training.pairs import view_rows
 
 
 def sample(model: CaptionDecoder, features: torch.Tensor, k: int, max_len: int
