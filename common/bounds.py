@@ -70,7 +70,7 @@ BOUNDS: dict[str, Bound] = {
     "grad_clip": Bound(float, 0.0, 1e6, lo_open=True),
     "embed_size": _int(1, 16_384),
     "hidden_size": _int(1, 16_384),
-    "num_layers": _int(1, 8),  # with the weight cap (train.py): deep and narrow is as slow as wide
+    "num_layers": _int(1, 8),  # with the weight cap (training/loop.py): deep and narrow is as slow as wide
     "dropout": Bound(float, 0.0, 1.0, hi_open=True),
     "vocab_threshold": _int(1, 1_000_000),
     "max_caption_len": _int(1, 1_000),
