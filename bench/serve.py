@@ -16,8 +16,11 @@ Throughput = answered requests / wall time; latency per request from send to ans
 answer but 200. Overload (the batching server only): `--flood` clients each post one photo at the
 same moment and give up after `--flood-timeout` s: the share answered in time, the share refused
 early (503), the share that timed out, and the wasted work (images the model captioned for clients
-that had already given up, from `/v1/stats`). Target: with 16 clients, batching >= 2.5x the
-throughput without.
+that had already given up, from `/v1/stats`). Memory (the batching server, read from /proc): resident
+memory after 100 mixed requests and after `--memory` (2,000), then the peak and the resident memory
+around one request of 16 PNGs of 6300 x 6300 (each under --max-pixels, together over
+--max-request-pixels) and one of 16 of 2500 x 2500 (the most the defaults accept). Targets: with 16 clients,
+batching >= 2.5x the throughput without; RSS after 2,000 mixed requests within 10% of after 100.
 """
 from __future__ import annotations
 
@@ -178,6 +181,90 @@ def flood(url: str, photos: list[tuple[str, bytes]], clients: int, timeout: floa
             "wasted": max(0, captioned - answered) / clients, "healthz_worst_s": worst_health}
 
 
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process' resident memory (VmRSS) or its peak since the last reset (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
+
+
+def mixed_requests(photos: list[tuple[str, bytes]], n: int) -> list[list[tuple[str, bytes, str]]]:
+    """`n` requests of the kinds a real service sees, in turn: one JPEG, four JPEGs, one PNG, and one
+    upload that is not an image (a 415 among the others)."""
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.open(io.BytesIO(photos[0][1])).save(png, "PNG")
+    kinds = [lambda i: [(photos[i % len(photos)][0], photos[i % len(photos)][1], "image/jpeg")],
+             lambda i: [(photos[(i + k) % len(photos)][0], photos[(i + k) % len(photos)][1], "image/jpeg")
+                        for k in range(4)],
+             lambda i: [("photo.png", png.getvalue(), "image/png")],
+             lambda i: [("notes.jpg", b"not an image at all", "image/jpeg")]]
+    return [kinds[i % len(kinds)](i) for i in range(n)]
+
+
+def post_all(url: str, requests: list[list[tuple[str, bytes, str]]], clients: int) -> dict[int, int]:
+    """Post every request, `clients` at a time; the count of each status code."""
+    async def run():
+        codes: dict[int, int] = {}
+        todo = iter(requests)
+
+        async def client(c):
+            for files in todo:
+                r = await c.post(url + "/v1/caption", files=[("images", f) for f in files])
+                codes[r.status_code] = codes.get(r.status_code, 0) + 1
+
+        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=clients + 4)) as c:
+            await asyncio.gather(*[client(c) for _ in range(clients)])
+        return codes
+
+    return asyncio.run(run())
+
+
+def memory(url: str, pid: int, photos: list[tuple[str, bytes]], n_requests: int, big_sides: list[int]) -> dict:
+    """The batching server's resident memory: after 100 mixed requests and after `n_requests`, then for
+    each side in `big_sides` the peak and the resident memory around one request of 16 PNGs of side x side
+    pixels (6300: each under the default --max-pixels, ~120 MB decoded, 16 of them over
+    --max-request-pixels; 2500: the largest 16-image request the defaults accept)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    first = min(100, n_requests)
+    reqs = mixed_requests(photos, n_requests)
+    codes = post_all(url, reqs[:first], 8)
+    settle(url)
+    rss_first = rss_mb(pid)
+    more = post_all(url, reqs[first:], 8)
+    for k, v in more.items():
+        codes[k] = codes.get(k, 0) + v
+    settle(url)
+    rss_all = rss_mb(pid)
+    big = []
+    for side in big_sides:
+        # rows repeated in bands of 64: large in pixels, small as PNG (the hostile case: memory out of
+        # proportion to the bytes on the wire)
+        ramp = np.linspace(0, 255, side).astype(np.uint8)
+        arr = np.empty((side, side, 3), np.uint8)
+        arr[..., 0], arr[..., 1], arr[..., 2] = ramp[None, :], 128, ramp[(np.arange(side) // 64 * 64)][:, None]
+        png = io.BytesIO()
+        Image.fromarray(arr).save(png, "PNG", compress_level=9)
+        del arr
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets the process' peak (VmHWM) to its current RSS
+        before = rss_mb(pid)
+        r = httpx.post(url + "/v1/caption", files=[("images", (f"big{i}.png", png.getvalue(), "image/png"))
+                                                   for i in range(16)], timeout=600)
+        settle(url)
+        big.append({"side": side, "status": r.status_code, "bytes": 16 * len(png.getvalue()), "before_mb": before,
+                    "peak_mb": rss_mb(pid, "VmHWM"), "after_mb": rss_mb(pid)})
+    return {"requests": n_requests, "first": first, "codes": codes, "rss_first_mb": rss_first,
+            "rss_all_mb": rss_all, "big": big}
+
+
 def percentile(xs: list[float], q: float) -> float:
     """The q-th percentile by linear interpolation (statistics.quantiles' 'inclusive' method)."""
     if len(xs) == 1:
@@ -201,12 +288,17 @@ def main() -> int:
     ap.add_argument("--max-wait-ms", type=float, default=50.0)
     ap.add_argument("--flood", type=int, default=256, help="Clients in the overload case (0: skip it).")
     ap.add_argument("--flood-timeout", type=float, default=5.0, help="Seconds each overload client waits.")
+    ap.add_argument("--memory", type=int, default=2000,
+                    help="Mixed requests in the memory case (0: skip it); resident memory after 100 and after all.")
+    ap.add_argument("--big-sides", default="6300,2500", help="Sides of the 16 PNGs of the memory case's last requests.")
     ap.add_argument("--tiny", action="store_true",
-                    help="Smoke run: 16 photos, 2 epochs, 1 and 4 clients, 8 requests, a flood of 16.")
+                    help="Smoke run: 16 photos, 2 epochs, 1 and 4 clients, 8 requests, a flood of 16, 120 mixed "
+                         "requests, 16 PNGs of 1000 x 1000.")
     ap.add_argument("--check", action="store_true", help="Exit 1 when the target is missed.")
     args = ap.parse_args()
     if args.tiny:
         args.images, args.epochs, args.requests, args.clients, args.rounds, args.flood = 16, 2, 8, "1,4", 2, 16
+        args.memory, args.big_sides = min(args.memory, 120), "1000"
     clients = [int(c) for c in args.clients.split(",")]
     coco = args.data / "coco2017-mini"
 
@@ -244,6 +336,8 @@ def main() -> int:
                                  1000 * percentile(lat[mode], 99), len(lat[mode]), errors[mode, n],
                                  len(lat[mode]) / calls[mode]])
             overload = flood(servers["batching"][1], photos, args.flood, args.flood_timeout) if args.flood else None
+            mem = (memory(servers["batching"][1], servers["batching"][0].pid, photos, args.memory,
+                          [int(x) for x in args.big_sides.split(",")]) if args.memory else None)
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
@@ -264,6 +358,20 @@ def main() -> int:
               f"(p99 {o['refused_p99_s']:.2f} s), timed out {o['timeout']:.0%}, connection dropped {o['dropped']:.0%}, "
               f"other {o['other']:.0%}; wasted work {o['wasted']:.2f} images per client; "
               f"/healthz slowest {o['healthz_worst_s']:.2f} s")
+    if mem:
+        m = mem
+        codes = ", ".join(f"{k}: {v}" for k, v in sorted(m["codes"].items()))
+        print(f"  memory (batching server, 8 clients; one JPEG, four JPEGs, one PNG, one non-image in turn; {codes}): "
+              f"RSS {m['rss_first_mb']:.0f} MB after {m['first']} requests, {m['rss_all_mb']:.0f} MB after "
+              f"{m['requests']}")
+        for b in m["big"]:
+            print(f"  one request of 16 PNGs of {b['side']} x {b['side']} ({b['bytes'] / 2**20:.1f} MiB, answered "
+                  f"{b['status']}): RSS {b['before_mb']:.0f} MB before, peak {b['peak_mb']:.0f} MB, "
+                  f"{b['after_mb']:.0f} MB after")
+        rep.ratio(f"serve.memory RSS after {m['requests']} / after {m['first']} mixed requests",
+                  m["rss_all_mb"] / m["rss_first_mb"], 1.10, higher_is_better=False)
+        b = m["big"][-1]
+        rep.ratio(f"serve.memory RSS after / before 16 PNGs of {b['side']} x {b['side']}", b["after_mb"] / b["before_mb"])
     for n in clients:
         target = 2.5 if n == 16 else None
         rep.ratio(f"serve.throughput {n} clients batching/one-at-a-time", rps["batching", n] / rps["one at a time", n],

@@ -571,3 +571,9 @@ def test_bench_serve_tiny_mode_prints_its_table_and_ratios(data_dir, coco_dir, c
     ratios = dict(re.findall(r"^ratio (serve\.throughput \d+ clients batching/one-at-a-time): (\d+\.\d+)x", p.stdout,
                              re.M))
     assert len(ratios) == 2 and all(float(v) > 0 for v in ratios.values()), p.stdout
+    # the memory case: 120 mixed requests, every fourth one not an image (415), then 16 PNGs in one request
+    assert re.search(r"^  memory .*200: 90, 415: 30\): RSS \d+ MB after 100 requests, \d+ MB after 120$", p.stdout,
+                     re.M), p.stdout
+    assert re.search(r"^  one request of 16 PNGs of 1000 x 1000 .*answered 200\): RSS \d+ MB before, peak \d+ MB",
+                     p.stdout, re.M), p.stdout
+    assert re.search(r"^ratio serve\.memory RSS after 120 / after 100 mixed requests: \d+\.\d+x", p.stdout, re.M)
