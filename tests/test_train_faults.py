@@ -504,3 +504,15 @@ def test_save_checkpoint_never_follows_a_planted_link(tmp_path):
 def test_config_replace_keeps_fields():  # guards _cfg against TrainConfig changes (a renamed field)
     cfg = _cfg("f.h5", "out")
     assert replace(cfg, epochs=2).epochs == 2 and cfg.dropout == 0.3
+
+
+def test_progress_bars_count_epochs_as_the_epoch_lines_do(shared_cache, tmp_path, capsys):
+    """With 1 + 1 epochs, the cross-entropy bar says "epoch 1/2" as its epoch line does (it said 1/1 while
+    the line said 1/2), and the SCST bar "scst 2/2"."""
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
+
+    train(TrainConfig(features=str(shared_cache), out=str(tmp_path / "run"), epochs=1, scst_epochs=1, dry_run=True,
+                      embed_size=16, hidden_size=16, vocab_threshold=2, device="cpu", progress=True))
+    err = capsys.readouterr().err
+    assert "epoch 1/2" in err and "scst 2/2" in err and "epoch 1/1" not in err, err[-2000:]

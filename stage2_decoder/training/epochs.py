@@ -40,7 +40,8 @@ def xe_epoch(model: CaptionDecoder, opt: torch.optim.Optimizer, train_set: Capti
     tokens_per_batch = float(train_set.lengths.sum()) / len(batches)
     loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
     n_tokens = 0
-    for idx in tqdm(batches[:steps], desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+    total = cfg.epochs + cfg.scst_epochs  # as the epoch lines and the SCST bar count
+    for idx in tqdm(batches[:steps], desc=f"epoch {epoch + 1}/{total}", unit="batch", leave=False,
                     disable=not cfg.progress, dynamic_ncols=True):
         if len(idx) < 2:  # BatchNorm cannot train on one sample; this pair is seen in other epochs
             continue
