@@ -115,14 +115,16 @@ def config_options(cls, skip: Collection[str] = ()):
 
 
 def opt(default=MISSING, help: str | None = None, **cli):
-    """A config field with its CLI metadata for `config_group`: help, and optionally choices, path (a file or folder name: click.Path), flag (the option's name when not --field-name)."""
+    """A config field with its CLI metadata for `config_group`: help, and optionally choices, path (a file or
+    folder name: click.Path), flag (the option's name when not --field-name)."""
     return field(default=default, metadata={"help": help, **cli})
 
 
 def config_group(cls, param: str):
-    """Click options for every field of config dataclass `cls` (help, choices and name from the field's
-    metadata, a number's limits from common.bounds.BOUNDS by the field's name); the command receives them built into one `cls` instance named `param`. A field without a default
-    is a required option; a bool defaulting to True is a `--no-field-name` flag."""
+    """Click options for every field of config dataclass `cls` (help, choices and name from the field's metadata, a
+    number's limits from common.bounds.BOUNDS by the field's name); the command receives them built into one `cls`
+    instance named `param`. A field without a default is a required option; a bool defaulting to True is a
+    `--no-field-name` flag."""
     hints = typing.get_type_hints(cls)
 
     def decorate(f):

@@ -1,12 +1,12 @@
 """One owner per output: an OS lock on a run folder, a sweep folder or a cache in progress.
 
-`hold(lock_file, what)` takes `fcntl.flock(LOCK_EX | LOCK_NB)` on `lock_file` (created if needed,
-never through a link, never truncated on opening) and writes the holder's pid in it. A lock file that
-is not a regular file of one link (a FIFO, a hard link to some other file, whose content the pid would
-overwrite) is refused with one `LockFileError` naming it, before anything is written. A second process gets one `OutputBusy`
-line naming that pid. The kernel releases the lock when the holder dies, however it dies (a
-SIGKILL leaves the file behind, unlocked: the next owner simply takes it). The file is never
-deleted: deleting it would let two processes lock two different files of the same name.
+`hold(lock_file, what)` takes `fcntl.flock(LOCK_EX | LOCK_NB)` on `lock_file` (created if needed, never
+through a link, never truncated on opening) and writes the holder's pid in it. A lock file that is not a
+regular file of one link (a FIFO, a hard link to some other file, whose content the pid would overwrite) is
+refused with one `LockFileError` naming it, before anything is written. A second process gets one `OutputBusy`
+line naming that pid. The kernel releases the lock when the holder dies, however it dies (a SIGKILL leaves the
+file behind, unlocked: the next owner simply takes it). The file is never deleted: deleting it would let two
+processes lock two different files of the same name.
 
 A forked child does not keep its parent's locks: the inherited descriptors are closed in the
 child (closing, unlike unlocking, leaves the parent's lock in place), so a child outliving its

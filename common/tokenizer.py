@@ -66,8 +66,8 @@ def join_tokens(tokens: list[str], name: str = DEFAULT_TOKENIZER) -> str:
 
 def _nltk(text: str) -> list[str]:
     """Tokens of normalised (lower-cased) text. `preserve_line=True` skips NLTK's sentence splitter, which
-    needs the downloaded `punkt` data; the captions are single sentences anyway. NLTK is imported here: decoding needs only
-    `join_tokens`, so the torch-free ONNX captioner runs without it."""
+    needs the downloaded `punkt` data; the captions are single sentences anyway. NLTK is imported here:
+    decoding needs only `join_tokens`, so the torch-free ONNX captioner runs without it."""
     from nltk.tokenize import word_tokenize
 
     out = []
@@ -80,8 +80,9 @@ def _nltk(text: str) -> list[str]:
 
 
 def _chars(text: str) -> list[str]:
-    """Tokens of normalised (lower-cased, NFC) text. Every character that is not a space, punctuation or a symbol is a token; a combining mark
-    (a Thai vowel sign, a Devanagari matra, a separate accent) stays with the character before it."""
+    """Tokens of normalised (lower-cased, NFC) text. Every character that is not a space, punctuation or a
+    symbol is a token; a combining mark (a Thai vowel sign, a Devanagari matra, a separate accent) stays with
+    the character before it."""
     out: list[str] = []
     kept_last = False
     for ch in text:

@@ -144,10 +144,11 @@ class Captioner:
                 on_error: str = "raise") -> list[dict]:
         """One dict per image, in order: {"image", "caption", "captions": [{"caption", "score"}, ...]}.
 
-        images: file paths, PIL images or HxWx3 uint8 arrays, mixed; one path (a str or PathLike) is a list of one. num_captions: the N best distinct beam
-        hypotheses (beam widened to N), or N samples with sample=True (decoding/config.py says what each
-        setting does; docs/captioning.md what the scores are). on_error="raise": an unreadable image raises
-        ImageError naming it; "return": its dict is {"image", "error"} and the others are captioned.
+        images: file paths, PIL images or HxWx3 uint8 arrays, mixed; one path (a str or PathLike) is a list of
+        one. num_captions: the N best distinct beam hypotheses (beam widened to N), or N samples with
+        sample=True (decoding/config.py says what each setting does; docs/captioning.md what the scores are).
+        on_error="raise": an unreadable image raises ImageError naming it; "return": its dict is {"image",
+        "error"} and the others are captioned.
         """
         return list(self.caption_iter(images, batch_size, on_error, first_chunk=None, num_captions=num_captions,
                                       beam_size=beam_size,

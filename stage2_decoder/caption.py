@@ -92,7 +92,8 @@ def main(images, checkpoint, decode, sampling, batch_size, device, weights, onnx
                 click.echo(f"error: {printable(r['error'])}", err=True)
                 continue
             if figure_dir is not None:
-                from stage2_decoder.reporting.figures import figure_path, save_caption_figure  # matplotlib only when asked
+                # imported on use: matplotlib only when asked
+                from stage2_decoder.reporting.figures import figure_path, save_caption_figure
 
                 hyps = [(c["caption"], c["score"]) for c in r["captions"]] if len(r["captions"]) > 1 else None
                 save_caption_figure(r["image"], r["caption"], figure_path(figure_dir, r["image"], figure_names),

@@ -34,7 +34,8 @@ def _report(r: SweepResult) -> None:
     if b is None:
         return
     other = "val_loss" if col == "val_cider" else "val_cider"
-    click.echo(f"best: {b['run']}  {col} {format_cell(b[col])}  {other} {format_cell(b[other])}  (epoch {b['best_epoch']})")
+    click.echo(f"best: {b['run']}  {col} {format_cell(b[col])}  {other} {format_cell(b[other])}  "
+               f"(epoch {b['best_epoch']})")
     click.echo(f"checkpoint: {b['checkpoint']}")
     click.echo(f"config: {json.dumps(b['params'], sort_keys=True)}  "
                f"(full: {Path(b['checkpoint']).parent / 'config.json'})")
@@ -44,12 +45,15 @@ def _report(r: SweepResult) -> None:
 @click.option("--features", required=True, type=click.Path(), help="Feature cache from stage 1 (shared by all runs).")
 @click.option("--out", required=True, type=click.Path(), help="Sweep directory (resumed when it exists).")
 @click.option("--grid", required=True, type=click.Path(), help="JSON: training setting -> list of values.")
-@click.option("--n-jobs", type=bounded("n_jobs"), default=None, help="Runs at once (default: number of cores; on CUDA 2 per GPU).")
-@click.option("--random", "random_n", type=bounded("random"), default=0, help="Sample N points of the grid instead of all.")
+@click.option("--n-jobs", type=bounded("n_jobs"), default=None,
+              help="Runs at once (default: number of cores; on CUDA 2 per GPU).")
+@click.option("--random", "random_n", type=bounded("random"), default=0,
+              help="Sample N points of the grid instead of all.")
 @click.option("--seed", type=bounded("seed"), default=0, show_default=True, help="Seed for --random.")
 @click.option("--metric", type=click.Choice(list(METRICS)), default="cider", show_default=True,
               help="Rank runs by validation CIDEr or validation loss.")
-@click.option("--threads", type=bounded("threads"), default=None, help="Torch threads per run (default: cores // n-jobs).")
+@click.option("--threads", type=bounded("threads"), default=None,
+              help="Torch threads per run (default: cores // n-jobs).")
 @click.option("--backend", type=click.Choice(["local", "dask"]), default="local", show_default=True)
 @click.option("--scheduler", default=None, help="Dask scheduler address (with --backend dask).")
 @click.option("--retry-failed", is_flag=True, help="Redo runs recorded as failed.")

@@ -68,7 +68,8 @@ def write_results(out: Path, rows: list[dict], grid: dict[str, list], varied: li
              + (f" Fixed: {', '.join(f'{k}={format_value(v)}' for k, v in fixed.items())}." if fixed else ""), "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in flat:
-        lines.append("| " + " | ".join(format_cell(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in cols) + " |")
+        cells = (format_cell(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in cols)
+        lines.append("| " + " | ".join(cells) + " |")
     atomic_write(paths[1], "\n".join(lines) + "\n", what="results table")
     write_json(paths[2], {"metric": metric, "varied": varied, "fixed": fixed, "rows": rows})
     return paths
