@@ -1,5 +1,5 @@
-"""--ema-decay: the weights validated, selected and saved are a moving average of the trained ones, warmed
-up (--ema-warmup) so a short run's average is not mostly its random start."""
+"""--ema-decay: the weights validated, selected and saved are a moving average of the trained ones, bias-
+corrected (--ema-warmup) so a short run's average is not mostly its first steps."""
 from __future__ import annotations
 
 import shutil
@@ -29,8 +29,8 @@ def test_saved_weights_are_the_moving_average_and_a_resume_goes_on_exactly(share
     second = load_checkpoint(tmp_path / "two" / "last.pt")
     w1, w2 = first["train_model_state"], second["train_model_state"]
     assert not torch.equal(w1["embed.weight"], w2["embed.weight"])
-    d = warmed_decay(decay, 1)  # the second update: min(0.75, 2 / 11)
-    assert second["ema_updates"] == 2 and d == 2 / 11
+    d = warmed_decay(decay, 1)  # the second update: 1 - 0.25 / (1 - 0.75 ** 2) = 3 / 7
+    assert second["ema_updates"] == 2 and abs(d - 3 / 7) < 1e-12
     for k, v in second["model_state"].items():  # after step 2: d * w1 + (1 - d) * w2
         if v.is_floating_point():  # one lerp vs this expression: float32 rounding only
             torch.testing.assert_close(v, d * w1[k] + (1 - d) * w2[k], rtol=1e-5, atol=1e-6)
@@ -68,7 +68,8 @@ def _linear(value: float) -> nn.Linear:
 
 def test_a_short_run_average_is_mostly_the_trained_weights():
     """60 updates (a 400-photo, 4-epoch run): a constant 0.995 from the start would keep 0.995 ** 59 = 74% of
-    the first weights; warmed up, their share is the product of (1 + t) / (10 + t), below 1e-9."""
+    the first weights; bias-corrected, the first step weighs as one of the 60 (0.005 * 0.995 ** 59 / (1 -
+    0.995 ** 60), 1.4%)."""
     model = _linear(0.0)  # the weights after the first step
     ema = EMA(model, 0.995)
     ema.update(model)
@@ -78,24 +79,29 @@ def test_a_short_run_average_is_mostly_the_trained_weights():
     for _ in range(59):
         ema.update(model)
     assert ema.updates == 60
-    for p in ema.module.parameters():  # float32 lerps of 0 -> 1: a few ulps
-        torch.testing.assert_close(p, torch.ones_like(p), rtol=0, atol=1e-6)
+    first_share = 0.005 * 0.995 ** 59 / (1 - 0.995 ** 60)
+    for p in ema.module.parameters():  # float32 lerps: a few ulps
+        torch.testing.assert_close(p, torch.full_like(p, 1 - first_share), rtol=0, atol=1e-5)
+        assert (p > 0.98).all()
 
 
-def test_the_warm_up_follows_its_schedule_then_the_decay():
+def test_the_warm_up_is_the_bias_corrected_average_of_every_step():
+    """After n updates the average is sum_i (1 - d) d ** (n - i) w_i / (1 - d ** n), computed here directly
+    (in float64) against the module's float32 lerps: equal within float32 rounding, not bit for bit."""
+    decay = 0.9
     model = _linear(0.0)
-    ema = EMA(model, 0.9)
-    want = 0.0
-    for t in range(40):
+    ema = EMA(model, decay)
+    steps = [float((7 * t) % 11) for t in range(40)]  # weights that go up and down
+    for n, w in enumerate(steps, start=1):
         with torch.no_grad():
             for p in model.parameters():
-                p.fill_(float(t))
+                p.fill_(w)
         ema.update(model)
-        d = 0.0 if t == 0 else min(0.9, (1 + t) / (10 + t))
-        want = d * want + (1 - d) * t
-        torch.testing.assert_close(ema.module.weight, torch.full((3, 4), want), rtol=1e-6, atol=1e-5)  # float32
-    assert warmed_decay(0.9, 80) == 0.9 and warmed_decay(0.995, 1791) == 0.995  # then the decay as set
-    assert warmed_decay(0.9, 79) < 0.9 and warmed_decay(0.995, 1789) < 0.995
+        want = sum((1 - decay) * decay ** (n - i) * wi for i, wi in enumerate(steps[:n], start=1)) / (1 - decay ** n)
+        torch.testing.assert_close(ema.module.weight, torch.full((3, 4), want), rtol=1e-5, atol=1e-5)
+    assert warmed_decay(0.9, 0) == 0.0  # the first update copies
+    assert all(warmed_decay(0.995, t) < warmed_decay(0.995, t + 1) < 0.995 for t in (0, 10, 100, 1000))
+    assert abs(warmed_decay(0.995, 2000) - 0.995) < 1e-6  # then the decay as set
 
 
 def test_without_warm_up_the_decay_is_constant():

@@ -39,7 +39,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # >0: validate, select and save a per-step moving average of the cross-entropy weights (~1/(1-decay) steps)
     ema_decay: float = 0.995
-    # warm the average up: decay_t = min(ema_decay, (1 + t) / (10 + t)) after t steps (docs/defaults.md)
+    # warm the average up by bias correction: its n-th update moves it by (1 - d) / (1 - d ** n) (docs/defaults.md)
     ema_warmup: bool = True
     train_views: bool = True  # cross-entropy: each caption's image from a random cached view, if the cache has several
     length_buckets: int = 16  # batch captions of like length, sorted within runs of this many batches (1 = random)

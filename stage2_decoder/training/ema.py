@@ -7,11 +7,13 @@ any other kernel. The first update copies the weights, later ones move them by (
 the trained ones, and BatchNorm's running statistics are averaged like the weights; integer buffers
 (BatchNorm's batch count) are copied.
 
-Warm-up: decay_t = min(decay, (1 + t) / (10 + t)) after t updates (TensorFlow's ExponentialMovingAverage
-with num_updates, timm's EMA warm-up). A constant 0.995 from the random start kept 74% of the initial
-weights after 60 steps, so a short run saved an average that captioned every photo alike. From t = 1791
-on (decay 0.995) the warm-up changes nothing. Without warm-up: AveragedModel's
-get_ema_multi_avg_fn(decay) numbers.
+Warm-up: the average is bias-corrected (Adam's correction of its moment estimates), i.e. the n-th
+update moves it by (1 - decay) / (1 - decay ** n): after n updates it is sum_i (1 - decay) decay ** (n - i) w_i
+/ (1 - decay ** n), the weights of every step so far with 0.995's weighting, none of them over-counted. A
+constant 0.995 from the start kept 74% of the first step's weights after 60 steps, so a short run saved an
+average that captioned every photo alike; corrected, the first step is one of 60. Past ~1,000 updates the
+correction is below 1% and the average is the constant decay's (docs/defaults.md has the evidence). Without
+warm-up: AveragedModel's get_ema_multi_avg_fn(decay) numbers.
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ from torch import nn
 
 
 def warmed_decay(decay: float, updates: int) -> float:
-    """The decay of the update that follows `updates` earlier ones (the warm-up's schedule)."""
-    return min(decay, (1 + updates) / (10 + updates))
+    """The decay of the update that follows `updates` earlier ones: 1 - (1 - decay) / (1 - decay ** n), n = updates + 1.
+
+    0 for the first update (a copy), then rising towards `decay`."""
+    return 1.0 - (1.0 - decay) / (1.0 - decay ** (updates + 1))
 
 
 def optimizer_steps(optimizer_state: dict) -> int:
