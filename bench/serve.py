@@ -8,7 +8,8 @@ clients, with dynamic batching on and off, then an overload: 256 clients at once
 Set-up (not timed): a mobilenet_v2 (real weights) cache of the first `--images` COCO photos and a
 decoder trained on it for a few epochs (or `--checkpoint`). Two servers run side by side as the CLI
 starts them (`python -m stage2_decoder.serve`, one with `--no-batching`), each with `--threads` torch
-threads. The client is independent of the server's code: asyncio + httpx, one connection per client.
+threads. The client is independent of the server's code: asyncio + httpx, one connection per client, or
+with `--client ab` ApacheBench (`ab`, from apache2-utils), whose C loop leaves the shared cores to the servers.
 For each client count, each server in turn gets the same closed loop: every client posts one real
 photo at a time (default settings: beam 3, one caption) and sends the next as soon as the answer
 comes, until `--requests` requests are answered (in `--rounds` turns, the two servers alternating).
@@ -120,6 +121,31 @@ async def _closed_loop(url: str, photos: list[tuple[str, bytes]], clients: int, 
 def load(url: str, photos: list[tuple[str, bytes]], clients: int, requests: int) -> tuple[float, list[float], list]:
     """(requests per second, per-request latencies in s, errors) of a closed loop of `clients` posting one photo each."""
     return asyncio.run(_closed_loop(url, photos, clients, requests))
+
+
+def multipart(name: str, data: bytes, boundary: str = "capcache-bench-7f3a") -> tuple[bytes, str]:
+    """One photo as the body of a `POST /v1/caption` (field `images`) and its content type."""
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{name}"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n").encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def load_ab(url: str, photo: tuple[str, bytes], clients: int, requests: int,
+            tmp: Path) -> tuple[float, list[float], list]:
+    """As `load`, with ApacheBench (`ab`, a C client that costs the shared cores little) posting one photo."""
+    body, ctype = multipart(*photo)
+    (tmp / "ab-body").write_bytes(body)
+    cmd = ["ab", "-q", "-n", str(requests), "-c", str(clients), "-s", "300", "-p", str(tmp / "ab-body"),
+           "-T", ctype, "-g", str(tmp / "ab-times.tsv"), url + "/v1/caption"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"ab failed ({out.returncode}): {out.stderr.strip()[-500:]}")
+    fields = dict(line.split(":", 1) for line in out.stdout.splitlines() if ":" in line)
+    wall = float(fields["Time taken for tests"].split()[0])
+    failed = int(fields["Failed requests"].split()[0]) + int(fields.get("Non-2xx responses", "0").split()[0])
+    rows = (tmp / "ab-times.tsv").read_text().splitlines()[1:]  # starttime seconds ctime dtime ttime wait
+    latencies = [float(r.split("\t")[4]) / 1000 for r in rows if r.strip()]
+    return len(latencies) / wall, latencies, ["ab: failed or non-2xx"] * failed
 
 
 def settle(url: str, quiet_s: float = 2.0, limit_s: float = 120.0) -> dict:
@@ -294,6 +320,8 @@ def main() -> int:
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=96, help="Requests answered per client count and mode.")
     ap.add_argument("--rounds", type=int, default=3, help="Turns each mode takes per client count.")
+    ap.add_argument("--client", choices=["httpx", "ab"], default="httpx",
+                    help="Closed-loop client: asyncio + httpx cycling over the photos, or ApacheBench posting the first.")
     ap.add_argument("--threads", type=int, default=1, help="Torch threads in each server (1: on a shared box more spin-wait).")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=50.0)
@@ -336,7 +364,9 @@ def main() -> int:
                 for _ in range(args.rounds):
                     for mode, (proc, url) in servers.items():
                         before = httpx.get(url + "/v1/stats").json()["model_calls"]
-                        r, got, errs = load(url, photos, n, max(args.requests // args.rounds, n))
+                        todo = max(args.requests // args.rounds, n)
+                        r, got, errs = (load_ab(url, photos[0], n, todo, work) if args.client == "ab"
+                                        else load(url, photos, n, todo))
                         errors[mode, n] = errors.get((mode, n), 0) + len(errs)
                         calls[mode] += httpx.get(url + "/v1/stats").json()["model_calls"] - before
                         wall[mode] += len(got) / r
@@ -360,7 +390,7 @@ def main() -> int:
                     proc.wait()
     print(f"  checkpoint: {'given' if args.checkpoint else f'{args.images} COCO photos, {args.epochs} epochs'}; "
           f"servers: {args.threads} torch thread(s), --max-batch {args.max_batch}, --max-wait-ms {args.max_wait_ms:g}; "
-          f"beam 3, one caption, one photo per request")
+          f"beam 3, one caption, one photo per request; client {args.client}")
     rep.table(["clients", "mode", "req/s", "p50 ms", "p99 ms", "requests", "errors", "images/call"], rows)
     if overload:
         o = overload

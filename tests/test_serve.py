@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+import shutil
 import threading
 import time
 import warnings
@@ -577,3 +578,24 @@ def test_bench_serve_tiny_mode_prints_its_table_and_ratios(data_dir, coco_dir, c
     assert re.search(r"^  one request of 16 PNGs of 1000 x 1000 .*answered 200\): RSS \d+ MB before, peak \d+ MB",
                      p.stdout, re.M), p.stdout
     assert re.search(r"^ratio serve\.memory RSS after 120 / after 100 mixed requests: \d+\.\d+x", p.stdout, re.M)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("ab") is None, reason="ApacheBench (apache2-utils) is not installed")
+def test_bench_serve_with_apachebench_as_the_client(data_dir, checkpoint):
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO, TEST_THREADS
+
+    p = subprocess.run([sys.executable, "bench/serve.py", "--tiny", "--client", "ab", "--data", str(data_dir),
+                        "--threads", TEST_THREADS, "--checkpoint", str(checkpoint), "--flood", "0", "--memory", "0"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "client ab" in p.stdout
+    rows = re.findall(r"^\s+(\d+)\s+(batching|one at a time)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+(\d+)"
+                      r"\s+([\d.]+)$", p.stdout, re.M)
+    assert len(rows) == 4, p.stdout  # ab's requests were answered 200 (errors 0) and counted per request
+    assert all(float(rps) > 0 and float(p50) <= float(p99) and errors == "0" and requests == "8"
+               for _, _, rps, p50, p99, requests, errors, _ in rows), p.stdout
