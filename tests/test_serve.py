@@ -572,6 +572,10 @@ def test_bench_serve_tiny_mode_prints_its_table_and_ratios(data_dir, coco_dir, c
     ratios = dict(re.findall(r"^ratio (serve\.throughput \d+ clients batching/one-at-a-time): (\d+\.\d+)x", p.stdout,
                              re.M))
     assert len(ratios) == 2 and all(float(v) > 0 for v in ratios.values()), p.stdout
+    assert re.search(r"^  abandoned \(batching server\): 8 clients gave up after 0\.3 s \(\d+ answered in time\); the "
+                     r"next request answered in [\d.]+ s, a lone one in [\d.]+ s; .*: \d+ images$", p.stdout,
+                     re.M), p.stdout
+    assert re.search(r"^ratio serve\.abandon next request / max\(3 s, 3 x a lone one\): \d+\.\d+x", p.stdout, re.M)
     # the memory case: 120 mixed requests, every fourth one not an image (415), then 16 PNGs in one request
     assert re.search(r"^  memory .*200: 90, 415: 30\): RSS \d+ MB after 100 requests, \d+ MB after 120$", p.stdout,
                      re.M), p.stdout
