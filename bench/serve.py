@@ -77,6 +77,8 @@ def start_server(ckpt: Path, batching: bool, args) -> tuple[subprocess.Popen, st
     cmd = [sys.executable, "-m", "stage2_decoder.serve", "--checkpoint", str(ckpt), "--port", str(port),
            "--device", "cpu", "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
            "--no-progress", "--batching" if batching else "--no-batching"]
+    if args.encode_chunk is not None:
+        cmd += ["--encode-chunk", str(args.encode_chunk)]
     proc = subprocess.Popen(cmd, cwd=harness.REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     return proc, f"http://127.0.0.1:{port}"
@@ -362,6 +364,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="Torch threads in each server (1: on a shared box more spin-wait).")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=50.0)
+    ap.add_argument("--encode-chunk", type=int, default=None, help="The servers' --encode-chunk (default: theirs).")
     ap.add_argument("--flood", type=int, default=256, help="Clients in the overload case (0: skip it).")
     ap.add_argument("--flood-timeout", type=float, default=5.0, help="Seconds each overload client waits.")
     ap.add_argument("--abandon", type=int, default=48,
@@ -431,7 +434,8 @@ def main() -> int:
                     proc.kill()
                     proc.wait()
     print(f"  checkpoint: {'given' if args.checkpoint else f'{args.images} COCO photos, {args.epochs} epochs'}; "
-          f"servers: {args.threads} torch thread(s), --max-batch {args.max_batch}, --max-wait-ms {args.max_wait_ms:g}; "
+          f"servers: {args.threads} torch thread(s), --max-batch {args.max_batch}, --max-wait-ms {args.max_wait_ms:g}"
+          f"{'' if args.encode_chunk is None else f', --encode-chunk {args.encode_chunk}'}; "
           f"beam 3, one caption, one photo per request; client {args.client}")
     rep.table(["clients", "mode", "req/s", "p50 ms", "p99 ms", "requests", "errors", "images/call"], rows)
     if overload:
