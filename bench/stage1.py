@@ -13,7 +13,7 @@ in-memory, already normalised channels_last batch of the same size, the same num
 The two alternate, `--repeats` times; the ratio is of the medians. Target on CPU: >= 0.85.
 
 Also measured, once each, for the choices the pipeline makes: channels_last against the default
-memory format (bare forward), and the decode paths (PIL as used, PIL without JPEG draft mode on
+memory format and BatchNorm folded into the convolutions against not (bare forward), and the decode paths (PIL as used, PIL without JPEG draft mode on
 COCO-sized 640x480 JPEGs, torchvision.io.decode_jpeg), in ms per image.
 On CUDA (`--device cuda`) the bare forward runs under bf16 autocast like `Backbone.encode`; the
 issue's GPU target is >= 3,000 images/s end to end for ResNet-152 on COCO-sized JPEGs (point
@@ -58,6 +58,18 @@ def bare_images_per_s(model: torch.nn.Module, batch: int, n_batches: int, device
         _sync(device)
     model.to(memory_format=torch.channels_last)  # as load_backbone leaves it
     return batch * n_batches / (time.perf_counter() - t0)
+
+
+def load_unfolded(name: str, device: torch.device):
+    """The backbone as `load_backbone` builds it, without BatchNorm folded into the convolutions."""
+    import common.backbones as backbones
+
+    fold = backbones.fold_batchnorm
+    backbones.fold_batchnorm = lambda model: model
+    try:
+        return load_backbone(name, WEIGHTS[name], device)
+    finally:
+        backbones.fold_batchnorm = fold
 
 
 def _sync(device: torch.device) -> None:
@@ -168,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
                 plain = bare_images_per_s(bb.model, batch, 1, device, channels_last=False, warm_up=True)
                 choice_rows.append([f"{name}: channels_last / default memory format (bare forward)",
                                     cl / plain, "x", f"{cl:.1f} vs {plain:.1f} images/s"])
+                unfolded = load_unfolded(name, device)
+                for b in sorted({1, 4, batch}):
+                    n = max(2, 32 // b)
+                    folded = bare_images_per_s(bb.model, b, n, device, warm_up=True)
+                    plain = bare_images_per_s(unfolded.model, b, n, device, warm_up=True)
+                    choice_rows.append([f"{name}: BatchNorm folded / not (bare forward, batch {b})",
+                                        folded / plain, "x", f"{folded:.1f} vs {plain:.1f} images/s"])
+                del unfolded
             del bb
         print("pipeline images/s: extraction loop through the finished file; 'set-up s' = the rest of the "
               "extract() call (model build, captions file), not in the ratio")

@@ -133,9 +133,12 @@ class Backbone:
         self.weights_sha256 = weights_sha256
         self.device = device
         self.preprocess = preprocess_for(spec.name)
+        # BatchNorm folded into the convolutions once, on every device: the same function up to rounding
+        # and one kernel less per layer (bench/RESULTS.md: "BatchNorm folded on the CPU")
+        self.model = fold_batchnorm(model).to(memory_format=torch.channels_last)
         if self.precision == "bfloat16":
             # the frozen weights cast once, not by autocast at every forward (~60 M weights for ResNet-152)
-            self.model = fold_batchnorm(model).to(torch.bfloat16, memory_format=torch.channels_last)
+            self.model = self.model.to(torch.bfloat16, memory_format=torch.channels_last)
         self._mean = torch.tensor(self.preprocess.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.preprocess.std, device=device).view(1, 3, 1, 1)
 
@@ -151,8 +154,7 @@ class Backbone:
 
     @property
     def precision(self) -> str:
-        """What `encode` computes in: bfloat16 on CUDA (tensor cores; BatchNorm folded into the convolutions,
-        the weights cast once), float32 elsewhere."""
+        """What `encode` computes in: bfloat16 on CUDA (tensor cores; the weights cast once), float32 elsewhere."""
         return "bfloat16" if self.device.type == "cuda" else "float32"
 
     def compile(self) -> None:

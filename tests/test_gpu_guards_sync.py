@@ -249,15 +249,18 @@ def test_stage1_workers_leave_the_main_process_a_core(monkeypatch):
     assert default_workers() == 1  # never none: 0 would decode in the main process
 
 
-def test_batchnorm_folding_keeps_the_features():
-    from common.backbones import fold_batchnorm, load_backbone
+def test_batchnorm_is_folded_on_every_device_and_keeps_the_features(monkeypatch):
+    """The CPU encoder runs the folded network too (1.3-1.7x faster for mobilenet_v2): no BatchNorm left,
+    and features equal to the unfolded network's up to fp32 rounding."""
+    import common.backbones as bb_mod
 
-    bb = load_backbone("mobilenet_v2", "none", "cpu")
-    folded = fold_batchnorm(bb.model)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    x = torch.randn(2, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        a, b = bb.model(x), folded(x)
+    bb = bb_mod.load_backbone("mobilenet_v2", "none", "cpu")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in bb.model.modules())
+    monkeypatch.setattr(bb_mod, "fold_batchnorm", lambda model: model)
+    plain = bb_mod.load_backbone("mobilenet_v2", "none", "cpu")
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.model.modules())
+    x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    a, b = plain.encode(x), bb.encode(x)
     # fp32 rounding of the folded weights through ~50 layers: ~1e-6 of the features' scale
     torch.testing.assert_close(b, a, rtol=0, atol=1e-4 * float(a.abs().max()))
 
