@@ -57,11 +57,13 @@ from stage2_decoder.serving.settings import ServeConfig  # noqa: F401 - re-expor
 @click.option("--device", default="auto", show_default=True)
 @click.option("--encode-chunk", type=int, default=ServeConfig.encode_chunk, show_default=True,
               help="Images per encoder pass on CPU (0: the whole batch at once).")
+@click.option("--encode-threads", type=int, default=ServeConfig.encode_threads, show_default=True,
+              help="CPU encoder passes at once with batching on (0: one per core).")
 @click.option("--dry-run", is_flag=True, help="Check the settings and the checkpoint, then exit.")
 @click.option("--no-progress", is_flag=True, help="No line per request.")
 def main(checkpoint, host, port, max_batch, max_wait_ms, batching, max_queue, request_timeout_s, max_files,
          max_upload_mb, max_pixels, max_request_pixels, decode_workers, header_timeout_s, keep_alive_s,
-         max_connections, num_captions, decode, device, encode_chunk, dry_run, no_progress):
+         max_connections, num_captions, decode, device, encode_chunk, encode_threads, dry_run, no_progress):
     """Serve captions over HTTP: a page at /, JSON at /v1/caption, the API at /docs."""
 
     try:
@@ -71,7 +73,7 @@ def main(checkpoint, host, port, max_batch, max_wait_ms, batching, max_queue, re
                           max_request_pixels=max_request_pixels, decode_workers=decode_workers,
                           header_timeout_s=header_timeout_s, keep_alive_s=keep_alive_s,
                           max_connections=max_connections, num_captions=num_captions, decode=decode, device=device,
-                          encode_chunk=encode_chunk, access_log=not no_progress)
+                          encode_chunk=encode_chunk, encode_threads=encode_threads, access_log=not no_progress)
     except ValueError as e:  # a setting out of range is a usage error
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

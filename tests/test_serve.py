@@ -128,6 +128,116 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on():
         b.submit(["late"])
 
 
+def test_prepared_items_reach_run_each_with_its_own_request():
+    """The CPU encoder's place: `prepare` runs on each request's items as they join (in passes shared by
+    several requests), `run` gets the prepared items, and every request its own results back."""
+    passes, rec = [], Recorder(delay=0.02)
+
+    def prepare(items):
+        passes.append(list(items))
+        return [f"p{it}" for it in items]
+
+    b = DynamicBatcher(rec, BatcherConfig(max_batch_images=16, max_wait_ms=300), prepare=prepare,
+                       prepare_items=4, prepare_threads=2).start()
+    try:
+        jobs = [([f"r{i}a", f"r{i}b"] if i % 3 else [f"r{i}"], "k") for i in range(12)]
+        out = _submit_together(b, jobs)
+    finally:
+        b.stop()
+    assert out == [[(f"p{it}", "k") for it in items] for items, _ in jobs]
+    assert sorted(it for p_ in passes for it in p_) == sorted(it for items, _ in jobs for it in items)  # once each
+    assert any(len(p_) > 1 for p_ in passes) and len(rec.batches) < len(jobs)
+
+
+def test_a_request_whose_items_fail_to_prepare_fails_alone():
+    def prepare(items):
+        if "bad" in items:
+            raise ValueError("cannot encode")
+        return [it.upper() for it in items]
+
+    b = DynamicBatcher(lambda items, key: items, BatcherConfig(max_batch_images=16, max_wait_ms=300),
+                       prepare=prepare, prepare_items=16).start()  # one pass for the whole batch
+    try:
+        futures = [b.submit(items) for items in (["a"], ["bad"], ["c", "d"])]
+        assert futures[0].result(10) == ["A"] and futures[2].result(10) == ["C", "D"]
+        with pytest.raises(ValueError, match="cannot encode"):
+            futures[1].result(10)
+        assert b.submit(["e"]).result(10) == ["E"]
+    finally:
+        b.stop()
+
+
+def test_the_next_batch_is_prepared_while_one_runs_and_passes_run_side_by_side():
+    """With batching on, `run` has a thread of its own and `prepare` passes a pool: a run that waits for the
+    next batch's prepare, and two passes that wait for each other, both finish (one thread would hang)."""
+    next_prepared, side_by_side = threading.Event(), threading.Barrier(2, timeout=5)
+    second_queued = threading.Event()
+
+    def prepare(items):
+        if items == ["first"]:
+            second_queued.wait(5)  # a lone request runs start to end in the batcher thread: not this one
+        if items[0].startswith("pair"):
+            side_by_side.wait()  # BrokenBarrierError unless another pass runs at the same time
+        if items == ["second"]:
+            next_prepared.set()
+        return items
+
+    def run(items, key):
+        if items == ["first"]:
+            assert next_prepared.wait(5), "the next batch was not prepared while this one ran"
+        return items
+
+    b = DynamicBatcher(run, BatcherConfig(max_batch_images=1, max_wait_ms=0), prepare=prepare,
+                       prepare_threads=2).start()
+    try:
+        first = b.submit(["first"])
+        time.sleep(0.2)
+        second = b.submit(["second"])
+        second_queued.set()
+        assert second.result(10) == ["second"] and first.result(10) == ["first"]
+    finally:
+        b.stop()
+    gate = threading.Event()
+
+    def prepare_held(items):
+        if items == ["hold", "hold"]:
+            gate.wait(5)  # a batch of its own (2 images): the batcher waits for it while both pairs queue
+        return prepare(items)
+
+    b = DynamicBatcher(lambda items, key: items, BatcherConfig(max_batch_images=2, max_wait_ms=2000),
+                       prepare=prepare_held, prepare_threads=2).start()
+    try:
+        held = b.submit(["hold", "hold"])
+        time.sleep(0.2)
+        futures = [b.submit([f"pair{i}"]) for i in range(2)]
+        gate.set()
+        assert held.result(10) == ["hold", "hold"] and [f.result(10) for f in futures] == [["pair0"], ["pair1"]]
+    finally:
+        b.stop()
+
+
+def test_a_lone_request_on_an_idle_batcher_runs_in_one_thread():
+    """Hand-overs cost a lone request several ms: with nothing else waiting, it is prepared and run by the
+    batcher thread itself; overlapping requests use the pool and the runner."""
+    threads = []
+
+    def prepare(items):
+        threads.append(("prepare", threading.current_thread().name))
+        return items
+
+    def run(items, key):
+        threads.append(("run", threading.current_thread().name))
+        return items
+
+    b = DynamicBatcher(run, BatcherConfig(max_wait_ms=0), prepare=prepare, prepare_threads=2).start()
+    try:
+        for x in "ab":
+            assert b.submit([x]).result(10) == [x]
+    finally:
+        b.stop()
+    assert threads == [("prepare", "caption-batcher"), ("run", "caption-batcher")] * 2
+
+
 def test_batcher_settings_are_checked():
     with pytest.raises(ValueError, match="max_batch_images"):
         BatcherConfig(max_batch_images=0)

@@ -4,6 +4,11 @@ Each request hands in its items and a key (the decode settings: only requests wi
 share a batch). The worker takes the oldest waiting request, then keeps gathering requests with the
 same key until the batch holds `max_batch_images` items or `max_wait_ms` have passed since it began
 gathering, makes ONE call `run(items, key)` and hands each request back its own slice of the results.
+With a `prepare` step (the CPU encoder), each request's items are prepared as soon as it joins the
+batch, while the worker waits for more, and `run` gets the prepared items: the time spent waiting for
+company is spent on work that does not gain from a larger batch. With batching on, the passes of
+`prepare` run in `prepare_threads` threads of their own (a batch's images spread over the cores), and
+`run` in one more, so one batch is prepared while the one before it runs (at most one waits between).
 It waits only for the company it can expect: until the batch holds as many requests as the previous
 one did (their clients tend to send again), so a lone client's requests run at once; requests already
 queued always join.
@@ -31,6 +36,7 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("capcache.serve")
 MAX_WAIT_MS = 10_000  # a batch that waits longer for company is a configuration mistake
+WAKE = object()  # put in the queue by the runner thread when it has run a batch
 
 
 @dataclass
@@ -61,6 +67,9 @@ class _Job:
     key: Hashable
     deadline: float | None = None  # time.monotonic() after which it is dropped unrun
     future: concurrent.futures.Future[Sequence] = field(default_factory=concurrent.futures.Future)
+    prepared: list | None = None  # prepare(items), once it has run
+    preparing: concurrent.futures.Future | None = None  # the prepare pass holding its items
+    span: tuple[int, int] = (0, 0)  # where its items are in that pass, and how many items the pass has
 
 
 @dataclass
@@ -77,12 +86,22 @@ class BatchStats:
 class DynamicBatcher:
     """Gathers concurrent `submit`s into batched `run(items, key) -> results` calls (one result per item)."""
 
-    def __init__(self, run: Callable[[list, Hashable], Sequence], cfg: BatcherConfig | None = None):
-        self.run, self.cfg = run, cfg or BatcherConfig()
+    def __init__(self, run: Callable[[list, Hashable], Sequence], cfg: BatcherConfig | None = None,
+                 prepare: Callable[[list], Sequence] | None = None, prepare_items: int = 1,
+                 prepare_threads: int = 1):
+        """prepare_items: while waiting, a `prepare` pass starts once this many items wait for it (the rest
+        before `run`); prepare_threads: passes running at once (with batching on)."""
+        self.run, self.cfg, self.prepare, self.prepare_items = run, cfg or BatcherConfig(), prepare, prepare_items
+        self.prepare_threads = prepare_threads
+        self._prep_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.stats = BatchStats()
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._queue: queue.Queue = queue.Queue()  # jobs, None (stop) and WAKE
         self._held: deque[_Job] = deque()  # taken from the queue but waiting for a batch with their key
         self._thread: threading.Thread | None = None
+        self._runner: threading.Thread | None = None  # runs prepared batches while the next is gathered
+        self._pipelined = False  # whether the runner thread runs the batches
+        self._runner_busy = threading.Event()  # set from a batch's hand-over until the runner has run it
+        self._runs: queue.Queue[list[_Job] | None] = queue.Queue(maxsize=1)
         self._lock = threading.Lock()
         self._stopping = False
         self._last_requests = 0  # requests in the previous batch
@@ -99,6 +118,11 @@ class DynamicBatcher:
     def start(self) -> "DynamicBatcher":
         with self._lock:
             if self._thread is None:
+                self._pipelined = self.prepare is not None and self.cfg.enabled
+                if self._pipelined:
+                    self._prep_pool = concurrent.futures.ThreadPoolExecutor(self.prepare_threads, "caption-prepare")
+                    self._runner = threading.Thread(target=self._run_prepared, name="caption-runner", daemon=True)
+                    self._runner.start()
                 self._thread = threading.Thread(target=self._work, name="caption-batcher", daemon=True)
                 self._thread.start()
         return self
@@ -107,9 +131,15 @@ class DynamicBatcher:
         """Finish the requests already submitted, then end the worker thread."""
         with self._lock:
             thread, self._thread = self._thread, None
+            runner, self._runner = self._runner, None
         if thread is not None:
             self._queue.put(None)
             thread.join(timeout)
+        if runner is not None:  # the batcher thread handed it its last batch, then None
+            runner.join(timeout)
+        if self._prep_pool is not None:
+            self._prep_pool.shutdown(wait=False, cancel_futures=True)
+            self._prep_pool = None
 
     def submit(self, items: list, key: Hashable = None, deadline: float | None = None) -> concurrent.futures.Future:
         """Queue one request; the future resolves to its results (or the exception its run raised).
@@ -149,7 +179,7 @@ class DynamicBatcher:
             return None
         if job is None:
             self._stopping = True
-        return job
+        return None if job is WAKE else job
 
     def _gather(self, first: _Job) -> list[_Job]:
         batch, n = [first], len(first.items)
@@ -162,15 +192,20 @@ class DynamicBatcher:
                 batch.append(job)
                 n += len(job.items)
         # the clients the previous batch answered tend to come back, spread over some ms: wait (at most
-        # T) until as many requests as it held are here; whatever is already queued joins regardless
+        # T) until as many requests as it held are here; whatever is already queued joins regardless.
+        # While the runner thread is busy the batch could not start anyway: it keeps gathering until then
         deadline = time.monotonic() + self.cfg.max_wait_ms / 1000
         while n < self.cfg.max_batch_images and not self._stopping:
+            self._prepare(batch, self.prepare_items)  # what joined, while the rest of the batch comes
             if len(batch) >= self._last_requests:
                 deadline = 0.0
+            busy = self._runner_busy.is_set()  # the runner puts WAKE in the queue when it is free again
             try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                job = self._queue.get(timeout=None if busy else max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
+            if job is WAKE:
+                continue
             if job is None:
                 self._stopping = True
                 break
@@ -190,6 +225,8 @@ class DynamicBatcher:
         """The jobs still wanted, marked running; cancelled ones and those past their deadline are dropped."""
         now, live = time.monotonic(), []
         for job in batch:
+            if job.future.done() and not job.future.cancelled():  # its prepare step failed: answered
+                continue
             if job.future.set_running_or_notify_cancel():  # False: cancelled
                 if job.deadline is None or now <= job.deadline:
                     live.append(job)
@@ -198,8 +235,59 @@ class DynamicBatcher:
             self.stats.dropped += 1
         return live
 
-    def _call(self, jobs: list[_Job]) -> list:
+    def _prepare(self, batch: list[_Job], at_least: int = 1) -> None:
+        """Start one `prepare` pass over the items of the jobs in `batch` that are still wanted and not yet
+        in a pass, once they are `at_least` items (in the pool with batching on, else here and now)."""
+        now = time.monotonic()
+        jobs = [job for job in batch if job.preparing is None and not job.future.done()
+                and (job.deadline is None or now <= job.deadline)]
+        n = sum(len(job.items) for job in jobs)
+        if self.prepare is None or not jobs or n < at_least:
+            return
         items = [it for job in jobs for it in job.items]
+        if self._prep_pool is not None and not self._alone(batch):
+            done = self._prep_pool.submit(self.prepare, items)
+        else:
+            done = concurrent.futures.Future()
+            try:
+                done.set_result(self.prepare(items))
+            except BaseException as e:  # noqa: BLE001 - handed to the jobs in _collect
+                done.set_exception(e)
+        start = 0
+        for job in jobs:
+            job.preparing, job.span, start = done, (start, n), start + len(job.items)
+
+    def _alone(self, batch: list[_Job]) -> bool:
+        """One request and nothing else to do: it runs here, start to end (hand-overs cost a lone request
+        several ms); the pool and the runner are for when requests overlap."""
+        return len(batch) == 1 and self._queue.empty() and not self._runner_busy.is_set()
+
+    def _collect(self, batch: list[_Job]) -> None:
+        """Wait for the prepare passes of `batch`; a job whose pass failed is prepared again alone, and
+        gets the exception when that fails too (so only the request at fault fails)."""
+        for job in batch:
+            if job.preparing is None or job.future.done():
+                continue
+            start, n = job.span
+            try:
+                out = list(job.preparing.result())
+                if len(out) != n:
+                    raise RuntimeError(f"prepare returned {len(out)} results for {n} items")
+                job.prepared = out[start:start + len(job.items)]
+                continue
+            except BaseException as e:  # noqa: BLE001
+                error = e
+            if n > len(job.items):  # a pass shared with other requests: this request's items alone
+                try:
+                    job.prepared = list(self.prepare(job.items))
+                    continue
+                except BaseException as e:  # noqa: BLE001
+                    error = e
+            if not job.future.done():
+                job.future.set_exception(error)
+
+    def _call(self, jobs: list[_Job]) -> list:
+        items = [it for job in jobs for it in (job.items if self.prepare is None else job.prepared)]
         results = list(self.run(items, jobs[0].key))
         if len(results) != len(items):
             raise RuntimeError(f"batched call returned {len(results)} results for {len(items)} items")
@@ -233,7 +321,31 @@ class DynamicBatcher:
             except BaseException as e:  # noqa: BLE001
                 job.future.set_exception(e)
 
+    def _run_prepared(self) -> None:
+        """The runner thread: the batches the batcher thread prepared, in order, until None."""
+        while (batch := self._runs.get()) is not None:
+            try:
+                batch = self._live(batch)  # a client may have left while its batch waited for this thread
+                if batch:
+                    self._run_batch(batch)
+            except Exception as e:  # noqa: BLE001 - a bug here must not leave later requests waiting forever
+                log.error("batcher error: %s: %s", type(e).__name__, e)
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+            finally:
+                if self._runs.empty():
+                    self._runner_busy.clear()
+                    self._queue.put(WAKE)
+
     def _work(self) -> None:
+        try:
+            self._gather_and_hand_on()
+        finally:
+            if self._pipelined:
+                self._runs.put(None)
+
+    def _gather_and_hand_on(self) -> None:
         self._stopping = False
         while True:
             first = self._next(None if not self._stopping else 0)
@@ -242,8 +354,13 @@ class DynamicBatcher:
                     return
                 continue
             try:
-                batch = self._live(self._gather(first))
-                if batch:
+                batch = self._gather(first)
+                self._prepare(batch)
+                self._collect(batch)
+                if self._pipelined and not self._alone(batch):
+                    self._runner_busy.set()
+                    self._runs.put(batch)
+                elif batch := self._live(batch):
                     self._run_batch(batch)
             except Exception as e:  # noqa: BLE001 - a bug here must not leave later requests waiting forever
                 log.error("batcher error: %s: %s", type(e).__name__, e)

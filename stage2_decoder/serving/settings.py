@@ -38,6 +38,7 @@ class ServeConfig:
     max_beam_size: int = 10
     device: str = "auto"
     encode_chunk: int = 4  # images per encoder pass on CPU (0: the whole batch at once)
+    encode_threads: int = 0  # CPU encoder passes at once, with batching on (0: one per core this process may use)
     access_log: bool = True  # uvicorn's line per request (--no-progress turns it off)
 
     def __post_init__(self):
@@ -51,7 +52,7 @@ class ServeConfig:
                   ("--header-timeout-s", self.header_timeout_s, 0.1, 3600),
                   ("--keep-alive-s", self.keep_alive_s, 0.1, 3600),
                   ("--max-connections", self.max_connections, 1, 1_000_000),
-                  ("--encode-chunk", self.encode_chunk, 0, 4096),
+                  ("--encode-chunk", self.encode_chunk, 0, 4096), ("--encode-threads", self.encode_threads, 0, 256),
                   ("num_captions", self.num_captions, 1, self.max_num_captions),
                   ("--beam-size", self.decode.beam_size, 1, self.max_beam_size)]
         for name, value, lo, hi in checks:
