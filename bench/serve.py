@@ -1,7 +1,7 @@
 """The web service under load: throughput, p50/p99 latency and errors at 1, 4, 16 and 64 concurrent
 clients, with dynamic batching on and off, then an overload: 256 clients at once with a 5 s timeout.
 
-    .venv/bin/python bench/serve.py [--clients 1,4,16,64] [--requests 96] [--rounds 3] [--threads 1]
+    .venv/bin/python bench/serve.py [--clients 1,4,16,64] [--requests 192] [--rounds 3] [--threads 1]
                                     [--max-batch 16] [--max-wait-ms 50] [--flood 256] [--flood-timeout 5]
                                     [--checkpoint FILE] [--tiny] [--check]
 
@@ -353,7 +353,8 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=400, help="COCO photos in the set-up cache (and sent).")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--clients", default="1,4,16,64")
-    ap.add_argument("--requests", type=int, default=96, help="Requests answered per client count and mode.")
+    ap.add_argument("--requests", type=int, default=192,
+                    help="Requests answered per client count and mode (at 16 clients, 4 per client per round).")
     ap.add_argument("--rounds", type=int, default=3, help="Turns each mode takes per client count.")
     ap.add_argument("--client", choices=["httpx", "ab"], default="httpx",
                     help="Closed-loop client: asyncio + httpx cycling over the photos, or ApacheBench posting the first.")

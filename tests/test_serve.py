@@ -138,7 +138,7 @@ def test_prepared_items_reach_run_each_with_its_own_request():
         return [f"p{it}" for it in items]
 
     b = DynamicBatcher(rec, BatcherConfig(max_batch_images=16, max_wait_ms=300), prepare=prepare,
-                       prepare_items=4, prepare_threads=2).start()
+                       prepare_threads=2).start()
     try:
         jobs = [([f"r{i}a", f"r{i}b"] if i % 3 else [f"r{i}"], "k") for i in range(12)]
         out = _submit_together(b, jobs)
@@ -156,7 +156,7 @@ def test_a_request_whose_items_fail_to_prepare_fails_alone():
         return [it.upper() for it in items]
 
     b = DynamicBatcher(lambda items, key: items, BatcherConfig(max_batch_images=16, max_wait_ms=300),
-                       prepare=prepare, prepare_items=16).start()  # one pass for the whole batch
+                       prepare=prepare).start()
     try:
         futures = [b.submit(items) for items in (["a"], ["bad"], ["c", "d"])]
         assert futures[0].result(10) == ["A"] and futures[2].result(10) == ["C", "D"]

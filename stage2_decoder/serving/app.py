@@ -230,7 +230,6 @@ def create_app(captioner, cfg: ServeConfig):
     pp = captioner.backbone.preprocess
     batcher = DynamicBatcher(run_batch, BatcherConfig(cfg.max_batch, cfg.max_wait_ms, cfg.batching, cfg.max_queue),
                              prepare=(lambda arrays: list(encode(arrays))) if early else None,
-                             prepare_items=max(1, cfg.encode_chunk),
                              prepare_threads=cfg.encode_threads or len(os.sched_getaffinity(0)))
     pool = concurrent.futures.ThreadPoolExecutor(cfg.decode_workers, thread_name_prefix="caption-decode")
 

@@ -87,12 +87,9 @@ class DynamicBatcher:
     """Gathers concurrent `submit`s into batched `run(items, key) -> results` calls (one result per item)."""
 
     def __init__(self, run: Callable[[list, Hashable], Sequence], cfg: BatcherConfig | None = None,
-                 prepare: Callable[[list], Sequence] | None = None, prepare_items: int = 1,
-                 prepare_threads: int = 1):
-        """prepare_items: while waiting, a `prepare` pass starts once this many items wait for it (the rest
-        before `run`); prepare_threads: passes running at once (with batching on)."""
-        self.run, self.cfg, self.prepare, self.prepare_items = run, cfg or BatcherConfig(), prepare, prepare_items
-        self.prepare_threads = prepare_threads
+                 prepare: Callable[[list], Sequence] | None = None, prepare_threads: int = 1):
+        """prepare_threads: `prepare` passes running at once (with batching on)."""
+        self.run, self.cfg, self.prepare, self.prepare_threads = run, cfg or BatcherConfig(), prepare, prepare_threads
         self._prep_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.stats = BatchStats()
         self._queue: queue.Queue = queue.Queue()  # jobs, None (stop) and WAKE
@@ -196,7 +193,7 @@ class DynamicBatcher:
         # While the runner thread is busy the batch could not start anyway: it keeps gathering until then
         deadline = time.monotonic() + self.cfg.max_wait_ms / 1000
         while n < self.cfg.max_batch_images and not self._stopping:
-            self._prepare(batch, self.prepare_items)  # what joined, while the rest of the batch comes
+            self._prepare(batch)  # what joined, while the rest of the batch comes
             if len(batch) >= self._last_requests:
                 deadline = 0.0
             busy = self._runner_busy.is_set()  # the runner puts WAKE in the queue when it is free again
@@ -235,14 +232,14 @@ class DynamicBatcher:
             self.stats.dropped += 1
         return live
 
-    def _prepare(self, batch: list[_Job], at_least: int = 1) -> None:
+    def _prepare(self, batch: list[_Job]) -> None:
         """Start one `prepare` pass over the items of the jobs in `batch` that are still wanted and not yet
-        in a pass, once they are `at_least` items (in the pool with batching on, else here and now)."""
+        in a pass (in the pool with batching on, else here and now)."""
         now = time.monotonic()
         jobs = [job for job in batch if job.preparing is None and not job.future.done()
                 and (job.deadline is None or now <= job.deadline)]
         n = sum(len(job.items) for job in jobs)
-        if self.prepare is None or not jobs or n < at_least:
+        if self.prepare is None or not jobs:
             return
         items = [it for job in jobs for it in job.items]
         if self._prep_pool is not None and not self._alone(batch):
@@ -258,9 +255,11 @@ class DynamicBatcher:
             job.preparing, job.span, start = done, (start, n), start + len(job.items)
 
     def _alone(self, batch: list[_Job]) -> bool:
-        """One request and nothing else to do: it runs here, start to end (hand-overs cost a lone request
-        several ms); the pool and the runner are for when requests overlap."""
-        return len(batch) == 1 and self._queue.empty() and not self._runner_busy.is_set()
+        """One request, nothing else to do and the previous batch alone too (one client): it runs here,
+        start to end (hand-overs cost a lone request several ms); the pool and the runner are for when
+        requests overlap."""
+        return (len(batch) == 1 and self._last_requests <= 1 and self._queue.empty()
+                and not self._runner_busy.is_set())
 
     def _collect(self, batch: list[_Job]) -> None:
         """Wait for the prepare passes of `batch`; a job whose pass failed is prepared again alone, and
