@@ -21,8 +21,9 @@ import torch
 import torch.utils.data
 from torch import nn
 
-# the image path itself is torch-free (the ONNX captioner shares it); re-exported here for stage 1
 from common.atomic import atomic_path
+from common.device import usable_cores
+# the image path itself is torch-free (the ONNX captioner shares it); re-exported here for stage 1
 from common.preprocess import ImageError, Preprocess, load_views
 
 # torchvision.models is imported lazily: it is the slowest import of a caption run.
@@ -94,8 +95,7 @@ def default_workers() -> int:
     process may use, shared among the torchrun ranks of this node (LOCAL_WORLD_SIZE), less one per rank for
     its main process (it collates, pins, launches the GPU's work and hands shards to the writer thread;
     workers on every core starve it), at least one."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)) - 1)
+    return max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)) - 1)
 
 
 class ImageRows(torch.utils.data.Dataset):

@@ -1,7 +1,15 @@
-"""The one device resolver every entry point uses (extraction, training, captioning, serving)."""
+"""The one device resolver every entry point uses (extraction, training, captioning, serving), and the
+CPU cores a process may use."""
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one, else every core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class DeviceError(ValueError):

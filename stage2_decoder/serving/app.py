@@ -5,7 +5,6 @@ import concurrent.futures
 import contextlib
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -200,6 +199,9 @@ def create_app(captioner, cfg: ServeConfig):
     import numpy as np
     import torch
 
+    # imported on use: importing this module stays free of torch
+    from common.device import usable_cores
+
     # on the CPU a photo costs the encoder the same alone as in a batch: each request is encoded as it
     # joins a batch, while the batcher waits for company, and only the decoder runs batched; a GPU encoder
     # gains from the batch, so there it runs in the batched call
@@ -230,7 +232,7 @@ def create_app(captioner, cfg: ServeConfig):
     pp = captioner.backbone.preprocess
     batcher = DynamicBatcher(run_batch, BatcherConfig(cfg.max_batch, cfg.max_wait_ms, cfg.batching, cfg.max_queue),
                              prepare=(lambda arrays: list(encode(arrays))) if early else None,
-                             prepare_threads=cfg.encode_threads or len(os.sched_getaffinity(0)))
+                             prepare_threads=cfg.encode_threads or usable_cores())
     pool = concurrent.futures.ThreadPoolExecutor(cfg.decode_workers, thread_name_prefix="caption-decode")
 
     @contextlib.asynccontextmanager

@@ -238,10 +238,10 @@ class DynamicBatcher:
         now = time.monotonic()
         jobs = [job for job in batch if job.preparing is None and not job.future.done()
                 and (job.deadline is None or now <= job.deadline)]
-        n = sum(len(job.items) for job in jobs)
         if self.prepare is None or not jobs:
             return
         items = [it for job in jobs for it in job.items]
+        n = len(items)
         if self._prep_pool is not None and not self._alone(batch):
             done = self._prep_pool.submit(self.prepare, items)
         else:
