@@ -34,6 +34,33 @@ class Dropout(nn.Dropout):
         return x * (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
 
+class WarmBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose running statistics start as the plain average of the batches seen so far (the n-th
+    batch weighs 1/n) until that weight falls to `momentum`, then move by `momentum` as usual. From their
+    initial 0 and 1 at 0.01 a step, after the ~60 steps of a short run they were still about half their
+    start: the evaluated embeddings were off-centre and half their scale (docs/defaults.md). Training math
+    is unchanged (batch statistics); from step 1 / momentum on, so are the running ones. `warmup` False:
+    nn.BatchNorm1d. The count is kept in Python too, so a step reads nothing back from the device."""
+
+    def __init__(self, num_features: int, momentum: float, warmup: bool = True):
+        super().__init__(num_features, momentum=momentum)
+        self.base_momentum = momentum
+        self.warmup = warmup
+        self._seen: int | None = None  # read from num_batches_tracked on the first training step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.warmup:
+            if self._seen is None:
+                self._seen = int(self.num_batches_tracked)  # one read per model (a resume's count)
+            self._seen += 1  # as num_batches_tracked is about to be
+            self.momentum = max(self.base_momentum, 1.0 / self._seen)
+        return super().forward(x)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._seen = None  # a loaded count is read again on the next training step
+
+
 class CaptionDecoder(nn.Module):
     """features (B, D) -> Linear+BatchNorm -> (B, E) image embedding fed at t=0; then the LSTM
     reads <start> w1 .. wn and is trained to emit w1 .. wn <end>."""
@@ -42,7 +69,7 @@ class CaptionDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.project = nn.Linear(cfg.feature_dim, cfg.embed_size)
-        self.bn = nn.BatchNorm1d(cfg.embed_size, momentum=0.01)
+        self.bn = WarmBatchNorm1d(cfg.embed_size, momentum=0.01)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_size, padding_idx=Vocabulary.pad_id)
         self.drop = Dropout(cfg.dropout)
         self.lstm = nn.LSTM(cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True,

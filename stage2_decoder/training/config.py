@@ -41,6 +41,8 @@ class TrainConfig:
     ema_decay: float = 0.995
     # warm the average up by bias correction: its n-th update moves it by (1 - d) / (1 - d ** n) (docs/defaults.md)
     ema_warmup: bool = True
+    # the projection's BatchNorm running statistics a plain average of the batches until 1 / 0.01 steps (docs/defaults.md)
+    bn_warmup: bool = True
     train_views: bool = True  # cross-entropy: each caption's image from a random cached view, if the cache has several
     length_buckets: int = 16  # batch captions of like length, sorted within runs of this many batches (1 = random)
     select_by: str = "cider"  # best.pt by validation "cider" (decoded as --val-beam-size says) or "loss"

@@ -95,6 +95,7 @@ def _train(cfg: TrainConfig, owned: contextlib.ExitStack) -> TrainResult:
     remove_stale_temporaries(run, RUN_OUTPUTS)  # what a killed run was writing: ours now that we hold the lock
 
     model = CaptionDecoder(cfg.decoder_config(data.feature_dim, len(data.vocab))).to(device)
+    model.bn.warmup = cfg.bn_warmup
     opt = cfg.optimizer(model.parameters())
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.lr_factor,
                                                        patience=cfg.lr_patience)
