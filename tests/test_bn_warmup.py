@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import torch
-from torch.overrides import TorchFunctionMode
 
 from common.feature_cache import load_cache
+from host_reads import HostReads
 from stage2_decoder.model import CaptionDecoder, DecoderConfig, WarmBatchNorm1d
 from stage2_decoder.training.checkpoint import load_checkpoint
 from stage2_decoder.training.config import TrainConfig
@@ -71,15 +71,6 @@ def test_a_loaded_count_goes_on_where_it_stopped():
 
 
 def test_a_training_step_reads_nothing_back_after_the_first():
-    class HostReads(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            self.n += getattr(func, "__name__", "") in ("__bool__", "item", "tolist", "cpu", "__int__", "__float__")
-            return func(*args, **(kwargs or {}))
-
     bn = WarmBatchNorm1d(6, momentum=0.01).train()
     batches = _batches(4)
     bn(batches[0])

@@ -11,22 +11,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from host_reads import HostReads
 from stage2_decoder.model import CaptionDecoder, DecoderConfig
-
-HOST_READS = ("__bool__", "item", "tolist", "cpu", "__int__", "__float__", "numpy")
-
-
-class HostReads(TorchFunctionMode):
-    """Counts the calls that read a tensor back to the host (each a device sync on CUDA)."""
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in HOST_READS:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
 
 
 class ListIndexing(TorchFunctionMode):

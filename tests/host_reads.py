@@ -1,0 +1,20 @@
+"""A torch function mode that counts the calls reading a tensor back to the host, for the CPU tests of what
+would be a device sync on CUDA."""
+from __future__ import annotations
+
+from torch.overrides import TorchFunctionMode
+
+HOST_READS = ("__bool__", "item", "tolist", "cpu", "__int__", "__float__", "numpy")
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the calls that read a tensor back to the host (each a device sync on CUDA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_READS:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
