@@ -25,15 +25,27 @@ SHARED_CACHE_IMAGES = 48
 TEST_THREADS = os.environ.get("CAPCACHE_TEST_THREADS", "1")
 
 
+_OWN_TOKEN_CACHE: str | None = None  # the token-cache folder this run made, removed when it ends
+
+
 def pytest_configure(config):
     import tempfile
 
     import torch
 
+    global _OWN_TOKEN_CACHE
     # training's token cache (common/token_cache.py) in a folder of the test run's own, also for CLI subprocesses
-    os.environ.setdefault("CAPCACHE_TOKEN_CACHE", tempfile.mkdtemp(prefix="capcache-test-tokens-"))
+    if "CAPCACHE_TOKEN_CACHE" not in os.environ:
+        _OWN_TOKEN_CACHE = os.environ["CAPCACHE_TOKEN_CACHE"] = tempfile.mkdtemp(prefix="capcache-test-tokens-")
 
     torch.set_num_threads(int(TEST_THREADS))
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if _OWN_TOKEN_CACHE is not None:  # a folder given in the environment is the caller's to keep
+        shutil.rmtree(_OWN_TOKEN_CACHE, ignore_errors=True)
 
 
 def _data_root() -> Path:
