@@ -79,6 +79,7 @@ BOUNDS: dict[str, Bound] = {
     "split_seed": SEED,
     "label_smoothing": Bound(float, 0.0, 1.0, hi_open=True),
     "ema_decay": Bound(float, 0.0, 1.0, hi_open=True),
+    "ema_start": _int(0, 10**9),
     "length_buckets": _int(1, 1_000_000),
     "patience": _int(0, MAX_EPOCHS),
     "lr_patience": _int(0, MAX_EPOCHS),

@@ -41,6 +41,8 @@ class TrainConfig:
     ema_decay: float = 0.995
     # warm the average up by bias correction: its n-th update moves it by (1 - d) / (1 - d ** n) (docs/defaults.md)
     ema_warmup: bool = True
+    # the average follows the trained weights for this many steps, then averages (0.995's window; docs/defaults.md)
+    ema_start: int = 200
     # the projection's BatchNorm running statistics a plain average of the batches until 1 / 0.01 steps (docs/defaults.md)
     bn_warmup: bool = True
     train_views: bool = True  # cross-entropy: each caption's image from a random cached view, if the cache has several
@@ -71,7 +73,7 @@ class TrainConfig:
     # every other field changes the math and must not change on resume (set below, new fields included)
     RESUME_FIXED = ()
     # what a run from before the setting existed did, where that is not the field's default
-    RESUME_LEGACY = {"val_beam_size": 1, "tie_embeddings": False, "tokenizer": "nltk"}
+    RESUME_LEGACY = {"val_beam_size": 1, "tie_embeddings": False, "tokenizer": "nltk", "ema_start": 0}
 
     def __post_init__(self):
         # each number within common.bounds' limits, as the CLI and a sweep grid check it, named as the option

@@ -102,7 +102,7 @@ def _train(cfg: TrainConfig, owned: contextlib.ExitStack) -> TrainResult:
     # with --ema-decay the cross-entropy phase's weights validated, selected and saved (model_state) are a
     # moving average of the trained ones, which its checkpoints also keep (train_model_state) so a resumed run
     # goes on exactly. SCST is not averaged: its few steps (one per batch of images) would be mostly undone.
-    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup, cfg.ema_start) if cfg.ema_decay else None
     history, start_epoch, best = resume_run(run, cfg, model, opt, sched, data.vocab, device, data.backbone, ema)
     val_keys = set([r.key for r in data.val_records][: cfg.val_images or None])
     val_refs = {r.key: r.captions for r in data.val_records if r.key in val_keys and r.captions}
