@@ -1,5 +1,6 @@
 """--ema-decay: the weights validated, selected and saved are a moving average of the trained ones, bias-
-corrected (--ema-warmup) so a short run's average is not mostly its first steps."""
+corrected (--ema-warmup) so a short run's average is not mostly its first steps, and begun after --ema-start
+steps so it is not the weights of half-way through."""
 from __future__ import annotations
 
 import shutil
@@ -12,8 +13,9 @@ from stage2_decoder.training.config import TrainConfig
 from stage2_decoder.training.ema import EMA, warmed_decay
 from stage2_decoder.training.loop import train
 
+# averaging from the first step: a dry run takes one step per epoch
 TINY = dict(batch_size=16, embed_size=16, hidden_size=32, vocab_threshold=2, dry_run=True, device="cpu",
-            progress=False, scst_epochs=0)
+            progress=False, scst_epochs=0, ema_start=0)
 
 
 def test_saved_weights_are_the_moving_average_and_a_resume_goes_on_exactly(shared_cache, tmp_path):
@@ -143,3 +145,82 @@ def test_the_warm_up_is_a_recorded_setting_a_resume_keeps(shared_cache, tmp_path
     assert json.loads((run / "config.json").read_text())["ema_warmup"] is False
     with pytest.raises(CheckpointError, match="ema_warmup False -> True"):
         train(TrainConfig(features=str(shared_cache), out=str(run), epochs=2, **TINY))
+
+
+def _fill(model: nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(value)
+
+
+def test_before_its_start_the_average_is_the_trained_weights():
+    """A 60-step run with the default start (200): every update copies, so the run saves what it trained.
+    Averaged from step 0 instead, the same run saves about half-way's weights."""
+    model, steps = _linear(0.0), [t / 59 for t in range(60)]  # weights that travel from 0 to 1
+    late, early = EMA(model, 0.995, start=TrainConfig.ema_start), EMA(model, 0.995, start=0)
+    for w in steps:
+        _fill(model, w)
+        late.update(model)
+        early.update(model)
+    assert late.updates == early.updates == 60
+    assert all(torch.equal(a, b) for a, b in zip(late.module.parameters(), model.parameters()))
+    assert 0.4 < float(early.module.weight[0, 0]) < 0.6  # the corrected average of every step: about the middle
+
+
+def test_from_its_start_the_average_is_the_bias_corrected_average_of_the_steps_since():
+    """After `start` copies, update start + n holds sum_i (1 - d) d ** (n - i) w_{start + i} / (1 - d ** n): the
+    steps before the start have no share (computed here in float64, against float32 lerps)."""
+    decay, start = 0.9, 5
+    model = _linear(0.0)
+    ema = EMA(model, decay, start=start)
+    steps = [float((7 * t) % 11) for t in range(30)]
+    for t, w in enumerate(steps, start=1):
+        _fill(model, w)
+        ema.update(model)
+        since = steps[start:t]
+        if not since:  # still following: a copy
+            torch.testing.assert_close(ema.module.weight, torch.full((3, 4), w), rtol=0, atol=0)
+            continue
+        n = len(since)
+        want = sum((1 - decay) * decay ** (n - i) * wi for i, wi in enumerate(since, start=1)) / (1 - decay ** n)
+        torch.testing.assert_close(ema.module.weight, torch.full((3, 4), want), rtol=1e-5, atol=1e-5)
+
+
+def test_the_start_is_recorded_and_a_resume_keeps_it(shared_cache, tmp_path):
+    import json
+
+    import pytest
+
+    from stage2_decoder.training.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    train(TrainConfig(features=str(shared_cache), out=str(run), epochs=1, **{**TINY, "ema_start": 3}))
+    assert json.loads((run / "config.json").read_text())["ema_start"] == 3
+    with pytest.raises(CheckpointError, match="ema_start 3 -> 0"):
+        train(TrainConfig(features=str(shared_cache), out=str(run), epochs=2, **TINY))
+    ckpt = load_checkpoint(run / "last.pt")  # one step, before the start: the saved average is the trained weights
+    assert all(torch.equal(v, ckpt["train_model_state"][k]) for k, v in ckpt["model_state"].items())
+
+
+def test_a_run_from_before_the_warm_ups_resumes_as_it_was_trained(shared_cache, tmp_path):
+    """A last.pt whose settings predate --ema-warmup, --ema-start and --bn-warmup was trained without them:
+    resuming it with today's defaults would change its math mid-run, so it is refused, naming each; with the
+    old values it goes on."""
+    import pytest
+
+    from stage2_decoder.training.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    old = dict(ema_warmup=False, bn_warmup=False)
+    train(TrainConfig(features=str(shared_cache), out=str(run), epochs=1, **TINY, **old))
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    for k in ("ema_warmup", "ema_start", "bn_warmup"):
+        del ckpt["train_config"][k]
+    torch.save(ckpt, run / "last.pt")
+    with pytest.raises(CheckpointError) as e:
+        train(TrainConfig(features=str(shared_cache), out=str(run), epochs=2,
+                          **{**TINY, "ema_start": TrainConfig.ema_start}))
+    for named in ("ema_warmup False -> True", "ema_start 0 -> 200", "bn_warmup False -> True"):
+        assert named in str(e.value)
+    train(TrainConfig(features=str(shared_cache), out=str(run), epochs=2, **TINY, **old))
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2

@@ -73,7 +73,8 @@ class TrainConfig:
     # every other field changes the math and must not change on resume (set below, new fields included)
     RESUME_FIXED = ()
     # what a run from before the setting existed did, where that is not the field's default
-    RESUME_LEGACY = {"val_beam_size": 1, "tie_embeddings": False, "tokenizer": "nltk", "ema_start": 0}
+    RESUME_LEGACY = {"val_beam_size": 1, "tie_embeddings": False, "tokenizer": "nltk", "ema_warmup": False,
+                     "ema_start": 0, "bn_warmup": False}
 
     def __post_init__(self):
         # each number within common.bounds' limits, as the CLI and a sweep grid check it, named as the option
