@@ -15,10 +15,11 @@ The two alternate, `--repeats` times; the ratio is of the medians. Target on CPU
 Also measured, once each, for the choices the pipeline makes: channels_last against the default
 memory format and BatchNorm folded into the convolutions against not (bare forward), and the decode paths (PIL as used, PIL without JPEG draft mode on
 COCO-sized 640x480 JPEGs, torchvision.io.decode_jpeg), in ms per image.
-On CUDA (`--device cuda`) the bare forward runs under bf16 autocast like `Backbone.encode`; the
-issue's GPU target is >= 3,000 images/s end to end for ResNet-152 on COCO-sized JPEGs (point
---images-dir/--captions at real COCO val2017 for that), and the GPU JPEG decoder
-(`decode_jpeg(device="cuda")`) is timed beside the CPU one.
+On CUDA (`--device cuda`) the bare forward runs in bf16 like `Backbone.encode` (the weights cast
+once when loaded; autocast only casts the input); the GPU target (docs/gpu.md) is >= 3,000
+images/s end to end for ResNet-152 on COCO-sized JPEGs (point --images-dir/--captions at real COCO
+val2017 for that), and the GPU JPEG decoder (`decode_jpeg(device="cuda")`) is timed beside the
+CPU one.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ weights, same compute), and the same 8 runs are estimated as
 A lower bound for the seed: the CNN is timed here under inference_mode with this project's fast
 (draft-mode) JPEG decoding, where the seed decoded and ran it inside its training loop.
 
-Targets (from the sweep issue): n_jobs=2 at least 1.5x faster than sequential on 2 cores, and the
+Targets: n_jobs=2 at least 1.5x faster than sequential on 2 cores, and the
 parallel sweep's peak memory under 1.5x the sequential one. `--tiny` is a smoke mode (dry-run
 training on a 2-run grid, the CNN timed on 2 images) that checks the plumbing, not the targets.
 """
