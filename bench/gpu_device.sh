@@ -9,20 +9,23 @@
 set -euo pipefail
 OUT="${OUT:-runs/device-out}"
 WORK="${WORK:-/tmp/capcache-device-check}"
+PY="${PYTHON:-python3}"  # the machine's python3 holds its PyTorch
 mkdir -p "$OUT"
 export CAPCACHE_TOKEN_CACHE="${CAPCACHE_TOKEN_CACHE:-$WORK/tokens}"  # the train part fills it, the sweep reads it
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python -m pip install --no-index --no-deps --quiet .whl/*.whl 2>&1 | tail -n 3 | tee "$OUT/pip.log"
+if compgen -G ".whl/*.whl" > /dev/null; then  # into a folder of their own: the machine's site-packages may be read-only
+  "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade --quiet --target "$WORK/site" \
+    .whl/*.whl > "$OUT/pip.log" 2>&1 || echo "pip could not install .whl/ (see pip.log): the parts that need it will fail"
+  export PYTHONPATH="$PYTHONPATH:$WORK/site"
 fi
 if [ -d .whl/site ]; then  # files carried as a folder (pycocoevalcap's pure-Python scorers)
   export PYTHONPATH="$PYTHONPATH:$PWD/.whl/site"
 fi
-python - <<'PY' 2>&1 | tee "$OUT/env.txt"
+"$PY" - <<'PY' 2>&1 | tee "$OUT/env.txt"
 import importlib, platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
       torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU")
-for m in ("nltk", "pycocoevalcap.cider.cider", "h5py", "click", "tqdm", "joblib", "PIL"):
+for m in ("torchvision", "nltk", "regex", "pycocoevalcap.cider.cider", "h5py", "click", "tqdm", "joblib", "PIL"):
     try:
         importlib.import_module(m)
         print("ok     ", m)
@@ -30,5 +33,5 @@ for m in ("nltk", "pycocoevalcap.cider.cider", "h5py", "click", "tqdm", "joblib"
         print("MISSING", m, type(e).__name__, e)
 PY
 # the parts' limits (bench/gpu.py LIMITS) add up to under 300 s; the outer limit leaves it a margin
-timeout 330 python bench/gpu.py --device cuda --work "$WORK" --results "$OUT" "$@" 2>"$OUT/stderr.log" \
+timeout 330 "$PY" bench/gpu.py --device cuda --work "$WORK" --results "$OUT" "$@" 2>"$OUT/stderr.log" \
   | tee "$OUT/stdout.log"
