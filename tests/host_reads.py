@@ -12,9 +12,13 @@ class HostReads(TorchFunctionMode):
 
     def __init__(self):
         super().__init__()
-        self.n = 0
+        self.reads: list[str] = []  # the names of the reading calls, in order
+
+    @property
+    def n(self) -> int:
+        return len(self.reads)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in HOST_READS:
-            self.n += 1
+        if (name := getattr(func, "__name__", "")) in HOST_READS:
+            self.reads.append(name)
         return func(*args, **(kwargs or {}))

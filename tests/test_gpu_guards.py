@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from host_reads import HostReads
 from stage2_decoder.model import CaptionDecoder, DecoderConfig
 
 TINY_CLI = ["--batch-size", "16", "--embed-size", "16", "--hidden-size", "32", "--vocab-threshold", "2",
@@ -196,7 +197,6 @@ def test_the_step_packs_without_sorting_on_the_device_and_the_average_reads_noth
     """enforce_sorted=False sorts and uploads its indices (a host sync per call on CUDA); AveragedModel reads
     its update count back (`n_averaged == 0`) every step."""
     import torch.nn.utils.rnn as rnn
-    from torch.overrides import TorchFunctionMode
 
     import stage2_decoder.model as model_mod
     from stage2_decoder.training.config import TrainConfig
@@ -211,16 +211,6 @@ def test_the_step_packs_without_sorting_on_the_device_and_the_average_reads_noth
 
     monkeypatch.setattr(rnn, "pack_padded_sequence", spy)
     monkeypatch.setattr(model_mod, "pack_padded_sequence", spy)
-
-    class HostReads(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.reads = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if getattr(func, "__name__", "") in ("__bool__", "item", "tolist", "cpu", "__int__", "__float__"):
-                self.reads.append(func.__name__)
-            return func(*args, **(kwargs or {}))
 
     import stage2_decoder.train as train_mod
     import stage2_decoder.training.loop as loop_mod
@@ -385,24 +375,15 @@ def test_beam_search_as_before_on_300_cached_coco_images(coco_dir, tmp_path):
 
 def test_beam_search_reads_back_a_fixed_few_times_whatever_the_batch():
     """f959e73 read the device per step and per image (`bool(...)`, `.tolist()` per finished hypothesis)."""
-    from torch.overrides import TorchFunctionMode
 
     from stage2_decoder.decoding.beam import beam_search_nbest
     from stage2_decoder.decoding.config import DecodeConfig
 
-    class HostReads(TorchFunctionMode):
-        n = 0
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if getattr(func, "__name__", "") in ("__bool__", "item", "tolist", "cpu", "__int__", "__float__"):
-                HostReads.n += 1
-            return func(*args, **(kwargs or {}))
-
     m = _decoder().eval()
     m.out_bias.data[2] = 3.0  # <end> likely: hypotheses finish at many different steps
-    with HostReads():
+    with HostReads() as mode:
         beam_search_nbest(m, torch.randn(64, 32), DecodeConfig(beam_size=3, max_len=20))
-    assert HostReads.n <= 20 // 4 + 6, HostReads.n  # the periodic "all done?" and the one transfer at the end
+    assert mode.n <= 20 // 4 + 6, mode.reads  # the periodic "all done?" and the one transfer at the end
 
 
 def test_checkpoints_keep_the_cuda_generators_and_a_resume_puts_them_back(shared_cache, tmp_path, monkeypatch):
