@@ -19,6 +19,8 @@ part that fails or runs past its time limit (`--limit PART=SECONDS`) leaves the 
             epoch projected from timed batches, 500-image beam-3 validation, the default recipe projected
   syncs     host syncs counted (`torch.cuda.set_sync_debug_mode("warn")`, each one a warning with its line)
             over cross-entropy steps, an SCST step and a beam-3 decode
+  profile   torch.profiler over cross-entropy steps, an SCST batch, a beam-3 decode and a stage 1 forward
+            batch: ms per step, the GPU's busy share, the top kernels (a missed target names its cause)
   sweep     the real sweep CLI in a fresh process (the fork path a user's sweep takes), 4 runs (2 with
             --tiny), 2 jobs; failed runs counted
   torchrun  stage 1 under torchrun with 1 process against a plain run: the same features
@@ -49,11 +51,11 @@ import numpy as np
 from harness import REPO, default_data, machine
 
 PHOTOS = Path(__file__).resolve().parent / "gpu-photos"
-PARTS = ("jpegs", "stage1", "train", "stage2", "syncs", "sweep", "torchrun", "caption")
-# seconds per part on the device: together under 5 minutes (bench/gpu_device.sh runs within that)
+PARTS = ("jpegs", "stage1", "train", "stage2", "syncs", "profile", "sweep", "torchrun", "caption")
+# seconds per part on the device, at most: together 320 s (bench/gpu_device.sh allows 345)
 # (train tokenises the 100k captions once; the sweep's runs then read them from the token cache)
-LIMITS = {"jpegs": 35, "stage1": 70, "train": 45, "stage2": 65, "syncs": 15, "sweep": 35, "torchrun": 20,
-          "caption": 15}
+LIMITS = {"jpegs": 35, "stage1": 70, "train": 45, "stage2": 65, "syncs": 15, "profile": 20, "sweep": 35,
+          "torchrun": 20, "caption": 15}
 COCO = {"images": 123_287, "captions": 616_767, "vocab": 10_000}  # COCO 2017 train + val; words seen >= 4 times
 JPEG_SIZE, JPEG_QUALITY, GRAIN = (640, 480), 92, 14.0  # 14 levels of grain at quality 92: ~150 KB, COCO's mean
 CHUNK_WARNING = "contiguous chunk"  # cuDNN: "RNN module weights are not part of single contiguous chunk of memory"
@@ -404,6 +406,72 @@ def part_syncs(ctx) -> dict:
             "_failed": bool(per_step)}
 
 
+# --- where the time goes --------------------------------------------------------------------------------
+
+def _profiled(device, fn, steps: int, top: int = 8) -> dict:
+    """fn() run `steps` times under torch.profiler: wall ms per step, the share of it the GPU spent in kernels
+    (1 - that share: its idle gaps, launches and host work it waited for), and the top kernels (CPU ops off CUDA)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    fn()  # warm: kernel choice and allocations are not what a step costs
+    with profile(activities=acts) as prof, Clock(device) as c:
+        for _ in range(steps):
+            fn()
+    events = prof.key_averages()
+
+    def dev_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0))
+
+    if cuda:
+        rows = [(e.key, dev_us(e), e.count) for e in events  # kernels and copies; annotations span them
+                if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    else:
+        rows = [(e.key, float(e.self_cpu_time_total), e.count) for e in events]
+    rows.sort(key=lambda r: r[1], reverse=True)
+    busy = sum(r[1] for r in rows) / 1e6 / c.s if cuda else None
+    return {"wall_ms_per_step": round(c.s / steps * 1000, 2), "gpu_busy": None if busy is None else round(busy, 3),
+            "top": [[name[:80], round(us / 1000 / steps, 3), n // steps] for name, us, n in rows[:top]]}
+
+
+def part_profile(ctx) -> dict:
+    """torch.profiler over the timed work, so a missed target names its kernels or its idle GPU in the same run:
+    the cross-entropy step, an SCST batch, a beam-3 decode of 256 images and a stage 1 forward batch
+    (per step: ms, GPU busy share, top kernels with ms and calls)."""
+    import torch
+
+    from common.backbones import load_backbone
+    from stage2_decoder.decoding.beam import beam_search_nbest
+    from stage2_decoder.decoding.config import DecodeConfig
+    from stage2_decoder.training.scst import scst_epoch
+
+    z, dev = ctx.s2, ctx.device
+    s, batches = z.data, iter(z.batches[1:])
+    z.model.train()
+    out = {"xe_step": _profiled(dev, lambda: _xe_steps(s, z.cfg, [next(batches)], z.model, z.opt, z.ema, dev, z.g),
+                                steps=2 if ctx.args.tiny else 10)}
+    def scst_batch():
+        scst_epoch(z.model, z.opt, s.features, z.scst_rows, z.scorer, s.vocab.itos, z.cfg.batch_size, z.g,
+                   z.cfg.scst_samples, z.cfg.grad_clip, max_batches=1)
+
+    out["scst_step"] = _profiled(dev, scst_batch, steps=1 if ctx.args.tiny else 2)
+    z.model.eval()
+    feats = s.features[:256].float()
+    with torch.inference_mode():
+        out["beam"] = _profiled(dev, lambda: beam_search_nbest(z.model, feats, DecodeConfig(3)),
+                                steps=1 if ctx.args.tiny else 3)
+    bb = load_backbone(ctx.args.backbone, "none", dev)
+    x = torch.randint(0, 256, (ctx.args.batch_size, 3, bb.preprocess.crop, bb.preprocess.crop), dtype=torch.uint8)
+    x = x.pin_memory() if dev.type == "cuda" else x
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    out["stage1_forward"] = _profiled(dev, lambda: bb.encode(x), steps=1 if ctx.args.tiny else 5)
+    return out
+
+
 # --- the sweep CLI, torchrun, caption cold start ----------------------------------------------------------
 
 def part_sweep(ctx) -> dict:
@@ -474,9 +542,10 @@ def part_caption(ctx) -> dict:
 
 
 RUNNERS = {"jpegs": part_jpegs, "stage1": part_stage1, "train": part_train, "stage2": part_stage2,
-           "syncs": part_syncs, "sweep": part_sweep, "torchrun": part_torchrun, "caption": part_caption}
-NEEDS = {"stage1": "jpegs", "train": "stage1", "syncs": "stage2", "sweep": "stage1", "torchrun": "jpegs",
-         "caption": "train"}
+           "syncs": part_syncs, "profile": part_profile, "sweep": part_sweep, "torchrun": part_torchrun,
+           "caption": part_caption}
+NEEDS = {"stage1": "jpegs", "train": "stage1", "syncs": "stage2", "profile": "stage2", "sweep": "stage1",
+         "torchrun": "jpegs", "caption": "train"}
 
 
 def _alarm(signum, frame):
@@ -550,6 +619,7 @@ def summary(lines: dict[str, dict], device) -> dict:
             "stage2": pick("stage2", "images", "captions", "vocab", "xe_epoch_s", "scst_epoch_s", "val_500_beam3_s",
                            "recipe_projected_s", "peak_gpu_gb"),
             "syncs": pick("syncs", "xe_step", "scst_step", "beam"),
+            "profile": pick("profile", "xe_step", "scst_step", "beam", "stage1_forward"),
             "sweep": pick("sweep", "runs", "ok", "failed", "rc", "jobs", "seconds", "ema_chunk_warnings"),
             "torchrun_equal": lines.get("torchrun", {}).get("torchrun_equal"),
             "caption_cold_start_s": lines.get("caption", {}).get("caption_cold_start_s"),

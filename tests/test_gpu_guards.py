@@ -581,8 +581,8 @@ def test_damaged_features_are_found_on_the_host_before_any_upload(shared_cache, 
 
 def test_the_prepared_gpu_run_goes_through_on_the_cpu(data_dir, coco_dir, tmp_path):
     """bench/gpu_device.sh --device cpu --tiny: every part of the device check (COCO-size JPEGs, extract, train + SCST,
-    the full-size stage 2 workload at a small size, sync counting, the sweep CLI, torchrun, caption) on a few
-    images, one JSON line each and gpu.json complete. In the default run: the script that proves the GPU path
+    the full-size stage 2 workload at a small size, sync counting, the profile, the sweep CLI, torchrun, caption) on
+    a few images, one JSON line each and gpu.json complete. In the default run: the script that proves the GPU path
     must not rot while no GPU is at hand."""
     import json
     import subprocess
@@ -596,7 +596,8 @@ def test_the_prepared_gpu_run_goes_through_on_the_cpu(data_dir, coco_dir, tmp_pa
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + (out / "stderr.log").read_text()[-3000:]
     lines = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
-    assert [x["part"] for x in lines] == ["jpegs", "stage1", "train", "stage2", "syncs", "sweep", "torchrun", "caption"]
+    assert [x["part"] for x in lines] == ["jpegs", "stage1", "train", "stage2", "syncs", "profile", "sweep", "torchrun",
+                                          "caption"]
     assert all(x["status"] == "ok" for x in lines), lines
     assert (out / "gpu.jsonl").read_text().splitlines() == [json.dumps(x) for x in lines]
     assert "torch" in (out / "env.txt").read_text() and p.stdout.endswith((out / "stdout.log").read_text())
@@ -605,6 +606,12 @@ def test_the_prepared_gpu_run_goes_through_on_the_cpu(data_dir, coco_dir, tmp_pa
     assert all(doc["stage2"][k] > 0 for k in ("xe_epoch_s", "scst_epoch_s", "val_500_beam3_s", "recipe_projected_s"))
     assert doc["sweep"]["ok"] == doc["sweep"]["runs"] == 2 and doc["torchrun_equal"] is True
     assert doc["caption_cold_start_s"] > 0 and doc["syncs"] == {"xe_step": None, "scst_step": None, "beam": None}
+    prof = doc["profile"]
+    assert set(prof) == {"xe_step", "scst_step", "beam", "stage1_forward"}
+    for section in prof.values():  # off CUDA: CPU ops, no GPU share
+        assert section["wall_ms_per_step"] > 0 and section["gpu_busy"] is None and section["top"]
+        assert all(ms >= 0 and calls >= 1 for _, ms, calls in section["top"])
+    assert any(name.startswith("aten::") and "conv" in name for name, _, _ in prof["stage1_forward"]["top"])
 
 
 def test_the_device_wrapper_goes_on_when_a_carried_wheel_does_not_install(tmp_path):
