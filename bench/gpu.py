@@ -608,7 +608,8 @@ def summary(lines: dict[str, dict], device) -> dict:
         return {k: got.get(k) for k in keys}
 
     stage1 = {**pick("jpegs", "images", "jpeg_size", "mean_kb"),
-              **pick("stage1", "decode_only_img_s", "forward_img_s", "end_to_end_img_s", "workers", "batch")}
+              **pick("stage1", "decode_only_img_s", "forward_img_s", "end_to_end_img_s", "workers", "batch",
+                     "backbone")}
     notes = [f"{name}: {line['status']}: {line.get('error', '')}".rstrip(": ")
              for name, line in lines.items() if line["status"] != "ok"]
     where = lines.get("syncs", {}).get("where") or {}

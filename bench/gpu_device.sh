@@ -33,5 +33,13 @@ for m in ("torchvision", "nltk", "regex", "pycocoevalcap.cider.cider", "h5py", "
         print("MISSING", m, type(e).__name__, e)
 PY
 # the parts' limits (bench/gpu.py LIMITS) add up to 320 s; the outer limit leaves it a margin
+set +e
 timeout 345 "$PY" bench/gpu.py --device cuda --work "$WORK" --results "$OUT" "$@" 2>"$OUT/stderr.log" \
   | tee "$OUT/stdout.log"
+rc=$?
+set -e
+# the targets table for bench/RESULTS.md, also when a part failed (gpu.json says which)
+if [ -f "$OUT/gpu.json" ]; then
+  "$PY" bench/gpu_report.py "$OUT/gpu.json" | tee "$OUT/report.md" || true
+fi
+exit $rc

@@ -600,7 +600,7 @@ def test_the_prepared_gpu_run_goes_through_on_the_cpu(data_dir, coco_dir, tmp_pa
                                           "caption"]
     assert all(x["status"] == "ok" for x in lines), lines
     assert (out / "gpu.jsonl").read_text().splitlines() == [json.dumps(x) for x in lines]
-    assert "torch" in (out / "env.txt").read_text() and p.stdout.endswith((out / "stdout.log").read_text())
+    assert "torch" in (out / "env.txt").read_text() and (out / "stdout.log").read_text() in p.stdout
     doc = json.loads((out / "gpu.json").read_text())
     assert doc["stage1"]["jpeg_size"] == [640, 480] and doc["stage1"]["end_to_end_img_s"] > 0
     assert all(doc["stage2"][k] > 0 for k in ("xe_epoch_s", "scst_epoch_s", "val_500_beam3_s", "recipe_projected_s"))
@@ -612,6 +612,9 @@ def test_the_prepared_gpu_run_goes_through_on_the_cpu(data_dir, coco_dir, tmp_pa
         assert section["wall_ms_per_step"] > 0 and section["gpu_busy"] is None and section["top"]
         assert all(ms >= 0 and calls >= 1 for _, ms, calls in section["top"])
     assert any(name.startswith("aten::") and "conv" in name for name, _, _ in prof["stage1_forward"]["top"])
+    rows = [ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith("| ")]  # gpu_report.py's
+    assert any(f"| {doc['stage2']['xe_epoch_s']:g} s |" in r and r.startswith("| cross-entropy epoch") for r in rows)
+    assert sum("mobilenet_v2" in r for r in rows) == 2 and any(r.startswith("| xe_step | ") for r in rows)
 
 
 def test_the_device_wrapper_goes_on_when_a_carried_wheel_does_not_install(tmp_path):
@@ -644,3 +647,28 @@ def test_the_device_wrapper_goes_on_when_a_carried_wheel_does_not_install(tmp_pa
     assert "SITE True" in p.stdout
     path = next(ln for ln in p.stdout.splitlines() if ln.startswith("PATH ")).split(" ", 1)[1].split(os.pathsep)
     assert str(work / "site") in path and str(tmp_path / ".whl" / "site") in path
+
+
+def test_the_gpu_report_says_which_targets_a_run_meets():
+    """bench/gpu_report.py: floor and goal by the right sense (img/s higher, seconds lower), "not measured" where
+    a part measured nothing, and the headline: all of COCO through stage 1 at the end-to-end rate plus the recipe."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import gpu_report
+
+    assert gpu_report.verdict(5000, "min", 3000, 5000) == "goal"
+    assert gpu_report.verdict(4999, "min", 3000, 5000) == "floor"
+    assert gpu_report.verdict(2999, "min", 3000, 5000) == "missed"
+    assert gpu_report.verdict(15, "max", 30, 15) == "goal" and gpu_report.verdict(31, "max", 30, 15) == "missed"
+    assert gpu_report.verdict(0, "max", 0, 0) == "goal" and gpu_report.verdict(None, "max", 0, 0) == "not measured"
+    doc = {"stage1": {"end_to_end_img_s": 4000.0, "forward_img_s": 12000.0, "backbone": "resnet152"},
+           "stage2": {"xe_epoch_s": 20.0, "recipe_projected_s": 400.0}, "syncs": {"xe_step": 0.0}}
+    assert gpu_report.headline(doc) == pytest.approx(123_287 / 4000 + 400)
+    rows = {r.split(" | ")[0][2:]: r for r in gpu_report.report(doc).splitlines() if r.startswith("| ")}
+    assert rows["stage 1 resnet152, decode + forward + write, COCO-size JPEGs"].endswith("| 4,000 img/s | floor |")
+    assert rows["stage 1 resnet152 forward alone, bf16"].endswith("| goal |")
+    assert rows["cross-entropy epoch, full COCO size"].endswith("| 20 s | floor |")
+    assert rows["SCST epoch, full COCO size"].endswith("| - | not measured |")
+    assert rows["host syncs per cross-entropy step"].endswith("| 0 | goal |")
+    assert rows["all of COCO, JPEGs to an SCST-trained captioner (stage 1 + recipe), projected"].endswith("| 431 s | yes |")

@@ -1,0 +1,100 @@
+"""The device check's results against the GPU targets, as the Markdown that goes into bench/RESULTS.md.
+
+    python bench/gpu_report.py bench/results/gpu.json     # prints the tables
+
+Each target has a floor (required) and a goal (docs/gpu.md); a row says which it meets, or "missed". The
+headline row projects all of COCO (123,287 images) from JPEGs through stage 1 at the measured end-to-end
+rate, then the default recipe at the projected time. A second table shows where the time goes (the
+profile part): per step, the GPU's busy share and its top kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+COCO_IMAGES = 123_287
+HEADLINE_S = 600  # all of COCO from JPEGs to an SCST-trained captioner in under 10 minutes
+
+# (what, where in gpu.json, "min" if higher is better else "max", floor, goal, unit)
+TARGETS = [
+    ("stage 1 {backbone}, decode + forward + write, COCO-size JPEGs", ("stage1", "end_to_end_img_s"), "min", 3000,
+     5000, "img/s"),
+    ("stage 1 {backbone} forward alone, bf16", ("stage1", "forward_img_s"), "min", 6000, 10000, "img/s"),
+    ("cross-entropy epoch, full COCO size", ("stage2", "xe_epoch_s"), "max", 30, 15, "s"),
+    ("SCST epoch, full COCO size", ("stage2", "scst_epoch_s"), "max", 120, 45, "s"),
+    ("500-image beam-3 validation", ("stage2", "val_500_beam3_s"), "max", 5, 2, "s"),
+    ("default recipe (20 XE + 2 SCST epochs with validation), projected", ("stage2", "recipe_projected_s"), "max",
+     900, 480, "s"),
+    ("host syncs per cross-entropy step", ("syncs", "xe_step"), "max", 0, 0, ""),
+    ("host syncs in an SCST step", ("syncs", "scst_step"), "max", 0, 0, ""),
+    ("host syncs in a beam-3 decode", ("syncs", "beam"), "max", 0, 0, ""),
+]
+
+
+def verdict(value, sense: str, floor: float, goal: float) -> str:
+    if value is None:
+        return "not measured"
+    better = (lambda a, b: a >= b) if sense == "min" else (lambda a, b: a <= b)
+    return "goal" if better(value, goal) else "floor" if better(value, floor) else "missed"
+
+
+def _fmt(value, unit: str) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:g}"
+    return f"{text} {unit}".strip()
+
+
+def headline(doc: dict) -> float | None:
+    """Seconds for all of COCO: stage 1 at the end-to-end rate, then the projected recipe."""
+    rate = (doc.get("stage1") or {}).get("end_to_end_img_s")
+    recipe = (doc.get("stage2") or {}).get("recipe_projected_s")
+    if not rate or recipe is None:
+        return None
+    return COCO_IMAGES / rate + recipe
+
+
+def report(doc: dict) -> str:
+    lines = [f"{doc.get('device')}; torch {doc.get('torch')}, CUDA {doc.get('cuda')} ({doc.get('date')}, "
+             f"{doc.get('commit')})", "", "| measure | floor | goal | measured | meets |", "|---|---|---|---|---|"]
+    for what, (part, key), sense, floor, goal, unit in TARGETS:
+        value = (doc.get(part) or {}).get(key)
+        sign = ">=" if sense == "min" else "<="
+        what = what.format(backbone=(doc.get("stage1") or {}).get("backbone") or "resnet152")
+        lines.append(f"| {what} | {sign} {_fmt(floor, unit)} | {sign} {_fmt(goal, unit)} | {_fmt(value, unit)} | "
+                     f"{verdict(value, sense, floor, goal)} |")
+    total = headline(doc)
+    lines.append(f"| all of COCO, JPEGs to an SCST-trained captioner (stage 1 + recipe), projected | - | "
+                 f"<= {_fmt(HEADLINE_S, 's')} | {_fmt(total, 's')} | "
+                 f"{verdict(total, 'max', HEADLINE_S, HEADLINE_S).replace('goal', 'yes').replace('missed', 'no')} |")
+    prof = doc.get("profile") or {}
+    if any(prof.values()):
+        lines += ["", "| where the time goes | ms per step | GPU busy | top kernels (ms per step) |", "|---|---|---|---|"]
+        for name, sec in prof.items():
+            if not sec:
+                continue
+            busy = "-" if sec.get("gpu_busy") is None else f"{sec['gpu_busy']:.0%}"
+            top = "; ".join(f"`{k[:48]}` {ms:g}" for k, ms, _ in sec.get("top", [])[:3])
+            lines.append(f"| {name} | {sec.get('wall_ms_per_step')} | {busy} | {top} |")
+    if doc.get("notes"):
+        lines += ["", *[f"- {n}" for n in doc["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("results", type=Path, help="gpu.json from bench/gpu.py")
+    args = ap.parse_args(argv)
+    try:
+        doc = json.loads(args.results.read_text())
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read {args.results}: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(report(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
