@@ -1,4 +1,4 @@
-"""The device check: the CUDA path at COCO's real sizes, measured part by part in about 5 minutes on one GPU.
+"""The device check: the CUDA path at COCO's real sizes, measured part by part in at most 6 minutes on one GPU.
 
     bash bench/gpu_device.sh                 # on the GPU machine: carried wheels, then this script (docs/gpu.md)
     python bench/gpu.py                      # the script alone, on a machine with a GPU
@@ -12,6 +12,8 @@ part that fails or runs past its time limit (`--limit PART=SECONDS`) leaves the 
             crop and flip, a grain that gives back the detail their downscaling took away)
   stage1    ResNet-152 (random weights: the same compute) over them: decoding alone (the DataLoader),
             the forward alone (one pinned batch), and the real extract() end to end (decode + forward + write)
+  choices   stage 1's settings side by side: the forward alone at batch 64-512 and without channels_last,
+            extract() end to end at batch 64 (the default) against 256, and with one worker fewer
   train     the real train() on that cache, cross-entropy and SCST (one batch each): cuDNN's RNN backward
             in SCST, the EMA copy's "not one contiguous chunk" warning counted
   stage2    a synthetic full-COCO workload (123,287 images x 2,048 fp16 features, 616k captions, 10k words,
@@ -51,11 +53,11 @@ import numpy as np
 from harness import REPO, default_data, machine
 
 PHOTOS = Path(__file__).resolve().parent / "gpu-photos"
-PARTS = ("jpegs", "stage1", "train", "stage2", "syncs", "profile", "sweep", "torchrun", "caption")
-# seconds per part on the device, at most: together 320 s (bench/gpu_device.sh allows 345)
+PARTS = ("jpegs", "stage1", "choices", "train", "stage2", "syncs", "profile", "sweep", "torchrun", "caption")
+# seconds per part on the device, at most: together 375 s (bench/gpu_device.sh allows 400)
 # (train tokenises the 100k captions once; the sweep's runs then read them from the token cache)
-LIMITS = {"jpegs": 35, "stage1": 70, "train": 45, "stage2": 65, "syncs": 15, "profile": 20, "sweep": 35,
-          "torchrun": 20, "caption": 15}
+LIMITS = {"jpegs": 35, "stage1": 70, "choices": 55, "train": 45, "stage2": 65, "syncs": 15, "profile": 20,
+          "sweep": 35, "torchrun": 20, "caption": 15}
 COCO = {"images": 123_287, "captions": 616_767, "vocab": 10_000}  # COCO 2017 train + val; words seen >= 4 times
 JPEG_SIZE, JPEG_QUALITY, GRAIN = (640, 480), 92, 14.0  # 14 levels of grain at quality 92: ~150 KB, COCO's mean
 CHUNK_WARNING = "contiguous chunk"  # cuDNN: "RNN module weights are not part of single contiguous chunk of memory"
@@ -224,6 +226,42 @@ def part_stage1(ctx) -> dict:
             "end_to_end_img_s": round(s.images_per_s, 1), "workers": workers, "batch": args.batch_size,
             "backbone": args.backbone, "precision": "bfloat16" if device.type == "cuda" else "float32",
             "compile": args.compile, **({"note": note} if note else {})}
+
+
+def part_choices(ctx) -> dict:
+    """Stage 1's settings side by side, to choose its defaults from: the forward alone at batch 64 to 512 and
+    without channels_last, and extract() end to end over the first JPEGs at the default batch (64) against
+    --batch-size, and with workers = cores - 2 against cores - 1."""
+    from stage1 import bare_images_per_s  # bench/stage1.py
+
+    from common.backbones import default_workers, load_backbone
+    from stage1_extract.extract import ExtractConfig, extract
+
+    args, dev, tiny = ctx.args, ctx.device, ctx.args.tiny
+    bb = load_backbone(args.backbone, "none", dev)
+    reps = 2 if tiny else 10
+    forward = {str(b): round(bare_images_per_s(bb.model, b, reps, dev, warm_up=True), 1)
+               for b in ((4, 8) if tiny else (64, 128, 256, 512))}
+    contiguous = round(bare_images_per_s(bb.model, args.batch_size, reps, dev, channels_last=False, warm_up=True), 1)
+    del bb
+    n = min(args.jpegs, 16 if tiny else 8000)
+    workers = default_workers()
+
+    def end_to_end(batch: int, w: int) -> float:
+        out = ctx.work / f"choice-{batch}-{w}.h5"
+        for p in (out, Path(str(out) + ".parts")):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        s = extract(ExtractConfig(images=str(ctx.jpegs / "images"), captions=str(ctx.jpegs / "captions.csv"),
+                                  out=str(out), backbone=args.backbone, weights="none", batch_size=batch,
+                                  device=str(dev), workers=w, limit=n, progress=False))
+        out.unlink(missing_ok=True)
+        return round(s.images_per_s, 1)
+
+    configs = dict.fromkeys([(64, workers), (args.batch_size, workers), (args.batch_size, max(1, workers - 1))])
+    e2e = {f"batch {b}, workers {w}": end_to_end(b, w) for b, w in configs}  # each once (1 worker: no fewer)
+    return {"forward_img_s_by_batch": forward, "forward_img_s_contiguous": contiguous,
+            "contiguous_batch": args.batch_size, "end_to_end_images": n,
+            "end_to_end_img_s": e2e}
 
 
 # --- the real train() ------------------------------------------------------------------------------------
@@ -541,11 +579,11 @@ def part_caption(ctx) -> dict:
     return {"caption_cold_start_s": round(s, 2) if ok else None, "output": last, "_failed": not ok}
 
 
-RUNNERS = {"jpegs": part_jpegs, "stage1": part_stage1, "train": part_train, "stage2": part_stage2,
-           "syncs": part_syncs, "profile": part_profile, "sweep": part_sweep, "torchrun": part_torchrun,
-           "caption": part_caption}
-NEEDS = {"stage1": "jpegs", "train": "stage1", "syncs": "stage2", "profile": "stage2", "sweep": "stage1",
-         "torchrun": "jpegs", "caption": "train"}
+RUNNERS = {"jpegs": part_jpegs, "stage1": part_stage1, "choices": part_choices, "train": part_train,
+           "stage2": part_stage2, "syncs": part_syncs, "profile": part_profile, "sweep": part_sweep,
+           "torchrun": part_torchrun, "caption": part_caption}
+NEEDS = {"stage1": "jpegs", "choices": "jpegs", "train": "stage1", "syncs": "stage2", "profile": "stage2",
+         "sweep": "stage1", "torchrun": "jpegs", "caption": "train"}
 
 
 def _alarm(signum, frame):
@@ -621,6 +659,8 @@ def summary(lines: dict[str, dict], device) -> dict:
                            "recipe_projected_s", "peak_gpu_gb"),
             "syncs": pick("syncs", "xe_step", "scst_step", "beam"),
             "profile": pick("profile", "xe_step", "scst_step", "beam", "stage1_forward"),
+            "stage1_choices": pick("choices", "forward_img_s_by_batch", "forward_img_s_contiguous", "contiguous_batch",
+                                   "end_to_end_images", "end_to_end_img_s"),
             "sweep": pick("sweep", "runs", "ok", "failed", "rc", "jobs", "seconds", "ema_chunk_warnings"),
             "torchrun_equal": lines.get("torchrun", {}).get("torchrun_equal"),
             "caption_cold_start_s": lines.get("caption", {}).get("caption_cold_start_s"),
@@ -650,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="stage 1 through torch.compile (extract --compile)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     ap.add_argument("--limit", action="append", default=[], metavar="PART=SECONDS",
-                    help="a part's time limit (defaults fit 5 minutes; 0 = none; none by default with --tiny)")
+                    help="a part's time limit (defaults add up to 375 s; 0 = none; none by default with --tiny)")
     ap.add_argument("--prepare", action="store_true", help="only copy the photos into bench/gpu-photos/, then exit")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-gpu", help="scratch folder (JPEGs, caches)")
     ap.add_argument("--results", type=Path, default=None,

@@ -4,8 +4,8 @@
 
 Each target has a floor (required) and a goal (docs/gpu.md); a row says which it meets, or "missed". The
 headline row projects all of COCO (123,287 images) from JPEGs through stage 1 at the measured end-to-end
-rate, then the default recipe at the projected time. A second table shows where the time goes (the
-profile part): per step, the GPU's busy share and its top kernels.
+rate, then the default recipe at the projected time. Then stage 1's settings side by side (the choices
+part), and where the time goes (the profile part): per step, the GPU's busy share and its top kernels.
 """
 from __future__ import annotations
 
@@ -69,9 +69,20 @@ def report(doc: dict) -> str:
     lines.append(f"| all of COCO, JPEGs to an SCST-trained captioner (stage 1 + recipe), projected | - | "
                  f"<= {_fmt(HEADLINE_S, 's')} | {_fmt(total, 's')} | "
                  f"{verdict(total, 'max', HEADLINE_S, HEADLINE_S).replace('goal', 'yes').replace('missed', 'no')} |")
+    ch = doc.get("stage1_choices") or {}
+    if ch.get("forward_img_s_by_batch") or ch.get("end_to_end_img_s"):
+        lines += ["", "| stage 1 setting | img/s |", "|---|---|"]
+        by_batch = ch.get("forward_img_s_by_batch") or {}
+        lines += [f"| forward alone, batch {b} | {_fmt(v, '')} |" for b, v in by_batch.items()]
+        if ch.get("forward_img_s_contiguous") is not None:
+            lines.append(f"| forward alone, batch {ch.get('contiguous_batch')}, without channels_last | "
+                         f"{_fmt(ch['forward_img_s_contiguous'], '')} |")
+        lines += [f"| end to end over {ch.get('end_to_end_images')} JPEGs, {k} | {_fmt(v, '')} |"
+                  for k, v in (ch.get("end_to_end_img_s") or {}).items()]
     prof = doc.get("profile") or {}
     if any(prof.values()):
-        lines += ["", "| where the time goes | ms per step | GPU busy | top kernels (ms per step) |", "|---|---|---|---|"]
+        lines += ["", "| where the time goes | ms per step | GPU busy | top kernels (ms per step) |",
+                  "|---|---|---|---|"]
         for name, sec in prof.items():
             if not sec:
                 continue

@@ -596,8 +596,8 @@ def test_the_prepared_gpu_run_goes_through_on_the_cpu(data_dir, coco_dir, tmp_pa
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + (out / "stderr.log").read_text()[-3000:]
     lines = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
-    assert [x["part"] for x in lines] == ["jpegs", "stage1", "train", "stage2", "syncs", "profile", "sweep", "torchrun",
-                                          "caption"]
+    assert [x["part"] for x in lines] == ["jpegs", "stage1", "choices", "train", "stage2", "syncs", "profile", "sweep",
+                                          "torchrun", "caption"]
     assert all(x["status"] == "ok" for x in lines), lines
     assert (out / "gpu.jsonl").read_text().splitlines() == [json.dumps(x) for x in lines]
     assert "torch" in (out / "env.txt").read_text() and (out / "stdout.log").read_text() in p.stdout
@@ -606,6 +606,14 @@ def test_the_prepared_gpu_run_goes_through_on_the_cpu(data_dir, coco_dir, tmp_pa
     assert all(doc["stage2"][k] > 0 for k in ("xe_epoch_s", "scst_epoch_s", "val_500_beam3_s", "recipe_projected_s"))
     assert doc["sweep"]["ok"] == doc["sweep"]["runs"] == 2 and doc["torchrun_equal"] is True
     assert doc["caption_cold_start_s"] > 0 and doc["syncs"] == {"xe_step": None, "scst_step": None, "beam": None}
+    ch = doc["stage1_choices"]
+    assert set(ch["forward_img_s_by_batch"]) == {"4", "8"} and ch["forward_img_s_contiguous"] > 0
+    from common.backbones import default_workers
+
+    w = default_workers()
+    assert {f"batch 64, workers {w}", f"batch 8, workers {w}", f"batch 8, workers {max(1, w - 1)}"} \
+        == set(ch["end_to_end_img_s"])
+    assert all(v > 0 for v in ch["end_to_end_img_s"].values())
     prof = doc["profile"]
     assert set(prof) == {"xe_step", "scst_step", "beam", "stage1_forward"}
     for section in prof.values():  # off CUDA: CPU ops, no GPU share
@@ -615,6 +623,8 @@ def test_the_prepared_gpu_run_goes_through_on_the_cpu(data_dir, coco_dir, tmp_pa
     rows = [ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith("| ")]  # gpu_report.py's
     assert any(f"| {doc['stage2']['xe_epoch_s']:g} s |" in r and r.startswith("| cross-entropy epoch") for r in rows)
     assert sum("mobilenet_v2" in r for r in rows) == 2 and any(r.startswith("| xe_step | ") for r in rows)
+    assert any(r.startswith(f"| end to end over 16 JPEGs, batch 64, workers {w} | ") for r in rows)
+    assert any(r.startswith("| forward alone, batch 8, without channels_last | ") for r in rows)
 
 
 def test_the_device_wrapper_goes_on_when_a_carried_wheel_does_not_install(tmp_path):
@@ -671,4 +681,5 @@ def test_the_gpu_report_says_which_targets_a_run_meets():
     assert rows["cross-entropy epoch, full COCO size"].endswith("| 20 s | floor |")
     assert rows["SCST epoch, full COCO size"].endswith("| - | not measured |")
     assert rows["host syncs per cross-entropy step"].endswith("| 0 | goal |")
-    assert rows["all of COCO, JPEGs to an SCST-trained captioner (stage 1 + recipe), projected"].endswith("| 431 s | yes |")
+    headline = rows["all of COCO, JPEGs to an SCST-trained captioner (stage 1 + recipe), projected"]
+    assert headline.endswith("| 431 s | yes |")
