@@ -1,4 +1,4 @@
-"""The device check: the CUDA path at COCO's real sizes, measured part by part in at most 6 minutes on one GPU.
+"""The device check: the CUDA path at COCO's real sizes, measured part by part in at most 6.5 minutes on one GPU.
 
     bash bench/gpu_device.sh                 # on the GPU machine: carried wheels, then this script (docs/gpu.md)
     python bench/gpu.py                      # the script alone, on a machine with a GPU
