@@ -33,24 +33,33 @@ TARGETS = [
 ]
 
 
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def verdict(value, sense: str, floor: float, goal: float) -> str:
-    if value is None:
+    if (value := _number(value)) is None:
         return "not measured"
     better = (lambda a, b: a >= b) if sense == "min" else (lambda a, b: a <= b)
     return "goal" if better(value, goal) else "floor" if better(value, floor) else "missed"
 
 
 def _fmt(value, unit: str) -> str:
-    if value is None:
+    if (value := _number(value)) is None:
         return "-"
     text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:g}"
     return f"{text} {unit}".strip()
 
 
+def _part(doc: dict, name: str) -> dict:
+    value = doc.get(name)
+    return value if isinstance(value, dict) else {}
+
+
 def headline(doc: dict) -> float | None:
     """Seconds for all of COCO: stage 1 at the end-to-end rate, then the projected recipe."""
-    rate = (doc.get("stage1") or {}).get("end_to_end_img_s")
-    recipe = (doc.get("stage2") or {}).get("recipe_projected_s")
+    rate = _number(_part(doc, "stage1").get("end_to_end_img_s"))
+    recipe = _number(_part(doc, "stage2").get("recipe_projected_s"))
     if not rate or recipe is None:
         return None
     return COCO_IMAGES / rate + recipe
@@ -60,16 +69,16 @@ def report(doc: dict) -> str:
     lines = [f"{doc.get('device')}; torch {doc.get('torch')}, CUDA {doc.get('cuda')} ({doc.get('date')}, "
              f"{doc.get('commit')})", "", "| measure | floor | goal | measured | meets |", "|---|---|---|---|---|"]
     for what, (part, key), sense, floor, goal, unit in TARGETS:
-        value = (doc.get(part) or {}).get(key)
+        value = _part(doc, part).get(key)
         sign = ">=" if sense == "min" else "<="
-        what = what.format(backbone=(doc.get("stage1") or {}).get("backbone") or "resnet152")
+        what = what.format(backbone=_part(doc, "stage1").get("backbone") or "resnet152")
         lines.append(f"| {what} | {sign} {_fmt(floor, unit)} | {sign} {_fmt(goal, unit)} | {_fmt(value, unit)} | "
                      f"{verdict(value, sense, floor, goal)} |")
     total = headline(doc)
     lines.append(f"| all of COCO, JPEGs to an SCST-trained captioner (stage 1 + recipe), projected | - | "
                  f"<= {_fmt(HEADLINE_S, 's')} | {_fmt(total, 's')} | "
                  f"{verdict(total, 'max', HEADLINE_S, HEADLINE_S).replace('goal', 'yes').replace('missed', 'no')} |")
-    ch = doc.get("stage1_choices") or {}
+    ch = _part(doc, "stage1_choices")
     if ch.get("forward_img_s_by_batch") or ch.get("end_to_end_img_s"):
         lines += ["", "| stage 1 setting | img/s |", "|---|---|"]
         by_batch = ch.get("forward_img_s_by_batch") or {}
@@ -79,17 +88,18 @@ def report(doc: dict) -> str:
                          f"{_fmt(ch['forward_img_s_contiguous'], '')} |")
         lines += [f"| end to end over {ch.get('end_to_end_images')} JPEGs, {k} | {_fmt(v, '')} |"
                   for k, v in (ch.get("end_to_end_img_s") or {}).items()]
-    prof = doc.get("profile") or {}
+    prof = _part(doc, "profile")
     if any(prof.values()):
         lines += ["", "| where the time goes | ms per step | GPU busy | top kernels (ms per step) |",
                   "|---|---|---|---|"]
         for name, sec in prof.items():
-            if not sec:
+            if not isinstance(sec, dict) or not sec:
                 continue
-            busy = "-" if sec.get("gpu_busy") is None else f"{sec['gpu_busy']:.0%}"
-            top = "; ".join(f"`{k[:48]}` {ms:g}" for k, ms, _ in sec.get("top", [])[:3])
+            busy = "-" if _number(sec.get("gpu_busy")) is None else f"{sec['gpu_busy']:.0%}"
+            top = "; ".join(f"`{str(t[0])[:48]}` {_fmt(t[1], '')}" for t in (sec.get("top") or [])[:3]
+                            if isinstance(t, list) and len(t) == 3)
             lines.append(f"| {name} | {sec.get('wall_ms_per_step')} | {busy} | {top} |")
-    if doc.get("notes"):
+    if isinstance(doc.get("notes"), list) and doc["notes"]:
         lines += ["", *[f"- {n}" for n in doc["notes"]]]
     return "\n".join(lines) + "\n"
 
@@ -102,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         doc = json.loads(args.results.read_text())
     except (OSError, ValueError) as e:
         print(f"error: cannot read {args.results}: {e}", file=sys.stderr)
+        return 2
+    if not isinstance(doc, dict):
+        print(f"error: {args.results} is not a gpu.json of bench/gpu.py (not a JSON object)", file=sys.stderr)
         return 2
     sys.stdout.write(report(doc))
     return 0

@@ -683,3 +683,23 @@ def test_the_gpu_report_says_which_targets_a_run_meets():
     assert rows["host syncs per cross-entropy step"].endswith("| 0 | goal |")
     headline = rows["all of COCO, JPEGs to an SCST-trained captioner (stage 1 + recipe), projected"]
     assert headline.endswith("| 431 s | yes |")
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{not json", '{"stage1": 5, "stage2": {"xe_epoch_s": "fast"}, "profile": '
+                                  '{"beam": [1]}, "notes": "x"}'])
+def test_the_gpu_report_takes_a_damaged_results_file_without_a_traceback(tmp_path, text):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    bad = tmp_path / "gpu.json"
+    bad.write_text(text)
+    p = subprocess.run([sys.executable, "bench/gpu_report.py", str(bad)], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert "Traceback" not in p.stderr
+    if text.startswith("{\"stage1"):  # a JSON object: its measures that are not numbers are "not measured"
+        assert p.returncode == 0 and "| cross-entropy epoch, full COCO size | <= 30 s | <= 15 s | - | not measured |" \
+            in p.stdout
+    else:
+        assert p.returncode == 2 and p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
