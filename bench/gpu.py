@@ -178,8 +178,27 @@ def _workers_that_fit(workers: int, batch: int, crop: int) -> tuple[int, str]:
         return max(0, min(workers, shutil.disk_usage("/dev/shm").free // per_worker)), "as many as /dev/shm holds"
 
 
-def part_stage1(ctx) -> dict:
+def _fresh_cache(out: Path) -> Path:
+    """`out` with no cache and no unfinished parts left from an earlier run (stage 1 would resume them)."""
+    from common.feature_cache import parts_dir
+
+    out.unlink(missing_ok=True)
+    shutil.rmtree(parts_dir(out), ignore_errors=True)
+    return out
+
+
+def _input_batch(bb, batch: int, device):
+    """One uint8 batch as the DataLoader hands it to `Backbone.encode` (pinned on CUDA), with cudnn.benchmark on:
+    every batch has this one shape."""
     import torch
+
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    x = torch.randint(0, 256, (batch, 3, bb.preprocess.crop, bb.preprocess.crop), dtype=torch.uint8)
+    return x.pin_memory() if device.type == "cuda" else x
+
+
+def part_stage1(ctx) -> dict:
     from torch.utils.data import DataLoader
 
     from common.backbones import ImageRows, default_workers, load_backbone
@@ -199,12 +218,9 @@ def part_stage1(ctx) -> dict:
     n = sum(len(rows) for rows, _, _ in loader)
     decode_s = time.perf_counter() - t0
     # the forward alone, on one pinned batch
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    x = _input_batch(bb, args.batch_size, device)
     if args.compile:
         bb.compile()
-    x = torch.randint(0, 256, (args.batch_size, 3, crop, crop), dtype=torch.uint8)
-    x = x.pin_memory() if device.type == "cuda" else x
     for _ in range(2):  # warm-up: cudnn.benchmark (and torch.compile) choose their kernels here
         bb.encode(x)
     reps = 2 if args.tiny else 20
@@ -214,9 +230,7 @@ def part_stage1(ctx) -> dict:
     forward = reps * args.batch_size / c.s
     del bb
     # end to end: the real extract(), decode + forward + copy-out + shard writes + assembly
-    cache = ctx.work / "stage1.h5"
-    for p in (cache, Path(str(cache) + ".parts")):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    cache = _fresh_cache(ctx.work / "stage1.h5")
     cfg = ExtractConfig(images=str(ctx.jpegs / "images"), captions=str(ctx.jpegs / "captions.csv"), out=str(cache),
                         backbone=args.backbone, weights="none", batch_size=args.batch_size, device=str(device),
                         workers=workers, progress=False, compile=args.compile)
@@ -248,9 +262,7 @@ def part_choices(ctx) -> dict:
     workers = default_workers()
 
     def end_to_end(batch: int, w: int) -> float:
-        out = ctx.work / f"choice-{batch}-{w}.h5"
-        for p in (out, Path(str(out) + ".parts")):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        out = _fresh_cache(ctx.work / f"choice-{batch}-{w}.h5")
         s = extract(ExtractConfig(images=str(ctx.jpegs / "images"), captions=str(ctx.jpegs / "captions.csv"),
                                   out=str(out), backbone=args.backbone, weights="none", batch_size=batch,
                                   device=str(dev), workers=w, limit=n, progress=False))
@@ -449,7 +461,6 @@ def part_syncs(ctx) -> dict:
 def _profiled(device, fn, steps: int, top: int = 8) -> dict:
     """fn() run `steps` times under torch.profiler: wall ms per step, the share of it the GPU spent in kernels
     (1 - that share: its idle gaps, launches and host work it waited for), and the top kernels (CPU ops off CUDA)."""
-    import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -502,10 +513,7 @@ def part_profile(ctx) -> dict:
         out["beam"] = _profiled(dev, lambda: beam_search_nbest(z.model, feats, DecodeConfig(3)),
                                 steps=1 if ctx.args.tiny else 3)
     bb = load_backbone(ctx.args.backbone, "none", dev)
-    x = torch.randint(0, 256, (ctx.args.batch_size, 3, bb.preprocess.crop, bb.preprocess.crop), dtype=torch.uint8)
-    x = x.pin_memory() if dev.type == "cuda" else x
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    x = _input_batch(bb, ctx.args.batch_size, dev)
     out["stage1_forward"] = _profiled(dev, lambda: bb.encode(x), steps=1 if ctx.args.tiny else 5)
     return out
 
@@ -545,9 +553,7 @@ def part_torchrun(ctx) -> dict:
     n = 8 if ctx.args.tiny else 256
     outs = {}
     for how in ("plain", "torchrun"):
-        out = ctx.work / f"{how}.h5"
-        out.unlink(missing_ok=True)
-        shutil.rmtree(str(out) + ".parts", ignore_errors=True)
+        out = _fresh_cache(ctx.work / f"{how}.h5")
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] \
             if how == "torchrun" else [sys.executable]
         cmd = [*launcher, "-m", "stage1_extract", "--images", str(ctx.jpegs / "images"), "--captions",

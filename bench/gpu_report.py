@@ -75,9 +75,9 @@ def report(doc: dict) -> str:
         lines.append(f"| {what} | {sign} {_fmt(floor, unit)} | {sign} {_fmt(goal, unit)} | {_fmt(value, unit)} | "
                      f"{verdict(value, sense, floor, goal)} |")
     total = headline(doc)
+    meets = "not measured" if total is None else "yes" if total <= HEADLINE_S else "no"
     lines.append(f"| all of COCO, JPEGs to an SCST-trained captioner (stage 1 + recipe), projected | - | "
-                 f"<= {_fmt(HEADLINE_S, 's')} | {_fmt(total, 's')} | "
-                 f"{verdict(total, 'max', HEADLINE_S, HEADLINE_S).replace('goal', 'yes').replace('missed', 'no')} |")
+                 f"<= {_fmt(HEADLINE_S, 's')} | {_fmt(total, 's')} | {meets} |")
     ch = _part(doc, "stage1_choices")
     if ch.get("forward_img_s_by_batch") or ch.get("end_to_end_img_s"):
         lines += ["", "| stage 1 setting | img/s |", "|---|---|"]

@@ -659,12 +659,10 @@ def test_the_device_wrapper_goes_on_when_a_carried_wheel_does_not_install(tmp_pa
     assert str(work / "site") in path and str(tmp_path / ".whl" / "site") in path
 
 
-def test_the_gpu_report_says_which_targets_a_run_meets():
+def test_the_gpu_report_says_which_targets_a_run_meets(monkeypatch):
     """bench/gpu_report.py: floor and goal by the right sense (img/s higher, seconds lower), "not measured" where
     a part measured nothing, and the headline: all of COCO through stage 1 at the end-to-end rate plus the recipe."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
     import gpu_report
 
     assert gpu_report.verdict(5000, "min", 3000, 5000) == "goal"
