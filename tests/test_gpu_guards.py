@@ -212,7 +212,6 @@ def test_the_step_packs_without_sorting_on_the_device_and_the_average_reads_noth
     monkeypatch.setattr(rnn, "pack_padded_sequence", spy)
     monkeypatch.setattr(model_mod, "pack_padded_sequence", spy)
 
-    import stage2_decoder.train as train_mod
     import stage2_decoder.training.loop as loop_mod
 
     averages = []

@@ -31,7 +31,6 @@ import torch
 from conftest import REPO, TEST_THREADS
 from reliability_helpers import in_forked_child, one_error_line
 import stage2_decoder.training.loop as loop_mod
-from stage2_decoder import train as train_mod
 from stage2_decoder.training import checkpoint as ckpt_mod
 from stage2_decoder.training import epochs as epochs_mod
 from stage2_decoder.training import run_files as run_files_mod
