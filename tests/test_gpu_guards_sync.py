@@ -176,6 +176,56 @@ def test_scst_sampling_from_nan_weights_is_a_floating_point_error_not_a_multinom
         sample(m, torch.randn(3, 32), 5, 16)
 
 
+# --- greedy and sampled captions (validation at --val-beam-size 1, caption, the service) ---------------------
+
+@pytest.mark.parametrize("how", ["greedy", "sample"])
+def test_word_by_word_decoding_reads_the_device_every_few_steps_not_every_step(how):
+    from stage2_decoder.decoding.beam import DONE_CHECK_EVERY, END_ID
+    from stage2_decoder.decoding.sampling import greedy_scored, sample_captions
+
+    m = _decoder().eval()
+    m.out_bias.data[END_ID] = -9.0  # no caption ends: all 20 steps run
+    feats = torch.randn(8, 32)
+    with HostReads() as mode:
+        if how == "greedy":
+            greedy_scored(m, feats, max_len=20)
+        else:
+            sample_captions(m, feats, 3, max_len=20, seed=1, keys=list(range(8)))
+    # the periodic "all ended?", the ids and the scores at the end (and sampling's finiteness flag)
+    assert mode.n <= 20 // DONE_CHECK_EVERY + 3, mode.reads  # 6a73d6a: one `bool(alive.any())` per step
+
+
+def test_sampled_captions_end_where_they_did_when_every_step_was_checked():
+    """Checking "all ended?" every few steps only adds steps past the last <end>: the same captions and scores."""
+    from stage2_decoder.decoding import sampling
+    from stage2_decoder.decoding.beam import END_ID
+
+    m = _decoder().eval()
+    m.out_bias.data[END_ID] = 2.5  # captions end at many different steps, all before max_len
+    feats = torch.randn(6, 32)
+    got = sampling.sample_captions(m, feats, 4, max_len=30, seed=7, keys=list(range(6)))
+    greedy = sampling.greedy_scored(m, feats, max_len=30)
+    every = 1
+    try:
+        sampling.DONE_CHECK_EVERY, every = every, sampling.DONE_CHECK_EVERY
+        assert sampling.sample_captions(m, feats, 4, max_len=30, seed=7, keys=list(range(6))) == got
+        assert sampling.greedy_scored(m, feats, max_len=30) == greedy
+    finally:
+        sampling.DONE_CHECK_EVERY = every
+    assert any(len(ids) < 29 for hyps in got for ids, _ in hyps)
+
+
+def test_sampling_from_nan_weights_is_a_floating_point_error_not_a_multinomial_failure():
+    """On CUDA, torch.multinomial on NaN probabilities is a device-side assert that kills the CUDA context: in
+    `serve`, every later request would fail."""
+    from stage2_decoder.decoding.sampling import sample_captions
+
+    m = _decoder().eval()
+    m.out_proj.weight.data[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="not finite"):
+        sample_captions(m, torch.randn(3, 32), 2, max_len=10, seed=0, keys=[0, 1, 2])
+
+
 def test_a_diverged_decoder_in_the_scst_cli_is_one_error_line(shared_cache, tmp_path):
     """NaN weights reaching SCST: one `error:` line and exit 1 from the train CLI, no traceback."""
     from click.testing import CliRunner

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from common.vocab import Vocabulary
+from stage2_decoder.decoding.beam import DONE_CHECK_EVERY
 from stage2_decoder.model import CaptionDecoder
 
 
@@ -33,7 +34,9 @@ def sample_captions(model: CaptionDecoder, features: torch.Tensor, n: int, max_l
     model itself, not the tempered distribution it was drawn from, so scores compare across settings.
     Each image draws from its own generator, seeded from (seed, its key; default: `content_key` of its
     feature row): the same seed gives an image the same captions on the same device wherever it stands in
-    a request and however the request is split into batches.
+    a request and however the request is split into batches. Non-finite probabilities (NaN in the weights or
+    features) raise FloatingPointError (torch.multinomial would trip a CUDA device-side assert, which kills the
+    process's CUDA context: a server's every later request).
     """
     if seed is None:
         seed = torch.Generator().seed()
@@ -41,13 +44,22 @@ def sample_captions(model: CaptionDecoder, features: torch.Tensor, n: int, max_l
     if len(keys) != features.shape[0]:
         raise ValueError(f"sample_captions: {len(keys)} keys for {features.shape[0]} images")
     gens = [torch.Generator(device=features.device).manual_seed(image_seed(seed, k)) for k in keys]
+    finite = torch.ones((), dtype=torch.bool, device=features.device)
 
     def draw(logp: torch.Tensor) -> torch.Tensor:
+        nonlocal finite
         probs = _nucleus(torch.softmax(logp / temperature, dim=-1), top_p)  # (B*n, V)
+        mass = probs.sum(-1, keepdim=True)
+        ok = torch.isfinite(mass) & (mass > 0)
+        finite = finite & ok.all()
+        probs = torch.where(ok, probs, 1.0)  # a bad row draws from a stand-in; the error is raised after the loop
         # each image's n rows from its own generator: its draws never depend on the other images
         return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs.split(n), gens)]).squeeze(1)
 
     ids, total, count = _word_by_word(model, features, n, max_len, min_len, draw)
+    if not bool(finite):
+        raise FloatingPointError("sampling: the decoder's next-word probabilities are not finite (NaN or inf in "
+                                 "its weights or the image features)")
     return _ranked(ids, (total / count).tolist(), features.shape[0], n)
 
 
@@ -63,7 +75,9 @@ def greedy_scored(model: CaptionDecoder, features: torch.Tensor, max_len: int = 
 def _word_by_word(model: CaptionDecoder, features: torch.Tensor, n: int, max_len: int, min_len: int,
                   choose: Callable[[torch.Tensor], torch.Tensor]) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
     """n captions per image, each next word from choose(log-probs (B*n, V)) -> (B*n,). Returns the ids
-    (B*n rows of max_len), the summed log-prob of the emitted tokens and their count (words + <end>)."""
+    (B*n rows of max_len), the summed log-prob of the emitted tokens and their count (words + <end>).
+    "All ended?" is read every DONE_CHECK_EVERY steps (a host sync on CUDA); the steps after the last caption
+    ended write only past its <end> and add nothing to the sums."""
     b, dev = features.shape[0], features.device
     h, c = model.init_state(features)  # (L, B, H) each
     state = (h.repeat_interleave(n, dim=1), c.repeat_interleave(n, dim=1))  # (L, B*n, H)
@@ -81,7 +95,7 @@ def _word_by_word(model: CaptionDecoder, features: torch.Tensor, n: int, max_len
         total += logp.gather(1, tokens[:, None]).squeeze(1) * alive
         count += alive
         alive &= tokens != Vocabulary.end_id
-        if not bool(alive.any()):
+        if (t + 1) % DONE_CHECK_EVERY == 0 and not bool(alive.any()):
             break
     return out.tolist(), total, count.clamp(min=1)
 
