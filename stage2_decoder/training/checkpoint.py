@@ -32,6 +32,14 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+def cpu_optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """An optimiser's state_dict with its tensors on the CPU (fused Adam keeps even its step counts on the GPU),
+    so a GPU run's last.pt loads on any machine; `load_state_dict` moves them back to the parameters' device."""
+    sd = opt.state_dict()
+    return {**sd, "state": {k: {n: v.detach().cpu() if torch.is_tensor(v) else v for n, v in s.items()}
+                            for k, s in sd["state"].items()}}
+
+
 def save_checkpoint(path: str | os.PathLike, model: CaptionDecoder, vocab: Vocabulary, backbone: dict,
                     **extra) -> None:
     """Write atomically: a crash, a kill or a full disk never leaves a truncated .pt at `path`.

@@ -14,7 +14,7 @@ from common.atomic import atomic_write
 from common.datasets import write_split
 from common.vocab import Vocabulary
 from stage2_decoder.model import CaptionDecoder
-from stage2_decoder.training.checkpoint import cpu_state, inference_extra, save_checkpoint
+from stage2_decoder.training.checkpoint import cpu_optimizer_state, cpu_state, inference_extra, save_checkpoint
 from stage2_decoder.training.config import TrainConfig
 from stage2_decoder.training.resume import cuda_rng_state, run_config
 
@@ -60,7 +60,7 @@ def save_epoch(run: Path, cfg: TrainConfig, saved: CaptionDecoder, trained: Capt
     trained ones beside them (None when they are the same), which last.pt keeps to go on exactly, with
     the number of updates the average holds (`ema_updates`: its warm-up goes on from there)."""
     rec = history[-1]
-    extra = dict(epoch=rec["epoch"], optimizer_state=opt.state_dict(), scheduler_state=sched.state_dict(),
+    extra = dict(epoch=rec["epoch"], optimizer_state=cpu_optimizer_state(opt), scheduler_state=sched.state_dict(),
                  rng_state=torch.get_rng_state(), train_config=asdict(cfg), history=history, best=best,
                  split={"val": split["val"], "test": split["test"]}, **cuda_rng_state(device))
     if trained is not None:
