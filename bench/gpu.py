@@ -56,8 +56,9 @@ PHOTOS = Path(__file__).resolve().parent / "gpu-photos"
 PARTS = ("jpegs", "stage1", "choices", "train", "stage2", "syncs", "profile", "sweep", "torchrun", "caption")
 # seconds per part on the device, at most: together 375 s (bench/gpu_device.sh allows 400)
 # (train tokenises the 100k captions once; the sweep's runs then read them from the token cache)
-LIMITS = {"jpegs": 35, "stage1": 70, "choices": 55, "train": 45, "stage2": 65, "syncs": 15, "profile": 20,
-          "sweep": 35, "torchrun": 20, "caption": 15}
+# (torchrun: two cold processes, each building ResNet-152 and running cudnn.benchmark, plus the launcher)
+LIMITS = {"jpegs": 35, "stage1": 60, "choices": 50, "train": 45, "stage2": 65, "syncs": 15, "profile": 20,
+          "sweep": 35, "torchrun": 35, "caption": 15}
 COCO = {"images": 123_287, "captions": 616_767, "vocab": 10_000}  # COCO 2017 train + val; words seen >= 4 times
 JPEG_SIZE, JPEG_QUALITY, GRAIN = (640, 480), 92, 14.0  # 14 levels of grain at quality 92: ~150 KB, COCO's mean
 CHUNK_WARNING = "contiguous chunk"  # cuDNN: "RNN module weights are not part of single contiguous chunk of memory"
@@ -152,7 +153,8 @@ def part_jpegs(ctx) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     (out / "images").mkdir(parents=True)
     jobs = [(str(sources[i % len(sources)][0]), str(out / "images" / f"{i:06d}.jpg"), i) for i in range(ctx.args.jpegs)]
-    with mp.get_context("fork").Pool(max(1, os.cpu_count() or 1)) as pool:  # before any CUDA context
+    # forked after this process has started CUDA: safe while the workers use only PIL and numpy
+    with mp.get_context("fork").Pool(max(1, os.cpu_count() or 1)) as pool:
         sizes = pool.map(_make_jpeg, jobs, chunksize=16)
     with open(out / "captions.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
@@ -253,13 +255,14 @@ def part_choices(ctx) -> dict:
 
     args, dev, tiny = ctx.args, ctx.device, ctx.args.tiny
     bb = load_backbone(args.backbone, "none", dev)
+    crop = bb.preprocess.crop
     reps = 2 if tiny else 10
     forward = {str(b): round(bare_images_per_s(bb.model, b, reps, dev, warm_up=True), 1)
                for b in ((4, 8) if tiny else (64, 128, 256, 512))}
     contiguous = round(bare_images_per_s(bb.model, args.batch_size, reps, dev, channels_last=False, warm_up=True), 1)
     del bb
     n = min(args.jpegs, 16 if tiny else 8000)
-    workers = default_workers()
+    workers, note = _workers_that_fit(default_workers(), max(64, args.batch_size), crop)
 
     def end_to_end(batch: int, w: int) -> float:
         out = _fresh_cache(ctx.work / f"choice-{batch}-{w}.h5")
@@ -269,11 +272,12 @@ def part_choices(ctx) -> dict:
         out.unlink(missing_ok=True)
         return round(s.images_per_s, 1)
 
-    configs = dict.fromkeys([(64, workers), (args.batch_size, workers), (args.batch_size, max(1, workers - 1))])
-    e2e = {f"batch {b}, workers {w}": end_to_end(b, w) for b, w in configs}  # each once (1 worker: no fewer)
+    fewer = workers - 1 if workers > 1 else workers  # 1 worker: no fewer (0 decodes in the main process)
+    configs = dict.fromkeys([(64, workers), (args.batch_size, workers), (args.batch_size, fewer)])
+    e2e = {f"batch {b}, workers {w}": end_to_end(b, w) for b, w in configs}  # each once
     return {"forward_img_s_by_batch": forward, "forward_img_s_contiguous": contiguous,
             "contiguous_batch": args.batch_size, "end_to_end_images": n,
-            "end_to_end_img_s": e2e}
+            "end_to_end_img_s": e2e, **({"note": note} if note else {})}
 
 
 # --- the real train() ------------------------------------------------------------------------------------
@@ -520,6 +524,28 @@ def part_profile(ctx) -> dict:
 
 # --- the sweep CLI, torchrun, caption cold start ----------------------------------------------------------
 
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run in a process group of its own, which a timeout (its own or the part's) stops whole:
+    SIGTERM first (torchrun passes it on to its workers, which run in sessions of their own; the sweep to its
+    runs), SIGKILL after 10 s. subprocess.run kills only the launcher, leaving its workers on the GPU."""
+    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except BaseException:
+            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+                try:
+                    os.killpg(p.pid, sig)
+                    p.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+                except ProcessLookupError:
+                    break
+            raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def part_sweep(ctx) -> dict:
     out = ctx.work / "sweep"
     shutil.rmtree(out, ignore_errors=True)
@@ -530,9 +556,9 @@ def part_sweep(ctx) -> dict:
                                 "device": [str(ctx.device)]}))
     n_runs = math.prod(len(v) for v in runs.values())
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "stage2_decoder.sweep", "--features", str(ctx.cache), "--out", str(out),
-                        "--grid", str(grid), "--n-jobs", "2", "--dry-run", "--no-progress"], cwd=REPO,
-                       capture_output=True, text=True, timeout=ctx.limits.get("sweep") or 600)
+    p = _run([sys.executable, "-m", "stage2_decoder.sweep", "--features", str(ctx.cache), "--out", str(out),
+              "--grid", str(grid), "--n-jobs", "2", "--dry-run", "--no-progress"],
+             timeout=ctx.limits.get("sweep") or 600)
     seconds = time.perf_counter() - t0
     rows = []
     if (out / "results.json").is_file():
@@ -548,9 +574,11 @@ def part_sweep(ctx) -> dict:
 
 
 def part_torchrun(ctx) -> dict:
+    from common.backbones import preprocess_for
     from common.feature_cache import load_cache
 
-    n = 8 if ctx.args.tiny else 256
+    n, batch = (8, 8) if ctx.args.tiny else (256, 64)
+    workers, _ = _workers_that_fit(2, batch, preprocess_for(ctx.args.backbone).crop)
     outs = {}
     for how in ("plain", "torchrun"):
         out = _fresh_cache(ctx.work / f"{how}.h5")
@@ -558,9 +586,9 @@ def part_torchrun(ctx) -> dict:
             if how == "torchrun" else [sys.executable]
         cmd = [*launcher, "-m", "stage1_extract", "--images", str(ctx.jpegs / "images"), "--captions",
                str(ctx.jpegs / "captions.csv"), "--out", str(out), "--backbone", ctx.args.backbone, "--weights", "none",
-               "--dtype", "float32", "--limit", str(n), "--batch-size", "8" if ctx.args.tiny else "64",
-               "--workers", "2", "--device", str(ctx.device), "--no-progress"]
-        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+               "--dtype", "float32", "--limit", str(n), "--batch-size", str(batch),
+               "--workers", str(workers), "--device", str(ctx.device), "--no-progress"]
+        p = _run(cmd, timeout=300)
         if p.returncode != 0:
             return {"torchrun_equal": False, "_failed": True,
                     "error": f"{how}: " + " ".join(p.stderr.strip().splitlines()[-1:])[:200]}
@@ -576,9 +604,8 @@ def part_torchrun(ctx) -> dict:
 def part_caption(ctx) -> dict:
     image = sorted((ctx.jpegs / "images").iterdir())[0]
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "stage2_decoder.caption", str(image), "--checkpoint",
-                        str(ctx.run / "best.pt"), "--device", str(ctx.device)], cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
+    p = _run([sys.executable, "-m", "stage2_decoder.caption", str(image), "--checkpoint", str(ctx.run / "best.pt"),
+              "--device", str(ctx.device)], timeout=300)
     s = time.perf_counter() - t0
     ok = p.returncode == 0 and bool(p.stdout.strip())
     last = (p.stdout.strip().splitlines() or p.stderr.strip().splitlines() or [""])[-1][:120]
@@ -633,6 +660,10 @@ def run_part(name: str, ctx, log) -> dict:
 
 
 def _commit() -> str:
+    """The checkout's commit: CAPCACHE_COMMIT when set (a copied checkout on the GPU machine may have no .git),
+    else git's."""
+    if os.environ.get("CAPCACHE_COMMIT"):
+        return os.environ["CAPCACHE_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=10).stdout.strip()
@@ -738,5 +769,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # subprocesses fork: no CUDA context before them
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # as a user's sweep runs: the subprocesses inherit it
     sys.exit(main())

@@ -1,0 +1,135 @@
+"""bench/gpu.py and bench/stage1.py, the device check's own plumbing: what a CPU can show of the ways its one run
+on a GPU machine could be wasted (a small /dev/shm, a launcher's workers left running, a timing that takes in
+work that is not the forward, a copied checkout without .git)."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu
+    import stage1
+
+    return SimpleNamespace(gpu=gpu, stage1=stage1)
+
+
+def _small_shm(monkeypatch, free: int = 2**20) -> None:
+    """/dev/shm with `free` bytes left (Docker's default is 64 MB); other paths as they are."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda path: real(path)._replace(free=free) if str(path) == "/dev/shm" else real(path))
+
+
+def test_the_choices_part_starts_only_the_workers_dev_shm_holds(bench, coco_dir, tmp_path, monkeypatch):
+    """The choices part ran extract() with default_workers() whatever /dev/shm held: on a machine with Docker's
+    64 MB, check_shm refused and the part failed (the stage1 part already cut its workers to fit)."""
+    jpegs = tmp_path / "jpegs"
+    (jpegs / "images").mkdir(parents=True)
+    with open(jpegs / "captions.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "caption"])
+        for p in sorted((coco_dir / "images").glob("*.jpg"))[:16]:
+            shutil.copy(p, jpegs / "images" / p.name)
+            w.writerow([p.name, "a photo"])
+    _small_shm(monkeypatch)
+    args = SimpleNamespace(tiny=True, backbone="mobilenet_v2", batch_size=8, jpegs=16)
+    ctx = SimpleNamespace(args=args, device=torch.device("cpu"), work=tmp_path, jpegs=jpegs)
+    out = bench.gpu.part_choices(ctx)
+    assert set(out["end_to_end_img_s"]) == {"batch 64, workers 0", "batch 8, workers 0"}
+    assert all(v > 0 for v in out["end_to_end_img_s"].values()) and out["note"] == "as many as /dev/shm holds"
+
+
+def test_the_torchrun_part_asks_for_the_workers_dev_shm_holds(bench, tmp_path, monkeypatch):
+    _small_shm(monkeypatch)
+    started = []
+
+    def run(cmd, timeout):
+        started.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "stopped here")
+
+    monkeypatch.setattr(bench.gpu, "_run", run)
+    args = SimpleNamespace(tiny=False, backbone="resnet152")
+    ctx = SimpleNamespace(args=args, device=torch.device("cpu"), work=tmp_path, jpegs=tmp_path)
+    assert bench.gpu.part_torchrun(ctx)["_failed"]
+    cmd = started[0]
+    assert cmd[cmd.index("--workers") + 1] == "0" and cmd[cmd.index("--batch-size") + 1] == "64"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_part_that_times_out_stops_the_launchers_workers_too(bench, tmp_path):
+    """A timeout stops the launcher's whole process group, not only the launcher (subprocess.run's kill): the
+    torchrun or sweep workers it started would go on holding the GPU through the parts after it."""
+    pid_file = tmp_path / "worker.pid"
+    launcher = ("import subprocess, sys, time\n"
+                "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+                f"open({str(pid_file)!r}, 'w').write(str(w.pid))\n"
+                "time.sleep(120)\n")
+    with pytest.raises(subprocess.TimeoutExpired):
+        bench.gpu._run([sys.executable, "-c", launcher], timeout=5)
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = _alive(pid)
+    if alive:
+        os.kill(pid, 9)
+    assert not alive
+
+
+def test_a_finished_command_comes_back_as_from_subprocess_run(bench):
+    p = bench.gpu._run([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"],
+                       timeout=60)
+    assert (p.returncode, p.stdout, p.stderr) == (3, "out\n", "err\n")
+
+
+def test_a_checkout_without_git_is_named_by_capcache_commit(bench, monkeypatch):
+    monkeypatch.setenv("CAPCACHE_COMMIT", "0123abc")
+    assert bench.gpu._commit() == "0123abc"
+
+
+class _Clocked(nn.Module):
+    """A model on a fake clock: a forward takes 1 s, a memory-format change 100 s."""
+
+    def __init__(self, clock: list[float]):
+        super().__init__()
+        self.clock = clock
+        self.lin = nn.Linear(1, 1)
+
+    def forward(self, x):
+        self.clock[0] += 1.0
+        return x.mean()
+
+    def to(self, *a, **kw):
+        self.clock[0] += 100.0
+        return super().to(*a, **kw)
+
+
+def test_the_bare_forward_rate_times_the_forwards_alone(bench, monkeypatch):
+    """bench/stage1.py's bare forward put the model back to channels_last before reading its clock, so the
+    re-layout counted as forward time (in every choices row on the GPU too)."""
+    clock = [0.0]
+    monkeypatch.setattr(bench.stage1.time, "perf_counter", lambda: clock[0])
+    rate = bench.stage1.bare_images_per_s(_Clocked(clock), batch=2, n_batches=3, device=torch.device("cpu"))
+    assert rate == pytest.approx(2 * 3 / 3.0)
