@@ -252,6 +252,47 @@ def test_the_service_fails_only_the_request_whose_photo_breaks_the_batch():
     assert sorted(map(sorted, cap.calls[1:])) == sorted([["blue", "green", "red"], ["blue"], ["green"], ["red"]])
 
 
+class OutOfMemoryOnGPU(StandIn):
+    """A stand-in whose encoder says it is on CUDA (so the batch runs in one call, as on a GPU) and whose model
+    runs out of memory on more than one photo, holding a tensor when it does (what a real failed call holds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone.device = SimpleNamespace(type="cuda")
+        self.held = []
+
+    def caption_features(self, feats, num_captions=1, beam_size=3, **decode):
+        import weakref
+
+        import torch
+
+        if len(feats) > 1:
+            activations = torch.zeros(1 << 16)
+            self.held.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (stand-in)")
+        return super().caption_features(feats, num_captions, beam_size, **decode)
+
+
+def test_a_batch_the_gpu_has_no_memory_for_is_a_503_and_what_it_held_is_freed(client_for):
+    """The out-of-memory error went back to the client as a 500 "Internal error", and the cache was emptied
+    inside the except block, while the error's frames still held what the failed call had allocated."""
+    import gc
+
+    cap = OutOfMemoryOnGPU()
+    client = client_for(cap)
+    gc.disable()  # what is freed must be freed by the service, not by a collection that happens to run
+    try:
+        r = client.post("/v1/caption", files=files(RED, GREEN))
+        freed = [ref() is None for ref in cap.held]
+    finally:
+        gc.enable()
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5", r.text
+    assert "Not enough GPU memory to caption 2 photos at once" in r.json()["error"]
+    assert freed == [True]
+    ok = client.post("/v1/caption", files=files(BLUE))  # and the service goes on
+    assert ok.status_code == 200 and ok.json()["results"][0]["caption"].startswith("a blue photo")
+
+
 def test_the_batcher_queue_is_bounded_by_images():
     gate = threading.Event()
     b = DynamicBatcher(lambda items, key: (gate.wait(10), items)[1], BatcherConfig(max_queue_images=3)).start()

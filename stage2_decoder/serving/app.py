@@ -3,6 +3,7 @@
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import math
 import time
@@ -218,14 +219,22 @@ def create_app(captioner, cfg: ServeConfig):
 
     def run_batch(items: list, key: tuple[int, int]) -> list[dict]:
         num_captions, beam_size = key
+        out_of_memory = False
         try:
             feats = torch.stack(items) if early else encode(items)
             t0 = time.perf_counter()
             out = captioner.caption_features(feats, num_captions=num_captions,
                                              **asdict(replace(cfg.decode, beam_size=beam_size)))
         except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()  # what the failed batch held, before it is retried one request at a time
-            raise
+            out_of_memory = True
+        if out_of_memory:
+            # out of the except block: the error's frames, which hold what the failed call allocated, are gone,
+            # so the memory goes back before the batch is retried one request at a time (or the next one runs)
+            feats = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            raise RequestError(503, f"Not enough GPU memory to caption {len(items)} photos at once: send fewer, "
+                                    f"or try again shortly.", {"Retry-After": "5"})
         timed("decode", t0, len(items))
         return out
 
