@@ -293,6 +293,33 @@ def test_a_batch_the_gpu_has_no_memory_for_is_a_503_and_what_it_held_is_freed(cl
     assert ok.status_code == 200 and ok.json()["results"][0]["caption"].startswith("a blue photo")
 
 
+class LostCudaContext(StandIn):
+    """A stand-in on "CUDA" whose model hits a device-side assert on a green photo."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone.device = SimpleNamespace(type="cuda")
+
+    def caption_features(self, feats, num_captions=1, beam_size=3, **decode):
+        import torch
+
+        if any(COLOURS[int(np.argmax(f))] == "green" for f in feats.tolist()):
+            raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+        return super().caption_features(feats, num_captions, beam_size, **decode)
+
+
+def test_a_gpu_that_fails_for_good_turns_healthz_to_503_so_the_server_is_restarted(client_for):
+    """A CUDA error such as a device-side assert ends the process's CUDA context: every later request fails, and
+    /healthz kept answering 200, so a load balancer went on sending traffic to a server that could not answer."""
+    client = client_for(LostCudaContext())
+    assert client.get("/healthz").status_code == 200
+    r = client.post("/v1/caption", files=files(GREEN))
+    assert r.status_code == 503 and r.json()["error"] == "The server's GPU failed; it must be restarted."
+    health = client.get("/healthz")
+    assert health.status_code == 503
+    assert health.json()["status"] == "GPU failed: CUDA error: device-side assert triggered"
+
+
 def test_the_batcher_queue_is_bounded_by_images():
     gate = threading.Event()
     b = DynamicBatcher(lambda items, key: (gate.wait(10), items)[1], BatcherConfig(max_queue_images=3)).start()

@@ -227,6 +227,12 @@ def create_app(captioner, cfg: ServeConfig):
                                              **asdict(replace(cfg.decode, beam_size=beam_size)))
         except torch.cuda.OutOfMemoryError:
             out_of_memory = True
+        except torch.AcceleratorError as e:  # a device-side assert, an illegal access: the CUDA context is lost
+            if state.gpu_failed is None:
+                state.gpu_failed = " ".join(str(e).split())[:300]
+                log.error("the GPU failed (%s): every request will fail; /healthz answers 503 from now on",
+                          state.gpu_failed)
+            raise RequestError(503, "The server's GPU failed; it must be restarted.") from None
         if out_of_memory:
             # out of the except block: the error's frames, which hold what the failed call allocated, are gone,
             # so the memory goes back before the batch is retried one request at a time (or the next one runs)
@@ -259,6 +265,7 @@ def create_app(captioner, cfg: ServeConfig):
     state = app.state
     state.batcher, state.cfg, state.captioner, state.pool = batcher, cfg, captioner, pool
     state.in_progress, state.per_image = 0, {"encode": 0.05, "decode": 0.05}  # seconds, recent average
+    state.gpu_failed = None  # why the GPU stopped working, once it has: /healthz then asks for a restart
 
     @app.exception_handler(RequestError)
     async def request_error(request, e: RequestError):
@@ -288,9 +295,14 @@ def create_app(captioner, cfg: ServeConfig):
     async def page():
         return HTMLResponse(PAGE, headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"})
 
-    @app.get("/healthz", response_model=Health)
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": (
+        "The GPU failed (a CUDA error that ends the process's CUDA context): restart the server.")}})
     async def healthz():
-        return Health(checkpoint=checkpoint_name(captioner.checkpoint_path))
+        health = Health(checkpoint=checkpoint_name(captioner.checkpoint_path))
+        if state.gpu_failed is not None:
+            return JSONResponse(health.model_copy(update={"status": f"GPU failed: {state.gpu_failed}"}).model_dump(),
+                                status_code=503)
+        return health
 
     @app.get("/v1/stats", response_model=Stats)
     async def stats():
