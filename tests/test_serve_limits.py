@@ -308,6 +308,14 @@ class LostCudaContext(StandIn):
         return super().caption_features(feats, num_captions, beam_size, **decode)
 
 
+def test_on_a_gpu_the_model_is_warmed_up_before_the_first_request(client_for):
+    """The first call on a GPU pays cuBLAS and cuDNN's set-up: at start-up, not on a user's request."""
+    gpu, cpu = LostCudaContext(), StandIn()
+    client_for(gpu)
+    client_for(cpu)
+    assert gpu.calls == [["red"]] and cpu.calls == []  # a black photo's strongest channel: the first
+
+
 def test_a_gpu_that_fails_for_good_turns_healthz_to_503_so_the_server_is_restarted(client_for):
     """A CUDA error such as a device-side assert ends the process's CUDA context: every later request fails, and
     /healthz kept answering 200, so a load balancer went on sending traffic to a server that could not answer."""

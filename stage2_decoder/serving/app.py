@@ -250,8 +250,18 @@ def create_app(captioner, cfg: ServeConfig):
                              prepare_threads=cfg.encode_threads or usable_cores())
     pool = concurrent.futures.ThreadPoolExecutor(cfg.decode_workers, thread_name_prefix="caption-decode")
 
+    def warm_up() -> None:
+        """One black photo through the encoder and the decoder: on a GPU the first call pays cuBLAS and cuDNN's
+        set-up (seconds), here, before the port opens, not on a user's request."""
+        t0 = time.perf_counter()
+        feats = captioner.backbone.encode(torch.zeros((1, 3, pp.crop, pp.crop), dtype=torch.uint8))
+        captioner.caption_features(feats, num_captions=1, **asdict(cfg.decode))
+        log.info("warmed up in %.1f s", time.perf_counter() - t0)
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        if not early:
+            await asyncio.to_thread(warm_up)
         batcher.start()
         try:
             yield
