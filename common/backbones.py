@@ -129,6 +129,7 @@ class Backbone:
                  device: torch.device):
         self.spec = spec
         self.model = model
+        self._compiled_batch = 0  # with compile(): the batch every forward is padded to (0: not compiled)
         self.weights = weights
         self.weights_sha256 = weights_sha256
         self.device = device
@@ -159,8 +160,10 @@ class Backbone:
 
     def compile(self) -> None:
         """Run the CNN through `torch.compile` (stage 1's --compile): its compile time counts against the
-        images it speeds up, so it is off by default (docs/gpu.md)."""
-        self.model = torch.compile(self.model)
+        images it speeds up, so it is off by default (docs/gpu.md). `encode` then pads a smaller batch (the
+        last one, one with unreadable images) to the largest seen: one compile, not one per batch size."""
+        self.model = torch.compile(self.model, dynamic=False)
+        self._compiled_batch = 1
 
     @torch.inference_mode()
     def encode(self, images_u8: torch.Tensor) -> torch.Tensor:
@@ -170,7 +173,16 @@ class Backbone:
         x = x.contiguous(memory_format=torch.channels_last)
         if self.precision == "bfloat16":
             x = x.to(torch.bfloat16)
-        return self.model(x).float()
+        b = x.shape[0]
+        if self._compiled_batch:
+            self._compiled_batch = max(self._compiled_batch, b)
+            if b < self._compiled_batch:  # rows are independent in eval mode: the padding changes no feature
+                full = torch.empty((self._compiled_batch, *x.shape[1:]), dtype=x.dtype, device=x.device,
+                                   memory_format=torch.channels_last)  # the layout the compiled graph expects
+                full[:b] = x
+                full[b:] = 0
+                x = full
+        return self.model(x)[:b].float()
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -290,3 +290,37 @@ def test_decoded_bytes_equal_regardless_of_container(tmp_path):
     rgb.save(buf, format="BMP")
     b.write_bytes(buf.getvalue())
     assert torch.equal(load_image_u8(a, MB_PP), load_image_u8(b, MB_PP))
+
+
+class _ShapesSeen(torch.nn.Module):
+    """Stands in for torch.compile's wrapper: runs the model and records each input's shape and layout."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x):
+        self.seen.append((tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last)))
+        return self.model(x)
+
+
+def test_a_compiled_backbone_sees_one_batch_shape_and_gives_the_same_features(coco_dir, tmp_path, monkeypatch):
+    """stage 1 --compile: the last, smaller batch (or one with unreadable images) compiled the CNN a second time,
+    for a new shape (ResNet-152: tens of seconds, against all of COCO's ~25 s); it is now padded to the batch."""
+    from common.feature_cache import load_cache
+    from stage1_extract.extract import ExtractConfig, extract
+
+    wrappers = []
+
+    def fake_compile(model, **kw):
+        wrappers.append(_ShapesSeen(model))
+        return wrappers[-1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    common = dict(images=str(coco_dir / "images"), captions=str(coco_dir / "captions.json"), backbone="mobilenet_v2",
+                  weights="default", batch_size=8, workers=0, device="cpu", limit=19, progress=False)
+    compiled = load_cache(str(extract(ExtractConfig(out=str(tmp_path / "c.h5"), compile=True, **common)).out))
+    plain = load_cache(str(extract(ExtractConfig(out=str(tmp_path / "p.h5"), **common)).out))
+    assert wrappers[0].seen == [((8, 3, 224, 224), True)] * 3  # 19 images: 8 + 8 + 3 padded to 8
+    assert compiled.keys == plain.keys
+    np.testing.assert_allclose(compiled.features, plain.features, rtol=1e-4, atol=1e-4)
