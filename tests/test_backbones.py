@@ -306,7 +306,7 @@ class _ShapesSeen(torch.nn.Module):
 
 def test_a_compiled_backbone_sees_one_batch_shape_and_gives_the_same_features(coco_dir, tmp_path, monkeypatch):
     """stage 1 --compile: the last, smaller batch (or one with unreadable images) compiled the CNN a second time,
-    for a new shape (ResNet-152: tens of seconds, against all of COCO's ~25 s); it is now padded to the batch."""
+    for its new shape, a compile counted against the images it speeds up; it is now padded to the batch."""
     from common.feature_cache import load_cache
     from stage1_extract.extract import ExtractConfig, extract
 
