@@ -4,6 +4,7 @@ work that is not the forward, a copied checkout without .git)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -133,3 +134,28 @@ def test_the_bare_forward_rate_times_the_forwards_alone(bench, monkeypatch):
     monkeypatch.setattr(bench.stage1.time, "perf_counter", lambda: clock[0])
     rate = bench.stage1.bare_images_per_s(_Clocked(clock), batch=2, n_batches=3, device=torch.device("cpu"))
     assert rate == pytest.approx(2 * 3 / 3.0)
+
+
+def test_the_jpegs_are_made_once_and_reused_while_their_recipe_holds(bench, coco_dir, tmp_path):
+    """A second device call on a still-warm machine (the --compile run, a rerun) does not pay for the 20,000 JPEGs
+    again; another count is made afresh."""
+    photos = tmp_path / "photos"
+    (photos / "images").mkdir(parents=True)
+    doc = json.loads((coco_dir / "captions.json").read_text())
+    images = doc["images"][:4]
+    for im in images:
+        shutil.copy(coco_dir / "images" / im["file_name"], photos / "images")
+    ids = {im["id"] for im in images}
+    (photos / "captions.json").write_text(json.dumps(
+        {"images": images, "annotations": [a for a in doc["annotations"] if a["image_id"] in ids]}))
+
+    def ctx(n):
+        return SimpleNamespace(args=SimpleNamespace(jpegs=n), photos=photos, work=tmp_path / "work", jpegs=None)
+
+    first = bench.gpu.part_jpegs(ctx(6))
+    made = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work" / "jpegs" / "images").iterdir()}
+    again = bench.gpu.part_jpegs(c := ctx(6))
+    assert again == {**first, "reused": True} and c.jpegs == tmp_path / "work" / "jpegs"
+    assert {p.name: p.stat().st_mtime_ns for p in (c.jpegs / "images").iterdir()} == made
+    other = bench.gpu.part_jpegs(ctx(5))
+    assert "reused" not in other and other["images"] == 5 and len(list((c.jpegs / "images").iterdir())) == 5
