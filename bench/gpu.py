@@ -13,7 +13,8 @@ part that fails or runs past its time limit (`--limit PART=SECONDS`) leaves the 
   stage1    ResNet-152 (random weights: the same compute) over them: decoding alone (the DataLoader),
             the forward alone (one pinned batch), and the real extract() end to end (decode + forward + write)
   choices   stage 1's settings side by side: the forward alone at batch 64-512 and without channels_last,
-            extract() end to end at batch 64 (the default) against 256, and with one worker fewer
+            extract() end to end at batch 64 (the default) against 256, and with one worker fewer; decoding
+            with torchvision.io.decode_jpeg on the device (nvJPEG) against the DataLoader's PIL workers
   train     the real train() on that cache, cross-entropy and SCST (one batch each): cuDNN's RNN backward
             in SCST, the EMA copy's "not one contiguous chunk" warning counted
   stage2    a synthetic full-COCO workload (123,287 images x 2,048 fp16 features, 616k captions, 10k words,
@@ -54,10 +55,10 @@ from harness import REPO, default_data, machine
 
 PHOTOS = Path(__file__).resolve().parent / "gpu-photos"
 PARTS = ("jpegs", "stage1", "choices", "train", "stage2", "syncs", "profile", "sweep", "torchrun", "caption")
-# seconds per part on the device, at most: together 375 s (bench/gpu_device.sh allows 400)
+# seconds per part on the device, at most: together 380 s (bench/gpu_device.sh allows 400)
 # (train tokenises the 100k captions once; the sweep's runs then read them from the token cache)
 # (torchrun: two cold processes, each building ResNet-152 and running cudnn.benchmark, plus the launcher)
-LIMITS = {"jpegs": 35, "stage1": 60, "choices": 50, "train": 45, "stage2": 65, "syncs": 15, "profile": 20,
+LIMITS = {"jpegs": 35, "stage1": 60, "choices": 55, "train": 45, "stage2": 65, "syncs": 15, "profile": 20,
           "sweep": 35, "torchrun": 35, "caption": 15}
 COCO = {"images": 123_287, "captions": 616_767, "vocab": 10_000}  # COCO 2017 train + val; words seen >= 4 times
 JPEG_SIZE, JPEG_QUALITY, GRAIN = (640, 480), 92, 14.0  # 14 levels of grain at quality 92: ~150 KB, COCO's mean
@@ -251,13 +252,30 @@ def part_stage1(ctx) -> dict:
             "compile": args.compile, **({"note": note} if note else {})}
 
 
+def _torchvision_decode_rate(paths: list[Path], pp, device, batch: int) -> float:
+    """img/s of the other way to decode: torchvision.io.decode_jpeg on `device` (nvJPEG on CUDA), batches of
+    files, each resized and centre-cropped there as stage 1's preprocessing does, in this one process."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    from torchvision.transforms.v2 import functional as F2
+
+    def one_batch(files):
+        images = decode_jpeg([read_file(str(f)) for f in files], mode=ImageReadMode.RGB, device=device)
+        return torch.stack([F2.center_crop(F2.resize(x, [pp.resize], antialias=True), [pp.crop]) for x in images])
+
+    one_batch(paths[:8])  # warm-up: the decoder's handles and buffers
+    with Clock(device) as c:
+        n = sum(len(one_batch(paths[i:i + batch])) for i in range(0, len(paths), batch))
+    return n / c.s
+
+
 def part_choices(ctx) -> dict:
     """Stage 1's settings side by side, to choose its defaults from: the forward alone at batch 64 to 512 and
     without channels_last, and extract() end to end over the first JPEGs at the default batch (64) against
     --batch-size, and with workers = cores - 2 against cores - 1."""
     from stage1 import bare_images_per_s  # bench/stage1.py
 
-    from common.backbones import default_workers, load_backbone
+    from common.backbones import default_workers, load_backbone, preprocess_for
     from stage1_extract.extract import ExtractConfig, extract
 
     args, dev, tiny = ctx.args, ctx.device, ctx.args.tiny
@@ -268,6 +286,8 @@ def part_choices(ctx) -> dict:
                for b in ((4, 8) if tiny else (64, 128, 256, 512))}
     contiguous = round(bare_images_per_s(bb.model, args.batch_size, reps, dev, channels_last=False, warm_up=True), 1)
     del bb
+    files = sorted((ctx.jpegs / "images").iterdir())[:16 if tiny else 4096]
+    tv_decode = round(_torchvision_decode_rate(files, preprocess_for(args.backbone), dev, args.batch_size), 1)
     n = min(args.jpegs, 16 if tiny else 8000)
     workers, note = _workers_that_fit(default_workers(), max(64, args.batch_size), crop)
 
@@ -284,7 +304,8 @@ def part_choices(ctx) -> dict:
     e2e = {f"batch {b}, workers {w}": end_to_end(b, w) for b, w in configs}  # each once
     return {"forward_img_s_by_batch": forward, "forward_img_s_contiguous": contiguous,
             "contiguous_batch": args.batch_size, "end_to_end_images": n,
-            "end_to_end_img_s": e2e, **({"note": note} if note else {})}
+            "end_to_end_img_s": e2e, "torchvision_decode_img_s": tv_decode, "torchvision_decode_images": len(files),
+            **({"note": note} if note else {})}
 
 
 # --- the real train() ------------------------------------------------------------------------------------
@@ -703,8 +724,10 @@ def summary(lines: dict[str, dict], device) -> dict:
                            "recipe_projected_s", "peak_gpu_gb"),
             "syncs": pick("syncs", "xe_step", "scst_step", "beam"),
             "profile": pick("profile", "xe_step", "scst_step", "beam", "stage1_forward"),
-            "stage1_choices": pick("choices", "forward_img_s_by_batch", "forward_img_s_contiguous", "contiguous_batch",
-                                   "end_to_end_images", "end_to_end_img_s"),
+            "stage1_choices": {**pick("choices", "forward_img_s_by_batch", "forward_img_s_contiguous",
+                                      "contiguous_batch", "end_to_end_images", "end_to_end_img_s",
+                                      "torchvision_decode_img_s", "torchvision_decode_images"),
+                               **pick("stage1", "decode_only_img_s", "workers")},
             "sweep": pick("sweep", "runs", "ok", "failed", "rc", "jobs", "seconds", "ema_chunk_warnings"),
             "torchrun_equal": lines.get("torchrun", {}).get("torchrun_equal"),
             "caption_cold_start_s": lines.get("caption", {}).get("caption_cold_start_s"),
@@ -734,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="stage 1 through torch.compile (extract --compile)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     ap.add_argument("--limit", action="append", default=[], metavar="PART=SECONDS",
-                    help="a part's time limit (defaults add up to 375 s; 0 = none; none by default with --tiny)")
+                    help="a part's time limit (defaults add up to 380 s; 0 = none; none by default with --tiny)")
     ap.add_argument("--prepare", action="store_true", help="only copy the photos into bench/gpu-photos/, then exit")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-gpu", help="scratch folder (JPEGs, caches)")
     ap.add_argument("--results", type=Path, default=None,

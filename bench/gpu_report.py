@@ -88,6 +88,12 @@ def report(doc: dict) -> str:
                          f"{_fmt(ch['forward_img_s_contiguous'], '')} |")
         lines += [f"| end to end over {ch.get('end_to_end_images')} JPEGs, {k} | {_fmt(v, '')} |"
                   for k, v in (ch.get("end_to_end_img_s") or {}).items()]
+        if ch.get("decode_only_img_s") is not None:
+            lines.append(f"| decoding alone, the DataLoader's {ch.get('workers')} PIL workers | "
+                         f"{_fmt(ch['decode_only_img_s'], '')} |")
+        if ch.get("torchvision_decode_img_s") is not None:
+            lines.append(f"| decoding alone, torchvision.io.decode_jpeg on the device in one process "
+                         f"({ch.get('torchvision_decode_images')} JPEGs) | {_fmt(ch['torchvision_decode_img_s'], '')} |")
     prof = _part(doc, "profile")
     if any(prof.values()):
         lines += ["", "| where the time goes | ms per step | GPU busy | top kernels (ms per step) |",

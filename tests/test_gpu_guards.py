@@ -624,6 +624,9 @@ def test_the_prepared_gpu_run_goes_through_on_the_cpu(data_dir, coco_dir, tmp_pa
     assert sum("mobilenet_v2" in r for r in rows) == 2 and any(r.startswith("| xe_step | ") for r in rows)
     assert any(r.startswith(f"| end to end over 16 JPEGs, batch 64, workers {w} | ") for r in rows)
     assert any(r.startswith("| forward alone, batch 8, without channels_last | ") for r in rows)
+    assert ch["torchvision_decode_img_s"] > 0 and ch["decode_only_img_s"] == doc["stage1"]["decode_only_img_s"]
+    assert any(r.startswith("| decoding alone, torchvision.io.decode_jpeg on the device in one process (16 JPEGs) | ")
+               for r in rows)
 
 
 def test_the_device_wrapper_goes_on_when_a_carried_wheel_does_not_install(tmp_path):
