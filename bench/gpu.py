@@ -287,7 +287,10 @@ def part_choices(ctx) -> dict:
     contiguous = round(bare_images_per_s(bb.model, args.batch_size, reps, dev, channels_last=False, warm_up=True), 1)
     del bb
     files = sorted((ctx.jpegs / "images").iterdir())[:16 if tiny else 4096]
-    tv_decode = round(_torchvision_decode_rate(files, preprocess_for(args.backbone), dev, args.batch_size), 1)
+    try:  # a torchvision built without nvJPEG loses this figure, not the part's others
+        tv_decode = round(_torchvision_decode_rate(files, preprocess_for(args.backbone), dev, args.batch_size), 1)
+    except (RuntimeError, ValueError) as e:
+        tv_decode = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
     n = min(args.jpegs, 16 if tiny else 8000)
     workers, note = _workers_that_fit(default_workers(), max(64, args.batch_size), crop)
 

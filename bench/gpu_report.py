@@ -91,9 +91,10 @@ def report(doc: dict) -> str:
         if ch.get("decode_only_img_s") is not None:
             lines.append(f"| decoding alone, the DataLoader's {ch.get('workers')} PIL workers | "
                          f"{_fmt(ch['decode_only_img_s'], '')} |")
-        if ch.get("torchvision_decode_img_s") is not None:
+        if (tv := ch.get("torchvision_decode_img_s")) is not None:  # or the error that stopped it
             lines.append(f"| decoding alone, torchvision.io.decode_jpeg on the device in one process "
-                         f"({ch.get('torchvision_decode_images')} JPEGs) | {_fmt(ch['torchvision_decode_img_s'], '')} |")
+                         f"({ch.get('torchvision_decode_images')} JPEGs) | "
+                         f"{_fmt(tv, '') if _number(tv) is not None else str(tv)[:120].replace('|', '/')} |")
     prof = _part(doc, "profile")
     if any(prof.values()):
         lines += ["", "| where the time goes | ms per step | GPU busy | top kernels (ms per step) |",

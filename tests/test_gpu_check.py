@@ -24,9 +24,10 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 def bench(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import gpu
+    import gpu_report
     import stage1
 
-    return SimpleNamespace(gpu=gpu, stage1=stage1)
+    return SimpleNamespace(gpu=gpu, gpu_report=gpu_report, stage1=stage1)
 
 
 def _small_shm(monkeypatch, free: int = 2**20) -> None:
@@ -38,7 +39,8 @@ def _small_shm(monkeypatch, free: int = 2**20) -> None:
 
 def test_the_choices_part_starts_only_the_workers_dev_shm_holds(bench, coco_dir, tmp_path, monkeypatch):
     """The choices part ran extract() with default_workers() whatever /dev/shm held: on a machine with Docker's
-    64 MB, check_shm refused and the part failed (the stage1 part already cut its workers to fit)."""
+    64 MB, check_shm refused and the part failed (the stage1 part already cut its workers to fit). A torchvision
+    that cannot decode on the device loses that one figure, not the part's others."""
     jpegs = tmp_path / "jpegs"
     (jpegs / "images").mkdir(parents=True)
     with open(jpegs / "captions.csv", "w", newline="", encoding="utf-8") as fh:
@@ -48,11 +50,18 @@ def test_the_choices_part_starts_only_the_workers_dev_shm_holds(bench, coco_dir,
             shutil.copy(p, jpegs / "images" / p.name)
             w.writerow([p.name, "a photo"])
     _small_shm(monkeypatch)
+
+    def no_nvjpeg(*a):
+        raise RuntimeError("torchvision was not compiled with nvjpeg | support")
+
+    monkeypatch.setattr(bench.gpu, "_torchvision_decode_rate", no_nvjpeg)
     args = SimpleNamespace(tiny=True, backbone="mobilenet_v2", batch_size=8, jpegs=16)
     ctx = SimpleNamespace(args=args, device=torch.device("cpu"), work=tmp_path, jpegs=jpegs)
     out = bench.gpu.part_choices(ctx)
     assert set(out["end_to_end_img_s"]) == {"batch 64, workers 0", "batch 8, workers 0"}
     assert all(v > 0 for v in out["end_to_end_img_s"].values()) and out["note"] == "as many as /dev/shm holds"
+    assert out["torchvision_decode_img_s"] == "RuntimeError: torchvision was not compiled with nvjpeg | support"
+    assert "not compiled with nvjpeg / support |" in bench.gpu_report.report({"stage1_choices": out})
 
 
 def test_the_torchrun_part_asks_for_the_workers_dev_shm_holds(bench, tmp_path, monkeypatch):
