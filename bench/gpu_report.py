@@ -105,7 +105,9 @@ def report(doc: dict) -> str:
             busy = "-" if _number(sec.get("gpu_busy")) is None else f"{sec['gpu_busy']:.0%}"
             top = "; ".join(f"`{str(t[0])[:48]}` {_fmt(t[1], '')}" for t in (sec.get("top") or [])[:3]
                             if isinstance(t, list) and len(t) == 3)
-            lines.append(f"| {name} | {sec.get('wall_ms_per_step')} | {busy} | {top} |")
+            if sec.get("error"):  # the section failed; the others stand
+                top = str(sec["error"])[:120].replace("|", "/")
+            lines.append(f"| {name} | {sec.get('wall_ms_per_step', '-')} | {busy} | {top} |")
     if isinstance(doc.get("notes"), list) and doc["notes"]:
         lines += ["", *[f"- {n}" for n in doc["notes"]]]
     return "\n".join(lines) + "\n"

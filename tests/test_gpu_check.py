@@ -168,3 +168,20 @@ def test_the_jpegs_are_made_once_and_reused_while_their_recipe_holds(bench, coco
     assert {p.name: p.stat().st_mtime_ns for p in (c.jpegs / "images").iterdir()} == made
     other = bench.gpu.part_jpegs(ctx(5))
     assert "reused" not in other and other["images"] == 5 and len(list((c.jpegs / "images").iterdir())) == 5
+
+
+def test_a_profiled_section_that_fails_keeps_the_others_and_a_timeout_still_stops_the_part(bench):
+    def fails():
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
+
+    def hangs():
+        raise bench.gpu.PartTimeout
+
+    cpu = torch.device("cpu")
+    assert bench.gpu._profiled(cpu, fails, steps=1) == {"error": "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"}
+    with pytest.raises(bench.gpu.PartTimeout):
+        bench.gpu._profiled(cpu, hangs, steps=1)
+    ok = bench.gpu._profiled(cpu, lambda: torch.ones(64, 64) @ torch.ones(64, 64), steps=2)
+    assert ok["wall_ms_per_step"] > 0 and ok["gpu_busy"] is None and ok["top"]
+    table = bench.gpu_report.report({"profile": {"xe_step": ok, "scst_step": {"error": "RuntimeError: CUPTI"}}})
+    assert "| scst_step | - | - | RuntimeError: CUPTI |" in table and "| xe_step | " in table
