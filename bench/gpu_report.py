@@ -89,7 +89,7 @@ def report(doc: dict) -> str:
         lines += [f"| end to end over {ch.get('end_to_end_images')} JPEGs, {k} | {_fmt(v, '')} |"
                   for k, v in (ch.get("end_to_end_img_s") or {}).items()]
         if ch.get("decode_only_img_s") is not None:
-            lines.append(f"| decoding alone, the DataLoader's {ch.get('workers')} PIL workers | "
+            lines.append(f"| decoding alone, PIL in DataLoader workers ({ch.get('workers')}) | "
                          f"{_fmt(ch['decode_only_img_s'], '')} |")
         if (tv := ch.get("torchvision_decode_img_s")) is not None:  # or the error that stopped it
             lines.append(f"| decoding alone, torchvision.io.decode_jpeg on the device in one process "
