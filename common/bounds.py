@@ -59,7 +59,8 @@ BOUNDS: dict[str, Bound] = {
     "length_penalty": Bound(float, 0.0, 5.0),
     "no_repeat_ngram": _int(0, MAX_TOKENS),
     "num_captions": _int(1, MAX_BEAM),
-    "temperature": Bound(float, 0.0, 100.0, lo_open=True),
+    # below 0.001 sampling is the argmax already; near 0, logits / temperature overflow float32 to -inf (NaN draws)
+    "temperature": Bound(float, 0.001, 100.0),
     "top_p": Bound(float, 0.0, 1.0, lo_open=True),
     "seed": SEED,  # sampling, training and --random's seed alike
     "batch_size": _int(1, 65_536),  # images per captioning batch, captions per training batch

@@ -129,6 +129,7 @@ def test_unbounded_options_of_the_probe_are_usage_errors(module, args, option):
 
 @pytest.mark.parametrize("kwargs, says", [
     ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": 1e-300}, "temperature"),  # logits / 1e-300 overflow float32 to -inf: NaN probabilities
     ({"top_p": float("nan")}, "top_p"),
     ({"beam_size": 2.5}, "beam_size"),
     ({"seed": 2**70}, "seed"),
