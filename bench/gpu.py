@@ -29,13 +29,15 @@ part that fails or runs past its time limit (`--limit PART=SECONDS`) leaves the 
   torchrun  stage 1 under torchrun with 1 process against a plain run: the same features
   caption   caption cold start: `python -m stage2_decoder.caption IMAGE` from process start to exit
 
-At the end RESULTS/gpu.json gathers them (shape in `summary`). Exit status 1 when a part fails or times
+RESULTS/gpu.json gathers them (shape in `summary`), rewritten after every part: a check stopped from outside
+(the wrapper's time limit) still leaves it, with the parts it did not reach "not run". Exit status 1 when a part fails or times
 out, a sweep run fails, the cross-entropy step syncs, or the torchrun features differ.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -45,6 +47,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -698,8 +701,11 @@ def run_part(name: str, ctx, log) -> dict:
 def _commit() -> str:
     """The checkout's commit: CAPCACHE_COMMIT when set (a copied checkout on the GPU machine may have no .git),
     else git's."""
-    if os.environ.get("CAPCACHE_COMMIT"):
-        return os.environ["CAPCACHE_COMMIT"]
+    return os.environ.get("CAPCACHE_COMMIT") or _git_commit()
+
+
+@functools.cache  # gpu.json is written after every part: git is asked once
+def _git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=10).stdout.strip()
@@ -710,8 +716,9 @@ def _commit() -> str:
         return "unknown"
 
 
-def summary(lines: dict[str, dict], device) -> dict:
-    """gpu.json: the parts' figures in one document (None where a part did not measure)."""
+def summary(lines: dict[str, dict], device, planned: Sequence[str] = ()) -> dict:
+    """gpu.json: the parts' figures in one document (None where a part did not measure; the `planned` parts
+    that have not run yet are "not run")."""
     import torch
 
     def pick(part, *keys):
@@ -725,6 +732,7 @@ def summary(lines: dict[str, dict], device) -> dict:
              for name, line in lines.items() if line["status"] != "ok"]
     where = lines.get("syncs", {}).get("where") or {}
     notes += [f"syncs in {k} at {', '.join(v)}" for k, v in where.items() if v]
+    notes += [f"{name}: not run (the check stopped before it)" for name in planned if name not in lines]
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({machine()})",
             "commit": _commit(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
             "torch": torch.__version__, "cuda": torch.version.cuda, "stage1": stage1,
@@ -739,7 +747,8 @@ def summary(lines: dict[str, dict], device) -> dict:
             "sweep": pick("sweep", "runs", "ok", "failed", "rc", "jobs", "seconds", "ema_chunk_warnings"),
             "torchrun_equal": lines.get("torchrun", {}).get("torchrun_equal"),
             "caption_cold_start_s": lines.get("caption", {}).get("caption_cold_start_s"),
-            "parts": {name: line["status"] for name, line in lines.items()}, "notes": notes}
+            "parts": {**{name: line["status"] for name, line in lines.items()},
+                      **{name: "not run" for name in planned if name not in lines}}, "notes": notes}
 
 
 def _limits(items: list[str], tiny: bool) -> dict[str, float | None]:
@@ -798,8 +807,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(results / "gpu.jsonl", "w", encoding="utf-8") as log:
         for name in parts:
             lines[name] = run_part(name, ctx, log)
-    doc = summary(lines, device)
-    atomic_write(results / "gpu.json", json.dumps(doc, indent=1) + "\n", what="results")
+            # after every part: a run stopped from outside (the wrapper's time limit) still leaves gpu.json
+            atomic_write(results / "gpu.json", json.dumps(summary(lines, device, parts), indent=1) + "\n",
+                         what="results")
     bad = [n for n, line in lines.items() if line["status"] != "ok"]
     print(f"{results / 'gpu.json'}: {len(lines) - len(bad)}/{len(lines)} parts ok" +
           (f"; not ok: {', '.join(bad)}" if bad else ""), flush=True)

@@ -185,3 +185,21 @@ def test_a_profiled_section_that_fails_keeps_the_others_and_a_timeout_still_stop
     assert ok["wall_ms_per_step"] > 0 and ok["gpu_busy"] is None and ok["top"]
     table = bench.gpu_report.report({"profile": {"xe_step": ok, "scst_step": {"error": "RuntimeError: CUPTI"}}})
     assert "| scst_step | - | - | RuntimeError: CUPTI |" in table and "| xe_step | " in table
+
+
+def test_a_check_stopped_from_outside_still_leaves_gpu_json_with_the_parts_done(bench, data_dir, tmp_path,
+                                                                              monkeypatch):
+    """gpu.json was written once, at the end: the wrapper's time limit (or any kill) left only gpu.jsonl, and
+    gpu_report.py had nothing to read. It is now rewritten after every part."""
+    monkeypatch.setitem(bench.gpu.RUNNERS, "jpegs", lambda ctx: {"images": 7, "jpeg_size": [640, 480]})
+
+    def killed(ctx):
+        raise KeyboardInterrupt  # what no part catches: the process is going
+
+    monkeypatch.setitem(bench.gpu.RUNNERS, "stage1", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bench.gpu.main(["--device", "cpu", "--tiny", "--data", str(data_dir), "--work", str(tmp_path),
+                        "--parts", "jpegs,stage1,train"])
+    doc = json.loads((tmp_path / "gpu.json").read_text())
+    assert doc["stage1"]["images"] == 7 and doc["parts"] == {"jpegs": "ok", "stage1": "not run", "train": "not run"}
+    assert "- train: not run (the check stopped before it)" in bench.gpu_report.report(doc)
