@@ -30,8 +30,8 @@ part that fails or runs past its time limit (`--limit PART=SECONDS`) leaves the 
   caption   caption cold start: `python -m stage2_decoder.caption IMAGE` from process start to exit
 
 RESULTS/gpu.json gathers them (shape in `summary`), rewritten after every part: a check stopped from outside
-(the wrapper's time limit) still leaves it, with the parts it did not reach "not run". Exit status 1 when a part fails or times
-out, a sweep run fails, the cross-entropy step syncs, or the torchrun features differ.
+(the wrapper's time limit) still leaves it, with the parts it did not reach "not run". Exit status 1 when a
+part fails or times out, a sweep run fails, the cross-entropy step syncs, or the torchrun features differ.
 """
 from __future__ import annotations
 
