@@ -563,26 +563,66 @@ def part_profile(ctx) -> dict:
 
 # --- the sweep CLI, torchrun, caption cold start ----------------------------------------------------------
 
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid`, read from /proc (none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):  # a process that ended while being read
+            continue
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _stop(p: subprocess.Popen) -> None:
+    """SIGTERM to the launcher's process group and to every process below it (torchrun starts its workers in
+    sessions of their own, out of the group's reach), then SIGKILL to all of them after 10 s."""
+    below = _descendants(p.pid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for kill, target in [(os.killpg, p.pid), *((os.kill, pid) for pid in below)]:
+            try:
+                kill(target, sig)
+            except (ProcessLookupError, PermissionError):  # gone already
+                pass
+        if sig == signal.SIGTERM:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+    p.wait()
+
+
 def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """subprocess.run in a process group of its own, which a timeout (its own or the part's) stops whole:
-    SIGTERM first (torchrun passes it on to its workers, which run in sessions of their own; the sweep to its
-    runs), SIGKILL after 10 s. subprocess.run kills only the launcher, leaving its workers on the GPU."""
+    """subprocess.run in a process group of its own, stopped whole (`_stop`) when its timeout, the part's or a
+    SIGTERM to this script ends the wait: subprocess.run kills only the launcher, leaving its workers (the
+    sweep's runs, torchrun's ranks) on the GPU through the parts after it."""
     with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as p:
         try:
             out, err = p.communicate(timeout=timeout)
         except BaseException:
-            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
-                try:
-                    os.killpg(p.pid, sig)
-                    p.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-                except ProcessLookupError:
-                    break
+            _stop(p)
             raise
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+@contextmanager
+def _exit_on_sigterm():
+    """While in the block, SIGTERM (gpu_device.sh's time limit) ends the check through SystemExit, which no part
+    catches, so a subprocess in flight is stopped whole on the way out; gpu.json already holds the parts done."""
+    def on_sigterm(signum, frame):
+        raise SystemExit(143)
+
+    old = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def part_sweep(ctx) -> dict:
@@ -804,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = SimpleNamespace(args=args, device=device, work=args.work, photos=photos, limits=limits, status={},
                           jpegs=None, cache=None, run=None, s2=None)
     lines: dict[str, dict] = {}
-    with open(results / "gpu.jsonl", "w", encoding="utf-8") as log:
+    with open(results / "gpu.jsonl", "w", encoding="utf-8") as log, _exit_on_sigterm():
         for name in parts:
             lines[name] = run_part(name, ctx, log)
             # after every part: a run stopped from outside (the wrapper's time limit) still leaves gpu.json

@@ -108,6 +108,36 @@ def test_a_part_that_times_out_stops_the_launchers_workers_too(bench, tmp_path):
     assert not alive
 
 
+def test_a_check_stopped_by_sigterm_stops_a_launchers_workers_in_sessions_of_their_own(tmp_path):
+    """gpu_device.sh's time limit sends SIGTERM: the check used to die at once, leaving the launcher it had started
+    in a session of its own, and the launcher's workers (torchrun starts each rank in a new session), running."""
+    pid_file = tmp_path / "worker.pid"
+    launcher = ("import subprocess, sys, time\n"
+                "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
+                f"open({str(pid_file)!r}, 'w').write(str(w.pid))\n"
+                "time.sleep(120)\n")
+    check = ("import sys\n"
+             f"sys.path.insert(0, {str(BENCH)!r})\n"
+             "import gpu\n"
+             "with gpu._exit_on_sigterm():\n"
+             f"    gpu._run([sys.executable, '-c', {launcher!r}], timeout=120)\n")
+    p = subprocess.Popen([sys.executable, "-c", check], cwd=BENCH.parent)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.2)  # the pid written whole
+    worker = int(pid_file.read_text())
+    p.terminate()
+    assert p.wait(60) == 143
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = _alive(worker)
+    if alive:
+        os.kill(worker, 9)
+    assert not alive
+
+
 def test_a_finished_command_comes_back_as_from_subprocess_run(bench):
     p = bench.gpu._run([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"],
                        timeout=60)
