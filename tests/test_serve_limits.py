@@ -304,7 +304,8 @@ class LostCudaContext(StandIn):
         import torch
 
         if any(COLOURS[int(np.argmax(f))] == "green" for f in feats.tolist()):
-            raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+            # torch.AcceleratorError from torch 2.8, a RuntimeError
+            raise getattr(torch, "AcceleratorError", RuntimeError)("CUDA error: device-side assert triggered")
         return super().caption_features(feats, num_captions, beam_size, **decode)
 
 
@@ -316,16 +317,45 @@ def test_on_a_gpu_the_model_is_warmed_up_before_the_first_request(client_for):
     assert gpu.calls == [["red"]] and cpu.calls == []  # a black photo's strongest channel: the first
 
 
-def test_a_gpu_that_fails_for_good_turns_healthz_to_503_so_the_server_is_restarted(client_for):
+def test_a_gpu_that_fails_for_good_turns_healthz_to_503_so_the_server_is_restarted(client_for, monkeypatch):
     """A CUDA error such as a device-side assert ends the process's CUDA context: every later request fails, and
     /healthz kept answering 200, so a load balancer went on sending traffic to a server that could not answer."""
-    client = client_for(LostCudaContext())
+    import stage2_decoder.serving.app as app_mod
+
+    monkeypatch.setattr(app_mod, "device_lost", lambda device: True)  # what one tiny CUDA op would find
+    cap = LostCudaContext()
+    client = client_for(cap)
     assert client.get("/healthz").status_code == 200
     r = client.post("/v1/caption", files=files(GREEN))
     assert r.status_code == 503 and r.json()["error"] == "The server's GPU failed; it must be restarted."
     health = client.get("/healthz")
     assert health.status_code == 503
     assert health.json()["status"] == "GPU failed: CUDA error: device-side assert triggered"
+    calls = len(cap.calls)
+    again = client.post("/v1/caption", files=files(RED))  # not sent to the lost GPU
+    assert again.status_code == 503 and len(cap.calls) == calls
+
+
+def test_a_cuda_error_that_leaves_the_gpu_working_is_one_failed_request(client_for, monkeypatch):
+    """Not every CUDA error ends the context (a bad launch configuration does not): the server goes on."""
+    import stage2_decoder.serving.app as app_mod
+
+    monkeypatch.setattr(app_mod, "device_lost", lambda device: False)
+    client = client_for(LostCudaContext())
+    with pytest.raises(RuntimeError, match="device-side assert"):  # the TestClient re-raises the server's 500
+        client.post("/v1/caption", files=files(GREEN))
+    assert client.get("/healthz").status_code == 200
+    assert client.post("/v1/caption", files=files(RED)).status_code == 200
+
+
+def test_a_gpu_is_found_lost_only_when_a_tiny_operation_fails_on_it():
+    import torch
+
+    from stage2_decoder.serving.app import device_lost
+
+    assert device_lost(torch.device("cpu")) is False
+    if not torch.cuda.is_available():  # a CUDA device here: asking it fails as on a lost context
+        assert device_lost(torch.device("cuda:0")) is True
 
 
 def test_the_batcher_queue_is_bounded_by_images():

@@ -131,6 +131,24 @@ async def _reply(send, e: RequestError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+GPU_FAILED = "The server's GPU failed; it must be restarted."
+
+
+def device_lost(device) -> bool:
+    """Whether the CUDA context is gone, tried with one tiny operation: after a device-side assert or an illegal
+    memory access every CUDA call fails; after other CUDA errors (a bad launch) the next calls work."""
+    import torch
+
+    if getattr(device, "type", None) != "cuda":
+        return False
+    try:
+        torch.ones(1, device=device).add_(1)
+        torch.cuda.synchronize(device)
+        return False
+    except Exception:  # noqa: BLE001 - whatever the probe raises, the device does not answer
+        return True
+
+
 def busy(state, what: str) -> RequestError:
     """503 with Retry-After: the seconds the queue in front needs, from the recent time per image."""
     pending = state.batcher.pending_images
@@ -219,6 +237,8 @@ def create_app(captioner, cfg: ServeConfig):
 
     def run_batch(items: list, key: tuple[int, int]) -> list[dict]:
         num_captions, beam_size = key
+        if state.gpu_failed is not None:
+            raise RequestError(503, GPU_FAILED)
         out_of_memory = False
         try:
             feats = torch.stack(items) if early else encode(items)
@@ -227,12 +247,12 @@ def create_app(captioner, cfg: ServeConfig):
                                              **asdict(replace(cfg.decode, beam_size=beam_size)))
         except torch.cuda.OutOfMemoryError:
             out_of_memory = True
-        except torch.AcceleratorError as e:  # a device-side assert, an illegal access: the CUDA context is lost
-            if state.gpu_failed is None:
-                state.gpu_failed = " ".join(str(e).split())[:300]
-                log.error("the GPU failed (%s): every request will fail; /healthz answers 503 from now on",
-                          state.gpu_failed)
-            raise RequestError(503, "The server's GPU failed; it must be restarted.") from None
+        except RuntimeError as e:  # CUDA's errors (torch.AcceleratorError from torch 2.8) are RuntimeErrors
+            if early or not device_lost(captioner.backbone.device):
+                raise
+            state.gpu_failed = " ".join(str(e).split())[:300]
+            log.error("the GPU failed (%s): every request now gets 503 and /healthz answers 503", state.gpu_failed)
+            raise RequestError(503, GPU_FAILED) from None
         if out_of_memory:
             # out of the except block: the error's frames, which hold what the failed call allocated, are gone,
             # so the memory goes back before the batch is retried one request at a time (or the next one runs)

@@ -51,7 +51,8 @@ ERRORS = {
     415: "Not multipart/form-data; a file that is not an image, or a format this server cannot decode.",
     422: "An image whose data is damaged or incomplete; an empty file.",
     503: "The queue is full, the request waited past --request-timeout-s while queued, or the GPU ran out of "
-         "memory for its batch: try again after the Retry-After header's seconds.",
+         "memory for its batch: try again after the Retry-After header's seconds. Without Retry-After: the "
+         "server's GPU failed and the server must be restarted.",
     504: "The model took longer than --request-timeout-s for this request.",
 }
 ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for status, text in ERRORS.items()}
