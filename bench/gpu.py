@@ -233,7 +233,7 @@ def part_stage1(ctx) -> dict:
     # the forward alone, on one pinned batch
     x = _input_batch(bb, args.batch_size, device)
     if args.compile:
-        bb.compile()
+        bb.compile(args.batch_size)
     for _ in range(2):  # warm-up: cudnn.benchmark (and torch.compile) choose their kernels here
         bb.encode(x)
     reps = 2 if args.tiny else 20

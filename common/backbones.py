@@ -158,12 +158,12 @@ class Backbone:
         """What `encode` computes in: bfloat16 on CUDA (tensor cores; the weights cast once), float32 elsewhere."""
         return "bfloat16" if self.device.type == "cuda" else "float32"
 
-    def compile(self) -> None:
+    def compile(self, batch: int) -> None:
         """Run the CNN through `torch.compile` (stage 1's --compile): its compile time counts against the
         images it speeds up, so it is off by default (docs/gpu.md). `encode` then pads a smaller batch (the
-        last one, one with unreadable images) to the largest seen: one compile, not one per batch size."""
+        last one, one with unreadable images) to `batch`: one compile, not one per batch size."""
         self.model = torch.compile(self.model, dynamic=False)
-        self._compiled_batch = 1
+        self._compiled_batch = batch
 
     @torch.inference_mode()
     def encode(self, images_u8: torch.Tensor) -> torch.Tensor:

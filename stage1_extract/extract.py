@@ -147,7 +147,7 @@ def setup_extract(cfg: ExtractConfig, d: Dist) -> tuple[list[ImageRecord], Path,
     if backbone.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every batch has one shape: time the conv algorithms once, keep the best
     if cfg.compile:
-        backbone.compile()
+        backbone.compile(cfg.batch_size * cfg.views)  # what encode() gets: every view of a batch in one pass
     info = backbone.describe()
     meta = CacheMeta(backbone=info["name"], weights=info["weights"], weights_sha256=info["weights_sha256"] or "",
                      feature_dim=info["feature_dim"], preprocess=info["preprocess"], dataset_format=fmt,

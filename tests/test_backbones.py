@@ -324,3 +324,15 @@ def test_a_compiled_backbone_sees_one_batch_shape_and_gives_the_same_features(co
     assert wrappers[0].seen == [((8, 3, 224, 224), True)] * 3  # 19 images: 8 + 8 + 3 padded to 8
     assert compiled.keys == plain.keys
     np.testing.assert_allclose(compiled.features, plain.features, rtol=1e-4, atol=1e-4)
+
+
+def test_a_compiled_backbone_pads_to_the_batch_size_even_when_the_first_batch_is_smaller(monkeypatch):
+    """The first batch, short of images that did not decode, set the padding size: the first full batch then
+    compiled the CNN a second time."""
+    wrappers = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: wrappers.append(_ShapesSeen(model)) or wrappers[-1])
+    bb = load_backbone("mobilenet_v2", "none", torch.device("cpu"))
+    bb.compile(8)
+    for b in (6, 8, 3):
+        assert bb.encode(torch.zeros(b, 3, 64, 64, dtype=torch.uint8)).shape == (b, bb.feature_dim)
+    assert [shape[0] for shape, _ in wrappers[0].seen] == [8, 8, 8]
