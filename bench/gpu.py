@@ -158,8 +158,12 @@ def part_jpegs(ctx) -> dict:
     recipe = {"jpegs": ctx.args.jpegs, "photos": len(sources), "size": list(JPEG_SIZE), "quality": JPEG_QUALITY,
               "grain": GRAIN}
     made = out / "made.json"  # written last: the folder is whole; a second call on a warm machine reuses it
-    if made.is_file() and json.loads(made.read_text())["recipe"] == recipe:
-        return {**json.loads(made.read_text())["result"], "reused": True}
+    try:
+        stamp = json.loads(made.read_text())
+        if stamp["recipe"] == recipe:
+            return {**stamp["result"], "reused": True}
+    except (OSError, ValueError, KeyError, TypeError):  # none, or not one this script wrote whole: made again
+        pass
     shutil.rmtree(out, ignore_errors=True)
     (out / "images").mkdir(parents=True)
     jobs = [(str(sources[i % len(sources)][0]), str(out / "images" / f"{i:06d}.jpg"), i) for i in range(ctx.args.jpegs)]
@@ -174,7 +178,9 @@ def part_jpegs(ctx) -> dict:
                 w.writerow([f"{i:06d}.jpg", c])
     result = {"images": len(jobs), "jpeg_size": list(JPEG_SIZE), "mean_kb": round(sum(sizes) / len(sizes) / 1024, 1),
               "quality": JPEG_QUALITY, "from_photos": len(sources)}
-    made.write_text(json.dumps({"recipe": recipe, "result": result}))
+    from common.atomic import atomic_write
+
+    atomic_write(made, json.dumps({"recipe": recipe, "result": result}), what="JPEG folder stamp")
     return result
 
 
