@@ -84,3 +84,38 @@ def test_a_resume_from_another_working_directory_with_an_absolute_features_path(
 
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["train_config"]["features"] == str(shared_cache.resolve())
+
+
+def test_the_optimiser_state_saved_from_the_cpu_resumes_the_same_steps():
+    """last.pt's optimiser state goes through cpu_optimizer_state (on a GPU, fused Adam's state and step counts
+    are CUDA tensors, which a plain torch.load on a machine without CUDA refuses): every tensor on the CPU, and
+    an optimiser loaded from it steps exactly as the one it was taken from."""
+    import copy
+    import io
+
+    import torch
+
+    from stage2_decoder.training.checkpoint import cpu_optimizer_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).square().sum().backward()
+        opt.step()
+    state = cpu_optimizer_state(opt)
+    tensors = [v for s in state["state"].values() for v in s.values() if torch.is_tensor(v)]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    buf = io.BytesIO()  # through a file, as last.pt
+    torch.save(state, buf)
+    buf.seek(0)
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-2, fused=True)
+    twin_opt.load_state_dict(torch.load(buf, weights_only=True))
+    x = torch.randn(8, 4)
+    for m, o in ((model, opt), (twin, twin_opt)):
+        o.zero_grad()
+        m(x).square().sum().backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
