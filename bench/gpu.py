@@ -72,6 +72,11 @@ class PartTimeout(Exception):
     """A part ran past its --limit."""
 
 
+def _error_text(e: BaseException, limit: int) -> str:
+    """An error as gpu.json records it: its type, then its message on one line, cut at `limit` characters."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"
+
+
 def photo_dir(data: Path, n: int) -> Path:
     """A COCO-format folder (captions.json, images/) of n photos: bench/gpu-photos/, filled from `data` if
     it is at hand, else as an earlier run left it (the folder a GPU machine receives)."""
@@ -299,7 +304,7 @@ def part_choices(ctx) -> dict:
     try:  # a torchvision built without nvJPEG loses this figure, not the part's others
         tv_decode = round(_torchvision_decode_rate(files, preprocess_for(args.backbone), dev, args.batch_size), 1)
     except (RuntimeError, ValueError) as e:
-        tv_decode = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        tv_decode = _error_text(e, 200)
     n = min(args.jpegs, 16 if tiny else 8000)
     workers, note = _workers_that_fit(default_workers(), max(64, args.batch_size), crop)
 
@@ -519,7 +524,7 @@ def _profiled(device, fn, steps: int, top: int = 8) -> dict:
     except PartTimeout:
         raise
     except Exception as e:  # noqa: BLE001
-        return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+        return {"error": _error_text(e, 200)}
 
     def dev_us(e) -> float:
         return float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0))
@@ -728,8 +733,7 @@ def run_part(name: str, ctx, log) -> dict:
         except PartTimeout:
             line.update(status="timeout", error=f"ran past its limit of {limit} s")
         except Exception as e:  # noqa: BLE001  (a part's failure is reported, and the others still run)
-            msg = " ".join(str(e).split())[:300]
-            line.update(status="error", error=f"{type(e).__name__}: {msg}")
+            line.update(status="error", error=_error_text(e, 300))
         finally:
             if timed:
                 signal.alarm(0)

@@ -14,7 +14,7 @@ from typing import Annotated
 import click
 from fastapi import File, Form, Request, UploadFile
 
-from common.cli import Terminated
+from common.cli import Terminated, one_line
 from stage2_decoder import Captioner
 from stage2_decoder.api import find_checkpoint
 from stage2_decoder.serving.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher, QueueFull
@@ -250,7 +250,7 @@ def create_app(captioner, cfg: ServeConfig):
         except RuntimeError as e:  # CUDA's errors (torch.AcceleratorError from torch 2.8) are RuntimeErrors
             if early or not device_lost(captioner.backbone.device):
                 raise
-            state.gpu_failed = " ".join(str(e).split())[:300]
+            state.gpu_failed = one_line(e)[:300]
             log.error("the GPU failed (%s): every request now gets 503 and /healthz answers 503", state.gpu_failed)
             raise RequestError(503, GPU_FAILED) from None
         if out_of_memory:
