@@ -90,29 +90,16 @@ def _shard_rows(out: Path) -> int:
     return n
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
     """SIGKILL the launched command and every process under it once `ready()`."""
     deadline = time.monotonic() + timeout
     while not ready():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.005)
+    if str(REPO / "bench") not in sys.path:
+        sys.path.insert(0, str(REPO / "bench"))
+    from gpu import _descendants  # bench/gpu.py: torchrun starts its workers in sessions of their own
+
     for pid in [proc.pid, *_descendants(proc.pid)]:
         try:
             os.kill(pid, signal.SIGKILL)

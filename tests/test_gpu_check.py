@@ -88,34 +88,41 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _launcher(pid_file: Path, own_session: bool) -> str:
+    """Python code for a launcher that starts a worker (in a session of its own, as torchrun does, if asked),
+    writes the worker's pid to `pid_file`, and waits."""
+    return ("import subprocess, sys, time\n"
+            "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+            f"start_new_session={own_session})\n"
+            f"open({str(pid_file)!r}, 'w').write(str(w.pid))\n"
+            "time.sleep(120)\n")
+
+
+def _ended(pid: int) -> bool:
+    """Whether `pid` ends within 10 s (killed here if not, so no test leaves it behind)."""
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        os.kill(pid, 9)
+        return False
+    return True
+
+
 def test_a_part_that_times_out_stops_the_launchers_workers_too(bench, tmp_path):
     """A timeout stops the launcher's whole process group, not only the launcher (subprocess.run's kill): the
     torchrun or sweep workers it started would go on holding the GPU through the parts after it."""
     pid_file = tmp_path / "worker.pid"
-    launcher = ("import subprocess, sys, time\n"
-                "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
-                f"open({str(pid_file)!r}, 'w').write(str(w.pid))\n"
-                "time.sleep(120)\n")
     with pytest.raises(subprocess.TimeoutExpired):
-        bench.gpu._run([sys.executable, "-c", launcher], timeout=5)
-    pid = int(pid_file.read_text())
-    deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    alive = _alive(pid)
-    if alive:
-        os.kill(pid, 9)
-    assert not alive
+        bench.gpu._run([sys.executable, "-c", _launcher(pid_file, own_session=False)], timeout=5)
+    assert _ended(int(pid_file.read_text()))
 
 
 def test_a_check_stopped_by_sigterm_stops_a_launchers_workers_in_sessions_of_their_own(tmp_path):
     """gpu_device.sh's time limit sends SIGTERM: the check used to die at once, leaving the launcher it had started
     in a session of its own, and the launcher's workers (torchrun starts each rank in a new session), running."""
     pid_file = tmp_path / "worker.pid"
-    launcher = ("import subprocess, sys, time\n"
-                "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
-                f"open({str(pid_file)!r}, 'w').write(str(w.pid))\n"
-                "time.sleep(120)\n")
+    launcher = _launcher(pid_file, own_session=True)
     check = ("import sys\n"
              f"sys.path.insert(0, {str(BENCH)!r})\n"
              "import gpu\n"
@@ -129,13 +136,7 @@ def test_a_check_stopped_by_sigterm_stops_a_launchers_workers_in_sessions_of_the
     worker = int(pid_file.read_text())
     p.terminate()
     assert p.wait(60) == 143
-    deadline = time.monotonic() + 10
-    while _alive(worker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    alive = _alive(worker)
-    if alive:
-        os.kill(worker, 9)
-    assert not alive
+    assert _ended(worker)
 
 
 def test_a_finished_command_comes_back_as_from_subprocess_run(bench):
