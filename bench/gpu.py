@@ -286,7 +286,8 @@ def _torchvision_decode_rate(paths: list[Path], pp, device, batch: int) -> float
 def part_choices(ctx) -> dict:
     """Stage 1's settings side by side, to choose its defaults from: the forward alone at batch 64 to 512 and
     without channels_last, and extract() end to end over the first JPEGs at the default batch (64) against
-    --batch-size, and with workers = cores - 2 against cores - 1."""
+    --batch-size, and with one worker fewer (as many as /dev/shm holds); decoding with torchvision on the device
+    (nvJPEG) against the DataLoader's PIL workers."""
     from stage1 import bare_images_per_s  # bench/stage1.py
 
     from common.backbones import default_workers, load_backbone, preprocess_for
