@@ -13,8 +13,9 @@ in-memory, already normalised channels_last batch of the same size, the same num
 The two alternate, `--repeats` times; the ratio is of the medians. Target on CPU: >= 0.85.
 
 Also measured, once each, for the choices the pipeline makes: channels_last against the default
-memory format and BatchNorm folded into the convolutions against not (bare forward), and the decode paths (PIL as used, PIL without JPEG draft mode on
-COCO-sized 640x480 JPEGs, torchvision.io.decode_jpeg), in ms per image.
+memory format and BatchNorm folded into the convolutions against not (bare forward), and the decode paths (PIL as used,
+PIL without JPEG draft mode, PIL without the EXIF orientation step, torchvision.io.decode_jpeg; on the shared JPEGs
+and on COCO-sized 640x480 copies), in ms per image.
 On CUDA (`--device cuda`) the bare forward runs in bf16 like `Backbone.encode` (the weights cast
 once when loaded; autocast only casts the input); the GPU target (docs/gpu.md) is >= 3,000
 images/s end to end for ResNet-152 on COCO-sized JPEGs (point --images-dir/--captions at real COCO
@@ -110,24 +111,30 @@ def decode_choices(paths: list[str], pp, tmp: Path, device: torch.device) -> lis
     for f in paths + big:  # into the page cache first: the first path timed must not pay the disk reads
         Path(f).read_bytes()
 
-    def ms(fn, files) -> float:
+    def ms(fn, files, passes: int = 5) -> float:
         fn(files[0])
         _sync(device)
-        t0 = time.perf_counter()
-        for f in files:
-            fn(f)
-        _sync(device)  # the GPU decoder returns before its work is done
-        return (time.perf_counter() - t0) / len(files) * 1000
+        times = []
+        for _ in range(passes):  # the median pass: one pass over 32 files is a fraction of a second
+            t0 = time.perf_counter()
+            for f in files:
+                fn(f)
+            _sync(device)  # the GPU decoder returns before its work is done
+            times.append((time.perf_counter() - t0) / len(files) * 1000)
+        return median(times)
 
     def tv_io(f, dev="cpu"):
         x = decode_jpeg(read_file(f), mode=ImageReadMode.RGB, device=dev)
         return F2.center_crop(F2.resize(x, [pp.resize], antialias=True), [pp.crop])
 
     no_draft = dataclasses.replace(pp, jpeg_draft=False)
+    no_exif = dataclasses.replace(pp, exif_transpose=False)
     rows = [["PIL, as stage 1 uses it (draft mode)", ms(lambda f: load_image_u8(f, pp), paths),
              ms(lambda f: load_image_u8(f, pp), big)],
             ["PIL without JPEG draft mode", ms(lambda f: load_image_u8(f, no_draft), paths),
              ms(lambda f: load_image_u8(f, no_draft), big)],
+            ["PIL without the EXIF orientation step", ms(lambda f: load_image_u8(f, no_exif), paths),
+             ms(lambda f: load_image_u8(f, no_exif), big)],
             ["torchvision.io.decode_jpeg + resize (CPU)", ms(tv_io, paths), ms(tv_io, big)]]
     if device.type == "cuda":
         rows.append(["torchvision.io.decode_jpeg on the GPU", ms(lambda f: tv_io(f, "cuda"), paths),

@@ -32,6 +32,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VIEWS = ("centre", "centre-flip", "whole", "whole-flip")  # the cached views of an image, in cache order
 MAX_ASPECT = 3  # longer side kept at most this many times the shorter one before resizing
+EXIF_ORIENTATION = 0x0112
+ORIENTED = range(2, 9)  # the EXIF orientations exif_transpose turns or flips; 1 and unknown values are left as they are
 
 
 class ImageError(ValueError):
@@ -128,7 +130,8 @@ def _views(im: Image.Image, pp: Preprocess, views: int, draft: bool = True) -> n
         raise Image.DecompressionBombError(
             f"{im.width}x{im.height} pixels exceed the decompression-bomb limit of "
             f"{Image.MAX_IMAGE_PIXELS} pixels")
-    if pp.exif_transpose:
+    if pp.exif_transpose and _exif_orientation(im) in ORIENTED:
+        # only then: without a turn, exif_transpose returns a copy of the pixels, a third of a photo's time
         im = ImageOps.exif_transpose(im)
     im = trim_long_side(_to_rgb(im), MAX_ASPECT)
     centre = _to_chw(center_crop(resize_shorter(im, pp.resize), pp.crop))  # (3, crop, crop)
@@ -137,6 +140,11 @@ def _views(im: Image.Image, pp: Preprocess, views: int, draft: bool = True) -> n
         whole = _to_chw(_resize_to(im, pp.crop, pp.crop))
         out += [whole, whole[:, :, ::-1]]
     return np.ascontiguousarray(np.stack(out[:views]))
+
+
+def _exif_orientation(im: Image.Image) -> int:
+    im.load()  # as exif_transpose does first: some formats (PNG) may carry their EXIF after the pixels
+    return im.getexif().get(EXIF_ORIENTATION, 1)
 
 
 def _to_chw(im: Image.Image) -> np.ndarray:

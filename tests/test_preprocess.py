@@ -121,6 +121,35 @@ def test_other_sizes_and_the_padding_rule_match_too(pp, coco_dir, flickr_dir, tm
         assert np.array_equal(load_views(p, pp, 4), _reference_views(p, pp, 4)), (p, pp)
 
 
+def test_every_exif_orientation_matches_and_only_a_turned_photo_is_transposed(coco_dir, tmp_path, monkeypatch):
+    import common.preprocess as pre
+
+    src = Image.open(sorted((coco_dir / "images").iterdir())[2]).convert("RGB").crop((0, 0, 300, 200))
+    photos = [tmp_path / "plain.jpg", tmp_path / "plain.png"]
+    src.save(photos[0], quality=90)
+    src.save(photos[1])
+    for orientation in range(0, 10):  # 0 and 9 are not orientations: shown as they are, like 1
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        for ext, kw in (("jpg", {"quality": 90}), ("png", {})):
+            photos.append(tmp_path / f"o{orientation}.{ext}")
+            src.save(photos[-1], exif=exif, **kw)
+    transposed = []
+    real = ImageOps.exif_transpose
+    monkeypatch.setattr(pre.ImageOps, "exif_transpose", lambda im, **kw: transposed.append(1) or real(im, **kw))
+    pp = Preprocess(120, 100)
+    for p in photos:
+        before = len(transposed)
+        got = load_views(p, pp, 4)
+        turned = p.stem in {f"o{k}" for k in range(2, 9)}
+        assert len(transposed) - before == turned, p  # without a turn, exif_transpose would only copy the pixels
+        assert np.array_equal(got, _reference_views(p, pp, 4)), p
+    with Image.open(tmp_path / "o6.jpg") as im:  # a turned PIL image handed over is left as it was
+        want = _reference_views(tmp_path / "o6.jpg", Preprocess(120, 100, jpeg_draft=False), 2)
+        assert np.array_equal(load_views(im, pp, 2), want)
+        assert im.size == (300, 200) and im.getexif()[0x0112] == 6
+
+
 def test_pil_images_and_encoded_bytes_take_the_same_path(coco_dir, tmp_path):
     pp = Preprocess(256, 224)
     photo = sorted((coco_dir / "images").iterdir())[3]
