@@ -9,7 +9,8 @@ Parts, in order; each prints one JSON line when it ends (flushed, and appended t
 part that fails or runs past its time limit (`--limit PART=SECONDS`) leaves the others' results:
 
   jpegs     20,000 JPEGs of 640x480 at COCO's file size (~150 KB), made from the carried photos (random
-            crop and flip, a grain that gives back the detail their downscaling took away)
+            crop and flip, a grain that gives back the detail their downscaling took away); on a CPU too
+            slow for its limit, as many as 80% of it makes (the note says how many)
   stage1    ResNet-152 (random weights: the same compute) over them: decoding alone (the DataLoader),
             the forward alone (one pinned batch), and the real extract() end to end (decode + forward + write)
   choices   stage 1's settings side by side: the forward alone at batch 64-512 and without channels_last,
@@ -65,6 +66,7 @@ LIMITS = {"jpegs": 35, "stage1": 60, "choices": 55, "train": 45, "stage2": 65, "
           "sweep": 35, "torchrun": 35, "caption": 15}
 COCO = {"images": 123_287, "captions": 616_767, "vocab": 10_000}  # COCO 2017 train + val; words seen >= 4 times
 JPEG_SIZE, JPEG_QUALITY, GRAIN = (640, 480), 92, 14.0  # 14 levels of grain at quality 92: ~150 KB, COCO's mean
+JPEGS_SHARE = 0.8  # of the jpegs part's limit spent making JPEGs; the rest writes their captions file
 CHUNK_WARNING = "contiguous chunk"  # cuDNN: "RNN module weights are not part of single contiguous chunk of memory"
 
 
@@ -172,17 +174,30 @@ def part_jpegs(ctx) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     (out / "images").mkdir(parents=True)
     jobs = [(str(sources[i % len(sources)][0]), str(out / "images" / f"{i:06d}.jpg"), i) for i in range(ctx.args.jpegs)]
+    limit = ctx.limits.get("jpegs")
+    # a slower CPU than planned makes fewer JPEGs, not none: every later part but three needs them
+    stop_at = time.perf_counter() + JPEGS_SHARE * limit if limit else math.inf
+    sizes: list[int] = []
     # forked after this process has started CUDA: safe while the workers use only PIL and numpy
     with mp.get_context("fork").Pool(max(1, os.cpu_count() or 1)) as pool:
-        sizes = pool.map(_make_jpeg, jobs, chunksize=16)
+        for size in pool.imap(_make_jpeg, jobs, chunksize=16):  # in order: the first len(sizes) are whole
+            sizes.append(size)
+            if time.perf_counter() > stop_at:
+                break
+    n = len(sizes)
+    for path in (out / "images").iterdir():  # those the stopped workers were writing
+        if int(path.stem) >= n:
+            path.unlink()
     with open(out / "captions.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["image", "caption"])
-        for i in range(ctx.args.jpegs):
+        for i in range(n):
             for c in sources[i % len(sources)][1]:
                 w.writerow([f"{i:06d}.jpg", c])
-    result = {"images": len(jobs), "jpeg_size": list(JPEG_SIZE), "mean_kb": round(sum(sizes) / len(sizes) / 1024, 1),
+    result = {"images": n, "jpeg_size": list(JPEG_SIZE), "mean_kb": round(sum(sizes) / n / 1024, 1),
               "quality": JPEG_QUALITY, "from_photos": len(sources)}
+    if n < len(jobs):
+        result["note"] = f"{n} of {len(jobs)} made in {JPEGS_SHARE:.0%} of the part's {limit:g} s"
     from common.atomic import atomic_write
 
     atomic_write(made, json.dumps({"recipe": recipe, "result": result}), what="JPEG folder stamp")
@@ -301,12 +316,13 @@ def part_choices(ctx) -> dict:
                for b in ((4, 8) if tiny else (64, 128, 256, 512))}
     contiguous = round(bare_images_per_s(bb.model, args.batch_size, reps, dev, channels_last=False, warm_up=True), 1)
     del bb
-    files = sorted((ctx.jpegs / "images").iterdir())[:16 if tiny else 4096]
+    made = sorted((ctx.jpegs / "images").iterdir())
+    files = made[:16 if tiny else 4096]
     try:  # a torchvision built without nvJPEG loses this figure, not the part's others
         tv_decode = round(_torchvision_decode_rate(files, preprocess_for(args.backbone), dev, args.batch_size), 1)
     except (RuntimeError, ValueError) as e:
         tv_decode = _error_text(e, 200)
-    n = min(args.jpegs, 16 if tiny else 8000)
+    n = min(len(made), 16 if tiny else 8000)
     workers, note = _workers_that_fit(default_workers(), max(64, args.batch_size), crop)
 
     def end_to_end(batch: int, w: int) -> float:
@@ -781,6 +797,7 @@ def summary(lines: dict[str, dict], device, planned: Sequence[str] = ()) -> dict
                      "backbone")}
     notes = [f"{name}: {line['status']}: {line.get('error', '')}".rstrip(": ")
              for name, line in lines.items() if line["status"] != "ok"]
+    notes += [f"{name}: {line['note']}" for name, line in lines.items() if line.get("note")]  # e.g. fewer workers
     where = lines.get("syncs", {}).get("where") or {}
     notes += [f"syncs in {k} at {', '.join(v)}" for k, v in where.items() if v]
     notes += [f"{name}: not run (the check stopped before it)" for name in planned if name not in lines]

@@ -176,21 +176,27 @@ def test_the_bare_forward_rate_times_the_forwards_alone(bench, monkeypatch):
     assert rate == pytest.approx(2 * 3 / 3.0)
 
 
+def _carried_photos(coco_dir, folder: Path, n: int = 4) -> Path:
+    """A bench/gpu-photos/ of n COCO-mini photos and their captions.json."""
+    (folder / "images").mkdir(parents=True)
+    doc = json.loads((coco_dir / "captions.json").read_text())
+    images = doc["images"][:n]
+    for im in images:
+        shutil.copy(coco_dir / "images" / im["file_name"], folder / "images")
+    ids = {im["id"] for im in images}
+    (folder / "captions.json").write_text(json.dumps(
+        {"images": images, "annotations": [a for a in doc["annotations"] if a["image_id"] in ids]}))
+    return folder
+
+
 def test_the_jpegs_are_made_once_and_reused_while_their_recipe_holds(bench, coco_dir, tmp_path):
     """A second device call on a still-warm machine (the --compile run, a rerun) does not pay for the 20,000 JPEGs
     again; another count is made afresh."""
-    photos = tmp_path / "photos"
-    (photos / "images").mkdir(parents=True)
-    doc = json.loads((coco_dir / "captions.json").read_text())
-    images = doc["images"][:4]
-    for im in images:
-        shutil.copy(coco_dir / "images" / im["file_name"], photos / "images")
-    ids = {im["id"] for im in images}
-    (photos / "captions.json").write_text(json.dumps(
-        {"images": images, "annotations": [a for a in doc["annotations"] if a["image_id"] in ids]}))
+    photos = _carried_photos(coco_dir, tmp_path / "photos")
 
     def ctx(n):
-        return SimpleNamespace(args=SimpleNamespace(jpegs=n), photos=photos, work=tmp_path / "work", jpegs=None)
+        return SimpleNamespace(args=SimpleNamespace(jpegs=n), photos=photos, work=tmp_path / "work", jpegs=None,
+                               limits={"jpegs": None})
 
     first = bench.gpu.part_jpegs(ctx(6))
     made = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work" / "jpegs" / "images").iterdir()}
@@ -201,6 +207,29 @@ def test_the_jpegs_are_made_once_and_reused_while_their_recipe_holds(bench, coco
     assert "reused" not in other and other["images"] == 5 and len(list((c.jpegs / "images").iterdir())) == 5
     (c.jpegs / "made.json").write_text('{"recipe": {"jpe')  # a stamp cut short: made again, not an error
     assert "reused" not in bench.gpu.part_jpegs(ctx(5))
+
+
+def test_a_cpu_too_slow_for_the_jpegs_limit_leaves_the_jpegs_it_made_and_their_captions(bench, coco_dir, tmp_path):
+    """Timed out, the part would leave no captions file, and stage1, choices, train, sweep, torchrun and caption
+    would all be skipped: the device run wasted but for stage 2."""
+    from common.datasets import load_dataset
+    from common.preprocess import Preprocess, load_views
+
+    ctx = SimpleNamespace(args=SimpleNamespace(jpegs=2000), photos=_carried_photos(coco_dir, tmp_path / "photos"),
+                          work=tmp_path / "work", jpegs=None, limits={"jpegs": 0.5})
+    got = bench.gpu.part_jpegs(ctx)  # 2,000 JPEGs take this CPU many seconds; 80 % of 0.5 s makes a few
+    n = got["images"]
+    assert 1 <= n < 2000 and got["note"] == f"{n} of 2000 made in 80% of the part's 0.5 s"
+    files = sorted((ctx.jpegs / "images").iterdir())
+    assert [f.name for f in files] == [f"{i:06d}.jpg" for i in range(n)]  # none the stopped workers left half-written
+    records = load_dataset("auto", str(ctx.jpegs / "captions.csv"), str(ctx.jpegs / "images"))
+    assert sorted({r.path for r in records}) == [str(f) for f in files]
+    for f in files:
+        assert load_views(f, Preprocess(256, 224)).shape == (1, 3, 224, 224)
+    stamp = json.loads((ctx.jpegs / "made.json").read_text())
+    assert stamp["result"] == got  # a second call reuses what was made
+    doc = bench.gpu.summary({"jpegs": {"part": "jpegs", "status": "ok", **got}}, torch.device("cpu"))
+    assert doc["stage1"]["images"] == n and f"jpegs: {got['note']}" in doc["notes"]  # gpu.json says so too
 
 
 def test_a_profiled_section_that_fails_keeps_the_others_and_a_timeout_still_stops_the_part(bench):
