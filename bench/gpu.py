@@ -12,7 +12,8 @@ part that fails or runs past its time limit (`--limit PART=SECONDS`) leaves the 
             crop and flip, a grain that gives back the detail their downscaling took away); on a CPU too
             slow for its limit, as many as 80% of it makes (the note says how many)
   stage1    ResNet-152 (random weights: the same compute) over them: decoding alone (the DataLoader),
-            the forward alone (one pinned batch), and the real extract() end to end (decode + forward + write)
+            the forward alone (one pinned batch), and the real extract() end to end (decode + forward + write);
+            on a machine too slow for its limit, each pass over as many JPEGs as its share of the limit allows
   choices   stage 1's settings side by side: the forward alone at batch 64-512 and without channels_last,
             extract() end to end at batch 64 (the default) against 256, and with one worker fewer; decoding
             with torchvision.io.decode_jpeg on the device (nvJPEG) against the DataLoader's PIL workers
@@ -67,6 +68,8 @@ LIMITS = {"jpegs": 35, "stage1": 60, "choices": 55, "train": 45, "stage2": 65, "
 COCO = {"images": 123_287, "captions": 616_767, "vocab": 10_000}  # COCO 2017 train + val; words seen >= 4 times
 JPEG_SIZE, JPEG_QUALITY, GRAIN = (640, 480), 92, 14.0  # 14 levels of grain at quality 92: ~150 KB, COCO's mean
 JPEGS_SHARE = 0.8  # of the jpegs part's limit spent making JPEGs; the rest writes their captions file
+STAGE1_SHARES = (0.25, 0.35)  # of the stage1 part's limit: decoding alone, then extract() end to end; the rest
+# builds the model twice and times the forward
 CHUNK_WARNING = "contiguous chunk"  # cuDNN: "RNN module weights are not part of single contiguous chunk of memory"
 
 
@@ -253,8 +256,14 @@ def part_stage1(ctx) -> dict:
     loader = DataLoader(ImageRows([(i, r.path) for i, r in enumerate(records)], bb.preprocess),
                         batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                         prefetch_factor=PREFETCH if workers else None)
-    t0 = time.perf_counter()
-    n = sum(len(rows) for rows, _, _ in loader)
+    limit = ctx.limits.get("stage1")
+    # on a machine slower than planned, fewer images in each pass rather than a part timed out: the train,
+    # sweep and caption parts need its cache
+    n, t0 = 0, time.perf_counter()
+    for rows, _, _ in loader:
+        n += len(rows)
+        if limit and time.perf_counter() - t0 > STAGE1_SHARES[0] * limit:
+            break
     decode_s = time.perf_counter() - t0
     # the forward alone, on one pinned batch
     x = _input_batch(bb, args.batch_size, device)
@@ -268,16 +277,25 @@ def part_stage1(ctx) -> dict:
             bb.encode(x)
     forward = reps * args.batch_size / c.s
     del bb
+    whole = len(records)
+    if limit:  # end to end at the rate of decoding and the forward one after the other: overlapped, it is faster
+        serial = 1 / (decode_s / n + 1 / forward)
+        whole = min(whole, max(args.batch_size, int(serial * STAGE1_SHARES[1] * limit)))
     # end to end: the real extract(), decode + forward + copy-out + shard writes + assembly
     cache = _fresh_cache(ctx.work / "stage1.h5")
     cfg = ExtractConfig(images=str(ctx.jpegs / "images"), captions=str(ctx.jpegs / "captions.csv"), out=str(cache),
                         backbone=args.backbone, weights="none", batch_size=args.batch_size, device=str(device),
-                        workers=workers, progress=False, compile=args.compile)
+                        workers=workers, progress=False, compile=args.compile,
+                        limit=whole if whole < len(records) else None)
     s = extract(cfg)
     ctx.cache = cache
+    if n < len(records) or whole < len(records):
+        note = "; ".join(filter(None, [note, f"of the {len(records)} JPEGs, {n} decoded alone and {whole} end to end "
+                                             "within the part's limit"]))
     return {"images": n, "decode_only_img_s": round(n / decode_s, 1), "forward_img_s": round(forward, 1),
-            "end_to_end_img_s": round(s.images_per_s, 1), "workers": workers, "batch": args.batch_size,
-            "backbone": args.backbone, "precision": "bfloat16" if device.type == "cuda" else "float32",
+            "end_to_end_img_s": round(s.images_per_s, 1), "end_to_end_images": whole, "workers": workers,
+            "batch": args.batch_size, "backbone": args.backbone,
+            "precision": "bfloat16" if device.type == "cuda" else "float32",
             "compile": args.compile, **({"note": note} if note else {})}
 
 
@@ -793,8 +811,8 @@ def summary(lines: dict[str, dict], device, planned: Sequence[str] = ()) -> dict
         return {k: got.get(k) for k in keys}
 
     stage1 = {**pick("jpegs", "images", "jpeg_size", "mean_kb"),
-              **pick("stage1", "decode_only_img_s", "forward_img_s", "end_to_end_img_s", "workers", "batch",
-                     "backbone")}
+              **pick("stage1", "decode_only_img_s", "forward_img_s", "end_to_end_img_s", "end_to_end_images", "workers",
+                     "batch", "backbone")}
     notes = [f"{name}: {line['status']}: {line.get('error', '')}".rstrip(": ")
              for name, line in lines.items() if line["status"] != "ok"]
     notes += [f"{name}: {line['note']}" for name, line in lines.items() if line.get("note")]  # e.g. fewer workers

@@ -232,6 +232,24 @@ def test_a_cpu_too_slow_for_the_jpegs_limit_leaves_the_jpegs_it_made_and_their_c
     assert doc["stage1"]["images"] == n and f"jpegs: {got['note']}" in doc["notes"]  # gpu.json says so too
 
 
+def test_a_cpu_too_slow_for_the_stage1_limit_times_fewer_images_and_still_leaves_a_cache(bench, coco_dir, tmp_path):
+    """The train, sweep and caption parts need stage1's cache: a slow machine gets a smaller one, not none."""
+    import h5py
+
+    photos = _carried_photos(coco_dir, tmp_path / "photos")
+    ctx = SimpleNamespace(args=SimpleNamespace(jpegs=120, backbone="mobilenet_v2", batch_size=8, tiny=True,
+                                               compile=False),
+                          device=torch.device("cpu"), photos=photos, work=tmp_path / "work", jpegs=None,
+                          cache=None, limits={"jpegs": None, "stage1": 0.2})
+    bench.gpu.part_jpegs(ctx)
+    got = bench.gpu.part_stage1(ctx)  # decoding alone stops after 25 % of 0.2 s; end to end gets what 35 % allows
+    n, whole = got["images"], got["end_to_end_images"]
+    assert 8 <= n < 120 and 8 <= whole < 120, got
+    assert f"of the 120 JPEGs, {n} decoded alone and {whole} end to end" in got["note"]
+    with h5py.File(ctx.cache, "r") as f:
+        assert len(f["features"]) == whole
+
+
 def test_a_profiled_section_that_fails_keeps_the_others_and_a_timeout_still_stops_the_part(bench):
     def fails():
         raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
