@@ -16,7 +16,8 @@ part that fails or runs past its time limit (`--limit PART=SECONDS`) leaves the 
             on a machine too slow for its limit, each pass over as many JPEGs as its share of the limit allows
   choices   stage 1's settings side by side: the forward alone at batch 64-512 and without channels_last,
             extract() end to end at batch 64 (the default) against 256, and with one worker fewer; decoding
-            with torchvision.io.decode_jpeg on the device (nvJPEG) against the DataLoader's PIL workers
+            with torchvision.io.decode_jpeg on the device (nvJPEG) against the DataLoader's PIL workers; on a
+            machine too slow for its limit, fewer JPEGs end to end, sized by stage1's rate
   train     the real train() on that cache, cross-entropy and SCST (one batch each): cuDNN's RNN backward
             in SCST, the EMA copy's "not one contiguous chunk" warning counted
   stage2    a synthetic full-COCO workload (123,287 images x 2,048 fp16 features, 616k captions, 10k words,
@@ -70,6 +71,7 @@ JPEG_SIZE, JPEG_QUALITY, GRAIN = (640, 480), 92, 14.0  # 14 levels of grain at q
 JPEGS_SHARE = 0.8  # of the jpegs part's limit spent making JPEGs; the rest writes their captions file
 STAGE1_SHARES = (0.25, 0.35)  # of the stage1 part's limit: decoding alone, then extract() end to end; the rest
 # builds the model twice and times the forward
+CHOICES_SHARE = 0.5  # of the choices part's limit for its end-to-end runs; the rest times the forwards and nvJPEG
 CHUNK_WARNING = "contiguous chunk"  # cuDNN: "RNN module weights are not part of single contiguous chunk of memory"
 
 
@@ -288,7 +290,7 @@ def part_stage1(ctx) -> dict:
                         workers=workers, progress=False, compile=args.compile,
                         limit=whole if whole < len(records) else None)
     s = extract(cfg)
-    ctx.cache = cache
+    ctx.cache, ctx.stage1_img_s = cache, s.images_per_s
     if n < len(records) or whole < len(records):
         note = "; ".join(filter(None, [note, f"of the {len(records)} JPEGs, {n} decoded alone and {whole} end to end "
                                              "within the part's limit"]))
@@ -342,6 +344,11 @@ def part_choices(ctx) -> dict:
         tv_decode = _error_text(e, 200)
     n = min(len(made), 16 if tiny else 8000)
     workers, note = _workers_that_fit(default_workers(), max(64, args.batch_size), crop)
+    fewer = workers - 1 if workers > 1 else workers  # 1 worker: no fewer (0 decodes in the main process)
+    configs = dict.fromkeys([(64, workers), (args.batch_size, workers), (args.batch_size, fewer)])
+    limit, rate = ctx.limits.get("choices"), ctx.stage1_img_s
+    if limit and rate:  # a machine too slow for the part's limit: fewer JPEGs, at stage1's end-to-end rate
+        n = min(n, max(64, int(rate * CHOICES_SHARE * limit / len(configs))))
 
     def end_to_end(batch: int, w: int) -> float:
         out = _fresh_cache(ctx.work / f"choice-{batch}-{w}.h5")
@@ -351,8 +358,6 @@ def part_choices(ctx) -> dict:
         out.unlink(missing_ok=True)
         return round(s.images_per_s, 1)
 
-    fewer = workers - 1 if workers > 1 else workers  # 1 worker: no fewer (0 decodes in the main process)
-    configs = dict.fromkeys([(64, workers), (args.batch_size, workers), (args.batch_size, fewer)])
     e2e = {f"batch {b}, workers {w}": end_to_end(b, w) for b, w in configs}  # each once
     return {"forward_img_s_by_batch": forward, "forward_img_s_contiguous": contiguous,
             "contiguous_batch": args.batch_size, "end_to_end_images": n,
@@ -888,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== device check: {device}, {args.backbone}, {args.jpegs} JPEGs from {args.photos} photos  [{machine()}]",
           flush=True)
     ctx = SimpleNamespace(args=args, device=device, work=args.work, photos=photos, limits=limits, status={},
-                          jpegs=None, cache=None, run=None, s2=None)
+                          jpegs=None, cache=None, stage1_img_s=None, run=None, s2=None)
     lines: dict[str, dict] = {}
     with open(results / "gpu.jsonl", "w", encoding="utf-8") as log, _exit_on_sigterm():
         for name in parts:

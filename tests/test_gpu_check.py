@@ -56,7 +56,8 @@ def test_the_choices_part_starts_only_the_workers_dev_shm_holds(bench, coco_dir,
 
     monkeypatch.setattr(bench.gpu, "_torchvision_decode_rate", no_nvjpeg)
     args = SimpleNamespace(tiny=True, backbone="mobilenet_v2", batch_size=8, jpegs=16)
-    ctx = SimpleNamespace(args=args, device=torch.device("cpu"), work=tmp_path, jpegs=jpegs)
+    ctx = SimpleNamespace(args=args, device=torch.device("cpu"), work=tmp_path, jpegs=jpegs, limits={},
+                          stage1_img_s=None)
     out = bench.gpu.part_choices(ctx)
     assert set(out["end_to_end_img_s"]) == {"batch 64, workers 0", "batch 8, workers 0"}
     assert all(v > 0 for v in out["end_to_end_img_s"].values()) and out["note"] == "as many as /dev/shm holds"
@@ -232,15 +233,16 @@ def test_a_cpu_too_slow_for_the_jpegs_limit_leaves_the_jpegs_it_made_and_their_c
     assert doc["stage1"]["images"] == n and f"jpegs: {got['note']}" in doc["notes"]  # gpu.json says so too
 
 
-def test_a_cpu_too_slow_for_the_stage1_limit_times_fewer_images_and_still_leaves_a_cache(bench, coco_dir, tmp_path):
-    """The train, sweep and caption parts need stage1's cache: a slow machine gets a smaller one, not none."""
+def test_a_cpu_too_slow_for_the_stage1_and_choices_limits_times_fewer_images(bench, coco_dir, tmp_path, monkeypatch):
+    """The train, sweep and caption parts need stage1's cache: a slow machine gets a smaller one, not none; and
+    the choices part sizes its three end-to-end runs by stage1's rate."""
     import h5py
 
     photos = _carried_photos(coco_dir, tmp_path / "photos")
     ctx = SimpleNamespace(args=SimpleNamespace(jpegs=120, backbone="mobilenet_v2", batch_size=8, tiny=True,
                                                compile=False),
                           device=torch.device("cpu"), photos=photos, work=tmp_path / "work", jpegs=None,
-                          cache=None, limits={"jpegs": None, "stage1": 0.2})
+                          cache=None, stage1_img_s=None, limits={"jpegs": None, "stage1": 0.2, "choices": 2})
     bench.gpu.part_jpegs(ctx)
     got = bench.gpu.part_stage1(ctx)  # decoding alone stops after 25 % of 0.2 s; end to end gets what 35 % allows
     n, whole = got["images"], got["end_to_end_images"]
@@ -248,6 +250,13 @@ def test_a_cpu_too_slow_for_the_stage1_limit_times_fewer_images_and_still_leaves
     assert f"of the 120 JPEGs, {n} decoded alone and {whole} end to end" in got["note"]
     with h5py.File(ctx.cache, "r") as f:
         assert len(f["features"]) == whole
+    assert round(ctx.stage1_img_s, 1) == got["end_to_end_img_s"] < 240  # mobilenet_v2 on a CPU: far below
+    # 50 % of 2 s over its two runs (1 worker: no run with one fewer) at that rate, and at least a batch of 64;
+    # at full size (not tiny: up to 8,000 JPEGs), with the bare forwards at batch 64-512 skipped
+    monkeypatch.setattr(bench.stage1, "bare_images_per_s", lambda *a, **k: 1.0)
+    ctx.args.tiny = False
+    choices = bench.gpu.part_choices(ctx)
+    assert choices["end_to_end_images"] == max(64, int(ctx.stage1_img_s * 0.5 * 2 / 2)) < 120
 
 
 def test_a_profiled_section_that_fails_keeps_the_others_and_a_timeout_still_stops_the_part(bench):
