@@ -233,6 +233,7 @@ def test_a_cpu_too_slow_for_the_jpegs_limit_leaves_the_jpegs_it_made_and_their_c
     assert doc["stage1"]["images"] == n and f"jpegs: {got['note']}" in doc["notes"]  # gpu.json says so too
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
 def test_a_cpu_too_slow_for_the_stage1_and_choices_limits_times_fewer_images(bench, coco_dir, tmp_path, monkeypatch):
     """The train, sweep and caption parts need stage1's cache: a slow machine gets a smaller one, not none; and
     the choices part sizes its three end-to-end runs by stage1's rate."""
