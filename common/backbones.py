@@ -274,7 +274,9 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = "default",
     sha = None
     if weights == "none":
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
+            # the CPU generator alone (the model is built there): torch.manual_seed would also reseed every
+            # CUDA generator, which fork_rng(devices=[]) does not restore
+            torch.default_generator.manual_seed(RANDOM_INIT_SEED)
             # a random ResNet's activations grow block by block (pooled features near 1e8, past float16's
             # range): each residual branch starting at zero keeps them near 1, so any cache dtype holds them
             extra = {"zero_init_residual": True} if spec.builder.startswith("resnet") else {}

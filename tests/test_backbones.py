@@ -121,6 +121,19 @@ def test_resnet152_random_weights_deterministic(coco_image, flickr_image):
     assert torch.isfinite(fa.half()).all() and 1e-3 < float(fa.abs().max()) < 1e3
 
 
+def test_random_weights_leave_the_cuda_generators_alone(monkeypatch):
+    """torch.manual_seed also reseeds every CUDA generator (queued until CUDA starts, on a machine with none yet),
+    and fork_rng(devices=[]) restores only the CPU's: building a random backbone reset the GPU's dropout and
+    sampling streams to seed 0."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    a = load_backbone("mobilenet_v2", "none")
+    b = load_backbone("mobilenet_v2", "none")
+    assert reseeded == []
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))  # still seeded
+
+
 # --- weights files -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
