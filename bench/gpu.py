@@ -212,10 +212,11 @@ def part_jpegs(ctx) -> dict:
 # --- stage 1 ----------------------------------------------------------------------------------------------
 
 def _workers_that_fit(workers: int, batch: int, crop: int) -> tuple[int, str]:
-    from stage1_extract.extract import PREFETCH, check_shm
+    from common.backbones import check_shm
+    from stage1_extract.extract import PREFETCH
 
     try:
-        check_shm(workers, batch, crop)
+        check_shm(workers, batch, crop, PREFETCH)
         return workers, ""
     except ValueError:  # a small /dev/shm (Docker's 64 MB): as many workers as fit, and say so
         per_worker = PREFETCH * batch * 3 * crop * crop

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -22,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common.backbones import (DEFAULT_BACKBONE, REGISTRY, Backbone, BackboneError, ImageRows, default_workers,
+from common.backbones import (DEFAULT_BACKBONE, REGISTRY, Backbone, BackboneError, ImageRows, check_shm, default_workers,
                               get_spec, load_backbone)
 from common.cli import one_line, opt
 from common.datasets import FORMATS, OUTSIDE_FLAG, guess_format, load_dataset
@@ -220,7 +219,7 @@ def _extract_rows(cfg: ExtractConfig, d: Dist, writer: CacheWriter, backbone: Ba
                   records: list[ImageRecord], rows: list[int], share: int) -> tuple[int, int]:
     """Encode `rows` batch by batch, one shard per batch; returns (rows done, rows failed)."""
     device = backbone.device
-    check_shm(cfg.workers, cfg.batch_size * cfg.views, backbone.preprocess.crop)
+    check_shm(cfg.workers, cfg.batch_size * cfg.views, backbone.preprocess.crop, PREFETCH)
     loader = DataLoader(ImageRows([(i, records[i].path) for i in rows], backbone.preprocess, cfg.views),
                         batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         persistent_workers=False, prefetch_factor=PREFETCH if cfg.workers > 0 else None,
@@ -303,19 +302,6 @@ class _CopyOut:
             feats, views = (arr[:, 0], arr[:, 1:]) if self.views else (arr, None)  # (b, D), (b, V-1, D)
         self.host = None
         writer.write(self.rows, feats, self.failed, views)  # queued; a background thread writes the shard
-
-
-def check_shm(workers: int, images_per_batch: int, crop: int, shm: str = "/dev/shm") -> None:
-    """Refuse to start DataLoader workers whose prefetched batches cannot fit in `shm` (Docker gives 64 MB):
-    they would die with "Bus error" mid-run. Raises ValueError saying what to do."""
-    if workers == 0 or not os.path.isdir(shm):
-        return
-    need = workers * PREFETCH * images_per_batch * 3 * crop * crop  # uint8 (B, 3, crop, crop) per batch
-    free = shutil.disk_usage(shm).free
-    if free < need:
-        raise ValueError(f"{shm} has {free / 2**20:.0f} MB free but --workers {workers} prefetching {PREFETCH} "
-                         f"batches of {images_per_batch} images need {need / 2**20:.0f} MB: give the container more "
-                         f"(docker run --shm-size=8g, or --ipc=host) or lower --workers / --batch-size")
 
 
 def _leave_signals_to_main(worker_id: int) -> None:

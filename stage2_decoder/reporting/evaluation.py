@@ -7,12 +7,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.backbones import default_workers, ImageRows
+from common.backbones import check_shm, default_workers, ImageRows
 from common.datasets import load_dataset
 from common.records import ImageRecord
 from stage2_decoder.decoding.captions import caption_keys
 from stage2_decoder.decoding.config import DecodeConfig
 from stage2_decoder.reporting.metrics import caption_stats, score_captions
+
+PREFETCH = 2  # batches each DataLoader worker keeps ready (in shared memory): PyTorch's default
 
 
 def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_override: dict | None = None,
@@ -46,8 +48,9 @@ def captions_from_images(cap, records: list[ImageRecord], workers: int = default
     from torch.utils.data import DataLoader
 
 
+    check_shm(workers, batch_size, cap.backbone.preprocess.crop, PREFETCH, lower="--workers")
     loader = DataLoader(ImageRows(list(enumerate(r.path for r in records)), cap.backbone.preprocess),
-                        batch_size=batch_size, num_workers=workers)
+                        batch_size=batch_size, num_workers=workers, prefetch_factor=PREFETCH if workers else None)
     feats = torch.zeros(len(records), cap.backbone.feature_dim)
     ok = np.zeros(len(records), dtype=bool)
     errors = {}
