@@ -19,12 +19,13 @@ import click
 from common.atomic import atomic_write
 from common.backbones import default_workers
 from common.cli import bounded, decode_options, run_guarded
+from common.device import resolve_device
 from common.datasets import FORMATS, OUTSIDE_FLAG, load_dataset
 from stage2_decoder.reporting.evaluation import (captions_from_cache, captions_from_images, evaluate_captions,
                                                  format_table)
 from stage2_decoder.api import Captioner, find_checkpoint
 from stage2_decoder.reporting.gallery import write_html
-from stage2_decoder.training.checkpoint import load_checkpoint
+from stage2_decoder.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,15 +77,18 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
             click.echo(f"dry run: checkpoint {ckpt_path}, " + (f"{n} images from {captions}" if raw
                                                                else f"the {split} split of {features}"), err=True)
             return 0
-        cap = Captioner.load(ckpt_path, device)
         errors = {}
         if raw:
+            cap = Captioner.load(ckpt_path, device)
             recs = load_dataset(dataset or "auto", captions, images, limit, allow_outside_images)
             res, recs, errors = captions_from_images(cap, recs, workers, progress=not no_progress, decode_cfg=decode)
             for k, e in errors.items():
                 click.echo(f"skipped {k}: {e}", err=True)
         else:
-            res, recs = captions_from_cache(cap, load_checkpoint(ckpt_path), features, split, decode_cfg=decode,
+            # the decoder alone: the CNN (its weights file, seconds to build, GPU memory) is not needed here
+            ckpt = load_checkpoint(ckpt_path)
+            cap = Captioner(None, *model_from_checkpoint(ckpt, resolve_device(device)), ckpt_path)
+            res, recs = captions_from_cache(cap, ckpt, features, split, decode_cfg=decode,
                                             allow_outside_images=allow_outside_images)
         if not res:
             raise ValueError("no image could be captioned")

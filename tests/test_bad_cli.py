@@ -230,6 +230,22 @@ def test_evaluate_needs_exactly_one_source(run_dir, shared_cache, small_set):
         assert result.exit_code == 2 and "Traceback" not in result.output
 
 
+def test_evaluate_from_the_cache_needs_no_cnn_weights(run_dir, shared_cache, monkeypatch):
+    """Scoring a cache split decodes cached features: it built the CNN anyway (ResNet-152's weights file, seconds,
+    GPU memory), and failed where the weights were not at hand (a cache and checkpoint copied from elsewhere)."""
+    import common.backbones
+
+    def no_weights(*a, **k):
+        raise common.backbones.BackboneError("no weights file here")
+
+    monkeypatch.setattr(common.backbones, "load_backbone", no_weights)
+    r = _invoke("stage2_decoder.evaluate", ["--checkpoint", run_dir / "best.pt", "--features", shared_cache,
+                                            "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["source"] == "cache:test" and report["metrics"]["CIDEr"] >= 0
+
+
 def test_evaluate_on_raw_images_refuses_workers_dev_shm_cannot_hold(run_dir, small_set, monkeypatch):
     """In a container with Docker's 64 MB of /dev/shm, the decoding workers died with "Bus error" and a
     traceback once they had filled it; stage 1 already checked, evaluate did not."""
