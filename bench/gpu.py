@@ -212,14 +212,14 @@ def part_jpegs(ctx) -> dict:
 # --- stage 1 ----------------------------------------------------------------------------------------------
 
 def _workers_that_fit(workers: int, batch: int, crop: int) -> tuple[int, str]:
-    from common.backbones import check_shm
+    from common.backbones import check_shm, shm_need
     from stage1_extract.extract import PREFETCH
 
     try:
         check_shm(workers, batch, crop, PREFETCH)
         return workers, ""
     except ValueError:  # a small /dev/shm (Docker's 64 MB): as many workers as fit, and say so
-        per_worker = PREFETCH * batch * 3 * crop * crop
+        per_worker = shm_need(1, batch, crop, PREFETCH)
         return max(0, min(workers, shutil.disk_usage("/dev/shm").free // per_worker)), "as many as /dev/shm holds"
 
 

@@ -98,13 +98,18 @@ def default_workers() -> int:
     return max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)) - 1)
 
 
+def shm_need(workers: int, images_per_batch: int, crop: int, prefetch: int) -> int:
+    """Bytes of /dev/shm that `workers` DataLoader workers fill, each `prefetch` uint8 (B, 3, crop, crop) batches."""
+    return workers * prefetch * images_per_batch * 3 * crop * crop
+
+
 def check_shm(workers: int, images_per_batch: int, crop: int, prefetch: int, shm: str = "/dev/shm",
               lower: str = "--workers / --batch-size") -> None:
     """Refuse to start DataLoader workers whose `prefetch` batches each cannot fit in `shm` (Docker gives 64 MB):
     they would die with "Bus error" mid-run. Raises ValueError saying what to do (`lower`: the options to lower)."""
     if workers == 0 or not os.path.isdir(shm):
         return
-    need = workers * prefetch * images_per_batch * 3 * crop * crop  # uint8 (B, 3, crop, crop) per batch
+    need = shm_need(workers, images_per_batch, crop, prefetch)
     free = shutil.disk_usage(shm).free
     if free < need:
         raise ValueError(f"{shm} has {free / 2**20:.0f} MB free but --workers {workers} prefetching {prefetch} "

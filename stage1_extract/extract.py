@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common.backbones import (DEFAULT_BACKBONE, REGISTRY, Backbone, BackboneError, ImageRows, check_shm, default_workers,
-                              get_spec, load_backbone)
+from common.backbones import (DEFAULT_BACKBONE, REGISTRY, Backbone, BackboneError, ImageRows, check_shm,
+                              default_workers, get_spec, load_backbone)
 from common.cli import one_line, opt
 from common.datasets import FORMATS, OUTSIDE_FLAG, guess_format, load_dataset
 from common.device import resolve_device

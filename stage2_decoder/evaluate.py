@@ -19,8 +19,8 @@ import click
 from common.atomic import atomic_write
 from common.backbones import default_workers
 from common.cli import bounded, decode_options, run_guarded
-from common.device import resolve_device
 from common.datasets import FORMATS, OUTSIDE_FLAG, load_dataset
+from common.device import resolve_device
 from stage2_decoder.reporting.evaluation import (captions_from_cache, captions_from_images, evaluate_captions,
                                                  format_table)
 from stage2_decoder.api import Captioner, find_checkpoint
