@@ -48,11 +48,8 @@ def sample_captions(model: CaptionDecoder, features: torch.Tensor, n: int, max_l
 
     def draw(logp: torch.Tensor) -> torch.Tensor:
         nonlocal finite
-        probs = _nucleus(torch.softmax(logp / temperature, dim=-1), top_p)  # (B*n, V)
-        mass = probs.sum(-1, keepdim=True)
-        ok = torch.isfinite(mass) & (mass > 0)
-        finite = finite & ok.all()
-        probs = torch.where(ok, probs, 1.0)  # a bad row draws from a stand-in; the error is raised after the loop
+        probs, ok = drawable(_nucleus(torch.softmax(logp / temperature, dim=-1), top_p))  # (B*n, V)
+        finite = finite & ok  # the error is raised after the loop
         return draw_rows(probs, n, gens)
 
     ids, total, count = _word_by_word(model, features, n, max_len, min_len, draw)
@@ -60,6 +57,15 @@ def sample_captions(model: CaptionDecoder, features: torch.Tensor, n: int, max_l
         raise FloatingPointError("sampling: the decoder's next-word probabilities are not finite (NaN or inf in "
                                  "its weights or the image features)")
     return _ranked(ids, (total / count).tolist(), features.shape[0], n)
+
+
+def drawable(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs (N, V) with each row whose mass is not finite and positive (NaN in the weights or features) replaced
+    by a harmless stand-in, and whether no row was (a bool on the device: reading it is the caller's sync).
+    torch.multinomial on such a row trips a CUDA device-side assert, which ends the process's CUDA context."""
+    mass = probs.sum(-1, keepdim=True)
+    ok = torch.isfinite(mass) & (mass > 0)
+    return torch.where(ok, probs, 1.0), ok.all()
 
 
 def draw_rows(probs: torch.Tensor, n: int, gens: Sequence[torch.Generator]) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch import nn
 from common.tokenizer import DEFAULT_TOKENIZER, tokenize
 from common.vocab import Vocabulary
 from stage2_decoder.decoding.beam import DONE_CHECK_EVERY, END_ID, START_ID
+from stage2_decoder.decoding.sampling import drawable
 from stage2_decoder.model import CaptionDecoder
 from stage2_decoder.training.cider import CiderD
 from stage2_decoder.training.pairs import view_rows
@@ -52,18 +53,15 @@ def sample(model: CaptionDecoder, features: torch.Tensor, k: int, max_len: int
     any_alive, finite, gen_states = [], [], []  # per step since the last check
     for t in range(max_len):
         logp, state = model.step(tokens, state)  # (n, V)
-        probs = logp.detach().exp()
-        total = probs.sum(1, keepdim=True)  # (n, 1): NaN if any probability is (log_softmax makes no +inf)
-        ok = torch.isfinite(total) & (total > 0)
-        # a bad row draws from a harmless stand-in; the error is raised at the next check, on the host
-        tokens = torch.multinomial(torch.where(ok, probs, 1.0), 1).squeeze(1)
+        probs, ok = drawable(logp.detach().exp())  # the error is raised at the next check, on the host
+        tokens = torch.multinomial(probs, 1).squeeze(1)
         gen_states.append(gen.get_state())
         masks.append(alive.clone())
         logps.append(logp.gather(1, tokens[:, None]).squeeze(1))
         ids.append(torch.where(alive, tokens, torch.zeros_like(tokens)))
         alive &= tokens != END_ID
         any_alive.append(alive.any())
-        finite.append(ok.all())
+        finite.append(ok)
         if (t + 1) % DONE_CHECK_EVERY and t + 1 < max_len:
             continue
         flags = torch.stack([torch.stack(any_alive), torch.stack(finite)]).tolist()  # the window's one host read
