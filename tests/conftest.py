@@ -25,6 +25,15 @@ SHARED_CACHE_IMAGES = 48
 TEST_THREADS = os.environ.get("CAPCACHE_TEST_THREADS", "1")
 
 
+def small_shm(monkeypatch, free: int = 2**20) -> None:
+    """/dev/shm with `free` bytes left (Docker's default is 64 MB); other paths as they are."""
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda path: real(path)._replace(free=free) if str(path) == "/dev/shm" else real(path))
+
+
 _OWN_TOKEN_CACHE: str | None = None  # the token-cache folder this run made, removed when it ends
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from conftest import small_shm
 from reliability_helpers import TINY, no_traceback, one_error_line, tiny_run
 
 
@@ -250,14 +251,12 @@ def test_evaluate_on_raw_images_refuses_workers_dev_shm_cannot_hold(run_dir, sma
     """In a container with Docker's 64 MB of /dev/shm, the decoding workers died with "Bus error" and a
     traceback once they had filled it; stage 1 already checked, evaluate did not."""
     images, captions = small_set
-    real = shutil.disk_usage
-    monkeypatch.setattr(shutil, "disk_usage",
-                        lambda p: real(p)._replace(free=2**20) if str(p) == "/dev/shm" else real(p))
+    small_shm(monkeypatch, free=2**20)
     line = one_error_line(_invoke("stage2_decoder.evaluate", ["--checkpoint", run_dir / "best.pt", "--device", "cpu",
                                                               "--images", images, "--captions", captions,
                                                               "--workers", "2"]))
     assert "/dev/shm has 1 MB free but --workers 2" in line and "--shm-size" in line and "--batch-size" not in line
-    monkeypatch.setattr(shutil, "disk_usage", real)
+    monkeypatch.undo()
     ok = _invoke("stage2_decoder.evaluate", ["--checkpoint", run_dir / "best.pt", "--device", "cpu",
                                              "--images", images, "--captions", captions, "--workers", "0", "--json"])
     assert ok.exit_code == 0, ok.output  # no workers: nothing goes through /dev/shm

@@ -17,6 +17,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import small_shm
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -28,13 +30,6 @@ def bench(monkeypatch):
     import stage1
 
     return SimpleNamespace(gpu=gpu, gpu_report=gpu_report, stage1=stage1)
-
-
-def _small_shm(monkeypatch, free: int = 2**20) -> None:
-    """/dev/shm with `free` bytes left (Docker's default is 64 MB); other paths as they are."""
-    real = shutil.disk_usage
-    monkeypatch.setattr(shutil, "disk_usage",
-                        lambda path: real(path)._replace(free=free) if str(path) == "/dev/shm" else real(path))
 
 
 def test_the_choices_part_starts_only_the_workers_dev_shm_holds(bench, coco_dir, tmp_path, monkeypatch):
@@ -49,7 +44,7 @@ def test_the_choices_part_starts_only_the_workers_dev_shm_holds(bench, coco_dir,
         for p in sorted((coco_dir / "images").glob("*.jpg"))[:16]:
             shutil.copy(p, jpegs / "images" / p.name)
             w.writerow([p.name, "a photo"])
-    _small_shm(monkeypatch)
+    small_shm(monkeypatch)
 
     def no_nvjpeg(*a):
         raise RuntimeError("torchvision was not compiled with nvjpeg | support")
@@ -66,7 +61,7 @@ def test_the_choices_part_starts_only_the_workers_dev_shm_holds(bench, coco_dir,
 
 
 def test_the_torchrun_part_asks_for_the_workers_dev_shm_holds(bench, tmp_path, monkeypatch):
-    _small_shm(monkeypatch)
+    small_shm(monkeypatch)
     started = []
 
     def run(cmd, timeout):

@@ -457,13 +457,10 @@ def test_stage1_workers_default_to_the_cores_per_rank_less_the_main_process(monk
 
 
 def test_a_too_small_dev_shm_is_one_error_line_before_any_worker_starts(coco_dir, tmp_path, monkeypatch):
-    import shutil as shutil_mod
-
+    from conftest import small_shm
     from stage1_extract.__main__ import main
 
-    real = shutil_mod.disk_usage
-    monkeypatch.setattr(shutil_mod, "disk_usage",
-                        lambda p: real(p)._replace(free=64 * 2**20) if str(p) == "/dev/shm" else real(p))
+    small_shm(monkeypatch, free=64 * 2**20)
     r = CliRunner().invoke(main, ["--images", str(coco_dir / "images"), "--captions", str(coco_dir / "captions.json"),
                                   "--out", str(tmp_path / "c.h5"), "--backbone", "mobilenet_v2", "--weights", "none",
                                   "--device", "cpu", "--workers", "4", "--batch-size", "64", "--limit", "8",
