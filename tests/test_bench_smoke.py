@@ -122,3 +122,25 @@ def test_quality_compare_takes_one_train_setting_of_its_type():
     for bad in ("ema_warmup", "no_such=1", "ema_warmup=maybe", "scst_max_len=1.5", "features=x"):
         with pytest.raises(argparse.ArgumentTypeError):
             compare_setting(bad)
+
+
+def test_precision_quick_mode_compares_bf16_with_fp32_features(data_dir, coco_dir, tmp_path):
+    """bench/precision.py: a float32 and a bfloat16 cache (the CUDA path's encoder, run on the CPU), a decoder
+    on each, each scored from both precisions' features."""
+    from common.feature_cache import read_meta
+
+    out = tmp_path / "precision.json"
+    p = subprocess.run([sys.executable, "bench/precision.py", "--quick", "--data", str(data_dir), "--work",
+                        str(tmp_path / "work"), "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": TEST_THREADS})
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for prec in ("float32", "bfloat16"):
+        assert read_meta(tmp_path / "work" / f"coco-mobilenet_v2-{prec}.h5").precision == prec
+        scores = report["trained_on"][prec]
+        assert set(scores["cider"]) == {"float32", "bfloat16"} and 0 <= scores["captions_changed"] <= 1
+        lo, hi = scores["ratio_bf16_over_fp32_95"]
+        assert lo <= hi
+    diff = report["feature_relative_difference"]
+    assert 1e-3 < diff["median"] <= diff["max"] < 0.5  # rounded to bf16, and still the same features
+    assert "| bfloat16 cache |" in p.stdout and report["images"] > 0
