@@ -136,8 +136,8 @@ def main() -> None:
     print(json.dumps(out, indent=2))
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=2))
-    print(f"\n| decoder trained on | CIDEr from float32 features | from bfloat16 | captions changed | "
-          f"bf16 / fp32 CIDEr, 95 % |\n|---|---|---|---|---|")
+    print("\n| decoder trained on | CIDEr from float32 features | from bfloat16 | captions changed | "
+          "bf16 / fp32 CIDEr, 95 % |\n|---|---|---|---|---|")
     for p, s in out["trained_on"].items():
         lo, hi = s["ratio_bf16_over_fp32_95"]
         print(f"| {p} cache | {s['cider']['float32']:.3f} | {s['cider']['bfloat16']:.3f} | "
