@@ -82,6 +82,8 @@ def _guarded(label: str, work) -> np.ndarray:
         return work()
     except ImageError:
         raise
+    except Image.UnidentifiedImageError as e:  # its text ends with the file object's repr: an fd or an address
+        raise ImageError(f"{label}: {type(e).__name__}: cannot identify image file") from e
     except Exception as e:
         raise ImageError(f"{label}: {type(e).__name__}: {e}") from e
 

@@ -211,6 +211,16 @@ def test_any_decoder_exception_is_that_files_image_error(tmp_path, monkeypatch):
         load_views(io.BytesIO(photo.read_bytes()).getvalue(), Preprocess(32, 32))
 
 
+def test_a_file_that_is_no_image_is_named_without_its_file_objects_repr(tmp_path):
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not an image at all")
+    for source, label in ((junk, str(junk)), (junk.read_bytes(), "upload")):
+        with pytest.raises(ImageError) as e:
+            load_views(source, Preprocess(256, 224))
+        # not "<_io.BufferedReader name=15>" (a descriptor number) nor "<_io.BytesIO object at 0x7f...>"
+        assert str(e.value) == f"{label}: UnidentifiedImageError: cannot identify image file"
+
+
 def test_the_module_imports_no_torch():
     code = "import sys, common.preprocess; print(any(m.split('.')[0] in ('torch', 'torchvision') for m in sys.modules))"
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
