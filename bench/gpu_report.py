@@ -108,6 +108,13 @@ def report(doc: dict) -> str:
             if sec.get("error"):  # the section failed; the others stand
                 top = str(sec["error"])[:120].replace("|", "/")
             lines.append(f"| {name} | {sec.get('wall_ms_per_step', '-')} | {busy} | {top} |")
+    folder = doc.get("caption_folder")
+    if isinstance(folder, dict) and folder:
+        threads = folder.get("read_threads")
+        lines += ["", f"| caption a folder of {folder.get('images')} JPEGs, warm API | img/s |", "|---|---|",
+                  f"| files read one after another | {_fmt(folder.get('img_s_read_threads_0'), '')} |",
+                  f"| the next batch's files read in {threads} threads meanwhile | "
+                  f"{_fmt(folder.get(f'img_s_read_threads_{threads}'), '')} |"]
     if isinstance(doc.get("notes"), list) and doc["notes"]:
         lines += ["", *[f"- {n}" for n in doc["notes"]]]
     return "\n".join(lines) + "\n"

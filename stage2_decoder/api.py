@@ -72,6 +72,44 @@ def load_chunk(chunk: Sequence, start: int, load, on_error: str) -> tuple[list, 
     return loaded, good, errors
 
 
+def default_read_threads() -> int:
+    """Threads reading the next batch's files while the model works on this one: the cores less one (the
+    model's thread), at most 8."""
+    from common.device import usable_cores  # imported on use: importing this module stays free of torch
+
+    return max(1, min(8, usable_cores() - 1))
+
+
+def read_chunks(images: Sequence, bounds: list[tuple[int, int]], load, on_error: str, threads: int
+                ) -> Iterator[tuple[Sequence, list, list[int], dict[int, str]]]:
+    """(chunk, *load_chunk(chunk, ...)) for each chunk images[start:end] of `bounds`, in order. With `threads`
+    > 0, the files of the next chunk are read in that many threads while the caller works on this one (JPEG
+    decoding releases the GIL); PIL images and arrays are prepared on the caller's thread, as they come. The
+    results, and which error is raised with on_error="raise", are those of reading one file after another."""
+    if threads <= 0 or len(images) < 2:
+        for s, e in bounds:
+            yield (images[s:e], *load_chunk(images[s:e], s, load, on_error))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="capcache-read")
+
+    def submit(s: int, e: int) -> dict:
+        return {s + i: pool.submit(load, im, s + i) for i, im in enumerate(images[s:e])
+                if isinstance(im, (str, os.PathLike))}
+
+    def take(futures: dict):
+        return lambda im, index: futures[index].result() if index in futures else load(im, index)
+
+    try:
+        ahead = submit(*bounds[0]) if bounds else {}
+        for k, (s, e) in enumerate(bounds):
+            current, ahead = ahead, submit(*bounds[k + 1]) if k + 1 < len(bounds) else {}
+            yield (images[s:e], *load_chunk(images[s:e], s, take(current), on_error))
+    finally:  # a raised error or a consumer that stops early: no file is read for nothing, no thread left behind
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def chunk_results(chunk: Sequence, decoded: dict[int, dict], errors: dict[int, str]) -> list[dict]:
     """One result dict per input of `chunk`, in order: its decoded captions, or its error."""
     return [{"image": image_label(im), "error": errors[i]} if i in errors else {"image": image_label(im), **decoded[i]}
@@ -157,10 +195,12 @@ class Captioner:
                                       top_p=top_p, seed=seed))
 
     def caption_iter(self, images: Sequence, batch_size: int = 32, on_error: str = "raise", progress: bool = False,
-                     first_chunk: int | None = FIRST_CHUNK, **decode) -> Iterator[dict]:
+                     first_chunk: int | None = FIRST_CHUNK, read_threads: int | None = None, **decode
+                     ) -> Iterator[dict]:
         """`caption` (same keyword arguments), yielding each result as soon as its batch is decoded; the
         first batch holds `first_chunk` images, so a folder's first caption comes quickly (None: every
-        batch holds `batch_size`, one model pass each, as `caption` does)."""
+        batch holds `batch_size`, one model pass each, as `caption` does). The next batch's files are read
+        in `read_threads` threads meanwhile (None: `default_read_threads()`; 0: one file after another)."""
         import torch
         from tqdm import tqdm
 
@@ -171,9 +211,9 @@ class Captioner:
         images = as_image_list(images)
         bar = tqdm(total=len(images), unit="img", desc="caption", disable=not progress, leave=False)
         starts = [0, *range(min(first_chunk or batch_size, batch_size), len(images), batch_size)]
-        for s, end in zip(starts, [*starts[1:], len(images)]):
-            chunk = images[s:end]
-            tensors, good, errors = load_chunk(chunk, s, self._load, on_error)
+        bounds = list(zip(starts, [*starts[1:], len(images)]))
+        threads = default_read_threads() if read_threads is None else read_threads
+        for chunk, tensors, good, errors in read_chunks(images, bounds, self._load, on_error, threads):
             decoded = {}
             if tensors:
                 feats = self.backbone.encode(torch.stack(tensors))  # (b, D)

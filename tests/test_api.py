@@ -252,3 +252,69 @@ def test_caption_defaults_are_the_decode_configs():
     declared = {f.name: f.default for cls in (DecodeConfig, SampleConfig) for f in fields(cls)}
     assert {k: params[k].default for k in declared} == declared
     assert set(params) - set(declared) == {"self", "images", "batch_size", "on_error"}
+
+
+# --- reading the next batch's files while the model works --------------------------------------------------
+
+def _read_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("capcache-read")]
+
+
+def test_threaded_reading_gives_what_one_file_after_another_gives(cap, photos, tmp_path):
+    from stage2_decoder.api import read_chunks
+
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    images = [photos[0], str(bad), Image.open(photos[1]), photos[2], np.zeros((4, 4), np.uint8), photos[1], bad]
+    bounds = [(0, 2), (2, 5), (5, 7)]
+    serial = list(read_chunks(images, bounds, cap._load, "return", threads=0))
+    threaded = list(read_chunks(images, bounds, cap._load, "return", threads=3))
+    assert len(serial) == len(threaded) == 3
+    for (c0, t0, g0, e0), (c1, t1, g1, e1) in zip(serial, threaded):
+        assert c0 == c1 and g0 == g1 and e0 == e1
+        assert all(torch.equal(a, b) for a, b in zip(t0, t1))
+    assert [sorted(e) for *_, e in threaded] == [[1], [2], [1]]  # broken.jpg twice and the 4x4 array
+    out = cap.caption(images, on_error="return", batch_size=2)
+    assert [r.get("caption") for r in out] == [r.get("caption") for r in
+                                               cap.caption_iter(images, 2, "return", read_threads=0)]
+    assert not _read_threads()
+
+
+def test_the_next_batch_is_read_while_the_caller_works_on_this_one(photos):
+    import threading
+
+    from stage2_decoder.api import read_chunks
+
+    started = {i: threading.Event() for i in range(6)}
+
+    def load(image, index):
+        started[index].set()
+        return index
+
+    chunks = read_chunks(photos * 2, [(0, 2), (2, 4), (4, 6)], load, "raise", threads=2)
+    chunk, loaded, good, errors = next(chunks)
+    assert loaded == [0, 1] and good == [0, 1] and not errors
+    # one file after another, nothing of the second batch would be read before it is asked for
+    assert started[2].wait(10) and started[3].wait(10)
+    assert not started[4].is_set()  # one batch ahead, not more
+    assert [c[1] for c in chunks] == [[2, 3], [4, 5]]
+    assert not _read_threads()
+
+
+def test_an_unreadable_file_raises_in_order_and_leaves_no_thread_reading(cap, photos, tmp_path):
+    from common.preprocess import ImageError
+    from stage2_decoder.api import read_chunks
+
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    chunks = read_chunks([photos[0], photos[1], photos[2], bad, photos[0]], [(0, 2), (2, 5)], cap._load, "raise", 2)
+    assert next(chunks)[2] == [0, 1]  # the first batch comes whole: its error is the second batch's
+    with pytest.raises(ImageError, match="broken.jpg"):
+        next(chunks)
+    assert not _read_threads()
+    stopped = read_chunks(photos * 20, [(i, i + 3) for i in range(0, 60, 3)], cap._load, "raise", 2)
+    next(stopped)
+    stopped.close()  # a caller that stops early (a closed generator)
+    assert not _read_threads()

@@ -601,6 +601,9 @@ def test_the_prepared_gpu_run_goes_through_on_the_cpu(data_dir, coco_dir, tmp_pa
     assert all(doc["stage2"][k] > 0 for k in ("xe_epoch_s", "scst_epoch_s", "val_500_beam3_s", "recipe_projected_s"))
     assert doc["sweep"]["ok"] == doc["sweep"]["runs"] == 2 and doc["torchrun_equal"] is True
     assert doc["caption_cold_start_s"] > 0 and doc["syncs"] == {"xe_step": None, "scst_step": None, "beam": None}
+    folder = doc["caption_folder"]
+    assert folder["images"] == 8 and folder["same_captions"] is True and folder["read_threads"] >= 1
+    assert folder["img_s_read_threads_0"] > 0 and folder[f"img_s_read_threads_{folder['read_threads']}"] > 0
     ch = doc["stage1_choices"]
     assert set(ch["forward_img_s_by_batch"]) == {"4", "8"} and ch["forward_img_s_contiguous"] > 0
     from common.backbones import default_workers
@@ -618,6 +621,7 @@ def test_the_prepared_gpu_run_goes_through_on_the_cpu(data_dir, coco_dir, tmp_pa
     rows = [ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith("| ")]  # gpu_report.py's
     assert any(f"| {doc['stage2']['xe_epoch_s']:g} s |" in r and r.startswith("| cross-entropy epoch") for r in rows)
     assert sum("mobilenet_v2" in r for r in rows) == 2 and any(r.startswith("| xe_step | ") for r in rows)
+    assert any(r.startswith("| the next batch's files read in ") for r in rows)
     assert any(r.startswith(f"| end to end over 16 JPEGs, batch 64, workers {w} | ") for r in rows)
     assert any(r.startswith("| forward alone, batch 8, without channels_last | ") for r in rows)
     assert ch["torchvision_decode_img_s"] > 0 and ch["decode_only_img_s"] == doc["stage1"]["decode_only_img_s"]
