@@ -154,11 +154,13 @@ class Backbone:
         self.device = device
         self.preprocess = preprocess_for(spec.name)
         # BatchNorm folded into the convolutions once, on every device: the same function up to rounding
-        # and one kernel less per layer (bench/RESULTS.md: "BatchNorm folded on the CPU")
-        self.model = fold_batchnorm(model).to(memory_format=torch.channels_last)
+        # and one kernel less per layer (bench/RESULTS.md: "BatchNorm folded on the CPU"); folded and cast
+        # where the model was built, so the device never holds more than the one copy it keeps
+        self.model = fold_batchnorm(model)
         if self.precision == "bfloat16":
             # the frozen weights cast once, not by autocast at every forward (~60 M weights for ResNet-152)
-            self.model = self.model.to(torch.bfloat16, memory_format=torch.channels_last)
+            self.model = self.model.to(torch.bfloat16)
+        self.model = self.model.to(device, memory_format=torch.channels_last)
         self._mean = torch.tensor(self.preprocess.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.preprocess.std, device=device).view(1, 3, 1, 1)
 
@@ -318,5 +320,4 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = "default",
             raise BackboneError(f"weights do not fit {name}: {str(e).splitlines()[0]}") from e
     setattr(model, spec.head, nn.Identity())  # output = the pooled feature, (B, feature_dim)
     model.eval().requires_grad_(False)
-    model = model.to(device, memory_format=torch.channels_last)
-    return Backbone(spec, model, desc, sha, device)
+    return Backbone(spec, model, desc, sha, device)  # built on the CPU: Backbone moves it

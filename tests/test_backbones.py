@@ -134,6 +134,22 @@ def test_random_weights_leave_the_cuda_generators_alone(monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))  # still seeded
 
 
+def test_the_encoder_is_folded_and_cast_before_it_moves_to_its_device(monkeypatch):
+    """On a GPU the weights were moved first, then folded and cast there: three copies of ResNet-152's weights on
+    the device at once. Here the "meta" device stands in for the GPU (nothing is computed on it)."""
+    import common.backbones as backbones
+
+    seen = []
+    fold = backbones.fold_batchnorm
+    monkeypatch.setattr(backbones, "fold_batchnorm",
+                        lambda m: seen.append({(p.device.type, p.dtype) for p in m.parameters()}) or fold(m))
+    monkeypatch.setattr(backbones.Backbone, "precision", property(lambda self: "bfloat16"))
+    bb = load_backbone("mobilenet_v2", "none", "meta")
+    assert seen == [{("cpu", torch.float32)}]  # folded in fp32, where the model was built
+    assert {(p.device.type, p.dtype) for p in bb.model.parameters()} == {("meta", torch.bfloat16)}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in bb.model.modules())
+
+
 # --- weights files -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
