@@ -288,3 +288,26 @@ def test_a_check_stopped_from_outside_still_leaves_gpu_json_with_the_parts_done(
     doc = json.loads((tmp_path / "gpu.json").read_text())
     assert doc["stage1"]["images"] == 7 and doc["parts"] == {"jpegs": "ok", "stage1": "not run", "train": "not run"}
     assert "- train: not run (the check stopped before it)" in bench.gpu_report.report(doc)
+
+
+def test_the_caption_parts_folder_timing_cannot_cost_its_cold_start(bench, tmp_path, monkeypatch):
+    """The warm folder timing runs after the cold start within the same part's limit: on a slow machine the limit
+    came in the middle of it, and the part "timed out" with the cold start measured (the check then exits 1)."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(b"")
+    monkeypatch.setattr(bench.gpu, "_run", lambda cmd, timeout: subprocess.CompletedProcess(cmd, 0, "a.jpg\ta cat\n", ""))
+
+    def slow_folder(ctx, n, out):
+        out.update(images=n, read_threads=1, img_s_read_threads_0=10.0)  # one pass done, then the alarm
+        raise bench.gpu.PartTimeout
+
+    monkeypatch.setattr(bench.gpu, "_caption_folder", slow_folder)
+    ctx = SimpleNamespace(args=SimpleNamespace(tiny=False), device=torch.device("cpu"), jpegs=tmp_path, run=tmp_path,
+                          limits={"caption": 15})
+    out = bench.gpu.part_caption(ctx)
+    assert out["caption_cold_start_s"] is not None and not out["_failed"] and out["output"] == "a.jpg\ta cat"
+    assert out["caption_folder"] == {"images": 256, "read_threads": 1, "img_s_read_threads_0": 10.0}
+    assert "limit" in out["note"]
+    ctx.limits["caption"] = 0.001  # no time left after the cold start: the folder is not started
+    out = bench.gpu.part_caption(ctx)
+    assert "caption_folder" not in out and "cold start left" in out["note"] and not out["_failed"]
