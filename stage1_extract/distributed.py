@@ -92,6 +92,10 @@ def from_env(timeout_s: float) -> Dist:
         raise ValueError(f"WORLD_SIZE={world} but RANK/LOCAL_RANK are missing or not numbers ({e}): "
                          f"start several processes with torchrun") from e
     import torch.distributed as dist
+    # before the group exists: importing torchvision imports torch._dynamo and with it modules whose default
+    # arguments are `dist.group.WORLD`, which would hold the group past destroy_process_group, its gloo threads
+    # alive into Python's exit, where one dropping the last all_reduce's tensors aborts the process (SIGABRT)
+    import torchvision.models  # noqa: F401
 
     try:
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
