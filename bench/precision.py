@@ -80,13 +80,10 @@ def encode_both(records, workers: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def held_out(checkpoint: Path, data: Path) -> list:
-    """The checkpoint's val + test images, as records with their references."""
-    ckpt = load_checkpoint(checkpoint)
-    images, captions = (data / p for p in DATASETS["coco"])
-    recs = {r.key: r for r in load_dataset("coco", str(captions), str(images))}
-    keys = [k for s in HELD_OUT for k in ckpt["split"][s]]
-    return [recs[k] for k in keys]
+def held_out_keys(checkpoint: Path) -> list[str]:
+    """The keys of the checkpoint's val + test images."""
+    split = load_checkpoint(checkpoint)["split"]
+    return [k for s in HELD_OUT for k in split[s]]
 
 
 def score(checkpoint: Path, records, feats: dict[str, torch.Tensor]) -> dict:
@@ -110,7 +107,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke mode: 120 photos, 1 epoch")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = ap.parse_args()
-    torch.manual_seed(0)
     images, captions = (args.data / p for p in DATASETS["coco"])
     args.work.mkdir(parents=True, exist_ok=True)
     runs, t0 = {}, time.perf_counter()
@@ -125,8 +121,10 @@ def main() -> None:
             train(TrainConfig(features=str(cache), out=str(run), epochs=1 if args.quick else args.epochs,
                               progress=False))
         runs[p] = run / "best.pt"
-    records = held_out(runs["float32"], args.data)
-    assert [r.key for r in records] == [r.key for r in held_out(runs["bfloat16"], args.data)], "splits differ"
+    keys = held_out_keys(runs["float32"])
+    assert keys == held_out_keys(runs["bfloat16"]), "splits differ"
+    recs = {r.key: r for r in load_dataset("coco", str(captions), str(images))}
+    records = [recs[k] for k in keys]
     feats = encode_both(records, args.workers)
     rel = ((feats["bfloat16"] - feats["float32"]).norm(dim=1) / feats["float32"].norm(dim=1)).numpy()
     out = {"images": len(records), "epochs": 1 if args.quick else args.epochs, "machine": machine(),
