@@ -21,6 +21,8 @@ EXPECTED = {
     "stage1.py": ["stage1.mobilenet_v2 pipeline/bare"],
     "stage2.py": ["stage2.per_epoch seed/ours", "stage2.2_epochs seed/ours", "stage2.step_overhead bare/ours - 1",
                   "stage2.peak_rss / limit"],
+    "decode_steps.py": ["decode_steps greedy, batch 1 every 1/4", "decode_steps beam 3, batch 1 every 1/4",
+                        "decode_steps SCST sampling, 64 x 5 every 1/4"],
     "caption.py": ["caption.cold_start mobilenet_v2 greedy 1 image",
                    "caption.warm_greedy mobilenet_v2 1 image ours/bare",
                    "caption.warm_greedy mobilenet_v2 folder of 4 ours/bare"],

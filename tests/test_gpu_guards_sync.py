@@ -29,6 +29,17 @@ class ListIndexing(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.fixture
+def gpu_cadence(monkeypatch):
+    """The decoding loops' "all ended?" cadence on a GPU (every DONE_CHECK_EVERY steps), on the CPU (which reads
+    every step): what the host-read counts below are about."""
+    from stage2_decoder.decoding import beam, sampling
+    from stage2_decoder.training import scst
+
+    for mod in (beam, sampling, scst):
+        monkeypatch.setattr(mod, "done_check_every", lambda device: beam.DONE_CHECK_EVERY)
+
+
 def _decoder(**kw) -> CaptionDecoder:
     torch.manual_seed(0)
     return CaptionDecoder(DecoderConfig(**{**dict(feature_dim=32, vocab_size=40, embed_size=16, hidden_size=24,
@@ -98,7 +109,7 @@ def test_ngram_blocking_reads_nothing_back_from_the_device():
     assert torch.isinf(logp).any()
 
 
-def test_beam_search_with_ngram_blocking_reads_back_a_fixed_few_times():
+def test_beam_search_with_ngram_blocking_reads_back_a_fixed_few_times(gpu_cadence):
     from stage2_decoder.decoding.beam import DONE_CHECK_EVERY, beam_search_nbest
     from stage2_decoder.decoding.config import DecodeConfig
 
@@ -132,13 +143,16 @@ def _old_sample(model, features, k, max_len):
     return torch.stack(ids, 1), torch.stack(logps, 1), torch.stack(masks, 1).float()
 
 
+@pytest.mark.parametrize("cadence", ["gpu", "cpu"])
 @pytest.mark.parametrize("end_bias, max_len", [(4.0, 16), (2.0, 16), (-9.0, 16), (4.0, 7), (1.0, 5)])
-def test_scst_sampling_draws_as_before_and_leaves_the_generator_as_before(end_bias, max_len):
+def test_scst_sampling_draws_as_before_and_leaves_the_generator_as_before(end_bias, max_len, cadence, request):
     """The same computation as 3ddb13e's loop (the same ops on the same draws), so the same bits; and the
     generator ends where the old loop left it, so the next batch draws the same too."""
     from stage2_decoder.decoding.beam import END_ID
     from stage2_decoder.training.scst import sample, scst_mode
 
+    if cadence == "gpu":
+        request.getfixturevalue("gpu_cadence")
     m = _decoder()
     m.out_bias.data[END_ID] = end_bias  # captions end early, late or never
     feats = torch.randn(6, 32)
@@ -154,7 +168,7 @@ def test_scst_sampling_draws_as_before_and_leaves_the_generator_as_before(end_bi
     assert torch.equal(after_new, after_old)
 
 
-def test_scst_sampling_reads_the_device_every_few_steps_not_every_step():
+def test_scst_sampling_reads_the_device_every_few_steps_not_every_step(gpu_cadence):
     from stage2_decoder.decoding.beam import DONE_CHECK_EVERY, END_ID
     from stage2_decoder.training.scst import sample, scst_mode
 
@@ -179,7 +193,7 @@ def test_scst_sampling_from_nan_weights_is_a_floating_point_error_not_a_multinom
 # --- greedy and sampled captions (validation at --val-beam-size 1, caption, the service) ---------------------
 
 @pytest.mark.parametrize("how", ["greedy", "sample"])
-def test_word_by_word_decoding_reads_the_device_every_few_steps_not_every_step(how):
+def test_word_by_word_decoding_reads_the_device_every_few_steps_not_every_step(how, gpu_cadence):
     from stage2_decoder.decoding.beam import DONE_CHECK_EVERY, END_ID
     from stage2_decoder.decoding.sampling import greedy_scored, sample_captions
 
@@ -195,24 +209,59 @@ def test_word_by_word_decoding_reads_the_device_every_few_steps_not_every_step(h
     assert mode.n <= 20 // DONE_CHECK_EVERY + 3, mode.reads  # 6a73d6a: one `bool(alive.any())` per step
 
 
-def test_sampled_captions_end_where_they_did_when_every_step_was_checked():
-    """Checking "all ended?" every few steps only adds steps past the last <end>: the same captions and scores."""
-    from stage2_decoder.decoding import sampling
+def test_sampled_captions_end_where_they_did_when_every_step_was_checked(monkeypatch):
+    """Checking "all ended?" every few steps (a GPU) only adds steps past the last <end>: the same captions and
+    scores as checking every step (the CPU)."""
+    from stage2_decoder.decoding import beam, sampling
     from stage2_decoder.decoding.beam import END_ID
+    from stage2_decoder.decoding.config import DecodeConfig
 
     m = _decoder().eval()
     m.out_bias.data[END_ID] = 2.5  # captions end at many different steps, all before max_len
     feats = torch.randn(6, 32)
-    got = sampling.sample_captions(m, feats, 4, max_len=30, seed=7, keys=list(range(6)))
-    greedy = sampling.greedy_scored(m, feats, max_len=30)
-    every = 1
-    try:
-        sampling.DONE_CHECK_EVERY, every = every, sampling.DONE_CHECK_EVERY
-        assert sampling.sample_captions(m, feats, 4, max_len=30, seed=7, keys=list(range(6))) == got
-        assert sampling.greedy_scored(m, feats, max_len=30) == greedy
-    finally:
-        sampling.DONE_CHECK_EVERY = every
-    assert any(len(ids) < 29 for hyps in got for ids, _ in hyps)
+    runs = {}
+    for every in (1, beam.DONE_CHECK_EVERY):
+        for mod in (beam, sampling):
+            monkeypatch.setattr(mod, "done_check_every", lambda device, every=every: every)
+        runs[every] = (sampling.sample_captions(m, feats, 4, max_len=30, seed=7, keys=list(range(6))),
+                       sampling.greedy_scored(m, feats, max_len=30), beam.greedy(m, feats, max_len=30),
+                       beam.beam_search_nbest(m, feats, DecodeConfig(beam_size=3, max_len=30)))
+    assert runs[1] == runs[beam.DONE_CHECK_EVERY]
+    assert any(len(ids) < 29 for hyps in runs[1][0] for ids, _ in hyps)
+
+
+@pytest.mark.parametrize("how", ["greedy", "greedy_scored", "sample", "beam", "scst"])
+def test_on_the_cpu_decoding_stops_at_the_step_the_last_caption_ended(how):
+    """A host read costs nothing on the CPU: no step past the last <end> (checking every 4 steps ran up to 3
+    more, 5-20% of the decoding)."""
+    from stage2_decoder.decoding.beam import END_ID, beam_search_nbest, greedy
+    from stage2_decoder.decoding.config import DecodeConfig
+    from stage2_decoder.decoding.sampling import greedy_scored, sample_captions
+    from stage2_decoder.training.scst import sample, scst_mode
+
+    m = _decoder().eval()
+    m.out_bias.data[END_ID] = 3.0  # captions end after a few words
+    feats = torch.randn(6, 32)
+    steps = []
+    real_step = m.step
+    m.step = lambda tokens, state: (steps.append(tokens.shape[0]), real_step(tokens, state))[1]
+    if how == "greedy":
+        lengths = [len(ids) for ids in greedy(m, feats, max_len=30)]
+    elif how == "greedy_scored":
+        lengths = [len(hyps[0][0]) for hyps in greedy_scored(m, feats, max_len=30)]
+    elif how == "sample":
+        lengths = [len(ids) for hyps in sample_captions(m, feats, 3, max_len=30, seed=3, keys=list(range(6)))
+                   for ids, _ in hyps]
+    elif how == "beam":
+        # beam search ends an image once its beam_size hypotheses have: the longest of them is the last step
+        lengths = [max(len(ids) for ids, _ in hyps)
+                   for hyps in beam_search_nbest(m, feats, DecodeConfig(beam_size=3, max_len=30))]
+    else:
+        with scst_mode(m):
+            ids, _, mask = sample(m, feats, 3, 30)
+        lengths = [int(n) - 1 for n in mask.sum(1)]  # the words before each <end>
+    assert max(lengths) < 29  # every caption ended before max_len
+    assert len(steps) == max(lengths) + 1, (len(steps), max(lengths))  # the words, then the last <end>
 
 
 def test_sampling_from_nan_weights_is_a_floating_point_error_not_a_multinomial_failure():

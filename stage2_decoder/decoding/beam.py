@@ -11,7 +11,14 @@ from stage2_decoder.decoding.ngram_block import block_repeats
 from stage2_decoder.model import CaptionDecoder
 
 START_ID, END_ID = Vocabulary.start_id, Vocabulary.end_id  # every vocabulary's fixed special ids
-DONE_CHECK_EVERY = 4  # decoding steps between the loops' one host read (have all images finished?)
+DONE_CHECK_EVERY = 4  # decoding steps between the loops' one host read on a GPU (have all images finished?)
+
+
+def done_check_every(device: torch.device) -> int:
+    """Steps between a decoding loop's "all finished?" reads: every step on the CPU, where the read costs nothing
+    and a step past the last <end> is wasted work, every DONE_CHECK_EVERY on a GPU, where each read is a host
+    sync. Either way the same captions: the steps past the last <end> change nothing."""
+    return 1 if device.type == "cpu" else DONE_CHECK_EVERY
 
 
 @torch.inference_mode()
@@ -22,6 +29,7 @@ def greedy(model: CaptionDecoder, features: torch.Tensor, max_len: int = 20, min
     tokens = torch.full((b,), START_ID, dtype=torch.long, device=features.device)
     out = torch.zeros(b, max_len, dtype=torch.long, device=features.device)
     finished = torch.zeros(b, dtype=torch.bool, device=features.device)
+    every = done_check_every(features.device)
     for t in range(max_len):
         logp, state = model.step(tokens, state)  # (B, V)
         if t < min_len:
@@ -29,7 +37,7 @@ def greedy(model: CaptionDecoder, features: torch.Tensor, max_len: int = 20, min
         tokens = logp.argmax(-1)
         out[:, t] = tokens
         finished |= tokens == END_ID
-        if (t + 1) % DONE_CHECK_EVERY == 0 and bool(finished.all()):  # later steps only write past the <end>
+        if (t + 1) % every == 0 and bool(finished.all()):  # later steps only write past the <end>
             break
     return [until_end(row) for row in out.tolist()]
 
@@ -51,7 +59,7 @@ def beam_search_nbest(model: CaptionDecoder, features: torch.Tensor, cfg: Decode
     """Batched beam search: per image, up to beam_size (ids, normalised score), best first.
 
     Finished hypotheses are kept in device tensors (slots in the order they ended) and read back once
-    at the end; the loop itself only asks every DONE_CHECK_EVERY steps whether all images are done
+    at the end; on a GPU the loop itself only asks every DONE_CHECK_EVERY steps whether all images are done
     (steps after that change nothing: a finished image's beams all score -inf).
     """
     b, k, dev, steps = features.shape[0], cfg.beam_size, features.device, cfg.max_len
@@ -71,6 +79,7 @@ def beam_search_nbest(model: CaptionDecoder, features: torch.Tensor, cfg: Decode
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     offsets = (torch.arange(b, device=dev) * k).unsqueeze(1)  # (B, 1)
     images = torch.arange(b, device=dev).unsqueeze(1).expand(b, k)  # (B, k)
+    every = done_check_every(dev)
     for t in range(steps):
         logp, state = model.step(tokens, state)  # (B*k, V)
         v = logp.shape[1]
@@ -95,7 +104,7 @@ def beam_search_nbest(model: CaptionDecoder, features: torch.Tensor, cfg: Decode
         n_fin += ended.sum(1)
         scores = top.masked_fill(ended, float("-inf"))  # a finished beam is not extended
         done |= (n_fin >= k) | ~torch.isfinite(scores).any(1)
-        if (t + 1) % DONE_CHECK_EVERY == 0 and bool(done.all()):
+        if (t + 1) % every == 0 and bool(done.all()):
             break
         scores = scores.masked_fill(done.unsqueeze(1), float("-inf"))
         tokens = word.view(-1)

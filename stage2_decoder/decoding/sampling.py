@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from common.vocab import Vocabulary
-from stage2_decoder.decoding.beam import DONE_CHECK_EVERY
+from stage2_decoder.decoding.beam import done_check_every
 from stage2_decoder.model import CaptionDecoder
 
 
@@ -93,8 +93,8 @@ def _word_by_word(model: CaptionDecoder, features: torch.Tensor, n: int, max_len
                   choose: Callable[[torch.Tensor], torch.Tensor]) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
     """n captions per image, each next word from choose(log-probs (B*n, V)) -> (B*n,). Returns the ids
     (B*n rows of max_len), the summed log-prob of the emitted tokens and their count (words + <end>).
-    "All ended?" is read every DONE_CHECK_EVERY steps (a host sync on CUDA); the steps after the last caption
-    ended write only past its <end> and add nothing to the sums."""
+    "All ended?" is read every `done_check_every(device)` steps (on a GPU every few: each read is a host sync);
+    the steps after the last caption ended write only past its <end> and add nothing to the sums."""
     b, dev = features.shape[0], features.device
     h, c = model.init_state(features)  # (L, B, H) each
     state = (h.repeat_interleave(n, dim=1), c.repeat_interleave(n, dim=1))  # (L, B*n, H)
@@ -103,6 +103,7 @@ def _word_by_word(model: CaptionDecoder, features: torch.Tensor, n: int, max_len
     total = torch.zeros(b * n, device=dev)
     count = torch.zeros(b * n, device=dev)
     alive = torch.ones(b * n, dtype=torch.bool, device=dev)
+    every = done_check_every(dev)
     for t in range(max_len):
         logp, state = model.step(tokens, state)  # (B*n, V); <pad>/<start>/<unk> already -inf
         if t < min_len:
@@ -112,7 +113,7 @@ def _word_by_word(model: CaptionDecoder, features: torch.Tensor, n: int, max_len
         total += logp.gather(1, tokens[:, None]).squeeze(1) * alive
         count += alive
         alive &= tokens != Vocabulary.end_id
-        if (t + 1) % DONE_CHECK_EVERY == 0 and not bool(alive.any()):
+        if (t + 1) % every == 0 and not bool(alive.any()):
             break
     return out.tolist(), total, count.clamp(min=1)
 

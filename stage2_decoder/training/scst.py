@@ -21,7 +21,7 @@ from torch import nn
 
 from common.tokenizer import DEFAULT_TOKENIZER, tokenize
 from common.vocab import Vocabulary
-from stage2_decoder.decoding.beam import DONE_CHECK_EVERY, END_ID, START_ID
+from stage2_decoder.decoding.beam import END_ID, START_ID, done_check_every
 from stage2_decoder.decoding.sampling import drawable
 from stage2_decoder.model import CaptionDecoder
 from stage2_decoder.training.cider import CiderD
@@ -35,9 +35,10 @@ def sample(model: CaptionDecoder, features: torch.Tensor, k: int, max_len: int
     features (B, D) -> ids (B*k, T) (0 after <end>), log-probs of the chosen tokens (B*k, T) and
     their mask (B*k, T): 1 for every word and the <end> that closes the caption.
 
-    The loop asks the device only every DONE_CHECK_EVERY steps whether every caption has ended (a host
-    sync on CUDA); it then keeps the steps up to the first with none alive and puts the sampling
-    generator back to its state after that step's draw, so every draw is the one a per-step check took.
+    The loop asks the device every `done_check_every(device)` steps whether every caption has ended (on a
+    GPU every few: each read is a host sync); it then keeps the steps up to the first with none alive and
+    puts the sampling generator back to its state after that step's draw, so every draw is the one a
+    per-step check took.
     Non-finite next-word probabilities raise FloatingPointError (torch.multinomial would trip a CUDA
     device-side assert, which kills the process's CUDA context).
     """
@@ -51,6 +52,7 @@ def sample(model: CaptionDecoder, features: torch.Tensor, k: int, max_len: int
     alive = torch.ones(n, dtype=torch.bool, device=dev)
     ids, logps, masks = [], [], []
     any_alive, finite, gen_states = [], [], []  # per step since the last check
+    every = done_check_every(dev)
     for t in range(max_len):
         logp, state = model.step(tokens, state)  # (n, V)
         probs, ok = drawable(logp.detach().exp())  # the error is raised at the next check, on the host
@@ -62,7 +64,7 @@ def sample(model: CaptionDecoder, features: torch.Tensor, k: int, max_len: int
         alive &= tokens != END_ID
         any_alive.append(alive.any())
         finite.append(ok)
-        if (t + 1) % DONE_CHECK_EVERY and t + 1 < max_len:
+        if (t + 1) % every and t + 1 < max_len:
             continue
         flags = torch.stack([torch.stack(any_alive), torch.stack(finite)]).tolist()  # the window's one host read
         first = t + 1 - len(flags[0])  # the step the window starts at
