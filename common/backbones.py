@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,6 +262,52 @@ def _pretrained_state_dict(spec: BackboneSpec) -> dict:
         ) from e
 
 
+def _canonical(spec: BackboneSpec, weights: str | None) -> str:
+    """"default", "none" or a file path: the name a cache or checkpoint records for "default" is "default"."""
+    weights = weights or "default"
+    return "default" if weights == spec.weights.split(".")[1] else weights
+
+
+def _default_sha256_prefix(spec: BackboneSpec) -> str:
+    """The sha256 prefix torchvision names its default weights file with (resnet152-f82ba261.pth)."""
+    found = re.search(r"-([0-9a-f]{6,})\.", os.path.basename(_weights_enum(spec).url))
+    return found.group(1) if found else ""
+
+
+def _same_weights(spec: BackboneSpec, weights: str, made_with: str | None, made_sha: str | None,
+                  sha: str | None) -> None:
+    """Refuse weights other than those the features were made with (a decoder captions any features it is
+    given, just wrongly: random weights gave one caption for every photo)."""
+    if made_with is None:
+        return
+    made = _canonical(spec, made_with)
+    if made == weights or made not in ("default", "none") and made_sha and sha == made_sha:
+        return
+    if made == "default" and sha is not None:
+        prefix = _default_sha256_prefix(spec)
+        if prefix and sha.startswith(prefix):  # torchvision's own file, kept elsewhere
+            return
+    said = {"default": f"torchvision's {spec.weights.split('.')[1]} weights", "none": "random weights (none)"}
+    raise BackboneError(f"the features were made with {said.get(made, f'the weights file {made}')}, not "
+                        f"{said.get(weights, f'the weights file {weights}')}: caption with the weights the "
+                        f"checkpoint names (--weights only points to where they are now)")
+
+
+def _state_dict_mismatch(e: RuntimeError) -> str:
+    """load_state_dict's error in one line: its first missing and unexpected keys, or its first size mismatch."""
+    text = str(e)
+    parts = []
+    for what in ("Missing key(s)", "Unexpected key(s)"):
+        found = re.search(re.escape(what) + r' in state_dict: ((?:"[^"]*"(?:, )?)+)', text)
+        if found:
+            keys = re.findall(r'"([^"]*)"', found.group(1))
+            parts.append(f"{len(keys)} {what.lower().replace('(s)', 's')}, e.g. {keys[0]!r}")
+    if not parts:
+        size = re.search(r"size mismatch for [^\n]*", text)
+        parts.append(size.group(0).strip().rstrip(".") if size else text.splitlines()[0])
+    return "; ".join(parts)
+
+
 def _file_state_dict(path: Path) -> tuple[dict, str]:
     if not path.is_file():
         raise WeightsNotFound(f"weights file not found: {path}")
@@ -279,21 +326,24 @@ def _file_state_dict(path: Path) -> tuple[dict, str]:
 
 
 def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = "default",
-                  device: str | torch.device = "cpu", expected_sha256: str | None = None) -> Backbone:
+                  device: str | torch.device = "cpu", expected_sha256: str | None = None,
+                  made_with: str | None = None) -> Backbone:
     """Build a frozen backbone.
 
     weights: "default" (torchvision's ImageNet weights, via its cache or a download),
     "none" (random init with a fixed seed: for plumbing tests only), or a path to a state_dict.
+    made_with, expected_sha256: the weights the features a decoder was trained on were made with, as a cache or
+    checkpoint records them (torchvision's name for "default", "none", or a file and its sha256): other weights
+    are refused (`weights` may name the same ones elsewhere, a file that moved or torchvision's own file).
     """
     import torchvision.models as tvm
 
     spec = get_spec(name)
     device = torch.device(device)
-    weights = weights or "default"
-    if weights == spec.weights.split(".")[1]:  # the name a cache/checkpoint records for "default"
-        weights = "default"
+    weights = _canonical(spec, weights)
     sha = None
     if weights == "none":
+        _same_weights(spec, weights, made_with, expected_sha256, None)
         with torch.random.fork_rng(devices=[]):
             # the CPU generator alone (the model is built there): torch.manual_seed would also reseed every
             # CUDA generator, which fork_rng(devices=[]) does not restore
@@ -306,6 +356,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = "default",
     else:
         model = getattr(tvm, spec.builder)(weights=None)
         if weights == "default":
+            _same_weights(spec, weights, made_with, expected_sha256, None)
             state, desc = _pretrained_state_dict(spec), spec.weights.split(".")[1]
         else:
             path = Path(weights).expanduser().absolute()
@@ -313,11 +364,12 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = "default",
             if expected_sha256 and sha != expected_sha256:
                 raise BackboneError(f"weights file {path} differs from the one the features were made with "
                                     f"(sha256 {sha[:12]} != {expected_sha256[:12]})")
+            _same_weights(spec, str(path), made_with, expected_sha256, sha)
             desc = str(path)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise BackboneError(f"weights do not fit {name}: {str(e).splitlines()[0]}") from e
+            raise BackboneError(f"weights do not fit {name}: {_state_dict_mismatch(e)}") from e
     setattr(model, spec.head, nn.Identity())  # output = the pooled feature, (B, feature_dim)
     model.eval().requires_grad_(False)
     return Backbone(spec, model, desc, sha, device)  # built on the CPU: Backbone moves it

@@ -211,21 +211,31 @@ def _open(path) -> h5py.File:
 
 
 def load_cache(path: str | os.PathLike, backbone: str | None = None, feature_dim: int | None = None,
-               preprocess: str | None = None, views: bool = False) -> FeatureCache:
+               preprocess: str | None = None, views: bool = False,
+               weights: tuple[str, str | None] | None = None) -> FeatureCache:
     """Load a complete cache into RAM, refusing one made with another backbone/feature size.
 
     `views`: also read the extra views (`FeatureCache.views`) when the cache has them; only
     training draws from them, so every other reader leaves them on disk.
+    `weights`: (weights, sha256) as a checkpoint records them: a cache made with other weights is refused
+    (a file is known by its sha256, wherever it was).
     """
     try:
-        return _load_cache(path, backbone, feature_dim, preprocess, views)
+        return _load_cache(path, backbone, feature_dim, preprocess, views, weights)
     except CacheError:
         raise
     except (OSError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:  # a damaged file, read by h5py
         raise CacheError(f"{path} is corrupt ({type(e).__name__}: {e}); re-run stage 1 to rebuild it") from e
 
 
-def _load_cache(path, backbone, feature_dim, preprocess, with_views) -> FeatureCache:
+def _other_weights(meta: CacheMeta, weights: tuple[str, str | None] | None) -> bool:
+    if weights is None:
+        return False
+    name, sha = weights[0], weights[1] or ""
+    return meta.weights_sha256 != sha if (sha or meta.weights_sha256) else meta.weights != name
+
+
+def _load_cache(path, backbone, feature_dim, preprocess, with_views, weights=None) -> FeatureCache:
     with _open(path) as f:
         meta = _read_meta(f, path)
         if not bool(f.attrs.get("complete", False)):
@@ -237,6 +247,8 @@ def _load_cache(path, backbone, feature_dim, preprocess, with_views) -> FeatureC
             wrong.append(f"feature size {meta.feature_dim}, expected {feature_dim}")
         if preprocess is not None and meta.preprocess != preprocess:
             wrong.append("different preprocessing")
+        if _other_weights(meta, weights):
+            wrong.append(f"weights {meta.weights!r}, expected {weights[0]!r}")
         if wrong:
             raise CacheError(f"{path} was made with {', '.join(wrong)}: re-run stage 1 "
                              f"(python -m stage1_extract --backbone {backbone or meta.backbone} ...) "

@@ -170,7 +170,8 @@ class Captioner:
         ckpt = load_checkpoint(path)
         decoder, vocab = model_from_checkpoint(ckpt, dev)
         bb = ckpt["backbone"]
-        backbone = load_backbone(bb["name"], weights or bb["weights"], dev, expected_sha256=bb.get("weights_sha256"))
+        backbone = load_backbone(bb["name"], weights or bb["weights"], dev, expected_sha256=bb.get("weights_sha256"),
+                                 made_with=bb["weights"])
         if backbone.feature_dim != decoder.cfg.feature_dim or backbone.preprocess.describe() != bb["preprocess"]:
             raise BackboneError(f"backbone {bb['name']} built here does not match the checkpoint's "
                                 f"(feature size or preprocessing differ)")

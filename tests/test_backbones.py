@@ -4,14 +4,15 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from common.backbones import (REGISTRY, BackboneError, WeightsNotFound, get_spec, load_backbone, load_image_u8,
-                              preprocess_for)
+from common.backbones import (REGISTRY, BackboneError, WeightsNotFound, get_spec, hub_checkpoint_dir, load_backbone,
+                              load_image_u8, preprocess_for)
 from common.preprocess import ImageError
 
 MB_PP = preprocess_for("mobilenet_v2")
@@ -180,13 +181,38 @@ def test_weights_file_gives_same_features_as_default(tmp_path, mobilenet, mobile
         load_backbone("mobilenet_v2", str(path), expected_sha256="0" * 64)
 
 
+def test_weights_other_than_the_features_were_made_with_are_refused(tmp_path, mobilenet, mobilenet_state_dict):
+    """`caption --weights none` on a checkpoint trained on ImageNet features captioned every photo wrongly, with
+    no word said; --weights may only point to the same weights elsewhere."""
+    import torchvision.models as tvm
+
+    with pytest.raises(BackboneError, match="made with torchvision's IMAGENET1K_V1 weights, not random"):
+        load_backbone("mobilenet_v2", "none", made_with="IMAGENET1K_V1")
+    with pytest.raises(BackboneError, match=r"made with random weights \(none\), not torchvision's"):
+        load_backbone("mobilenet_v2", "default", made_with="none")
+    assert load_backbone("mobilenet_v2", "none", made_with="none").weights == "none"
+    # torchvision's own file kept elsewhere (its name carries its sha256's first digits) is the default weights
+    url = tvm.MobileNet_V2_Weights.IMAGENET1K_V1.url
+    own = tmp_path / os.path.basename(url)
+    shutil.copyfile(hub_checkpoint_dir() / os.path.basename(url), own)
+    assert load_backbone("mobilenet_v2", str(own), made_with="IMAGENET1K_V1").weights == str(own)
+    # the same tensors saved again are another file: not torchvision's, so not what the features were made with
+    resaved = tmp_path / "resaved.pth"
+    torch.save(mobilenet_state_dict, resaved)
+    with pytest.raises(BackboneError, match="not the weights file"):
+        load_backbone("mobilenet_v2", str(resaved), made_with="IMAGENET1K_V1")
+    # a file recorded at extraction, moved: known by its sha256
+    sha = hashlib.sha256(resaved.read_bytes()).hexdigest()
+    assert load_backbone("mobilenet_v2", str(resaved), expected_sha256=sha, made_with="/then/w.pth").weights_sha256 == sha
+
+
 def test_bad_weights_files(tmp_path, mobilenet_state_dict):
     with pytest.raises(WeightsNotFound, match="not found"):
         load_backbone("mobilenet_v2", str(tmp_path / "absent.pth"))
     partial = tmp_path / "partial.pth"
     torch.save({k: v for k, v in mobilenet_state_dict.items() if not k.startswith("features.0.")}, partial)
-    with pytest.raises(BackboneError, match="do not fit"):
-        load_backbone("mobilenet_v2", str(partial))
+    with pytest.raises(BackboneError, match="do not fit mobilenet_v2: 5 missing keys, e.g. 'features.0.0.weight'"):
+        load_backbone("mobilenet_v2", str(partial))  # not torch's first line alone ("Error(s) in loading ...:")
     text = tmp_path / "text.pth"
     text.write_text("not weights")
     with pytest.raises(BackboneError):

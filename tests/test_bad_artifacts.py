@@ -69,11 +69,24 @@ def _train(features: Path, out: Path, *more):
     ({"backbone": "resnet152"}, "backbone 'resnet152', expected 'mobilenet_v2'"),
     ({"feature_dim": 2048}, "feature size 2048, expected 1280"),
     ({"preprocess": '{"crop": 299}'}, "different preprocessing"),
+    # the same network with other weights: its captions would all be one (random weights) or wrong
+    ({"weights": "none"}, "weights 'none', expected 'IMAGENET1K_V1'"),
+    ({"weights": "/elsewhere/mbv2.pth", "weights_sha256": "ab" * 32}, "weights '/elsewhere/mbv2.pth'"),
 ])
 def test_evaluate_refuses_a_cache_made_another_way(run_dir, shared_cache, tmp_path, attrs, says):
     cache = _doctored_cache(shared_cache, tmp_path / "other.h5", **attrs)
     line = one_error_line(_evaluate(run_dir / "best.pt", cache))
     assert str(cache) in line and says in line and "stage1_extract" in line
+
+
+def test_evaluate_knows_a_weights_file_by_its_digest_wherever_it_was(run_dir, shared_cache, tmp_path):
+    def moved(c):
+        c["backbone"].update(weights="/then/mbv2.pth", weights_sha256="ab" * 32)
+
+    ckpt = _doctored_checkpoint(run_dir / "best.pt", tmp_path / "best.pt", moved)
+    cache = _doctored_cache(shared_cache, tmp_path / "now.h5", weights="/now/mbv2.pth", weights_sha256="ab" * 32)
+    r = _evaluate(ckpt, cache)
+    assert r.exit_code == 0, r.output
 
 
 def test_resuming_on_a_cache_rebuilt_with_another_backbone_is_refused(run_dir, shared_cache, tmp_path):
@@ -215,6 +228,22 @@ def test_files_that_are_not_checkpoints(run_dir, shared_cache, coco_records, tmp
         torch.save([1, 2, 3], p)
     for result in (_caption(p, coco_records[0].path), _evaluate(p, shared_cache)):
         assert str(p) in one_error_line(result)
+
+
+@pytest.mark.parametrize("what", ["the feature cache", "a JSON file", "a PNG"])
+def test_another_kind_of_file_given_as_the_checkpoint_is_not_called_an_unsafe_pickle(shared_cache, coco_records,
+                                                                                     tmp_path, what):
+    """torch.load reads any non-zip file as a legacy pickle: an HDF5 cache was "refused" as holding objects
+    other than plain values (the message for a pickled attack) instead of named what it is not."""
+    p = shared_cache if what == "the feature cache" else tmp_path / ("x.json" if what == "a JSON file" else "x.png")
+    if what == "a JSON file":
+        p.write_text('{"epochs": 20}\n')
+    elif what == "a PNG":
+        from PIL import Image
+
+        Image.new("RGB", (8, 8)).save(p)
+    line = one_error_line(_caption(p, coco_records[0].path))
+    assert f"{p} is not a PyTorch checkpoint file" in line and "unpickle" not in line, line
 
 
 def test_resuming_from_a_last_pt_with_another_vocabulary_is_refused(shared_cache, tmp_path):

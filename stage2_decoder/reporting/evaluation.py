@@ -25,7 +25,8 @@ def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_over
     from common.feature_cache import load_cache
 
     bb = ckpt["backbone"]
-    cache = load_cache(features, backbone=bb["name"], feature_dim=bb["feature_dim"], preprocess=bb["preprocess"])
+    cache = load_cache(features, backbone=bb["name"], feature_dim=bb["feature_dim"], preprocess=bb["preprocess"],
+                       weights=(bb["weights"], bb.get("weights_sha256")))
     keys = (ckpt.get("split") or {}).get(split)
     if keys is None:
         raise ValueError(f"the checkpoint records no {split!r} split; evaluate raw images instead")

@@ -81,6 +81,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported operand" in str(e) or "invalid load key" in str(e):  # not a pickle: an HDF5 file, a PNG
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint file") from e
         raise CheckpointError(f"{path} holds objects other than plain values and tensors; refusing to "
                               f"unpickle it (weights_only=True)") from e
     except Exception as e:  # zip/format errors: not a torch file at all, or truncated
