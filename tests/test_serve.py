@@ -10,6 +10,7 @@ import threading
 import time
 import warnings
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -109,6 +110,66 @@ def test_batching_off_runs_one_request_per_call_and_keys_never_mix():
         b.stop()
     assert out == [[(i, i % 2)] for i in range(6)]
     assert all(all(it % 2 == key for it in items) for items, key in rec.batches)
+
+
+def test_requests_of_three_settings_with_array_items_are_all_answered():
+    """With three or more decoding settings in flight, taking a held job out of the hold compared jobs field by
+    field: their image arrays, "truth value of an array is ambiguous", a 500 for some and a 30 s wait for the
+    batch already gathered."""
+    gate = threading.Event()
+
+    def run(items, key):
+        if key == 0:
+            gate.wait(10)  # the model is busy while the others queue and are held by setting
+        return [float(it.sum()) + key for it in items]
+
+    b = DynamicBatcher(run, BatcherConfig(max_batch_images=8, max_wait_ms=200)).start()
+    try:
+        first = b.submit([np.zeros(2)], 0)
+        time.sleep(0.1)
+        keys = [1, 2, 3, 2, 3, 1, 3]
+        futures = [b.submit([np.full(2, i, dtype=np.float32)], k) for i, k in enumerate(keys)]
+        gate.set()
+        first.result(10)
+        assert [f.result(10) for f in futures] == [[2.0 * i + k] for i, k in enumerate(keys)]
+    finally:
+        gate.set()
+        b.stop()
+
+
+def test_a_failure_while_gathering_answers_every_request_taken_into_the_batch(monkeypatch):
+    """A bug in the batcher itself fails the requests it holds at once: none waits out its deadline."""
+    import stage2_decoder.serving.batcher as batcher_mod
+
+    gate = threading.Event()
+    b = DynamicBatcher(lambda items, key: (gate.wait(10), items)[1], BatcherConfig(max_batch_images=8,
+                                                                                   max_wait_ms=300))
+    real = batcher_mod.DynamicBatcher._prepare
+
+    def failing(self, batch):
+        if len(batch) >= 2:  # the second job joining the batch being gathered
+            raise RuntimeError("batcher bug")
+        return real(self, batch)
+
+    monkeypatch.setattr(batcher_mod.DynamicBatcher, "_prepare", failing)
+    b.start()
+    try:
+        busy = b.submit(["busy"], "k")
+        time.sleep(0.1)
+        futures = [b.submit([i], "k") for i in range(3)]  # queued while the model is busy: one gather takes them
+        gate.set()
+        assert busy.result(5) == ["busy"]
+        failed = 0
+        for i, f in enumerate(futures):  # each answered at once: the failed batch's jobs, then the rest
+            try:
+                assert f.result(5) == [i]
+            except RuntimeError as e:
+                assert "batcher bug" in str(e)
+                failed += 1
+        assert failed >= 2
+    finally:
+        gate.set()
+        b.stop()
 
 
 def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on():

@@ -61,7 +61,7 @@ class QueueFull(RuntimeError):
 class DeadlineExceeded(TimeoutError):
     """A request's deadline passed before the model reached it."""
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: comparing fields would compare requests' image arrays
 class _Job:
     items: list  # one request's inputs, whatever `run` takes (images, feature rows)
     key: Hashable
@@ -178,8 +178,11 @@ class DynamicBatcher:
             self._stopping = True
         return None if job is WAKE else job
 
-    def _gather(self, first: _Job) -> list[_Job]:
-        batch, n = [first], len(first.items)
+    def _gather(self, batch: list[_Job]) -> list[_Job]:
+        """Fill `batch` (its first job already in it) with same-key jobs; returns it. The caller keeps the list,
+        so a failure half-way still answers every job taken into it."""
+        first = batch[0]
+        n = len(first.items)
         if not self.cfg.enabled:
             return batch
         # same-key jobs already held join first (they are older than anything in the queue)
@@ -352,8 +355,9 @@ class DynamicBatcher:
                 if self._stopping and not self._held:
                     return
                 continue
+            batch = [first]
             try:
-                batch = self._gather(first)
+                self._gather(batch)
                 self._prepare(batch)
                 self._collect(batch)
                 if self._pipelined and not self._alone(batch):
@@ -363,7 +367,7 @@ class DynamicBatcher:
                     self._run_batch(batch)
             except Exception as e:  # noqa: BLE001 - a bug here must not leave later requests waiting forever
                 log.error("batcher error: %s: %s", type(e).__name__, e)
-                for job in [first, *self._held]:
+                for job in [*batch, *self._held]:
                     if not job.future.done():
                         job.future.set_exception(e)
                 self._held.clear()
