@@ -342,8 +342,8 @@ def test_a_cuda_error_that_leaves_the_gpu_working_is_one_failed_request(client_f
 
     monkeypatch.setattr(app_mod, "device_lost", lambda device: False)
     client = client_for(LostCudaContext())
-    with pytest.raises(RuntimeError, match="device-side assert"):  # the TestClient re-raises the server's 500
-        client.post("/v1/caption", files=files(GREEN))
+    r = client.post("/v1/caption", files=files(GREEN))
+    assert r.status_code == 500 and r.json()["error"].startswith("Internal error (")
     assert client.get("/healthz").status_code == 200
     assert client.post("/v1/caption", files=files(RED)).status_code == 200
 
@@ -403,6 +403,27 @@ def test_the_cli_refuses_them_with_one_error_line_and_exit_2_also_under_dry_run(
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(f"error: {option} must be"), r.stderr
 
 
+@pytest.mark.parametrize("where", ["a port in use", "a host that does not resolve"])
+def test_an_address_the_server_cannot_listen_on_is_one_error_line_before_the_checkpoint_loads(tmp_path, where):
+    """uvicorn logged `ERROR:    [Errno 98] ...` and exited 3, after the model had loaded."""
+    import socket
+
+    from click.testing import CliRunner
+
+    from stage2_decoder.serve import main
+
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"not read: the address is tried first")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        host, port = ("127.0.0.1", taken.getsockname()[1]) if where == "a port in use" else ("no-such-host.invalid", 8000)
+        r = CliRunner().invoke(main, ["--checkpoint", str(ckpt), "--host", host, "--port", str(port)])
+    assert r.exit_code == 1, r.output
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(
+        f"error: cannot listen on {host}:{port}: "), r.stderr
+
+
 def _dds_unknown_format() -> bytes:
     """A DDS header Pillow identifies, with a pixel format it cannot decode."""
     head = bytearray(b"DDS " + b"\0" * 124)
@@ -435,6 +456,50 @@ def test_a_huge_png_is_reduced_before_preprocessing_and_captioned_like_its_file(
     assert got.shape == want.shape == (3, 224, 224)
     # box-reducing by 4 first only averages within flat blocks, except at their edges
     assert np.abs(got - want).mean() < 2.0 and np.median(np.abs(got - want)) <= 1.0
+
+
+def test_a_large_png_with_damaged_exif_is_422_not_500(client_for):
+    """Large non-JPEGs take the reduce path, which reads their EXIF first: a damaged block raised struct.error,
+    which that path did not catch (a small image's path did)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1024, 1024), (200, 30, 40)).save(buf, "PNG", exif=b"II*\x00")
+    c = client_for(StandIn(), max_wait_ms=1)
+    r = c.post("/v1/caption", files=[("images", ("big.png", buf.getvalue(), "image/png"))])
+    assert r.status_code == 422 and r.json()["error"].startswith("big.png: not a readable image"), r.text
+    assert c.post("/v1/caption", files=files(RED)).status_code == 200
+
+
+def test_the_multipart_media_type_is_read_in_any_case(client_for):
+    """Media types are case-insensitive (RFC 9110): `Multipart/Form-Data` was refused with 415."""
+    import httpx
+
+    req = httpx.Request("POST", "http://x/v1/caption", files=files(RED))
+    body, kind = req.read(), req.headers["content-type"]
+    c = client_for(StandIn(), max_wait_ms=1)
+    r = c.post("/v1/caption", content=body, headers={"Content-Type": kind.replace("multipart/form-data",
+                                                                                  "Multipart/Form-Data")})
+    assert r.status_code == 200 and "red" in r.json()["results"][0]["caption"], r.text
+
+
+def _icon(frame: bytes) -> bytes:
+    """An ICO whose directory names one 16x16 frame: `frame`'s bytes."""
+    return (struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(frame), 22) + frame)
+
+
+def test_an_icon_whose_frame_is_over_the_pixel_limit_is_413_before_it_is_decoded(client_for):
+    """Pillow decodes an ICO's largest frame while opening it, whatever the directory says: a 640 KB file
+    held a 13000x13000 PNG (676 MB decoded) before the size was checked."""
+    big_png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">IIBBBBB", 13000, 13000, 8, 6, 0,
+                                                                                        0, 0)
+    big_bmp = struct.pack("<IiiHH", 40, 13000, 2 * 13000, 1, 32) + bytes(24)
+    c = client_for(StandIn(), max_wait_ms=1, max_pixels=10**7)
+    for frame in (big_png, big_bmp):
+        r = c.post("/v1/caption", files=[("images", ("bomb.ico", _icon(frame), "image/x-icon"))])
+        assert r.status_code == 413 and "icon of 13000x13000 pixels" in r.json()["error"], r.text
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 220, 10)).save(buf, "ICO", sizes=[(32, 32)])  # a real icon is captioned
+    r = c.post("/v1/caption", files=[("images", ("ok.ico", buf.getvalue(), "image/x-icon"))])
+    assert r.status_code == 200 and "green" in r.json()["results"][0]["caption"], r.text
 
 
 # --- the typed API ------------------------------------------------------------------------------------------
@@ -521,3 +586,55 @@ def test_a_connection_that_never_finishes_its_head_is_closed():
         import httpx
 
         assert httpx.get(url + "/healthz", timeout=10).status_code == 200
+
+
+def test_an_upload_stalled_past_the_deadline_is_408_and_frees_its_place():
+    """A client that sends a head and the start of its body, then nothing, held its place in --max-queue for as
+    long as it kept the connection (every later request: 503), and kept SIGTERM's drain waiting."""
+    import socket
+
+    import httpx
+
+    with live_server(StandIn(), max_wait_ms=0, max_queue=1, request_timeout_s=1.0) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as stalled:
+            stalled.sendall(b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                            b"boundary=zz\r\nContent-Length: 100000\r\n\r\n--zz\r\nContent-Disposition: form-data; "
+                            b"name=\"images\"; filename=\"a.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n" + RED[:300])
+            time.sleep(0.3)
+            refused = httpx.post(url + "/v1/caption", files=files(RED), timeout=30)
+            stalled.settimeout(20)
+            reply = b""
+            while not reply.endswith(b"}") and (chunk := stalled.recv(4096)):
+                reply += chunk
+        assert refused.status_code == 503 and "1 requests are in progress" in refused.json()["error"]
+        assert reply.split(b"\r\n")[0].endswith(b" 408 Request Timeout"), reply[:200]
+        assert b"not finished within 1 s" in reply
+        assert httpx.post(url + "/v1/caption", files=files(RED), timeout=30).status_code == 200
+
+
+def test_a_500_leaves_the_connection_open_for_the_clients_next_request():
+    """Starlette's own 500 handler raises the error again once it has answered, and uvicorn then closes the
+    connection: a client's next request on it (pipelined here) was lost."""
+    import socket
+
+    import httpx
+
+    def raw(blob: bytes) -> bytes:
+        req = httpx.Request("POST", "http://x/v1/caption", files=files(blob))
+        head = "".join(f"{k}: {v}\r\n" for k, v in req.headers.items() if k.lower() != "host")
+        return f"POST /v1/caption HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode() + req.read()
+
+    with live_server(StandIn(fail_on="green"), max_wait_ms=0) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(raw(GREEN) + raw(RED))
+            s.settimeout(20)
+            got = b""
+            while got.count(b"HTTP/1.1 ") < 2 or not got.endswith(b"}"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+    assert got.startswith(b"HTTP/1.1 500 ") and b"Internal error (RuntimeError)" in got
+    assert b"HTTP/1.1 200 " in got and b"a red photo" in got, got[-300:]

@@ -59,10 +59,37 @@ def checkpoint_name(path) -> str:
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
+class InternalErrors:
+    """Pure ASGI guard: an unexpected error is a 500 answered here. Starlette's outermost handler answers it too,
+    but then raises it again, and uvicorn closes the connection: the client's next request on it failed."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as e:  # noqa: BLE001 - one request's failure, answered; the server goes on
+            log.error("internal error on %s: %s: %s", scope.get("path"), type(e).__name__, e)
+            if started:  # half an answer sent: only closing the connection ends it
+                raise
+            await _reply(send, RequestError(500, f"Internal error ({type(e).__name__})."))
+
+
 class Admission:
     """Pure ASGI guard in front of the caption endpoint: refuses at once, before the body is read, what
     cannot be taken (not multipart, a declared body over the limit, a full queue), counts the requests
-    in progress, and logs a client that leaves mid-upload in one line."""
+    in progress, ends an upload still unfinished at the request's deadline (408: a stalled client would
+    hold its place for ever), and logs a client that leaves mid-upload in one line."""
 
     def __init__(self, app, cfg: ServeConfig, state):  # add_middleware(Admission, cfg=..., state=...)
         self.app, self.cfg, self.state = app, cfg, state
@@ -72,7 +99,7 @@ class Admission:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         declared = headers.get("content-length", "")
-        if not headers.get("content-type", "").startswith("multipart/form-data"):
+        if not headers.get("content-type", "").lower().startswith("multipart/form-data"):
             return await _reply(send, RequestError(415, "Send the photos as multipart/form-data, one or more "
                                                         "files in the field 'images'."))
         limit = self.cfg.max_body_bytes
@@ -83,10 +110,18 @@ class Admission:
             return await _reply(send, busy(self.state, "The server is busy"))
         self.state.in_progress += 1
         seen, gone = 0, False
+        deadline = scope["capcache.deadline"] = time.monotonic() + self.cfg.request_timeout_s
 
         async def counted():
             nonlocal seen, gone
-            message = await receive()
+            if scope.get("capcache.body_read"):  # the endpoint waiting for the client to leave: no limit
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+                except asyncio.TimeoutError:
+                    scope["capcache.too_slow"] = seen
+                    raise _TooSlow from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:  # more than declared (or none declared): stop reading here
@@ -100,6 +135,8 @@ class Admission:
             await self.app(scope, counted, send)
         except _TooLarge:
             await _reply(send, _body_too_large(self.cfg, seen))
+        except _TooSlow:
+            await _reply(send, _upload_too_slow(self.cfg, seen))
         finally:
             self.state.in_progress -= 1
             if gone:
@@ -108,6 +145,15 @@ class Admission:
 
 class _TooLarge(Exception):
     pass
+
+
+class _TooSlow(Exception):
+    pass
+
+
+def _upload_too_slow(cfg: ServeConfig, n: int) -> RequestError:
+    return RequestError(408, f"The upload was not finished within {cfg.request_timeout_s:g} s ({megabytes(n)} "
+                             f"received): the request's time is for the upload and the captions together.")
 
 
 def _peer(scope) -> str:
@@ -153,7 +199,8 @@ def busy(state, what: str) -> RequestError:
     """503 with Retry-After: the seconds the queue in front needs, from the recent time per image."""
     pending = state.batcher.pending_images
     wait = max(1, min(60, math.ceil((pending + 1) * sum(state.per_image.values()))))
-    return RequestError(503, f"{what}: {pending} images are waiting; try again in {wait} s.",
+    return RequestError(503, f"{what}: {pending} images are waiting and {state.in_progress} requests are in "
+                             f"progress; try again in {wait} s.",
                         {"Retry-After": str(wait)})
 
 
@@ -310,16 +357,13 @@ def create_app(captioner, cfg: ServeConfig):
         detail = str(e.detail)
         if "capcache.too_large" in request.scope:  # the form parser met the admission's byte limit
             return await request_error(request, _body_too_large(cfg, request.scope["capcache.too_large"]))
+        if "capcache.too_slow" in request.scope:  # or its deadline
+            return await request_error(request, _upload_too_slow(cfg, request.scope["capcache.too_slow"]))
         if "Too many files" in detail:
             return JSONResponse({"error": f"More than {cfg.max_files} files in one request."}, status_code=413)
         if e.status_code == 400 and request.url.path == CAPTION_PATH:
             detail = "The multipart form could not be read (a malformed or incomplete body)."
         return JSONResponse({"error": detail}, status_code=e.status_code, headers=e.headers)
-
-    @app.exception_handler(Exception)
-    async def server_error(request, e: Exception):
-        log.error("internal error on %s: %s: %s", request.url.path, type(e).__name__, e)
-        return JSONResponse({"error": f"Internal error ({type(e).__name__})."}, status_code=500)
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -351,7 +395,7 @@ def create_app(captioner, cfg: ServeConfig):
                       beam_size: Annotated[int | None, Form(ge=1, le=cfg.max_beam_size, description=(
                           "Beam width (1 = greedy; default: the server's)."))] = None) -> CaptionResponse:
         request.scope["capcache.body_read"] = True
-        deadline = time.monotonic() + cfg.request_timeout_s
+        deadline = request.scope.get("capcache.deadline", time.monotonic() + cfg.request_timeout_s)
         loop = asyncio.get_running_loop()
         names = [f.filename or f"images[{i}]" for i, f in enumerate(images)]
         blobs = []
@@ -386,6 +430,7 @@ def create_app(captioner, cfg: ServeConfig):
                                         for name, r in zip(names, results)])
 
     app.add_middleware(Admission, cfg=cfg, state=state)
+    app.add_middleware(InternalErrors)  # the last added runs first: around the admission too
     return app
 
 
@@ -418,25 +463,56 @@ def serve(cfg: ServeConfig, dry_run: bool = False) -> int:
         model_from_checkpoint(load_checkpoint(path))
         click.echo(f"ok: would serve {path} on http://{cfg.host}:{cfg.port}/ (batches of up to {cfg.max_batch} "
                    f"images within {cfg.max_wait_ms:g} ms, {cfg.max_queue} images queued at most, "
-                   f"{cfg.request_timeout_s:g} s per request; {cfg.max_files} files of {cfg.max_upload_mb:g} MB "
-                   f"and {cfg.max_pixels} pixels per request at most)")
+                   f"{cfg.request_timeout_s:g} s per request; {cfg.max_files} files of {cfg.max_upload_mb:g} MB, "
+                   f"{cfg.max_pixels:,} pixels per image and {cfg.max_request_pixels:,} per request at most)")
         return 0
     import uvicorn
 
     # imported on use: importing this module stays free of uvicorn
     from stage2_decoder.serving.protocol import header_timeout_protocol
 
+    sock = listen(cfg.host, cfg.port)  # before the checkpoint loads: a port in use is one error line at once
     cap = Captioner.load(path, cfg.device)
     if cfg.encode_chunk and cap.backbone.device.type == "cpu":
         cap.backbone = ChunkedEncoder(cap.backbone, cfg.encode_chunk)
     click.echo(f"serving {cap.checkpoint_path} on http://{cfg.host}:{cfg.port}/", err=True)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     # SIGTERM: uvicorn stops accepting, answers the requests in progress, then raises the signal again
+    config = uvicorn.Config(create_app(cap, cfg), host=cfg.host, port=cfg.port, access_log=cfg.access_log,
+                            log_level="info" if cfg.access_log else "warning",
+                            http=header_timeout_protocol(cfg.header_timeout_s), timeout_keep_alive=cfg.keep_alive_s,
+                            limit_concurrency=cfg.max_connections,
+                            # every request ends by its deadline, a request head by its own: a backstop
+                            timeout_graceful_shutdown=cfg.request_timeout_s + cfg.header_timeout_s + 5)
+    server = uvicorn.Server(config)
     try:
-        uvicorn.run(create_app(cap, cfg), host=cfg.host, port=cfg.port, access_log=cfg.access_log,
-                    log_level="info" if cfg.access_log else "warning",
-                    http=header_timeout_protocol(cfg.header_timeout_s), timeout_keep_alive=cfg.keep_alive_s,
-                    limit_concurrency=cfg.max_connections)
+        with sock:
+            server.run(sockets=[sock])
     except Terminated:  # drained: a requested stop, not a failure
         click.echo("stopped: every accepted request was answered", err=True)
+        return 0
+    if not server.started:  # the app's start-up failed: uvicorn logged why
+        click.echo("error: the server did not start (the lines above say why)", err=True)
+        return 3
     return 0
+
+
+def listen(host: str, port: int):
+    """A socket bound to (host, port) for uvicorn: OSError naming the address when it cannot be had (in use,
+    not this machine's, a name that does not resolve), where uvicorn would log it and exit 3."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: restarts reuse the port
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock

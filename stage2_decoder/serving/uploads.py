@@ -45,6 +45,8 @@ def open_upload(name: str, data: bytes, max_upload_bytes: int, max_pixels: int):
                                 f"{megabytes(max_upload_bytes)} per file.")
     if not data:
         raise RequestError(422, f"{name} is empty.")
+    if data[:4] == b"\x00\x00\x01\x00":  # an ICO: Pillow decodes its largest frame while opening it
+        _check_icon_frames(name, data, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
@@ -60,6 +62,27 @@ def open_upload(name: str, data: bytes, max_upload_bytes: int, max_pixels: int):
         raise RequestError(413, f"{name} is {im.width}x{im.height} pixels, over the limit of {max_pixels:,} "
                                 f"pixels per image.")
     return im
+
+
+def _check_icon_frames(name: str, data: bytes, max_pixels: int) -> None:
+    """413 for an ICO with a frame over `max_pixels`, read from the frames' own headers: its directory says at
+    most 256x256, but a PNG or BMP frame may declare any size, and all of it is decoded while the file opens."""
+    for i in range(int.from_bytes(data[4:6], "little")):
+        entry = data[6 + 16 * i:22 + 16 * i]
+        if len(entry) < 16:
+            break
+        at = int.from_bytes(entry[12:16], "little")
+        head = data[at:at + 24]
+        if head[:8] == b"\x89PNG\r\n\x1a\n":
+            w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        elif len(head) >= 12:  # a BMP without its file header: width, then height counted twice (the mask)
+            w = abs(int.from_bytes(head[4:8], "little", signed=True))
+            h = abs(int.from_bytes(head[8:12], "little", signed=True)) // 2
+        else:
+            continue
+        if w * h > max_pixels:
+            raise RequestError(413, f"{name} holds an icon of {w}x{h} pixels, over the limit of {max_pixels:,} "
+                                    f"pixels per image.")
 
 
 def decode_upload(name: str, data: bytes, pp, max_upload_bytes: int, max_pixels: int) -> np.ndarray:
@@ -86,10 +109,10 @@ def decode_upload(name: str, data: bytes, pp, max_upload_bytes: int, max_pixels:
         if isinstance(e.__cause__, NotImplementedError):  # e.g. a DDS with an unknown pixel format
             raise RequestError(415, f"{name}: an image format this server cannot decode.") from None
         raise RequestError(422, f"{name}: not a readable image (its data is damaged or incomplete).") from None
-    except (OSError, ValueError, SyntaxError):  # from the load before the reduce
-        raise RequestError(422, f"{name}: not a readable image (its data is damaged or incomplete).") from None
     except NotImplementedError:
         raise RequestError(415, f"{name}: an image format this server cannot decode.") from None
+    except Exception:  # noqa: BLE001 - from the EXIF read or the load before the reduce (struct.error, ...)
+        raise RequestError(422, f"{name}: not a readable image (its data is damaged or incomplete).") from None
     finally:
         im.close()
         if pixels > TRIM_ABOVE:
