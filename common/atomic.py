@@ -11,6 +11,7 @@ symlink, is replaced by the new file, not written through.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Collection, Iterator
@@ -34,6 +35,30 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def ready_to_write(path: str | os.PathLike, what: str) -> Path:
+    """Make `path`'s folder and check it can be written there, before the work whose result it will hold
+    (AtomicWriteError "cannot write WHAT PATH: reason" now, not after an hour's work)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "it is a folder")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise NotADirectoryError(errno.ENOTDIR, "a part of its folder's path is a file") from None
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "its folder cannot be written to")
+    except OSError as e:
+        raise AtomicWriteError(e.errno, f"cannot write {what} {path}: {_why(e)}") from e
+    return path
+
+
+def clipped(name: str, max_bytes: int) -> str:
+    """`name` cut to at most `max_bytes` in UTF-8 (whole characters): file names have 255 bytes at most, and a
+    temporary beside a file adds to its name."""
+    return name.encode()[:max_bytes].decode(errors="ignore")
+
+
 def _why(e: OSError) -> str:
     return e.strerror or str(e).splitlines()[0] if str(e) else type(e).__name__
 
@@ -52,7 +77,7 @@ def atomic_path(path: str | os.PathLike, what: str = "", mode: int = 0o644,
     folder = path.parent if str(path.parent) else Path(".")
     tmp: Path | None = None
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=scratch or folder)
+        fd, name = tempfile.mkstemp(prefix=f".{clipped(path.name, 200)}.", suffix=".tmp", dir=scratch or folder)
         os.close(fd)
         os.chmod(name, mode)
         tmp = Path(name)

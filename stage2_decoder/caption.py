@@ -9,13 +9,14 @@ options: docs/captioning.md.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import click
 
-from common.cli import bounded, decode_options, run_guarded, sampling_options
+from common.cli import bounded, decode_options, one_line, run_guarded, sampling_options
 from common.text import printable
 from stage2_decoder.api import find_checkpoint, Captioner
 
@@ -79,13 +80,15 @@ def main(images, checkpoint, decode, sampling, batch_size, device, weights, onnx
             click.echo("\n".join(map(printable, paths)))
             click.echo(f"dry run: {len(paths)} images, {'onnx' if onnx_dir else 'checkpoint'} {source}", err=True)
             return 0
+        if figure_dir is not None:
+            _writable_folder(figure_dir)  # before the model runs: a folder that cannot be written is refused now
         kwargs = {**asdict(decode), **asdict(sampling)}
         shown = sampling.num_captions
         if figure_dir is not None and not sampling.sample:  # the figure lists the beam's alternatives
             kwargs["num_captions"] = max(shown, decode.beam_size)
         results = _results(source, onnx_dir is not None, paths, kwargs, batch_size, device, weights,
                            progress=not no_progress and len(paths) > batch_size)
-        out, failed, figure_names = [], 0, set()
+        out, failed, failed_figures, figure_names = [], 0, 0, set()
         for r in results:
             if "error" in r:
                 failed += 1
@@ -96,8 +99,13 @@ def main(images, checkpoint, decode, sampling, batch_size, device, weights, onnx
                 from stage2_decoder.reporting.figures import figure_path, save_caption_figure
 
                 hyps = [(c["caption"], c["score"]) for c in r["captions"]] if len(r["captions"]) > 1 else None
-                save_caption_figure(r["image"], r["caption"], figure_path(figure_dir, r["image"], figure_names),
-                                    hyps, label=Path(r["image"]).name)
+                target = figure_path(figure_dir, r["image"], figure_names)
+                try:
+                    save_caption_figure(r["image"], r["caption"], target, hyps, label=Path(r["image"]).name)
+                except OSError as e:  # its caption is still printed; the other photos go on
+                    figure_names.discard(target.name)
+                    failed_figures += 1
+                    click.echo(f"error: {printable(one_line(e))}", err=True)
             r = {**r, "captions": r["captions"][:shown]}
             out.append(r)
             if not as_json:
@@ -108,9 +116,22 @@ def main(images, checkpoint, decode, sampling, batch_size, device, weights, onnx
             click.echo(f"{len(figure_names)} figures in {figure_dir}", err=True)
         if failed:
             click.echo(f"{failed} of {len(paths)} images could not be read", err=True)
-        return 1 if failed else 0
+        if failed_figures:
+            click.echo(f"{failed_figures} figures could not be written", err=True)
+        return 1 if failed or failed_figures else 0
 
     sys.exit(run_guarded(work))
+
+
+def _writable_folder(folder: str) -> None:
+    """Make `folder` (and its parents); OSError when it cannot be made or written to."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot make the figure folder {printable(folder)}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write figures into {printable(folder)}: permission denied")
 
 
 def _checkpoint(checkpoint: str | None) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from common.atomic import atomic_write
+from common.atomic import atomic_write, ready_to_write
 from common.backbones import default_workers
 from common.cli import bounded, decode_options, run_guarded
 from common.datasets import FORMATS, OUTSIDE_FLAG, load_dataset
@@ -72,6 +72,10 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
         ckpt_path = str(find_checkpoint(checkpoint))
         if checkpoint is None:
             click.echo(f"using checkpoint {ckpt_path}", err=True)
+        # the reports' folders made and checked now: not found wanting after the decoding
+        for path, what in ((json_out, "evaluation report"), (html_out, "gallery")):
+            if path:
+                ready_to_write(path, what)
         if dry_run:
             n = len(load_dataset(dataset or "auto", captions, images, limit, allow_outside_images)) if raw else None
             click.echo(f"dry run: checkpoint {ckpt_path}, " + (f"{n} images from {captions}" if raw
@@ -102,14 +106,19 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
         else:
             click.echo(format_table(report))
             click.echo(f"{report['seconds']:.1f}s")
+        failed = None  # one report that cannot be written does not cost the other
         if json_out:
-            atomic_write(json_out, json.dumps(report, indent=1, ensure_ascii=False), what="evaluation report")
+            try:
+                atomic_write(json_out, json.dumps(report, indent=1, ensure_ascii=False), what="evaluation report")
+            except OSError as e:
+                failed = e
         if html_out:
-
             write_html(report, html_out, f"Caption evaluation: {Path(ckpt_path).name}, {report['source']}",
                        progress=not no_progress, max_images=html_max,
                        images_root=None if allow_outside_images else images_root)
             click.echo(f"gallery: {html_out}", err=as_json)
+        if failed is not None:
+            raise failed
         return 0
 
     raise SystemExit(run_guarded(work))

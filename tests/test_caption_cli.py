@@ -155,3 +155,60 @@ def test_evaluate_json_means_what_it_means_in_caption(ckpt, shared_cache, tmp_pa
     assert table.exit_code == 0 and "| BLEU-1" in table.stdout
     assert [i["caption"] for i in written["images"]] == [i["caption"] for i in json.loads(
         CliRunner().invoke(main, [*args, "--json"]).stdout)["images"]]
+
+
+def test_evaluate_checks_where_its_reports_go_before_it_decodes(ckpt, shared_cache, tmp_path, monkeypatch):
+    """--json-out into a folder that did not exist failed after the whole evaluation (hours on raw images) and
+    took the --html gallery with it; --html made its folder, --json-out did not."""
+    import stage2_decoder.evaluate as evaluate_mod
+    from stage2_decoder.reporting import metrics
+
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    args = ["--checkpoint", str(ckpt), "--features", str(shared_cache), "--split", "test", "--device", "cpu"]
+    r = CliRunner().invoke(evaluate_mod.main, [*args, "--json-out", tmp_path / "new" / "r.json", "--html",
+                                               tmp_path / "other" / "g.html"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "new" / "r.json").read_text())["metrics"]["CIDEr"] >= 0
+    assert (tmp_path / "other" / "g.html").stat().st_size > 0
+
+    (tmp_path / "a-file").write_text("")
+    decoded = []
+    monkeypatch.setattr(evaluate_mod, "captions_from_cache", lambda *a, **k: decoded.append(1))
+    r = CliRunner().invoke(evaluate_mod.main, [*args, "--json-out", tmp_path / "a-file" / "r.json"])
+    assert r.exit_code == 1 and not decoded  # refused before any decoding
+    assert r.stderr.strip() == (f"error: cannot write evaluation report {tmp_path / 'a-file' / 'r.json'}: "
+                                f"a part of its folder's path is a file")
+
+
+def test_a_figure_that_cannot_be_written_loses_no_caption(ckpt, photos, tmp_path, monkeypatch):
+    """--save-figure wrote each figure before printing its caption, and its error ended the run: one figure that
+    could not be written (a full disk, a name too long) lost every caption, the other photos' too."""
+    import stage2_decoder.reporting.figures as figures
+    from common.atomic import AtomicWriteError
+
+    real = figures.save_caption_figure
+
+    def full_disk_for_the_first(image, *args, **kwargs):
+        if image == photos[0]:
+            raise AtomicWriteError(28, f"cannot write figure {image}: No space left on device")
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(figures, "save_caption_figure", full_disk_for_the_first)
+    r = _caption(*photos, "--checkpoint", ckpt, "--device", "cpu", "--save-figure", tmp_path / "figs")
+    assert r.exit_code == 1
+    assert [ln.split("\t")[0] for ln in r.stdout.splitlines()] == photos  # both captions printed
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")] == [
+        f"error: cannot write figure {photos[0]}: No space left on device"]
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [Path(photos[1]).stem + ".png"]
+    assert "1 figures in" in r.stderr and "1 figures could not be written" in r.stderr
+
+
+def test_a_photo_with_a_name_of_250_bytes_gets_its_figure(ckpt, photos, tmp_path):
+    """The figure's temporary file, `.NAME.XXXXXXXX.tmp`, went past the 255-byte file name limit."""
+    long = tmp_path / "in" / ("p" * 250 + ".jpg")
+    long.parent.mkdir()
+    shutil.copy(photos[0], long)
+    r = _caption(long, "--checkpoint", ckpt, "--device", "cpu", "--save-figure", tmp_path / "figs")
+    assert r.exit_code == 0, r.output
+    (fig,) = (tmp_path / "figs").iterdir()
+    assert fig.name == "p" * 200 + ".png" and fig.stat().st_size > 0

@@ -140,7 +140,10 @@ def save_caption_figure(image: str | os.PathLike, caption: str, out: str | os.Pa
 
 def figure_path(out_dir: str | os.PathLike, image: str | os.PathLike, taken: set[str]) -> Path:
     """OUT_DIR/<image stem>.png, with -2, -3, ... when two inputs share a stem; records the name in `taken`."""
-    stem = Path(image).stem or "image"
+    # imported on use, as the module's other imports
+    from common.atomic import clipped
+
+    stem = clipped(Path(image).stem, 200) or "image"  # a name of 255 bytes has no room for ".png"
     name, n = f"{stem}.png", 1
     while name in taken:
         n += 1
