@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common.atomic import atomic_write
 from common.jsonio import JSONFileError, open_regular, read_json
-from common.text import printable
+from common.text import escape_controls, printable, shortened
 from common.records import (DatasetError, DatasetWarning, ImageRecord, CaptionsByImage, clean_captions, record_sort_key,
                             warn_skipped, check_captions_file, image_name, open_captions)
 from common.folder_dataset import JSONL_SUFFIXES, is_folder_header, load_folder
@@ -159,7 +159,7 @@ def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLik
             reader = csv.DictReader(f)
             if reader.fieldnames is None or not {"image", "caption"} <= set(reader.fieldnames):
                 raise DatasetError(f"{printable(captions_file)}: expected a CSV header 'image,caption', "
-                                   f"got {reader.fieldnames}")
+                                   f"got {escape_controls(shortened(str(reader.fieldnames)))}")
             end = reader.line_num
             for row in reader:
                 start, end = end + 1, reader.line_num  # the lines this row spans

@@ -16,10 +16,13 @@ class DeviceError(ValueError):
     """A --device value that names no usable device."""
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cpu', 'cuda', 'cuda:N' as asked (refused when absent)."""
-    if device == "auto":
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' (or None) -> cuda when available, else cpu; 'cpu', 'cuda', 'cuda:N' (or a torch.device) as asked
+    (refused when absent)."""
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise DeviceError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N")
     try:
         dev = torch.device(device)
     except RuntimeError as e:  # "gpu", "cuda:x": torch's message spans lines and names no option

@@ -18,7 +18,7 @@ from pathlib import Path
 from common.records import (SPLITS, DatasetError, DatasetWarning, ImageRecord, CaptionsByImage, clean_captions,
                             record_sort_key, warn_skipped, check_captions_file, open_captions)
 from common.jsonio import MAX_LINE_BYTES, JSONFileError, parse_json
-from common.text import printable
+from common.text import escape_controls, printable, shortened
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 COLUMNS = ("image", "caption", "split")
@@ -61,7 +61,7 @@ def _rows(captions_file: Path):
                 header = [n.strip().lower() for n in next(reader, [])]
                 if not {"image", "caption"} <= set(header) or len(set(header)) != len(header):
                     raise DatasetError(f"{printable(captions_file)}: expected a CSV header naming image and caption once "
-                                       f"each (and optionally split), got {header}")
+                                       f"each (and optionally split), got {escape_controls(shortened(str(header)))}")
                 unknown.update(n for n in header if n not in COLUMNS)
                 line_no = reader.line_num + 1  # where the next row starts
                 for fields in reader:

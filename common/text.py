@@ -19,3 +19,9 @@ def escape_controls(text: str) -> str:
     """`text` with each character that does not print as itself (controls, ESC, bidi overrides) written as
     its escape (`\\x1b`, `\\u202e`), the rest unchanged: for messages, which quote names of their own."""
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def shortened(text: str, limit: int = 120) -> str:
+    """`text` cut to `limit` characters with "..." and the count left out, for a value quoted in a one-line
+    message (a JSON file read as CSV has its whole first line as its "header")."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"

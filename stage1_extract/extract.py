@@ -101,7 +101,11 @@ def _check_settings(cfg: ExtractConfig) -> None:
 
 
 def _out_path(cfg: ExtractConfig) -> Path:
-    return refuse_inside(cfg.out, cfg.images, "the cache")
+    out = refuse_inside(cfg.out, cfg.images, "the cache")
+    if out.is_dir():  # h5py's own message spans a line of C detail and its advice (re-run stage 1) is this run
+        raise IsADirectoryError(f"--out {out} is a folder: give the cache file's path, e.g. "
+                                f"{out / (Path(cfg.captions).stem + '.h5')}")
+    return out
 
 
 def plan(cfg: ExtractConfig) -> str:

@@ -224,8 +224,23 @@ class Captioner:
         bar.close()
 
     def caption_features(self, feats: torch.Tensor, **decode) -> list[dict]:
-        """(B, D) features (e.g. from the cache) -> one {"caption", "captions"} dict per row."""
-        return self._decode(feats, *decode_settings(**decode))
+        """(B, D) features (e.g. from the cache; a tensor or an array) -> one {"caption", "captions"} dict per row.
+        ValueError for another shape (D: the checkpoint's feature size)."""
+        # imported on use: importing the API stays free of torch
+        import torch
+
+        settings = decode_settings(**decode)
+        if not isinstance(feats, torch.Tensor):
+            try:
+                feats = torch.as_tensor(feats)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"caption_features: features must be a (B, D) tensor or array, got "
+                                 f"{type(feats).__name__}") from e
+        d = self.decoder.cfg.feature_dim
+        if feats.dim() != 2 or feats.shape[1] != d or not feats.is_floating_point():
+            raise ValueError(f"caption_features: features must be (B, {d}) floats (the checkpoint's {d}-d "
+                             f"features), got {tuple(feats.shape)} {str(feats.dtype).removeprefix('torch.')}")
+        return self._decode(feats, *settings)
 
     def _load(self, image, index: int) -> torch.Tensor:
         """One input -> (3, crop, crop) uint8, through stage 1's preprocessing. Raises ImageError."""

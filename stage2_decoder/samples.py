@@ -22,7 +22,7 @@ def split_image_paths(run_dir: str, features: str, split: str = "test", n: int =
     return [by_key[k] for k in keys[:n] if k in by_key]
 
 
-@click.command()
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run_dir", type=click.Path())
 @click.option("--features", required=True, type=click.Path())
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)

@@ -318,3 +318,38 @@ def test_an_unreadable_file_raises_in_order_and_leaves_no_thread_reading(cap, ph
     next(stopped)
     stopped.close()  # a caller that stops early (a closed generator)
     assert not _read_threads()
+
+
+def test_a_numpy_integer_seed_draws_what_the_same_python_int_draws(cap, photos):
+    """`seed=np.int64(3)` passed the bounds check and then overflowed: "Python int too large to convert to C
+    long" from `seed % 2**64` in numpy's int64."""
+    for seed in (np.int64(3), np.uint64(3), np.int32(3)):
+        assert cap.caption(photos[:2], sample=True, seed=seed) == cap.caption(photos[:2], sample=True, seed=3)
+
+
+@pytest.mark.parametrize("bad, says", [
+    (torch.zeros(2, 10), "got (2, 10) float32"),  # torch: "mat1 and mat2 shapes cannot be multiplied"
+    (torch.zeros(40), "got (40,) float32"),  # torch: "expected 2D or 3D input"
+    (np.zeros((1, 40), np.int64), "got (1, 40) int64"),
+    ("features", "a (B, D) tensor or array, got str"),  # AttributeError: no attribute 'to'
+])
+def test_caption_features_says_what_it_takes(cap, bad, says):
+    d = cap.decoder.cfg.feature_dim
+    with pytest.raises(ValueError, match=r"caption_features: features must be") as e:
+        cap.caption_features(bad)
+    assert says in str(e.value) and (isinstance(bad, str) or f"(B, {d})" in str(e.value))
+
+
+def test_caption_features_takes_a_float_array_as_a_tensor(cap):
+    feats = np.random.default_rng(0).normal(size=(3, cap.decoder.cfg.feature_dim)).astype(np.float32)
+    assert cap.caption_features(feats) == cap.caption_features(torch.from_numpy(feats))
+    assert cap.caption_features(feats[:0]) == []
+
+
+def test_load_takes_none_or_a_torch_device_and_refuses_other_things(ckpt):
+    from stage2_decoder import Captioner
+
+    assert Captioner.load(ckpt, device=None).decoder.out_bias.device.type in ("cpu", "cuda")
+    assert Captioner.load(ckpt, device=torch.device("cpu")).decoder.out_bias.device.type == "cpu"
+    with pytest.raises(ValueError, match="is not a device"):  # torch: TypeError "invalid combination"
+        Captioner.load(ckpt, device=1)

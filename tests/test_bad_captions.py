@@ -219,6 +219,19 @@ def test_extract_in_process_cli_wrong_shapes(coco_dir, tmp_path, content, says):
     assert not list(tmp_path.glob("c.h5*"))
 
 
+@pytest.mark.parametrize("dataset", ["flickr8k", "folder"])
+def test_a_json_file_read_as_csv_is_a_short_error_line(coco_dir, tmp_path, dataset):
+    """The COCO JSON file given with --dataset flickr8k (or folder): its whole first line, 1.7 MB, was the
+    "header" the error line quoted."""
+    from stage1_extract.__main__ import main
+
+    result = CliRunner().invoke(main, ["--images", str(coco_dir / "images"), "--captions",
+                                       str(coco_dir / "captions.json"), "--dataset", dataset, "--out",
+                                       str(tmp_path / "c.h5"), "--backbone", "mobilenet_v2", "--dry-run"])
+    line = one_error_line(result)
+    assert "expected a CSV header" in line and "more characters)" in line and len(line) < 400, line[:500]
+
+
 @pytest.fixture(scope="module")
 def messy_coco(shared_cache, coco_records, tmp_path_factory) -> Path:
     """The shared cache's 48 images with a messy captions file: 3 validation images have only

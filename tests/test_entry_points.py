@@ -18,6 +18,21 @@ def test_every_entry_point_has_dry_run_and_no_progress(module):
     assert {"--dry-run", "--no-progress"} <= flags, f"{module} lacks {({'--dry-run', '--no-progress'} - flags)}"
 
 
+def test_every_command_takes_dash_h_as_the_readme_says():
+    """`samples -h` was "No such option: -h"."""
+    import click
+
+    from conftest import REPO
+
+    modules = ["stage1_extract.__main__"] + [f"stage2_decoder.{p.stem}" for p in (REPO / "stage2_decoder").glob("*.py")]
+    commands = {m: getattr(importlib.import_module(m), "main", None) for m in modules}
+    commands = {m: c for m, c in commands.items() if isinstance(c, click.Command)}
+    assert set(ENTRY_POINTS) <= set(commands) and "stage2_decoder.samples" in commands
+    for module, command in commands.items():
+        r = CliRunner().invoke(command, ["-h"])
+        assert r.exit_code == 0 and "Usage:" in r.output, (module, r.output)
+
+
 def test_plot_and_report_dry_runs_write_nothing(tmp_path):
     from stage2_decoder import plot, report
 

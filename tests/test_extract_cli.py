@@ -93,6 +93,16 @@ def test_dry_run_refuses_what_a_real_run_would(coco_dir, tmp_path, case):
     assert "missing" in line or "no-such-folder" in line, line
 
 
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_folder_as_the_output_is_named_so(coco_dir, tmp_path, dry_run):
+    """--out DIR: the dry run said "already exists: checked against these settings", the real run that the file
+    was not readable HDF5, with a line of h5py's C detail and "re-run stage 1 to rebuild it"."""
+    args = [*_required(coco_dir, tmp_path), "--backbone", "mobilenet_v2", "--limit", "2", "--workers", "0",
+            "--device", "cpu", "--no-progress"]
+    line = one_error_line(CliRunner().invoke(cli.main, args + (["--dry-run"] if dry_run else [])))
+    assert line == f"error: --out {tmp_path} is a folder: give the cache file's path, e.g. {tmp_path / 'captions.h5'}"
+
+
 def test_one_default_for_workers():
     from stage2_decoder.evaluate import main as evaluate_main
 

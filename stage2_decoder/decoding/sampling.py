@@ -21,7 +21,8 @@ def content_key(data: torch.Tensor) -> int:
 def image_seed(seed: int, key: int) -> int:
     """The seed of one image's generator, mixed from the request's seed and the image's key (SeedSequence:
     nearby seeds and keys give unrelated streams)."""
-    return int(np.random.SeedSequence([seed % 2**64, key]).generate_state(1, np.uint64)[0])
+    # int(): a numpy integer's `% 2**64` overflows int64 ("Python int too large to convert to C long")
+    return int(np.random.SeedSequence([int(seed) % 2**64, int(key)]).generate_state(1, np.uint64)[0])
 
 
 @torch.inference_mode()
