@@ -14,7 +14,7 @@ import pytest
 from stage2_decoder.reporting.curves import plot_sweep
 from stage2_decoder.sweeps.grid import SweepError, expand_grid, normalize_grid, run_name, sample_grid
 from stage2_decoder.sweeps.run import divergence
-from stage2_decoder.sweeps.sweep import SweepConfig, run_sweep
+from stage2_decoder.sweeps.sweep import SweepConfig, plan_runs, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny runs: one batch per epoch (dry_run), small decoder, few validation images
@@ -43,7 +43,11 @@ def test_expand_grid_is_the_product_in_file_order_with_fixed_values():
     ({"hidden_size": ["big"]}, "'big' for 'hidden_size' should be an integer"),
     ({"hidden_size": [64.5]}, "should be an integer"),
     ({"lr": [True]}, "should be a number"),
-    ({"dry_run": [1]}, "should be true or false"),
+    ({"tie_embeddings": [1]}, "should be true or false"),
+    # with --dry-run both points became one run in one folder, trained twice at once, listed twice as "ok"
+    ({"dry_run": [True, False]}, "set by the sweep itself (--dry-run)"),
+    ({"progress": [False]}, "set by the sweep itself (--no-progress)"),
+    ({"lr": 10 ** 400}, "a huge integer for 'lr' is too large for a number"),  # was OverflowError
     ({"lr": [0.001, 0.001]}, "lists a value twice"),
     ({}, "non-empty JSON object"),
     ([1, 2], "non-empty JSON object"),
@@ -66,6 +70,17 @@ def test_sample_grid_is_deterministic_distinct_and_from_the_product():
     assert sample_grid(grid, 100, seed=0) == full  # asking for more than there is: all of it
     with pytest.raises(SweepError):
         sample_grid(grid, 0)
+
+
+def test_random_points_of_a_grid_past_sys_maxsize():
+    """The product of five lists of 10,000 values is past 2**63: `random.sample(range(total))` raised
+    OverflowError, for the very --random N the oversized-grid error asks for."""
+    grid = {k: list(range(1, 10_001)) for k in ("seed", "split_seed", "ema_start", "val_images", "length_buckets")}
+    with pytest.raises(SweepError, match="draw some of them with --random N"):
+        expand_grid(grid)
+    points = sample_grid(grid, 3, seed=1)
+    assert len(points) == 3 and points == sample_grid(grid, 3, seed=1) and points != sample_grid(grid, 3, seed=2)
+    assert all(set(p) == set(grid) and all(1 <= v <= 10_000 for v in p.values()) for p in points)
 
 
 def test_run_names_are_deterministic_safe_and_distinct(tmp_path):
@@ -168,6 +183,37 @@ def test_metric_loss_ranks_ascending_and_picks_best_by_loss(shared_cache, tmp_pa
     head = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert head.index("val_loss") < head.index("val_cider")
     assert not (out / "sweep.png").exists()
+
+
+def test_a_widened_grid_reuses_the_runs_it_already_finished(shared_cache, tmp_path):
+    """A setting that went from fixed to varied renamed every run's folder (the varied settings are in the
+    name), so each finished run was trained again under its new name."""
+    out = tmp_path / "sweep"
+    cfg = SweepConfig(features=str(shared_cache), out=str(out), grid={"lr": [0.001, 0.01], **TINY, "hidden_size": 32},
+                      n_jobs=1, threads=1, dry_run=True, progress=False, plot=False)
+    first = run_sweep(cfg)
+    assert first.ran == 2 and first.skipped == 0
+    before = {p.name for p in out.iterdir() if p.is_dir()}
+    wider = run_sweep(replace(cfg, grid={**cfg.grid, "hidden_size": [32, 48]}))
+    assert wider.ran == 2 and wider.skipped == 2
+    after = {p.name for p in out.iterdir() if p.is_dir()}
+    assert before < after and len(after) == 4
+    assert sorted(r["run"] for r in wider.rows if r["params"]["hidden_size"] == 32) == sorted(before)
+
+
+def test_a_hand_edited_result_with_a_huge_number_is_redone_not_a_traceback(shared_cache, tmp_path):
+    from stage2_decoder.sweeps.run import read_result
+
+    out = tmp_path / "sweep"
+    cfg = SweepConfig(features=str(shared_cache), out=str(out), grid={"lr": [0.001], **TINY}, n_jobs=1, threads=1,
+                      dry_run=True, progress=False, plot=False)
+    run_sweep(cfg)
+    specs = plan_runs(cfg)[0]
+    result = Path(specs[0].run_dir) / "result.json"
+    rec = json.loads(result.read_text())
+    assert read_result(specs[0]) == rec
+    result.write_text(json.dumps({**rec, "seconds": 10 ** 400}))
+    assert read_result(specs[0]) is None  # was OverflowError from math.isfinite
 
 
 def test_sweep_refuses_a_missing_cache_before_running_anything(tmp_path):

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import re
+import sys
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from common.bounds import BOUNDS, check
 from common.jsonio import JSONFileError, read_json
 from stage2_decoder.training.config import TrainConfig
 
-SWEEP_OWNED = ("features", "out", "progress")  # set by the sweep itself, not by the grid
+# set by the sweep itself (its option), not by the grid
+SWEEP_OWNED = {"features": "--features", "out": "--out", "progress": "--no-progress", "dry_run": "--dry-run"}
 
 
 MAX_NAME = 96
@@ -46,7 +48,10 @@ def _coerce(name: str, value, default):
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise SweepError(f"grid value {_short(value)} for {name!r} is too large for a number") from None
     if value is None and default is None:
         return None
     if not isinstance(value, str):
@@ -79,7 +84,7 @@ def normalize_grid(grid: dict) -> dict[str, list]:
     out = {}
     for key, values in grid.items():
         if key in SWEEP_OWNED:
-            raise SweepError(f"grid key {key!r} is set by the sweep itself (--{key}), not by the grid")
+            raise SweepError(f"grid key {key!r} is set by the sweep itself ({SWEEP_OWNED[key]}), not by the grid")
         fl = known.get(key)
         if fl is None:
             names = [k for k in known if k not in SWEEP_OWNED]
@@ -135,7 +140,14 @@ def sample_grid(grid: dict, n: int, seed: int = 0) -> list[dict]:
     g = normalize_grid(grid)
     sizes = [len(v) for v in g.values()]
     total = math.prod(sizes)
-    chosen = sorted(random.Random(seed).sample(range(total), min(n, total)))
+    rng = random.Random(seed)
+    if total <= sys.maxsize:
+        chosen = sorted(rng.sample(range(total), min(n, total)))
+    else:  # past sys.maxsize a range has no len() for sample(); n distinct indices drawn one by one
+        picked: set[int] = set()
+        while len(picked) < n:
+            picked.add(rng.randrange(total))
+        chosen = sorted(picked)
     points = []
     for index in chosen:
         combo = []
@@ -152,6 +164,11 @@ def varied_keys(grid: dict[str, list]) -> list[str]:
 
 def format_value(v) -> str:
     return format(v, "g") if isinstance(v, float) else str(v)
+
+
+def run_digest(name: str) -> str:
+    """The hash of a run's settings that ends its folder name ("lr=0.001-f1b8b1be" -> "f1b8b1be")."""
+    return name.rsplit("-", 1)[-1]
 
 
 def run_name(params: dict, varied: list[str], features: str) -> str:

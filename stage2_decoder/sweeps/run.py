@@ -36,7 +36,10 @@ RUNS_PER_GPU = 2  # default concurrent runs per GPU: small decoders leave a GPU 
 
 
 def _finite(x) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+    try:
+        return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+    except OverflowError:  # an integer of hundreds of digits (a hand-edited file)
+        return None
 
 
 def divergence(history: list[dict]) -> str | None:
@@ -106,7 +109,8 @@ def read_result(spec: RunSpec) -> dict | None:
         ("epochs_run", count), ("checkpoint", str), ("error", str), ("run", str)))
     if not typed:
         return None
-    return rec if all(rec[k] is None or math.isfinite(rec[k]) for k in ("val_cider", "val_loss", "seconds")) else None
+    return rec if all(rec[k] is None or _finite(rec[k]) is not None for k in ("val_cider", "val_loss", "seconds")) \
+        else None
 
 
 # Forked runs. Forks come from joblib's threads; these locks keep the main thread from printing (tqdm)

@@ -13,8 +13,8 @@ from common.feature_cache import read_meta
 from common.lock import LOCK_NAME, hold
 from common.paths import refuse_inside
 from stage2_decoder.reporting.curves import METRICS, plot_sweep
-from stage2_decoder.sweeps.grid import (RunSpec, SweepError, expand_grid, load_grid, normalize_grid, run_name,
-                                       sample_grid, varied_keys)
+from stage2_decoder.sweeps.grid import (RunSpec, SweepError, expand_grid, load_grid, normalize_grid, run_digest,
+                                       run_name, sample_grid, varied_keys)
 from stage2_decoder.sweeps.results import rank_rows, write_json, write_results
 from stage2_decoder.sweeps.run import SWEEP_PID, read_result, record, warm_page_cache, run_dask, run_local
 
@@ -80,6 +80,10 @@ def plan_runs(cfg: SweepConfig) -> tuple[list[RunSpec], dict[str, list], list[st
     varied = varied_keys(grid)
     features = os.path.abspath(cfg.features)  # runs may execute elsewhere (forked cwd, Dask workers)
     out = Path(os.path.abspath(cfg.out))
+    # a run keeps its folder when the grid changes around it: its name shows the settings that varied when it
+    # was made, its hash (the same settings, the same hash) finds it again; without this a setting that goes
+    # from fixed to varied renamed every finished run, and each was trained again
+    made = {run_digest(p.name): p.name for p in sorted(out.iterdir()) if p.is_dir()} if out.is_dir() else {}
     specs = []
     for point in points:
         params = dict(point)
@@ -88,6 +92,7 @@ def plan_runs(cfg: SweepConfig) -> tuple[list[RunSpec], dict[str, list], list[st
         if cfg.dry_run:
             params["dry_run"] = True
         name = run_name(params, varied, features)
+        name = made.get(run_digest(name), name)
         specs.append(RunSpec(name, str(out / name), features, params))
     return specs, grid, varied
 
