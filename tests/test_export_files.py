@@ -94,6 +94,16 @@ def test_external_data_the_manifest_does_not_list_is_refused(copy, photos, monke
     assert data.exists()
 
 
+@pytest.mark.parametrize("listed", [[["a"]], [{"a": 1}], [3]])
+def test_external_data_names_that_are_not_strings_are_refused(copy, photos, listed):
+    """A list as a name was "unhashable type: 'list'" from the lookup in the manifest's files."""
+    from stage2_decoder.serving.onnx_captioner import OnnxExportError
+
+    _edit(copy, lambda m: m["files"]["encoder.onnx"].update(external_data=listed))
+    with pytest.raises(OnnxExportError, match=r"files\.encoder\.onnx\.external_data must be a list of file names"):
+        _captions(copy, photos)
+
+
 @pytest.mark.parametrize("name", ["encoder.onnx", MANIFEST])
 def test_a_symlink_out_of_the_export_folder_is_refused(copy, tmp_path, photos, name):
     from stage2_decoder.serving.onnx_captioner import OnnxExportError

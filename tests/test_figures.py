@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import os
 import select
 import shutil
@@ -196,6 +197,21 @@ def _one_error_line(result) -> str:
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     return errors[0]
+
+
+def test_plot_skips_numbers_that_are_not_finite_floats_and_marks_the_real_best(tmp_path):
+    """NaN or `true` as epoch 1's val_cider marked "best.pt (epoch 1)"; an integer of 401 digits was an
+    OverflowError traceback."""
+    from stage2_decoder.reporting.curves import _best_epoch, plot_run
+
+    rows = [{"epoch": 1, "val_cider": float("nan"), "train_loss": 10 ** 400}, {"epoch": 2, "val_cider": True},
+            {"epoch": 3, "val_cider": 0.4, "train_loss": 3.0}, {"epoch": 4, "val_cider": 0.3, "train_loss": 2.9}]
+    assert _best_epoch({}, rows) == 3
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in r.items()}, allow_nan=True) + "\n" for r in rows))
+    assert plot_run(run).stat().st_size > 0
 
 
 def test_plot_refuses_what_is_neither_a_run_nor_a_sweep(tmp_path):
@@ -487,6 +503,25 @@ def test_evaluate_html_gallery_in_a_real_browser(cli, run_dir, shared_cache, bro
                     "(document.getElementById('order'))")
     assert [c["caption"] for c in browser.js(sid, _CARDS_JS)] == [i["caption"] for i in ev["images"]]
     assert browser.problems() == []
+
+
+def test_report_takes_integer_keys_ranks_nan_as_unscored_and_refuses_numbers_no_float_holds(coco_records):
+    """An integer key (which check_report allows) was an AttributeError in escape(); a NaN CIDEr sorted anywhere,
+    so "the 2 best" left out the best; an integer of 401 digits was an OverflowError traceback."""
+    from stage2_decoder.reporting.gallery import check_report, render_html, shown_images
+
+    images = [{"key": i, "image": coco_records[0].path, "caption": "x", "references": ["y"], "cider": c}
+              for i, c in enumerate([0.1, float("nan"), 0.9, 0.5, 0.2, 0.7])]
+    shown, left = shown_images(images, 4)
+    assert [i for i, _ in shown] == [2, 5, 0, 1] and left == 2  # 0.9, 0.7 best; 0.1 and the unscored worst
+    assert 'alt="0"' in render_html({"metrics": {"CIDEr": 0.5}, "images": images[:1]})
+    for doc, where in (({"metrics": {"CIDEr": 10 ** 400}, "images": []}, "metrics.CIDEr"),
+                       ({"images": [{**images[0], "cider": 10 ** 400}]}, "images[0].cider"),
+                       ({"images": [], "stats": {"vocab_used": 3, "distinct_fraction": 10 ** 400,
+                                                 "most_common_fraction": 0.1, "most_common_caption": "a"}},
+                        "stats.distinct_fraction")):
+        with pytest.raises(ValueError, match=rf"r\.json: {re.escape(where)} is an integer of \d+ bits"):
+            check_report(doc, "r.json")
 
 
 def test_report_cli_rebuilds_the_gallery_from_evaluate_json(cli, coco_records, tmp_path):

@@ -39,11 +39,27 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def _short(value) -> str:
+    return "an integer of hundreds of digits" if isinstance(value, int) and abs(value) > 2 ** 1000 else \
+        repr(str(value)[:40])
+
+
+def finite(v) -> float | None:
+    """`v` as a float if it is a finite number (not a bool, NaN, inf or an integer no float holds), else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        v = float(v)
+    except OverflowError:  # an integer of hundreds of digits (a hand-edited file)
+        return None
+    return v if math.isfinite(v) else None
+
+
 def _series(records: list[dict], key: str, fn=None) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for r in records:
-        v = r.get(key)
-        if isinstance(v, (int, float)) and math.isfinite(v):
+        v = finite(r.get(key))
+        if v is not None:
             xs.append(r["epoch"])
             ys.append(fn(v) if fn else v)
     return xs, ys
@@ -61,7 +77,7 @@ def _best_epoch(config: dict, records: list[dict]) -> int | None:
     """The epoch best.pt holds, by the run's --select-by rule (its config.json), without loading torch."""
     select_by = config.get("select_by", "cider")
     key, sign = ("val_cider", 1) if select_by == "cider" else ("val_loss", -1)
-    scored = [(sign * r[key], -r["epoch"]) for r in records if isinstance(r.get(key), (int, float))]
+    scored = [(sign * finite(r.get(key)), -r["epoch"]) for r in records if finite(r.get(key)) is not None]
     return -max(scored)[1] if scored else None  # ties: the earliest epoch, as train.py keeps the first best
 
 
@@ -177,9 +193,8 @@ def read_sweep_results(path: Path) -> dict:
         value = r.get(col)
         if not isinstance(r.get("status"), str) or not isinstance(r.get("params", {}), dict):
             why = f"rows[{i}] has no 'status' string or a 'params' that is not an object"
-        elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                    or not math.isfinite(value)):
-            why = f"rows[{i}].{col} is {str(value)[:40]!r}, not a finite number"
+        elif value is not None and finite(value) is None:
+            why = f"rows[{i}].{col} is {_short(value)}, not a finite number"
         if why:
             break
     if why:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import io
 import os
 import warnings
@@ -124,6 +125,11 @@ def check_report(report, source) -> dict:
     def bad(where: str, value, want: str):
         raise ValueError(f"{source}: {where} is {type(value).__name__} {str(value)[:40]!r}, expected {want}")
 
+    def number(where: str, value) -> None:  # an integer of hundreds of digits has no float: OverflowError
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2 ** 1000:
+            raise ValueError(f"{source}: {where} is an integer of {value.bit_length()} bits, expected a number a "
+                             f"float holds")
+
     if not isinstance(report, dict) or not isinstance(report.get("images"), list):
         raise ValueError(f"{source} is not an `evaluate --json` output (no 'images' list)")
     for i, item in enumerate(report["images"]):
@@ -132,16 +138,21 @@ def check_report(report, source) -> dict:
         for k, kinds in _ITEM_TYPES.items():
             if k in item and (not isinstance(item[k], kinds) or isinstance(item[k], bool)):
                 bad(f"images[{i}].{k}", item[k], " or ".join(t.__name__ for t in kinds))
+        number(f"images[{i}].cider", item.get("cider"))
         refs = item.get("references", [])
         if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
             bad(f"images[{i}].references", refs, "a list of strings")
     metrics = report.get("metrics", {})
     if not isinstance(metrics, dict) or not all(isinstance(v, (*_NUMBER, str)) for v in metrics.values()):
         bad("metrics", metrics, "an object of numbers")
+    for k, v in metrics.items():
+        number(f"metrics.{k}", v)
     stats = report.get("stats")
     if stats is not None and not (isinstance(stats, dict) and all(
             isinstance(stats.get(k), kinds) for k, kinds in _STATS_TYPES.items())):
         bad("stats", stats, f"an object with {', '.join(_STATS_TYPES)}")
+    for k in _STATS_TYPES if stats is not None else ():
+        number(f"stats.{k}", stats[k])
     for k, kind, want in (("notes", list, "a list"), ("skipped", dict, "an object"), ("decode", dict, "an object")):
         if report.get(k) is not None and not isinstance(report[k], kind):
             bad(k, report[k], want)
@@ -170,11 +181,17 @@ def _thumb(item: dict, thumb_px: int, images_root: str | None) -> str | None:
     return thumbnail_data_uri(path, thumb_px)
 
 
-def _card(index: int, item: dict, thumb: str | None) -> str:
+def _score(item: dict) -> float | None:
+    """The image's CIDEr, None when it has none (absent, null or NaN: NaN would sort anywhere)."""
     cider = item.get("cider")
+    return None if cider is None or math.isnan(cider) else float(cider)
+
+
+def _card(index: int, item: dict, thumb: str | None) -> str:
+    cider = _score(item)
     score = float(cider) if cider is not None else float("nan")
     shown = f"{score:.3f}" if cider is not None else "n/a"
-    img = (f'<img src="{thumb}" alt="{escape(item.get("key", ""))}">' if thumb
+    img = (f'<img src="{thumb}" alt="{escape(str(item.get("key", "")))}">' if thumb
            else '<div class="missing">image not readable</div>')
     refs = "".join(f"<li>{escape(r)}</li>" for r in item.get("references", []))
     sort_value = score if cider is not None else -1.0  # no score sorts last among best-first
@@ -188,7 +205,7 @@ def _card(index: int, item: dict, thumb: str | None) -> str:
 def shown_images(images: list[dict], max_images: int = MAX_IMAGES) -> tuple[list[tuple[int, dict]], int]:
     """(index, image) pairs a page shows, best CIDEr first, and how many were left out: all of them when
     `max_images` is 0 or enough, else the ceil(max/2) best and the floor(max/2) worst (unscored count as worst)."""
-    ranked = sorted(enumerate(images), key=lambda p: -(p[1]["cider"] if p[1].get("cider") is not None else -1.0))
+    ranked = sorted(enumerate(images), key=lambda p: -(s if (s := _score(p[1])) is not None else -1.0))
     if not max_images or len(ranked) <= max_images:
         return ranked, 0
     best = (max_images + 1) // 2

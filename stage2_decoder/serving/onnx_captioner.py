@@ -171,7 +171,7 @@ def _session(folder: Path, name: str, files: dict, opts_for):
     entry = files.get(name)
     graph = _verified_bytes(folder, name, entry)
     external = entry.get("external_data", [])
-    if not isinstance(external, list):
+    if not isinstance(external, list) or not all(isinstance(ext, str) for ext in external):
         raise OnnxExportError(f"{mpath}: files.{name}.external_data must be a list of file names")
     buffers = {}
     for ext in external:
