@@ -171,10 +171,14 @@ def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLik
                 if "\x00" in image:  # no file system can hold such a name: the final cache could not be written
                     nul_rows.append(start)
                     continue
-                if "\n" in caption or "\r" in caption or len(caption) > MAX_CAPTION_CHARS:
-                    span = f"runs to line {end}" if end > start else "is one line"
-                    raise DatasetError(f"{printable(captions_file)}:{start}: this caption {span} ({len(caption)} characters): "
-                                       f"a quote opened here is never closed? Close it or remove it")
+                if "\n" in caption or "\r" in caption:
+                    span = f"runs to line {end}" if end > start else "spans lines"
+                    raise DatasetError(f"{printable(captions_file)}:{start}: this caption {span} ({len(caption)} "
+                                       f"characters): a quote opened here is never closed? Close it or remove it")
+                if len(caption) > MAX_CAPTION_CHARS:  # no quote question: one line cannot have swallowed rows
+                    raise DatasetError(f"{printable(captions_file)}:{start}: this caption is one line of "
+                                       f"{len(caption)} characters, over the {MAX_CAPTION_CHARS:,} a caption may "
+                                       f"have: shorten it, or split it into several captions")
                 if row.get(None):  # `a.jpg,A dog, running` -> caption "A dog, running"
                     glued.append(start)
                     caption = ",".join([caption, *row[None]])
@@ -248,9 +252,12 @@ def load_flickr30k(captions_file: str | os.PathLike, images_dir: str | os.PathLi
     names = CaptionsByImage()  # only for its one spelling per image
     try:
         with open_captions(captions_file) as f:
-            lines = f.read().splitlines()
+            # lines end at \n, \r\n or \r alone, not at what str.splitlines also breaks on (U+2028, NEL, form
+            # feed): those are inside a caption, and the file's line numbers would be off after them
+            lines = re.split(r"\r\n|\r|\n", f.read())
     except UnicodeDecodeError as e:
         raise DatasetError(f"{printable(captions_file)} is not UTF-8 text: {e}") from e
+    seen: set[tuple[str, str]] = set()
     piped = bool(lines) and lines[0].replace(" ", "").startswith("image_name|")
     for line_no, line in enumerate(lines[1:] if piped else lines, start=2 if piped else 1):
         if not line.strip():
@@ -268,7 +275,12 @@ def load_flickr30k(captions_file: str | os.PathLike, images_dir: str | os.PathLi
             image, _, number = head.strip().rpartition("#")
             if not tab or not image or not number.isdigit():
                 raise DatasetError(f"{printable(captions_file)}:{line_no}: expected 'IMAGE#N<TAB>caption'")
-        by_image.setdefault(names.key(image), []).append((int(number), caption.strip()))
+        key, caption = names.key(image), caption.strip()
+        if (key, caption) in seen:  # a repeated line, counted as the CSV readers count theirs
+            names.repeats += 1
+            continue
+        seen.add((key, caption))
+        by_image.setdefault(key, []).append((int(number), caption))
     skipped: Counter = Counter()
     names.warn(captions_file, skipped)
     # captions in their numbered order, whatever the order of the lines
@@ -359,18 +371,20 @@ def _merge_same_photo(records: list[ImageRecord], real: dict[int, str], captions
 
 
 def load_dataset(fmt: str, captions_file: str | os.PathLike, images_dir: str | os.PathLike,
-                 limit: int | None = None, allow_outside_images: bool = False) -> list[ImageRecord]:
+                 limit: int | None = None, allow_outside_images: bool = False,
+                 images_needed: bool = True) -> list[ImageRecord]:
     """Records of a dataset in stable order (by image id / name); the first `limit` if given.
 
     Entries whose image resolves outside `images_dir` are skipped with a warning unless
     `allow_outside_images` (readers that open no image, like training, pass it). Entries naming one
-    photo file (`./a.jpg` and `a.jpg`, a link and its target) are read as one image."""
+    photo file (`./a.jpg` and `a.jpg`, a link and its target) are read as one image. `images_needed`
+    False: the folder may be gone (training from a cache made on another machine reads captions only)."""
     check_captions_file(captions_file)  # before anything opens it: a FIFO would hang the format check
     if fmt == "auto":
         fmt = guess_format(captions_file)
     if fmt not in FORMATS:
         raise DatasetError(f"unknown dataset format {fmt!r}; choose from {', '.join(FORMATS)}")
-    if not Path(images_dir).is_dir():
+    if images_needed and not Path(images_dir).is_dir():
         raise DatasetError(f"images folder not found: {printable(images_dir)}")
 
     loaders = {"coco": load_coco, "flickr8k": load_flickr8k, "karpathy": load_karpathy, "flickr30k": load_flickr30k,

@@ -241,10 +241,10 @@ class CacheWriter:
         self._queue.task_done()
 
     def _write_shard(self, path: Path, rows, feats, failed_rows, failed_errors, views=None) -> None:
-        arrays = dict(rows=rows, features=feats.astype(self.meta.dtype, copy=False), failed_rows=failed_rows,
+        arrays = dict(rows=rows, features=_cast(feats, self.meta.dtype), failed_rows=failed_rows,
                       failed_errors=np.array(failed_errors, dtype=str) if failed_errors else np.zeros(0, "U1"))
         if views is not None:
-            arrays["views"] = views.astype(self.meta.dtype, copy=False)
+            arrays["views"] = _cast(views, self.meta.dtype)
         try:
             _atomic_write_bytes(path, lambda fh: np.savez(fh, **arrays))
         except OSError as e:
@@ -368,3 +368,22 @@ def _version() -> str:
 def _torch_version() -> str:
     import torch
     return str(torch.__version__)
+
+
+def _cast(feats: np.ndarray, dtype: str) -> np.ndarray:
+    """`feats` in the cache's dtype; ValueError when float16 cannot hold them: a vector all zero once cast though
+    it was not (a random MobileNetV2's pooled features are ~1e-8, under float16's smallest 6e-8: every image
+    would get one all-zero vector) or a finite value cast to inf (over 65504). Run on the writer's thread."""
+    cast = feats.astype(dtype, copy=False)
+    if np.dtype(dtype) != np.float16 or not len(feats):
+        return cast
+    rows, cast_rows = feats.reshape(len(feats), -1), cast.reshape(len(cast), -1)
+    lost = (np.abs(rows).max(1) > 0) & (np.abs(cast_rows).max(1) == 0)
+    over = np.isinf(cast_rows) & np.isfinite(rows)
+    if lost.any() or over.any():
+        finite = np.abs(rows[np.isfinite(rows) & (rows != 0)])
+        span = f"{finite.min():.2g} to {finite.max():.2g}" if finite.size else "none"
+        raise ValueError(f"float16 cannot hold these features (magnitudes {span}; float16 holds 6e-08 to 65504): "
+                         f"{'every value of a feature vector rounds to 0' if lost.any() else 'values overflow'}; "
+                         f"extract with --dtype float32")
+    return cast

@@ -89,6 +89,36 @@ def test_evaluate_knows_a_weights_file_by_its_digest_wherever_it_was(run_dir, sh
     assert r.exit_code == 0, r.output
 
 
+def test_training_needs_the_captions_not_the_images_folder_the_cache_names(shared_cache, tmp_path):
+    """A cache made on another machine (or whose photos moved) names a folder that is not here: training, which
+    reads captions only, refused with "images folder not found"."""
+    cache = _doctored_cache(shared_cache, tmp_path / "moved.h5", images_dir=str(tmp_path / "gone" / "images"))
+    r = _train(cache, tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_a_cache_of_fewer_than_three_images_says_so(shared_cache, tmp_path):
+    """It said "is this the captions file the cache was made from?" of the very file."""
+    cache = shutil.copy(shared_cache, tmp_path / "two.h5")
+    with h5py.File(cache, "r+") as f:
+        status = f["status"][:]
+        status[2:] = 0  # all but two rows not extracted
+        f["status"][:] = status
+    line = one_error_line(_train(Path(cache), tmp_path / "run"))
+    assert f"{cache} holds features of 2 images: training needs at least 3" in line, line
+
+
+def test_a_file_as_the_run_folder_is_one_line_before_the_data_loads(shared_cache, tmp_path, monkeypatch):
+    import stage2_decoder.training.loop as loop_mod
+
+    (tmp_path / "afile").write_text("")
+    loaded = []
+    monkeypatch.setattr(loop_mod, "load_train_data", lambda *a, **k: loaded.append(1))
+    line = one_error_line(_train(shared_cache, tmp_path / "afile"))
+    assert line == f"error: --out {tmp_path / 'afile'} is a file: training writes a run folder there" and not loaded
+
+
 def test_resuming_on_a_cache_rebuilt_with_another_backbone_is_refused(run_dir, shared_cache, tmp_path):
     """Same path, same feature size, other backbone: resuming would train on features of another
     meaning. The run names the backbone change instead."""

@@ -103,6 +103,22 @@ def test_a_folder_as_the_output_is_named_so(coco_dir, tmp_path, dry_run):
     assert line == f"error: --out {tmp_path} is a folder: give the cache file's path, e.g. {tmp_path / 'captions.h5'}"
 
 
+def test_features_float16_cannot_hold_are_refused_not_written_as_zeros(coco_dir, tmp_path):
+    """A random MobileNetV2's pooled features are ~1e-8, under float16's smallest value: every image was written
+    as the same all-zero vector, and training went on over them."""
+    import h5py
+
+    more = ["--backbone", "mobilenet_v2", "--weights", "none", "--limit", "2", "--workers", "0", "--device", "cpu",
+            "--no-progress"]
+    line = one_error_line(CliRunner().invoke(cli.main, [*_required(coco_dir, tmp_path / "c.h5"), *more]))
+    assert "float16 cannot hold these features" in line and "--dtype float32" in line, line
+    assert not (tmp_path / "c.h5").exists()
+    ok = CliRunner().invoke(cli.main, [*_required(coco_dir, tmp_path / "d.h5"), *more, "--dtype", "float32"])
+    assert ok.exit_code == 0, ok.output
+    with h5py.File(tmp_path / "d.h5") as f:
+        assert 0 < abs(f["features"][:]).max() < 6e-8  # what float16 would have flushed to zero
+
+
 def test_one_default_for_workers():
     from stage2_decoder.evaluate import main as evaluate_main
 

@@ -202,11 +202,11 @@ def _one_error_line(result) -> str:
 def test_plot_skips_numbers_that_are_not_finite_floats_and_marks_the_real_best(tmp_path):
     """NaN or `true` as epoch 1's val_cider marked "best.pt (epoch 1)"; an integer of 401 digits was an
     OverflowError traceback."""
-    from stage2_decoder.reporting.curves import _best_epoch, plot_run
+    from stage2_decoder.reporting.curves import marked_best_epoch, plot_run
 
     rows = [{"epoch": 1, "val_cider": float("nan"), "train_loss": 10 ** 400}, {"epoch": 2, "val_cider": True},
             {"epoch": 3, "val_cider": 0.4, "train_loss": 3.0}, {"epoch": 4, "val_cider": 0.3, "train_loss": 2.9}]
-    assert _best_epoch({}, rows) == 3
+    assert marked_best_epoch({}, rows) == 3
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(

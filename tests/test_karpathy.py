@@ -147,6 +147,18 @@ def test_flickr30k_token_file(tmp_path, flickr_dir, f8k10):
         load_dataset("flickr30k", path, flickr_dir / "Images")
 
 
+def test_flickr30k_token_lines_break_at_newlines_only_and_a_repeated_line_counts_once(tmp_path, flickr_dir, f8k10):
+    """str.splitlines also broke at U+2028, NEL and form feed inside a caption (then ':2: expected ...' for line
+    1); a repeated line was kept twice, where the CSV readers skip it with a warning."""
+    a, b = f8k10[0].key, f8k10[1].key
+    path = tmp_path / "results_20130124.token"
+    path.write_bytes(f"{a}#0\tA dog\u2028runs\x85far.\r\n{a}#1\tA dog\fsits.\n{b}#0\tA car.\n{b}#1\tA car.\n"
+                     .encode())
+    with pytest.warns(DatasetWarning, match="skipped 1 repeated rows"):
+        recs = load_dataset("flickr30k", path, flickr_dir / "Images")
+    assert {r.key: r.captions for r in recs} == {a: ["A dog\u2028runs\x85far.", "A dog\fsits."], b: ["A car."]}
+
+
 def test_flickr30k_kaggle_csv(tmp_path, flickr_dir, f8k10):
     rows = [f"{r.key}| {i}| {c}" for r in f8k10 for i, c in enumerate(r.captions)]
     rows[7] = rows[7].replace("| 2|", "| 2", 1)  # Kaggle's copy has such a row: the second '|' is missing

@@ -73,7 +73,7 @@ def run_config(run_dir: Path) -> dict:
         return {}
 
 
-def _best_epoch(config: dict, records: list[dict]) -> int | None:
+def marked_best_epoch(config: dict, records: list[dict]) -> int | None:
     """The epoch best.pt holds, by the run's --select-by rule (its config.json), without loading torch."""
     select_by = config.get("select_by", "cider")
     key, sign = ("val_cider", 1) if select_by == "cider" else ("val_loss", -1)
@@ -90,7 +90,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     config = run_config(run_dir)
-    best = _best_epoch(config, records)
+    best = marked_best_epoch(config, records)
     w, h = CURVES_SIZE
     fig = Figure(figsize=(w / DPI, h / DPI), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)

@@ -69,6 +69,8 @@ def _check(cfg: TrainConfig) -> None:
     for name in ("weight_decay", "patience", "lr_patience", "val_images", "scst_epochs"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):  # found before the data loads, not after
+        raise NotADirectoryError(f"--out {cfg.out} is a file: training writes a run folder there")
     h, e, n = cfg.hidden_size, cfg.embed_size, cfg.num_layers
     weights = 4 * h * (e + h + 2) + (n - 1) * 4 * h * (2 * h + 2)  # (4h, in + h) weights + 2 biases per layer
     if weights > MAX_LSTM_WEIGHTS:
