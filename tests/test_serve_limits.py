@@ -469,6 +469,15 @@ def test_a_large_png_with_damaged_exif_is_422_not_500(client_for):
     assert c.post("/v1/caption", files=files(RED)).status_code == 200
 
 
+def test_text_in_the_images_field_is_named_and_no_photos_is_said_only_when_none_came(client_for):
+    """A text value named `images` beside a real photo was answered "No photos: send one or more files"."""
+    c = client_for(StandIn(), max_wait_ms=1)
+    r = c.post("/v1/caption", files=[("images", ("a.jpg", RED, "image/jpeg"))], data={"images": "hello"})
+    assert r.status_code == 400 and r.json()["error"] == "The multipart field 'images' holds text: send only files in it."
+    r = c.post("/v1/caption", files=[("other", ("a.jpg", RED, "image/jpeg"))])
+    assert r.status_code == 400 and r.json()["error"].startswith("No photos: send one or more files")
+
+
 def test_the_multipart_media_type_is_read_in_any_case(client_for):
     """Media types are case-insensitive (RFC 9110): `Multipart/Form-Data` was refused with 415."""
     import httpx

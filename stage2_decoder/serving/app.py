@@ -115,6 +115,8 @@ def _field_error(errors, cfg: ServeConfig) -> str:
     e = errors[0]
     name = next((str(x) for x in reversed(e.get("loc", ())) if isinstance(x, str) and x != "body"), "form")
     if name == "images":
+        if isinstance(e.get("input"), str):  # a text value beside (or instead of) the files
+            return "The multipart field 'images' holds text: send only files in it."
         return "No photos: send one or more files in the multipart field 'images'."
     hi = {"num_captions": cfg.max_num_captions, "beam_size": cfg.max_beam_size}.get(name)
     got = e.get("input")
