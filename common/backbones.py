@@ -352,6 +352,13 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = "default",
             # range): each residual branch starting at zero keeps them near 1, so any cache dtype holds them
             extra = {"zero_init_residual": True} if spec.builder.startswith("resnet") else {}
             model = getattr(tvm, spec.builder)(weights=None, **extra)
+            if not extra:
+                # torchvision draws MobileNetV2's convolutions with fan_out: a depthwise layer then shrinks its
+                # input ~sqrt(channels) times, and the pooled features end near 1e-8, under float16's smallest
+                # value (every image one all-zero vector in a float16 cache); fan_in keeps them near 1
+                for m in model.modules():
+                    if isinstance(m, nn.Conv2d):
+                        nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
         desc = "none"
     else:
         model = getattr(tvm, spec.builder)(weights=None)

@@ -104,12 +104,18 @@ def test_a_folder_as_the_output_is_named_so(coco_dir, tmp_path, dry_run):
 
 
 def test_features_float16_cannot_hold_are_refused_not_written_as_zeros(coco_dir, tmp_path):
-    """A random MobileNetV2's pooled features are ~1e-8, under float16's smallest value: every image was written
-    as the same all-zero vector, and training went on over them."""
+    """Weights whose pooled features are ~1e-9, under float16's smallest value (a random MobileNetV2's were, before
+    its random init kept them near 1): every image was written as the same all-zero vector."""
     import h5py
+    import torch
+    import torchvision.models as tvm
 
-    more = ["--backbone", "mobilenet_v2", "--weights", "none", "--limit", "2", "--workers", "0", "--device", "cpu",
-            "--no-progress"]
+    sd = tvm.mobilenet_v2(weights=None).state_dict()
+    sd["features.18.1.weight"] *= 1e-9  # the last BatchNorm: every pooled feature ~1e-9
+    sd["features.18.1.bias"] *= 1e-9
+    torch.save(sd, tmp_path / "tiny.pth")
+    more = ["--backbone", "mobilenet_v2", "--weights", str(tmp_path / "tiny.pth"), "--limit", "2", "--workers", "0",
+            "--device", "cpu", "--no-progress"]
     line = one_error_line(CliRunner().invoke(cli.main, [*_required(coco_dir, tmp_path / "c.h5"), *more]))
     assert "float16 cannot hold these features" in line and "--dtype float32" in line, line
     assert not (tmp_path / "c.h5").exists()
@@ -117,6 +123,18 @@ def test_features_float16_cannot_hold_are_refused_not_written_as_zeros(coco_dir,
     assert ok.exit_code == 0, ok.output
     with h5py.File(tmp_path / "d.h5") as f:
         assert 0 < abs(f["features"][:]).max() < 6e-8  # what float16 would have flushed to zero
+
+
+def test_random_mobilenet_features_fit_float16_and_differ_per_image():
+    """`--weights none` is for plumbing tests: its features should be ordinary numbers, one vector per image."""
+    import torch
+
+    from common.backbones import load_backbone
+
+    bb = load_backbone("mobilenet_v2", "none", "cpu")
+    photos = torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    feats = bb.encode(photos)
+    assert 0.01 < float(feats.abs().max()) < 1000 and float((feats[0] - feats[1]).abs().mean()) > 1e-3
 
 
 def test_one_default_for_workers():
