@@ -50,9 +50,10 @@ def prepare_data(cfg: TrainConfig, cache: FeatureCache) -> tuple[
     if len(rows) < 3:
         raise ValueError(f"{cache.path} holds features of {len(rows)} images: training needs at least 3 (one "
                          f"each for training, validation and test)")
-    # only captions are read here: the images folder may be elsewhere now (or on another machine)
+    # only captions are read here: the folder the cache names may be gone (made on another machine); one
+    # named with --images must exist (a typo is said, not ignored)
     records = load_dataset(cfg.dataset or m.dataset_format, cfg.captions or m.captions_file,
-                           cfg.images or m.images_dir, allow_outside_images=True, images_needed=False)
+                           cfg.images or m.images_dir, allow_outside_images=True, images_needed=cfg.images is not None)
     records = [r for r in records if r.key in rows]
     if len(records) < 3:
         raise ValueError(f"only {len(records)} images of {cfg.captions or m.captions_file} have features in "
