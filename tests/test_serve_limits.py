@@ -557,6 +557,12 @@ def test_head_of_the_page_and_errors_in_megabytes(client_for):
 # --- connections: a client gone mid-upload, a head that never ends ------------------------------------------
 
 
+# a request head and the first 300 bytes of a 100,000-byte body, the rest never sent
+PARTIAL_UPLOAD = (b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+                  b"Content-Length: 100000\r\n\r\n--zz\r\nContent-Disposition: form-data; name=\"images\"; "
+                  b"filename=\"a.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n" + RED[:300])
+
+
 def test_a_client_that_leaves_mid_upload_is_one_log_line_not_a_traceback(caplog):
     import logging
     import socket
@@ -568,9 +574,7 @@ def test_a_client_that_leaves_mid_upload_is_one_log_line_not_a_traceback(caplog)
     with live_server(cap, max_wait_ms=0) as (url, _):
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
-                      b"Content-Length: 100000\r\n\r\n--zz\r\nContent-Disposition: form-data; name=\"images\"; "
-                      b"filename=\"a.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n" + RED[:300])
+            s.sendall(PARTIAL_UPLOAD)
             time.sleep(0.3)
         deadline = time.monotonic() + 10
         while not any("went away during its upload" in r.getMessage() for r in caplog.records):
@@ -607,9 +611,7 @@ def test_an_upload_stalled_past_the_deadline_is_408_and_frees_its_place():
     with live_server(StandIn(), max_wait_ms=0, max_queue=1, request_timeout_s=1.0) as (url, _):
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as stalled:
-            stalled.sendall(b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
-                            b"boundary=zz\r\nContent-Length: 100000\r\n\r\n--zz\r\nContent-Disposition: form-data; "
-                            b"name=\"images\"; filename=\"a.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n" + RED[:300])
+            stalled.sendall(PARTIAL_UPLOAD)
             time.sleep(0.3)
             refused = httpx.post(url + "/v1/caption", files=files(RED), timeout=30)
             stalled.settimeout(20)
