@@ -35,18 +35,20 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def ready_to_write(path: str | os.PathLike, what: str) -> Path:
-    """Make `path`'s folder and check it can be written there, before the work whose result it will hold
-    (AtomicWriteError "cannot write WHAT PATH: reason" now, not after an hour's work)."""
+def ready_to_write(path: str | os.PathLike, what: str, folder: bool = False) -> Path:
+    """Make `path`'s folder (`folder`: `path` itself, a folder outputs go into) and check it can be written there,
+    before the work whose result it will hold (AtomicWriteError "cannot write WHAT PATH: reason" now, not after
+    an hour's work)."""
     path = Path(path)
+    target = path if folder else path.parent
     try:
-        if path.is_dir():
+        if not folder and path.is_dir():
             raise IsADirectoryError(errno.EISDIR, "it is a folder")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            target.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise NotADirectoryError(errno.ENOTDIR, "a part of its folder's path is a file") from None
-        if not os.access(path.parent, os.W_OK | os.X_OK):
+        if not os.access(target, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, "its folder cannot be written to")
     except OSError as e:
         raise AtomicWriteError(e.errno, f"cannot write {what} {path}: {_why(e)}") from e

@@ -7,6 +7,7 @@ expected ends in AttributeError far away). Each of these is one `JSONFileError` 
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 from collections.abc import Iterator
@@ -140,3 +141,15 @@ def iter_jsonl(path: str | os.PathLike, what: str = "JSON-lines file", expect: t
 def _type_name(t: type) -> str:
     return {dict: "object", list: "array", str: "string", int: "number", float: "number",
             bool: "true/false", type(None): "null"}.get(t, t.__name__)
+
+
+def finite_number(v) -> float | None:
+    """`v` as a float if it is a finite number (not a bool, NaN, inf or an integer no float holds: a hand-edited
+    file's 401 digits), else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        v = float(v)
+    except OverflowError:
+        return None
+    return v if math.isfinite(v) else None

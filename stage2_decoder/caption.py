@@ -9,13 +9,13 @@ options: docs/captioning.md.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import click
 
+from common.atomic import ready_to_write
 from common.cli import bounded, decode_options, one_line, run_guarded, sampling_options
 from common.text import printable
 from stage2_decoder.api import find_checkpoint, Captioner
@@ -81,7 +81,7 @@ def main(images, checkpoint, decode, sampling, batch_size, device, weights, onnx
             click.echo(f"dry run: {len(paths)} images, {'onnx' if onnx_dir else 'checkpoint'} {source}", err=True)
             return 0
         if figure_dir is not None:
-            _writable_folder(figure_dir)  # before the model runs: a folder that cannot be written is refused now
+            ready_to_write(figure_dir, "figures into", folder=True)  # before the model runs, not after
         kwargs = {**asdict(decode), **asdict(sampling)}
         shown = sampling.num_captions
         if figure_dir is not None and not sampling.sample:  # the figure lists the beam's alternatives
@@ -121,17 +121,6 @@ def main(images, checkpoint, decode, sampling, batch_size, device, weights, onnx
         return 1 if failed or failed_figures else 0
 
     sys.exit(run_guarded(work))
-
-
-def _writable_folder(folder: str) -> None:
-    """Make `folder` (and its parents); OSError when it cannot be made or written to."""
-    path = Path(folder)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"cannot make the figure folder {printable(folder)}: {e.strerror or e}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write figures into {printable(folder)}: permission denied")
 
 
 def _checkpoint(checkpoint: str | None) -> str:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from common.atomic import atomic_path
-from common.jsonio import JSONFileError, iter_jsonl, read_json
+from common.jsonio import JSONFileError, finite_number, iter_jsonl, read_json
 
 
 CURVES_NAME = "curves.png"
@@ -44,21 +44,10 @@ def _short(value) -> str:
         repr(str(value)[:40])
 
 
-def finite(v) -> float | None:
-    """`v` as a float if it is a finite number (not a bool, NaN, inf or an integer no float holds), else None."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    try:
-        v = float(v)
-    except OverflowError:  # an integer of hundreds of digits (a hand-edited file)
-        return None
-    return v if math.isfinite(v) else None
-
-
 def _series(records: list[dict], key: str, fn=None) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for r in records:
-        v = finite(r.get(key))
+        v = finite_number(r.get(key))
         if v is not None:
             xs.append(r["epoch"])
             ys.append(fn(v) if fn else v)
@@ -77,7 +66,7 @@ def marked_best_epoch(config: dict, records: list[dict]) -> int | None:
     """The epoch best.pt holds, by the run's --select-by rule (its config.json), without loading torch."""
     select_by = config.get("select_by", "cider")
     key, sign = ("val_cider", 1) if select_by == "cider" else ("val_loss", -1)
-    scored = [(sign * finite(r.get(key)), -r["epoch"]) for r in records if finite(r.get(key)) is not None]
+    scored = [(sign * v, -epoch) for epoch, v in zip(*_series(records, key))]
     return -max(scored)[1] if scored else None  # ties: the earliest epoch, as train.py keeps the first best
 
 
@@ -193,7 +182,7 @@ def read_sweep_results(path: Path) -> dict:
         value = r.get(col)
         if not isinstance(r.get("status"), str) or not isinstance(r.get("params", {}), dict):
             why = f"rows[{i}] has no 'status' string or a 'params' that is not an object"
-        elif value is not None and finite(value) is None:
+        elif value is not None and finite_number(value) is None:
             why = f"rows[{i}].{col} is {_short(value)}, not a finite number"
         if why:
             break

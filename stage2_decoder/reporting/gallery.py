@@ -187,15 +187,19 @@ def _score(item: dict) -> float | None:
     return None if cider is None or math.isnan(cider) else float(cider)
 
 
+def _rank(item: dict) -> float:
+    """What the page orders by, best first: the image's CIDEr, -1 when it has none (so it comes last)."""
+    score = _score(item)
+    return score if score is not None else -1.0
+
+
 def _card(index: int, item: dict, thumb: str | None) -> str:
     cider = _score(item)
-    score = float(cider) if cider is not None else float("nan")
-    shown = f"{score:.3f}" if cider is not None else "n/a"
+    shown = f"{cider:.3f}" if cider is not None else "n/a"
     img = (f'<img src="{thumb}" alt="{escape(str(item.get("key", "")))}">' if thumb
            else '<div class="missing">image not readable</div>')
     refs = "".join(f"<li>{escape(r)}</li>" for r in item.get("references", []))
-    sort_value = score if cider is not None else -1.0  # no score sorts last among best-first
-    return (f'<div class="card" data-index="{index}" data-cider="{sort_value:.6f}">{img}'
+    return (f'<div class="card" data-index="{index}" data-cider="{_rank(item):.6f}">{img}'
             f'<span class="score" title="CIDEr of this image">CIDEr {shown}</span>'
             f'<p class="caption">{escape(item.get("caption") or "")}</p>'
             f'<ol class="refs">{refs}</ol>'
@@ -205,7 +209,7 @@ def _card(index: int, item: dict, thumb: str | None) -> str:
 def shown_images(images: list[dict], max_images: int = MAX_IMAGES) -> tuple[list[tuple[int, dict]], int]:
     """(index, image) pairs a page shows, best CIDEr first, and how many were left out: all of them when
     `max_images` is 0 or enough, else the ceil(max/2) best and the floor(max/2) worst (unscored count as worst)."""
-    ranked = sorted(enumerate(images), key=lambda p: -(s if (s := _score(p[1])) is not None else -1.0))
+    ranked = sorted(enumerate(images), key=lambda p: -_rank(p[1]))
     if not max_images or len(ranked) <= max_images:
         return ranked, 0
     best = (max_images + 1) // 2

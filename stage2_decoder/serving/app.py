@@ -375,17 +375,16 @@ def listen(host: str, port: int):
     not this machine's, a name that does not resolve), where uvicorn would log it and exit 3."""
     import socket
 
+    sock = None
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                           flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)
-    except OSError as e:
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: restarts reuse the port
         sock.bind(addr)
     except OSError as e:
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock

@@ -20,7 +20,7 @@ from tqdm import tqdm
 # context in this process and make forking its runs unsafe; torch reads this when first asked
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
-from common.jsonio import JSONFileError, read_json  # noqa: E402
+from common.jsonio import JSONFileError, finite_number, read_json  # noqa: E402
 from stage2_decoder.sweeps.grid import RunSpec  # noqa: E402
 from stage2_decoder.sweeps.results import write_json  # noqa: E402
 from stage2_decoder.training.config import TrainConfig  # noqa: E402
@@ -33,13 +33,6 @@ INTERRUPTED_EXIT = 130  # a run stopped by Ctrl-C / SIGTERM: unfinished, not fai
 
 
 RUNS_PER_GPU = 2  # default concurrent runs per GPU: small decoders leave a GPU mostly idle, one run at a time
-
-
-def _finite(x) -> float | None:
-    try:
-        return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
-    except OverflowError:  # an integer of hundreds of digits (a hand-edited file)
-        return None
 
 
 def divergence(history: list[dict]) -> str | None:
@@ -58,8 +51,8 @@ def divergence(history: list[dict]) -> str | None:
 
 
 def record(spec: RunSpec, status: str, error: str = "", **values) -> dict:
-    return {"run": spec.name, "status": status, "val_cider": _finite(values.get("val_cider")),
-            "val_loss": _finite(values.get("val_loss")), "best_epoch": values.get("best_epoch"),
+    return {"run": spec.name, "status": status, "val_cider": finite_number(values.get("val_cider")),
+            "val_loss": finite_number(values.get("val_loss")), "best_epoch": values.get("best_epoch"),
             "epochs_run": values.get("epochs_run"), "seconds": values.get("seconds"),
             "checkpoint": values.get("checkpoint", ""), "error": error, "params": spec.params}
 
@@ -109,8 +102,8 @@ def read_result(spec: RunSpec) -> dict | None:
         ("epochs_run", count), ("checkpoint", str), ("error", str), ("run", str)))
     if not typed:
         return None
-    return rec if all(rec[k] is None or _finite(rec[k]) is not None for k in ("val_cider", "val_loss", "seconds")) \
-        else None
+    finite = all(rec[k] is None or finite_number(rec[k]) is not None for k in ("val_cider", "val_loss", "seconds"))
+    return rec if finite else None
 
 
 # Forked runs. Forks come from joblib's threads; these locks keep the main thread from printing (tqdm)
