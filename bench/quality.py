@@ -1,7 +1,7 @@
 """Caption quality benchmark: seed recipe vs nearest neighbour vs this project's defaults.
 
     .venv/bin/python bench/quality.py [--data ../shared/data] [--datasets coco,flickr8k] [--quick]
-        [--ours-runs 3] [--compare FIELD=VALUE]
+        [--ours-runs 3] [--compare FIELD=VALUE] [--neighbour-only]
 
 For each shared dataset: one MobileNetV2 cache (real ImageNet weights, stage 1 `--views 4`: the
 centre crop, which the seed recipe, the nearest neighbour and every captioner's test images use,
@@ -17,7 +17,8 @@ model selection) three captioners scored side by side:
      training seeds and scored by their mean as well;
   4. with `--compare FIELD=VALUE` (a TrainConfig setting, e.g. ema_warmup=false): ours with that one setting
      changed, same seeds, same test images: an A/B of a default, with a paired interval.
-Prints one table and the CIDEr ratios. `--quick` is a tiny smoke mode (few images, 1 epoch).
+Prints one table and the CIDEr ratios. `--quick` is a tiny smoke mode (few images, 1 epoch);
+`--neighbour-only` scores the nearest neighbour alone (no training: a minute after extraction).
 """
 from __future__ import annotations
 
@@ -35,13 +36,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.feature_cache import load_cache  # noqa: E402
+from common.tokenizer import tokenize  # noqa: E402
 from stage1_extract.extract import ExtractConfig, extract  # noqa: E402
 from stage2_decoder.api import Captioner  # noqa: E402
 from stage2_decoder.decoding.config import DecodeConfig  # noqa: E402
 from stage2_decoder.reporting.evaluation import captions_from_cache, evaluate_captions  # noqa: E402
-from stage2_decoder.reporting.metrics import cider  # noqa: E402
+from stage2_decoder.training.cider import NGRAMS, CiderD  # noqa: E402
 from stage2_decoder.training.checkpoint import load_checkpoint  # noqa: E402
 from stage2_decoder.training.config import TrainConfig  # noqa: E402
+from stage2_decoder.training.data import prepare_data  # noqa: E402
 from stage2_decoder.training.loop import train  # noqa: E402
 
 VIEWS = 4
@@ -49,19 +52,35 @@ DATASETS = {"coco": ("coco2017-mini/images", "coco2017-mini/captions.json"),
             "flickr8k": ("flickr8k-mini/Images", "flickr8k-mini/captions.txt")}
 
 
+def consensus_scores(corpus: CiderD, key: str, captions: list[str]) -> np.ndarray:
+    """CIDEr-D of each of image `key`'s references against its other references (leave one out), with the
+    document frequencies of the whole `corpus` (a one-image corpus gives every n-gram idf 0: all scores 0).
+
+    Scored against all m references, caption i's mean includes its match with itself: cosine 1 for every
+    n-gram order it has, length penalty 1, so 10 / 4 per order up to min(len, 4); taking that out leaves
+    the mean over the other m - 1."""
+    words = [tokenize(c) for c in captions]
+    m = len(words)
+    if m < 2:
+        return np.zeros(m)
+    with_self = corpus.score_batch([key] * m, words)
+    itself = np.array([10.0 * min(len(w), NGRAMS) / NGRAMS for w in words])
+    return (with_self * m - itself) / (m - 1)
+
+
 def nearest_neighbour(cache, records_by_key, train_keys, test_keys) -> dict[str, str]:
+    """Each test image gets the consensus caption of its most similar training image (cosine on cached
+    features): the reference that agrees most, by CIDEr-D, with that image's other references."""
     rows = cache.rows_by_key()
     tr = [k for k in train_keys if k in rows]
     f_tr = torch.nn.functional.normalize(torch.from_numpy(cache.features[[rows[k] for k in tr]]).float(), dim=1)
     f_te = torch.nn.functional.normalize(torch.from_numpy(cache.features[[rows[k] for k in test_keys]]).float(), dim=1)
     nn_idx = (f_te @ f_tr.T).argmax(1).tolist()
+    corpus = CiderD({k: records_by_key[k].captions for k in tr})  # training-split document frequencies
     out = {}
     for key, j in zip(test_keys, nn_idx):
         caps = records_by_key[tr[j]].captions
-        # consensus: the reference with the highest CIDEr against the image's other references
-        scores = [cider({"x": caps[:i] + caps[i + 1:]}, {"x": c})[0] if len(caps) > 1 else 0.0
-                  for i, c in enumerate(caps)]
-        out[key] = caps[int(np.argmax(scores))]
+        out[key] = caps[int(np.argmax(consensus_scores(corpus, tr[j], caps)))]
     return out
 
 
@@ -89,7 +108,7 @@ def compare_label(compare: tuple[str, object]) -> str:
 
 
 def run_dataset(name: str, data: Path, work: Path, quick: bool, seed: int = 0, seed_runs: int = 3,
-                ours_runs: int = 3, compare: tuple[str, object] | None = None) -> dict:
+                ours_runs: int = 3, compare: tuple[str, object] | None = None, trained: bool = True) -> dict:
     images, captions = (data / p for p in DATASETS[name])
     views = VIEWS  # stage 1 --views 4: the centre crop (all the seed recipe and the nearest neighbour see) + 3 training views
     cache_path = work / f"{name}-mobilenet_v2{f'-{views}views' if views > 1 else ''}.h5"
@@ -129,7 +148,7 @@ def run_dataset(name: str, data: Path, work: Path, quick: bool, seed: int = 0, s
         runs += [(compare_label(compare), ours_cfg(seed + j, **dict([compare])), "best.pt", DecodeConfig())
                  for j in range(ours_runs)]
     timings, reports = {"extract_s": round(t_extract, 1)}, {}
-    for label, cfg, ckpt_name, dcfg in runs:
+    for label, cfg, ckpt_name, dcfg in runs if trained else []:
         t0 = time.perf_counter()
         train(cfg)
         timings[f"train {label} seed {cfg.seed} s"] = round(time.perf_counter() - t0, 1)
@@ -138,10 +157,11 @@ def run_dataset(name: str, data: Path, work: Path, quick: bool, seed: int = 0, s
         res, recs = captions_from_cache(cap, load_checkpoint(ckpt_path), str(cache_path), "test", decode_cfg=dcfg)
         reports.setdefault(label, []).append(evaluate_captions(res, recs))
     results = {label: mean_of_runs(r) for label, r in reports.items()}
-    # nearest neighbour on the same test split (the seed run's split = ours: same split settings)
-    split = json.loads((Path(ours_cfg(seed).out) / "split.json").read_text())
-    from common.datasets import load_dataset
+    # nearest neighbour on the same test split (the seed run's split = ours: same split settings), as
+    # training draws it
     cache = load_cache(cache_path)
+    split = prepare_data(ours_cfg(seed), cache)[1]
+    from common.datasets import load_dataset
     by_key = {r.key: r for r in load_dataset(name, captions, images)}
     test_keys = [k for k in split["test"] if k in by_key]
     nn_res = nearest_neighbour(cache, by_key, split["train"], test_keys)
@@ -183,6 +203,7 @@ def table(name: str, out: dict) -> str:
             "| captioner | BLEU-4 | METEOR | ROUGE-L | CIDEr | distinct captions | most common caption share |",
             "|---|---|---|---|---|---|---|"]
     labels = ["seed recipe", "nearest neighbour", OURS] + ([out["compare"]] if out.get("compare") else [])
+    labels = [label for label in labels if label in out["results"]]
     for label in labels:
         r = out["results"][label]
         m, s = r["metrics"], r["stats"]
@@ -192,10 +213,10 @@ def table(name: str, out: dict) -> str:
         rows.append(f"| {shown} | {m['BLEU-4']:.3f} | {m.get('METEOR', float('nan')):.3f} | {m['ROUGE-L']:.3f} | "
                     f"{m['CIDEr']:.3f} | {s['distinct_fraction']:.1%} | {s['most_common_fraction']:.1%} |")
     c = {k: out["results"][k]["metrics"]["CIDEr"] for k in out["results"]}
-    seed_runs = out["results"]["seed recipe"].get("runs", [])
-    ours = out["results"][OURS]
+    seed_runs = out["results"].get("seed recipe", {}).get("runs", [])
+    ours = out["results"].get(OURS)
     ratios = []
-    for label in labels[:2] + labels[3:]:
+    for label in [label for label in labels if label != OURS] if ours else []:
         lo, hi = ratio_interval(ours, out["results"][label])
         ratios.append(f"ours / {label} = {c[OURS] / max(c[label], 1e-9):.2f}x "
                       f"(95% bootstrap interval over test images {lo:.2f}-{hi:.2f})")
@@ -203,7 +224,8 @@ def table(name: str, out: dict) -> str:
         ours_c = c[OURS]
         ratios.append(f"against the seed recipe's single runs {ours_c / max(max(seed_runs), 1e-9):.2f}x (its best run)"
                       f" to {ours_c / max(min(seed_runs), 1e-9):.2f}x (its worst)")
-    rows += ["", "CIDEr " + "; ".join(ratios), "", f"timings: {out['timings']}"]
+    rows += ["", "CIDEr " + "; ".join(ratios)] if ratios else []
+    rows += ["", f"timings: {out['timings']}"]
     return "\n".join(rows)
 
 
@@ -229,13 +251,15 @@ def main() -> None:
     ap.add_argument("--compare", type=compare_setting, default=None, metavar="FIELD=VALUE",
                     help="also train ours with this TrainConfig setting changed (e.g. ema_warmup=false) and print "
                          "the paired interval of ours / it")
+    ap.add_argument("--neighbour-only", action="store_true", help="score the nearest neighbour alone, train nothing")
     a = ap.parse_args()
     torch.manual_seed(0)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     allout = {}
     for name in a.datasets.split(","):
-        out = run_dataset(name, Path(a.data), work, a.quick, a.seed, a.seed_runs, a.ours_runs, a.compare)
+        out = run_dataset(name, Path(a.data), work, a.quick, a.seed, a.seed_runs, a.ours_runs, a.compare,
+                          trained=not a.neighbour_only)
         allout[name] = {"timings": out["timings"], "n_test": out["n_test"], "table": table(name, out),
                         "metrics": {k: v["metrics"] | {"stats": v["stats"]} for k, v in out["results"].items()}}
         print(table(name, out), flush=True)

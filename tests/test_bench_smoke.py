@@ -84,6 +84,52 @@ def test_quality_mean_of_runs_averages_metrics_and_each_image():
     assert lo <= ours["metrics"]["CIDEr"] / m["metrics"]["CIDEr"] <= hi
 
 
+def test_quality_consensus_is_leave_one_out_cider_with_the_corpus_document_frequencies():
+    """The nearest neighbour's consensus caption: each reference scored against the image's other
+    references, idf from the training corpus. A one-image corpus gave every n-gram idf 0, every score
+    0, and so always the first reference."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from pycocoevalcap.cider.cider_scorer import CiderScorer
+    from types import SimpleNamespace
+
+    import numpy as np
+    from quality import consensus_scores, nearest_neighbour
+    from stage2_decoder.training.cider import CiderD
+    from common.tokenizer import tokenize
+
+    refs = {"dog": ["a dog runs on the grass", "a brown dog running in a field", "a dog on grass",
+                    "two cats sleep on a sofa", "a dog is running across the green grass"],
+            "cat": ["a cat sleeps on a sofa", "a grey cat asleep", "a cat lying on a couch"],
+            "bus": ["a red bus on a street", "a bus parked by the road", "a double decker bus"],
+            "man": ["a man rides a bike", "a person on a bicycle in the street"]}
+    corpus = CiderD(refs)
+    got = consensus_scores(corpus, "dog", refs["dog"])
+
+    # reference: pycocoevalcap's own CIDEr-D, document frequencies from the whole corpus, then each
+    # caption of "dog" scored against the other four
+    spaced = {k: [" ".join(tokenize(c)) for c in caps] for k, caps in refs.items()}
+    want = []
+    for i, cap in enumerate(spaced["dog"]):
+        scorer = CiderScorer(n=4, sigma=6.0)
+        for k, caps in spaced.items():
+            scorer.cook_append(cap, caps)
+        scorer.compute_doc_freq()
+        scorer.crefs[0] = [r for j, r in enumerate(scorer.crefs[0]) if j != i]  # "dog" is the first image
+        want.append(scorer.compute_cider()[0])
+    assert got == pytest.approx(want, rel=1e-9)
+    assert int(got.argmax()) != 0 and got.max() > 0  # the odd one out (cats) scores lowest, not first
+    assert int(got.argmin()) == 3
+
+    # the baseline gives a test photo whose features are nearest "dog" that consensus caption
+    keys = [*refs, "test photo"]
+    feats = np.eye(len(keys), 8, dtype=np.float32)
+    feats[-1] = feats[0] + 0.1
+    cache = SimpleNamespace(features=feats, rows_by_key=lambda: {k: i for i, k in enumerate(keys)})
+    records = {k: SimpleNamespace(captions=caps) for k, caps in refs.items()}
+    picked = nearest_neighbour(cache, records, list(refs), ["test photo"])
+    assert picked == {"test photo": refs["dog"][int(got.argmax())]}
+
+
 def _quick_quality(data_dir, tmp_path, *extra):
     out = tmp_path / "q.json"
     p = subprocess.run([sys.executable, "bench/quality.py", "--quick", "--datasets", "coco", "--seed-runs", "2",
