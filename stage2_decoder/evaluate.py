@@ -1,10 +1,13 @@
 """Score a checkpoint with the standard caption metrics.
 
     python -m stage2_decoder.evaluate [--checkpoint FILE] --features FILE.h5 --split test [--beam-size K] [--json-out OUT]
-    python -m stage2_decoder.evaluate [--checkpoint FILE] --dataset coco --images DIR --captions FILE [--limit N]
+    python -m stage2_decoder.evaluate [--checkpoint FILE] --dataset coco --images DIR --captions FILE [--split test]
+        [--limit N]
 
 From the cache (fast: a split of the training dataset, the split stored in the checkpoint) or
 from raw images with their captions file (any supported format), through stage 1's preprocessing.
+Raw images of the checkpoint's own dataset are scored whole unless `--split` picks its held-out
+images; the report then notes how many of them were likely trained on.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from common.cli import bounded, decode_options, run_guarded
 from common.datasets import FORMATS, OUTSIDE_FLAG, load_dataset
 from common.device import resolve_device
 from stage2_decoder.reporting.evaluation import (captions_from_cache, captions_from_images, evaluate_captions,
-                                                 format_table)
+                                                 format_table, raw_records)
 from stage2_decoder.api import Captioner, find_checkpoint
 from stage2_decoder.reporting.gallery import write_html
 from stage2_decoder.training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -32,12 +35,13 @@ from stage2_decoder.training.checkpoint import load_checkpoint, model_from_check
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="[default: $CAPCACHE_CHECKPOINT, else the newest runs/*/best.pt]")
 @click.option("--features", type=click.Path(), help="Evaluate a split of this cache (fast path).")
-@click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(["val", "test"]), default=None,
+              help="The checkpoint's split to score [default: test from a cache; every image in raw-image mode].")
 @click.option("--dataset", type=click.Choice(["auto", *FORMATS]), default=None,
               help="Raw-image mode: captions file format.")
 @click.option("--images", type=click.Path(), default=None, help="Raw-image mode: images folder.")
 @click.option("--captions", type=click.Path(), default=None, help="Raw-image mode: captions file.")
-@click.option("--limit", type=bounded("limit"), default=None, help="Raw-image mode: first N images.")
+@click.option("--limit", type=bounded("limit"), default=None, help="Raw-image mode: first N images (of --split).")
 @decode_options
 @click.option("--spice", is_flag=True, help="Also try SPICE (needs a download on first use).")
 @click.option("--workers", type=bounded("workers"), default=default_workers(), show_default=True,
@@ -76,15 +80,20 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
         for path, what in ((json_out, "evaluation report"), (html_out, "gallery")):
             if path:
                 ready_to_write(path, what)
+        note = None
+        if raw:  # which images: read (and checked) before the model is built
+            recs, note = raw_records(load_dataset(dataset or "auto", captions, images, None, allow_outside_images),
+                                     load_checkpoint(ckpt_path).get("split"), split, limit)
         if dry_run:
-            n = len(load_dataset(dataset or "auto", captions, images, limit, allow_outside_images)) if raw else None
-            click.echo(f"dry run: checkpoint {ckpt_path}, " + (f"{n} images from {captions}" if raw
-                                                               else f"the {split} split of {features}"), err=True)
+            click.echo(f"dry run: checkpoint {ckpt_path}, " + (f"{len(recs)} images from {captions}" if raw
+                                                               else f"the {split or 'test'} split of {features}"),
+                       err=True)
             return 0
+        if note:
+            click.echo(f"warning: {note}", err=True)
         errors = {}
         if raw:
             cap = Captioner.load(ckpt_path, device)
-            recs = load_dataset(dataset or "auto", captions, images, limit, allow_outside_images)
             res, recs, errors = captions_from_images(cap, recs, workers, progress=not no_progress, decode_cfg=decode)
             for k, e in errors.items():
                 click.echo(f"skipped {k}: {e}", err=True)
@@ -92,14 +101,16 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
             # the decoder alone: the CNN (its weights file, seconds to build, GPU memory) is not needed here
             ckpt = load_checkpoint(ckpt_path)
             cap = Captioner(None, *model_from_checkpoint(ckpt, resolve_device(device)), ckpt_path)
-            res, recs = captions_from_cache(cap, ckpt, features, split, decode_cfg=decode,
+            res, recs = captions_from_cache(cap, ckpt, features, split or "test", decode_cfg=decode,
                                             allow_outside_images=allow_outside_images)
         if not res:
             raise ValueError("no image could be captioned")
         report = evaluate_captions(res, recs, spice, cap.vocab.tokenizer)
+        report["notes"] += [note] if note else []
         images_root = os.path.abspath(images) if raw else read_meta(features).images_dir
         report.update({"checkpoint": os.path.abspath(ckpt_path), "decode": asdict(decode), "images_root": images_root,
-                       "source": "images" if raw else f"cache:{split}", "skipped": errors,
+                       "source": (f"images:{split}" if split else "images") if raw else f"cache:{split or 'test'}",
+                       "skipped": errors,
                        "seconds": round(time.perf_counter() - t0, 2)})
         if as_json:
             click.echo(json.dumps(report, indent=1, ensure_ascii=False))

@@ -239,6 +239,31 @@ def test_evaluate_raw_images_matches_the_cache_path(cli, small_run, coco_dir, tm
     assert len(report["images"]) == 6
     for item in report["images"]:
         assert item["caption"].strip() and len(item["references"]) >= 5 and item["cider"] >= 0
+    # these are the checkpoint's own dataset: the images outside its val and test splits were trained on,
+    # and the report and stderr say how many
+    split = load_checkpoint(small_run / "best.pt")["split"]
+    trained_on = sum(i["key"] not in split["val"] + split["test"] for i in report["images"])
+    assert trained_on > 0
+    said = [n for n in report["notes"] if "not held out" in n]
+    assert len(said) == 1 and said[0].startswith(f"{trained_on} of 6 images")
+    assert f"warning: {trained_on} of 6 images" in proc.stderr
+
+
+def test_evaluate_raw_images_of_the_test_split_alone(cli, small_run, coco_dir, flickr_dir, tmp_path):
+    out = tmp_path / "raw-test.json"
+    proc = cli("stage2_decoder.evaluate", "--checkpoint", small_run / "best.pt", "--dataset", "coco",
+               "--images", coco_dir / "images", "--captions", coco_dir / "captions.json", "--split", "test",
+               "--workers", "0", "--json-out", out)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    test_keys = load_checkpoint(small_run / "best.pt")["split"]["test"]
+    assert sorted(i["key"] for i in report["images"]) == sorted(test_keys)
+    assert report["source"] == "images:test" and not report["notes"] and "warning" not in proc.stderr
+    # a captions file with none of the split's images: said in one line, nothing decoded
+    proc = cli("stage2_decoder.evaluate", "--checkpoint", small_run / "best.pt", "--dataset", "flickr8k",
+               "--images", flickr_dir / "Images", "--captions", flickr_dir / "captions.txt", "--split", "test")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "none of the" in proc.stderr and "test split" in proc.stderr
 
 
 def test_evaluate_needs_exactly_one_input_mode(cli, small_run, shared_cache, coco_dir):

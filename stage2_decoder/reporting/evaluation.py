@@ -42,6 +42,34 @@ def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_over
     return caption_keys(cap.decoder, cap.vocab, keys, feats, decode_cfg), [recs[k] for k in keys]
 
 
+def raw_records(records: list[ImageRecord], ckpt_split: dict | None, split: str | None = None,
+                limit: int | None = None) -> tuple[list[ImageRecord], str | None]:
+    """The raw-image records to score (the first `limit`), and a note when they are not held out.
+
+    With `split` ("val" or "test"): only the images of that split the checkpoint records. Without: all of
+    them; when the captions file is the checkpoint's own dataset (some of its images are in the recorded
+    val or test split), those outside both were most likely trained on, and the note says how many."""
+    keys = ckpt_split or {}
+    if split is not None:
+        if split not in keys:
+            raise ValueError(f"the checkpoint records no {split!r} split; leave out --split to score every image")
+        wanted = set(keys[split])
+        kept = [r for r in records if r.key in wanted]
+        if not kept:
+            raise ValueError(f"none of the {len(records)} images of this captions file is in the checkpoint's "
+                             f"{split} split ({len(wanted)} images); leave out --split to score them all")
+        return kept[:limit], None
+    held = set(keys.get("val", ())) | set(keys.get("test", ()))
+    same_dataset = any(r.key in held for r in records)
+    records = records[:limit]
+    seen = sum(r.key not in held for r in records)
+    if not same_dataset or not seen:
+        return records, None
+    return records, (f"{seen} of {len(records)} images are in neither the val nor the test split of the dataset "
+                     f"this checkpoint was trained on: most likely training images, so these scores are not held "
+                     f"out (--split test scores its test images alone)")
+
+
 def captions_from_images(cap, records: list[ImageRecord], workers: int = default_workers(), batch_size: int = 64,
                          progress: bool = True, decode_cfg: DecodeConfig | None = None
                          ) -> tuple[dict[str, str], list[ImageRecord], dict[str, str]]:
