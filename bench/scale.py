@@ -293,8 +293,8 @@ def _evaluate(a, model, vocab, split, plan, Captioner, captions_from_cache, capt
     n = 5000 if not a.tiny else 40
     cap = Captioner(None, model, vocab, "")  # decoding from the cache needs no backbone
     test = split["test"]
-    ckpt = {"backbone": {"name": "resnet152", "feature_dim": model.cfg.feature_dim,
-                         "preprocess": preprocess_for("resnet152").describe()},
+    ckpt = {"backbone": {"name": "resnet152", "weights": "none", "weights_sha256": None,  # the cache's
+                         "feature_dim": model.cfg.feature_dim, "preprocess": preprocess_for("resnet152").describe()},
             "split": {"test": test[: plan["eval_images"]]}}
     s0 = time.perf_counter()
     res, recs = captions_from_cache(cap, ckpt, a.features, "test")
