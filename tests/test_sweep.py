@@ -251,6 +251,8 @@ def test_dask_backend_on_a_local_cluster(cli, shared_cache, tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert {r["worker_pid"] for r in rows} <= worker_pids  # sent to the Dask workers
+    for r in rows:  # and each run's own result.json says so too (docs/sweeps.md)
+        assert json.loads((out / r["run"] / "result.json").read_text())["worker_pid"] == r["worker_pid"]
     assert not {r["pid"] for r in rows} & worker_pids  # each trained in a process of its own
     assert all(Path(r["checkpoint"]).is_file() for r in rows)
 

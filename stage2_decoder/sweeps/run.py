@@ -276,11 +276,10 @@ def _run_in_process(spec: RunSpec, threads: int) -> dict:
         proc = subprocess.run([sys.executable, "-m", "stage2_decoder.sweeps.run", json.dumps(
             {"name": spec.name, "run_dir": spec.run_dir, "features": spec.features, "params": spec.params}),
             str(threads)], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, check=False)
-    rec = read_result(spec)
-    if rec is None:
-        rec = record(spec, "failed", _exit_reason(proc.returncode))
-        write_json(run_dir / RESULT, rec)
-    return {**rec, "worker_pid": os.getpid()}  # pid: the run's own process
+    rec = read_result(spec) or record(spec, "failed", _exit_reason(proc.returncode))
+    rec = {**rec, "worker_pid": os.getpid()}  # pid: the run's own process
+    write_json(run_dir / RESULT, rec)
+    return rec
 
 
 def _process_main(spec_json: str, threads: str) -> None:
