@@ -9,6 +9,7 @@ options: docs/captioning.md.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -25,20 +26,31 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 ALT_MARKER = "  alt"  # starts each alternative caption's line: `  alt<TAB>score<TAB>caption`
 
 
-def collect_images(inputs: list[str]) -> list[str]:
-    """Files as given; folders expanded to their entries with an image suffix (sorted, not recursive).
+def collect_images(inputs: list[str], recursive: bool = False) -> list[str]:
+    """Files as given; folders expanded to their entries with an image suffix (sorted), and with
+    `recursive` those of their subfolders too (not through symlinked folders: no loops).
 
-    An entry named like an image that is not a readable file (a folder `x.jpg`, a dangling or
-    looping symlink) is kept, so it gets its own error line instead of vanishing silently.
+    An entry named like an image that is not a readable file (a folder `x.jpg` of a folder listed
+    alone, a dangling or looping symlink) is kept, so it gets its own error line instead of vanishing
+    silently.
     """
     out = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
+        if p.is_dir() and recursive:
+            found = (Path(d) / f for d, _, files in os.walk(p) for f in files)  # os.walk: symlinked folders not entered
+            out.extend(str(f) for f in sorted(found) if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_dir():
             out.extend(str(f) for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES)
         else:
             out.append(item)
     return out
+
+
+def nothing_found(images: tuple[str, ...], recursive: bool) -> str:
+    """The error when no image file was named: with a hint when a folder given holds only subfolders."""
+    nested = not recursive and any(Path(i).is_dir() and any(f.is_dir() for f in Path(i).iterdir()) for i in images)
+    return f"no image files in {' '.join(images)}" + (" (add --recursive to look in subfolders)" if nested else "")
 
 
 def text_lines(result: dict) -> list[str]:
@@ -64,18 +76,19 @@ def text_lines(result: dict) -> list[str]:
               help='Print a JSON list of {"image", "caption", "captions": [{"caption", "score"}]}.')
 @click.option("--save-figure", "figure_dir", type=click.Path(file_okay=False), default=None,
               help="Also write DIR/<image>.png: the photo, its caption and (beam > 1) the alternatives with scores.")
+@click.option("-r", "--recursive", is_flag=True, help="A folder's subfolders too.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--dry-run", is_flag=True, help="Resolve the checkpoint and list the images; load no model.")
 def main(images, checkpoint, decode, sampling, batch_size, device, weights, onnx_dir, as_json, figure_dir,
-         no_progress, dry_run):
+         recursive, no_progress, dry_run):
     """Caption image files (or every image in a folder)."""
     def work():
         if onnx_dir is not None and (checkpoint is not None or weights is not None):
             raise click.UsageError("--onnx DIR replaces --checkpoint and --weights")
         source = onnx_dir if onnx_dir is not None else _checkpoint(checkpoint)
-        paths = collect_images(list(images))
+        paths = collect_images(list(images), recursive)
         if not paths:
-            raise ValueError(f"no image files in {' '.join(images)}")
+            raise ValueError(nothing_found(images, recursive))
         if dry_run:
             click.echo("\n".join(map(printable, paths)))
             click.echo(f"dry run: {len(paths)} images, {'onnx' if onnx_dir else 'checkpoint'} {source}", err=True)

@@ -102,6 +102,28 @@ def test_dry_run_lists_images_and_loads_nothing(photos, tmp_path):
     assert "dry run: 2 images" in r.stderr
 
 
+def test_subfolders_are_captioned_with_recursive_and_named_in_the_error_without(ckpt, photos, tmp_path):
+    folder = tmp_path / "trip"
+    for sub, p in zip(("day1", "day2/evening"), photos):
+        (folder / sub).mkdir(parents=True)
+        shutil.copy(p, folder / sub / "x.jpg")  # the same name in two subfolders: both are captioned
+    (folder / "day1" / "notes.txt").write_text("not an image")
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(photos[0], tmp_path / "elsewhere" / "z.jpg")
+    (folder / "link").symlink_to(tmp_path / "elsewhere")  # a symlinked folder is not entered
+    (folder / "day1" / "loop").symlink_to(folder)  # nor is a loop followed
+    r = _caption(folder, "--checkpoint", ckpt, "--dry-run")
+    assert r.exit_code == 1 and "--recursive" in r.stderr, r.output
+    r = _caption(folder, "--checkpoint", ckpt, "--recursive", "--beam-size", "1", "--json")
+    assert r.exit_code == 0, r.output
+    assert [x["image"] for x in json.loads(r.stdout)] == [str(folder / "day1" / "x.jpg"),
+                                                          str(folder / "day2" / "evening" / "x.jpg")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _caption(empty, "--checkpoint", ckpt, "--dry-run")
+    assert r.exit_code == 1 and "no image files" in r.stderr and "--recursive" not in r.stderr
+
+
 @pytest.mark.parametrize("bad", [["--onnx", "x", "--checkpoint", "y.pt"], ["--top-p", "0"], ["--temperature", "0"],
                                  ["--num-captions", "0"]])
 def test_usage_errors(photos, bad):
