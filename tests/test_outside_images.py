@@ -72,15 +72,16 @@ def test_stage1_does_not_cache_a_photo_from_outside_the_images_folder(layout, tm
 @pytest.mark.slow  # raw-image evaluation: a backbone over real photos
 def test_evaluate_html_does_not_show_a_photo_from_outside(layout, shared_cache, tmp_path_factory, tmp_path,
                                                           monkeypatch):
-    import stage2_decoder.reporting.metrics
+    import stage2_decoder.reporting.evaluation
     from stage2_decoder.evaluate import main
 
     run = tiny_run(shared_cache, tmp_path_factory)
-    monkeypatch.setattr(stage2_decoder.reporting.metrics, "score_captions", lambda gts, res, spice=False: ({"CIDEr": 0.5}, {}, []))
+    monkeypatch.setattr(stage2_decoder.reporting.evaluation, "score_captions",  # where evaluate_captions finds it
+                        lambda gts, res, **kw: ({"CIDEr": 0.5}, {k: 0.5 for k in res}, []))
     page, js = tmp_path / "e.html", tmp_path / "e.json"
     r = CliRunner().invoke(main, ["--checkpoint", str(run / "best.pt"), "--images", str(layout["images"]),
                                   "--captions", str(layout["captions"]), "--beam-size", "1", "--workers", "0",
-                                  "--device", "cpu", "--html", str(page), "--json", str(js)])
+                                  "--device", "cpu", "--html", str(page), "--json-out", str(js)])
     assert r.exit_code == 0, r.output
     report = json.loads(js.read_text())
     assert sorted(i["key"] for i in report["images"]) == layout["inside"]
