@@ -228,13 +228,17 @@ def test_evaluate_cache_split(cli, small_run, shared_cache, tmp_path):
         assert word in proc.stdout
 
 
-def test_evaluate_raw_images_matches_the_cache_path(cli, small_run, coco_dir, tmp_path):
-    out = tmp_path / "raw.json"
+def _evaluate_raw(cli, small_run, coco_dir, out, *args):
+    """evaluate on the COCO photos themselves -> (process, its JSON report)."""
     proc = cli("stage2_decoder.evaluate", "--checkpoint", small_run / "best.pt", "--dataset", "coco",
-               "--images", coco_dir / "images", "--captions", coco_dir / "captions.json", "--limit", "6",
+               "--images", coco_dir / "images", "--captions", coco_dir / "captions.json", *args,
                "--workers", "0", "--json-out", out)
     assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+def test_evaluate_raw_images_matches_the_cache_path(cli, small_run, coco_dir, tmp_path):
+    proc, report = _evaluate_raw(cli, small_run, coco_dir, tmp_path / "raw.json", "--limit", "6")
     assert report["source"] == "images" and report["metrics"]["CIDEr"] >= 0
     assert len(report["images"]) == 6
     for item in report["images"]:
@@ -250,12 +254,7 @@ def test_evaluate_raw_images_matches_the_cache_path(cli, small_run, coco_dir, tm
 
 
 def test_evaluate_raw_images_of_the_test_split_alone(cli, small_run, coco_dir, flickr_dir, tmp_path):
-    out = tmp_path / "raw-test.json"
-    proc = cli("stage2_decoder.evaluate", "--checkpoint", small_run / "best.pt", "--dataset", "coco",
-               "--images", coco_dir / "images", "--captions", coco_dir / "captions.json", "--split", "test",
-               "--workers", "0", "--json-out", out)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    proc, report = _evaluate_raw(cli, small_run, coco_dir, tmp_path / "raw-test.json", "--split", "test")
     test_keys = load_checkpoint(small_run / "best.pt")["split"]["test"]
     assert sorted(i["key"] for i in report["images"]) == sorted(test_keys)
     assert report["source"] == "images:test" and not report["notes"] and "warning" not in proc.stderr
