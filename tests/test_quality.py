@@ -198,6 +198,38 @@ def test_select_by_loss_ignores_cider(shared_cache, tmp_path, monkeypatch):
     assert result.best_epoch == 1 + losses.index(min(losses))
 
 
+def test_the_ptb_tokenizer_writes_nothing_into_the_installed_package(monkeypatch):
+    """pycocoevalcap's PTBTokenizer writes its input file into its package folder: a user who cannot
+    write there (a shared or system install, a container run as another user) got 'Permission denied'
+    from every evaluation. Ours tokenizes the same, with its file in the temp folder."""
+    import tempfile
+    from pathlib import Path
+
+    from pycocoevalcap.tokenizer import ptbtokenizer
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    from stage2_decoder.reporting import metrics
+
+    if not metrics.java_available():
+        pytest.skip("Java is not installed")
+    caps = {"1": ["A dog, running on the grass!", "it's (really) a dog..."], "2": ["", "Two cats -- asleep; "]}
+    want = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in caps.items()})
+    package = Path(ptbtokenizer.__file__).resolve().parents[1]  # a namespace package: no __file__ of its own
+
+    def outside_the_package(real):
+        def make(*a, **kw):
+            if kw.get("dir") and Path(kw["dir"]).resolve().is_relative_to(package):
+                raise PermissionError(13, "Permission denied", kw["dir"])
+            return real(*a, **kw)
+        return make
+
+    for name in ("mkstemp", "NamedTemporaryFile"):  # what a read-only package folder refuses
+        monkeypatch.setattr(tempfile, name, outside_the_package(getattr(tempfile, name)))
+    scores, _, notes = metrics.score_captions({"1": caps["1"], "2": caps["2"][1:]}, {"1": "a dog", "2": "two cats"})
+    assert scores["CIDEr"] > 0 and "METEOR" in scores and not notes
+    assert metrics.ptb_tokenize(caps) == want
+
+
 # --- evaluate end to end -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

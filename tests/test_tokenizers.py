@@ -108,15 +108,13 @@ def test_cider_scores_chars_runs_by_character():
 
 
 def test_score_captions_never_hands_chars_runs_to_the_english_ptb_tokenizer(monkeypatch):
-    from pycocoevalcap.tokenizer import ptbtokenizer
-
     from stage2_decoder.reporting import metrics
 
     def refuse(*a, **k):
         raise AssertionError("PTB tokenizer used on a chars run")
 
     monkeypatch.setattr(metrics, "java_available", lambda: True)
-    monkeypatch.setattr(ptbtokenizer.PTBTokenizer, "tokenize", refuse)
+    monkeypatch.setattr(metrics, "ptb_tokenize", refuse)
     refs = dict(list(JAPANESE.items())[:4])
     res = {k: caps[1] for k, caps in refs.items()}
     scores, per_image, notes = metrics.score_captions(refs, res, spice=True, tokenizer="chars")

@@ -53,6 +53,38 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
+def ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
+    """pycocoevalcap's PTB tokenizing ({key: captions} -> {key: tokens joined by spaces}, punctuation
+    dropped), the same Stanford jar and flags, with its input file in the temp folder: pycocoevalcap's
+    own `PTBTokenizer` writes it into its package folder, which a user who did not install the
+    package (a shared or system environment, a container run as another user) cannot write."""
+    import os
+    import subprocess
+    import tempfile
+
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    keys = [k for k, caps in captions.items() for _ in caps]
+    text = "\n".join(c.replace("\n", " ") for caps in captions.values() for c in caps)
+    jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)), ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    fd, path = tempfile.mkstemp(prefix="capcache-ptb-", suffix=".txt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode())
+        out = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                              "-lowerCase", path], stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    finally:
+        os.remove(path)
+    lines = out.stdout.decode().split("\n")
+    if out.returncode != 0 or len(lines) < len(keys):
+        err = out.stderr.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(f"the PTB tokenizer (Java) failed: {err[-1] if err else f'exit {out.returncode}'}")
+    tokenized: dict[str, list[str]] = {}
+    for key, line in zip(keys, lines):
+        tokenized.setdefault(key, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in ptbtokenizer.PUNCTUATIONS))
+    return tokenized
+
+
 def score_captions(gts: dict[str, list[str]], res: dict[str, str], spice: bool = False,
                    tokenizer: str = DEFAULT_TOKENIZER) -> tuple[dict, dict, list[str]]:
     """Standard COCO caption metrics. Returns (corpus metrics, per-image CIDEr, notes about skipped parts)."""
@@ -65,10 +97,8 @@ def score_captions(gts: dict[str, list[str]], res: dict[str, str], spice: bool =
     english = tokenizer == "nltk"
     java = english and java_available()
     if java:
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-        tok = PTBTokenizer()
-        g = tok.tokenize({k: [{"caption": c} for c in gts[k]] for k in keys})
-        r = tok.tokenize({k: [{"caption": res[k]}] for k in keys})
+        g = ptb_tokenize({k: gts[k] for k in keys})
+        r = ptb_tokenize({k: [res[k]] for k in keys})
     else:
         notes.append("Java not found: PTB tokenizer, METEOR and SPICE skipped (our tokenizer used for the rest)"
                      if english else f"tokenizer {tokenizer}: scored on its tokens; the English-only PTB "
