@@ -52,12 +52,12 @@ CHECKPOINT ?=
 CAPTION_ARGS ?=
 caption: install
 	$(if $(filter file,$(origin IMAGES)),$(error pass the photos to caption: make caption IMAGES="a.jpg photos/"),)
-	$(PY) -m stage2_decoder.caption $(IMAGES) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),) $(CAPTION_ARGS)
+	$(PY) -m stage2_decoder.caption $(IMAGES) $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)",) $(CAPTION_ARGS)
 
 # the web service (docs/serving.md): a page at http://127.0.0.1:8000/ and POST /v1/caption
 SERVE_ARGS ?=
 serve: install
-	$(PY) -m stage2_decoder.serve $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),) $(SERVE_ARGS)
+	$(PY) -m stage2_decoder.serve $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)",) $(SERVE_ARGS)
 
 # demo: the whole pipeline offline on the shared COCO photos with MobileNetV2 (real ImageNet weights)
 DEMO_OUT := cache/demo-coco-mobilenet_v2.h5

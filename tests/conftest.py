@@ -123,10 +123,11 @@ def run_cli(module: str, *args, timeout: float = 300, env: dict | None = None) -
     full_env.setdefault("PYTHONHASHSEED", "0")
     full_env.setdefault("OMP_NUM_THREADS", TEST_THREADS)
     full_env.setdefault("MKL_NUM_THREADS", TEST_THREADS)
+    full_env.setdefault("PYTHONIOENCODING", "utf-8")  # read back as UTF-8 below, whatever the locale
     if env:
         full_env.update(env)
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=full_env)
+                          text=True, encoding="utf-8", timeout=timeout, env=full_env)
 
 
 @pytest.fixture(scope="session")

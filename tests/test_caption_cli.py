@@ -145,7 +145,7 @@ def test_caption_cli_starts_where_torch_cannot_be_imported(photos, tmp_path):
                                               env=env, capture_output=True, text=True, timeout=60).stdout
 
 
-def test_make_caption(ckpt, photos):
+def test_make_caption(ckpt, photos, tmp_path):
     make = shutil.which("make")
     if make is None:
         pytest.skip("make is not installed")
@@ -155,6 +155,12 @@ def test_make_caption(ckpt, photos):
                         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.splitlines() == photos and str(ckpt) in ok.stderr
+    spaced = tmp_path / "my runs" / "best.pt"  # a checkpoint path with a space is one path
+    spaced.parent.mkdir()
+    shutil.copy(ckpt, spaced)
+    ok = subprocess.run([*base, f"IMAGES={photos[0]}", f"CHECKPOINT={spaced}", "CAPTION_ARGS=--dry-run"],
+                        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and str(spaced) in ok.stderr, ok.stderr
     missing = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and 'IMAGES="a.jpg photos/"' in missing.stderr
 
@@ -170,7 +176,7 @@ def test_evaluate_json_means_what_it_means_in_caption(ckpt, shared_cache, tmp_pa
             "--beam-size", "2"]
     r = CliRunner().invoke(main, [*args, "--json", "--json-out", str(out)])
     assert r.exit_code == 0, r.output
-    printed, written = json.loads(r.stdout), json.loads(out.read_text())
+    printed, written = json.loads(r.stdout), json.loads(out.read_text(encoding="utf-8"))
     printed.pop("seconds"), written.pop("seconds")
     assert printed == written and printed["decode"]["beam_size"] == 2 and "CIDEr" in printed["metrics"]
     table = CliRunner().invoke(main, args)

@@ -14,7 +14,7 @@ def test_the_token_cache_folder_a_run_makes_is_gone_when_it_ends(tmp_path: Path)
     (tmp_path / "test_inner.py").write_text(
         "import os\n"
         "def test_records_it():\n"
-        f"    open({str(seen)!r}, 'w').write(os.environ['CAPCACHE_TOKEN_CACHE'])\n")
+        f"    open({str(seen)!r}, 'w').write(os.environ['CAPCACHE_TOKEN_CACHE'])\n", encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k != "CAPCACHE_TOKEN_CACHE"}
     env["PYTHONPATH"] = str(TESTS)
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",

@@ -104,7 +104,7 @@ def token_env(tmp_path, monkeypatch, coco_dir):
 
     monkeypatch.setenv("CAPCACHE_TOKEN_CACHE", str(tmp_path / "tokens"))
     captions = tmp_path / "captions.json"
-    shutil.copy(coco_dir / "captions.json", captions)
+    shutil.copyfile(coco_dir / "captions.json", captions)  # not its mode: the shared data may be read-only
     records = load_dataset("coco", captions, coco_dir / "images")[:30]
     calls = []
     real = tokenizer_mod.tokenize
