@@ -145,6 +145,20 @@ def decode_settings(num_captions: int = 1, beam_size: int = 3, max_len: int = 20
     return dcfg, scfg
 
 
+_FORK_HOOK = []
+
+
+def _one_thread_in_forked_children() -> None:
+    """A process that loaded a model and then forks (gunicorn --preload, a multiprocessing 'fork' pool):
+    GNU OpenMP's thread pool does not survive a fork, and a child running torch on several threads hangs
+    in its first pass. Children caption on one torch thread."""
+    if not _FORK_HOOK and hasattr(os, "register_at_fork"):
+        import torch
+
+        os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
+        _FORK_HOOK.append(True)
+
+
 class Captioner:
     """Backbone + decoder + vocabulary, rebuilt from one self-describing checkpoint."""
 
@@ -175,6 +189,7 @@ class Captioner:
         if backbone.feature_dim != decoder.cfg.feature_dim or backbone.preprocess.describe() != bb["preprocess"]:
             raise BackboneError(f"backbone {bb['name']} built here does not match the checkpoint's "
                                 f"(feature size or preprocessing differ)")
+        _one_thread_in_forked_children()
         return cls(backbone, decoder, vocab, str(path))
 
     def caption(self, images: Sequence, num_captions: int = 1, beam_size: int = 3, max_len: int = 20,

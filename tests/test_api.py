@@ -353,3 +353,29 @@ def test_load_takes_none_or_a_torch_device_and_refuses_other_things(ckpt):
     assert Captioner.load(ckpt, device=torch.device("cpu")).decoder.out_bias.device.type == "cpu"
     with pytest.raises(ValueError, match="is not a device"):  # torch: TypeError "invalid combination"
         Captioner.load(ckpt, device=1)
+
+
+def test_a_captioner_loaded_before_a_fork_captions_in_the_child(ckpt, photos):
+    """gunicorn --preload, a multiprocessing 'fork' pool: the model is loaded once, then the process forks.
+    GNU OpenMP's thread pool does not survive a fork: a child that ran torch on several threads hung for
+    ever in its first encoder pass. Children now caption on one thread."""
+    script = f"""
+import os, sys
+import torch
+torch.set_num_threads(2)
+from stage2_decoder import Captioner
+cap = Captioner.load({str(ckpt)!r}, device="cpu")
+torch.ones(1000, 1000) @ torch.ones(1000, 1000)  # the parent's thread pool is started
+pid = os.fork()
+if pid == 0:
+    out = cap.caption([{photos[0]!r}], beam_size=1)
+    os._exit(0 if out[0]["caption"] else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    try:
+        done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "OMP_NUM_THREADS": "2"})
+    except subprocess.TimeoutExpired:
+        pytest.fail("the forked child hung in its first caption")
+    assert done.returncode == 0, done.stderr[-2000:]
