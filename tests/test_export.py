@@ -172,6 +172,17 @@ SHIP_FILES = ("common/__init__.py", "common/atomic.py", "common/bounds.py", "com
               "stage2_decoder/serving/__init__.py", "stage2_decoder/serving/onnx_captioner.py")
 
 
+def test_onnx_caption_refuses_a_misspelt_setting_and_accepts_the_ones_it_ignores(export_dir, photos):
+    """A typo (num_caption=3) gave one caption with no word said; Captioner.caption raises TypeError."""
+    from stage2_decoder.serving.onnx_captioner import OnnxCaptioner
+
+    oc = OnnxCaptioner.load(export_dir, threads=1)
+    with pytest.raises(TypeError, match="num_caption"):
+        oc.caption([photos[0]], num_caption=3)
+    out = oc.caption([photos[0]], beam_size=1, device="cpu", seed=3, temperature=0.5, top_p=0.9)
+    assert out[0]["caption"]
+
+
 def test_onnx_captioner_runs_from_the_shipped_files_where_torch_cannot_be_imported(export_dir, photos, tmp_path):
     shipped = tmp_path / "shipped"
     for f in SHIP_FILES:

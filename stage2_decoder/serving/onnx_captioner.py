@@ -274,11 +274,13 @@ class OnnxCaptioner:
 
     def caption(self, images: Sequence, num_captions: int = 1, beam_size: int = 3, max_len: int = 20,
                 min_len: int = 1, length_penalty: float = 0.7, no_repeat_ngram: int = 0, batch_size: int = 32,
-                on_error: str = "raise", sample: bool = False, **ignored) -> list[dict]:
+                on_error: str = "raise", sample: bool = False, temperature: float | None = None,
+                top_p: float | None = None, seed: int | None = None, device: str | None = None) -> list[dict]:
         """One dict per image, in order: {"image", "caption", "captions": [{"caption", "score"}, ...]}, as
         the PyTorch `Captioner.caption` gives. images: file paths, PIL images, HxWx3 uint8 arrays or encoded
         bytes. on_error="return": an unreadable image gives {"image", "error"}. Settings the ONNX path has no
-        use for (device, seed, temperature, top_p) are ignored; sampling is not offered."""
+        use for (device, seed, temperature, top_p) are ignored; sampling is not offered; any other name
+        (a typo) is a TypeError, as in `Captioner.caption`."""
         if sample:
             raise ValueError("the ONNX captioner searches (beam); sampling needs the PyTorch checkpoint")
         if on_error not in ON_ERROR:
