@@ -128,6 +128,8 @@ def _views(im: Image.Image, pp: Preprocess, views: int, draft: bool = True) -> n
     if draft and pp.jpeg_draft and im.format == "JPEG":
         # ask for a decode at least resize x resize: both sides stay >= the target (a no-op once loaded)
         im.draft("RGB", (pp.resize, pp.resize))
+    if not im.width or not im.height:  # else a division by zero in the resize
+        raise ValueError(f"the image has no pixels ({im.width}x{im.height})")
     if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
         raise Image.DecompressionBombError(
             f"{im.width}x{im.height} pixels exceed the decompression-bomb limit of "

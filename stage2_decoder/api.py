@@ -11,8 +11,10 @@ stage 1's preprocessing (common.backbones), so their features match the cached o
 """
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator, Sequence
+from numbers import Integral
 from pathlib import Path
 
 from common.bounds import check
@@ -122,7 +124,8 @@ def as_image_list(images) -> list:
     import sys
 
     np = sys.modules.get("numpy")  # an array can only be given where numpy is already loaded
-    single = (str, bytes, os.PathLike) + ((np.ndarray,) if np is not None else ())
+    # bytes of any kind and an open file are one input each (captioned or refused), never iterated
+    single = (str, bytes, bytearray, memoryview, io.IOBase, os.PathLike) + ((np.ndarray,) if np is not None else ())
     pil = sys.modules.get("PIL.Image")
     if isinstance(images, single) or (pil is not None and isinstance(images, pil.Image)):
         return [images]
@@ -223,6 +226,9 @@ class Captioner:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
         check("batch_size", batch_size)
+        if first_chunk is not None and (isinstance(first_chunk, bool) or not isinstance(first_chunk, Integral)
+                                        or first_chunk < 1):
+            raise ValueError(f"first_chunk must be a whole number of at least 1, or None, got {first_chunk!r}")
         settings = decode_settings(**decode)
         images = as_image_list(images)
         bar = tqdm(total=len(images), unit="img", desc="caption", disable=not progress, leave=False)
@@ -260,12 +266,13 @@ class Captioner:
     def _load(self, image, index: int) -> torch.Tensor:
         """One input -> (3, crop, crop) uint8, through stage 1's preprocessing. Raises ImageError."""
         import numpy as np
+        import torch
         from PIL import Image
 
         # imported on use: importing this module stays free of PIL, numpy
-        from common.preprocess import ImageError
+        from common.preprocess import ImageError, load_views
         # imported on use: importing this module stays free of PIL, numpy, torch
-        from common.backbones import load_image_u8, preprocess_pil
+        from common.backbones import load_image_u8
 
         pp = self.backbone.preprocess
         if isinstance(image, (str, os.PathLike)):
@@ -275,11 +282,8 @@ class Captioner:
                 raise ImageError(f"images[{index}]: expected an HxWx3 uint8 array, got shape {image.shape} "
                                  f"dtype {image.dtype}")
             image = Image.fromarray(image, mode="RGB")
-        if isinstance(image, Image.Image):
-            try:
-                return preprocess_pil(image, pp)[0]
-            except (OSError, ValueError) as e:  # a lazily opened image whose data is broken
-                raise ImageError(f"images[{index}]: {type(e).__name__}: {e}") from e
+        if isinstance(image, Image.Image):  # any failure (a lazily opened image's broken data) is its ImageError
+            return torch.from_numpy(load_views(image, pp, name=f"images[{index}]")[0])
         raise TypeError(f"images[{index}]: expected a file path, a PIL image or an HxWx3 uint8 array, "
                         f"got {type(image).__name__}")
 

@@ -133,6 +133,25 @@ def test_unreadable_images_raise_or_are_returned(cap, photos, tmp_path):
     assert out[0]["caption"] == cap.caption([photos[0]])[0]["caption"]  # batching changes nothing
 
 
+def test_odd_inputs_are_one_input_each_with_one_plain_error(cap, photos):
+    """An open file or a bytearray was iterated (line by line, byte by byte) into dozens of inputs; a PIL
+    image's error was wrapped twice ("ImageError: image: ValueError: ..."); a 0x0 image read
+    "ZeroDivisionError"."""
+    with open(photos[0], "rb") as f, pytest.raises(TypeError, match=r"images\[0\]: .* got BufferedReader"):
+        cap.caption(f, on_error="return")  # a wrong kind of input is the caller's bug: raised, not returned
+    with pytest.raises(TypeError, match=r"images\[0\]: .* got bytearray"):
+        cap.caption(bytearray(b"\xff\xd8 not a photo"), on_error="return")
+    out = cap.caption([Image.new("LA", (8, 8)).convert("La"), np.zeros((0, 0, 3), np.uint8)], on_error="return")
+    assert out[0]["error"].startswith("images[0]: ValueError: ") and "ImageError" not in out[0]["error"]
+    assert out[1]["error"] == "images[1]: ValueError: the image has no pixels (0x0)"
+
+
+@pytest.mark.parametrize("first_chunk", [0, -1, 2.5, True])
+def test_caption_iter_refuses_a_first_chunk_that_is_no_count(cap, photos, first_chunk):
+    with pytest.raises(ValueError, match="first_chunk"):
+        list(cap.caption_iter(photos, batch_size=2, first_chunk=first_chunk))
+
+
 @pytest.mark.parametrize("kwargs, says", [({"num_captions": 0}, "num_captions"), ({"top_p": 0.0}, "top_p"),
                                           ({"temperature": -1.0}, "temperature"), ({"beam_size": 0}, "beam_size"),
                                           ({"on_error": "skip"}, "on_error"), ({"batch_size": 0}, "batch_size")])
