@@ -3,6 +3,7 @@ options it generates from config dataclasses (train's settings, the shared decod
 from __future__ import annotations
 
 import functools
+import io
 import signal
 import sys
 import typing
@@ -81,6 +82,10 @@ def run_guarded(work: Callable[[], int], interrupted_msg: str = "interrupted") -
     meanwhile inherit that).
     """
     old = signal.signal(signal.SIGTERM, _on_sigterm)
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        # a caption in letters the terminal's encoding lacks (Latin-1 and Japanese) prints escaped, as
+        # stderr already does, instead of failing after the work is done
+        sys.stdout.reconfigure(errors="backslashreplace")
     old_show = warnings.showwarning
     warnings.showwarning = _show_warning
     try:

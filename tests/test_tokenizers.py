@@ -183,6 +183,13 @@ def test_a_japanese_run_trains_on_characters_and_captions_without_spaces(cli, co
         assert text and " " not in text, item
         assert set(text.replace("<unk>", "")) <= chars, item
 
+    # a terminal whose encoding has no such characters (Latin-1): escaped, not a crash after the work is done
+    latin = ok(cli("stage2_decoder.caption", "--checkpoint", run / "best.pt", photos, "--json",
+                   env={"PYTHONIOENCODING": "latin-1"}))
+    assert json.loads(latin.stdout) == items and "\\u" in latin.stdout
+    text = ok(cli("stage2_decoder.caption", "--checkpoint", run / "best.pt", photos, env={"PYTHONIOENCODING": "latin-1"}))
+    assert len(text.stdout.splitlines()) == len(JAPANESE)
+
     res = {item["image"]: item["caption"] for item in items}
     gts = {str(photos / f"{k}.jpg"): caps for k, caps in JAPANESE.items()}
     scores, per_image, _ = score_captions(gts, res, tokenizer=ckpt["vocab"]["tokenizer"])
