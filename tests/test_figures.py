@@ -214,6 +214,27 @@ def test_plot_skips_numbers_that_are_not_finite_floats_and_marks_the_real_best(t
     assert plot_run(run).stat().st_size > 0
 
 
+def test_plot_marks_the_epoch_training_flagged_not_a_rounded_tie(shared_cache, tmp_path):
+    """metrics.jsonl rounds val_cider to 4 places: 0.46358 (epoch 2) and 0.46361 (epoch 3, the one best.pt
+    holds) both read 0.4636, and the earliest of a tie was marked. Training now flags the line."""
+    from stage2_decoder.reporting.curves import marked_best_epoch, read_metrics
+    from stage2_decoder.training.checkpoint import load_checkpoint
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
+
+    rows = [{"epoch": 1, "val_cider": 0.2, "best": True}, {"epoch": 2, "val_cider": 0.4636, "best": True},
+            {"epoch": 3, "val_cider": 0.4636, "best": True}, {"epoch": 4, "val_cider": 0.41, "best": "yes"}]
+    assert marked_best_epoch({}, rows) == 3
+    assert marked_best_epoch({}, [{k: v for k, v in r.items() if k != "best"} for r in rows]) == 2  # old runs
+
+    run = tmp_path / "run"
+    train(TrainConfig(features=str(shared_cache), out=str(run), epochs=3, scst_epochs=0, batch_size=16,
+                      embed_size=16, hidden_size=32, vocab_threshold=2, val_images=8, device="cpu", progress=False))
+    records = read_metrics(run)
+    assert any(r.get("best") is True for r in records)
+    assert marked_best_epoch({}, records) == load_checkpoint(run / "best.pt")["epoch"]
+
+
 def test_plot_refuses_what_is_neither_a_run_nor_a_sweep(tmp_path):
     from click.testing import CliRunner
 

@@ -63,7 +63,12 @@ def run_config(run_dir: Path) -> dict:
 
 
 def marked_best_epoch(config: dict, records: list[dict]) -> int | None:
-    """The epoch best.pt holds, by the run's --select-by rule (its config.json), without loading torch."""
+    """The epoch best.pt holds, without loading torch: the last one its metrics.jsonl line says became
+    the best; in a run from before that flag, by the run's --select-by rule (its config.json) on the
+    rounded scores the lines hold."""
+    flagged = [r["epoch"] for r in records if r.get("best") is True]
+    if flagged:
+        return flagged[-1]
     select_by = config.get("select_by", "cider")
     key, sign = ("val_cider", 1) if select_by == "cider" else ("val_loss", -1)
     scored = [(sign * v, -epoch) for epoch, v in zip(*_series(records, key))]

@@ -138,6 +138,7 @@ def _train(cfg: TrainConfig, owned: contextlib.ExitStack) -> TrainResult:
         is_best = score > best["score"]
         if is_best:
             best = {"score": score, "epoch": epoch + 1, **val}
+            rec["best"] = True  # the plot marks the epoch best.pt holds without comparing rounded scores
         sched.step(score)
         save_epoch(run, cfg, saved, model if averaged else None, opt, sched, device, data.vocab, data.backbone,
                    data.split, history, best, is_best, ema.updates if averaged else None)
