@@ -365,6 +365,18 @@ def test_caption_features_takes_a_float_array_as_a_tensor(cap):
     assert cap.caption_features(feats[:0]) == []
 
 
+def test_sampling_from_features_draws_alike_in_every_float_type(cap):
+    """bfloat16 features (a GPU cache's) refused sampling (numpy holds no bfloat16), and float64 copies of
+    float32 features drew other captions: the draws were keyed on the row's raw bytes."""
+    feats = torch.from_numpy(np.random.default_rng(0).normal(size=(2, cap.decoder.cfg.feature_dim)).astype(np.float32))
+    feats = feats.bfloat16().float()  # values every type below holds exactly
+    kw = dict(sample=True, seed=5, num_captions=3)
+    want = cap.caption_features(feats, **kw)
+    for dtype in (torch.float64, torch.bfloat16):
+        got = cap.caption_features(feats.to(dtype), **kw)
+        assert [r["caption"] for r in got] == [r["caption"] for r in want], dtype
+
+
 def test_load_takes_none_or_a_torch_device_and_refuses_other_things(ckpt):
     from stage2_decoder import Captioner
 

@@ -14,8 +14,13 @@ from stage2_decoder.model import CaptionDecoder
 
 
 def content_key(data: torch.Tensor) -> int:
-    """What an image's draws are seeded from besides the seed: a digest of its pixels (or its feature row)."""
-    return int.from_bytes(hashlib.sha256(data.detach().cpu().contiguous().numpy().tobytes()).digest()[:16], "big")
+    """What an image's draws are seeded from besides the seed: a digest of its pixels (or its feature row;
+    floats as float32, so the same values give the same draws in any float type, bfloat16 included, which
+    numpy cannot hold)."""
+    data = data.detach().cpu()
+    if data.is_floating_point():
+        data = data.float()
+    return int.from_bytes(hashlib.sha256(data.contiguous().numpy().tobytes()).digest()[:16], "big")
 
 
 def image_seed(seed: int, key: int) -> int:
