@@ -649,3 +649,25 @@ def test_a_500_leaves_the_connection_open_for_the_clients_next_request():
                 got += chunk
     assert got.startswith(b"HTTP/1.1 500 ") and b"Internal error (RuntimeError)" in got
     assert b"HTTP/1.1 200 " in got and b"a red photo" in got, got[-300:]
+
+
+def test_retry_after_counts_the_requests_still_uploading_and_stops_at_the_request_timeout():
+    """Under a flood the queue for the model was empty while 64 admitted requests were still uploading:
+    every refusal said "try again in 1 s" though they took ~10 s; and a server with a 1.5 s request
+    timeout said 44 s, though by then every request in front is answered or dropped."""
+    from types import SimpleNamespace
+
+    from stage2_decoder.serving.admission import busy
+
+    def state(pending, in_progress):
+        return SimpleNamespace(batcher=SimpleNamespace(pending_images=pending), in_progress=in_progress,
+                               per_image={"encode": 0.1, "decode": 0.05})
+
+    def retry_after(*args):
+        return int(busy(*args).headers["Retry-After"])
+
+    assert retry_after(state(0, 0), "busy") == 1
+    assert retry_after(state(0, 64), "busy", 30) == 10  # 65 images at 0.15 s each
+    assert retry_after(state(200, 64), "busy", 60) == 31  # the queued images, when they are more
+    assert retry_after(state(300, 64), "busy", 1.5) == 2
+    assert retry_after(state(1000, 64), "busy") == 60

@@ -63,7 +63,7 @@ class Admission:
             return await reply(send, body_too_large(self.cfg, int(declared)))
         if self.state.in_progress >= self.cfg.max_queue or self.state.batcher.full(1):
             self.state.batcher.stats.refused += 1
-            return await reply(send, busy(self.state, "The server is busy"))
+            return await reply(send, busy(self.state, "The server is busy", self.cfg.request_timeout_s))
         self.state.in_progress += 1
         seen, gone = 0, False
         deadline = scope["capcache.deadline"] = time.monotonic() + self.cfg.request_timeout_s
@@ -131,10 +131,14 @@ async def reply(send, e: RequestError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def busy(state, what: str) -> RequestError:
-    """503 with Retry-After: the seconds the queue in front needs, from the recent time per image."""
+def busy(state, what: str, request_timeout_s: float = 60) -> RequestError:
+    """503 with Retry-After: the seconds the queue in front needs, from the recent time per image. In front:
+    the images queued for the model, or, when more, the requests admitted (each at least one image; those
+    still uploading or decoding are not queued yet). Never past `request_timeout_s`: by then every request
+    now in front has been answered or dropped."""
     pending = state.batcher.pending_images
-    wait = max(1, min(60, math.ceil((pending + 1) * sum(state.per_image.values()))))
+    ahead = max(pending, state.in_progress)
+    wait = max(1, min(60, math.ceil(request_timeout_s), math.ceil((ahead + 1) * sum(state.per_image.values()))))
     return RequestError(503, f"{what}: {pending} images are waiting and {state.in_progress} requests are in "
                              f"progress; try again in {wait} s.",
                         {"Retry-After": str(wait)})

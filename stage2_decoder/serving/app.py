@@ -289,7 +289,7 @@ def create_app(captioner, cfg: ServeConfig):
         try:
             future = batcher.submit(arrays, key, deadline)
         except QueueFull:
-            raise busy(state, "The server is busy") from None
+            raise busy(state, "The server is busy", cfg.request_timeout_s) from None
         try:
             results = await await_answer(request, future, deadline - time.monotonic())
         except DeadlineExceeded:

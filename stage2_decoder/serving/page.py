@@ -64,7 +64,7 @@ async function send(file) {
     try { data = await reply.json(); } catch (err) { data = null; }
     if (reply.ok && data) return data.results[0];
     if (reply.status === 503 && attempt < RETRIES) {
-      const wait = Math.min(30, Number(reply.headers.get("Retry-After")) || 2);
+      const wait = Math.min(60, Number(reply.headers.get("Retry-After")) || 2);
       await new Promise(done => setTimeout(done, 1000 * wait));
       continue;
     }
