@@ -185,6 +185,36 @@ def test_metric_loss_ranks_ascending_and_picks_best_by_loss(shared_cache, tmp_pa
     assert not (out / "sweep.png").exists()
 
 
+def test_a_run_the_machine_failed_is_resumed_by_the_next_sweep(shared_cache, tmp_path, monkeypatch):
+    """A full disk or a killed run process was recorded as the run's failure: once space was freed, the
+    same command said '2 already finished, 2 failed' and trained nothing (only --retry-failed did)."""
+    import errno
+
+    import stage2_decoder.sweeps.run as sweep_run
+    from stage2_decoder.sweeps.grid import RunSpec
+
+    cfg = SweepConfig(features=str(shared_cache), out=str(tmp_path / "sweep"), grid={"lr": [0.001, 0.01], **TINY},
+                      n_jobs=1, threads=1, dry_run=True, progress=False, plot=False)
+    real = sweep_run.train
+
+    def disk_full(c):
+        if "lr=0.01" in c.out:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(c)
+
+    monkeypatch.setattr(sweep_run, "train", disk_full)  # forked runs inherit it
+    first = run_sweep(cfg)
+    assert [x["status"] for x in first.rows] == ["ok", "failed"] and "No space left" in first.failed[0]["error"]
+    monkeypatch.setattr(sweep_run, "train", real)  # space freed
+    again = run_sweep(cfg)
+    assert (again.ran, again.skipped) == (1, 1) and all(x["status"] == "ok" for x in again.rows)
+    # a failure of the settings stays recorded until --retry-failed; a killed process is the machine's
+    spec = RunSpec("r", str(tmp_path / "r"), str(shared_cache), {})
+    killed, crashed = sweep_run.exit_record(spec, -9), sweep_run.exit_record(spec, 1)
+    assert killed["machine_failure"] is True and "SIGKILL" in killed["error"]
+    assert crashed["machine_failure"] is False
+
+
 def test_a_widened_grid_reuses_the_runs_it_already_finished(shared_cache, tmp_path):
     """A setting that went from fixed to varied renamed every run's folder (the varied settings are in the
     name), so each finished run was trained again under its new name."""

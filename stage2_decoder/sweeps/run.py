@@ -50,11 +50,28 @@ def divergence(history: list[dict]) -> str | None:
     return None
 
 
-def record(spec: RunSpec, status: str, error: str = "", **values) -> dict:
+def record(spec: RunSpec, status: str, error: str = "", machine: bool = False, **values) -> dict:
+    """A run's result.json. `machine`: it failed for the machine, not its settings (a full disk, a killed
+    process): the next run of the sweep redoes it (from its last.pt) without --retry-failed."""
     return {"run": spec.name, "status": status, "val_cider": finite_number(values.get("val_cider")),
             "val_loss": finite_number(values.get("val_loss")), "best_epoch": values.get("best_epoch"),
             "epochs_run": values.get("epochs_run"), "seconds": values.get("seconds"),
-            "checkpoint": values.get("checkpoint", ""), "error": error, "params": spec.params}
+            "checkpoint": values.get("checkpoint", ""), "error": error, "params": spec.params,
+            "machine_failure": machine}
+
+
+def redone_by_a_rerun(rec: dict) -> bool:
+    """A failed run the next sweep tries again by itself (its failure was the machine's)."""
+    return rec["status"] == "failed" and rec.get("machine_failure") is True
+
+
+def _machine_error(e: BaseException) -> bool:
+    """An OSError (disk full, a folder that cannot be written) anywhere in the error's causes."""
+    while e is not None:
+        if isinstance(e, OSError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _run_one(spec: RunSpec, threads: int | None) -> dict:
@@ -79,7 +96,7 @@ def _run_one(spec: RunSpec, threads: int | None) -> dict:
         traceback.print_exc(file=sys.stderr)  # into train.log for the full story
         msg = (str(e).strip().splitlines() or [""])[0]
         rec = record(spec, "failed", f"{type(e).__name__}: {msg}" if msg else type(e).__name__,
-                      seconds=round(time.perf_counter() - t0, 2))
+                      machine=_machine_error(e), seconds=round(time.perf_counter() - t0, 2))
     rec.update(started_at=started, host=socket.gethostname(), pid=os.getpid())  # where and when it ran
     write_json(run_dir / RESULT, rec)
     return rec
@@ -159,12 +176,14 @@ def _child_main(spec: RunSpec, threads: int | None, gpu: str | None = None) -> N
         os._exit(INTERRUPTED_EXIT)
 
 
-def _exit_reason(code: int | None) -> str:
+def exit_record(spec: RunSpec, code: int | None) -> dict:
+    """The failed record of a run whose process ended without writing one; killed by a signal, it is the
+    machine's failure (the next sweep resumes it), any other exit the run's."""
     if code is not None and code < 0:
         sig = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
         hint = " (out of memory?)" if -code == signal.SIGKILL else ""
-        return f"the run's process was killed by {sig}{hint}"
-    return f"the run's process exited with code {code} without a result"
+        return record(spec, "failed", f"the run's process was killed by {sig}{hint}", machine=True)
+    return record(spec, "failed", f"the run's process exited with code {code} without a result")
 
 
 def _start_context():
@@ -198,7 +217,7 @@ def _run_forked(spec: RunSpec, threads: int | None, gpus: "queue.Queue | None" =
         return rec
     if _STOP.is_set() or p.exitcode in (INTERRUPTED_EXIT, -signal.SIGINT, -signal.SIGTERM):
         return None  # interrupted, not failed: a rerun redoes it
-    rec = record(spec, "failed", _exit_reason(p.exitcode))
+    rec = exit_record(spec, p.exitcode)
     write_json(Path(spec.run_dir) / RESULT, rec)
     return rec
 
@@ -276,7 +295,7 @@ def _run_in_process(spec: RunSpec, threads: int) -> dict:
         proc = subprocess.run([sys.executable, "-m", "stage2_decoder.sweeps.run", json.dumps(
             {"name": spec.name, "run_dir": spec.run_dir, "features": spec.features, "params": spec.params}),
             str(threads)], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, check=False)
-    rec = read_result(spec) or record(spec, "failed", _exit_reason(proc.returncode))
+    rec = read_result(spec) or exit_record(spec, proc.returncode)
     rec = {**rec, "worker_pid": os.getpid()}  # pid: the run's own process
     write_json(run_dir / RESULT, rec)
     return rec

@@ -16,7 +16,8 @@ from stage2_decoder.reporting.curves import METRICS, plot_sweep
 from stage2_decoder.sweeps.grid import (RunSpec, SweepError, expand_grid, load_grid, normalize_grid, run_digest,
                                        run_name, sample_grid, varied_keys)
 from stage2_decoder.sweeps.results import rank_rows, write_json, write_results
-from stage2_decoder.sweeps.run import SWEEP_PID, read_result, record, warm_page_cache, run_dask, run_local
+from stage2_decoder.sweeps.run import (SWEEP_PID, read_result, record, redone_by_a_rerun, warm_page_cache, run_dask,
+                                       run_local)
 
 
 @dataclass
@@ -130,7 +131,7 @@ def _run_locked(cfg: SweepConfig, out: Path, specs: list[RunSpec], grid: dict[st
     pending = []
     for s in specs:
         rec = read_result(s)
-        if rec is not None and (rec["status"] == "ok" or not cfg.retry_failed):
+        if rec is not None and (rec["status"] == "ok" or not (cfg.retry_failed or redone_by_a_rerun(rec))):
             records[s.name] = rec
         else:
             pending.append(s)
