@@ -215,6 +215,23 @@ def test_a_run_the_machine_failed_is_resumed_by_the_next_sweep(shared_cache, tmp
     assert crashed["machine_failure"] is False
 
 
+def test_a_resumed_run_keeps_the_torch_threads_it_started_with(shared_cache, tmp_path):
+    """A rerun with fewer runs left gave each more threads (cores // runs at once), so a resumed run summed
+    in another order and ended unlike the uninterrupted sweep's."""
+    cfg = SweepConfig(features=str(shared_cache), out=str(tmp_path / "sweep"), grid={"lr": [0.001, 0.01], **TINY},
+                      n_jobs=1, threads=1, dry_run=True, progress=False, plot=False)
+    first = run_sweep(cfg)
+    resumed = Path(first.rows[0]["checkpoint"]).parent
+    (resumed / "result.json").unlink()  # unfinished, its last.pt kept
+    fresh = tmp_path / "sweep" / first.rows[1]["run"]
+    for name in ("result.json", "last.pt", "best.pt"):
+        (fresh / name).unlink()  # not begun
+    again = run_sweep(replace(cfg, threads=2))
+    assert again.ran == 2
+    assert json.loads((resumed / "params.json").read_text())["threads"] == 1
+    assert json.loads((fresh / "params.json").read_text())["threads"] == 2
+
+
 def test_a_widened_grid_reuses_the_runs_it_already_finished(shared_cache, tmp_path):
     """A setting that went from fixed to varied renamed every run's folder (the varied settings are in the
     name), so each finished run was trained again under its new name."""

@@ -74,15 +74,32 @@ def _machine_error(e: BaseException) -> bool:
     return False
 
 
+def _threads_of_the_run(run_dir: Path, threads: int | None) -> int:
+    """Torch threads for a run: one resumed from its last.pt goes on with those it started with (params.json),
+    since another count sums in another order and the run would not end as an uninterrupted one (a rerun
+    with fewer runs left gives each more cores); a fresh run takes `threads` (None: torch's count)."""
+    import torch
+
+    if (run_dir / "last.pt").exists():
+        try:
+            before = read_json(run_dir / PARAMS, "run params", expect=dict).get("threads")
+        except (OSError, JSONFileError):
+            before = None
+        if isinstance(before, int) and not isinstance(before, bool) and 1 <= before <= 4096:
+            return before
+    return threads or torch.get_num_threads()
+
+
 def _run_one(spec: RunSpec, threads: int | None) -> dict:
     """Train one configuration and write its result.json. Never raises for a failure of the run itself."""
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / PARAMS, {"run": spec.name, "features": spec.features, "params": spec.params})
+    threads = _threads_of_the_run(run_dir, threads)
+    torch.set_num_threads(threads)
+    write_json(run_dir / PARAMS, {"run": spec.name, "features": spec.features, "params": spec.params,
+                                  "threads": threads})
     t0, started = time.perf_counter(), time.time()
     try:
         r = train(TrainConfig(features=spec.features, out=spec.run_dir, progress=False, **spec.params))
