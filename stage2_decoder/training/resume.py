@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import MISSING, asdict
 from pathlib import Path
 
@@ -136,6 +137,11 @@ def resume_run(run: Path, cfg, model, opt, sched, vocab: Vocabulary, device, bac
         raise CheckpointError(f"cannot resume from {last}: {type(e).__name__}: {e}") from e
     _check_progress(last, run, epoch, best, history)
     _check_resume_epochs(last, cfg, old, epoch)
+    threads, now = ckpt.get("torch_threads"), torch.get_num_threads()
+    if torch.device(device).type == "cpu" and isinstance(threads, int) and threads != now:
+        # said, not refused: moving a run to a bigger machine is fair; its last bits then differ
+        warnings.warn(f"{last} was trained on {threads} torch threads and goes on with {now}: it will not end "
+                      f"bit for bit as an uninterrupted run would (OMP_NUM_THREADS={threads} keeps it so)")
     if cfg.progress:
         tqdm.write(f"resuming {run} after epoch {epoch}")
     return history, epoch, best

@@ -61,7 +61,8 @@ def save_epoch(run: Path, cfg: TrainConfig, saved: CaptionDecoder, trained: Capt
     the number of updates the average holds (`ema_updates`: its warm-up goes on from there)."""
     rec = history[-1]
     extra = dict(epoch=rec["epoch"], optimizer_state=cpu_optimizer_state(opt), scheduler_state=sched.state_dict(),
-                 rng_state=torch.get_rng_state(), train_config=asdict(cfg), history=history, best=best,
+                 rng_state=torch.get_rng_state(), torch_threads=torch.get_num_threads(), train_config=asdict(cfg),
+                 history=history, best=best,
                  split={"val": split["val"], "test": split["test"]}, **cuda_rng_state(device))
     if trained is not None:
         extra["train_model_state"] = cpu_state(trained)
