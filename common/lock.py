@@ -88,8 +88,11 @@ def hold(lock_file: str | os.PathLike, what: str) -> Iterator[Path]:
         except BlockingIOError:
             raise OutputBusy(f"{what} {lock_file.parent} is in use by process {holder(lock_file)} (lock "
                              f"{lock_file}); wait for it to finish or stop it, or use another folder") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:  # a full disk: said with the file, like a failed open
+            raise OSError(e.errno, f"cannot lock {what} {lock_file.parent}: {e.strerror}") from e
         _held.add(fd)
         yield lock_file
     finally:

@@ -109,6 +109,39 @@ def test_a_second_extraction_of_a_cache_in_progress_is_refused(coco_dir, tmp_pat
     assert not out.exists() and os.listdir(tmp_path / "c.h5.parts") == [".lock"]
 
 
+def test_a_lock_file_a_full_disk_cannot_take_names_its_folder(tmp_path, monkeypatch):
+    """Only the open was said with the folder; the pid write failed as a bare "[Errno 28] No space left"."""
+    import errno
+
+    from common import lock
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lock.os, "write", full)
+    with pytest.raises(OSError, match=f"cannot lock sweep {tmp_path}: No space left on device"):
+        with lock.hold(tmp_path / ".lock", "sweep"):
+            pass
+
+
+def test_a_sweep_plot_that_cannot_be_drawn_is_a_warning_not_the_sweeps_failure(shared_cache, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """A run's curves that cannot be drawn are a warning; a sweep's failed the whole sweep after its runs."""
+    import stage2_decoder.sweeps.sweep as sweep_mod
+    from stage2_decoder.sweeps.sweep import SweepConfig, run_sweep
+
+    def no_room(out):
+        raise OSError(28, f"cannot write sweep plot {out}/sweep.png: No space left on device")
+
+    monkeypatch.setattr(sweep_mod, "plot_sweep", no_room)
+    r = run_sweep(SweepConfig(features=str(shared_cache), out=str(tmp_path / "s"),
+                              grid={"lr": [0.001], "embed_size": 16, "epochs": 1, "val_images": 8, "scst_epochs": 0},
+                              n_jobs=1, threads=1, dry_run=True, progress=False))
+    assert r.plot is None and [x["status"] for x in r.rows] == ["ok"] and (tmp_path / "s" / "results.md").is_file()
+    err = capsys.readouterr().err
+    assert "warning: sweep plot not drawn: " in err and "sweep.png: No space left on device" in err
+
+
 def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path):
     from common.lock import OutputBusy, hold
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,5 +149,8 @@ def _run_locked(cfg: SweepConfig, out: Path, specs: list[RunSpec], grid: dict[st
                          seconds=round(time.perf_counter() - t0, 1))
     result.tables = [str(p) for p in write_results(out, rows, grid, varied, cfg.metric)]
     if cfg.plot:
-        result.plot = str(plot_sweep(out))
+        try:  # a convenience, as a run's curves are: the runs and their tables are what a sweep is for
+            result.plot = str(plot_sweep(out))
+        except Exception as e:  # noqa: BLE001
+            tqdm.write(f"warning: sweep plot not drawn: {e}", file=sys.stderr)
     return result
