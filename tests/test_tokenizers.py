@@ -187,7 +187,8 @@ def test_a_japanese_run_trains_on_characters_and_captions_without_spaces(cli, co
     latin = ok(cli("stage2_decoder.caption", "--checkpoint", run / "best.pt", photos, "--json",
                    env={"PYTHONIOENCODING": "latin-1"}))
     assert json.loads(latin.stdout) == items and "\\u" in latin.stdout
-    text = ok(cli("stage2_decoder.caption", "--checkpoint", run / "best.pt", photos, env={"PYTHONIOENCODING": "latin-1"}))
+    text = ok(cli("stage2_decoder.caption", "--checkpoint", run / "best.pt", photos,
+                  env={"PYTHONIOENCODING": "latin-1"}))
     assert len(text.stdout.splitlines()) == len(JAPANESE)
 
     res = {item["image"]: item["caption"] for item in items}

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
+import subprocess
+import tempfile
 from collections import Counter
 
 from common.tokenizer import DEFAULT_TOKENIZER, tokenize
@@ -58,15 +61,12 @@ def ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
     dropped), the same Stanford jar and flags, with its input file in the temp folder: pycocoevalcap's
     own `PTBTokenizer` writes it into its package folder, which a user who did not install the
     package (a shared or system environment, a container run as another user) cannot write."""
-    import os
-    import subprocess
-    import tempfile
-
     from pycocoevalcap.tokenizer import ptbtokenizer
 
     keys = [k for k, caps in captions.items() for _ in caps]
     text = "\n".join(c.replace("\n", " ") for caps in captions.values() for c in caps)
-    jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)), ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)),
+                       ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
     fd, path = tempfile.mkstemp(prefix="capcache-ptb-", suffix=".txt")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -81,7 +81,8 @@ def ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
         raise RuntimeError(f"the PTB tokenizer (Java) failed: {err[-1] if err else f'exit {out.returncode}'}")
     tokenized: dict[str, list[str]] = {}
     for key, line in zip(keys, lines):
-        tokenized.setdefault(key, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in ptbtokenizer.PUNCTUATIONS))
+        words = (w for w in line.rstrip().split(" ") if w not in ptbtokenizer.PUNCTUATIONS)
+        tokenized.setdefault(key, []).append(" ".join(words))
     return tokenized
 
 
