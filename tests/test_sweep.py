@@ -215,19 +215,26 @@ def test_a_run_the_machine_failed_is_resumed_by_the_next_sweep(shared_cache, tmp
     assert crashed["machine_failure"] is False
 
 
-def test_a_resumed_run_keeps_the_torch_threads_it_started_with(shared_cache, tmp_path):
+def test_a_resumed_run_keeps_the_torch_threads_it_started_with(cli, shared_cache, tmp_path):
     """A rerun with fewer runs left gave each more threads (cores // runs at once), so a resumed run summed
-    in another order and ended unlike the uninterrupted sweep's."""
-    cfg = SweepConfig(features=str(shared_cache), out=str(tmp_path / "sweep"), grid={"lr": [0.001, 0.01], **TINY},
-                      n_jobs=1, threads=1, dry_run=True, progress=False, plot=False)
-    first = run_sweep(cfg)
-    resumed = Path(first.rows[0]["checkpoint"]).parent
+    in another order and ended unlike the uninterrupted sweep's. Through the CLI: a sweep forks its runs
+    before any torch op of its own, and a run on 2 threads forked from this test process, whose OpenMP
+    pool is already started, would hang."""
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"lr": [0.001, 0.01], **TINY}))
+    out = tmp_path / "sweep"
+
+    def sweep(threads):
+        p = cli("stage2_decoder.sweep", "--features", shared_cache, "--out", out, "--grid", grid, "--n-jobs", "1",
+                "--threads", threads, "--dry-run", "--no-progress", timeout=240)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return sorted(d for d in out.iterdir() if d.is_dir())
+
+    resumed, fresh = sweep(1)
     (resumed / "result.json").unlink()  # unfinished, its last.pt kept
-    fresh = tmp_path / "sweep" / first.rows[1]["run"]
     for name in ("result.json", "last.pt", "best.pt"):
         (fresh / name).unlink()  # not begun
-    again = run_sweep(replace(cfg, threads=2))
-    assert again.ran == 2
+    sweep(2)
     assert json.loads((resumed / "params.json").read_text())["threads"] == 1
     assert json.loads((fresh / "params.json").read_text())["threads"] == 2
 
