@@ -64,6 +64,7 @@ BOUNDS: dict[str, Bound] = {
     "top_p": Bound(float, 0.0, 1.0, lo_open=True),
     "seed": SEED,  # sampling, training and --random's seed alike
     "batch_size": _int(1, 65_536),  # images per captioning batch, captions per training batch
+    "first_chunk": _int(1, 65_536),  # the API's first, smaller batch (caption_iter)
     # training (TrainConfig): the CLI, sweep grids and train(cfg) from Python
     "epochs": _int(1, MAX_EPOCHS),
     "lr": Bound(float, 0.0, 10.0, lo_open=True),

@@ -11,10 +11,10 @@ stage 1's preprocessing (common.backbones), so their features match the cached o
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 from collections.abc import Iterator, Sequence
-from numbers import Integral
 from pathlib import Path
 
 from common.bounds import check
@@ -148,18 +148,15 @@ def decode_settings(num_captions: int = 1, beam_size: int = 3, max_len: int = 20
     return dcfg, scfg
 
 
-_FORK_HOOK = []
-
-
+@functools.cache  # one hook per process
 def _one_thread_in_forked_children() -> None:
     """A process that loaded a model and then forks (gunicorn --preload, a multiprocessing 'fork' pool):
     GNU OpenMP's thread pool does not survive a fork, and a child running torch on several threads hangs
     in its first pass. Children caption on one torch thread."""
-    if not _FORK_HOOK and hasattr(os, "register_at_fork"):
+    if hasattr(os, "register_at_fork"):
         import torch
 
         os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
-        _FORK_HOOK.append(True)
 
 
 class Captioner:
@@ -175,16 +172,24 @@ class Captioner:
     def load(cls, path: str | os.PathLike | None = None, device: str = "auto",
              weights: str | None = None) -> "Captioner":
         """Load `path` (None: `find_checkpoint()`); `weights` overrides the backbone weights file it names."""
+        # imported on use: importing this module stays free of torch
+        from stage2_decoder.training.checkpoint import load_checkpoint
+
+        path = find_checkpoint(path)
+        return cls.from_checkpoint(load_checkpoint(path), path, device, weights)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, path: str | os.PathLike, device: str = "auto",
+                        weights: str | None = None) -> "Captioner":
+        """`load`, from a checkpoint already read from `path` (`load_checkpoint`)."""
         # imported on use: importing this module stays free of PIL, numpy, torch
         from common.backbones import BackboneError, load_backbone
         # imported on use: importing this module stays free of torch
         from common.device import resolve_device
         # imported on use: importing this module stays free of torch
-        from stage2_decoder.training.checkpoint import load_checkpoint, model_from_checkpoint
+        from stage2_decoder.training.checkpoint import model_from_checkpoint
 
-        path = find_checkpoint(path)
         dev = resolve_device(device)
-        ckpt = load_checkpoint(path)
         decoder, vocab = model_from_checkpoint(ckpt, dev)
         bb = ckpt["backbone"]
         backbone = load_backbone(bb["name"], weights or bb["weights"], dev, expected_sha256=bb.get("weights_sha256"),
@@ -226,9 +231,8 @@ class Captioner:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
         check("batch_size", batch_size)
-        if first_chunk is not None and (isinstance(first_chunk, bool) or not isinstance(first_chunk, Integral)
-                                        or first_chunk < 1):
-            raise ValueError(f"first_chunk must be a whole number of at least 1, or None, got {first_chunk!r}")
+        if first_chunk is not None:
+            check("first_chunk", first_chunk)
         settings = decode_settings(**decode)
         images = as_image_list(images)
         bar = tqdm(total=len(images), unit="img", desc="caption", disable=not progress, leave=False)

@@ -37,11 +37,10 @@ def collect_images(inputs: list[str], recursive: bool = False) -> list[str]:
     out = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir() and recursive:
-            found = (Path(d) / f for d, _, files in os.walk(p) for f in files)  # os.walk: symlinked folders not entered
+        if p.is_dir():
+            # os.walk: symlinked folders not entered
+            found = (Path(d) / f for d, _, files in os.walk(p) for f in files) if recursive else p.iterdir()
             out.extend(str(f) for f in sorted(found) if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_dir():
-            out.extend(str(f) for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES)
         else:
             out.append(item)
     return out

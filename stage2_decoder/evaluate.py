@@ -80,10 +80,10 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
         for path, what in ((json_out, "evaluation report"), (html_out, "gallery")):
             if path:
                 ready_to_write(path, what)
-        note = None
+        ckpt, note = load_checkpoint(ckpt_path), None
         if raw:  # which images: read (and checked) before the model is built
             recs, note = raw_records(load_dataset(dataset or "auto", captions, images, None, allow_outside_images),
-                                     load_checkpoint(ckpt_path).get("split"), split, limit)
+                                     ckpt.get("split"), split, limit)
         if dry_run:
             click.echo(f"dry run: checkpoint {ckpt_path}, " + (f"{len(recs)} images from {captions}" if raw
                                                                else f"the {split or 'test'} split of {features}"),
@@ -93,13 +93,12 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
             click.echo(f"warning: {note}", err=True)
         errors = {}
         if raw:
-            cap = Captioner.load(ckpt_path, device)
+            cap = Captioner.from_checkpoint(ckpt, ckpt_path, device)
             res, recs, errors = captions_from_images(cap, recs, workers, progress=not no_progress, decode_cfg=decode)
             for k, e in errors.items():
                 click.echo(f"skipped {k}: {e}", err=True)
         else:
             # the decoder alone: the CNN (its weights file, seconds to build, GPU memory) is not needed here
-            ckpt = load_checkpoint(ckpt_path)
             cap = Captioner(None, *model_from_checkpoint(ckpt, resolve_device(device)), ckpt_path)
             res, recs = captions_from_cache(cap, ckpt, features, split or "test", decode_cfg=decode,
                                             allow_outside_images=allow_outside_images)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 # context in this process and make forking its runs unsafe; torch reads this when first asked
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
+from common.bounds import check  # noqa: E402
 from common.jsonio import JSONFileError, finite_number, read_json  # noqa: E402
 from stage2_decoder.sweeps.grid import RunSpec  # noqa: E402
 from stage2_decoder.sweeps.results import write_json  # noqa: E402
@@ -83,10 +84,10 @@ def _threads_of_the_run(run_dir: Path, threads: int | None) -> int:
     if (run_dir / "last.pt").exists():
         try:
             before = read_json(run_dir / PARAMS, "run params", expect=dict).get("threads")
-        except (OSError, JSONFileError):
-            before = None
-        if isinstance(before, int) and not isinstance(before, bool) and 1 <= before <= 4096:
+            check("threads", before)  # a hand-edited file's value is not used
             return before
+        except (OSError, JSONFileError, ValueError):
+            pass
     return threads or torch.get_num_threads()
 
 
