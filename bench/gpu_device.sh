@@ -34,9 +34,10 @@ for m in ("torchvision", "nltk", "regex", "pycocoevalcap.cider.cider", "h5py", "
     except Exception as e:
         print("MISSING", m, type(e).__name__, e)
 PY
-# the parts' limits (bench/gpu.py LIMITS) add up to 380 s; the outer limit leaves it a margin
+# the parts' limits (bench/gpu.py LIMITS) add up to 380 s; the outer limit leaves it a margin, and kills (-k)
+# what ignores its TERM: a part's own limit cannot fire while a CUDA call blocks
 set +e
-timeout 400 "$PY" bench/gpu.py --device cuda --work "$WORK" --results "$OUT" "$@" 2>"$OUT/stderr.log" \
+timeout -k 15 400 "$PY" bench/gpu.py --device cuda --work "$WORK" --results "$OUT" "$@" 2>"$OUT/stderr.log" \
   | tee "$OUT/stdout.log"
 rc=$?
 set -e

@@ -2,6 +2,8 @@
 would be a device sync on CUDA."""
 from __future__ import annotations
 
+import sys
+
 from torch.overrides import TorchFunctionMode
 
 HOST_READS = ("__bool__", "item", "tolist", "cpu", "__int__", "__float__", "numpy")
@@ -13,6 +15,7 @@ class HostReads(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.reads: list[str] = []  # the names of the reading calls, in order
+        self.callers: list[str] = []  # the functions that made them
 
     @property
     def n(self) -> int:
@@ -21,4 +24,5 @@ class HostReads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if (name := getattr(func, "__name__", "")) in HOST_READS:
             self.reads.append(name)
+            self.callers.append(sys._getframe(1).f_code.co_name)
         return func(*args, **(kwargs or {}))

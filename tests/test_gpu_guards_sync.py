@@ -456,3 +456,137 @@ def test_a_sweep_whose_runs_all_fail_fails_the_check(monkeypatch, tmp_path):
                           limits={})
     r = gpu.part_sweep(ctx)
     assert r["ok"] == 0 and r["failed"] == r["runs"] == 2 and r["rc"] != 0 and r["_failed"] is True
+
+
+# --- check points read a check point late (a GPU's LaggedFlags), emulated on the CPU -------------------------
+
+@pytest.fixture
+def lagged(monkeypatch):
+    """The decoding loops as on a GPU: check points every DONE_CHECK_EVERY steps, each one's flags read at the
+    next (readback.LaggedFlags with lag 1; host copies instead of pinned memory and CUDA events), and results
+    read back packed into one copy."""
+    import functools
+
+    from stage2_decoder.decoding import beam, readback, sampling
+    from stage2_decoder.training import scst
+
+    for mod in (beam, sampling, scst):
+        monkeypatch.setattr(mod, "done_check_every", lambda device: beam.DONE_CHECK_EVERY)
+        monkeypatch.setattr(mod, "LaggedFlags", functools.partial(readback.LaggedFlags, lag=1))
+        monkeypatch.setattr(mod, "read_back", functools.partial(readback.read_back, pack=True), raising=False)
+
+
+def _all_decodings(m, feats, max_len=30):
+    from stage2_decoder.decoding import beam, sampling
+    from stage2_decoder.decoding.config import DecodeConfig
+
+    return (sampling.sample_captions(m, feats, 4, max_len=max_len, seed=7, keys=list(range(len(feats)))),
+            sampling.greedy_scored(m, feats, max_len=max_len), beam.greedy(m, feats, max_len=max_len),
+            beam.beam_search_nbest(m, feats, DecodeConfig(beam_size=3, max_len=max_len)),
+            beam.beam_search_nbest(m, feats, DecodeConfig(beam_size=2, max_len=max_len, no_repeat_ngram=2)))
+
+
+@pytest.mark.parametrize("end_bias, max_len", [(2.5, 30), (4.0, 9), (-9.0, 12), (1.0, 5)])
+def test_decoding_that_learns_of_the_end_a_check_point_late_gives_the_same_captions(end_bias, max_len, request):
+    from stage2_decoder.decoding.beam import END_ID
+
+    m = _decoder().eval()
+    m.out_bias.data[END_ID] = end_bias  # captions end early, late or never
+    feats = torch.randn(6, 32)
+    want = _all_decodings(m, feats, max_len)
+    request.getfixturevalue("lagged")
+    assert _all_decodings(m, feats, max_len) == want
+
+
+@pytest.mark.parametrize("end_bias, max_len", [(4.0, 16), (2.0, 16), (-9.0, 16), (4.0, 7), (1.0, 5), (3.0, 2)])
+def test_scst_sampling_read_a_check_point_late_draws_as_before_and_rewinds_the_generator(end_bias, max_len, lagged):
+    """The loop runs on past the last <end> until it reads so, then keeps the steps up to it and puts the
+    generator back: the same bits as 3ddb13e's per-step loop, and the next batch draws the same too."""
+    from stage2_decoder.decoding.beam import END_ID
+    from stage2_decoder.training.scst import sample, scst_mode
+
+    m = _decoder()
+    m.out_bias.data[END_ID] = end_bias
+    feats = torch.randn(6, 32)
+    steps = []
+    real_step = m.step
+    m.step = lambda tokens, state: (steps.append(1), real_step(tokens, state))[1]
+    with scst_mode(m):
+        torch.manual_seed(7)
+        got = sample(m, feats, 5, max_len)
+        after_new = torch.get_rng_state()
+        torch.manual_seed(7)
+        want = _old_sample(m, feats, 5, max_len)
+        after_old = torch.get_rng_state()
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.equal(a, b)
+    assert torch.equal(after_new, after_old)
+    assert len(steps) >= got[0].shape[1]  # the steps the lag ran past the end were taken, then dropped
+
+
+def test_scst_sampling_read_late_still_stops_on_nan_weights(lagged):
+    from stage2_decoder.training.scst import sample, scst_mode
+
+    m = _decoder()
+    m.out_proj.weight.data[0, 0] = float("nan")
+    with scst_mode(m), pytest.raises(FloatingPointError, match="not finite at step 1"):
+        sample(m, torch.randn(3, 32), 5, 16)
+
+
+@pytest.mark.parametrize("how", ["beam", "greedy", "greedy_scored", "sample", "scst"])
+def test_decoding_loops_read_the_device_only_through_the_lagged_flags_and_one_read_back(how, lagged):
+    """On a GPU every other read would be a sync: the loops read the device only through LaggedFlags (a copy
+    a check point old, no stall) and read_back (the results, in one copy)."""
+    from stage2_decoder.decoding.beam import END_ID, beam_search_nbest, greedy
+    from stage2_decoder.decoding.config import DecodeConfig
+    from stage2_decoder.decoding.sampling import greedy_scored, sample_captions
+    from stage2_decoder.training.scst import sample, scst_mode
+
+    m = _decoder().eval()
+    m.out_bias.data[END_ID] = 2.0
+    feats = torch.randn(8, 32)
+    with HostReads() as mode:
+        if how == "beam":
+            beam_search_nbest(m, feats, DecodeConfig(beam_size=3, max_len=20, no_repeat_ngram=2))
+        elif how == "greedy":
+            greedy(m, feats, max_len=20)
+        elif how == "greedy_scored":
+            greedy_scored(m, feats, max_len=20)
+        elif how == "sample":
+            sample_captions(m, feats, 3, max_len=20, seed=1, keys=list(range(8)))
+        else:
+            with scst_mode(m):
+                sample(m, feats, 5, 20)
+    assert set(mode.callers) <= {"_pop", "read_back"}, mode.callers
+    copies = [name for caller, name in zip(mode.callers, mode.reads) if caller == "read_back" and name != "tolist"]
+    assert copies == ([] if how == "scst" else ["cpu"])  # the results' one copy (the tolists split it on the host)
+    assert 0 < mode.callers.count("_pop") <= 20 // 2
+
+
+def test_read_back_packs_the_tensors_into_one_copy_and_returns_what_tolist_does():
+    from stage2_decoder.decoding.readback import read_back
+
+    g = torch.Generator().manual_seed(0)
+    tensors = (torch.randn(3, 4, generator=g), torch.randint(-5, 2**40, (2, 5), generator=g),
+               torch.randn(4, dtype=torch.float64, generator=g), torch.rand(3, generator=g) > 0.5,
+               torch.tensor(7), torch.tensor([float("-inf"), float("nan")]), torch.zeros(0, 3, dtype=torch.long))
+    want = [t.tolist() for t in tensors]
+    got = read_back(*tensors, pack=True)
+    assert repr(got) == repr(want)  # nan == nan as text; the types too (float, int, bool)
+    with HostReads() as mode:
+        read_back(*tensors, pack=True)
+    assert mode.reads.count("cpu") == 1 and "item" not in mode.reads
+
+
+def test_draw_one_draws_what_multinomial_draws():
+    from stage2_decoder.decoding.sampling import draw_one
+
+    g = torch.Generator().manual_seed(0)
+    for v in (7, 50, 3000):
+        probs = torch.softmax(3 * torch.randn(40, v, generator=g), -1)
+        probs[0] = 0.0
+        probs[0, 2] = 1.0
+        for seed in range(5):
+            want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).squeeze(1)
+            got = draw_one(probs, torch.Generator().manual_seed(seed))
+            assert torch.equal(got, want) and got[0] == 2

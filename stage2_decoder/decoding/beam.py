@@ -8,16 +8,18 @@ import torch
 from common.vocab import Vocabulary
 from stage2_decoder.decoding.config import DecodeConfig  # noqa: F401  (defined torch-free, re-exported)
 from stage2_decoder.decoding.ngram_block import block_repeats
+from stage2_decoder.decoding.readback import LaggedFlags, read_back
 from stage2_decoder.model import CaptionDecoder
 
 START_ID, END_ID = Vocabulary.start_id, Vocabulary.end_id  # every vocabulary's fixed special ids
-DONE_CHECK_EVERY = 4  # decoding steps between the loops' one host read on a GPU (have all images finished?)
+DONE_CHECK_EVERY = 2  # decoding steps between the loops' "have all images finished?" check points on a GPU
 
 
 def done_check_every(device: torch.device) -> int:
-    """Steps between a decoding loop's "all finished?" reads: every step on the CPU, where the read costs nothing
-    and a step past the last <end> is wasted work, every DONE_CHECK_EVERY on a GPU, where each read is a host
-    sync. Either way the same captions: the steps past the last <end> change nothing."""
+    """Steps between a decoding loop's "all finished?" check points: every step on the CPU, where the read costs
+    nothing and a step past the last <end> is wasted work; every DONE_CHECK_EVERY on a GPU, where each check
+    point's flags are read at the next (readback.LaggedFlags: no stall), so a loop runs 2-3 steps past the last
+    <end>. Either way the same captions: the steps past the last <end> change nothing."""
     return 1 if device.type == "cpu" else DONE_CHECK_EVERY
 
 
@@ -29,7 +31,7 @@ def greedy(model: CaptionDecoder, features: torch.Tensor, max_len: int = 20, min
     tokens = torch.full((b,), START_ID, dtype=torch.long, device=features.device)
     out = torch.zeros(b, max_len, dtype=torch.long, device=features.device)
     finished = torch.zeros(b, dtype=torch.bool, device=features.device)
-    every = done_check_every(features.device)
+    every, flags = done_check_every(features.device), LaggedFlags(features.device)
     for t in range(max_len):
         logp, state = model.step(tokens, state)  # (B, V)
         if t < min_len:
@@ -37,9 +39,9 @@ def greedy(model: CaptionDecoder, features: torch.Tensor, max_len: int = 20, min
         tokens = logp.argmax(-1)
         out[:, t] = tokens
         finished |= tokens == END_ID
-        if (t + 1) % every == 0 and bool(finished.all()):  # later steps only write past the <end>
+        if (t + 1) % every == 0 and flags.post(finished.all()):  # later steps only write past the <end>
             break
-    return [until_end(row) for row in out.tolist()]
+    return [until_end(row) for row in read_back(out)[0]]
 
 
 def until_end(ids: list[int]) -> list[int]:
@@ -58,8 +60,8 @@ def beam_search_nbest(model: CaptionDecoder, features: torch.Tensor, cfg: Decode
                       ) -> list[list[tuple[list[int], float]]]:
     """Batched beam search: per image, up to beam_size (ids, normalised score), best first.
 
-    Finished hypotheses are kept in device tensors (slots in the order they ended) and read back once
-    at the end; on a GPU the loop itself only asks every DONE_CHECK_EVERY steps whether all images are done
+    Finished hypotheses are kept in device tensors (slots in the order they ended) and read back in one copy
+    at the end; on a GPU the loop learns that all images are done a check point late, without a stall
     (steps after that change nothing: a finished image's beams all score -inf).
     """
     b, k, dev, steps = features.shape[0], cfg.beam_size, features.device, cfg.max_len
@@ -79,7 +81,7 @@ def beam_search_nbest(model: CaptionDecoder, features: torch.Tensor, cfg: Decode
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     offsets = (torch.arange(b, device=dev) * k).unsqueeze(1)  # (B, 1)
     images = torch.arange(b, device=dev).unsqueeze(1).expand(b, k)  # (B, k)
-    every = done_check_every(dev)
+    every, flags = done_check_every(dev), LaggedFlags(dev)
     for t in range(steps):
         logp, state = model.step(tokens, state)  # (B*k, V)
         v = logp.shape[1]
@@ -104,13 +106,12 @@ def beam_search_nbest(model: CaptionDecoder, features: torch.Tensor, cfg: Decode
         n_fin += ended.sum(1)
         scores = top.masked_fill(ended, float("-inf"))  # a finished beam is not extended
         done |= (n_fin >= k) | ~torch.isfinite(scores).any(1)
-        if (t + 1) % every == 0 and bool(done.all()):
+        if (t + 1) % every == 0 and flags.post(done.all()):  # true from a check point before, on a GPU
             break
         scores = scores.masked_fill(done.unsqueeze(1), float("-inf"))
         tokens = word.view(-1)
     # the one transfer: finished hypotheses, and the unfinished beams of images that ran into max_len
-    fin_seqs, fin_len, fin_score, n_fin, seqs, scores = (
-        x.tolist() for x in (fin_seqs, fin_len, fin_score, n_fin, seqs, scores))
+    fin_seqs, fin_len, fin_score, n_fin, seqs, scores = read_back(fin_seqs, fin_len, fin_score, n_fin, seqs, scores)
     out = []
     for i in range(b):
         hyps = [(fin_seqs[i][s][:fin_len[i][s]], fin_score[i][s]) for s in range(n_fin[i])]

@@ -10,6 +10,7 @@ import torch
 
 from common.vocab import Vocabulary
 from stage2_decoder.decoding.beam import done_check_every
+from stage2_decoder.decoding.readback import LaggedFlags, read_back
 from stage2_decoder.model import CaptionDecoder
 
 
@@ -59,10 +60,11 @@ def sample_captions(model: CaptionDecoder, features: torch.Tensor, n: int, max_l
         return draw_rows(probs, n, gens)
 
     ids, total, count = _word_by_word(model, features, n, max_len, min_len, draw)
-    if not bool(finite):
+    ids, scores, finite = read_back(ids, total / count, finite)
+    if not finite:
         raise FloatingPointError("sampling: the decoder's next-word probabilities are not finite (NaN or inf in "
                                  "its weights or the image features)")
-    return _ranked(ids, (total / count).tolist(), features.shape[0], n)
+    return _ranked(ids, scores, features.shape[0], n)
 
 
 def drawable(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,6 +74,13 @@ def drawable(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mass = probs.sum(-1, keepdim=True)
     ok = torch.isfinite(mass) & (mass > 0)
     return torch.where(ok, probs, 1.0), ok.all()
+
+
+def draw_one(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One word id per row of probs (N, V): what torch.multinomial(probs, 1, generator=generator) draws, the
+    same way (argmax(p / q), q ~ Exp(1)), without its checks of probs, which read the device (a host sync per
+    call on CUDA). The caller makes the rows drawable (`drawable`)."""
+    return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(-1)
 
 
 def draw_rows(probs: torch.Tensor, n: int, gens: Sequence[torch.Generator]) -> torch.Tensor:
@@ -92,14 +101,15 @@ def greedy_scored(model: CaptionDecoder, features: torch.Tensor, max_len: int = 
     """features (B, D) -> per image [(word ids, score)]: `decode.greedy`'s caption with the score a beam of
     one gives it (sum log p / tokens ** length_penalty, <end> counted), at greedy's speed."""
     ids, total, count = _word_by_word(model, features, 1, max_len, min_len, lambda logp: logp.argmax(-1))
-    return _ranked(ids, (total / count.pow(length_penalty)).tolist(), features.shape[0], 1)
+    ids, scores = read_back(ids, total / count.pow(length_penalty))
+    return _ranked(ids, scores, features.shape[0], 1)
 
 
 def _word_by_word(model: CaptionDecoder, features: torch.Tensor, n: int, max_len: int, min_len: int,
-                  choose: Callable[[torch.Tensor], torch.Tensor]) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
-    """n captions per image, each next word from choose(log-probs (B*n, V)) -> (B*n,). Returns the ids
-    (B*n rows of max_len), the summed log-prob of the emitted tokens and their count (words + <end>).
-    "All ended?" is read every `done_check_every(device)` steps (on a GPU every few: each read is a host sync);
+                  choose: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n captions per image, each next word from choose(log-probs (B*n, V)) -> (B*n,). Returns, on the device,
+    the ids (B*n, max_len), the summed log-prob of the emitted tokens and their count (words + <end>).
+    "All ended?" is asked every `done_check_every(device)` steps (on a GPU read a check point late: no stall);
     the steps after the last caption ended write only past its <end> and add nothing to the sums."""
     b, dev = features.shape[0], features.device
     h, c = model.init_state(features)  # (L, B, H) each
@@ -109,7 +119,7 @@ def _word_by_word(model: CaptionDecoder, features: torch.Tensor, n: int, max_len
     total = torch.zeros(b * n, device=dev)
     count = torch.zeros(b * n, device=dev)
     alive = torch.ones(b * n, dtype=torch.bool, device=dev)
-    every = done_check_every(dev)
+    every, flags = done_check_every(dev), LaggedFlags(dev)
     for t in range(max_len):
         logp, state = model.step(tokens, state)  # (B*n, V); <pad>/<start>/<unk> already -inf
         if t < min_len:
@@ -119,9 +129,9 @@ def _word_by_word(model: CaptionDecoder, features: torch.Tensor, n: int, max_len
         total += logp.gather(1, tokens[:, None]).squeeze(1) * alive
         count += alive
         alive &= tokens != Vocabulary.end_id
-        if (t + 1) % every == 0 and not bool(alive.any()):
+        if (t + 1) % every == 0 and flags.post(~alive.any()):
             break
-    return out.tolist(), total, count.clamp(min=1)
+    return out, total, count.clamp(min=1)
 
 
 def _ranked(rows: list[list[int]], scores: list[float], b: int, n: int) -> list[list[tuple[list[int], float]]]:

@@ -22,7 +22,8 @@ from torch import nn
 from common.tokenizer import DEFAULT_TOKENIZER, tokenize
 from common.vocab import Vocabulary
 from stage2_decoder.decoding.beam import END_ID, START_ID, done_check_every
-from stage2_decoder.decoding.sampling import drawable
+from stage2_decoder.decoding.readback import LaggedFlags, read_back, upload
+from stage2_decoder.decoding.sampling import draw_one, drawable
 from stage2_decoder.model import CaptionDecoder
 from stage2_decoder.training.cider import CiderD
 from stage2_decoder.training.pairs import view_rows
@@ -35,10 +36,10 @@ def sample(model: CaptionDecoder, features: torch.Tensor, k: int, max_len: int
     features (B, D) -> ids (B*k, T) (0 after <end>), log-probs of the chosen tokens (B*k, T) and
     their mask (B*k, T): 1 for every word and the <end> that closes the caption.
 
-    The loop asks the device every `done_check_every(device)` steps whether every caption has ended (on a
-    GPU every few: each read is a host sync); it then keeps the steps up to the first with none alive and
-    puts the sampling generator back to its state after that step's draw, so every draw is the one a
-    per-step check took.
+    "Has every caption ended?" is asked at check points every `done_check_every(device)` steps (every step on
+    the CPU; on a GPU every few, each read a check point late: readback.LaggedFlags, no stall). The loop then
+    keeps the steps up to the first with none alive and puts the sampling generator back to its state after
+    that step's draw, so every draw is the one a per-step check took.
     Non-finite next-word probabilities raise FloatingPointError (torch.multinomial would trip a CUDA
     device-side assert, which kills the process's CUDA context).
     """
@@ -50,13 +51,14 @@ def sample(model: CaptionDecoder, features: torch.Tensor, k: int, max_len: int
     n = features.shape[0] * k
     tokens = torch.full((n,), START_ID, dtype=torch.long, device=dev)
     alive = torch.ones(n, dtype=torch.bool, device=dev)
-    ids, logps, masks = [], [], []
-    any_alive, finite, gen_states = [], [], []  # per step since the last check
-    every = done_check_every(dev)
+    ids, logps, masks, gen_states = [], [], [], []  # per step
+    any_alive, finite = [], []  # per step since the last check point
+    every, flags, windows = done_check_every(dev), LaggedFlags(dev), []  # windows: each posted one's first step
+    ended = None  # the step after which every caption had ended
     for t in range(max_len):
         logp, state = model.step(tokens, state)  # (n, V)
-        probs, ok = drawable(logp.detach().exp())  # the error is raised at the next check, on the host
-        tokens = torch.multinomial(probs, 1).squeeze(1)
+        probs, ok = drawable(logp.detach().exp())  # the error is raised when its check point is read
+        tokens = draw_one(probs, gen)
         gen_states.append(gen.get_state())
         masks.append(alive.clone())
         logps.append(logp.gather(1, tokens[:, None]).squeeze(1))
@@ -66,30 +68,41 @@ def sample(model: CaptionDecoder, features: torch.Tensor, k: int, max_len: int
         finite.append(ok)
         if (t + 1) % every and t + 1 < max_len:
             continue
-        flags = torch.stack([torch.stack(any_alive), torch.stack(finite)]).tolist()  # the window's one host read
-        first = t + 1 - len(flags[0])  # the step the window starts at
-        if False in flags[1]:
-            raise FloatingPointError(f"SCST sampling: the decoder's next-word probabilities are not finite at "
-                                     f"step {first + flags[1].index(False) + 1} (NaN or inf in its weights or "
-                                     f"features)")
-        if False in flags[0]:
-            last = flags[0].index(False)  # every caption had ended after step first + last
-            del ids[first + last + 1:], logps[first + last + 1:], masks[first + last + 1:]
-            gen.set_state(gen_states[last])
+        windows.append(t + 1 - len(any_alive))
+        due = flags.post(torch.stack([torch.stack(any_alive), torch.stack(finite)]))
+        any_alive, finite = [], []
+        if due is not None and (ended := _ended(due, windows.pop(0))) is not None:
             break
-        any_alive, finite, gen_states = [], [], []
+    for due in flags.drain():  # a GPU's last check points, read once the loop is over
+        if ended is None:
+            ended = _ended(due, windows.pop(0))
+    if ended is not None:
+        del ids[ended + 1:], logps[ended + 1:], masks[ended + 1:]
+        gen.set_state(gen_states[ended])
     return torch.stack(ids, 1), torch.stack(logps, 1), torch.stack(masks, 1).float()
+
+
+def _ended(window: list[list[bool]], first: int) -> int | None:
+    """The step after which no caption was alive, from a check point's flags ([alive after each step, finite
+    at each step] of the steps from `first`), or None; raises FloatingPointError on non-finite probabilities."""
+    alive, finite = window
+    if False in finite:
+        raise FloatingPointError(f"SCST sampling: the decoder's next-word probabilities are not finite at "
+                                 f"step {first + finite.index(False) + 1} (NaN or inf in its weights or "
+                                 f"features)")
+    return first + alive.index(False) if False in alive else None
 
 
 def scst_loss(model: CaptionDecoder, features: torch.Tensor, keys: list[str], scorer: CiderD, itos: list[str],
               k: int = 5, max_len: int = 16) -> tuple[torch.Tensor, float]:
     """One SCST batch: returns (loss to minimise, mean reward of the samples)."""
     ids, logp, mask = sample(model, features, k, max_len)
-    hyps = [[itos[w] for w in row if w not in (Vocabulary.pad_id, END_ID)] for row in ids.tolist()]
+    # the samples' one read: CIDEr-D is scored on the host
+    hyps = [[itos[w] for w in row if w not in (Vocabulary.pad_id, END_ID)] for row in read_back(ids)[0]]
     rewards = torch.from_numpy(scorer.score_batch([key for key in keys for _ in range(k)], hyps)).float()
     r = rewards.view(-1, k)
     baseline = (r.sum(1, keepdim=True) - r) / max(k - 1, 1)  # mean of the image's other samples
-    adv = (r - baseline).view(-1, 1).to(logp.device)  # (B*k, 1)
+    adv = upload((r - baseline).view(-1, 1), logp.device)  # (B*k, 1)
     loss = -(adv * logp * mask).sum() / mask.sum().clamp(min=1)
     return loss, float(rewards.mean())
 
@@ -133,11 +146,14 @@ def _scst_batches(model: CaptionDecoder, opt: torch.optim.Optimizer, features: t
                   scorer: CiderD, itos: list[str], batch_images: int, generator: torch.Generator, k: int,
                   grad_clip: float, max_batches: int | None, progress, max_len: int) -> float:
     keys = scst_keys(scorer, rows)
-    order = torch.randperm(len(keys), generator=generator).tolist()
+    order = torch.randperm(len(keys), generator=generator)
+    # the epoch's cache rows in its order, uploaded once: a batch's rows are then a slice, with no upload
+    epoch_rows = upload(torch.tensor([rows[keys[i]] for i in order.tolist()]), features.device)
+    order = order.tolist()
     total, batches = 0.0, 0
     for s in range(0, len(order), batch_images):
         chunk = [keys[i] for i in order[s:s + batch_images]]
-        batch_rows = torch.tensor([rows[key] for key in chunk], device=features.device)
+        batch_rows = epoch_rows[s:s + batch_images]
         feats = view_rows(features, batch_rows, generator).float()  # cached views are in the cache's float16
         # bf16 autocast on CUDA for the projections, as in the cross-entropy step (the LSTM stays fp32)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=features.device.type == "cuda"):
