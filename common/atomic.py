@@ -56,9 +56,9 @@ def ready_to_write(path: str | os.PathLike, what: str, folder: bool = False) -> 
 
 
 def clipped(name: str, max_bytes: int) -> str:
-    """`name` cut to at most `max_bytes` in UTF-8 (whole characters): file names have 255 bytes at most, and a
-    temporary beside a file adds to its name."""
-    return name.encode()[:max_bytes].decode(errors="ignore")
+    """`name` cut to at most `max_bytes` in UTF-8 (whole characters; a file name's bytes that are not UTF-8 are
+    left out): file names have 255 bytes at most, and a temporary beside a file adds to its name."""
+    return os.fsencode(name)[:max_bytes].decode(errors="ignore")  # a name's undecodable bytes are dropped too
 
 
 def _why(e: OSError) -> str:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,7 +315,12 @@ def _file_state_dict(path: Path) -> tuple[dict, str]:
         raise WeightsNotFound(f"weights file not found: {path}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a raw pickle's protocol are not the user's concern
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's own message advises weights_only=False: unsafe for a user's file
+        raise BackboneError(f"cannot load weights {path}: it holds objects other than plain values and tensors "
+                            f"(or is not a PyTorch file); refusing to unpickle it (weights_only=True)") from e
     except Exception as e:
         raise BackboneError(f"cannot load weights {path} as a plain state_dict "
                             f"(weights_only=True): {type(e).__name__}: {str(e).splitlines()[0]}") from e

@@ -1,4 +1,5 @@
-"""One bounded reader for every JSON and JSON-lines file the project reads.
+"""One bounded reader for every JSON and JSON-lines file the project reads (and `dump_json`, JSON that strict
+parsers read back).
 
 A user's file may be a FIFO (opening it blocks forever), a few GB (read whole it exhausts memory), nested
 100,000 levels deep (the parser's recursion overflows) or of the wrong shape (a list where an object is
@@ -9,12 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 from collections.abc import Iterator
 
 MAX_BYTES = 256 * 2**20  # the largest JSON the project reads is a full-COCO captions file (~90 MB)
 MAX_LINE_BYTES = 1 * 2**20  # one JSON-lines row: a caption record, a metrics line
 MAX_DEPTH = 32  # deeper than any file the project writes or reads (COCO's is 4)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class JSONFileError(ValueError):
@@ -153,3 +156,21 @@ def finite_number(v) -> float | None:
     except OverflowError:
         return None
     return v if math.isfinite(v) else None
+
+
+def _plain(obj):
+    """`obj` with its non-finite floats as None (JSON has no NaN or Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def dump_json(obj, **kw) -> str:
+    """JSON text that a strict parser reads back: NaN and infinities as null, and a file name's bytes that are
+    not UTF-8 (held as lone surrogates, which no UTF-8 output can carry) as \\u escapes; other text as it is."""
+    text = json.dumps(_plain(obj), ensure_ascii=False, allow_nan=False, **kw)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)

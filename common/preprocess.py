@@ -137,7 +137,7 @@ def _views(im: Image.Image, pp: Preprocess, views: int, draft: bool = True) -> n
     if pp.exif_transpose and _exif_orientation(im) in ORIENTED:
         # only then: without a turn, exif_transpose returns a copy of the pixels, a third of a photo's time
         im = ImageOps.exif_transpose(im)
-    im = trim_long_side(_to_rgb(im), MAX_ASPECT)
+    im = trim_long_side(to_rgb(im), MAX_ASPECT)
     centre = _to_chw(center_crop(resize_shorter(im, pp.resize), pp.crop))  # (3, crop, crop)
     out = [centre, centre[:, :, ::-1]]
     if views > 2:
@@ -237,7 +237,9 @@ def image_contract(pp: Preprocess) -> dict:
     }
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode as the RGB the model sees: float and 16-bit images scaled by their range, transparency on white
+    (also what a figure of the photo shows)."""
     if im.mode == "RGB":
         return im
     if im.mode == "F":  # 32-bit float (a float TIFF): Pillow's own conversion would read 0..1 as black

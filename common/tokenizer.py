@@ -59,6 +59,12 @@ def _visible(text: str) -> str:
                    else ch for ch in text)
 
 
+def could_be_token(word: str) -> bool:
+    """Whether a tokenizer could have made `word`: not empty, no spaces or line breaks, no control or invisible
+    format characters (a tampered vocabulary's word could otherwise forge output lines or drive a terminal)."""
+    return bool(word) and word == _visible(word) and not any(ch.isspace() for ch in word)
+
+
 def join_tokens(tokens: list[str], name: str = DEFAULT_TOKENIZER) -> str:
     """Tokens -> caption text: characters joined without spaces (`chars`), words with one space."""
     return ("" if name == "chars" else " ").join(tokens)

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 
 from common.atomic import atomic_write
 from common.jsonio import JSONFileError, read_json
-from common.tokenizer import DEFAULT_TOKENIZER, TOKENIZERS, join_tokens
+from common.tokenizer import DEFAULT_TOKENIZER, TOKENIZERS, could_be_token, join_tokens
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)  # indices 0, 1, 2, 3: <pad> must be 0 (padding_idx)
@@ -28,6 +28,9 @@ class Vocabulary:
             raise VocabError(f"vocabulary must start with {SPECIALS}, got {words[:4]}")
         if len(set(words)) != len(words):
             raise VocabError("vocabulary has duplicate words")
+        if bad := [w for w in words if not could_be_token(w)]:
+            raise VocabError(f"vocabulary has {len(bad)} words no tokenizer makes (empty, or with spaces, line breaks "
+                             f"or control characters), such as {ascii(bad[0])[:60]}")
         self.itos: list[str] = words
         self.stoi: dict[str, int] = {w: i for i, w in enumerate(words)}
         self.threshold = threshold

@@ -194,7 +194,8 @@ class Captioner:
         bb = ckpt["backbone"]
         backbone = load_backbone(bb["name"], weights or bb["weights"], dev, expected_sha256=bb.get("weights_sha256"),
                                  made_with=bb["weights"])
-        if backbone.feature_dim != decoder.cfg.feature_dim or backbone.preprocess.describe() != bb["preprocess"]:
+        if backbone.feature_dim != decoder.cfg.feature_dim or bb.get("feature_dim", backbone.feature_dim) != \
+                backbone.feature_dim or backbone.preprocess.describe() != bb["preprocess"]:
             raise BackboneError(f"backbone {bb['name']} built here does not match the checkpoint's "
                                 f"(feature size or preprocessing differ)")
         _one_thread_in_forked_children()

@@ -8,7 +8,6 @@ options: docs/captioning.md.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import asdict
@@ -18,6 +17,7 @@ import click
 
 from common.atomic import ready_to_write
 from common.cli import bounded, decode_options, one_line, run_guarded, sampling_options
+from common.jsonio import dump_json
 from common.text import printable
 from stage2_decoder.api import find_checkpoint, Captioner
 
@@ -111,11 +111,13 @@ def main(images, checkpoint, decode, sampling, batch_size, device, weights, onnx
                 from stage2_decoder.reporting.figures import figure_path, save_caption_figure
 
                 hyps = [(c["caption"], c["score"]) for c in r["captions"]] if len(r["captions"]) > 1 else None
-                target = figure_path(figure_dir, r["image"], figure_names)
+                target = None
                 try:
+                    target = figure_path(figure_dir, r["image"], figure_names)
                     save_caption_figure(r["image"], r["caption"], target, hyps, label=Path(r["image"]).name)
-                except OSError as e:  # its caption is still printed; the other photos go on
-                    figure_names.discard(target.name)
+                except (OSError, ValueError) as e:  # its caption is still printed; the other photos go on
+                    if target is not None:
+                        figure_names.discard(target.name)
                     failed_figures += 1
                     click.echo(f"error: {printable(one_line(e))}", err=True)
             r = {**r, "captions": r["captions"][:shown]}
@@ -123,7 +125,7 @@ def main(images, checkpoint, decode, sampling, batch_size, device, weights, onnx
             if not as_json:
                 click.echo("\n".join(text_lines(r)))
         if as_json:
-            click.echo(json.dumps(out, indent=2, ensure_ascii=False))
+            click.echo(dump_json(out, indent=2))
         if figure_dir is not None:
             click.echo(f"{len(figure_names)} figures in {figure_dir}", err=True)
         if failed:

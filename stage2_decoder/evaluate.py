@@ -11,7 +11,6 @@ images; the report then notes how many of them were likely trained on.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 import time
@@ -24,6 +23,7 @@ from common.backbones import default_workers
 from common.cli import bounded, decode_options, run_guarded
 from common.datasets import FORMATS, OUTSIDE_FLAG, load_dataset
 from common.device import resolve_device
+from common.jsonio import dump_json
 from stage2_decoder.reporting.evaluation import (captions_from_cache, captions_from_images, evaluate_captions,
                                                  format_table, raw_records)
 from stage2_decoder.api import Captioner, find_checkpoint
@@ -112,14 +112,14 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
                        "skipped": errors,
                        "seconds": round(time.perf_counter() - t0, 2)})
         if as_json:
-            click.echo(json.dumps(report, indent=1, ensure_ascii=False))
+            click.echo(dump_json(report, indent=1))
         else:
             click.echo(format_table(report))
             click.echo(f"{report['seconds']:.1f}s")
         failed = None  # one report that cannot be written does not cost the other
         if json_out:
             try:
-                atomic_write(json_out, json.dumps(report, indent=1, ensure_ascii=False), what="evaluation report")
+                atomic_write(json_out, dump_json(report, indent=1), what="evaluation report")
             except OSError as e:
                 failed = e
         if html_out:

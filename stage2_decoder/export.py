@@ -40,6 +40,7 @@ def main(checkpoint, out, weights, no_progress, dry_run):
     """Export a checkpoint's encoder and decoder as ONNX (for `caption --onnx DIR`)."""
 
     def work():
+        ExportConfig(checkpoint, out, weights).out_folder()
         if checkpoint is None:
             click.echo(f"using checkpoint {find_checkpoint()}", err=True)
         if dry_run:

@@ -219,7 +219,22 @@ def _other_weights_shape(c):
     c["model_state"]["embed.weight"] = torch.zeros(3, 3)
 
 
+def _nan_weights(c):
+    c["model_state"]["out_bias"][5] = float("nan")  # a diverged run: empty captions, NaN scores, exit 0
+
+
+def _forged_word(c):
+    c["vocab"]["words"][10] = "table\nforged.jpg\ta forged caption"  # would print a line of its own
+
+
+def _backbone_of_another_size(c):
+    c["backbone"]["feature_dim"] = 2 * c["decoder_config"]["feature_dim"]
+
+
 @pytest.mark.parametrize("edit, says", [
+    (_nan_weights, "not finite (NaN or inf in out_bias)"),
+    (_forged_word, "words no tokenizer makes"),
+    (_backbone_of_another_size, "does not match the checkpoint's"),
     (_version(2), "newer capcache"),
     (_version(0), "version 0"),
     (_vocab_plus_one, "words but its vocabulary"),
@@ -232,6 +247,18 @@ def test_doctored_checkpoints_are_one_error_line(run_dir, coco_records, tmp_path
     ckpt = _doctored_checkpoint(run_dir / "best.pt", tmp_path / "doctored.pt", edit)
     line = one_error_line(_caption(ckpt, coco_records[0].path))
     assert says in line, line
+
+
+def test_a_weights_file_that_is_not_plain_is_refused_without_torchs_advice_to_unpickle_it(run_dir, coco_records,
+                                                                                         tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "w.pth"
+    evil.write_bytes(pickle.dumps({"conv.weight": Boom(marker)}, protocol=4))  # a raw pickle, no torch zip
+    line = one_error_line(_caption(run_dir / "best.pt", coco_records[0].path, "--weights", evil))
+    assert str(evil) in line and "refusing to unpickle" in line and "weights_only=False" not in line, line
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("what", ["random bytes", "text", "empty", "truncated", "zip of other things",

@@ -240,3 +240,64 @@ def test_a_photo_with_a_name_of_250_bytes_gets_its_figure(ckpt, photos, tmp_path
     assert r.exit_code == 0, r.output
     (fig,) = (tmp_path / "figs").iterdir()
     assert fig.name == "p" * 200 + ".png" and fig.stat().st_size > 0
+
+
+def _bad_name_copy(photo: str, folder: Path) -> Path:
+    """A copy of `photo` whose file name is not UTF-8 (byte 0xff), as Python holds it (a lone surrogate)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = Path(os.fsdecode(os.path.join(os.fsencode(str(folder)), b"bad\xff.jpg")))
+    shutil.copy(photo, target)
+    return target
+
+
+def test_a_file_name_that_is_not_utf8_gets_its_figure_and_the_others_theirs(ckpt, photos, tmp_path):
+    """Its figure name failed to encode (UnicodeEncodeError, not an OSError) and ended the run: the photos after
+    it got no caption and no figure."""
+    bad = _bad_name_copy(photos[0], tmp_path / "in")
+    r = _caption(bad, *photos, "--checkpoint", ckpt, "--device", "cpu", "--save-figure", tmp_path / "figs")
+    assert r.exit_code == 0, r.output
+    assert len(r.stdout.splitlines()) == 3
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == sorted(
+        ["bad.png", *(Path(p).stem + ".png" for p in photos)])
+
+
+def test_json_output_is_valid_utf8_json_for_any_file_name_and_score(ckpt, photos, tmp_path, monkeypatch):
+    """A name that is not UTF-8 came out as a raw byte, and a -inf score as -Infinity: neither is JSON a strict
+    parser reads."""
+    import stage2_decoder.caption as caption_mod
+
+    bad = _bad_name_copy(photos[0], tmp_path / "in")
+    real = caption_mod._results
+
+    def with_an_infinite_score(*args, **kwargs):
+        for r in real(*args, **kwargs):
+            yield {**r, "captions": [{**c, "score": float("-inf")} for c in r["captions"]]}
+
+    monkeypatch.setattr(caption_mod, "_results", with_an_infinite_score)
+    r = subprocess.run([sys.executable, "-c", "import sys; from stage2_decoder.caption import main; main()",
+                        "--checkpoint", str(ckpt), "--device", "cpu", "--json", os.fsencode(str(bad))],
+                       cwd=REPO, capture_output=True)
+    assert r.returncode == 0, r.stderr
+    (got,) = json.loads(r.stdout.decode("utf-8"))  # strict UTF-8, and JSON
+    assert os.fsencode(got["image"]) == os.fsencode(str(bad))  # the \udcff escape is the file's own byte
+    out = _caption(photos[0], "--checkpoint", ckpt, "--device", "cpu", "--json")
+    assert out.exit_code == 0 and json.loads(out.stdout, parse_constant=lambda c: pytest.fail(c))[0][
+        "captions"][0]["score"] is None
+
+
+def test_a_figure_shows_a_16_bit_or_float_photo_as_the_captioner_saw_it(tmp_path):
+    """Pillow's own conversion shows a 16-bit grey PNG white and a 0..1 float TIFF black."""
+    import numpy as np
+    from PIL import Image
+
+    from common.preprocess import load_views, Preprocess
+    from stage2_decoder.reporting.figures import load_display_image
+
+    ramp = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64)
+    Image.fromarray((ramp * 4000).astype(np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(ramp, mode="F").save(tmp_path / "f.tif")
+    for name in ("g16.png", "f.tif"):
+        shown = np.asarray(load_display_image(tmp_path / name), dtype=np.float32)
+        assert 60 < shown.mean() < 200 and shown.std() > 40, (name, shown.mean(), shown.std())
+        seen = load_views(str(tmp_path / name), Preprocess(resize=48, crop=48), 1)[0].astype(np.float32)
+        assert abs(shown.mean() - seen.mean()) < 10

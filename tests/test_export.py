@@ -312,3 +312,43 @@ def test_export_refuses_a_graph_that_computes_something_else(export_dir, tiny_ch
 
     with pytest.raises(ValueError, match="decoder_step.onnx does not compute what the PyTorch model does"):
         check_outputs("decoder_step.onnx", export_dir / "decoder_step.onnx", Shifted(), args, inputs)
+
+
+def test_a_failed_export_leaves_the_earlier_export_in_its_folder_whole(export_dir, tiny_checkpoint, photos,
+                                                                        tmp_path, monkeypatch):
+    """The manifest was removed first and each graph overwritten as it was made: an export that failed at its
+    third graph left a folder that no longer captioned (docs/deploy.md: export is all or nothing)."""
+    import stage2_decoder.serving.onnx_export as onnx_export
+    from stage2_decoder.serving.onnx_captioner import OnnxCaptioner
+
+    out = tmp_path / "onnx"
+    shutil.copytree(export_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = onnx_export.check_outputs
+
+    def third_graph_fails(name, *args):
+        if name == "decoder_step.onnx":
+            raise ValueError("the exported decoder_step.onnx does not compute what the PyTorch model does")
+        return real(name, *args)
+
+    monkeypatch.setattr(onnx_export, "check_outputs", third_graph_fails)
+    with pytest.raises(ValueError, match="decoder_step.onnx"):
+        onnx_export.export(onnx_export.ExportConfig(checkpoint=str(tiny_checkpoint), out=str(out)))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing left behind, nothing changed
+    assert OnnxCaptioner.load(out).caption(photos[:1])[0]["caption"]
+
+
+@pytest.mark.parametrize("case", ["empty", "a file, dry run"])
+def test_export_out_must_be_a_folder_also_in_a_dry_run(tiny_checkpoint, tmp_path, monkeypatch, case):
+    """--out "" exported into the current folder; --dry-run said yes to an --out the export then refused."""
+    from click.testing import CliRunner
+
+    from stage2_decoder.export import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("")
+    args = ["--out", ""] if case == "empty" else ["--out", "taken", "--dry-run"]
+    r = CliRunner().invoke(main, ["--checkpoint", str(tiny_checkpoint), *args])
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: --out"), r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from common.atomic import atomic_path
+from common.preprocess import to_rgb
 
 FIGURE_WIDTH = 640  # px
 MAX_PHOTO_HEIGHT = 640  # px; a taller photo is scaled down further and centred
@@ -31,11 +32,7 @@ def load_display_image(path: str | os.PathLike, max_side: int | None = None) -> 
     """An image file as an upright RGB PIL image, optionally shrunk to fit max_side. Raises FigureError."""
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent -> white, not black
-                im = Image.alpha_composite(bg, im.convert("RGBA"))
-            im = im.convert("RGB")
+            im = to_rgb(ImageOps.exif_transpose(im))  # as the captioner saw it (16-bit, float, transparency)
             if max_side:
                 im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
             return im
@@ -89,7 +86,8 @@ def _text_lines(caption: str, alternatives: list[tuple[str, float]] | None, labe
             weight = "bold" if i == 1 else "normal"
             lines += [_Line(t, SMALL_LINE, 10, weight)
                       for t in _wrap(text or "(empty)", 10, weight, f"{i}.  {score:7.3f}   ", " " * 16)]
-    if label:
+    if label:  # a file name's bytes that are not UTF-8 shown as \xNN (matplotlib cannot draw them)
+        label = os.fsencode(label).decode("utf-8", "backslashreplace")
         lines += [_Line(t, SMALL_LINE, 10, color="#777777") for t in _wrap(label, 10, "normal")]
     return lines
 

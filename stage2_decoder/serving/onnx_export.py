@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +26,15 @@ class ExportConfig:
     checkpoint: str | None = None  # None: stage2_decoder.api.find_checkpoint (the caption CLI's lookup)
     out: str = "onnx"
     weights: str | None = None  # backbone weights file, if it moved since extraction
+
+    def out_folder(self) -> Path:
+        """--out as a folder it can be: not empty text (that would be the current folder), not a file."""
+        if not str(self.out).strip():
+            raise ValueError("--out is empty: name the folder for the ONNX files")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"--out {out} exists and is not a folder")
+        return out
 
 
 def text_rule(tokenizer: str) -> dict:
@@ -129,20 +141,31 @@ def _self_contained(name: str, path: Path) -> None:
 
 def export(cfg: ExportConfig) -> Path:
     """Write the ONNX folder for `cfg.checkpoint`; returns the manifest's path."""
-    import onnx
-    import torch
-
     # imported on use: importing this module stays free of torch
     from stage2_decoder.training.checkpoint import load_checkpoint
 
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} exists and is not a folder")
+    out = cfg.out_folder()
     ckpt_path = find_checkpoint(cfg.checkpoint)  # None: $CAPCACHE_CHECKPOINT, else the newest runs/*/best.pt
     ckpt = load_checkpoint(ckpt_path)
     cap = Captioner.load(ckpt_path, "cpu", cfg.weights)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the new manifest lands
+    # every graph is made and checked in a folder of its own inside `out`: a failed export leaves an earlier one
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        manifest = _export_into(stage, cfg, ckpt_path, ckpt, cap)
+        (out / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the new manifest lands
+        for name in GRAPHS:
+            os.replace(stage / name, out / name)
+        return atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
+                            what="ONNX manifest")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _export_into(out: Path, cfg: ExportConfig, ckpt_path: Path, ckpt: dict, cap: Captioner) -> dict:
+    """The three graphs written and checked into `out`; returns their manifest."""
+    import onnx
+    import torch
 
     encoder, init, step = export_modules(cap)
     pp, dcfg = cap.backbone.preprocess, cap.decoder.cfg
@@ -197,5 +220,4 @@ def export(cfg: ExportConfig) -> Path:
         "files": {name: digests[name] for name in GRAPHS},
         "opset": OPSET,
     }
-    return atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
-                        what="ONNX manifest")
+    return manifest

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -80,7 +81,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}" if not path.exists() else f"{path} is not a file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a raw pickle's protocol are not the user's concern
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported operand" in str(e) or "invalid load key" in str(e):  # not a pickle: an HDF5 file, a PNG
             raise CheckpointError(f"{path} is not a PyTorch checkpoint file") from e
@@ -154,4 +157,8 @@ def model_from_checkpoint(ckpt: dict, device="cpu") -> tuple[CaptionDecoder, Voc
         model.load_state_dict(ckpt["model_state"], strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint weights do not fit its decoder config: {str(e).splitlines()[0]}") from e
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:  # a diverged run's weights: every caption would be empty, every score NaN
+        raise CheckpointError(f"checkpoint weights are not finite (NaN or inf in {', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}): the training that wrote them diverged")
     return model.to(device).eval(), vocab
