@@ -84,6 +84,9 @@ def main(images, checkpoint, decode, sampling, batch_size, device, weights, onnx
     def work():
         if onnx_dir is not None and (checkpoint is not None or weights is not None):
             raise click.UsageError("--onnx DIR replaces --checkpoint and --weights")
+        if onnx_dir is not None and device not in ("auto", "cpu"):
+            click.echo(f"warning: --device {printable(device)} is not used with --onnx (onnxruntime runs on the "
+                       f"CPU here)", err=True)
         source = onnx_dir if onnx_dir is not None else _checkpoint(checkpoint)
         paths = collect_images(list(images), recursive)
         if not paths:

@@ -221,6 +221,11 @@ def test_caption_cli_with_onnx_needs_no_torch(export_dir, tiny_checkpoint, photo
     want = Captioner.load(tiny_checkpoint, device="cpu").caption(photos[:4])  # what caption --checkpoint prints
     assert [r["caption"] for r in got] == [r["caption"] for r in want]
     assert [r["image"] for r in got] == photos[:4]
+    assert p.stderr == ""
+    cuda = subprocess.run([sys.executable, "-m", "stage2_decoder.caption", "--onnx", str(export_dir), "--device", "cuda",
+                           photos[0]], cwd=REPO, env=_torchless_env(tmp_path), capture_output=True, text=True,
+                          timeout=120)
+    assert cuda.returncode == 0 and cuda.stderr.startswith("warning: --device cuda is not used with --onnx"), cuda.stderr
 
 
 def _broken(export_dir: Path, tmp_path: Path, how: str) -> Path:
