@@ -357,3 +357,33 @@ def test_bench_tiny_prints_the_comparison(shared_cache, tmp_path):
         assert line in out, out
     seq = next(ln for ln in out.splitlines() if ln.startswith("sequential"))
     assert float(seq.split("peak memory ")[1].split(" MB")[0]) > 100  # a torch process at least
+
+
+SWEEP_AFTER_TORCH_WORK = """
+import sys, torch
+from stage2_decoder.sweeps.run import _may_fork
+from stage2_decoder.sweeps.sweep import SweepConfig, run_sweep
+before = _may_fork(2)
+torch.set_num_threads(2)
+x = torch.randn(800, 800)
+for _ in range(3):
+    (x @ x).sum()  # the OpenMP pool runs in this process
+after = _may_fork(2)
+r = run_sweep(SweepConfig(features=sys.argv[1], out=sys.argv[2], grid={"lr": [0.001], **TINY}, n_jobs=1, threads=2,
+                          dry_run=True, progress=False, plot=False))
+print(before, after, [row["status"] for row in r.rows])
+"""
+
+
+def test_a_sweep_started_from_python_after_torch_work_does_not_hang(shared_cache, tmp_path):
+    """A notebook that trains, then sweeps: a run forked from a process whose OpenMP pool has run hung forever
+    in its first parallel op (GNU OpenMP is not fork-safe). Such a run now starts in a fresh interpreter; the
+    script has no __main__ guard, which multiprocessing's spawn would need."""
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-c", f"TINY = {TINY!r}\n{SWEEP_AFTER_TORCH_WORK}", str(shared_cache),
+                        str(tmp_path / "sweep")], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    before, after, statuses = p.stdout.split(maxsplit=2)
+    assert (before, after) == ("True", "False")  # a process that has run no torch op still forks its runs
+    assert statuses.strip() == "['ok']"

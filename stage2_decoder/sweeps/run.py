@@ -204,11 +204,63 @@ def exit_record(spec: RunSpec, code: int | None) -> dict:
     return record(spec, "failed", f"the run's process exited with code {code} without a result")
 
 
-def _start_context():
-    """fork while this process has no CUDA context (a forked child cannot use its parent's), spawn otherwise."""
+TORCH_OWN_THREADS = 1  # native threads `import torch` starts (2.11 and 2.14 on Linux), before any op runs
+
+
+def native_threads() -> int:
+    """Threads of this process that Python did not start: a pool of OpenMP (torch's CPU ops), MKL or CUDA.
+    A forked child that uses such a pool hangs (GNU OpenMP and CUDA are not fork-safe): a sweep started from
+    Python after torch work in the same process (a notebook that trained a model first)."""
+    try:
+        return max(0, len(os.listdir("/proc/self/task")) - threading.active_count())
+    except OSError:  # no /proc (not Linux): no count
+        return 0
+
+
+def _may_fork(threads: int) -> bool:
+    """Whether this process may fork a run of `threads` torch threads: no CUDA context, and no native thread
+    pool unless the run keeps to one thread (a forked child cannot use its parent's pool; one thread never
+    enters it)."""
     import torch
 
-    return mp.get_context("spawn") if torch.cuda.is_initialized() else _FORK
+    return not torch.cuda.is_initialized() and (threads == 1 or native_threads() <= TORCH_OWN_THREADS)
+
+
+class _FreshRun:
+    """A run in a fresh interpreter (`python -m stage2_decoder.sweeps.run`), started and awaited as a forked
+    one is (start, join, exitcode, terminate). Not multiprocessing's spawn: that imports the caller's
+    script again in every run, and a script without a `__main__` guard would start its sweep again."""
+
+    def __init__(self, spec: RunSpec, threads: int | None, gpu: str | None):
+        self.spec, self.threads, self.gpu, self.proc = spec, threads, gpu, None
+
+    def start(self) -> None:
+        import subprocess
+
+        cmd, env = _fresh_command(self.spec, self.threads)
+        if self.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpu
+        with open(Path(self.spec.run_dir) / LOG, "a") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+
+    def join(self) -> None:
+        self.proc.wait()
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.proc.returncode
+
+    def terminate(self) -> None:
+        self.proc.terminate()
+
+
+def _fresh_command(spec: RunSpec, threads: int | None) -> tuple[list[str], dict]:
+    """The command and environment that train `spec` in a fresh interpreter, on the code of this checkout."""
+    root = str(Path(__file__).resolve().parents[2])  # the code this process runs, not another installed copy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    spec_json = json.dumps({"name": spec.name, "run_dir": spec.run_dir, "features": spec.features,
+                            "params": spec.params})
+    return [sys.executable, "-m", "stage2_decoder.sweeps.run", spec_json, str(threads or 0)], env
 
 
 def _run_forked(spec: RunSpec, threads: int | None, gpus: "queue.Queue | None" = None) -> dict | None:
@@ -217,8 +269,9 @@ def _run_forked(spec: RunSpec, threads: int | None, gpus: "queue.Queue | None" =
     Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
     gpu = gpus.get() if gpus is not None and _spreads(spec) else None
     try:
-        p = _start_context().Process(target=_child_main, args=(spec, threads, gpu), name=f"sweep-run {spec.name}",
-                                     daemon=True)
+        p = _FORK.Process(target=_child_main, args=(spec, threads, gpu), name=f"sweep-run {spec.name}",
+                          daemon=True) if _may_fork(_threads_of_the_run(Path(spec.run_dir), threads)) \
+            else _FreshRun(spec, threads, gpu)
         with _LIVE_LOCK:
             if _STOP.is_set():
                 return None
@@ -307,12 +360,9 @@ def _run_in_process(spec: RunSpec, threads: int) -> dict:
 
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    root = str(Path(__file__).resolve().parents[1])  # the code this worker runs, not another installed copy
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    cmd, env = _fresh_command(spec, threads)
     with open(run_dir / LOG, "a") as log:
-        proc = subprocess.run([sys.executable, "-m", "stage2_decoder.sweeps.run", json.dumps(
-            {"name": spec.name, "run_dir": spec.run_dir, "features": spec.features, "params": spec.params}),
-            str(threads)], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, check=False)
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, check=False)
     rec = read_result(spec) or exit_record(spec, proc.returncode)
     rec = {**rec, "worker_pid": os.getpid()}  # pid: the run's own process
     write_json(run_dir / RESULT, rec)
@@ -322,7 +372,7 @@ def _run_in_process(spec: RunSpec, threads: int) -> dict:
 def _process_main(spec_json: str, threads: str) -> None:
     """`python -m stage2_decoder.sweeps.run SPEC_JSON THREADS`: one run, dying with the worker that started it."""
     _die_with_parent()
-    _run_one(RunSpec(**json.loads(spec_json)), int(threads))
+    _run_one(RunSpec(**json.loads(spec_json)), int(threads) or None)
 
 
 def run_dask(pending: list[RunSpec], bar, scheduler: str, threads: int) -> dict[str, dict]:
