@@ -265,15 +265,22 @@ def _extract_rows(cfg: ExtractConfig, d: Dist, writer: CacheWriter, backbone: Ba
             pending, last = None, pending
             last.write(writer)
         writer.flush()
-    except RuntimeError as e:  # torch's report of a worker that died (the OOM killer's SIGKILL): a user's matter
+    except RuntimeError as e:  # torch's report of a worker that died or failed: a user's matter
         if "DataLoader worker" not in str(e):
             raise
-        raise CacheError(f"{one_line(e)} (out of memory? fewer --workers or a smaller --batch-size need less); "
-                         f"finished batches are kept in {parts_dir(writer.out)}, re-run the same command to "
-                         f"resume") from e
+        raise CacheError(f"{_worker_failure(e)}; finished batches are kept in {parts_dir(writer.out)}, re-run the "
+                         f"same command to resume") from e
     finally:
         watched.close()
-        del batches  # the last reference: DataLoader workers shut down now, also on an error
+        # the DataLoader's workers shut down now, also on an error (whose traceback may still hold the iterator);
+        # one still alive then ignored torch's SIGTERM (_leave_signals_to_main) and would hang the exit: killed
+        workers = list(getattr(batches, "_workers", ()))
+        getattr(batches, "_shutdown_workers", lambda: None)()
+        del batches
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join(5)
         bar.close()
         if pending is not None:  # an error after the batch was encoded: its shard is still written
             with contextlib.suppress(Exception):
@@ -306,6 +313,15 @@ class _CopyOut:
             feats, views = (arr[:, 0], arr[:, 1:]) if self.views else (arr, None)  # (b, D), (b, V-1, D)
         self.host = None
         writer.write(self.rows, feats, self.failed, views)  # queued; a background thread writes the shard
+
+
+def _worker_failure(e: RuntimeError) -> str:
+    """One line for torch's report of a DataLoader worker: an error it raised (its traceback's last line), or
+    its death (the OOM killer's SIGKILL)."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        return f"an image-decoding worker failed: {text.splitlines()[-1].strip()} (a full /dev/shm or disk?)"
+    return f"{one_line(e)} (out of memory? fewer --workers or a smaller --batch-size need less)"
 
 
 def _leave_signals_to_main(worker_id: int) -> None:

@@ -298,6 +298,23 @@ def test_disk_full_during_extraction(cli, coco_dir, tiny_disk, reference):
     _assert_same_as_reference(out, reference)
 
 
+def test_a_decoding_worker_that_fails_is_one_error_line_and_the_run_ends(coco_dir, tmp_path):
+    """A worker that raised (here its batch outgrew the file-size limit: /dev/shm full behaves the same) printed
+    torch's whole traceback flattened into the error line, then the run never ended: the worker, alive and
+    ignoring SIGTERM (the main process stops workers in order), was joined forever at exit."""
+    import resource
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60 * 1024, 60 * 1024))  # a batch of 4 images is 600 KB
+
+    out = tmp_path / "c.h5"
+    proc = subprocess.run([sys.executable, "-m", "stage1_extract", *map(str, _args(coco_dir, out, workers=1))],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert line.startswith("error: an image-decoding worker failed: RuntimeError: ") and "File too large" in line
+
+
 def test_disk_full_during_assembly(coco_dir, tiny_disk, reference, tmp_path):
     """Every shard fits, the assembled file does not: a clear error, no scratch file left, nothing lost."""
     disk = tiny_disk(96)  # the 6 shards (72 KiB) and meta.json fit, the 60 KiB cache does not
