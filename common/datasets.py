@@ -257,7 +257,7 @@ def load_flickr30k(captions_file: str | os.PathLike, images_dir: str | os.PathLi
             lines = re.split(r"\r\n|\r|\n", f.read())
     except UnicodeDecodeError as e:
         raise DatasetError(f"{printable(captions_file)} is not UTF-8 text: {e}") from e
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, int, str]] = set()
     piped = bool(lines) and lines[0].replace(" ", "").startswith("image_name|")
     for line_no, line in enumerate(lines[1:] if piped else lines, start=2 if piped else 1):
         if not line.strip():
@@ -276,10 +276,12 @@ def load_flickr30k(captions_file: str | os.PathLike, images_dir: str | os.PathLi
             if not tab or not image or not number.isdigit():
                 raise DatasetError(f"{printable(captions_file)}:{line_no}: expected 'IMAGE#N<TAB>caption'")
         key, caption = names.key(image), caption.strip()
-        if (key, caption) in seen:  # a repeated line, counted as the CSV readers count theirs
+        # a repeated line (its number too), counted as the CSV readers count theirs; two annotators who wrote
+        # the same sentence (two numbers) are two references
+        if (key, int(number), caption) in seen:
             names.repeats += 1
             continue
-        seen.add((key, caption))
+        seen.add((key, int(number), caption))
         by_image.setdefault(key, []).append((int(number), caption))
     skipped: Counter = Counter()
     names.warn(captions_file, skipped)

@@ -17,7 +17,8 @@ Schema (version 1), one file per (dataset, backbone):
       schema = "capcache-features", schema_version = 1
       backbone, weights, weights_sha256 ("" unless a weights file), feature_dim,
       preprocess (canonical JSON of common.preprocess.Preprocess)
-      dataset_format ("coco" | "flickr8k"), images_dir, captions_file (absolute paths), limit (-1 = all)
+      dataset_format ("coco" | "flickr8k" | "karpathy" | "flickr30k" | "folder"), images_dir, captions_file
+      (absolute paths), limit (-1 = all)
       dtype, views (1 when absent: caches written before views existed),
       precision ("float32" | "bfloat16": what the CNN computed in; "float32" when absent),
       complete (True once every row is done or failed), capcache_version, torch_version
@@ -164,6 +165,20 @@ def _plain(v):
     return v
 
 
+SOURCE = ("dataset_format", "images_dir", "captions_file")  # where the images and their captions came from
+
+
+def source_mismatch(have: CacheMeta, want: CacheMeta) -> list[str]:
+    """Differences in where the images and captions came from (folders compared as real paths): stage 1
+    reuses or resumes a cache only for the same ones, since the same file names in another folder may be other
+    photos (a second trip's IMG_0001.jpg), and another captions file may bring another split."""
+    def same(k: str) -> bool:
+        a, b = getattr(have, k), getattr(want, k)
+        return a == b or (k != "dataset_format" and os.path.realpath(a) == os.path.realpath(b))
+
+    return [f"{k}: {getattr(have, k)!r} != {getattr(want, k)!r}" for k in SOURCE if not same(k)]
+
+
 def mismatch(have: CacheMeta, want: CacheMeta) -> list[str]:
     """Human-readable differences in the fields that identify how features were made."""
     return [f"{k}: {getattr(have, k)!r} != {getattr(want, k)!r}" for k in CacheMeta.IDENTITY
@@ -197,6 +212,14 @@ def read_keys(path: str | os.PathLike) -> list[str]:
         return [_text(k) for k in f["keys"][:]]
 
 
+def read_failures(path: str | os.PathLike) -> dict[str, str]:
+    """{key: why} of the images a finished cache could not read, without loading its features."""
+    with _open(path) as f:
+        _check_datasets(f, path, _read_meta(f, path))
+        failed = np.flatnonzero(f["status"][:] == FAILED)
+        return {_text(f["keys"][i]): _text(f["errors"][i]) for i in failed}
+
+
 def _open(path) -> h5py.File:
     path = Path(path)
     if not path.exists():
@@ -207,7 +230,8 @@ def _open(path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as e:
-        raise CacheError(f"{path} is not a readable HDF5 file ({e}); re-run stage 1 to rebuild it") from e
+        raise CacheError(f"{path} is not a readable HDF5 file ({e}): delete it and re-run stage 1, or give stage 1 "
+                         f"another --out") from e
 
 
 def load_cache(path: str | os.PathLike, backbone: str | None = None, feature_dim: int | None = None,

@@ -28,7 +28,12 @@ def main(cfg: ExtractConfig, dry_run):
         if s.rank != 0:  # under torchrun rank 0 speaks for all
             return 0
         if s.was_complete:
-            click.echo(f"{s.out} is already complete ({s.total} images); nothing to do")
+            failed = ""
+            if s.failed:  # made when they could not be read: a finished cache is not re-opened to retry them
+                key, why = next(iter(s.failed.items()))
+                failed = (f"; {len(s.failed)} of them could not be read when it was made (first: {printable(key)}: "
+                          f"{printable(why)}): delete it and re-run to retry them")
+            click.echo(f"{s.out} is already complete ({s.total} images){failed}; nothing to do")
             return 0
         click.echo(f"wrote {s.out}: {s.total} images, {s.done_now} extracted now, {s.already_done} resumed, "
                    f"{len(s.failed)} skipped, {s.images_per_s:.1f} images/s")

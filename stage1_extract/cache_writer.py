@@ -46,7 +46,7 @@ import numpy as np
 from common.atomic import AtomicWriteError, atomic_path, atomic_write
 from common.jsonio import read_json
 from common.feature_cache import (DONE, FAILED, PENDING, SCHEMA, SCHEMA_VERSION, CacheError, CacheMeta, mismatch,
-                                  parts_dir)
+                                  parts_dir, source_mismatch)
 
 _STR = h5py.string_dtype("utf-8")
 META_FILE = "meta.json"
@@ -154,7 +154,7 @@ class CacheWriter:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CacheError(f"cannot resume from {meta_file} ({type(e).__name__}: {e}); "
                              f"delete {self.parts} to start over") from e
-        diffs = mismatch(have, self.meta)
+        diffs = mismatch(have, self.meta) + source_mismatch(have, self.meta)
         if stored_keys != self.keys:
             diffs.append("the image list differs (other --limit, captions file or images)")
         if diffs:

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,8 @@ from common.backbones import (DEFAULT_BACKBONE, REGISTRY, Backbone, BackboneErro
 from common.cli import one_line, opt
 from common.datasets import FORMATS, OUTSIDE_FLAG, guess_format, load_dataset
 from common.device import resolve_device
-from common.feature_cache import DONE, PENDING, CacheError, CacheMeta, mismatch, parts_dir, read_keys, read_meta
+from common.feature_cache import (DONE, PENDING, CacheError, CacheMeta, mismatch, parts_dir, read_failures, read_keys,
+                                  read_meta, source_mismatch)
 from common.lock import LOCK_NAME, OutputBusy, hold
 from common.paths import refuse_inside
 from common.preprocess import VIEWS
@@ -120,7 +121,8 @@ def plan(cfg: ExtractConfig) -> str:
     fmt = cfg.dataset if cfg.dataset != "auto" else guess_format(cfg.captions)
     out = _out_path(cfg)
     if out.exists():
-        state = "already exists: checked against these settings, nothing extracted"
+        _check_planned(out, cfg, spec.name, fmt, [r.key for r in records])
+        state = "already exists, made from these images with this backbone: the run checks its weights and precision"
     elif parts_dir(out).is_dir():
         state = f"resumes the work in {parts_dir(out)}"
     else:
@@ -128,6 +130,15 @@ def plan(cfg: ExtractConfig) -> str:
     return (f"{len(records)} images from {cfg.captions} ({fmt}) -> {spec.name} ({cfg.weights} weights, "
             f"{spec.feature_dim} features, {cfg.views} view(s), {cfg.dtype}), batches of {cfg.batch_size}, "
             f"{cfg.workers} workers, on {resolve_device(cfg.device)} -> {out} ({state})")
+
+
+def _check_planned(out: Path, cfg: ExtractConfig, backbone: str, fmt: str, keys: list[str]) -> None:
+    """What a dry run can check of a finished OUT without building the CNN: the backbone, the settings, where
+    the images and captions came from, the image list (the weights and precision are the run's to check)."""
+    have = read_meta(out)
+    want = replace(have, backbone=backbone, dataset_format=fmt, images_dir=os.path.abspath(cfg.images),
+                   captions_file=os.path.abspath(cfg.captions), limit=cfg.limit or -1, dtype=cfg.dtype, views=cfg.views)
+    _check_finished(out, want, keys)
 
 
 def extract(cfg: ExtractConfig) -> ExtractSummary:
@@ -160,7 +171,8 @@ def setup_extract(cfg: ExtractConfig, d: Dist) -> tuple[list[ImageRecord], Path,
 
 
 def _check_finished(out: Path, meta: CacheMeta, keys: list[str]) -> None:
-    diffs = mismatch(read_meta(out), meta)
+    have = read_meta(out)
+    diffs = mismatch(have, meta) + source_mismatch(have, meta)
     if read_keys(out) != keys:
         diffs.append("its image list differs (other --limit, captions file or images)")
     if diffs:
@@ -193,7 +205,9 @@ def _extract(cfg: ExtractConfig, d: Dist, owned: contextlib.ExitStack) -> Extrac
         d.agree(f"checking {out}", lambda: _check_finished(out, meta, keys))
         if d.rank == 0:
             remove_parts(out)  # left over if a run was killed between its final rename and this clean-up
-        return ExtractSummary(str(out), len(keys), 0, 0, len(keys), {}, 0.0, d.rank, d.world_size, was_complete=True)
+        failed = read_failures(out) if d.rank == 0 else {}
+        return ExtractSummary(str(out), len(keys), 0, 0, len(keys) - len(failed), failed, 0.0, d.rank, d.world_size,
+                              was_complete=True)
 
     t0 = time.perf_counter()
     # rank 0 creates OUT.parts/ (or checks it was started with these settings), then the others join it
@@ -210,11 +224,18 @@ def _extract(cfg: ExtractConfig, d: Dist, owned: contextlib.ExitStack) -> Extrac
         done_here, failed_here = d.agree("extracting", lambda: _extract_rows(cfg, d, writer, backbone, records, mine,
                                                                              share))
         _, (done_now, failed_now) = d.reduce(True, done_here, failed_here)
-        d.agree(f"assembling {out}", lambda: writer.finish() if d.rank == 0 else None)
+        if already + done_now:  # a cache of no image is no use (the wrong --images folder, say): not written
+            d.agree(f"assembling {out}", lambda: writer.finish() if d.rank == 0 else None)
     finally:
         if writer is not None:
             writer.close()
     failed = {keys[i]: reason for i, reason in writer.failures().items()} if d.rank == 0 else {}
+    if not already + done_now:
+        if d.rank == 0:
+            remove_parts(out)
+        first = f" (first: {printable(next(iter(failed)))}: {printable(next(iter(failed.values())))})" if failed else ""
+        raise CacheError(f"none of the {len(keys)} images could be read{first}: is --images {cfg.images} the folder "
+                         f"that holds them? Nothing was written")
     return ExtractSummary(str(out), len(keys), done_now, failed_now, already, failed, time.perf_counter() - t0,
                           d.rank, d.world_size)
 

@@ -307,3 +307,17 @@ def test_evaluation_skips_images_without_references(monkeypatch):
 def test_load_dataset_limit_zero_is_refused(coco_dir):
     with pytest.raises(DatasetError, match="at least 1"):
         load_dataset("coco", coco_dir / "captions.json", coco_dir / "images", limit=0)
+
+
+@pytest.mark.parametrize("text", ["a.jpg#0\tA dog runs .\na.jpg#1\tA dog runs .\na.jpg#1\tA dog runs .\n",
+                                  "image_name| comment_number| comment\na.jpg| 0| A dog runs .\na.jpg| 1| A dog runs ."
+                                  "\na.jpg| 1| A dog runs .\n"])
+def test_flickr30k_keeps_two_annotators_same_sentence_and_skips_a_repeated_line(tmp_path, text):
+    """Captions #0 and #1 alike are two references (tests/RELIABILITY.md); the reader kept one."""
+    from common.datasets import load_flickr30k
+
+    p = tmp_path / ("results.csv" if text.startswith("image_name") else "results_20130124.token")
+    p.write_text(text)
+    recs, warned = _load_quietly(load_flickr30k, p, tmp_path)
+    assert recs["a.jpg"].captions == ["A dog runs .", "A dog runs ."]
+    assert len(warned) == 1 and "1 repeated rows" in warned[0]

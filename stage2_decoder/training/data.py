@@ -2,6 +2,7 @@
 vocabulary, the caption tensors of the train and val images, and the cached features on the device."""
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from common.datasets import load_dataset, official_split, split_keys
 from common.feature_cache import CacheError, FeatureCache, load_cache
 from common.paths import refuse_inside
 from common.records import ImageRecord
+from common.text import printable
 from common.token_cache import tokenize_records
 from common.vocab import SPECIALS, Vocabulary, build_vocab
 from stage2_decoder.training.config import TrainConfig
@@ -55,6 +57,10 @@ def prepare_data(cfg: TrainConfig, cache: FeatureCache) -> tuple[
     records = load_dataset(cfg.dataset or m.dataset_format, cfg.captions or m.captions_file,
                            cfg.images or m.images_dir, allow_outside_images=True, images_needed=cfg.images is not None)
     records = [r for r in records if r.key in rows]
+    if cache.errors:  # unreadable in stage 1: no features, so their captions are not trained on
+        key, why = next(iter(cache.errors.items()))
+        tqdm.write(f"warning: {len(cache.errors)} images of {cache.path} could not be read in stage 1 and are left "
+                   f"out (first: {printable(key)}: {printable(why)})", file=sys.stderr)
     if len(records) < 3:
         raise ValueError(f"only {len(records)} images of {cfg.captions or m.captions_file} have features in "
                          f"{cache.path}; is this the captions file the cache was made from?")
