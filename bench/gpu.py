@@ -188,7 +188,9 @@ def part_jpegs(ctx) -> dict:
     stop_at = time.perf_counter() + JPEGS_SHARE * limit if limit else math.inf
     sizes: list[int] = []
     # forked after this process has started CUDA: safe while the workers use only PIL and numpy
-    with mp.get_context("fork").Pool(max(1, os.cpu_count() or 1)) as pool:
+    from common.device import usable_cores
+
+    with mp.get_context("fork").Pool(usable_cores()) as pool:
         for size in pool.imap(_make_jpeg, jobs, chunksize=16):  # in order: the first len(sizes) are whole
             sizes.append(size)
             if time.perf_counter() > stop_at:

@@ -26,7 +26,9 @@ import importlib, os, platform, shutil, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
       torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU")
 shm = shutil.disk_usage("/dev/shm").free / 2**30 if os.path.isdir("/dev/shm") else 0.0
-print(f"cores {os.cpu_count()}, /dev/shm {shm:.1f} GB free (stage 1's workers prefetch into it)")
+from common.device import usable_cores
+print(f"cores {os.cpu_count()}, usable {usable_cores()} (affinity and cgroup quota), /dev/shm {shm:.1f} GB free "
+      "(stage 1's workers prefetch into it)")
 for m in ("torchvision", "nltk", "regex", "pycocoevalcap.cider.cider", "h5py", "click", "tqdm", "joblib", "PIL"):
     try:
         importlib.import_module(m)

@@ -2,14 +2,39 @@
 CPU cores a process may use."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
 
+CGROUP = "/sys/fs/cgroup"  # where a container's CPU quota is read
+
+
 def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity where the OS has one, else every core)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The CPU cores this process may run on: its affinity where the OS has one (else every core), and no more
+    than a container's CPU quota (cgroup v2 cpu.max or v1 cfs quota), which affinity does not show: a 16-core
+    quota on a 200-core host would otherwise start 200 decoding workers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_quota() -> float | None:
+    """CPUs of the cgroup's quota, or None when it has none (or it cannot be read)."""
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            with open(os.path.join(CGROUP, quota_file)) as f:
+                fields = f.read().split()
+            if period_file is not None:
+                with open(os.path.join(CGROUP, period_file)) as f:
+                    fields.append(f.read().strip())
+            quota, period = float(fields[0]), float(fields[1])
+        except (OSError, ValueError, IndexError):  # no such file, or "max": no quota
+            continue
+        if quota > 0 and period > 0:
+            return quota / period
+    return None
 
 
 class DeviceError(ValueError):

@@ -449,11 +449,33 @@ def test_torchrun_ranks_map_to_local_rank_modulo_the_visible_gpus(monkeypatch):
 def test_stage1_workers_default_to_the_cores_per_rank_less_the_main_process(monkeypatch):
     from common.backbones import default_workers
 
-    cores = len(os.sched_getaffinity(0))
+    from common.device import usable_cores
+
+    cores = usable_cores()
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert default_workers() == max(1, cores - 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))
     assert default_workers() == 1
+
+
+@pytest.mark.parametrize("files, want", [
+    ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2: 1.5 CPUs -> 2
+    ({"cpu.max": "max 100000\n"}, None),  # no quota
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_the_cores_a_process_may_use_respect_a_containers_cpu_quota(tmp_path, monkeypatch, files, want):
+    """Affinity shows a container every core of its host (a 16-core quota on a 200-core machine): stage 1
+    would start a decoding worker per host core, each prefetching batches into /dev/shm."""
+    import common.device as device
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(device, "CGROUP", str(tmp_path))
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert device.usable_cores() == (want or 64)
 
 
 def test_a_too_small_dev_shm_is_one_error_line_before_any_worker_starts(coco_dir, tmp_path, monkeypatch):
