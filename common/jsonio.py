@@ -170,7 +170,8 @@ def _plain(obj):
 
 
 def dump_json(obj, **kw) -> str:
-    """JSON text that a strict parser reads back: NaN and infinities as null, and a file name's bytes that are
-    not UTF-8 (held as lone surrogates, which no UTF-8 output can carry) as \\u escapes; other text as it is."""
+    """JSON text in valid UTF-8 with no NaN or Infinity (as null); a file name's bytes that are not UTF-8 (held
+    as lone surrogates, which no UTF-8 output can carry) as \\u escapes, which Python's json reads back to the
+    same name (some parsers refuse them); other text as it is."""
     text = json.dumps(_plain(obj), ensure_ascii=False, allow_nan=False, **kw)
     return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)

@@ -60,9 +60,11 @@ def _visible(text: str) -> str:
 
 
 def could_be_token(word: str) -> bool:
-    """Whether a tokenizer could have made `word`: not empty, no spaces or line breaks, no control or invisible
-    format characters (a tampered vocabulary's word could otherwise forge output lines or drive a terminal)."""
-    return bool(word) and word == _visible(word) and not any(ch.isspace() for ch in word)
+    """Whether a tokenizer could have made `word`: not empty, no spaces, line breaks or control characters (a
+    tampered vocabulary's word could otherwise forge output lines or drive a terminal). Invisible format
+    characters pass: tokenizers before `_visible` kept them inside words (a Persian word's RLM), and checkpoints
+    of those are still read."""
+    return bool(word) and not any(ch.isspace() or unicodedata.category(ch) == "Cc" for ch in word)
 
 
 def join_tokens(tokens: list[str], name: str = DEFAULT_TOKENIZER) -> str:

@@ -400,3 +400,15 @@ def test_randomly_damaged_cache_only_ever_raises_cache_error(shared_cache, tmp_p
     outcomes = fuzz_cache(shared_cache, tmp_path / "damaged.h5", range(40))
     bad = {s: o for s, o in outcomes.items() if o not in ("loads", "CacheError", "crash")}
     assert not bad, bad
+
+
+def test_vocabularies_older_tokenizers_made_still_load_and_line_breaks_do_not():
+    """Tokenizers before common.tokenizer._visible kept invisible format characters inside words (a Persian
+    word's right-to-left mark, a soft hyphen): their checkpoints must still load. A word with a line break,
+    a line separator or a control character no tokenizer ever made: refused."""
+    from common.vocab import SPECIALS, Vocabulary, VocabError
+
+    Vocabulary([*SPECIALS, "\u200fکتاب", "co\xadoperate", "می\u200cخواهم"])
+    for bad in ("a\nb", "a\u2028b", "x\x1b[2J", "tab\there", ""):
+        with pytest.raises(VocabError, match="no tokenizer makes"):
+            Vocabulary([*SPECIALS, bad])

@@ -357,3 +357,23 @@ def test_export_out_must_be_a_folder_also_in_a_dry_run(tiny_checkpoint, tmp_path
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: --out"), r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(export_dir, tiny_checkpoint, tmp_path):
+    """A graph set per killed export piled up in --out."""
+    import subprocess as sp
+
+    from stage2_decoder.serving.onnx_export import STAGE_PREFIX, ExportConfig, export
+
+    out = tmp_path / "onnx"
+    shutil.copytree(export_dir, out)
+    gone = sp.Popen(["true"])
+    gone.wait()
+    stale, live = out / f"{STAGE_PREFIX}{gone.pid}-abc", out / f"{STAGE_PREFIX}{os.getpid()}-xyz"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "encoder.onnx").write_bytes(b"x" * 100)
+    export(ExportConfig(checkpoint=str(tiny_checkpoint), out=str(out)))
+    assert not stale.exists() and live.exists()  # a live process's staging folder is left alone
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(STAGE_PREFIX)) == sorted(
+        p.name for p in export_dir.iterdir())

@@ -590,3 +590,27 @@ def test_draw_one_draws_what_multinomial_draws():
             want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).squeeze(1)
             got = draw_one(probs, torch.Generator().manual_seed(seed))
             assert torch.equal(got, want) and got[0] == 2
+
+
+def test_scst_read_late_raises_only_for_the_steps_a_per_step_loop_took(lagged, monkeypatch):
+    """Every caption ends at a check point's first step and the next step's probabilities are NaN: a per-step
+    loop stopped before that step, so the late read must not call it an error."""
+    from stage2_decoder.decoding import sampling
+    from stage2_decoder.decoding.beam import END_ID
+    from stage2_decoder.training import scst
+    from stage2_decoder.training.scst import sample, scst_mode
+
+    m = _decoder()
+    m.out_bias.data[:] = -30.0
+    m.out_bias.data[END_ID] = 30.0  # every caption ends at step 1
+    steps = []
+    real = sampling.drawable
+
+    def nan_from_step_2(probs):
+        steps.append(1)
+        return (real(probs)[0], torch.tensor(len(steps) < 2))
+
+    monkeypatch.setattr(scst, "drawable", nan_from_step_2)
+    with scst_mode(m):
+        ids, _, mask = sample(m, torch.randn(3, 32), 2, 9)
+    assert ids.shape[1] == 1 and len(steps) >= 2  # the lagged loop ran step 2 and did not raise

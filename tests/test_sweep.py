@@ -387,3 +387,39 @@ def test_a_sweep_started_from_python_after_torch_work_does_not_hang(shared_cache
     before, after, statuses = p.stdout.split(maxsplit=2)
     assert (before, after) == ("True", "False")  # a process that has run no torch op still forks its runs
     assert statuses.strip() == "['ok']"
+
+
+FRESH_RUN_THEN_DIE = """
+import os, signal, sys, time
+from stage2_decoder.sweeps.grid import RunSpec
+from stage2_decoder.sweeps.run import _FreshRun
+spec = RunSpec(name="r", run_dir=sys.argv[2], features=sys.argv[1], params={"lr": 0.001, **TINY})
+os.makedirs(sys.argv[2])
+run = _FreshRun(spec, 1, None)
+run.start()
+print(run.proc.pid, flush=True)
+time.sleep(0.3)  # the run is still importing torch
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_fresh_run_dies_with_a_sweep_killed_while_it_starts(shared_cache, tmp_path):
+    """The sweep's pid was not passed on: a run whose sweep was killed before the run armed its parent-death
+    signal went on training as an orphan, and would collide with the rerun."""
+    import os
+    import subprocess
+    import time
+
+    p = subprocess.run([sys.executable, "-c", f"TINY = {TINY!r}\n{FRESH_RUN_THEN_DIE}", str(shared_cache),
+                        str(tmp_path / "r")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    pid = int(p.stdout.split()[0])
+    deadline = time.monotonic() + 60
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.2)
+    alive = os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    if alive:
+        os.kill(pid, 9)
+    assert not alive and not (tmp_path / "r" / "result.json").exists()

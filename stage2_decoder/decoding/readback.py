@@ -40,9 +40,9 @@ class LaggedFlags:
         host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=self.cuda)
         host.copy_(flags, non_blocking=self.cuda)
         event = None
-        if self.cuda:
+        if self.cuda:  # on the stream of the flags' own GPU (not the current device's: --device cuda:1)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(flags.device))
         self._queue.append((host, event))
         return self._pop() if len(self._queue) > self.lag else None
 

@@ -149,8 +149,9 @@ def export(cfg: ExportConfig) -> Path:
     ckpt = load_checkpoint(ckpt_path)
     cap = Captioner.load(ckpt_path, "cpu", cfg.weights)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_stages(out)
     # every graph is made and checked in a folder of its own inside `out`: a failed export leaves an earlier one
-    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=out))
     try:
         manifest = _export_into(stage, cfg, ckpt_path, ckpt, cap)
         (out / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the new manifest lands
@@ -160,6 +161,23 @@ def export(cfg: ExportConfig) -> Path:
                             what="ONNX manifest")
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+STAGE_PREFIX = ".export-"  # + the exporting process's pid + a random part: its staging folder inside --out
+
+
+def _remove_stale_stages(out: Path) -> None:
+    """Staging folders of exports that were killed (their process is gone): a graph set each, never cleaned."""
+    for d in out.glob(f"{STAGE_PREFIX}*"):
+        pid = d.name[len(STAGE_PREFIX):].split("-")[0]
+        if not pid.isdigit() or d.is_symlink() or not d.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:  # another user's live process
+            pass
 
 
 def _export_into(out: Path, cfg: ExportConfig, ckpt_path: Path, ckpt: dict, cap: Captioner) -> dict:

@@ -153,6 +153,7 @@ _STOP = threading.Event()
 
 
 SWEEP_PID: list[int] = []  # the sweep process, as its forked runs see it
+SWEEP_PID_VAR = "CAPCACHE_SWEEP_PID"  # ... and as a run in a fresh interpreter is told it
 
 
 def _watch_parent(parent: int) -> None:
@@ -227,7 +228,7 @@ def _may_fork(threads: int) -> bool:
 
 
 class _FreshRun:
-    """A run in a fresh interpreter (`python -m stage2_decoder.sweeps.run`), started and awaited as a forked
+    """A run in a fresh interpreter (`_process_main`, through `_fresh_command`), started and awaited as a forked
     one is (start, join, exitcode, terminate). Not multiprocessing's spawn: that imports the caller's
     script again in every run, and a script without a `__main__` guard would start its sweep again."""
 
@@ -238,6 +239,7 @@ class _FreshRun:
         import subprocess
 
         cmd, env = _fresh_command(self.spec, self.threads)
+        env[SWEEP_PID_VAR] = str(os.getpid())  # the run dies with this process, also if it dies while the run starts
         if self.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.gpu
         with open(Path(self.spec.run_dir) / LOG, "a") as log:
@@ -260,7 +262,11 @@ def _fresh_command(spec: RunSpec, threads: int | None) -> tuple[list[str], dict]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
     spec_json = json.dumps({"name": spec.name, "run_dir": spec.run_dir, "features": spec.features,
                             "params": spec.params})
-    return [sys.executable, "-m", "stage2_decoder.sweeps.run", spec_json, str(threads or 0)], env
+    # -c, not -m: `python -m` puts the current folder first on sys.path, and a notebook's folder may hold a
+    # common/ or tqdm.py of its own; the checkout's root goes first instead
+    boot = (f"import sys; sys.path[0] = {root!r}; from stage2_decoder.sweeps.run import _process_main; "
+            f"_process_main(*sys.argv[1:])")
+    return [sys.executable, "-c", boot, spec_json, str(threads or 0)], env
 
 
 def _run_forked(spec: RunSpec, threads: int | None, gpus: "queue.Queue | None" = None) -> dict | None:
@@ -370,7 +376,10 @@ def _run_in_process(spec: RunSpec, threads: int) -> dict:
 
 
 def _process_main(spec_json: str, threads: str) -> None:
-    """`python -m stage2_decoder.sweeps.run SPEC_JSON THREADS`: one run, dying with the worker that started it."""
+    """One run in a fresh interpreter (`_fresh_command`: SPEC_JSON THREADS), dying with the sweep (or Dask
+    worker) that started it."""
+    if os.environ.get(SWEEP_PID_VAR, "").isdigit():
+        SWEEP_PID[:] = [int(os.environ[SWEEP_PID_VAR])]
     _die_with_parent()
     _run_one(RunSpec(**json.loads(spec_json)), int(threads) or None)
 

@@ -131,6 +131,9 @@ def view_rows(features: torch.Tensor, rows: torch.Tensor, generator: torch.Gener
     were reordered by it, and row i gets the view drawn for position order[i] (the same draws)."""
     if features.dim() == 3:
         view = torch.randint(features.shape[0], (len(rows),), generator=generator)
-        view = (view if order is None else view[order]).to(rows.device, non_blocking=True)
+        view = view if order is None else view[order]
+        if rows.device.type == "cuda":  # from pinned memory: a copy from pageable memory waits for the GPU
+            view = view.pin_memory()
+        view = view.to(rows.device, non_blocking=True)
         return features[view, rows]
     return features[rows]

@@ -86,11 +86,12 @@ def _ended(window: list[list[bool]], first: int) -> int | None:
     """The step after which no caption was alive, from a check point's flags ([alive after each step, finite
     at each step] of the steps from `first`), or None; raises FloatingPointError on non-finite probabilities."""
     alive, finite = window
-    if False in finite:
+    end = alive.index(False) if False in alive else len(alive) - 1
+    if False in finite[:end + 1]:  # the steps a per-step loop would have taken
         raise FloatingPointError(f"SCST sampling: the decoder's next-word probabilities are not finite at "
                                  f"step {first + finite.index(False) + 1} (NaN or inf in its weights or "
                                  f"features)")
-    return first + alive.index(False) if False in alive else None
+    return first + end if False in alive else None
 
 
 def scst_loss(model: CaptionDecoder, features: torch.Tensor, keys: list[str], scorer: CiderD, itos: list[str],
