@@ -75,8 +75,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {name}{text}", file=file or sys.stderr)
 
 
-def run_guarded(work: Callable[[], int], interrupted_msg: str = "interrupted") -> int:
-    """Run `work`, mapping user errors to one 'error: ...' line + exit 1, Ctrl-C to 130, SIGTERM to 143.
+def run_guarded(work: Callable[[], int], interrupted_msg: str | Callable[[], str] = "interrupted") -> int:
+    """Run `work`, mapping user errors to one 'error: ...' line + exit 1, Ctrl-C to 130, SIGTERM to 143
+    (saying `interrupted_msg`, or what it returns when called then).
 
     Warnings print as one 'warning: ...' line each while `work` runs (DataLoader workers forked
     meanwhile inherit that).
@@ -91,10 +92,10 @@ def run_guarded(work: Callable[[], int], interrupted_msg: str = "interrupted") -
     try:
         return work()
     except KeyboardInterrupt:
-        click.echo(f"\n{interrupted_msg}", err=True)
+        click.echo(f"\n{interrupted_msg() if callable(interrupted_msg) else interrupted_msg}", err=True)
         return 130
     except Terminated:
-        click.echo(f"\n{interrupted_msg}", err=True)
+        click.echo(f"\n{interrupted_msg() if callable(interrupted_msg) else interrupted_msg}", err=True)
         return 143
     except _user_errors() as e:
         click.echo(f"error: {one_line(e)}", err=True)

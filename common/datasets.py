@@ -418,7 +418,8 @@ def split_keys(keys: list[str], val_frac: float = 0.05, test_frac: float = 0.05,
     least one image when there are at least three. Each list is returned sorted.
     """
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
-        raise ValueError(f"bad split fractions val={val_frac} test={test_frac}")
+        raise ValueError(f"bad split fractions val={val_frac} test={test_frac}: each at least 0, and together "
+                         f"less than 1 (the rest trains)")
     ranked = sorted(set(keys), key=lambda k: (_unit_hash(k, seed), k))
     n = len(ranked)
 

@@ -221,7 +221,11 @@ def read_failures(path: str | os.PathLike) -> dict[str, str]:
 
 
 def _open(path) -> h5py.File:
+    if not str(path).strip():
+        raise CacheError("no feature cache named (the path is empty)")
     path = Path(path)
+    if path.is_dir():
+        raise CacheError(f"{path} is a folder, not a feature cache (the .h5 file stage 1 writes)")
     if not path.exists():
         if parts_dir(path).exists():
             raise CacheError(f"{path} is not finished ({parts_dir(path).name}/ exists): re-run stage 1 "

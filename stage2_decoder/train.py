@@ -44,8 +44,12 @@ def main(features, out, captions, images, dataset, device, no_progress, dry_run,
                    f"checkpoint {Path(r.run_dir) / 'best.pt'}")
         return 0
 
-    raise SystemExit(run_guarded(work, interrupted_msg=f"training interrupted; the last finished epoch is in "
-                                                       f"{out}/last.pt, re-run the same command to resume"))
+    def interrupted() -> str:
+        if (Path(out) / "last.pt").is_file():
+            return f"training interrupted; the last finished epoch is in {out}/last.pt, re-run the same command to resume"
+        return "training interrupted before its first epoch finished: nothing to resume"
+
+    raise SystemExit(run_guarded(work, interrupted_msg=interrupted))
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def test_flickr30k_token_lines_break_at_newlines_only_and_a_repeated_line_counts
     1); a repeated line was kept twice, where the CSV readers skip it with a warning."""
     a, b = f8k10[0].key, f8k10[1].key
     path = tmp_path / "results_20130124.token"
-    path.write_bytes(f"{a}#0\tA dog\u2028runs\x85far.\r\n{a}#1\tA dog\fsits.\n{b}#0\tA car.\n{b}#1\tA car.\n"
+    path.write_bytes(f"{a}#0\tA dog\u2028runs\x85far.\r\n{a}#1\tA dog\fsits.\n{b}#0\tA car.\n{b}#0\tA car.\n"
                      .encode())
     with pytest.warns(DatasetWarning, match="skipped 1 repeated rows"):
         recs = load_dataset("flickr30k", path, flickr_dir / "Images")

@@ -140,3 +140,83 @@ def test_the_optimiser_state_saved_from_the_cpu_resumes_the_same_steps():
         m(x).square().sum().backward()
         o.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_a_resume_with_or_without_dry_run_is_refused(shared_cache, run):
+    """A --dry-run run resumed for real (or the other way) mixed one-batch epochs into a real run, unmarked."""
+    from stage2_decoder.train import main
+
+    args = [a for a in _args(shared_cache, run, "--epochs", "3") if a != "--dry-run"]
+    line = one_error_line(CliRunner().invoke(main, args))
+    assert "dry_run True -> False" in line and "other settings" in line
+
+
+def test_a_resume_on_another_split_is_refused(shared_cache, run, coco_dir, tmp_path):
+    """Another captions file (here without one test image) changed the split: images trained on became test
+    images, and split.json no longer said what best.pt's split was."""
+    moved = load_checkpoint(run / "last.pt")["split"]["test"][0]
+    doc = json.loads((coco_dir / "captions.json").read_text())
+    gone = {im["id"] for im in doc["images"] if str(im["id"]) == moved}  # COCO's keys are its image ids
+    assert gone
+    doc["images"] = [im for im in doc["images"] if im["id"] not in gone]
+    doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] not in gone]
+    (tmp_path / "fewer.json").write_text(json.dumps(doc))
+    line = one_error_line(_train(shared_cache, run, "--epochs", "3", "--captions", tmp_path / "fewer.json"))
+    assert "the image split" in line
+
+
+def test_a_run_whose_last_pt_was_deleted_is_not_overwritten(shared_cache, run):
+    """best.pt is all captioning needs, so a user deletes last.pt: the same command then started a new run
+    there, silently replacing best.pt and the metrics."""
+    (run / "last.pt").unlink()
+    before = (run / "best.pt").read_bytes()
+    line = one_error_line(_train(shared_cache, run, "--epochs", "2"))
+    assert "2 finished epochs" in line and "no last.pt" in line and "new --out" in line
+    assert (run / "best.pt").read_bytes() == before
+
+
+def test_a_run_killed_in_its_first_epoch_between_best_and_last_starts_over(shared_cache, tmp_path):
+    run = tmp_path / "run"
+    assert _train(shared_cache, run, "--epochs", "1").exit_code == 0
+    (run / "last.pt").unlink()  # the kill: best.pt of epoch 1 written, last.pt and its metrics line not
+    (run / "metrics.jsonl").write_text("")
+    r = _train(shared_cache, run, "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+
+
+def test_a_resume_puts_back_split_json_and_warns_when_config_json_is_unreadable(shared_cache, run):
+    (run / "split.json").unlink()
+    (run / "config.json").write_text("garbage")
+    r = _train(shared_cache, run, "--epochs", "3")
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "split.json").read_text())["test"] == load_checkpoint(run / "last.pt")["split"]["test"]
+    assert "config.json could not be read" in r.stderr and "earlier resumes is lost" in r.stderr
+
+
+def test_validating_on_training_images_is_said_also_without_progress(shared_cache, tmp_path):
+    """With --no-progress (and in a sweep's runs) nothing said that val CIDEr was a training score."""
+    r = _train(shared_cache, tmp_path / "run", "--epochs", "1", "--val-frac", "0")
+    assert r.exit_code == 0, r.output
+    assert "warning: no validation images with captions (--val-frac 0?): validating on training images" in r.stderr
+
+
+@pytest.mark.parametrize("features", ["", "folder"])
+def test_features_that_name_a_folder_or_nothing_is_one_line_without_advice_to_delete(features, tmp_path):
+    from stage2_decoder.train import main
+
+    path = str(tmp_path) if features == "folder" else ""
+    line = one_error_line(CliRunner().invoke(main, ["--features", path, "--out", str(tmp_path / "run")]))
+    assert ("is a folder, not a feature cache" if features else "--features is empty") in line
+    assert "delete" not in line
+
+
+def test_an_interrupt_before_the_first_epoch_does_not_point_to_a_last_pt(shared_cache, tmp_path, monkeypatch):
+    import stage2_decoder.train as train_cli
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli, "train", interrupted)
+    r = CliRunner().invoke(train_cli.main, _args(shared_cache, tmp_path / "run"))
+    assert r.exit_code == 130 and "before its first epoch finished: nothing to resume" in r.stderr

@@ -423,3 +423,11 @@ def test_a_fresh_run_dies_with_a_sweep_killed_while_it_starts(shared_cache, tmp_
     if alive:
         os.kill(pid, 9)
     assert not alive and not (tmp_path / "r" / "result.json").exists()
+
+
+def test_a_sweep_out_that_is_a_file_is_said_so(shared_cache, tmp_path):
+    """It was "[Errno 17] File exists"."""
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(SweepError, match="is a file, not a folder"):
+        run_sweep(SweepConfig(features=str(shared_cache), out=str(tmp_path / "taken"), grid={"lr": [0.001], **TINY},
+                              progress=False, plot=False))

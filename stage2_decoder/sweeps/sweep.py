@@ -117,6 +117,8 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     for images in sorted({str(s.params.get("images") or meta.images_dir) for s in specs}):
         refuse_inside(cfg.out, images, "the sweep")  # before the folder, its lock or any run is made
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"--out {out} is a file, not a folder for the sweep's runs")
     out.mkdir(parents=True, exist_ok=True)
     with hold(out / LOCK_NAME, "sweep folder"):  # one sweep per folder; each run also locks its own folder
         return _run_locked(cfg, out, specs, grid, varied, t0)

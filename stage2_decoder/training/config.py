@@ -68,8 +68,9 @@ class TrainConfig:
 
     # a resume from last.pt may change these, and they apply to the epochs still to run (config.json records it)
     RESUME_APPLIED = ("epochs", "scst_epochs", "patience")
-    # where the data is and how the run is shown, not the training math
-    RESUME_FREE = ("out", "captions", "images", "dataset", "device", "progress", "dry_run")
+    # where the data is and how the run is shown, not the training math (another captions file that changes the
+    # split or the vocabulary is refused all the same; --dry-run's one-batch epochs are training math)
+    RESUME_FREE = ("out", "captions", "images", "dataset", "device", "progress")
     # every other field changes the math and must not change on resume (set below, new fields included)
     RESUME_FIXED = ()
     # what a run from before the setting existed did, where that is not the field's default

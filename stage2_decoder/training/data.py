@@ -89,8 +89,9 @@ def load_train_data(cfg: TrainConfig, device: torch.device) -> TrainData:
     parts, split, vocab, rows, tokens = prepare_data(cfg, cache)
     train_set = CaptionPairs(parts["train"], rows, vocab, cfg.max_caption_len, tokens).to(device)  # beside the features
     val_records = [r for r in parts["val"] if r.captions]  # images without references cannot validate
-    if not val_records and cfg.progress:
-        tqdm.write("no validation images with captions (--val-frac 0?): validating on training images")
+    if not val_records:  # said always (a sweep's run.log too): such a run's val CIDEr is a training score
+        tqdm.write("warning: no validation images with captions (--val-frac 0?): validating on training images, "
+                   "so val CIDEr and best.pt's choice measure training fit", file=sys.stderr)
     val_records = val_records or parts["train"][:50]
     val_set = CaptionPairs(val_records, rows, vocab, cfg.max_caption_len, tokens).to(device)
     # HDF5 has no checksums: a damaged file reads as garbage. Checked on the host arrays (the rows stage 1

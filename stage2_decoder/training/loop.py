@@ -80,6 +80,9 @@ def _check(cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) a decoder; returns the history. Importable: the CLI and sweeps call this."""
+    for name in ("features", "out"):
+        if not str(getattr(cfg, name)).strip():  # "" would be the current folder
+            raise ValueError(f"--{name} is empty: name the {'feature cache' if name == 'features' else 'run folder'}")
     # absolute, so a resume from another working directory names the same cache (last.pt records this)
     cfg = replace(cfg, features=os.path.abspath(cfg.features))
     with contextlib.ExitStack() as owned:  # the run folder's lock, held until training returns or fails
@@ -105,7 +108,8 @@ def _train(cfg: TrainConfig, owned: contextlib.ExitStack) -> TrainResult:
     # moving average of the trained ones, which its checkpoints also keep (train_model_state) so a resumed run
     # goes on exactly. SCST is not averaged: its few steps (one per batch of images) would be mostly undone.
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup, cfg.ema_start) if cfg.ema_decay else None
-    history, start_epoch, best = resume_run(run, cfg, model, opt, sched, data.vocab, device, data.backbone, ema)
+    history, start_epoch, best = resume_run(run, cfg, model, opt, sched, data.vocab, device, data.backbone, ema,
+                                            data.split)
     val_keys = set([r.key for r in data.val_records][: cfg.val_images or None])
     val_refs = {r.key: r.captions for r in data.val_records if r.key in val_keys and r.captions}
     write_run_start(run, cfg, start_epoch, data.split, data.vocab, history)

@@ -43,7 +43,8 @@ def run_config(run: Path, cfg, start_epoch: int) -> dict:
     if start_epoch:
         try:
             before = read_json(run / "config.json", "run config", expect=dict)
-        except (OSError, JSONFileError):
+        except (OSError, JSONFileError) as e:
+            warnings.warn(f"{run / 'config.json'} could not be read ({e}): its record of earlier resumes is lost")
             before = {}
     resumed = list(before.get("resumed", [])) if isinstance(before.get("resumed"), list) else []
     changed = {k: [before[k], getattr(cfg, k)] for k in type(cfg).RESUME_APPLIED
@@ -61,6 +62,21 @@ def _recorded(cfg, old: dict, name: str):
         return type(cfg).RESUME_LEGACY[name]
     default = type(cfg).__dataclass_fields__[name].default
     return None if default is MISSING else default
+
+
+def _check_nothing_to_overwrite(run: Path) -> None:
+    """A run folder without last.pt whose metrics.jsonl records finished epochs: last.pt was deleted (best.pt is
+    all captioning needs). A fresh run there would overwrite best.pt and the metrics; refused. (A run killed in
+    its first epoch, between best.pt and last.pt, has recorded none: it starts over.)"""
+    metrics = run / "metrics.jsonl"
+    try:
+        epochs = sum(1 for line in metrics.read_text(errors="replace").splitlines() if line.strip())
+    except OSError:
+        return
+    if epochs:
+        raise CheckpointError(f"{run} holds a run of {epochs} finished epochs (metrics.jsonl) but no last.pt to "
+                              f"resume it from; a new run would overwrite its best.pt: use a new --out, or "
+                              f"delete {run} to start over there")
 
 
 def _check_resume_epochs(last: Path, cfg, old: dict, done: int) -> None:
@@ -103,9 +119,10 @@ def _check_progress(last: Path, run: Path, epoch: int, best: dict, history: list
 
 
 def resume_run(run: Path, cfg, model, opt, sched, vocab: Vocabulary, device, backbone: dict,
-            ema: EMA | None = None):
+               ema: EMA | None = None, split: dict[str, list[str]] | None = None):
     last = run / "last.pt"
     if not last.exists():
+        _check_nothing_to_overwrite(run)
         return [], 0, {"score": float("-inf"), "epoch": 0}
     ckpt = load_checkpoint(last, map_location=device)
     old = ckpt.get("train_config", {})
@@ -119,6 +136,9 @@ def resume_run(run: Path, cfg, model, opt, sched, vocab: Vocabulary, device, bac
     # the same cache path may now hold features of another backbone (same size, other meaning)
     changed += [f"backbone {k}" for k in ("name", "weights", "feature_dim", "preprocess")
                 if ckpt["backbone"].get(k) != backbone[k]]
+    if split is not None and isinstance(ckpt.get("split"), dict) and \
+            any(list(ckpt["split"].get(k, [])) != list(split[k]) for k in ("val", "test")):
+        changed.append("the image split (another captions file or images?)")  # trained images would be tested on
     if changed or Vocabulary.from_dict(ckpt["vocab"]) != vocab:
         raise CheckpointError(f"{last} was trained with other settings ({', '.join(changed) or 'vocabulary'}); "
                               f"resume with the same ones, or use a new --out or delete {run}")

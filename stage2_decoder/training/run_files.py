@@ -28,8 +28,9 @@ def write_run_start(run: Path, cfg: TrainConfig, start_epoch: int, split: dict[s
     run; metrics.jsonl rewritten as the checkpoint's history (drops a line from an epoch whose last.pt never
     landed). """
     atomic_write(run / "config.json", json.dumps(run_config(run, cfg, start_epoch), indent=2), what="run config")
-    if start_epoch == 0:
+    if start_epoch == 0 or not (run / "split.json").is_file():  # a resume puts back one deleted since
         write_split(split, run / "split.json")
+    if start_epoch == 0 or not (run / "vocab.json").is_file():
         vocab.save(run / "vocab.json")
     atomic_write(run / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history), what="metrics")
 
