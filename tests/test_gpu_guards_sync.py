@@ -589,3 +589,26 @@ def test_scst_read_late_raises_only_for_the_steps_a_per_step_loop_took(lagged, m
     with scst_mode(m):
         ids, _, mask = sample(m, torch.randn(3, 32), 2, 9)
     assert ids.shape[1] == 1 and len(steps) >= 2  # the lagged loop ran step 2 and did not raise
+
+
+def test_sampled_captions_read_late_raise_only_for_steps_a_per_step_loop_took(lagged, monkeypatch):
+    from stage2_decoder.decoding import sampling
+    from stage2_decoder.decoding.beam import END_ID
+
+    m = _decoder().eval()
+    m.out_bias.data[:] = -30.0
+    m.out_bias.data[END_ID] = 30.0  # every caption ends at step 1
+    steps = []
+    real = sampling.drawable
+
+    def nan_from_step_2(probs):
+        steps.append(1)
+        return (real(probs)[0], torch.tensor(len(steps) < 2))
+
+    monkeypatch.setattr(sampling, "drawable", nan_from_step_2)
+    got = sampling.sample_captions(m, torch.randn(3, 32), 2, max_len=9, seed=0, keys=[0, 1, 2])
+    assert len(steps) >= 2 and all(ids == [] for hyps in got for ids, _ in hyps)
+    steps.clear()
+    m.out_bias.data[END_ID] = -30.0  # no caption ends: step 2's NaN is one a per-step loop meets too
+    with pytest.raises(FloatingPointError):
+        sampling.sample_captions(m, torch.randn(3, 32), 2, max_len=9, seed=0, keys=[0, 1, 2])

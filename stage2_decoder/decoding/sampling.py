@@ -53,10 +53,11 @@ def sample_captions(model: CaptionDecoder, features: torch.Tensor, n: int, max_l
     gens = [torch.Generator(device=features.device).manual_seed(image_seed(seed, k)) for k in keys]
     finite = torch.ones((), dtype=torch.bool, device=features.device)
 
-    def draw(logp: torch.Tensor) -> torch.Tensor:
+    def draw(logp: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         nonlocal finite
         probs, ok = drawable(_nucleus(torch.softmax(logp / temperature, dim=-1), top_p))  # (B*n, V)
-        finite = finite & ok  # the error is raised after the loop
+        # raised after the loop; a step past the last <end> (a GPU's late check) does not count
+        finite = finite & (ok | ~alive.any())
         return draw_rows(probs, n, gens)
 
     ids, total, count = _word_by_word(model, features, n, max_len, min_len, draw)
@@ -100,15 +101,17 @@ def greedy_scored(model: CaptionDecoder, features: torch.Tensor, max_len: int = 
                   length_penalty: float = 0.0) -> list[list[tuple[list[int], float]]]:
     """features (B, D) -> per image [(word ids, score)]: `decode.greedy`'s caption with the score a beam of
     one gives it (sum log p / tokens ** length_penalty, <end> counted), at greedy's speed."""
-    ids, total, count = _word_by_word(model, features, 1, max_len, min_len, lambda logp: logp.argmax(-1))
+    ids, total, count = _word_by_word(model, features, 1, max_len, min_len, lambda logp, alive: logp.argmax(-1))
     ids, scores = read_back(ids, total / count.pow(length_penalty))
     return _ranked(ids, scores, features.shape[0], 1)
 
 
 def _word_by_word(model: CaptionDecoder, features: torch.Tensor, n: int, max_len: int, min_len: int,
-                  choose: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """n captions per image, each next word from choose(log-probs (B*n, V)) -> (B*n,). Returns, on the device,
-    the ids (B*n, max_len), the summed log-prob of the emitted tokens and their count (words + <end>).
+                  choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n captions per image, each next word from choose(log-probs (B*n, V), alive (B*n,)) -> (B*n,). Returns, on
+    the device, the ids (B*n, max_len), the summed log-prob of the emitted tokens and their count (words +
+    <end>).
     "All ended?" is asked every `done_check_every(device)` steps (on a GPU read a check point late: no stall);
     the steps after the last caption ended write only past its <end> and add nothing to the sums."""
     b, dev = features.shape[0], features.device
@@ -124,7 +127,7 @@ def _word_by_word(model: CaptionDecoder, features: torch.Tensor, n: int, max_len
         logp, state = model.step(tokens, state)  # (B*n, V); <pad>/<start>/<unk> already -inf
         if t < min_len:
             logp[:, Vocabulary.end_id] = float("-inf")
-        tokens = choose(logp)  # (B*n,)
+        tokens = choose(logp, alive)  # (B*n,)
         out[:, t] = tokens
         total += logp.gather(1, tokens[:, None]).squeeze(1) * alive
         count += alive
