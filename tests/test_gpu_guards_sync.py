@@ -597,18 +597,18 @@ def test_sampled_captions_read_late_raise_only_for_steps_a_per_step_loop_took(la
 
     m = _decoder().eval()
     m.out_bias.data[:] = -30.0
-    m.out_bias.data[END_ID] = 30.0  # every caption ends at step 1
+    m.out_bias.data[END_ID] = 30.0  # every caption ends at step 2 (min_len 1: not at step 1)
     steps = []
     real = sampling.drawable
 
-    def nan_from_step_2(probs):
+    def nan_from_step_3(probs):
         steps.append(1)
-        return (real(probs)[0], torch.tensor(len(steps) < 2))
+        return (real(probs)[0], torch.tensor(len(steps) < 3))
 
-    monkeypatch.setattr(sampling, "drawable", nan_from_step_2)
+    monkeypatch.setattr(sampling, "drawable", nan_from_step_3)
     got = sampling.sample_captions(m, torch.randn(3, 32), 2, max_len=9, seed=0, keys=[0, 1, 2])
-    assert len(steps) >= 2 and all(ids == [] for hyps in got for ids, _ in hyps)
+    assert len(steps) >= 3 and all(len(ids) == 1 for hyps in got for ids, _ in hyps)
     steps.clear()
-    m.out_bias.data[END_ID] = -30.0  # no caption ends: step 2's NaN is one a per-step loop meets too
+    m.out_bias.data[END_ID] = -30.0  # no caption ends: step 3's NaN is one a per-step loop meets too
     with pytest.raises(FloatingPointError):
         sampling.sample_captions(m, torch.randn(3, 32), 2, max_len=9, seed=0, keys=[0, 1, 2])
