@@ -6,13 +6,16 @@ so a symlink or file someone placed beside the target is never opened, let alone
 write, flush and fsync it, then `os.replace` it over the target. A crash, a kill or a full disk
 leaves the previous target (if any) untouched and no stray temporary file behind (except after
 SIGKILL, when a `.NAME.*.tmp` file may stay; it is never read). The target itself, if it is a
-symlink, is replaced by the new file, not written through.
+symlink, is replaced by the new file, not written through. A target that is a device, pipe or socket
+(`/dev/stdout`, `/dev/null`, a FIFO), or a link to one, is refused: replacing it would put a file where
+the device was (as root, in /dev).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
@@ -35,6 +38,20 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _not_a_file(path: Path) -> None:
+    """OSError if `path` exists (followed through links) as something other than a regular file or a folder,
+    or is a name in /dev or /proc (/dev/stdout links to whatever stdout is: a file there too)."""
+    parent = os.path.realpath(path.parent if str(path.parent) else ".")
+    if parent == "/dev" or parent == "/proc" or parent.startswith("/proc/"):
+        raise OSError(errno.EINVAL, f"it is a name in {parent}, not a file of its own: name a file")
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise OSError(errno.EINVAL, "it is a device, pipe or socket, not a file: name a file")
+
+
 def ready_to_write(path: str | os.PathLike, what: str, folder: bool = False) -> Path:
     """Make `path`'s folder (`folder`: `path` itself, a folder outputs go into) and check it can be written there,
     before the work whose result it will hold (AtomicWriteError "cannot write WHAT PATH: reason" now, not after
@@ -44,6 +61,8 @@ def ready_to_write(path: str | os.PathLike, what: str, folder: bool = False) -> 
     try:
         if not folder and path.is_dir():
             raise IsADirectoryError(errno.EISDIR, "it is a folder")
+        if not folder:
+            _not_a_file(path)
         try:
             target.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
@@ -79,6 +98,7 @@ def atomic_path(path: str | os.PathLike, what: str = "", mode: int = 0o644,
     folder = path.parent if str(path.parent) else Path(".")
     tmp: Path | None = None
     try:
+        _not_a_file(path)
         fd, name = tempfile.mkstemp(prefix=f".{clipped(path.name, 200)}.", suffix=".tmp", dir=scratch or folder)
         os.close(fd)
         os.chmod(name, mode)

@@ -25,3 +25,20 @@ def refuse_inside(out: str | os.PathLike, images: str | os.PathLike, what: str =
         raise OutputInsideImages(f"--out {printable(out)} is inside the images folder {printable(images)}{via}; "
                                  f"write {what} elsewhere")
     return out_abs
+
+
+def refuse_overwriting(outputs: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike | None]
+                       ) -> None:
+    """ValueError if an output option names one of the inputs, or two outputs name one file (resolved): the
+    report would replace the checkpoint it was made from, or one report the other."""
+    def real(p) -> str:
+        return os.path.realpath(p)
+
+    named = [(option, real(p)) for option, p in outputs.items() if p]
+    for i, (option, path) in enumerate(named):
+        for other, other_path in named[i + 1:]:
+            if path == other_path:
+                raise ValueError(f"{option} and {other} name one file, {printable(path)}: name two")
+        for source, p in inputs.items():
+            if p and real(p) == path:
+                raise ValueError(f"{option} {printable(path)} is the {source} it is made from: name another file")

@@ -25,3 +25,13 @@ def shortened(text: str, limit: int = 120) -> str:
     """`text` cut to `limit` characters with "..." and the count left out, for a value quoted in a one-line
     message (a JSON file read as CSV has its whole first line as its "header")."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+
+
+def surrogates_shown(text: str) -> str:
+    """`text` with its lone surrogates written out: a file name's bytes that are not UTF-8 (Python holds them as
+    U+DC80-U+DCFF) as \\xNN, any other as \\uXXXX. No UTF-8 output can carry them: a page or file with one
+    could not be written at all."""
+    if text.isascii() or not any("\ud800" <= ch <= "\udfff" for ch in text):
+        return text
+    return "".join((f"\\x{ord(ch) - 0xDC00:02x}" if "\udc80" <= ch <= "\udcff" else f"\\u{ord(ch):04x}")
+                   if "\ud800" <= ch <= "\udfff" else ch for ch in text)

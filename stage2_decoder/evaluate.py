@@ -24,6 +24,8 @@ from common.cli import bounded, decode_options, run_guarded
 from common.datasets import FORMATS, OUTSIDE_FLAG, load_dataset
 from common.device import resolve_device
 from common.jsonio import dump_json
+from common.paths import refuse_overwriting
+from common.text import printable
 from stage2_decoder.reporting.evaluation import (captions_from_cache, captions_from_images, evaluate_captions,
                                                  format_table, raw_records)
 from stage2_decoder.api import Captioner, find_checkpoint
@@ -76,6 +78,8 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
         ckpt_path = str(find_checkpoint(checkpoint))
         if checkpoint is None:
             click.echo(f"using checkpoint {ckpt_path}", err=True)
+        refuse_overwriting({"--json-out": json_out, "--html": html_out},
+                           {"checkpoint": ckpt_path, "feature cache": features, "captions file": captions})
         # the reports' folders made and checked now: not found wanting after the decoding
         for path, what in ((json_out, "evaluation report"), (html_out, "gallery")):
             if path:
@@ -96,7 +100,7 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
             cap = Captioner.from_checkpoint(ckpt, ckpt_path, device)
             res, recs, errors = captions_from_images(cap, recs, workers, progress=not no_progress, decode_cfg=decode)
             for k, e in errors.items():
-                click.echo(f"skipped {k}: {e}", err=True)
+                click.echo(f"skipped {printable(k)}: {printable(e)}", err=True)
         else:
             # the decoder alone: the CNN (its weights file, seconds to build, GPU memory) is not needed here
             cap = Captioner(None, *model_from_checkpoint(ckpt, resolve_device(device)), ckpt_path)

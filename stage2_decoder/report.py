@@ -22,6 +22,7 @@ import click
 
 from common.cli import bounded, run_guarded
 from common.datasets import OUTSIDE_FLAG
+from common.paths import refuse_overwriting
 from stage2_decoder.reporting.gallery import MAX_IMAGES, check_report, read_report, write_html
 
 
@@ -40,7 +41,12 @@ from stage2_decoder.reporting.gallery import MAX_IMAGES, check_report, read_repo
 def main(eval_json, out, title, html_max, images_root, allow_outside_images, no_progress, dry_run):
     """Turn an `evaluate --json` file into a self-contained HTML gallery."""
     def work():
+        refuse_overwriting({"--out": out}, {"evaluation report": eval_json})
         report = check_report(read_report(eval_json), eval_json)
+        here = os.path.dirname(os.path.abspath(eval_json))
+        for item in report["images"]:  # a relative image path is the JSON's, not the current folder's
+            if isinstance(item.get("image"), str) and item["image"] and not os.path.isabs(item["image"]):
+                item["image"] = os.path.join(here, item["image"])
         recorded = report.get("images_root")
         root = None if allow_outside_images else (
             images_root or (recorded if isinstance(recorded, str) and recorded else None)

@@ -9,6 +9,7 @@ from common.cli import bounded, run_guarded
 from common.datasets import load_dataset
 from common.feature_cache import read_meta
 from common.jsonio import read_json
+from common.text import printable
 
 
 def split_image_paths(run_dir: str, features: str, split: str = "test", n: int = 8) -> list[str]:
@@ -30,7 +31,7 @@ def split_image_paths(run_dir: str, features: str, split: str = "test", n: int =
 def main(run_dir, features, split, n):
     def work():
         for p in split_image_paths(run_dir, features, split, n):
-            click.echo(p)
+            click.echo(printable(p))  # one line each: a name's line break or ESC printed escaped
         return 0
     raise SystemExit(run_guarded(work))
 

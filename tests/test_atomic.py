@@ -55,3 +55,22 @@ def test_atomic_path_for_writers_that_need_a_name(tmp_path):
     assert out.read_bytes() == b"abc" and os.listdir(tmp_path) == ["f.bin"]
     with pytest.raises(AtomicWriteError, match="cannot write"):
         atomic_write(tmp_path / "missing" / "x", "y")
+
+
+def test_a_device_pipe_or_name_in_dev_is_refused_not_replaced(tmp_path):
+    """`--json-out /dev/stdout` (as root) replaced the link /dev/stdout with a file, and /dev/full with one:
+    a device, a pipe, a link to one or a name in /dev is refused, before and at the write."""
+    import os
+
+    from common.atomic import AtomicWriteError, ready_to_write
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "to-fifo").symlink_to(fifo)
+    for target in (fifo, tmp_path / "to-fifo"):
+        for write in (lambda: ready_to_write(target, "report"), lambda: atomic_write(target, "x", "report")):
+            with pytest.raises(AtomicWriteError, match="device, pipe or socket, not a file"):
+                write()
+        assert target.is_fifo()
+    with pytest.raises(AtomicWriteError, match="a name in /dev"):
+        ready_to_write("/dev/null", "report")  # the check alone: it writes nothing, also if it were wrong

@@ -301,3 +301,39 @@ def test_a_figure_shows_a_16_bit_or_float_photo_as_the_captioner_saw_it(tmp_path
         assert 60 < shown.mean() < 200 and shown.std() > 40, (name, shown.mean(), shown.std())
         seen = load_views(str(tmp_path / name), Preprocess(resize=48, crop=48), 1)[0].astype(np.float32)
         assert abs(shown.mean() - seen.mean()) < 10
+
+
+def test_evaluate_refuses_reports_over_its_inputs_or_each_other(ckpt, shared_cache, tmp_path):
+    """--json-out at the checkpoint's own path overwrote it with JSON, exit 0; --json-out X --html X kept only
+    the page."""
+    import stage2_decoder.evaluate as evaluate_mod
+
+    copy = tmp_path / "best.pt"
+    shutil.copy(ckpt, copy)
+    args = ["--checkpoint", str(copy), "--features", str(shared_cache), "--device", "cpu"]
+    for more, says in ((["--json-out", copy], "--json-out"), (["--json-out", tmp_path / "r", "--html", tmp_path / "r"],
+                                                               "--json-out and --html name one file")):
+        r = CliRunner().invoke(evaluate_mod.main, [*args, *map(str, more)])
+        lines = r.stderr.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1 and says in lines[0], r.output
+    assert copy.read_bytes() == Path(ckpt).read_bytes() and not (tmp_path / "r").exists()
+
+
+def test_evaluate_prints_a_skipped_images_name_on_one_line(ckpt, coco_records, tmp_path, monkeypatch):
+    """A name with a line break forged a second stderr line (and ESC or U+202E reached the terminal)."""
+    import stage2_decoder.evaluate as evaluate_mod
+    from stage2_decoder.reporting import metrics
+
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    shutil.copy(coco_records[0].path, tmp_path / "ok.jpg")
+    doc = {"images": [{"id": 1, "file_name": "ok.jpg"}, {"id": 2, "file_name": "ne\nw\x1b[31m.jpg"}],
+           "annotations": [{"id": 10, "image_id": 1, "caption": "a photo"}, {"id": 11, "image_id": 2,
+                                                                            "caption": "another photo"}]}
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    (tmp_path / "ne\nw\x1b[31m.jpg").write_bytes(b"not an image")
+    r = CliRunner().invoke(evaluate_mod.main, ["--checkpoint", str(ckpt), "--images", str(tmp_path), "--captions",
+                                               str(tmp_path / "c.json"), "--device", "cpu", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    skipped = [ln for ln in r.stderr.splitlines() if "ne" in ln and ".jpg" in ln]
+    assert len(skipped) == 1 and skipped[0].startswith("skipped ") and "ne\\nw" in skipped[0], r.stderr
+    assert not any(ln.startswith("w") for ln in r.stderr.splitlines()), r.stderr  # no forged second line

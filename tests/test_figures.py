@@ -563,3 +563,27 @@ def test_report_cli_rebuilds_the_gallery_from_evaluate_json(cli, coco_records, t
         result = CliRunner().invoke(report.main, [str(tmp_path / bad), "--out", str(tmp_path / "b.html")])
         assert why in _one_error_line(result)
     assert not (tmp_path / "b.html").exists()
+
+
+def test_report_with_a_name_that_is_not_utf8_an_infinite_score_or_a_relative_path(coco_records, tmp_path):
+    """A name that is not UTF-8 (a lone surrogate) made the page unwritable after the whole evaluation; JSON's
+    Infinity rendered as "CIDEr inf" and broke the page's re-sorting; a relative image path was looked up from
+    the current folder, not the JSON's."""
+    from click.testing import CliRunner
+
+    (tmp_path / "img").mkdir()
+    shutil.copy(coco_records[0].path, tmp_path / "img" / "a.jpg")
+    item = {"key": "1", "image": "img/a.jpg", "caption": "a dog", "references": ["a dog"], "cider": 0.5}
+    bad = {**item, "key": "2", "image": os.fsdecode(str(tmp_path).encode() + b"/bad\xff.jpg")}
+    ev = {"metrics": {"CIDEr": 0.5}, "n_images": 2, "images": [item, bad]}
+    (tmp_path / "eval.json").write_text(json.dumps(ev))
+    r = CliRunner().invoke(report.main, [str(tmp_path / "eval.json"), "--out", str(tmp_path / "r.html")])
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "bad\\xff.jpg" in page and page.count('src="data:image/') == 1  # the relative one found, from anywhere
+    (tmp_path / "inf.json").write_text(json.dumps({**ev, "images": [{**item, "cider": float("inf")}]}))
+    r = CliRunner().invoke(report.main, [str(tmp_path / "inf.json"), "--out", str(tmp_path / "i.html")])
+    assert "images[0].cider is inf, expected a finite number" in _one_error_line(r)
+    r = CliRunner().invoke(report.main, [str(tmp_path / "eval.json"), "--out", str(tmp_path / "eval.json")])
+    assert "is the evaluation report it is made from" in _one_error_line(r)
+    assert json.loads((tmp_path / "eval.json").read_text()) == ev

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from common.backbones import check_shm, default_workers, ImageRows
 from common.datasets import load_dataset
 from common.records import ImageRecord
+from common.text import printable
 from stage2_decoder.decoding.captions import caption_keys
 from stage2_decoder.decoding.config import DecodeConfig
 from stage2_decoder.reporting.metrics import caption_stats, score_captions
@@ -123,6 +124,6 @@ def format_table(report: dict) -> str:
              "| " + " | ".join(f"{m[k]:.3f}" for k in names) + " |",
              f"images: {report['n_images']}   words used: {s['vocab_used']}   distinct captions: "
              f"{s['distinct_fraction']:.1%}   most repeated ({s['most_common_fraction']:.1%}): "
-             f"\"{s['most_common_caption']}\""]
+             f"\"{printable(s['most_common_caption'])}\""]
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)

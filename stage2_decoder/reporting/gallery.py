@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
-import math
 import io
+import math
 import os
 import warnings
 from html import escape
@@ -15,6 +15,7 @@ from tqdm import tqdm
 from common.atomic import atomic_write
 from common.datasets import OUTSIDE_FLAG, inside_folder
 from common.jsonio import read_json
+from common.text import surrogates_shown
 
 
 THUMB_PX = 256
@@ -129,6 +130,8 @@ def check_report(report, source) -> dict:
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2 ** 1000:
             raise ValueError(f"{source}: {where} is an integer of {value.bit_length()} bits, expected a number a "
                              f"float holds")
+        if isinstance(value, float) and not math.isfinite(value):  # JSON's Infinity / NaN, which Python reads
+            raise ValueError(f"{source}: {where} is {value}, expected a finite number")
 
     if not isinstance(report, dict) or not isinstance(report.get("images"), list):
         raise ValueError(f"{source} is not an `evaluate --json` output (no 'images' list)")
@@ -258,7 +261,8 @@ def render_html(report: dict, title: str = "Caption evaluation", thumb_px: int =
 def write_html(report: dict, out: str | os.PathLike, title: str = "Caption evaluation", progress: bool = False,
                max_images: int = MAX_IMAGES, images_root: str | os.PathLike | None = None) -> Path:
     """Render the page and write it atomically to `out`."""
-    page = render_html(report, title, progress=progress, max_images=max_images, images_root=images_root)
+    page = surrogates_shown(render_html(report, title, progress=progress, max_images=max_images,
+                                        images_root=images_root))  # a name that is not UTF-8 stays writable
     out = Path(out)
     if out.parent != Path(""):
         out.parent.mkdir(parents=True, exist_ok=True)
