@@ -67,8 +67,8 @@ demo: install
 	$(MAKE) --no-print-directory features BACKBONE=mobilenet_v2 OUT=$(DEMO_OUT)
 	$(MAKE) --no-print-directory train OUT=$(DEMO_OUT) RUN=$(DEMO_RUN) EPOCHS=$(DEMO_EPOCHS)
 	@echo "== captions for 8 test-split photos (never seen in training) =="
-	$(PY) -m stage2_decoder.samples $(DEMO_RUN) --features $(DEMO_OUT) --split test -n 8 | tr '\n' '\0' \
-	    | xargs -0 $(PY) -m stage2_decoder.caption --checkpoint $(DEMO_RUN)/best.pt  # names with spaces stay one
+	set -o pipefail; $(PY) -m stage2_decoder.samples $(DEMO_RUN) --features $(DEMO_OUT) --split test -n 8 --print0 \
+	    | xargs -0 $(PY) -m stage2_decoder.caption --checkpoint $(DEMO_RUN)/best.pt  # any name stays one
 
 # sweep: many decoders at once from the demo cache (built first if missing); results in SWEEP_OUT/results.md
 SWEEP_GRID ?= configs/sweep-default.json

@@ -6,6 +6,9 @@ A file may be called `a\\nb.jpg` or carry an ESC sequence (`\\x1b[2J` clears the
 from __future__ import annotations
 
 import os
+import re
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def printable(name: str | os.PathLike | bytes) -> str:
@@ -31,7 +34,7 @@ def surrogates_shown(text: str) -> str:
     """`text` with its lone surrogates written out: a file name's bytes that are not UTF-8 (Python holds them as
     U+DC80-U+DCFF) as \\xNN, any other as \\uXXXX. No UTF-8 output can carry them: a page or file with one
     could not be written at all."""
-    if text.isascii() or not any("\ud800" <= ch <= "\udfff" for ch in text):
+    if text.isascii():
         return text
-    return "".join((f"\\x{ord(ch) - 0xDC00:02x}" if "\udc80" <= ch <= "\udcff" else f"\\u{ord(ch):04x}")
-                   if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+    return _SURROGATE.sub(lambda m: f"\\x{ord(m[0]) - 0xDC00:02x}" if "\udc80" <= m[0] <= "\udcff"
+                          else f"\\u{ord(m[0]):04x}", text)

@@ -1,6 +1,8 @@
 """Print image paths of a run's split: python -m stage2_decoder.samples RUN_DIR --features F.h5 --split test -n 8"""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -28,10 +30,15 @@ def split_image_paths(run_dir: str, features: str, split: str = "test", n: int =
 @click.option("--features", required=True, type=click.Path())
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
 @click.option("-n", type=bounded("limit"), default=8, show_default=True)
-def main(run_dir, features, split, n):
+@click.option("--print0", is_flag=True, help="Each path as its raw bytes ended by a NUL byte (for xargs -0).")
+def main(run_dir, features, split, n, print0):
     def work():
         for p in split_image_paths(run_dir, features, split, n):
-            click.echo(printable(p))  # one line each: a name's line break or ESC printed escaped
+            if print0:  # any name, exactly: what xargs -0 hands on
+                sys.stdout.buffer.write(os.fsencode(p) + b"\0")
+            else:
+                click.echo(printable(p))  # one line each: a name's line break or ESC printed escaped
+        sys.stdout.flush()
         return 0
     raise SystemExit(run_guarded(work))
 

@@ -129,6 +129,21 @@ def test_samples_of_a_hostile_split_json_is_one_error(tmp_path, shared_cache, te
         split_image_paths(str(tmp_path), str(shared_cache))
 
 
+def test_samples_prints_any_name_one_per_line_or_exactly_with_print0(tmp_path, shared_cache, monkeypatch):
+    """Names were printed raw (a line break made two lines), and `make demo` split names with spaces."""
+    import os
+
+    import stage2_decoder.samples as samples
+    from click.testing import CliRunner
+
+    odd = ["/p/a b.jpg", "/p/ne\nw.jpg", os.fsdecode(b"/p/caf\xe9.jpg")]
+    monkeypatch.setattr(samples, "split_image_paths", lambda *a: odd)
+    text = CliRunner().invoke(samples.main, [str(tmp_path), "--features", str(shared_cache)])
+    assert text.exit_code == 0 and len(text.stdout.splitlines()) == 3 and "/p/a b.jpg" in text.stdout
+    raw = CliRunner().invoke(samples.main, [str(tmp_path), "--features", str(shared_cache), "--print0"])
+    assert raw.stdout_bytes.split(b"\0")[:-1] == [os.fsencode(p) for p in odd]
+
+
 # --- a sweep run's result.json, a resumed run's config.json, stage 1's meta.json -----------------------------
 
 @pytest.mark.parametrize("hostile", [

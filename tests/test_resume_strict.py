@@ -173,6 +173,8 @@ def test_a_run_whose_last_pt_was_deleted_is_not_overwritten(shared_cache, run):
     line = one_error_line(_train(shared_cache, run, "--epochs", "2"))
     assert "2 finished epochs" in line and "no last.pt" in line and "new --out" in line
     assert (run / "best.pt").read_bytes() == before
+    (run / "best.pt").unlink()  # both checkpoints deleted, to train again: nothing of value is replaced
+    assert _train(shared_cache, run, "--epochs", "2").exit_code == 0
 
 
 def test_a_run_killed_in_its_first_epoch_between_best_and_last_starts_over(shared_cache, tmp_path):

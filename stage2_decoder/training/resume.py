@@ -67,8 +67,11 @@ def _recorded(cfg, old: dict, name: str):
 def _check_nothing_to_overwrite(run: Path) -> None:
     """A run folder without last.pt whose metrics.jsonl records finished epochs: last.pt was deleted (best.pt is
     all captioning needs). A fresh run there would overwrite best.pt and the metrics; refused. (A run killed in
-    its first epoch, between best.pt and last.pt, has recorded none: it starts over.)"""
+    its first epoch, between best.pt and last.pt, has recorded none: it starts over; so does a folder whose
+    checkpoints were both deleted.)"""
     metrics = run / "metrics.jsonl"
+    if not (run / "best.pt").exists():  # the checkpoints deleted to train again: nothing of value is replaced
+        return
     try:
         epochs = sum(1 for line in metrics.read_text(errors="replace").splitlines() if line.strip())
     except OSError:
