@@ -774,3 +774,44 @@ def test_bench_serve_with_apachebench_as_the_client(data_dir, checkpoint):
     assert len(rows) == 4, p.stdout  # ab's requests were answered 200 (errors 0) and counted per request
     assert all(float(rps) > 0 and float(p50) <= float(p99) and errors == "0" and requests == "8"
                for _, _, rps, p50, p99, requests, errors, _ in rows), p.stdout
+
+
+def test_a_path_with_a_line_break_or_a_look_alike_content_type_gets_no_past_the_checks(client):
+    """/v1/caption%0a reached the endpoint (a router's `$` matches before a final line break) past every
+    admission check: no body limit, no deadline, no queue; a content type that only starts like multipart,
+    or a second Content-Type header, got 400 instead of 415."""
+    r = client.post("/v1/caption%0a", content=b"abc", headers={"content-type": "text/plain"})
+    assert r.status_code == 404 and r.json()["error"] == "Not Found"
+    r = client.post("/v1/caption", content=b"--x--", headers={"content-type": "multipart/form-dataX; boundary=x"})
+    assert r.status_code == 415
+    r = client.post("/v1/caption", content=b"abc", headers=[("content-type", "text/plain"),
+                                                           ("content-type", "multipart/form-data; boundary=x")])
+    assert r.status_code == 415
+    _good(client)  # and it goes on serving
+
+
+def test_too_many_form_fields_or_a_long_one_is_a_413_naming_the_limit(client):
+    from stage2_decoder.serving.app import MAX_FIELD_BYTES, MAX_FIELDS
+
+    photo = [("images", ("ok.jpg", _jpeg(), "image/jpeg"))]
+    r = client.post("/v1/caption", files=photo, data={f"f{i}": "1" for i in range(MAX_FIELDS + 1)})
+    assert r.status_code == 413 and f"More than {MAX_FIELDS} form fields" in r.json()["error"]
+    r = client.post("/v1/caption", files=photo, data={"note": "x" * (MAX_FIELD_BYTES + 1)})
+    assert r.status_code == 413 and "over 64 KiB" in r.json()["error"]
+
+
+def test_a_large_png_upload_is_decoded_exactly_as_the_caption_cli_decodes_the_file(coco_dir, tmp_path):
+    """A non-JPEG upload 4x the resize or more was box-reduced first: pixels off by up to 6 levels, and now
+    and then another caption than `caption` gave the same file (docs/serving.md promises the same)."""
+    from PIL import Image
+
+    from common.backbones import preprocess_for
+    from common.preprocess import load_views
+    from stage2_decoder.serving.uploads import decode_upload
+
+    pp = preprocess_for("mobilenet_v2")
+    photo = sorted((coco_dir / "images").iterdir())[3]
+    with Image.open(photo) as im:
+        im.convert("RGB").resize((1024, 1536), Image.BILINEAR).save(tmp_path / "big.png")
+    served = decode_upload("big.png", (tmp_path / "big.png").read_bytes(), pp, 50 << 20, 40_000_000)
+    assert np.array_equal(served, load_views(str(tmp_path / "big.png"), pp, 1)[0])

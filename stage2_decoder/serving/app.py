@@ -58,6 +58,8 @@ def checkpoint_name(path) -> str:
 
 
 GPU_FAILED = "The server's GPU failed; it must be restarted."
+MAX_FIELDS = 16  # form fields besides the files (num_captions, beam_size: 2 are used)
+MAX_FIELD_BYTES = 64 << 10  # bytes of one such field
 
 
 def device_lost(device) -> bool:
@@ -211,7 +213,7 @@ def create_app(captioner, cfg: ServeConfig):
 
     app = FastAPI(title="capcache", version="1", lifespan=lifespan, redoc_url=None,
                   description="Caption photos with a trained capcache checkpoint. docs/serving.md has the limits.",
-                  form_limits={"max_files": cfg.max_files, "max_fields": 16, "max_part_size": 64 << 10})
+                  form_limits={"max_files": cfg.max_files, "max_fields": MAX_FIELDS, "max_part_size": MAX_FIELD_BYTES})
     state = app.state
     state.batcher, state.cfg, state.captioner, state.pool = batcher, cfg, captioner, pool
     state.in_progress, state.per_image = 0, {"encode": 0.05, "decode": 0.05}  # seconds, recent average
@@ -234,6 +236,11 @@ def create_app(captioner, cfg: ServeConfig):
             return await request_error(request, upload_too_slow(cfg, request.scope["capcache.too_slow"]))
         if "Too many files" in detail:
             return JSONResponse({"error": f"More than {cfg.max_files} files in one request."}, status_code=413)
+        if "Too many fields" in detail:  # Starlette's form limits, said as this server's
+            return JSONResponse({"error": f"More than {MAX_FIELDS} form fields besides the files."}, status_code=413)
+        if "Part exceeded maximum size" in detail:
+            return JSONResponse({"error": f"A form field (not a file) over {MAX_FIELD_BYTES >> 10} KiB."},
+                                status_code=413)
         if e.status_code == 400 and request.url.path == CAPTION_PATH:
             detail = "The multipart form could not be read (a malformed or incomplete body)."
         return JSONResponse({"error": detail}, status_code=e.status_code, headers=e.headers)

@@ -19,7 +19,6 @@ import numpy as np
 
 from stage2_decoder.serving.settings import MB
 
-REDUCE_ABOVE = 4  # a non-JPEG whose shorter side is this many times `resize` or more is reduced first
 TRIM_ABOVE = 4_000_000  # pixels: after a decode this large, free memory goes back to the system
 
 
@@ -97,31 +96,20 @@ def decode_upload(name: str, data: bytes, pp, max_upload_bytes: int, max_pixels:
     im = open_upload(name, data, max_upload_bytes, max_pixels)
     pixels = im.width * im.height
     try:
-        if im.format != "JPEG" and min(im.size) >= REDUCE_ABOVE * pp.resize and _plain(im):
-            im.load()
-            factor = min(im.size) // (2 * pp.resize)  # both sides stay >= 2 x resize
-            source = im.reduce(factor)
-            im.close()
-        else:
-            source = data
-        return load_views(source, pp, 1, name)[0]
+        # the bytes, decoded exactly as the caption CLI decodes the file: the same pixels, the same caption
+        return load_views(data, pp, 1, name)[0]
     except ImageError as e:
         if isinstance(e.__cause__, NotImplementedError):  # e.g. a DDS with an unknown pixel format
             raise RequestError(415, f"{name}: an image format this server cannot decode.") from None
         raise RequestError(422, f"{name}: not a readable image (its data is damaged or incomplete).") from None
     except NotImplementedError:
         raise RequestError(415, f"{name}: an image format this server cannot decode.") from None
-    except Exception:  # noqa: BLE001 - from the EXIF read or the load before the reduce (struct.error, ...)
+    except Exception:  # noqa: BLE001 - a decoder error that is not an ImageError (struct.error, ...)
         raise RequestError(422, f"{name}: not a readable image (its data is damaged or incomplete).") from None
     finally:
         im.close()
         if pixels > TRIM_ABOVE:
             _trim()
-
-
-def _plain(im) -> bool:
-    """8-bit RGB/L without an EXIF rotation: reducing it first changes nothing but the scale."""
-    return im.mode in ("RGB", "L") and im.getexif().get(0x0112, 1) == 1
 
 
 _libc = None
