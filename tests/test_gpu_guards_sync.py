@@ -567,25 +567,33 @@ def test_draw_one_draws_what_multinomial_draws():
             assert torch.equal(got, want) and got[0] == 2
 
 
+def _ends_then_nan(m, module, monkeypatch, end_step: int) -> list:
+    """`m` ends every caption at `end_step`, and `module`'s next-word probabilities are NaN from the step after
+    it (its `drawable` says so); returns the list that counts the steps drawn."""
+    from stage2_decoder.decoding import sampling
+    from stage2_decoder.decoding.beam import END_ID
+
+    m.out_bias.data[:] = -30.0
+    m.out_bias.data[END_ID] = 30.0
+    steps = []
+    real = sampling.drawable
+
+    def nan_after_the_end(probs):
+        steps.append(1)
+        return (real(probs)[0], torch.tensor(len(steps) <= end_step))
+
+    monkeypatch.setattr(module, "drawable", nan_after_the_end)
+    return steps
+
+
 def test_scst_read_late_raises_only_for_the_steps_a_per_step_loop_took(lagged, monkeypatch):
     """Every caption ends at a check point's first step and the next step's probabilities are NaN: a per-step
     loop stopped before that step, so the late read must not call it an error."""
-    from stage2_decoder.decoding import sampling
-    from stage2_decoder.decoding.beam import END_ID
     from stage2_decoder.training import scst
     from stage2_decoder.training.scst import sample, scst_mode
 
     m = _decoder()
-    m.out_bias.data[:] = -30.0
-    m.out_bias.data[END_ID] = 30.0  # every caption ends at step 1
-    steps = []
-    real = sampling.drawable
-
-    def nan_from_step_2(probs):
-        steps.append(1)
-        return (real(probs)[0], torch.tensor(len(steps) < 2))
-
-    monkeypatch.setattr(scst, "drawable", nan_from_step_2)
+    steps = _ends_then_nan(m, scst, monkeypatch, end_step=1)
     with scst_mode(m):
         ids, _, mask = sample(m, torch.randn(3, 32), 2, 9)
     assert ids.shape[1] == 1 and len(steps) >= 2  # the lagged loop ran step 2 and did not raise
@@ -596,16 +604,7 @@ def test_sampled_captions_read_late_raise_only_for_steps_a_per_step_loop_took(la
     from stage2_decoder.decoding.beam import END_ID
 
     m = _decoder().eval()
-    m.out_bias.data[:] = -30.0
-    m.out_bias.data[END_ID] = 30.0  # every caption ends at step 2 (min_len 1: not at step 1)
-    steps = []
-    real = sampling.drawable
-
-    def nan_from_step_3(probs):
-        steps.append(1)
-        return (real(probs)[0], torch.tensor(len(steps) < 3))
-
-    monkeypatch.setattr(sampling, "drawable", nan_from_step_3)
+    steps = _ends_then_nan(m, sampling, monkeypatch, end_step=2)  # min_len 1: the end comes at step 2
     got = sampling.sample_captions(m, torch.randn(3, 32), 2, max_len=9, seed=0, keys=[0, 1, 2])
     assert len(steps) >= 3 and all(len(ids) == 1 for hyps in got for ids, _ in hyps)
     steps.clear()
