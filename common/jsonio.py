@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import stat
 from collections.abc import Iterator
+
+from common.text import LONE_SURROGATE
 
 MAX_BYTES = 256 * 2**20  # the largest JSON the project reads is a full-COCO captions file (~90 MB)
 MAX_LINE_BYTES = 1 * 2**20  # one JSON-lines row: a caption record, a metrics line
 MAX_DEPTH = 32  # deeper than any file the project writes or reads (COCO's is 4)
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class JSONFileError(ValueError):
@@ -174,4 +174,4 @@ def dump_json(obj, **kw) -> str:
     as lone surrogates, which no UTF-8 output can carry) as \\u escapes, which Python's json reads back to the
     same name (some parsers refuse them); other text as it is."""
     text = json.dumps(_plain(obj), ensure_ascii=False, allow_nan=False, **kw)
-    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)

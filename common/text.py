@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # how Python holds a file name's bytes that are not UTF-8
 
 
 def printable(name: str | os.PathLike | bytes) -> str:
@@ -36,5 +36,5 @@ def surrogates_shown(text: str) -> str:
     could not be written at all."""
     if text.isascii():
         return text
-    return _SURROGATE.sub(lambda m: f"\\x{ord(m[0]) - 0xDC00:02x}" if "\udc80" <= m[0] <= "\udcff"
+    return LONE_SURROGATE.sub(lambda m: f"\\x{ord(m[0]) - 0xDC00:02x}" if "\udc80" <= m[0] <= "\udcff"
                           else f"\\u{ord(m[0]):04x}", text)

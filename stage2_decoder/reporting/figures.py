@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 
 from common.atomic import atomic_path
 from common.preprocess import to_rgb
+from common.text import surrogates_shown
 
 FIGURE_WIDTH = 640  # px
 MAX_PHOTO_HEIGHT = 640  # px; a taller photo is scaled down further and centred
@@ -87,7 +88,7 @@ def _text_lines(caption: str, alternatives: list[tuple[str, float]] | None, labe
             lines += [_Line(t, SMALL_LINE, 10, weight)
                       for t in _wrap(text or "(empty)", 10, weight, f"{i}.  {score:7.3f}   ", " " * 16)]
     if label:  # a file name's bytes that are not UTF-8 shown as \xNN (matplotlib cannot draw them)
-        label = os.fsencode(label).decode("utf-8", "backslashreplace")
+        label = surrogates_shown(label)
         lines += [_Line(t, SMALL_LINE, 10, color="#777777") for t in _wrap(label, 10, "normal")]
     return lines
 

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from common.records import ImageRecord
 from common.tokenizer import tokenize
 from common.vocab import Vocabulary
+from stage2_decoder.decoding.readback import upload
 
 
 def pad_captions(seqs: Sequence[Sequence[int]], pad_id: int = 0, dtype: torch.dtype = torch.long
@@ -131,9 +132,5 @@ def view_rows(features: torch.Tensor, rows: torch.Tensor, generator: torch.Gener
     were reordered by it, and row i gets the view drawn for position order[i] (the same draws)."""
     if features.dim() == 3:
         view = torch.randint(features.shape[0], (len(rows),), generator=generator)
-        view = view if order is None else view[order]
-        if rows.device.type == "cuda":  # from pinned memory: a copy from pageable memory waits for the GPU
-            view = view.pin_memory()
-        view = view.to(rows.device, non_blocking=True)
-        return features[view, rows]
+        return features[upload(view if order is None else view[order], rows.device), rows]
     return features[rows]
