@@ -278,11 +278,12 @@ def load_flickr30k(captions_file: str | os.PathLike, images_dir: str | os.PathLi
         key, caption = names.key(image), caption.strip()
         # a repeated line (its number too), counted as the CSV readers count theirs; two annotators who wrote
         # the same sentence (two numbers) are two references
-        if (key, int(number), caption) in seen:
+        line_id = (key, int(number), caption)
+        if line_id in seen:
             names.repeats += 1
             continue
-        seen.add((key, int(number), caption))
-        by_image.setdefault(key, []).append((int(number), caption))
+        seen.add(line_id)
+        by_image.setdefault(key, []).append(line_id[1:])
     skipped: Counter = Counter()
     names.warn(captions_file, skipped)
     # captions in their numbered order, whatever the order of the lines

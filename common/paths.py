@@ -31,14 +31,11 @@ def refuse_overwriting(outputs: dict[str, str | os.PathLike | None], inputs: dic
                        ) -> None:
     """ValueError if an output option names one of the inputs, or two outputs name one file (resolved): the
     report would replace the checkpoint it was made from, or one report the other."""
-    def real(p) -> str:
-        return os.path.realpath(p)
-
-    named = [(option, real(p)) for option, p in outputs.items() if p]
+    named = [(option, os.path.realpath(p)) for option, p in outputs.items() if p]
     for i, (option, path) in enumerate(named):
         for other, other_path in named[i + 1:]:
             if path == other_path:
                 raise ValueError(f"{option} and {other} name one file, {printable(path)}: name two")
         for source, p in inputs.items():
-            if p and real(p) == path:
+            if p and os.path.realpath(p) == path:
                 raise ValueError(f"{option} {printable(path)} is the {source} it is made from: name another file")

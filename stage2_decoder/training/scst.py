@@ -147,10 +147,9 @@ def _scst_batches(model: CaptionDecoder, opt: torch.optim.Optimizer, features: t
                   scorer: CiderD, itos: list[str], batch_images: int, generator: torch.Generator, k: int,
                   grad_clip: float, max_batches: int | None, progress, max_len: int) -> float:
     keys = scst_keys(scorer, rows)
-    order = torch.randperm(len(keys), generator=generator)
+    order = torch.randperm(len(keys), generator=generator).tolist()
     # the epoch's cache rows in its order, uploaded once: a batch's rows are then a slice, with no upload
-    epoch_rows = upload(torch.tensor([rows[keys[i]] for i in order.tolist()]), features.device)
-    order = order.tolist()
+    epoch_rows = upload(torch.tensor([rows[keys[i]] for i in order]), features.device)
     total, batches = 0.0, 0
     for s in range(0, len(order), batch_images):
         chunk = [keys[i] for i in order[s:s + batch_images]]
