@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 from collections.abc import Iterator
-
-from common.text import LONE_SURROGATE
 
 MAX_BYTES = 256 * 2**20  # the largest JSON the project reads is a full-COCO captions file (~90 MB)
 MAX_LINE_BYTES = 1 * 2**20  # one JSON-lines row: a caption record, a metrics line
 MAX_DEPTH = 32  # deeper than any file the project writes or reads (COCO's is 4)
+# how Python holds a file name's bytes that are not UTF-8 (here, not in common.text: the torch-free ONNX
+# captioner ships this module alone, docs/deploy.md)
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class JSONFileError(ValueError):

@@ -6,9 +6,8 @@ A file may be called `a\\nb.jpg` or carry an ESC sequence (`\\x1b[2J` clears the
 from __future__ import annotations
 
 import os
-import re
 
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # how Python holds a file name's bytes that are not UTF-8
+from common.jsonio import LONE_SURROGATE
 
 
 def printable(name: str | os.PathLike | bytes) -> str:
