@@ -16,7 +16,6 @@ import os
 import pickle
 import re
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from common.atomic import atomic_path
 from common.device import usable_cores
 # the image path itself is torch-free (the ONNX captioner shares it); re-exported here for stage 1
 from common.preprocess import ImageError, Preprocess, load_views
+from common.torchload import load_plain
 
 # torchvision.models is imported lazily: it is the slowest import of a caption run.
 
@@ -315,9 +315,7 @@ def _file_state_dict(path: Path) -> tuple[dict, str]:
         raise WeightsNotFound(f"weights file not found: {path}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     try:
-        with warnings.catch_warnings():  # torch's notes on a raw pickle's protocol are not the user's concern
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_plain(path)
     except pickle.UnpicklingError as e:  # torch's own message advises weights_only=False: unsafe for a user's file
         raise BackboneError(f"cannot load weights {path}: it holds objects other than plain values and tensors "
                             f"(or is not a PyTorch file); refusing to unpickle it (weights_only=True)") from e

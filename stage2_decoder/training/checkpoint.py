@@ -11,13 +11,13 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from common.atomic import atomic_write
+from common.torchload import load_plain
 from common.vocab import Vocabulary, VocabError
 from stage2_decoder.model import CaptionDecoder, DecoderConfig
 
@@ -81,9 +81,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}" if not path.exists() else f"{path} is not a file")
     try:
-        with warnings.catch_warnings():  # torch's notes on a raw pickle's protocol are not the user's concern
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = load_plain(path, map_location)
     except pickle.UnpicklingError as e:
         if "Unsupported operand" in str(e) or "invalid load key" in str(e):  # not a pickle: an HDF5 file, a PNG
             raise CheckpointError(f"{path} is not a PyTorch checkpoint file") from e
