@@ -1,4 +1,4 @@
-"""One owner per output: an OS lock on a run folder, a sweep folder or a cache in progress.
+"""One owner per output: an OS lock on a run folder, a sweep folder, a cache in progress or an ONNX folder.
 
 `hold(lock_file, what)` takes `fcntl.flock(LOCK_EX | LOCK_NB)` on `lock_file` (created if needed, never
 through a link, never truncated on opening) and writes the holder's pid in it. A lock file that is not a
@@ -6,7 +6,8 @@ regular file of one link (a FIFO, a hard link to some other file, whose content 
 refused with one `LockFileError` naming it, before anything is written. A second process gets one `OutputBusy`
 line naming that pid. The kernel releases the lock when the holder dies, however it dies (a SIGKILL leaves the
 file behind, unlocked: the next owner simply takes it). The file is never deleted: deleting it would let two
-processes lock two different files of the same name.
+processes lock two different files of the same name. `hold_folder(folder, what)` locks the folder's own
+descriptor instead, for an output shipped as it is (an ONNX folder), which must not carry a lock file.
 
 A forked child does not keep its parent's locks: the inherited descriptors are closed in the
 child (closing, unlike unlocking, leaves the parent's lock in place), so a child outliving its
@@ -98,3 +99,28 @@ def hold(lock_file: str | os.PathLike, what: str) -> Iterator[Path]:
     finally:
         _held.discard(fd)
         os.close(fd)  # releases the lock (the last descriptor of this open file)
+
+
+@contextlib.contextmanager
+def hold_folder(folder: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold the lock on `folder` itself (flock on its descriptor) for the block: no lock file inside it, for an
+    output whose files are shipped as they are. The busy message cannot name the holder."""
+    folder = Path(folder)
+    if fcntl is None:
+        yield folder
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot lock {what} {folder}: {e.strerror}") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputBusy(f"{what} {folder} is in use by another process; wait for it to finish or stop it, "
+                             f"or use another folder") from None
+        _held.add(fd)
+        yield folder
+    finally:
+        _held.discard(fd)
+        os.close(fd)

@@ -377,3 +377,20 @@ def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(export_di
     assert not stale.exists() and live.exists()  # a live process's staging folder is left alone
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(STAGE_PREFIX)) == sorted(
         p.name for p in export_dir.iterdir())
+
+
+def test_a_second_export_into_a_folder_being_exported_is_refused(export_dir, tiny_checkpoint, tmp_path):
+    """Two exports into one folder interleaved their graphs under the manifest of one of them."""
+    from click.testing import CliRunner
+
+    from common.lock import hold_folder
+    from stage2_decoder.export import main
+
+    out = tmp_path / "onnx"
+    shutil.copytree(export_dir, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with hold_folder(out, "ONNX folder"):  # an export in progress
+        r = CliRunner().invoke(main, ["--checkpoint", str(tiny_checkpoint), "--out", str(out)])
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and "in use by another process" in lines[0], r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.atomic import atomic_path, atomic_write
+from common.lock import hold_folder
 from common.preprocess import image_contract
 from common.tokenizer import join_tokens
 from stage2_decoder.api import Captioner, find_checkpoint
@@ -147,20 +148,22 @@ def export(cfg: ExportConfig) -> Path:
     out = cfg.out_folder()
     ckpt_path = find_checkpoint(cfg.checkpoint)  # None: $CAPCACHE_CHECKPOINT, else the newest runs/*/best.pt
     ckpt = load_checkpoint(ckpt_path)
-    cap = Captioner.load(ckpt_path, "cpu", cfg.weights)
     out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_stages(out)
-    # every graph is made and checked in a folder of its own inside `out`: a failed export leaves an earlier one
-    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=out))
-    try:
-        manifest = _export_into(stage, cfg, ckpt_path, ckpt, cap)
-        (out / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the new manifest lands
-        for name in GRAPHS:
-            os.replace(stage / name, out / name)
-        return atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
-                            what="ONNX manifest")
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    # two exports into one folder would interleave their graphs under one manifest
+    with hold_folder(out, "ONNX folder"):
+        cap = Captioner.load(ckpt_path, "cpu", cfg.weights)
+        _remove_stale_stages(out)
+        # every graph is made and checked in a folder of its own inside `out`: a failed export leaves an earlier one
+        stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=out))
+        try:
+            manifest = _export_into(stage, cfg, ckpt_path, ckpt, cap)
+            (out / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the new manifest lands
+            for name in GRAPHS:
+                os.replace(stage / name, out / name)
+            return atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
+                                what="ONNX manifest")
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 STAGE_PREFIX = ".export-"  # + the exporting process's pid + a random part: its staging folder inside --out
