@@ -311,3 +311,16 @@ def test_the_caption_parts_folder_timing_cannot_cost_its_cold_start(bench, tmp_p
     ctx.limits["caption"] = 0.001  # no time left after the cold start: the folder is not started
     out = bench.gpu.part_caption(ctx)
     assert "caption_folder" not in out and "cold start left" in out["note"] and not out["_failed"]
+
+
+def test_the_parts_limits_and_two_tries_fit_a_device_lease(bench):
+    """The check is run once and, if it fails, once more on a lease of 15 minutes that its machine's start
+    (a few minutes) also spends: parts' limits that added up to 380 s under a 400 s outer limit left no rerun."""
+    import re
+
+    outer = re.search(r"timeout -k (\d+) (\d+) ", (BENCH / "gpu_device.sh").read_text())
+    kill_after, limit = int(outer.group(1)), int(outer.group(2))
+    total = sum(bench.gpu.LIMITS.values())
+    assert set(bench.gpu.LIMITS) == set(bench.gpu.PARTS)
+    assert total < limit  # each part's own limit fires before the wrapper's
+    assert 2 * (limit + kill_after) + 180 <= 15 * 60  # two tries and a 3-minute start
