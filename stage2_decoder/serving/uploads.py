@@ -31,7 +31,9 @@ class RequestError(Exception):
 
 
 def megabytes(n: int) -> str:
-    """A byte count as a person reads it: "10.5 MB" (MiB, as the settings are)."""
+    """A byte count as a person reads it: "10.5 MB" (MiB, as the settings are), "12 KB", "300 bytes"."""
+    if n < 1024:  # a stalled upload's few bytes read "0 KB"
+        return f"{n} byte{'' if n == 1 else 's'}"
     return f"{n / MB:.1f} MB" if n >= MB // 10 else f"{n / 1024:.0f} KB"
 
 
