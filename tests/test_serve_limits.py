@@ -672,3 +672,14 @@ def test_retry_after_counts_the_requests_still_uploading_and_stops_at_the_reques
     assert retry_after(state(200, 64), "busy", 60) == 31  # the queued images, when they are more
     assert retry_after(state(300, 64), "busy", 1.5) == 2
     assert retry_after(state(1000, 64), "busy") == 60
+
+
+def test_a_misspelt_or_repeated_setting_is_a_400_not_ignored(client_for):
+    """`beam=5` was ignored (the server's beam width answered) and `beam_size` sent twice used its last value."""
+    c = client_for(StandIn(), max_wait_ms=1)
+    r = c.post("/v1/caption", files=files(RED), data={"beam": "5"})
+    assert r.status_code == 400 and r.json()["error"].startswith("Unknown form field 'beam'"), r.text
+    r = c.post("/v1/caption", files=files(RED), data={"beam_size": ["2", "5"]})
+    assert r.status_code == 400 and r.json()["error"] == "The field 'beam_size' is given 2 times: send it once."
+    r = c.post("/v1/caption", files=files(RED, GREEN), data={"beam_size": "2", "num_captions": "2"})
+    assert r.status_code == 200 and [len(x["captions"]) for x in r.json()["results"]] == [2, 2]

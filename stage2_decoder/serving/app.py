@@ -275,6 +275,7 @@ def create_app(captioner, cfg: ServeConfig):
                       beam_size: Annotated[int | None, Form(ge=1, le=cfg.max_beam_size, description=(
                           "Beam width (1 = greedy; default: the server's)."))] = None) -> CaptionResponse:
         request.scope["capcache.body_read"] = True
+        _check_fields(await request.form())  # parsed once already: the form FastAPI read the arguments from
         deadline = request.scope.get("capcache.deadline", time.monotonic() + cfg.request_timeout_s)
         loop = asyncio.get_running_loop()
         names = [f.filename or f"images[{i}]" for i, f in enumerate(images)]
@@ -312,6 +313,21 @@ def create_app(captioner, cfg: ServeConfig):
     app.add_middleware(Admission, cfg=cfg, state=state)
     app.add_middleware(InternalErrors)  # the last added runs first: around the admission too
     return app
+
+
+FIELDS = ("images", "num_captions", "beam_size")
+
+
+def _check_fields(form) -> None:
+    """400 for a field the endpoint does not read (a misspelt setting would be ignored) or a setting sent twice
+    (only one of its values would be used)."""
+    names = [name for name, _ in form.multi_items()]
+    unknown = next((n for n in names if n not in FIELDS), None)
+    if unknown is not None:
+        raise RequestError(400, f"Unknown form field {unknown[:64]!r}: the fields are {', '.join(FIELDS)}.")
+    repeated = next((n for n in FIELDS[1:] if names.count(n) > 1), None)
+    if repeated is not None:
+        raise RequestError(400, f"The field {repeated!r} is given {names.count(repeated)} times: send it once.")
 
 
 async def _check_request_pixels(loop, pool, names: list[str], blobs: list[bytes], cfg: ServeConfig) -> None:
