@@ -207,6 +207,14 @@ def _drop_backbone_name(c):
     del c["backbone"]["name"]
 
 
+def _backbone_name_a_list(c):
+    c["backbone"]["name"] = [c["backbone"]["name"]]  # was TypeError: unhashable type: 'list', a traceback
+
+
+def _backbone_weights_a_number(c):
+    c["backbone"]["weights"] = 5  # was TypeError from Path(5), a traceback
+
+
 def _bad_config(c):
     c["decoder_config"]["hidden_size"] = "many"
 
@@ -239,6 +247,8 @@ def _backbone_of_another_size(c):
     (_version(0), "version 0"),
     (_vocab_plus_one, "words but its vocabulary"),
     (_drop_backbone_name, "backbone description"),
+    (_backbone_name_a_list, "backbone name must be str, got list"),
+    (_backbone_weights_a_number, "backbone weights must be str or None, got int"),
     (_bad_config, "decoder config"),
     (_extra_config_key, "decoder config"),
     (_other_weights_shape, "do not fit"),

@@ -104,6 +104,14 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     bb = ckpt["backbone"]
     if not isinstance(bb, dict) or any(k not in bb for k in BACKBONE_KEYS):
         raise CheckpointError(f"{path}: its backbone description lacks one of {', '.join(BACKBONE_KEYS)}")
+    types = {"name": (str,), "weights": (str, type(None)), "weights_sha256": (str, type(None)),
+             "feature_dim": (int,), "preprocess": (str,)}
+    for k, allowed in types.items():
+        v = bb.get(k)
+        if not isinstance(v, allowed) or isinstance(v, bool):
+            raise CheckpointError(f"{path}: its backbone {k} must be "
+                                  f"{' or '.join('None' if t is type(None) else t.__name__ for t in allowed)}, "
+                                  f"got {type(v).__name__}")
     if not isinstance(ckpt["model_state"], dict) or not isinstance(ckpt["decoder_config"], dict):
         raise CheckpointError(f"{path}: model_state and decoder_config must be dicts")
     split = ckpt.get("split")
