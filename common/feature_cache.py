@@ -266,7 +266,11 @@ def _other_weights(meta: CacheMeta, weights: tuple[str, str | None] | None) -> b
 def _load_cache(path, backbone, feature_dim, preprocess, with_views, weights=None) -> FeatureCache:
     with _open(path) as f:
         meta = _read_meta(f, path)
-        if not bool(f.attrs.get("complete", False)):
+        complete = _plain(f.attrs.get("complete", False))
+        if complete is not True and complete is not False:  # "no" or "False" would count as finished
+            raise CacheError(f"{path}: cache attribute 'complete' is {type(complete).__name__} {_short(complete)}, "
+                             f"expected bool; the file is damaged: re-run stage 1")
+        if not complete:
             raise CacheError(f"{path} is incomplete: re-run stage 1 with the same --out to finish it")
         wrong = []
         if backbone is not None and meta.backbone != backbone:
@@ -298,5 +302,14 @@ def _load_cache(path, backbone, feature_dim, preprocess, with_views, weights=Non
     if len(set(keys)) != len(keys):  # rows_by_key would give two images' features one key
         twice = next(k for k, n in Counter(keys).items() if n > 1)
         raise CacheError(f"{path}: key {twice!r} names more than one row; the cache is damaged: re-run stage 1")
+    # HDF5 has no checksums: a damaged file reads as garbage, and non-finite rows decode to empty captions
+    done = np.flatnonzero(status == DONE)
+    if not all(_finite_rows(a, done) for a in (feats, views) if a is not None):
+        raise CacheError(f"{path} holds non-finite (nan/inf) features: it is damaged; re-run stage 1")
     errors = {keys[i]: _text(e) for i, e in enumerate(errs) if status[i] == FAILED}
     return FeatureCache(str(path), meta, feats, keys, status, errors, views)
+
+
+def _finite_rows(a: np.ndarray, rows: np.ndarray, chunk: int = 4096) -> bool:
+    """Whether a[rows] is all finite, a chunk at a time: a full-COCO copy would double the cache's memory."""
+    return all(np.isfinite(a[rows[i:i + chunk]]).all() for i in range(0, len(rows), chunk))

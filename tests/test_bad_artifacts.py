@@ -143,14 +143,27 @@ def test_damaged_cache_is_one_error_line_for_train_and_evaluate(run_dir, shared_
     assert not (tmp_path / "run").exists()  # nothing written for an unusable input
 
 
-def test_cache_with_non_finite_features_is_refused_by_training(shared_cache, tmp_path):
-    """HDF5 keeps no checksums: bit rot reads back as garbage. nan/inf features would train a nan model."""
+def test_cache_with_non_finite_features_is_refused_by_training_and_evaluate(run_dir, shared_cache, tmp_path):
+    """HDF5 keeps no checksums: bit rot reads back as garbage. nan/inf features would train a nan model, and
+    evaluate scored such a cache with exit 0, an empty caption for each damaged row."""
     cache = tmp_path / "rotten.h5"
     shutil.copy(shared_cache, cache)
     with h5py.File(cache, "r+") as f:
         f["features"][5, :7] = np.inf
-    line = one_error_line(_train(cache, tmp_path / "run"))
-    assert str(cache) in line and "non-finite" in line
+    for result in (_train(cache, tmp_path / "run"), _evaluate(run_dir / "best.pt", cache)):
+        line = one_error_line(result)
+        assert str(cache) in line and "non-finite" in line
+
+
+@pytest.mark.parametrize("value", ["no", "False", 1])
+def test_a_cache_whose_complete_flag_is_not_a_bool_is_refused(run_dir, shared_cache, tmp_path, value):
+    """`complete="no"` counted as a finished cache (bool("no") is True)."""
+    cache = tmp_path / "odd.h5"
+    shutil.copy(shared_cache, cache)
+    with h5py.File(cache, "r+") as f:
+        f.attrs["complete"] = value
+    line = one_error_line(_evaluate(run_dir / "best.pt", cache))
+    assert str(cache) in line and "'complete'" in line and "expected bool" in line, line
 
 
 def test_cache_missing_a_dataset_is_one_error_line(shared_cache, tmp_path):

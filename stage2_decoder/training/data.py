@@ -6,12 +6,11 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from common.datasets import load_dataset, official_split, split_keys
-from common.feature_cache import CacheError, FeatureCache, load_cache
+from common.feature_cache import FeatureCache, load_cache
 from common.paths import refuse_inside
 from common.records import ImageRecord
 from common.text import printable
@@ -94,11 +93,6 @@ def load_train_data(cfg: TrainConfig, device: torch.device) -> TrainData:
                    "so val CIDEr and best.pt's choice measure training fit", file=sys.stderr)
     val_records = val_records or parts["train"][:50]
     val_set = CaptionPairs(val_records, rows, vocab, cfg.max_caption_len, tokens).to(device)
-    # HDF5 has no checksums: a damaged file reads as garbage. Checked on the host arrays (the rows stage 1
-    # finished, every cached view), before gigabytes are uploaded to a GPU.
-    done = sorted(rows.values())
-    if not all(np.isfinite(a[done]).all() for a in (cache.features, cache.views) if a is not None):
-        raise CacheError(f"{cfg.features} holds non-finite (nan/inf) features: it is damaged; re-run stage 1")
     # with --train-views (--scst-views) cross-entropy (SCST) batches draw each image feature from one of the
     # cached views (stage 1 --views: centre crop, mirrored, whole image); validation and captioning see the
     # centre view only, the one a raw photo gets. Features stay in the cache's dtype (the decoder casts each
