@@ -266,6 +266,10 @@ class Captioner:
         if feats.dim() != 2 or feats.shape[1] != d or not feats.is_floating_point():
             raise ValueError(f"caption_features: features must be (B, {d}) floats (the checkpoint's {d}-d "
                              f"features), got {tuple(feats.shape)} {str(feats.dtype).removeprefix('torch.')}")
+        if feats.device.type == "cpu":  # a caller's rows (a damaged cache decodes to empty captions); the encoder's
+            bad = (~torch.isfinite(feats).all(dim=1)).nonzero()  # own output on a GPU is not read back for this
+            if len(bad):
+                raise ValueError(f"caption_features: {len(bad)} row(s) hold nan or inf, the first row {int(bad[0])}")
         return self._decode(feats, *settings)
 
     def _load(self, image, index: int) -> torch.Tensor:

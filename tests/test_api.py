@@ -365,6 +365,14 @@ def test_caption_features_takes_a_float_array_as_a_tensor(cap):
     assert cap.caption_features(feats[:0]) == []
 
 
+def test_caption_features_refuses_rows_that_are_not_finite(cap):
+    """A damaged cache's inf rows were captioned as empty strings, with no error."""
+    feats = np.random.default_rng(0).normal(size=(4, cap.decoder.cfg.feature_dim)).astype(np.float32)
+    feats[2, 5], feats[3, 0] = np.inf, np.nan
+    with pytest.raises(ValueError, match=r"2 row\(s\) hold nan or inf, the first row 2"):
+        cap.caption_features(feats)
+
+
 def test_sampling_from_features_draws_alike_in_every_float_type(cap):
     """bfloat16 features (a GPU cache's) refused sampling (numpy holds no bfloat16), and float64 copies of
     float32 features drew other captions: the draws were keyed on the row's raw bytes."""
