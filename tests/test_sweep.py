@@ -255,6 +255,45 @@ def test_a_widened_grid_reuses_the_runs_it_already_finished(shared_cache, tmp_pa
     assert sorted(r["run"] for r in wider.rows if r["params"]["hidden_size"] == 32) == sorted(before)
 
 
+def test_a_setting_spelt_at_its_default_is_the_run_it_leaves_out(shared_cache, tmp_path):
+    """`"dropout": 0.5` (the default) added to a grid gave every run another hash: each finished run was
+    trained again in a second folder. Folders named by that hash before are found again too."""
+    from stage2_decoder.training.config import TrainConfig
+
+    out = tmp_path / "sweep"
+    cfg = SweepConfig(features=str(shared_cache), out=str(out), grid={"lr": [0.001], **TINY}, n_jobs=1, threads=1,
+                      dry_run=True, progress=False, plot=False)
+    assert run_sweep(cfg).ran == 1
+    spelt = replace(cfg, grid={**cfg.grid, "dropout": TrainConfig.dropout, "device": "auto"})
+    again = run_sweep(spelt)
+    assert (again.ran, again.skipped) == (0, 1) and len([p for p in out.iterdir() if p.is_dir()]) == 1
+    # a folder named by the hash of every setting as spelt, defaults included
+    spec = plan_runs(spelt)[0][0]
+    old_name = run_name(spec.params, [], str(shared_cache), spelt=True)
+    assert old_name != spec.name
+    Path(spec.run_dir).rename(out / old_name)
+    found = plan_runs(spelt)[0][0]
+    assert found.name == old_name and run_sweep(spelt).skipped == 1
+
+
+def test_a_run_trained_on_by_hand_is_not_reported_from_its_old_result(shared_cache, tmp_path):
+    """`train` went on in a sweep's run folder (more epochs): the sweep still ranked it by its old result.json,
+    numbers its best.pt no longer held."""
+    from stage2_decoder.sweeps.run import read_result
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.loop import train
+
+    out = tmp_path / "sweep"
+    cfg = SweepConfig(features=str(shared_cache), out=str(out), grid={"lr": [0.001], **TINY}, n_jobs=1, threads=1,
+                      dry_run=True, progress=False, plot=False)
+    run_sweep(cfg)
+    spec = plan_runs(cfg)[0][0]
+    assert read_result(spec) is not None
+    train(TrainConfig(features=str(shared_cache), out=spec.run_dir, progress=False,
+                      **{**spec.params, "epochs": 2}))
+    assert read_result(spec) is None  # the sweep runs it again: its resume says what happened to the folder
+
+
 def test_a_hand_edited_result_with_a_huge_number_is_redone_not_a_traceback(shared_cache, tmp_path):
     from stage2_decoder.sweeps.run import read_result
 

@@ -171,9 +171,19 @@ def run_digest(name: str) -> str:
     return name.rsplit("-", 1)[-1]
 
 
-def run_name(params: dict, varied: list[str], features: str) -> str:
-    """Deterministic, readable, file-system-safe: the varied settings plus a hash of everything."""
-    ident = json.dumps({"features": os.path.abspath(features), **params}, sort_keys=True)
+def effective(params: dict) -> dict:
+    """`params` without the settings at TrainConfig's default: what a run trains with beyond the defaults, so
+    `"dropout": 0.5` spelt out and left out are one run."""
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    return {k: v for k, v in params.items()
+            if not (k in defaults and v == defaults[k] and isinstance(v, bool) == isinstance(defaults[k], bool))}
+
+
+def run_name(params: dict, varied: list[str], features: str, spelt: bool = False) -> str:
+    """Deterministic, readable, file-system-safe: the varied settings plus a hash of the effective settings.
+    `spelt`: the hash of every setting as given, defaults included (how folders were named before `effective`)."""
+    ident = json.dumps({"features": os.path.abspath(features), **(params if spelt else effective(params))},
+                       sort_keys=True)
     digest = hashlib.sha256(ident.encode()).hexdigest()[:8]
     readable = ",".join(f"{k}={format_value(params[k])}" for k in varied)
     readable = re.sub(r"[^A-Za-z0-9._=,+-]", "_", readable)[:MAX_NAME]

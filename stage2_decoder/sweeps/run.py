@@ -22,7 +22,7 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 from common.bounds import check  # noqa: E402
 from common.jsonio import JSONFileError, finite_number, read_json  # noqa: E402
-from stage2_decoder.sweeps.grid import RunSpec  # noqa: E402
+from stage2_decoder.sweeps.grid import RunSpec, effective  # noqa: E402
 from stage2_decoder.sweeps.results import write_json  # noqa: E402
 from stage2_decoder.training.config import TrainConfig  # noqa: E402
 from stage2_decoder.training.loop import train  # noqa: E402
@@ -122,14 +122,17 @@ def _run_one(spec: RunSpec, threads: int | None) -> dict:
 
 def read_result(spec: RunSpec) -> dict | None:
     """The run's result.json if it records this run's settings and every field has its type; None (the run
-    is redone, resuming from its last.pt) if it is missing, damaged, hostile or of other settings."""
+    is redone, resuming from its last.pt) if it is missing, damaged, hostile, of other settings, or of fewer or
+    more epochs than the folder's metrics.jsonl."""
     path = Path(spec.run_dir) / RESULT
     try:
         rec = read_json(path, "run result", expect=dict)
     except (OSError, JSONFileError):
         return None
     # same name = same settings (the hash), unless the directory was edited by hand
-    if rec.get("params") != spec.params or rec.get("status") not in ("ok", "failed"):
+    params = rec.get("params")
+    if not isinstance(params, dict) or effective(params) != effective(spec.params) \
+            or rec.get("status") not in ("ok", "failed"):
         return None
     number, count = (int, float, type(None)), (int, type(None))
     typed = all(isinstance(rec.get(k), kinds) and not isinstance(rec.get(k), bool) for k, kinds in (
@@ -138,7 +141,19 @@ def read_result(spec: RunSpec) -> dict | None:
     if not typed:
         return None
     finite = all(rec[k] is None or finite_number(rec[k]) is not None for k in ("val_cider", "val_loss", "seconds"))
-    return rec if finite else None
+    return rec if finite and not _trained_since(spec, rec) else None
+
+
+def _trained_since(spec: RunSpec, rec: dict) -> bool:
+    """The run folder holds other epochs than its result records (`train` went on in it by hand): the result
+    would report numbers its best.pt no longer holds."""
+    if rec["status"] != "ok":
+        return False
+    try:
+        lines = (Path(spec.run_dir) / "metrics.jsonl").read_bytes().splitlines()
+    except OSError:
+        return True
+    return sum(1 for ln in lines if ln.strip()) != rec["epochs_run"]
 
 
 # Forked runs. Forks come from joblib's threads; these locks keep the main thread from printing (tqdm)

@@ -94,7 +94,7 @@ def plan_runs(cfg: SweepConfig) -> tuple[list[RunSpec], dict[str, list], list[st
         if cfg.dry_run:
             params["dry_run"] = True
         name = run_name(params, varied, features)
-        name = made.get(run_digest(name), name)
+        name = made.get(run_digest(name)) or made.get(run_digest(run_name(params, varied, features, spelt=True)), name)
         specs.append(RunSpec(name, str(out / name), features, params))
     return specs, grid, varied
 
