@@ -222,3 +222,21 @@ def test_an_interrupt_before_the_first_epoch_does_not_point_to_a_last_pt(shared_
     monkeypatch.setattr(train_cli, "train", interrupted)
     r = CliRunner().invoke(train_cli.main, _args(shared_cache, tmp_path / "run"))
     assert r.exit_code == 130 and "before its first epoch finished: nothing to resume" in r.stderr
+
+
+@pytest.mark.parametrize("attr, value, says", [("precision", "bfloat16", "cache precision 'float32' -> 'bfloat16'"),
+                                               ("weights_sha256", "ab" * 32, "backbone weights_sha256")])
+def test_a_resume_on_a_cache_rebuilt_otherwise_at_the_same_path_is_refused(shared_cache, tmp_path, attr, value, says):
+    """Stage 1 run again into the same file (on a GPU, with more views, from a weights file of the same name):
+    the resume went on silently on other features, unlike the uninterrupted run it claims to finish as."""
+    import h5py
+
+    cache, run = tmp_path / "c.h5", tmp_path / "run"
+    shutil.copy(shared_cache, cache)
+    assert _train(cache, run, "--epochs", "1").exit_code == 0
+    before = (run / "last.pt").read_bytes()
+    with h5py.File(cache, "r+") as f:
+        f.attrs[attr] = value
+    line = one_error_line(_train(cache, run, "--epochs", "2"))
+    assert says in line and "other settings" in line, line
+    assert (run / "last.pt").read_bytes() == before

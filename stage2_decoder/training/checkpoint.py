@@ -67,7 +67,7 @@ BACKBONE_KEYS = ("name", "weights", "feature_dim", "preprocess")
 # what only resuming needs: last.pt keeps it, best.pt (what captioning loads) leaves it out (the Adam
 # moments and the trained weights beside the averaged ones are 3x the weights: 78 MB vs 19 MB, 10k words)
 RESUME_ONLY = ("optimizer_state", "scheduler_state", "rng_state", "cuda_rng_state", "history", "train_model_state",
-               "torch_threads")
+               "torch_threads", "cache_identity")
 
 
 def inference_extra(extra: dict) -> dict:

@@ -19,6 +19,10 @@ from common.vocab import SPECIALS, Vocabulary, build_vocab
 from stage2_decoder.training.config import TrainConfig
 from stage2_decoder.training.pairs import CaptionPairs
 
+# what a cache is made with beyond the backbone description a checkpoint keeps: a cache rebuilt at the same path
+# with more views, another dtype or on a GPU (other last bits) would change a resumed run's epochs
+CACHE_IDENTITY = ("dtype", "views", "precision")
+
 
 @dataclass
 class TrainData:
@@ -35,6 +39,7 @@ class TrainData:
     scst_features: torch.Tensor  # (N, D), or (V, N, D) with --scst-views
     backbone: dict[str, str | int | None]  # the checkpoint's: name, weights, weights_sha256, feature_dim, preprocess
     feature_dim: int
+    cache: dict[str, str | int]  # the rest of the cache's identity (CACHE_IDENTITY): a resume must find it unchanged
 
 
 def prepare_data(cfg: TrainConfig, cache: FeatureCache) -> tuple[
@@ -108,4 +113,4 @@ def load_train_data(cfg: TrainConfig, device: torch.device) -> TrainData:
                 "feature_dim": m.feature_dim, "preprocess": m.preprocess}
     return TrainData(parts, split, vocab, rows, tokens, train_set, val_records, val_set, features,
                      all_views if cfg.train_views else features, all_views if cfg.scst_views else features,
-                     backbone, m.feature_dim)
+                     backbone, m.feature_dim, {k: getattr(m, k) for k in CACHE_IDENTITY})

@@ -109,7 +109,7 @@ def _train(cfg: TrainConfig, owned: contextlib.ExitStack) -> TrainResult:
     # goes on exactly. SCST is not averaged: its few steps (one per batch of images) would be mostly undone.
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup, cfg.ema_start) if cfg.ema_decay else None
     history, start_epoch, best = resume_run(run, cfg, model, opt, sched, data.vocab, device, data.backbone, ema,
-                                            data.split)
+                                            data.split, data.cache)
     val_keys = set([r.key for r in data.val_records][: cfg.val_images or None])
     val_refs = {r.key: r.captions for r in data.val_records if r.key in val_keys and r.captions}
     write_run_start(run, cfg, start_epoch, data.split, data.vocab, history)
@@ -145,7 +145,7 @@ def _train(cfg: TrainConfig, owned: contextlib.ExitStack) -> TrainResult:
             rec["best"] = True  # the plot marks the epoch best.pt holds without comparing rounded scores
         sched.step(score)
         save_epoch(run, cfg, saved, model if averaged else None, opt, sched, device, data.vocab, data.backbone,
-                   data.split, history, best, is_best, ema.updates if averaged else None)
+                   data.split, history, best, is_best, ema.updates if averaged else None, data.cache)
         if _patience_ran_out(cfg, best, epoch + 1) and cfg.progress:
             tqdm.write(f"early stop: no better validation {cfg.select_by} for {cfg.patience} epochs")
     _plot(run)

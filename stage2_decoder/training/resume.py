@@ -122,7 +122,8 @@ def _check_progress(last: Path, run: Path, epoch: int, best: dict, history: list
 
 
 def resume_run(run: Path, cfg, model, opt, sched, vocab: Vocabulary, device, backbone: dict,
-               ema: EMA | None = None, split: dict[str, list[str]] | None = None):
+               ema: EMA | None = None, split: dict[str, list[str]] | None = None,
+               cache: dict[str, str | int] | None = None):
     last = run / "last.pt"
     if not last.exists():
         _check_nothing_to_overwrite(run)
@@ -139,6 +140,12 @@ def resume_run(run: Path, cfg, model, opt, sched, vocab: Vocabulary, device, bac
     # the same cache path may now hold features of another backbone (same size, other meaning)
     changed += [f"backbone {k}" for k in ("name", "weights", "feature_dim", "preprocess")
                 if ckpt["backbone"].get(k) != backbone[k]]
+    if "weights_sha256" in ckpt["backbone"] and (ckpt["backbone"]["weights_sha256"] or None) != \
+            (backbone.get("weights_sha256") or None):  # a weights file of the same name, other contents
+        changed.append("backbone weights_sha256")
+    made = ckpt.get("cache_identity")  # absent from a last.pt written before it was recorded: not checked
+    if cache is not None and isinstance(made, dict):
+        changed += [f"cache {k} {made.get(k)!r} -> {v!r}" for k, v in cache.items() if made.get(k) != v]
     if split is not None and isinstance(ckpt.get("split"), dict) and \
             any(list(ckpt["split"].get(k, [])) != list(split[k]) for k in ("val", "test")):
         changed.append("the image split (another captions file or images?)")  # trained images would be tested on

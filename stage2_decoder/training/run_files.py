@@ -54,7 +54,7 @@ def save_epoch(run: Path, cfg: TrainConfig, saved: CaptionDecoder, trained: Capt
                opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.ReduceLROnPlateau, device: torch.device,
                vocab: Vocabulary, backbone: dict[str, str | int | None], split: dict[str, list[str]],
                history: list[EpochRecord], best: dict[str, float], is_best: bool,
-               ema_updates: int | None = None) -> None:
+               ema_updates: int | None = None, cache: dict[str, str | int] | None = None) -> None:
     """After epoch `history[-1]`: best.pt if `is_best`, then last.pt, then its metrics.jsonl line.
 
     `saved` holds the weights validated (the weight average in the cross-entropy phase), `trained` the
@@ -69,6 +69,8 @@ def save_epoch(run: Path, cfg: TrainConfig, saved: CaptionDecoder, trained: Capt
         extra["train_model_state"] = cpu_state(trained)
     if ema_updates is not None:
         extra["ema_updates"] = ema_updates
+    if cache is not None:
+        extra["cache_identity"] = dict(cache)
     if is_best:  # before last.pt: a kill between the two redoes this epoch, best.pt included
         save_checkpoint(run / "best.pt", saved, vocab, backbone, **inference_extra(extra))  # no resume state
     save_checkpoint(run / "last.pt", saved, vocab, backbone, **extra)
