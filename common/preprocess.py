@@ -89,6 +89,13 @@ def _guarded(label: str, work) -> np.ndarray:
 
 
 def _views_of_path(path: str, pp: Preprocess, views: int) -> np.ndarray:
+    with open_regular(path) as f:
+        return _views_of_file(f, pp, views)
+
+
+def open_regular(path: str | os.PathLike):
+    """`path` opened for reading in binary if it is a regular file; ImageError for a FIFO, device, socket or
+    folder, without blocking on a FIFO (OSError when it cannot be opened at all)."""
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
         raise ImageError(f"{path}: {_kind(mode)}, not a regular file")
@@ -98,12 +105,10 @@ def _views_of_path(path: str, pp: Preprocess, views: int) -> np.ndarray:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise ImageError(f"{path}: {_kind(mode)}, not a regular file")
-        f = os.fdopen(fd, "rb")
+        return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
-    with f:
-        return _views_of_file(f, pp, views)
 
 
 def _kind(mode: int) -> str:

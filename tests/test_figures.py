@@ -107,6 +107,41 @@ def test_figure_of_an_unreadable_file_is_a_clear_error(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_fifo_named_as_a_photo_is_an_error_not_a_hang(tmp_path):
+    """`report` (and `evaluate --html`) waited forever on a FIFO where an eval JSON named a photo."""
+    import os
+    import threading
+
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    got = []
+    t = threading.Thread(target=lambda: got.append(_error_of(figures.load_display_image, fifo, 200)), daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "load_display_image blocked on a FIFO"
+    assert isinstance(got[0], figures.FigureError) and "a FIFO, not a regular file" in str(got[0])
+
+
+def test_a_display_image_over_the_pixel_limit_is_refused_as_the_captioner_refuses_it(tmp_path, monkeypatch):
+    """Between 1x and 2x Pillow's limit an image was decoded whole after a warning; the captioner refuses it."""
+    png, jpg = tmp_path / "big.png", tmp_path / "big.jpg"
+    Image.new("RGB", (120, 100)).save(png)
+    Image.new("RGB", (1600, 1200)).save(jpg)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 8000)  # 12,000 px: over it, under twice it
+    with pytest.raises(figures.FigureError, match="decompression-bomb limit"):
+        figures.load_display_image(png, 64)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_500_000)  # a JPEG is drafted to the size shown first
+    assert max(figures.load_display_image(jpg, 64).size) == 64
+
+
+def _error_of(fn, *args):
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - the test looks at which
+        return e
+    return None
+
+
 def test_figure_names_do_not_collide(tmp_path):
     taken: set[str] = set()
     names = [figures.figure_path(tmp_path, p, taken).name for p in ("a/cat.jpg", "b/cat.jpg", "cat.png", "dog.jpg")]

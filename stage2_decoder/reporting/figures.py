@@ -10,13 +10,14 @@ drawn (headless Agg canvas, no pyplot, no display): `caption` without --save-fig
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
 from common.atomic import atomic_path
-from common.preprocess import to_rgb
+from common.preprocess import ImageError, open_regular, to_rgb
 from common.text import surrogates_shown
 
 FIGURE_WIDTH = 640  # px
@@ -30,15 +31,28 @@ class FigureError(ValueError):
     """An image that cannot be drawn (unreadable file)."""
 
 def load_display_image(path: str | os.PathLike, max_side: int | None = None) -> Image.Image:
-    """An image file as an upright RGB PIL image, optionally shrunk to fit max_side. Raises FigureError."""
+    """An image file as an upright RGB PIL image, optionally shrunk to fit max_side. Raises FigureError, for a
+    FIFO or device too (without waiting on it), and for an image over Pillow's decompression-bomb limit, as the
+    captioner does."""
     try:
-        with Image.open(path) as im:
-            im = to_rgb(ImageOps.exif_transpose(im))  # as the captioner saw it (16-bit, float, transparency)
-            if max_side:
-                im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-            return im
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise FigureError(f"cannot read image {path}: {e}") from e
+        with open_regular(path) as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, as the captioner does
+            with Image.open(f) as im:
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit and im.width * im.height > limit and im.format == "JPEG":
+                    side = max_side or FIGURE_WIDTH  # a huge JPEG decoded nearer the size it is shown
+                    im.draft("RGB", (side, side))
+                if limit and im.width * im.height > limit:
+                    raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels exceed the "
+                                                       f"decompression-bomb limit of {limit}")
+                im = to_rgb(ImageOps.exif_transpose(im))  # as the captioner saw it (16-bit, float, transparency)
+                if max_side:
+                    im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+                return im
+    except ImageError as e:
+        raise FigureError(f"cannot read image {e}") from e
+    except Exception as e:  # noqa: BLE001 - Pillow raises many kinds (SyntaxError, NotImplementedError...)
+        raise FigureError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
 @dataclass
