@@ -101,6 +101,20 @@ def test_plot_reads_a_run_whose_config_json_is_hostile_as_an_old_run(tmp_path):
         assert run_config(tmp_path) == {}
 
 
+def test_plot_draws_a_run_whose_config_json_holds_text_for_the_beam_width(tmp_path):
+    """`"val_beam_size": "$\\frac{1}{$"` went into the legend as mathtext: the plot failed, curves.png not drawn."""
+    from stage2_decoder.plot import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 3.0, "val_loss": 3.1,
+                                                   "val_perplexity": 22.0, "val_cider": 0.2}) + "\n")
+    (run / "config.json").write_text(json.dumps({"val_beam_size": "$\\frac{1}{$"}))
+    r = CliRunner().invoke(main, [str(run)])
+    assert r.exit_code == 0, r.output
+    assert (run / "curves.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("results, says", [
     (DEEP, "nested deeper than"),
     ({"metric": "bleu", "varied": [], "rows": []}, "'metric' is not one of"),

@@ -103,7 +103,9 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     xs, ys = _series(records, "val_cider")
     if xs:
         beam = config.get("val_beam_size", 1)  # runs from before the setting decoded greedily
-        label = "validation (greedy)" if beam == 1 else f"validation (beam {beam})"
+        # a hand-edited config.json: text there would be read as mathtext ("$...$") and fail the whole plot
+        label = ("validation (greedy)" if beam == 1 else f"validation (beam {beam})" if type(beam) is int
+                 else "validation")
         ax_cider.plot(xs, ys, color="tab:green", label=label, **style)
     else:
         ax_cider.text(0.5, 0.5, "no validation CIDEr recorded", ha="center", va="center",
