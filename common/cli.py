@@ -156,9 +156,10 @@ def config_group(cls, param: str):
             elif kind in (int, float):  # every number has its limits in the one table
                 kind = bounded(fl.name)
             required = fl.default is MISSING
-            default = None if required else fl.default
-            wrapper = click.option(meta.get("flag") or f"--{name}", fl.name, type=kind, default=default,
-                                   required=required, show_default=default is not None, help=meta.get("help"))(wrapper)
+            # a required option is given no default at all: click 8.2+ takes default=None as a value given
+            given = {} if required else {"default": fl.default, "show_default": fl.default is not None}
+            wrapper = click.option(meta.get("flag") or f"--{name}", fl.name, type=kind, required=required,
+                                   help=meta.get("help"), **given)(wrapper)
         return wrapper
     return decorate
 
