@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import io
+import os
+import select
 import signal
 import sys
 import typing
@@ -75,6 +77,16 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {name}{text}", file=file or sys.stderr)
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports an error on the writing end)."""
+    try:
+        p = select.poll()
+        p.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in p.poll(0))
+    except (AttributeError, ValueError, OSError):  # no poll (Windows), or no real stdout
+        return False
+
+
 def run_guarded(work: Callable[[], int], interrupted_msg: str | Callable[[], str] = "interrupted") -> int:
     """Run `work`, mapping user errors to one 'error: ...' line + exit 1, Ctrl-C to 130, SIGTERM to 143
     (saying `interrupted_msg`, or what it returns when called then).
@@ -97,6 +109,13 @@ def run_guarded(work: Callable[[], int], interrupted_msg: str | Callable[[], str
     except Terminated:
         click.echo(f"\n{interrupted_msg() if callable(interrupted_msg) else interrupted_msg}", err=True)
         return 143
+    except BrokenPipeError as e:
+        if not _stdout_reader_gone():
+            click.echo(f"error: {one_line(e)}", err=True)
+            return 1
+        # `caption ... | head`: the reader has what it wanted; end as a tool killed by SIGPIPE does, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flushes go nowhere
+        return 128 + signal.SIGPIPE
     except _user_errors() as e:
         click.echo(f"error: {one_line(e)}", err=True)
         return 1

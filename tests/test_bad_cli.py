@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import small_shm
+from conftest import REPO, small_shm
 from reliability_helpers import TINY, no_traceback, one_error_line, tiny_run
 
 
@@ -272,3 +272,19 @@ def test_evaluate_missing_paths(run_dir, shared_cache, small_set, tmp_path, what
            "captions": ["--images", images, "--captions", missing]}[what]
     line = one_error_line(_invoke("stage2_decoder.evaluate", ["--checkpoint", ckpt, "--device", "cpu", *src]))
     assert str(missing) in line
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
+    """`caption --recursive photos/ | head -3` ended with "error: [Errno 32] Broken pipe"; a tool whose reader
+    left ends as one killed by SIGPIPE: no message, status 141."""
+    import subprocess
+    import sys
+
+    code = ("import click\nfrom common.cli import run_guarded\n"
+            "def work():\n    for i in range(10**6):\n        click.echo(f'line {i}')\n    return 0\n"
+            "raise SystemExit(run_guarded(work))\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    assert p.stdout.readline() == b"line 0\n"
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(60) == 141 and err == "", err
