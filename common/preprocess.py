@@ -89,11 +89,11 @@ def _guarded(label: str, work) -> np.ndarray:
 
 
 def _views_of_path(path: str, pp: Preprocess, views: int) -> np.ndarray:
-    with open_regular(path) as f:
+    with open_image_file(path) as f:
         return _views_of_file(f, pp, views)
 
 
-def open_regular(path: str | os.PathLike):
+def open_image_file(path: str | os.PathLike):
     """`path` opened for reading in binary if it is a regular file; ImageError for a FIFO, device, socket or
     folder, without blocking on a FIFO (OSError when it cannot be opened at all)."""
     mode = os.stat(path).st_mode

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from common.atomic import atomic_path
-from common.preprocess import ImageError, open_regular, to_rgb
+from common.preprocess import ImageError, open_image_file, to_rgb
 from common.text import surrogates_shown
 
 FIGURE_WIDTH = 640  # px
@@ -35,7 +35,7 @@ def load_display_image(path: str | os.PathLike, max_side: int | None = None) -> 
     FIFO or device too (without waiting on it), and for an image over Pillow's decompression-bomb limit, as the
     captioner does."""
     try:
-        with open_regular(path) as f, warnings.catch_warnings():
+        with open_image_file(path) as f, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, as the captioner does
             with Image.open(f) as im:
                 limit = Image.MAX_IMAGE_PIXELS
