@@ -137,6 +137,9 @@ def load_coco(captions_file: str | os.PathLike, images_dir: str | os.PathLike) -
     return sorted(records, key=record_sort_key)
 
 
+NUMBERED = re.compile(r"(.+)#\d+")  # an image name with its caption's number after it
+
+
 def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLike) -> list[ImageRecord]:
     """Read a Flickr8k `captions.txt`: CSV with header `image,caption`, one row per caption.
 
@@ -153,6 +156,7 @@ def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLik
     bad_rows: list[int] = []
     nul_rows: list[int] = []
     glued: list[int] = []  # rows with more fields than the header
+    renumbered: list[int] = []  # rows whose image name carried its caption's number
     n_rows = 0
     try:
         with open_captions(captions_file) as f:
@@ -182,6 +186,10 @@ def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLik
                 if row.get(None):  # `a.jpg,A dog, running` -> caption "A dog, running"
                     glued.append(start)
                     caption = ",".join([caption, *row[None]])
+                numbered = NUMBERED.fullmatch(image)  # Flickr8k.token.txt's `NAME.jpg#0`, made into a CSV
+                if numbered and not (images_dir / image).exists():
+                    image = numbered.group(1)
+                    renumbered.append(start)
                 by_image.add(by_image.key(image), caption)
     except UnicodeDecodeError as e:
         raise DatasetError(f"{printable(captions_file)} is not UTF-8 text: {e}") from e
@@ -195,6 +203,10 @@ def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLik
     if glued and 2 * len(glued) > n_rows:
         raise DatasetError(f"{printable(captions_file)}: {len(glued)} of {n_rows} rows have more fields than the header "
                            f"names (e.g. line {glued[0]}): name the extra column in the header, or quote the captions")
+    if renumbered:
+        warnings.warn(DatasetWarning(f"{printable(captions_file)}: {len(renumbered)} image names ended in a caption number "
+                                     f"(`NAME#0`, as in Flickr8k.token.txt; e.g. line {renumbered[0]}) and no such file "
+                                     f"exists: read as NAME"), stacklevel=2)
     if glued:
         warnings.warn(DatasetWarning(f"{printable(captions_file)}: {len(glued)} captions had unquoted commas (more fields than "
                                      f"the header, e.g. line {glued[0]}): joined back with commas"), stacklevel=2)

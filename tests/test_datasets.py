@@ -144,6 +144,20 @@ def test_minimal_flickr_file_groups_and_sorts(tmp_path):
     assert recs[1].captions == ["A dog, running .", "Another dog"]
 
 
+def test_flickr_csv_names_with_a_caption_number_are_read_as_the_image(tmp_path):
+    """A CSV made from Flickr8k.token.txt (`b.jpg#0,...`) made each caption an image of its own, none of them
+    readable; a file really named with a `#N` is kept as it is."""
+    from common.records import DatasetWarning
+
+    (tmp_path / "b.jpg").write_bytes(b"x")
+    (tmp_path / "c.jpg#1").write_bytes(b"x")
+    p = tmp_path / "captions.txt"
+    p.write_text("image,caption\nb.jpg#0,A dog\nb.jpg#1,Another dog\nc.jpg#1,A cat\n")
+    with pytest.warns(DatasetWarning, match=r"2 image names ended in a caption number .* line 2\)"):
+        recs = load_flickr8k(p, tmp_path)
+    assert [(r.key, r.captions) for r in recs] == [("b.jpg", ["A dog", "Another dog"]), ("c.jpg#1", ["A cat"])]
+
+
 # --- split_keys --------------------------------------------------------------------------------------------
 
 KEYS = [str(i) for i in range(1000)]
