@@ -78,11 +78,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def _stdout_reader_gone() -> bool:
-    """Whether stdout is a pipe whose reading end is closed (poll reports an error on the writing end)."""
+    """Whether stdout is a pipe or socket whose reader is gone (poll reports an error, or a hang-up for a socket)."""
     try:
         p = select.poll()
         p.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(ev & select.POLLERR for _, ev in p.poll(0))
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
     except (AttributeError, ValueError, OSError):  # no poll (Windows), or no real stdout
         return False
 

@@ -187,7 +187,7 @@ def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLik
                     glued.append(start)
                     caption = ",".join([caption, *row[None]])
                 numbered = NUMBERED.fullmatch(image)  # Flickr8k.token.txt's `NAME.jpg#0`, made into a CSV
-                if numbered and not (images_dir / image).exists():
+                if numbered:  # by the name alone: training reads this file where the images may not be
                     image = numbered.group(1)
                     renumbered.append(start)
                 by_image.add(by_image.key(image), caption)
@@ -205,8 +205,8 @@ def load_flickr8k(captions_file: str | os.PathLike, images_dir: str | os.PathLik
                            f"names (e.g. line {glued[0]}): name the extra column in the header, or quote the captions")
     if renumbered:
         warnings.warn(DatasetWarning(f"{printable(captions_file)}: {len(renumbered)} image names ended in a caption number "
-                                     f"(`NAME#0`, as in Flickr8k.token.txt; e.g. line {renumbered[0]}) and no such file "
-                                     f"exists: read as NAME"), stacklevel=2)
+                                     f"(`NAME#0`, as in Flickr8k.token.txt; e.g. line {renumbered[0]}): read as NAME"),
+                      stacklevel=2)
     if glued:
         warnings.warn(DatasetWarning(f"{printable(captions_file)}: {len(glued)} captions had unquoted commas (more fields than "
                                      f"the header, e.g. line {glued[0]}): joined back with commas"), stacklevel=2)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,7 +120,11 @@ def hold_folder(folder: str | os.PathLike, what: str) -> Iterator[Path]:
         except BlockingIOError:
             raise OutputBusy(f"{what} {folder} is in use by another process; wait for it to finish or stop it, "
                              f"or use another folder") from None
-        _held.add(fd)
+        except OSError as e:  # NFS emulates flock with byte-range locks, which a folder opened to read cannot take
+            warnings.warn(f"cannot lock {what} {folder} ({e.strerror}): a second writer meanwhile would not be "
+                          f"stopped", stacklevel=3)
+        else:
+            _held.add(fd)
         yield folder
     finally:
         _held.discard(fd)

@@ -277,6 +277,7 @@ def test_evaluate_missing_paths(run_dir, shared_cache, small_set, tmp_path, what
 def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
     """`caption --recursive photos/ | head -3` ended with "error: [Errno 32] Broken pipe"; a tool whose reader
     left ends as one killed by SIGPIPE: no message, status 141."""
+    import socket
     import subprocess
     import sys
 
@@ -286,5 +287,13 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     assert p.stdout.readline() == b"line 0\n"
     p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(60) == 141 and err == "", err
+    # a socket (a service's socket unit, nc) hangs up rather than failing the poll
+    ours, theirs = socket.socketpair()
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=theirs, stderr=subprocess.PIPE, cwd=REPO)
+    theirs.close()
+    assert ours.recv(7) == b"line 0\n"[:7]
+    ours.close()
     err = p.stderr.read().decode()
     assert p.wait(60) == 141 and err == "", err

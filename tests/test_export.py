@@ -394,3 +394,29 @@ def test_a_second_export_into_a_folder_being_exported_is_refused(export_dir, tin
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 1 and len(lines) == 1 and "in use by another process" in lines[0], r.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_a_folder_the_file_system_cannot_lock_is_exported_into_with_a_warning(tmp_path, monkeypatch):
+    """On NFS a folder cannot take flock's exclusive lock (EBADF): export failed there with a bare
+    '[Errno 9] Bad file descriptor'."""
+    import errno
+    import fcntl
+
+    from common import lock
+
+    def nfs(fd, op):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", nfs)
+    with pytest.warns(UserWarning, match=r"cannot lock ONNX folder .* \(Bad file descriptor\)"):
+        with lock.hold_folder(tmp_path, "ONNX folder") as held:
+            assert held == tmp_path
+
+
+def test_an_export_that_cannot_load_its_captioner_makes_no_folder(tiny_checkpoint, tmp_path):
+    from stage2_decoder.serving.onnx_export import ExportConfig, export
+
+    with pytest.raises(Exception, match="weights"):
+        export(ExportConfig(checkpoint=str(tiny_checkpoint), out=str(tmp_path / "onnx"),
+                            weights=str(tmp_path / "gone.pth")))
+    assert not (tmp_path / "onnx").exists()

@@ -148,10 +148,10 @@ def export(cfg: ExportConfig) -> Path:
     out = cfg.out_folder()
     ckpt_path = find_checkpoint(cfg.checkpoint)  # None: $CAPCACHE_CHECKPOINT, else the newest runs/*/best.pt
     ckpt = load_checkpoint(ckpt_path)
+    cap = Captioner.load(ckpt_path, "cpu", cfg.weights)
     out.mkdir(parents=True, exist_ok=True)
     # two exports into one folder would interleave their graphs under one manifest
     with hold_folder(out, "ONNX folder"):
-        cap = Captioner.load(ckpt_path, "cpu", cfg.weights)
         _remove_stale_stages(out)
         # every graph is made and checked in a folder of its own inside `out`: a failed export leaves an earlier one
         stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=out))
