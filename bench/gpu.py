@@ -1,4 +1,4 @@
-"""The device check: the CUDA path at COCO's real sizes, measured part by part in at most ~5.5 minutes on one GPU.
+"""The device check: the CUDA path at COCO's real sizes, measured part by part in at most 6 minutes on one GPU.
 
     bash bench/gpu_device.sh                 # on the GPU machine: carried wheels, then this script (docs/gpu.md)
     python bench/gpu.py                      # the script alone, on a machine with a GPU
@@ -64,11 +64,12 @@ from harness import REPO, default_data, machine
 
 PHOTOS = Path(__file__).resolve().parent / "gpu-photos"
 PARTS = ("jpegs", "stage1", "choices", "train", "stage2", "syncs", "profile", "sweep", "torchrun", "caption")
-# seconds per part on the device, at most: together 330 s (bench/gpu_device.sh allows 345), so that the machine's
-# start and two tries fit in a 15-minute device lease (jpegs, stage1 and choices size their work to their limit)
+# seconds per part on the device, at most: together 310 s (bench/gpu_device.sh allows 325 + 15 to kill, and ~20 s
+# of set-up around it), so that a 3-minute machine start and two tries fit in a 15-minute device lease (jpegs,
+# stage1 and choices size their work to their limit)
 # (train tokenises the 100k captions once; the sweep's runs then read them from the token cache)
 # (torchrun: two cold processes, each building ResNet-152 and running cudnn.benchmark, plus the launcher)
-LIMITS = {"jpegs": 30, "stage1": 50, "choices": 35, "train": 45, "stage2": 65, "syncs": 15, "profile": 15,
+LIMITS = {"jpegs": 30, "stage1": 50, "choices": 30, "train": 40, "stage2": 60, "syncs": 10, "profile": 15,
           "sweep": 30, "torchrun": 30, "caption": 15}
 COCO = {"images": 123_287, "captions": 616_767, "vocab": 10_000}  # COCO 2017 train + val; words seen >= 4 times
 JPEG_SIZE, JPEG_QUALITY, GRAIN = (640, 480), 92, 14.0  # 14 levels of grain at quality 92: ~150 KB, COCO's mean
@@ -916,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="stage 1 through torch.compile (extract --compile)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     ap.add_argument("--limit", action="append", default=[], metavar="PART=SECONDS",
-                    help="a part's time limit (defaults add up to 330 s; 0 = none; none by default with --tiny)")
+                    help="a part's time limit (defaults add up to 310 s; 0 = none; none by default with --tiny)")
     ap.add_argument("--prepare", action="store_true", help="only copy the photos into bench/gpu-photos/, then exit")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-gpu", help="scratch folder (JPEGs, caches)")
     ap.add_argument("--results", type=Path, default=None,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check in one command, from the repository root of a checkout on the GPU machine:
 #
-#     bash bench/gpu_device.sh          # at most ~5.5 minutes; results under $OUT (default runs/device-out)
+#     bash bench/gpu_device.sh          # at most 6 minutes; results under $OUT (default runs/device-out)
 #
 # It needs the git-ignored folders docs/gpu.md says how to prepare: .whl/ (wheels of what the machine
 # lacks, installed offline without their dependencies) and bench/gpu-photos/ (a few hundred COCO photos
@@ -36,10 +36,10 @@ for m in ("torchvision", "nltk", "regex", "pycocoevalcap.cider.cider", "h5py", "
     except Exception as e:
         print("MISSING", m, type(e).__name__, e)
 PY
-# the parts' limits (bench/gpu.py LIMITS) add up to 330 s; the outer limit leaves it a margin, and kills (-k)
+# the parts' limits (bench/gpu.py LIMITS) add up to 310 s; the outer limit leaves it a margin, and kills (-k)
 # what ignores its TERM: a part's own limit cannot fire while a CUDA call blocks
 set +e
-timeout -k 15 345 "$PY" bench/gpu.py --device cuda --work "$WORK" --results "$OUT" "$@" 2>"$OUT/stderr.log" \
+timeout -k 15 325 "$PY" bench/gpu.py --device cuda --work "$WORK" --results "$OUT" "$@" 2>"$OUT/stderr.log" \
   | tee "$OUT/stdout.log"
 rc=$?
 set -e
