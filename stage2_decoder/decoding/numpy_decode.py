@@ -37,7 +37,8 @@ def greedy_scored(step: Step, h: np.ndarray, c: np.ndarray, start_id: int, end_i
         alive &= tokens != end_id
         if not alive.any():
             break
-    scores = (total / np.maximum(count, np.float32(1)) ** np.float32(length_penalty)).tolist()
+    # in float64, as the torch search divides: the same score to the last bit
+    scores = (total.astype(np.float64) / np.maximum(count, 1).astype(np.float64) ** float(length_penalty)).tolist()
     return [[(_until_end(row, end_id), s)] for row, s in zip(out.tolist(), scores)]
 
 

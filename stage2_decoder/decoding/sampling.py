@@ -102,7 +102,8 @@ def greedy_scored(model: CaptionDecoder, features: torch.Tensor, max_len: int = 
     """features (B, D) -> per image [(word ids, score)]: `decode.greedy`'s caption with the score a beam of
     one gives it (sum log p / tokens ** length_penalty, <end> counted), at greedy's speed."""
     ids, total, count = _word_by_word(model, features, 1, max_len, min_len, lambda logp, alive: logp.argmax(-1))
-    ids, scores = read_back(ids, total / count.pow(length_penalty))
+    # in float64, as the beam divides: a beam of one's score to the last bit
+    ids, scores = read_back(ids, total.double() / count.double().pow(length_penalty))
     return _ranked(ids, scores, features.shape[0], 1)
 
 
