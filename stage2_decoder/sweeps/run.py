@@ -151,8 +151,8 @@ def _trained_since(spec: RunSpec, rec: dict) -> bool:
         return False
     try:
         lines = (Path(spec.run_dir) / "metrics.jsonl").read_bytes().splitlines()
-    except OSError:
-        return True
+    except OSError:  # nothing to tell by
+        return False
     return sum(1 for ln in lines if ln.strip()) != rec["epochs_run"]
 
 
