@@ -145,21 +145,8 @@ class CacheWriter:
             self._record(shard.rows, shard.failed_rows, shard.failed_errors)
 
     def _check_meta(self, meta_file: Path) -> None:
-        try:
-            doc = read_json(meta_file, "cache meta", expect=dict)
-            have = CacheMeta(**{**CacheMeta.OPTIONAL, **doc["meta"]})
-            stored_keys = doc["keys"]
-            if doc.get("schema") != SCHEMA or doc.get("schema_version") != SCHEMA_VERSION:
-                raise ValueError(f"schema {doc.get('schema')!r} version {doc.get('schema_version')!r}")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CacheError(f"cannot resume from {meta_file} ({type(e).__name__}: {e}); "
-                             f"delete {self.parts} to start over") from e
-        diffs = mismatch(have, self.meta) + source_mismatch(have, self.meta)
-        if stored_keys != self.keys:
-            diffs.append("the image list differs (other --limit, captions file or images)")
-        if diffs:
-            raise CacheError(f"unfinished cache {self.parts} was started with other settings "
-                             f"({'; '.join(diffs)}): delete it or use another --out")
+        have, stored_keys = read_parts_meta(self.parts)
+        check_resumable(self.parts, have, stored_keys, self.meta, self.keys)
 
     def _remove_own_scratch(self) -> None:
         """Torn shards of this rank from a killed run (other ranks may be writing theirs right now)."""
@@ -190,8 +177,9 @@ class CacheWriter:
     def _record(self, rows: np.ndarray, failed_rows, failed_errors) -> None:
         self._status[rows] = DONE
         for r, e in zip(failed_rows, failed_errors):
-            self._status[r] = FAILED
-            self._errors[int(r)] = e
+            if self._status[r] != DONE:  # a row a resumed run read after an earlier run could not (a retry)
+                self._status[r] = FAILED
+                self._errors[int(r)] = e
 
     # --- writing -------------------------------------------------------------------------------------------
     def status(self) -> np.ndarray:
@@ -283,24 +271,29 @@ class CacheWriter:
         for i, s in enumerate(shards):
             fresh = s.rows[self._status[s.rows] == PENDING]
             owner[fresh] = i
-            self._record(fresh, s.failed_rows, s.failed_errors)
+            self._status[fresh] = DONE
+        for s in shards:  # after every shard's read rows: a retry that read a row outranks an earlier failure
+            self._record(s.rows[:0], s.failed_rows, s.failed_errors)
         pending = int((self._status == PENDING).sum())
         if pending:
             bad = f" (unreadable shards skipped: {', '.join(self.unreadable)})" if self.unreadable else ""
             raise CacheError(f"{pending} rows still pending in {self.parts}{bad}: re-run the same command "
                              f"to compute them")
-        need = n * d * self.meta.views * np.dtype(self.meta.dtype).itemsize
+        # the features and views, the keys, errors and status, and HDF5's own headers (a MiB is ample)
+        need = (n * d * self.meta.views * np.dtype(self.meta.dtype).itemsize + n
+                + sum(len(k.encode()) + 16 for k in self.keys) + sum(len(e.encode()) + 16 for e in self._errors.values())
+                + 2**20)
         free = shutil.disk_usage(self.parts).free
         if need > free:
-            raise CacheError(f"cannot write {self.out}: it needs {need / 2**20:.1f} MiB, only {free / 2**20:.1f} MiB "
-                             f"free; finished batches are kept in {self.parts}, free space and re-run")
+            raise CacheError(f"cannot write {self.out}: it needs {_size(need)}, only {_size(free)} free; finished "
+                             f"batches are kept in {self.parts}, free space and re-run")
         try:
             # the temporary lives in OUT.parts/ (removed with it after a kill); atomic_path removes it on failure
             with atomic_path(self.out, what="feature cache", scratch=self.parts) as tmp:
                 self._assemble(tmp, shards, owner)
-        except OSError as e:
-            raise CacheError(f"cannot write {self.out}: {_why(e)}; finished batches are kept in {self.parts}, re-run the same "
-                             f"command to finish") from e
+        except (OSError, RuntimeError) as e:  # h5py says a write that failed at closing as a RuntimeError
+            raise CacheError(f"cannot write {self.out}: {_why(e) if isinstance(e, OSError) else _h5_why(e)}; finished "
+                             f"batches are kept in {self.parts}, re-run the same command to finish") from None
         remove_parts(self.out)
 
     def _assemble(self, tmp: Path, shards: list[_Shard], owner: np.ndarray) -> None:
@@ -322,6 +315,41 @@ class CacheWriter:
             f.attrs.update({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "complete": True,
                             "capcache_version": _version(), "torch_version": _torch_version()})
             f.attrs.update({k: str(v) if isinstance(v, str) else v for k, v in asdict(self.meta).items()})
+
+
+def _h5_why(e: RuntimeError) -> str:
+    """HDF5's failed write at closing: its system error message (`error message = 'No space left on device'`)."""
+    found = re.search(r"error message = '([^']*)'", str(e))
+    return found.group(1) if found else " ".join(str(e).split())[:200]
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
+
+
+def read_parts_meta(parts: Path) -> tuple[CacheMeta, list]:
+    """OUT.parts/meta.json: the settings the unfinished work was started with, and its image keys."""
+    meta_file = parts / META_FILE
+    try:
+        doc = read_json(meta_file, "cache meta", expect=dict)
+        have = CacheMeta(**{**CacheMeta.OPTIONAL, **doc["meta"]})
+        stored_keys = doc["keys"]
+        if doc.get("schema") != SCHEMA or doc.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"schema {doc.get('schema')!r} version {doc.get('schema_version')!r}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CacheError(f"cannot resume from {meta_file} ({type(e).__name__}: {e}); "
+                         f"delete {parts} to start over") from e
+    return have, stored_keys
+
+
+def check_resumable(parts: Path, have: CacheMeta, stored_keys: list, want: CacheMeta, keys: list[str]) -> None:
+    """The unfinished work in `parts` may go on only with the settings, source and image list it began with."""
+    diffs = mismatch(have, want) + source_mismatch(have, want)
+    if stored_keys != keys:
+        diffs.append("the image list differs (other --limit, captions file or images)")
+    if diffs:
+        raise CacheError(f"unfinished cache {parts} was started with other settings "
+                         f"({'; '.join(diffs)}): delete it or use another --out")
 
 
 def _copy_shard(feats: h5py.Dataset, shard: _Shard, keep: np.ndarray, views: h5py.Dataset | None = None) -> None:

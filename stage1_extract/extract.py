@@ -26,14 +26,14 @@ from common.backbones import (DEFAULT_BACKBONE, REGISTRY, Backbone, BackboneErro
 from common.cli import one_line, opt
 from common.datasets import FORMATS, OUTSIDE_FLAG, guess_format, load_dataset
 from common.device import resolve_device
-from common.feature_cache import (DONE, PENDING, CacheError, CacheMeta, mismatch, parts_dir, read_failures, read_keys,
+from common.feature_cache import (DONE, CacheError, CacheMeta, mismatch, parts_dir, read_failures, read_keys,
                                   read_meta, source_mismatch)
 from common.lock import LOCK_NAME, OutputBusy, hold
 from common.paths import refuse_inside
 from common.preprocess import VIEWS
 from common.records import ImageRecord
 from common.text import printable
-from stage1_extract.cache_writer import CacheWriter, remove_parts
+from stage1_extract.cache_writer import META_FILE, CacheWriter, check_resumable, read_parts_meta, remove_parts
 from stage1_extract.distributed import Dist, device_for, from_env
 
 
@@ -123,6 +123,11 @@ def plan(cfg: ExtractConfig) -> str:
     if out.exists():
         _check_planned(out, cfg, spec.name, fmt, [r.key for r in records])
         state = "already exists, made from these images with this backbone: the run checks its weights and precision"
+    elif (parts_dir(out) / META_FILE).is_file():
+        have, stored_keys = read_parts_meta(parts_dir(out))
+        check_resumable(parts_dir(out), have, stored_keys, _planned(have, cfg, spec.name, fmt),
+                        [r.key for r in records])
+        state = f"resumes the work in {parts_dir(out)}: the run checks its weights and precision"
     elif parts_dir(out).is_dir():
         state = f"resumes the work in {parts_dir(out)}"
     else:
@@ -135,10 +140,14 @@ def plan(cfg: ExtractConfig) -> str:
 def _check_planned(out: Path, cfg: ExtractConfig, backbone: str, fmt: str, keys: list[str]) -> None:
     """What a dry run can check of a finished OUT without building the CNN: the backbone, the settings, where
     the images and captions came from, the image list (the weights and precision are the run's to check)."""
-    have = read_meta(out)
-    want = replace(have, backbone=backbone, dataset_format=fmt, images_dir=os.path.abspath(cfg.images),
-                   captions_file=os.path.abspath(cfg.captions), limit=cfg.limit or -1, dtype=cfg.dtype, views=cfg.views)
-    _check_finished(out, want, keys)
+    _check_finished(out, _planned(read_meta(out), cfg, backbone, fmt), keys)
+
+
+def _planned(have: CacheMeta, cfg: ExtractConfig, backbone: str, fmt: str) -> CacheMeta:
+    """`have` with what the run would write that is known without the CNN (not its weights or precision)."""
+    return replace(have, backbone=backbone, dataset_format=fmt, images_dir=os.path.realpath(cfg.images),
+                   captions_file=os.path.realpath(cfg.captions), limit=cfg.limit or -1, dtype=cfg.dtype,
+                   views=cfg.views)
 
 
 def extract(cfg: ExtractConfig) -> ExtractSummary:
@@ -156,7 +165,8 @@ def setup_extract(cfg: ExtractConfig, d: Dist) -> tuple[list[ImageRecord], Path,
     records = load_dataset(cfg.dataset, cfg.captions, cfg.images, cfg.limit, cfg.allow_outside_images)
     fmt = cfg.dataset if cfg.dataset != "auto" else guess_format(cfg.captions)
     out = _out_path(cfg)
-    images_dir = Path(os.path.abspath(cfg.images))
+    # real paths: a symlinked folder re-pointed at another is another source (the same names, other photos)
+    images_dir = Path(os.path.realpath(cfg.images))
     backbone = load_backbone(cfg.backbone, cfg.weights, device_for(cfg.device, d))
     if backbone.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every batch has one shape: time the conv algorithms once, keep the best
@@ -165,7 +175,7 @@ def setup_extract(cfg: ExtractConfig, d: Dist) -> tuple[list[ImageRecord], Path,
     info = backbone.describe()
     meta = CacheMeta(backbone=info["name"], weights=info["weights"], weights_sha256=info["weights_sha256"] or "",
                      feature_dim=info["feature_dim"], preprocess=info["preprocess"], dataset_format=fmt,
-                     images_dir=str(images_dir), captions_file=os.path.abspath(cfg.captions),
+                     images_dir=str(images_dir), captions_file=os.path.realpath(cfg.captions),
                      limit=cfg.limit or -1, dtype=cfg.dtype, views=cfg.views, precision=info["precision"])
     return records, out, backbone, meta
 
@@ -219,7 +229,9 @@ def _extract(cfg: ExtractConfig, d: Dist, owned: contextlib.ExitStack) -> Extrac
             writer = writer or joined
         status = writer.status()
         already = int((status == DONE).sum())
-        mine = d.mine(np.flatnonzero(status == PENDING))
+        # an earlier run's unreadable images too: a folder mounted since, a file copied in (an uninterrupted run
+        # would have read them)
+        mine = d.mine(np.flatnonzero(status != DONE))
         share = len(d.mine(range(len(keys))))
         done_here, failed_here = d.agree("extracting", lambda: _extract_rows(cfg, d, writer, backbone, records, mine,
                                                                              share))

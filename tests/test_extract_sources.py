@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import h5py
 import pytest
 from click.testing import CliRunner
 
@@ -110,3 +111,45 @@ def test_a_file_that_is_not_a_cache_at_out_is_named_with_what_to_do(trips, tmp_p
     line = one_error_line(_run(*_args(trips, "trip1", out)))
     assert "not a readable HDF5 file" in line and "delete it" in line and "another --out" in line
     assert out.read_text() == "hello\n"
+
+
+def test_a_symlinked_folder_re_pointed_at_another_is_another_source(trips, tmp_path):
+    """The cache kept the link's own path: re-pointed at the second trip, the link was still the same folder,
+    so the finished cache was reused ("already complete") and unfinished work resumed into a mixed cache."""
+    link = tmp_path / "photos"
+    link.symlink_to(trips / "trip1")
+    out = tmp_path / "c.h5"
+    assert _run("--images", link, *_args(trips, "trip1", out)[2:]).exit_code == 0
+    assert read_meta(out).images_dir == str(trips / "trip1")  # where the photos really were
+    link.unlink()
+    link.symlink_to(trips / "trip2")
+    line = one_error_line(_run("--images", link, *_args(trips, "trip1", out)[2:]))
+    assert "made differently" in line and "images_dir" in line
+    assert _run(*_args(trips, "trip1", out)).exit_code == 0  # the folder it was made from is still it
+
+
+def test_a_dry_run_says_when_unfinished_work_would_be_refused(trips, tmp_path):
+    """The dry run said "resumes the work in OUT.parts" where the run refused those parts."""
+    out = tmp_path / "mix.h5"
+    records, _, _, meta = setup_extract(ExtractConfig(images=str(trips / "trip1"), captions=str(trips / "captions.txt"),
+                                                      out=str(out), backbone="mobilenet_v2", device="cpu"), _no_dist())
+    CacheWriter(out, [r.key for r in records], meta).close()  # started from trip1, then stopped
+    line = one_error_line(_run(*_args(trips, "trip2", out, "--dry-run")))
+    assert "started with other settings" in line and "images_dir" in line
+    ok = _run(*_args(trips, "trip1", out, "--dry-run"))
+    assert ok.exit_code == 0 and f"resumes the work in {parts_dir(out)}" in ok.output
+
+
+def test_a_resume_retries_the_images_an_earlier_run_could_not_read(trips, tmp_path):
+    """Images missing when a run was interrupted (a folder not yet mounted) stayed failed in the resumed run's
+    cache, though the files were there by then; an uninterrupted run would have read them."""
+    out = tmp_path / "c.h5"
+    records, _, _, meta = setup_extract(ExtractConfig(images=str(trips / "trip1"), captions=str(trips / "captions.txt"),
+                                                      out=str(out), backbone="mobilenet_v2", device="cpu"), _no_dist())
+    w = CacheWriter(out, [r.key for r in records], meta)
+    w.write([], None, {0: "IMG_0000.jpg: FileNotFoundError: [Errno 2] No such file or directory"})
+    w.close()  # interrupted after its first batch
+    r = _run(*_args(trips, "trip1", out))
+    assert r.exit_code == 0, r.output
+    with h5py.File(out) as f:
+        assert list(f["status"][:]) == [1] * 6 and not any(f["errors"][:])
