@@ -683,3 +683,40 @@ def test_a_misspelt_or_repeated_setting_is_a_400_not_ignored(client_for):
     assert r.status_code == 400 and r.json()["error"] == "The field 'beam_size' is given 2 times: send it once."
     r = c.post("/v1/caption", files=files(RED, GREEN), data={"beam_size": "2", "num_captions": "2"})
     assert r.status_code == 200 and [len(x["captions"]) for x in r.json()["results"]] == [2, 2]
+
+
+def test_a_jpeg_of_many_scans_is_refused_before_it_holds_the_decoders(client_for):
+    """Each scan of a progressive JPEG is a pass over every pixel: a 131 KB file repeating its last scan 800
+    times held both decode threads past every request's deadline."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (10, 10, 220)).save(buf, "JPEG", progressive=True)
+    good = buf.getvalue()
+    last = good.rindex(b"\xff\xda")
+    bomb = good[:-2] + good[last:-2] * 150 + b"\xff\xd9"  # the last scan again and again, then the end
+    c = client_for(StandIn(), max_wait_ms=1)
+    r = c.post("/v1/caption", files=[("images", ("scans.jpg", bomb, "image/jpeg"))])
+    assert r.status_code == 422 and "JPEG of 1" in r.json()["error"] and "scans" in r.json()["error"], r.text
+    r = c.post("/v1/caption", files=[("images", ("progressive.jpg", good, "image/jpeg"))])
+    assert r.status_code == 200 and "blue" in r.json()["results"][0]["caption"], r.text
+
+
+def test_two_servers_started_at_once_on_one_port_one_is_told_before_loading():
+    """Both bound with SO_REUSEADDR while neither listened: the second failed in uvicorn's start-up, a
+    40-line traceback after the model had loaded."""
+    from stage2_decoder.serving.app import listen
+
+    first = listen("127.0.0.1", 0)
+    try:
+        port = first.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            listen("127.0.0.1", port).close()
+    finally:
+        first.close()
+
+
+def test_healthz_names_the_run_folder_of_a_checkpoint_given_from_inside_it(tmp_path, monkeypatch):
+    from stage2_decoder.serving.app import checkpoint_name
+
+    (tmp_path / "coco-run").mkdir()
+    monkeypatch.chdir(tmp_path / "coco-run")
+    assert checkpoint_name("best.pt") == "coco-run/best.pt"

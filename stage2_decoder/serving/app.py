@@ -53,7 +53,7 @@ class ChunkedEncoder:
 
 def checkpoint_name(path) -> str:
     """What /healthz reports: the run folder and file (`coco-resnet152/best.pt`), not the server's full path."""
-    p = Path(path)
+    p = Path(path).absolute()  # `--checkpoint best.pt` from inside the run folder names the folder too
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
@@ -405,6 +405,7 @@ def listen(host: str, port: int):
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: restarts reuse the port
         sock.bind(addr)
+        sock.listen(2048)  # now: two servers started at once both bind with SO_REUSEADDR; only one can listen
     except OSError as e:
         if sock is not None:
             sock.close()

@@ -37,6 +37,9 @@ def megabytes(n: int) -> str:
     return f"{n / MB:.1f} MB" if n >= MB // 10 else f"{n / 1024:.0f} KB"
 
 
+MAX_JPEG_SCANS = 100  # an EXIF thumbnail's scans count too
+
+
 def open_upload(name: str, data: bytes, max_upload_bytes: int, max_pixels: int):
     """Upload bytes -> a PIL image opened from memory (not yet decoded), its size checked from the header."""
     from PIL import Image
@@ -62,6 +65,13 @@ def open_upload(name: str, data: bytes, max_upload_bytes: int, max_pixels: int):
         im.close()
         raise RequestError(413, f"{name} is {im.width}x{im.height} pixels, over the limit of {max_pixels:,} "
                                 f"pixels per image.")
+    # each scan of a progressive JPEG is a pass over all its pixels: a small file repeating its last scan
+    # held the decode threads for minutes, every other request waiting behind it
+    scans = data.count(b"\xff\xda") if im.format in ("JPEG", "MPO") else 0  # SOS markers (not in coded data)
+    if scans > MAX_JPEG_SCANS:
+        im.close()
+        raise RequestError(422, f"{name} is a JPEG of {scans} scans, over the {MAX_JPEG_SCANS} this server decodes "
+                                f"(a progressive JPEG has about 10).")
     return im
 
 
