@@ -69,7 +69,7 @@ def text_lines(result: dict) -> list[str]:
 @click.option("--batch-size", type=bounded("batch_size"), default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--weights", default=None, help="Backbone weights file, if it moved since extraction.")
-@click.option("--onnx", "onnx_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--onnx", "onnx_dir", type=click.Path(), default=None,
               help="Caption with the ONNX export in DIR (onnxruntime, no torch) instead of a checkpoint.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print a JSON list of {"image", "caption", "captions": [{"caption", "score"}]}.')

@@ -194,3 +194,94 @@ def test_a_manifest_that_states_other_rules_than_the_captioner_applies_is_refuse
     _edit(copy, edit)
     with pytest.raises(OnnxExportError, match=message):
         _captions(copy, photos)
+
+
+@pytest.mark.parametrize("edit", [lambda m: m["image"].__setitem__("crop", 256),
+                                  lambda m: m["image"].__setitem__("jpeg_draft_size", None),
+                                  lambda m: m["image"]["input"].__setitem__("dtype", "float32"),
+                                  lambda m: m["preprocess"].__setitem__("resize", 300)],
+                         ids=["crop", "jpeg_draft_size", "input dtype", "preprocess resize"])
+def test_image_rules_that_contradict_the_preprocessing_are_refused(copy, photos, edit):
+    """A deployer implements `image`, this captioner `preprocess`: a manifest where they differed was taken
+    (preprocess.resize 300 changed the captions, and a deployer following `image` would get others)."""
+    from stage2_decoder.serving.onnx_captioner import OnnxExportError
+
+    _edit(copy, edit)
+    with pytest.raises(OnnxExportError, match="image rules .* are not its preprocessing's"):
+        _captions(copy, photos)
+
+
+def _swap_graph(d: Path, name: str, change) -> None:
+    """Re-save graph `name` changed by `change(model)`, its sha256 and size updated in the manifest."""
+    import onnx
+
+    from stage2_decoder.serving.onnx_captioner import sha256_file
+
+    model = onnx.load(str(d / name))
+    change(model)
+    onnx.save_model(model, str(d / name))
+    _edit(d, lambda m: m["files"][name].update(sha256=sha256_file(d / name), bytes=(d / name).stat().st_size))
+
+
+def _int32_tokens(model):
+    model.graph.input[0].type.tensor_type.elem_type = 6  # int32
+
+
+def _renamed_input(model):
+    old = model.graph.input[1].name
+    model.graph.input[1].name = "input_ids"
+    for node in model.graph.node:
+        node.input[:] = ["input_ids" if i == old else i for i in node.input]
+
+
+def _extra_output(model):
+    model.graph.output.append(model.graph.output[1])
+
+
+@pytest.mark.parametrize("name, change, says", [
+    ("decoder_step.onnx", _int32_tokens, "tokens int32 of rank 1"),
+    ("decoder_step.onnx", _renamed_input, "inputs tokens int64 of rank 1, input_ids float of rank 3"),
+    ("decoder_step.onnx", _extra_output, "outputs logp float of rank 2, h float of rank 3, c float of rank 3, h"),
+], ids=["int32 tokens", "renamed input", "extra output"])
+def test_a_graph_with_another_interface_is_refused_at_load(copy, photos, name, change, says):
+    """Graphs whose inputs or outputs were not the export's loaded, then failed while captioning: tracebacks
+    from onnxruntime, an IndexError in load, or 'too many values to unpack'."""
+    from stage2_decoder.serving.onnx_captioner import OnnxExportError
+
+    _swap_graph(copy, name, change)
+    with pytest.raises(OnnxExportError, match=f"{name} has .*{says}.*not the export's"):
+        _captions(copy, photos)
+
+
+def test_a_graph_that_fails_to_run_is_one_error_naming_it(copy, photos, monkeypatch):
+    """onnxruntime's run-time errors (InvalidArgument, Fail) are not ValueErrors: caption --onnx printed them
+    as a traceback."""
+    from stage2_decoder.serving.onnx_captioner import OnnxCaptioner, OnnxExportError
+
+    cap = OnnxCaptioner.load(copy, threads=1)
+
+    class Broken(Exception):
+        pass
+
+    def fail(*a, **k):
+        raise Broken("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Unexpected input data type")
+
+    monkeypatch.setattr(cap, "encoder", type("S", (), {"run": staticmethod(fail)})())
+    with pytest.raises(OnnxExportError, match=r"encoder\.onnx failed to run: Broken: \[ONNXRuntimeError\]"):
+        cap.caption(photos[:1])
+
+
+def test_a_symlink_loop_in_the_export_folder_is_an_export_error(copy, photos):
+    from stage2_decoder.serving.onnx_captioner import OnnxExportError
+
+    (copy / "encoder.onnx").unlink()
+    (copy / "loop").symlink_to(copy / "encoder.onnx")
+    (copy / "encoder.onnx").symlink_to(copy / "loop")
+    with pytest.raises(OnnxExportError, match="encoder.onnx"):
+        _captions(copy, photos)
+
+
+def test_caption_onnx_given_a_file_is_one_error_line(copy, photos, cli):
+    p = cli("stage2_decoder.caption", "--onnx", copy / MANIFEST, photos[0])
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 1 and lines == [f"error: {copy / MANIFEST} is not a folder"], p.stderr

@@ -21,7 +21,7 @@ import numpy as np
 
 from common.bounds import check
 from common.jsonio import JSONFileError, read_json
-from common.preprocess import MAX_ASPECT, ImageError, Preprocess, load_views
+from common.preprocess import MAX_ASPECT, ImageError, Preprocess, image_contract, load_views
 from common.tokenizer import join_tokens
 from common.vocab import Vocabulary
 from stage2_decoder.api import ON_ERROR, as_image_list, chunk_results, decode_settings, load_chunk
@@ -44,6 +44,19 @@ LIMITS = {
 }
 
 
+# each graph's inputs and outputs: (name, element type, rank), as onnx_export writes them
+INTERFACE = {
+    "encoder.onnx": ((("images", "tensor(uint8)", 4),), (("features", "tensor(float)", 2),)),
+    "decoder_init.onnx": ((("features", "tensor(float)", 2),), (("h", "tensor(float)", 3), ("c", "tensor(float)", 3))),
+    "decoder_step.onnx": ((("tokens", "tensor(int64)", 1), ("h_in", "tensor(float)", 3), ("c_in", "tensor(float)", 3)),
+                          (("logp", "tensor(float)", 2), ("h", "tensor(float)", 3), ("c", "tensor(float)", 3))),
+}
+
+
+def _described(io) -> str:
+    return ", ".join(f"{n} {t.removeprefix('tensor(').removesuffix(')')} of rank {r}" for n, t, r in io) or "none"
+
+
 class OnnxExportError(ValueError):
     """An export folder that cannot be used; the message names the file at fault."""
 
@@ -57,10 +70,10 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def _read_manifest(folder: Path) -> dict:
     if not folder.is_dir():
-        raise OnnxExportError(f"ONNX export folder not found: {folder}" if not folder.exists()
+        raise OnnxExportError(f"ONNX export folder not found: {folder}" if not os.path.lexists(folder)
                               else f"{folder} is not a folder")
     path = folder / MANIFEST
-    if not path.exists() and not path.is_symlink():
+    if not os.path.lexists(path):  # (lexists: never an error; exists raises on a folder that cannot be searched)
         raise OnnxExportError(f"{path} is missing: {folder} is not a complete export "
                               f"(run python -m stage2_decoder.export --out {folder})")
     _inside(folder, MANIFEST, path)
@@ -130,6 +143,8 @@ def _inside(folder: Path, name: object, path: Path) -> str:
         mode = os.stat(real).st_mode
     except FileNotFoundError:
         raise OnnxExportError(f"{path} is missing (listed in {folder / MANIFEST})") from None
+    except OSError as e:  # a symlink loop, a folder that cannot be searched
+        raise OnnxExportError(f"{path} cannot be read: {e.strerror}") from None
     if not stat.S_ISREG(mode):
         raise OnnxExportError(f"{path} is not a regular file")
     return real
@@ -220,6 +235,19 @@ class OnnxCaptioner:
             pp = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["preprocess"].items()})
         except (KeyError, TypeError, ValueError) as e:
             raise OnnxExportError(f"{mpath}: unusable vocabulary or preprocessing: {e}") from e
+        # the image rules a deployer implements must be the ones this captioner applies (from `preprocess`)
+        want, have = image_contract(pp), m["image"]
+        rules = ("resize", "crop", "interpolation", "jpeg_draft_size", "exif_transpose", "transparency_background",
+                 "max_aspect")
+        differ = [k for k in rules if have.get(k) != want[k]]
+        if not isinstance(have.get("input"), dict) or any(have["input"].get(k) != want["input"][k]
+                                                          for k in ("name", "shape", "dtype")):
+            differ.append("input")
+        if differ:
+            raise OnnxExportError(f"{mpath}: its image rules ({', '.join(differ)}) are not its preprocessing's: the "
+                                  f"manifest contradicts itself; export the checkpoint again")
+        if type(threads) is not int or not 0 <= threads <= 4096:
+            raise ValueError(f"threads must be a whole number in 0..4096 (0: onnxruntime's default), got {threads!r:.40}")
 
         def opts_for():
             opts = ort.SessionOptions()
@@ -241,7 +269,21 @@ class OnnxCaptioner:
 
     @staticmethod
     def _check_shapes(sessions: dict, vocab: Vocabulary, pp: Preprocess, folder: Path) -> None:
+        for name in GRAPHS:  # names, element types and ranks first: the dimensions below are read by position
+            s = sessions[name]
+            for kind, want, have in (("inputs", INTERFACE[name][0], s.get_inputs()),
+                                     ("outputs", INTERFACE[name][1], s.get_outputs())):
+                got = [(a.name, a.type, len(a.shape or ())) for a in have]
+                if got != list(want):
+                    raise OnnxExportError(f"{folder / name} has {kind} {_described(got)}, not the export's "
+                                          f"{_described(want)}: the file is not this export's")
         enc, init, step = (sessions[n] for n in GRAPHS)
+        state = [init.get_outputs()[i].shape for i in (0, 1)] + [step.get_inputs()[i].shape for i in (1, 2)] \
+            + [step.get_outputs()[i].shape for i in (1, 2)]
+        if any((s[0], s[2]) != (state[0][0], state[0][2]) or not isinstance(s[2], int) for s in state):
+            raise OnnxExportError(f"{folder / 'decoder_init.onnx'} and {folder / 'decoder_step.onnx'} do not share "
+                                  f"one LSTM state shape ({', '.join(str(s) for s in state)}): the files come from "
+                                  f"different exports")
         v = step.get_outputs()[0].shape[-1]
         if v != len(vocab):
             raise OnnxExportError(f"{folder / MANIFEST} has {len(vocab)} words but {folder / 'decoder_step.onnx'} "
@@ -256,16 +298,25 @@ class OnnxCaptioner:
 
     def features(self, images_u8: np.ndarray) -> np.ndarray:
         """(B, 3, crop, crop) uint8 -> (B, D) float32."""
-        return self.encoder.run(None, {"images": np.ascontiguousarray(images_u8)})[0]
+        return self._run("encoder.onnx", self.encoder, {"images": np.ascontiguousarray(images_u8)})[0]
 
     def _step(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
-        return tuple(self.step_session.run(None, {"tokens": tokens, "h_in": h, "c_in": c}))
+        return tuple(self._run("decoder_step.onnx", self.step_session, {"tokens": tokens, "h_in": h, "c_in": c}))
+
+    def _run(self, name: str, session, feeds: dict) -> list:
+        """session.run; onnxruntime's own errors (a graph that cannot run: other shapes inside, memory it cannot
+        have) as one OnnxExportError naming the file."""
+        try:
+            return session.run(None, feeds)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's pybind errors share no base class of their own
+            raise OnnxExportError(f"{self.folder / name} failed to run: {type(e).__name__}: "
+                                  f"{' '.join(str(e).split())[:300]}") from None
 
     def search(self, feats: np.ndarray, beam_size: int = 3, max_len: int = 20, min_len: int = 1,
                length_penalty: float = 0.7, no_repeat_ngram: int = 0) -> list[list[tuple[list[int], float]]]:
         """(B, D) features -> per image the beam's [(ids, score)], best first (decode.beam_search_nbest;
         a beam of one without n-gram blocking decodes greedily, as the PyTorch API does)."""
-        h, c = self.init.run(None, {"features": np.ascontiguousarray(feats, dtype=np.float32)})
+        h, c = self._run("decoder_init.onnx", self.init, {"features": np.ascontiguousarray(feats, dtype=np.float32)})
         if beam_size == 1 and no_repeat_ngram == 0:
             return greedy_scored(self._step, h, c, self.vocab.start_id, self.vocab.end_id, max_len, min_len,
                                  length_penalty)
