@@ -26,6 +26,7 @@ from stage2_decoder.sweeps.grid import RunSpec, effective  # noqa: E402
 from stage2_decoder.sweeps.results import write_json  # noqa: E402
 from stage2_decoder.training.config import TrainConfig  # noqa: E402
 from stage2_decoder.training.loop import train  # noqa: E402
+from stage2_decoder.training.resume import recorded_epochs  # noqa: E402
 
 RESULT, PARAMS, LOG = "result.json", "params.json", "train.log"
 
@@ -149,11 +150,8 @@ def _trained_since(spec: RunSpec, rec: dict) -> bool:
     would report numbers its best.pt no longer holds."""
     if rec["status"] != "ok":
         return False
-    try:
-        lines = (Path(spec.run_dir) / "metrics.jsonl").read_bytes().splitlines()
-    except OSError:  # nothing to tell by
-        return False
-    return sum(1 for ln in lines if ln.strip()) != rec["epochs_run"]
+    epochs = recorded_epochs(Path(spec.run_dir))
+    return epochs is not None and epochs != rec["epochs_run"]  # an unreadable file tells nothing
 
 
 # Forked runs. Forks come from joblib's threads; these locks keep the main thread from printing (tqdm)

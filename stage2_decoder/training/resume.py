@@ -64,18 +64,22 @@ def _recorded(cfg, old: dict, name: str):
     return None if default is MISSING else default
 
 
+def recorded_epochs(run: Path) -> int | None:
+    """How many finished epochs RUN/metrics.jsonl records (its non-empty lines); None if it cannot be read."""
+    try:
+        return sum(1 for line in (run / "metrics.jsonl").read_bytes().splitlines() if line.strip())
+    except OSError:
+        return None
+
+
 def _check_nothing_to_overwrite(run: Path) -> None:
     """A run folder without last.pt whose metrics.jsonl records finished epochs: last.pt was deleted (best.pt is
     all captioning needs). A fresh run there would overwrite best.pt and the metrics; refused. (A run killed in
     its first epoch, between best.pt and last.pt, has recorded none: it starts over; so does a folder whose
     checkpoints were both deleted.)"""
-    metrics = run / "metrics.jsonl"
     if not (run / "best.pt").exists():  # the checkpoints deleted to train again: nothing of value is replaced
         return
-    try:
-        epochs = sum(1 for line in metrics.read_text(errors="replace").splitlines() if line.strip())
-    except OSError:
-        return
+    epochs = recorded_epochs(run)
     if epochs:
         raise CheckpointError(f"{run} holds a run of {epochs} finished epochs (metrics.jsonl) but no last.pt to "
                               f"resume it from; a new run would overwrite its best.pt: use a new --out, or "
