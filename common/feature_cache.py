@@ -179,6 +179,15 @@ def source_mismatch(have: CacheMeta, want: CacheMeta) -> list[str]:
     return [f"{k}: {getattr(have, k)!r} != {getattr(want, k)!r}" for k in SOURCE if not same(k)]
 
 
+def differences(have: CacheMeta, want: CacheMeta, have_keys: list, want_keys: list[str]) -> list[str]:
+    """Everything that keeps a cache (or its unfinished work) from being the one asked for: how its features
+    were made, where its images and captions came from, its image list."""
+    diffs = mismatch(have, want) + source_mismatch(have, want)
+    if have_keys != want_keys:
+        diffs.append("the image list differs (other --limit, captions file or images)")
+    return diffs
+
+
 def mismatch(have: CacheMeta, want: CacheMeta) -> list[str]:
     """Human-readable differences in the fields that identify how features were made."""
     return [f"{k}: {getattr(have, k)!r} != {getattr(want, k)!r}" for k in CacheMeta.IDENTITY

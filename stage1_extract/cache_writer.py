@@ -45,8 +45,8 @@ import numpy as np
 
 from common.atomic import AtomicWriteError, atomic_path, atomic_write
 from common.jsonio import read_json
-from common.feature_cache import (DONE, FAILED, PENDING, SCHEMA, SCHEMA_VERSION, CacheError, CacheMeta, mismatch,
-                                  parts_dir, source_mismatch)
+from common.feature_cache import (DONE, FAILED, PENDING, SCHEMA, SCHEMA_VERSION, CacheError, CacheMeta, differences,
+                                  parts_dir)
 
 _STR = h5py.string_dtype("utf-8")
 META_FILE = "meta.json"
@@ -176,6 +176,9 @@ class CacheWriter:
 
     def _record(self, rows: np.ndarray, failed_rows, failed_errors) -> None:
         self._status[rows] = DONE
+        self._record_failures(failed_rows, failed_errors)
+
+    def _record_failures(self, failed_rows, failed_errors) -> None:
         for r, e in zip(failed_rows, failed_errors):
             if self._status[r] != DONE:  # a row a resumed run read after an earlier run could not (a retry)
                 self._status[r] = FAILED
@@ -273,7 +276,7 @@ class CacheWriter:
             owner[fresh] = i
             self._status[fresh] = DONE
         for s in shards:  # after every shard's read rows: a retry that read a row outranks an earlier failure
-            self._record(s.rows[:0], s.failed_rows, s.failed_errors)
+            self._record_failures(s.failed_rows, s.failed_errors)
         pending = int((self._status == PENDING).sum())
         if pending:
             bad = f" (unreadable shards skipped: {', '.join(self.unreadable)})" if self.unreadable else ""
@@ -344,9 +347,7 @@ def read_parts_meta(parts: Path) -> tuple[CacheMeta, list]:
 
 def check_resumable(parts: Path, have: CacheMeta, stored_keys: list, want: CacheMeta, keys: list[str]) -> None:
     """The unfinished work in `parts` may go on only with the settings, source and image list it began with."""
-    diffs = mismatch(have, want) + source_mismatch(have, want)
-    if stored_keys != keys:
-        diffs.append("the image list differs (other --limit, captions file or images)")
+    diffs = differences(have, want, stored_keys, keys)
     if diffs:
         raise CacheError(f"unfinished cache {parts} was started with other settings "
                          f"({'; '.join(diffs)}): delete it or use another --out")

@@ -26,8 +26,8 @@ from common.backbones import (DEFAULT_BACKBONE, REGISTRY, Backbone, BackboneErro
 from common.cli import one_line, opt
 from common.datasets import FORMATS, OUTSIDE_FLAG, guess_format, load_dataset
 from common.device import resolve_device
-from common.feature_cache import (DONE, CacheError, CacheMeta, mismatch, parts_dir, read_failures, read_keys,
-                                  read_meta, source_mismatch)
+from common.feature_cache import (DONE, CacheError, CacheMeta, differences, parts_dir, read_failures, read_keys,
+                                  read_meta)
 from common.lock import LOCK_NAME, OutputBusy, hold
 from common.paths import refuse_inside
 from common.preprocess import VIEWS
@@ -181,10 +181,7 @@ def setup_extract(cfg: ExtractConfig, d: Dist) -> tuple[list[ImageRecord], Path,
 
 
 def _check_finished(out: Path, meta: CacheMeta, keys: list[str]) -> None:
-    have = read_meta(out)
-    diffs = mismatch(have, meta) + source_mismatch(have, meta)
-    if read_keys(out) != keys:
-        diffs.append("its image list differs (other --limit, captions file or images)")
+    diffs = differences(read_meta(out), meta, read_keys(out), keys)
     if diffs:
         raise CacheError(f"{out} already exists and was made differently ({'; '.join(diffs)}): "
                          f"delete it or choose another --out")
