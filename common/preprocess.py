@@ -135,10 +135,7 @@ def _views(im: Image.Image, pp: Preprocess, views: int, draft: bool = True) -> n
         im.draft("RGB", (pp.resize, pp.resize))
     if not im.width or not im.height:  # else a division by zero in the resize
         raise ValueError(f"the image has no pixels ({im.width}x{im.height})")
-    if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
-        raise Image.DecompressionBombError(
-            f"{im.width}x{im.height} pixels exceed the decompression-bomb limit of "
-            f"{Image.MAX_IMAGE_PIXELS} pixels")
+    refuse_too_many_pixels(im)
     if pp.exif_transpose and _exif_orientation(im) in ORIENTED:
         # only then: without a turn, exif_transpose returns a copy of the pixels, a third of a photo's time
         im = ImageOps.exif_transpose(im)
@@ -149,6 +146,15 @@ def _views(im: Image.Image, pp: Preprocess, views: int, draft: bool = True) -> n
         whole = _to_chw(_resize_to(im, pp.crop, pp.crop))
         out += [whole, whole[:, :, ::-1]]
     return np.ascontiguousarray(np.stack(out[:views]))
+
+
+def refuse_too_many_pixels(im: Image.Image) -> None:
+    """DecompressionBombError for an image over Pillow's limit: Pillow only warns up to twice that, then decodes
+    it whole (call after any draft, which may bring it under)."""
+    if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(
+            f"{im.width}x{im.height} pixels exceed the decompression-bomb limit of "
+            f"{Image.MAX_IMAGE_PIXELS} pixels")
 
 
 def _exif_orientation(im: Image.Image) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from common.atomic import atomic_path
-from common.preprocess import ImageError, open_image_file, to_rgb
+from common.preprocess import ImageError, open_image_file, refuse_too_many_pixels, to_rgb
 from common.text import surrogates_shown
 
 FIGURE_WIDTH = 640  # px
@@ -38,13 +38,10 @@ def load_display_image(path: str | os.PathLike, max_side: int | None = None) -> 
         with open_image_file(path) as f, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, as the captioner does
             with Image.open(f) as im:
-                limit = Image.MAX_IMAGE_PIXELS
-                if limit and im.width * im.height > limit and im.format == "JPEG":
+                if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS and im.format == "JPEG":
                     side = max_side or FIGURE_WIDTH  # a huge JPEG decoded nearer the size it is shown
                     im.draft("RGB", (side, side))
-                if limit and im.width * im.height > limit:
-                    raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels exceed the "
-                                                       f"decompression-bomb limit of {limit}")
+                refuse_too_many_pixels(im)
                 im = to_rgb(ImageOps.exif_transpose(im))  # as the captioner saw it (16-bit, float, transparency)
                 if max_side:
                     im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
