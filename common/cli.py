@@ -133,6 +133,8 @@ def config_options(cls, skip: Collection[str] = ()):
                 continue
             kind = type(fl.default) if fl.default is not None else str
             kind = bounded(fl.name) if kind in (int, float) else kind  # limits from the one table
+            if fl.name in getattr(cls, "CHOICES", {}):
+                kind = click.Choice(list(cls.CHOICES[fl.name]))
             f = click.option("--" + fl.name.replace("_", "-"), fl.name, type=kind, default=fl.default,
                              show_default=True)(f)
         return f

@@ -110,13 +110,20 @@ def _train_args(features, out, *more):
 
 @pytest.mark.parametrize("bad, option", [
     (["--val-frac", "0.6", "--test-frac", "0.6"], "val=0.6"),
-    (["--select-by", "bleu"], "--select-by"),
     (["--device", "gpu"], "--device 'gpu'"),
 ])
 def test_train_bad_settings_are_one_error_line(shared_cache, tmp_path, bad, option):
     line = one_error_line(_invoke("stage2_decoder.train", _train_args(shared_cache, tmp_path / "run", *bad)))
     assert option in line
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("*.pt"))
+
+
+@pytest.mark.parametrize("option, value", [("--select-by", "bleu"), ("--tokenizer", "wordpiece")])
+def test_train_string_settings_are_choices_refused_as_usage_errors(shared_cache, tmp_path, option, value):
+    # --help lists the choices, and a misspelt one is refused before the cache is read
+    r = _invoke("stage2_decoder.train", _train_args(shared_cache, tmp_path / "run", option, value))
+    assert r.exit_code == 2 and f"Invalid value for '{option}': '{value}' is not one of" in r.output
+    assert not (tmp_path / "run").exists()
 
 
 # a number out of common.bounds' limits is click's usage error, before anything is read

@@ -49,6 +49,9 @@ def test_expand_grid_is_the_product_in_file_order_with_fixed_values():
     ({"progress": [False]}, "set by the sweep itself (--no-progress)"),
     ({"lr": 10 ** 400}, "a huge integer for 'lr' is too large for a number"),  # was OverflowError
     ({"lr": [0.001, 0.001]}, "lists a value twice"),
+    # was found only in train(), once per run, after the sweep had started the others
+    ({"select_by": ["cider", "bleu"]}, "grid value 'bleu' for 'select_by' should be one of cider, loss"),
+    ({"tokenizer": ["nltk", "wordpiece"]}, "'wordpiece' for 'tokenizer' should be one of nltk, whitespace, chars"),
     ({}, "non-empty JSON object"),
     ([1, 2], "non-empty JSON object"),
 ])
@@ -116,17 +119,18 @@ def _result_mtimes(out: Path) -> dict[str, float]:
 
 def test_two_worker_sweep_records_a_failure_ranks_resumes_and_plots(shared_cache, tmp_path):
     out = tmp_path / "sweep"
-    # select_by "bleu" is refused inside train(): a real failure of two runs that must not stop the others
-    grid = {"hidden_size": [16, 24], "select_by": ["cider", "bleu"], **TINY}
+    # a threshold above every word's count is refused inside train(), by the data: a real failure of two runs
+    # that must not stop the others
+    grid = {"hidden_size": [16, 24], "vocab_threshold": [4, 1_000_000], **TINY}
     cfg = SweepConfig(features=str(shared_cache), out=str(out), grid=grid, n_jobs=2, threads=1, dry_run=True,
                       progress=False)
     r = run_sweep(cfg)
     assert (r.ran, r.skipped) == (4, 0)
     assert [x["status"] for x in r.rows] == ["ok", "ok", "failed", "failed"]
     ok, failed = r.rows[:2], r.rows[2:]
-    assert all(x["params"]["select_by"] == "bleu" for x in failed)
-    assert all("ValueError: --select-by must be cider or loss, got 'bleu'" == x["error"] for x in failed)
-    assert {x["params"]["hidden_size"] for x in ok} == {16, 24} and all(x["params"]["select_by"] == "cider" for x in ok)
+    assert all(x["params"]["vocab_threshold"] == 1_000_000 for x in failed)
+    assert all(x["error"].startswith("ValueError: --vocab-threshold 1000000 leaves no word") for x in failed)
+    assert {x["params"]["hidden_size"] for x in ok} == {16, 24} and all(x["params"]["vocab_threshold"] == 4 for x in ok)
     assert ok[0]["val_cider"] >= ok[1]["val_cider"]  # ranked by validation CIDEr, best first
     assert [x["rank"] for x in r.rows] == [1, 2, 3, 4]
     for x in ok:
@@ -141,15 +145,15 @@ def test_two_worker_sweep_records_a_failure_ranks_resumes_and_plots(shared_cache
     with open(out / "results.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert [t["run"] for t in table] == [x["run"] for x in r.rows]
-    assert {"rank", "status", "val_cider", "val_loss", "hidden_size", "select_by", "checkpoint", "error"} <= set(table[0])
+    assert {"rank", "status", "val_cider", "val_loss", "hidden_size", "vocab_threshold", "checkpoint", "error"} <= set(table[0])
     assert [t["hidden_size"] for t in table[:2]] == [str(x["params"]["hidden_size"]) for x in ok]
-    assert table[3]["error"].startswith("ValueError: --select-by") and table[0]["error"] == ""
+    assert table[3]["error"].startswith("ValueError: --vocab-threshold") and table[0]["error"] == ""
     assert float(table[0]["val_cider"]) == pytest.approx(ok[0]["val_cider"])
     md = (out / "results.md").read_text()
     assert "Ranked by val_cider (higher is better)" in md and "Fixed: embed_size=16, epochs=1, val_images=8, scst_epochs=0" in md
     assert md.index(ok[0]["run"]) < md.index(ok[1]["run"]) < md.index(failed[0]["run"])
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and r.plot == str(out / "sweep.png")
-    assert json.loads((out / "sweep.json").read_text())["varied"] == ["hidden_size", "select_by"]
+    assert json.loads((out / "sweep.json").read_text())["varied"] == ["hidden_size", "vocab_threshold"]
 
     # rerun: every run has its result.json (ok or failed) -> nothing is trained again
     before = _result_mtimes(out)
@@ -314,6 +318,15 @@ def test_sweep_refuses_a_missing_cache_before_running_anything(tmp_path):
 
     with pytest.raises(CacheError, match="not found"):
         run_sweep(SweepConfig(features=str(tmp_path / "none.h5"), out=str(tmp_path / "s"), grid={"lr": [0.001]}))
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_point_no_run_could_train_is_refused_before_any_run_starts(shared_cache, tmp_path):
+    # each value is fine alone; together the LSTM is 15 GiB: train() refused it, one run at a time, mid-sweep
+    grid = {"hidden_size": [16, 8192], "num_layers": [1, 8], **TINY}
+    with pytest.raises(SweepError, match="grid point hidden_size=8192, num_layers=8, .*: --hidden-size 8192 .*the LSTM"):
+        run_sweep(SweepConfig(features=str(shared_cache), out=str(tmp_path / "s"), grid=grid, dry_run=True,
+                              progress=False))
     assert not (tmp_path / "s").exists()
 
 

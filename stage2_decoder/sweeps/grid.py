@@ -71,6 +71,14 @@ def _bounded(name: str, raw, value):
     return value
 
 
+def _chosen(name: str, value):
+    """`value` if it is one of the setting's choices (TrainConfig.CHOICES), as the CLI's option would take it."""
+    choices = TrainConfig.CHOICES.get(name)
+    if choices is not None and value not in choices:
+        raise SweepError(f"grid value {_short(value)} for {name!r} should be one of {', '.join(choices)}")
+    return value
+
+
 def _short(value) -> str:
     text = repr(value) if not isinstance(value, int) or value.bit_length() < 200 else "a huge integer"
     return text if len(text) <= 40 else text[:37] + "..."
@@ -95,7 +103,7 @@ def normalize_grid(grid: dict) -> dict[str, list]:
         if not values:
             raise SweepError(f"grid key {key!r} has an empty list of values")
         default = None if fl.default is MISSING else fl.default
-        vals = [_bounded(key, v, _coerce(key, v, default)) for v in values]
+        vals = [_chosen(key, _bounded(key, v, _coerce(key, v, default))) for v in values]
         if len(set(map(repr, vals))) != len(vals):
             raise SweepError(f"grid key {key!r} lists a value twice: {values}")
         out[key] = vals
@@ -164,6 +172,10 @@ def varied_keys(grid: dict[str, list]) -> list[str]:
 
 def format_value(v) -> str:
     return format(v, "g") if isinstance(v, float) else str(v)
+
+
+def format_point(point: dict) -> str:
+    return ", ".join(f"{k}={format_value(v)}" for k, v in point.items())
 
 
 def run_digest(name: str) -> str:

@@ -14,11 +14,13 @@ from common.feature_cache import read_meta
 from common.lock import LOCK_NAME, hold
 from common.paths import refuse_inside
 from stage2_decoder.reporting.curves import METRICS, plot_sweep
-from stage2_decoder.sweeps.grid import (RunSpec, SweepError, expand_grid, load_grid, normalize_grid, run_digest,
-                                       run_name, sample_grid, varied_keys)
+from stage2_decoder.sweeps.grid import (RunSpec, SweepError, expand_grid, format_point, load_grid, normalize_grid,
+                                       run_digest, run_name, sample_grid, varied_keys)
 from stage2_decoder.sweeps.results import rank_rows, write_json, write_results
 from stage2_decoder.sweeps.run import (SWEEP_PID, read_result, record, redone_by_a_rerun, warm_page_cache, run_dask,
                                        run_local)
+from stage2_decoder.training.config import TrainConfig
+from stage2_decoder.training.loop import check_settings
 
 
 @dataclass
@@ -95,7 +97,12 @@ def plan_runs(cfg: SweepConfig) -> tuple[list[RunSpec], dict[str, list], list[st
             params["dry_run"] = True
         name = run_name(params, varied, features)
         name = made.get(run_digest(name)) or made.get(run_digest(run_name(params, varied, features, spelt=True)), name)
-        specs.append(RunSpec(name, str(out / name), features, params))
+        spec = RunSpec(name, str(out / name), features, params)
+        try:  # a combination no run could train with (4 layers of 4096) fails here, not hours into the sweep
+            check_settings(TrainConfig(features=features, out=spec.run_dir, **params))
+        except ValueError as e:
+            raise SweepError(f"grid point {format_point(point)}: {e}") from None
+        specs.append(spec)
     return specs, grid, varied
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from common.bounds import check_fields
+from common.tokenizer import TOKENIZERS
 from stage2_decoder.model import DecoderConfig
 
 
@@ -76,6 +77,9 @@ class TrainConfig:
     # what a run from before the setting existed did, where that is not the field's default
     RESUME_LEGACY = {"val_beam_size": 1, "tie_embeddings": False, "tokenizer": "nltk", "ema_warmup": False,
                      "ema_start": 0, "bn_warmup": False}
+
+    # the string settings' values (the CLI's choices; a sweep grid is checked against them up front)
+    CHOICES = {"tokenizer": TOKENIZERS, "select_by": ("cider", "loss")}
 
     def __post_init__(self):
         # each number within common.bounds' limits, as the CLI and a sweep grid check it, named as the option

@@ -43,7 +43,9 @@ class TrainResult:
 MAX_LSTM_WEIGHTS = 1 << 30  # 4 GiB of float32 before gradients and Adam's two moments: no decoder of this kind
 
 
-def _check(cfg: TrainConfig) -> None:
+def check_settings(cfg: TrainConfig) -> None:
+    """Refuse settings no run could train with (one ValueError naming the option); a sweep checks every point
+    with this before its first run starts."""
     for name in ("epochs", "batch_size", "embed_size", "hidden_size", "num_layers", "vocab_threshold",
                  "max_caption_len", "length_buckets", "val_beam_size", "scst_max_len"):
         if getattr(cfg, name) < 1:
@@ -90,7 +92,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, owned: contextlib.ExitStack) -> TrainResult:
-    _check(cfg)
+    check_settings(cfg)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     run = Path(cfg.out)
