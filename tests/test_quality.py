@@ -19,6 +19,16 @@ REFS = {"a": ["a man riding a wave on top of a surfboard", "a surfer riding a la
 
 # --- metric wrappers on hand-made cases ---------------------------------------------------------------------
 
+def test_ptb_tokenizing_keeps_each_caption_on_its_image_whatever_its_line_breaks():
+    if not metrics.java_available():
+        pytest.skip("Java is not installed")
+    # the Java tokenizer ends a line at each of these: every later caption moved onto the image before it
+    caps = {"1": ["a dog\rruns on grass", "a dog runs"], "2": ["a cat\u2028sleeps", "x\x0by\x0cz\x85w\u2029v"],
+            "3": ["a red bus."]}
+    assert metrics.ptb_tokenize(caps) == {"1": ["a dog runs on grass", "a dog runs"],
+                                          "2": ["a cat sleeps", "x y z w v"], "3": ["a red bus"]}
+
+
 @pytest.mark.parametrize("java", [True, False], ids=["java", "no-java"])
 def test_identical_captions_score_perfect_bleu(monkeypatch, java):
     if java and not metrics.java_available():

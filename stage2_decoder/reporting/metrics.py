@@ -64,7 +64,9 @@ def ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
     from pycocoevalcap.tokenizer import ptbtokenizer
 
     keys = [k for k, caps in captions.items() for _ in caps]
-    text = "\n".join(c.replace("\n", " ") for caps in captions.values() for c in caps)
+    # one line per caption: the tokenizer also ends a line at \r, \v, \f, U+2028..., which shifted every
+    # later caption onto the image before it
+    text = "\n".join(" ".join(c.splitlines()) for caps in captions.values() for c in caps)
     jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)),
                        ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
     fd, path = tempfile.mkstemp(prefix="capcache-ptb-", suffix=".txt")
@@ -79,6 +81,8 @@ def ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
     if out.returncode != 0 or len(lines) < len(keys):
         err = out.stderr.decode(errors="replace").strip().splitlines()
         raise RuntimeError(f"the PTB tokenizer (Java) failed: {err[-1] if err else f'exit {out.returncode}'}")
+    if any(line.strip() for line in lines[len(keys):]):  # a caption split in two: the rest would be misaligned
+        raise RuntimeError(f"the PTB tokenizer (Java) wrote {len(lines)} lines for {len(keys)} captions")
     tokenized: dict[str, list[str]] = {}
     for key, line in zip(keys, lines):
         words = (w for w in line.rstrip().split(" ") if w not in ptbtokenizer.PUNCTUATIONS)
