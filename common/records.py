@@ -126,16 +126,20 @@ class DatasetWarning(UserWarning):
 
 
 _HAS_WORD = re.compile(r"[^\W_]")  # a letter or digit: what `tokenize` needs to keep a token
+_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair, as JSON's "\ud83d" gives: not text
 
 
 def clean_captions(captions: list, skipped: Counter) -> list[str]:
     """One image's captions without the unusable ones, counted into `skipped` by reason: non-text
-    values, and captions without a letter or digit (empty, punctuation only: they tokenise to
-    nothing). Two annotators writing the same sentence is not a repeat: both stay references."""
+    values, captions without a letter or digit (empty, punctuation only: they tokenise to nothing) and
+    captions with a lone surrogate (no UTF-8 writer, the PTB tokenizer's file included, can carry one).
+    Two annotators writing the same sentence is not a repeat: both stay references."""
     kept = []
     for c in captions:
         if not isinstance(c, str):
             skipped["captions that are not text"] += 1
+        elif _SURROGATE.search(c):
+            skipped["captions with a lone UTF-16 surrogate (not Unicode text)"] += 1
         elif not _HAS_WORD.search(c):
             skipped["captions without a word (empty or punctuation only)"] += 1
         else:

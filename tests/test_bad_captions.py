@@ -124,6 +124,17 @@ def test_coco_non_text_captions_are_skipped(tmp_path):
     assert recs["1"].captions == ["a dog"] and "2 captions that are not text" in warned[0]
 
 
+def test_coco_captions_with_a_lone_surrogate_are_skipped(tmp_path):
+    # JSON's "\ud83d" alone is no Unicode text: it trained, then `evaluate` failed writing its references
+    p = tmp_path / "c.json"
+    p.write_text('{"images": [{"id": 1, "file_name": "1.jpg"}], "annotations": [{"id": 1, "image_id": 1, '
+                 '"caption": "a dog \\ud83d"}, {"id": 2, "image_id": 1, "caption": "a dog \\ud83d\\udc36"}]}',
+                 encoding="utf-8")
+    recs, warned = _load_quietly(load_coco, p, tmp_path)
+    assert recs["1"].captions == ["a dog \U0001f436"]  # a whole pair is an emoji, and stays
+    assert len(warned) == 1 and "1 captions with a lone UTF-16 surrogate" in warned[0]
+
+
 def test_csv_repeated_rows_and_rows_without_caption_are_skipped(tmp_path):
     p = tmp_path / "c.txt"
     p.write_text("image,caption\na.jpg,A dog .\na.jpg,A dog .\na.jpg\nb.jpg,A cat .\n,orphan caption\n")
