@@ -7,7 +7,6 @@ or Chinese: every character a token). `join_tokens` is its inverse for display.
 """
 from __future__ import annotations
 
-import string
 import unicodedata
 
 
@@ -80,8 +79,8 @@ def _nltk(text: str) -> list[str]:
 
     out = []
     for t in word_tokenize(text, preserve_line=True):
-        if not (t.startswith("'") or t == "n't"):  # keep clitics ('s, 're, n't); strip glued "man." / ":a"
-            t = t.strip(_PUNCT)
+        if not (t.startswith("'") or t == "n't"):  # keep clitics ('s, 're, n't); strip glued "man." / "¿qué"
+            t = _strip_punct(t)
         if any(ch.isalnum() for ch in t):
             out.append(t)
     return out
@@ -118,5 +117,3 @@ def _strip_punct(word: str) -> str:
 def _has_content(token: str) -> bool:
     return any(ch.isalnum() for ch in token)
 
-
-_PUNCT = string.punctuation + "“”‘’«»…–—"

@@ -45,6 +45,14 @@ def test_nltk_stays_the_default_and_unchanged():
         ["a", "dog", "'s", "toy", "on", "the", "grass"]
 
 
+def test_nltk_strips_any_scripts_punctuation_glued_to_a_word():
+    # it stripped ASCII marks and a few quotes only: "¿qué" and "qué" were two words of a Spanish vocabulary
+    assert tokenize("¿Qué hace el perro? ¡Un perro!", "nltk") == ["qué", "hace", "el", "perro", "un", "perro"]
+    assert tokenize("Ein Hund‚ der ‹läuft›†", "nltk") == ["ein", "hund", "der", "läuft"]
+    assert tokenize("猫が寝ている。", "nltk") == ["猫が寝ている"]
+    assert tokenize("It isn't the man's.", "nltk") == ["it", "is", "n't", "the", "man", "'s"]  # clitics kept
+
+
 def test_whitespace_splits_on_spaces_only_and_strips_any_scripts_punctuation():
     assert tokenize("Un chien, sur l'herbe !", "whitespace") == ["un", "chien", "sur", "l'herbe"]
     assert tokenize("「狗」 在 草地 上 跑 。", "whitespace") == ["狗", "在", "草地", "上", "跑"]
