@@ -81,6 +81,18 @@ def test_array_cider_d_equals_the_dict_scorer_on_real_captions(coco_records):
     assert mine.n_refs("no-refs") == 0 and mine.n_refs(recs[0].key) == len(recs[0].captions) - 1
 
 
+def test_array_cider_d_counts_a_gram_repeated_past_65535_times(coco_records):
+    from stage2_decoder.training.cider import CiderD
+
+    # a reference of 70,000 words: its counts were clipped at 65,535 while its norm counted them all
+    refs = {r.key: [tokenize(c) for c in r.captions] for r in coco_records[:20]}
+    refs["long"] = [["a"] * 70_000, ["a", "dog"]]
+    hyps = [["a"] * 70_000, ["a", "dog", "runs"]]
+    got = CiderD(refs).score_batch(["long", "long"], hyps)
+    want = [DictCiderD(refs).score("long", h) for h in hyps]
+    assert max(abs(g - w) for g, w in zip(got, want)) < 1e-6 and want[0] > 1.0
+
+
 def test_array_cider_d_tokenises_string_references_like_word_lists(coco_records):
     from stage2_decoder.training.cider import CiderD
 

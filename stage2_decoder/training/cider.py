@@ -9,6 +9,7 @@ Layout (C reference captions, I images, U_n distinct n-grams of order n in the r
     n-gram ids   order 1: word id; order n: position of (id of its (n-1)-gram prefix, last word)
                  in the sorted table `_tables[n]` of int64 keys prefix * _M + word
     references   per order, CSR over captions: `_ptr[n]` (C + 1,) into `_gram[n]` int32 and `_tf[n]` uint16
+                 (uint32 where a gram occurs over 65,535 times in one caption)
     per caption  `_norm` (C, 4) float64 tf-idf norms, `_len` (C,) word counts
     per image    `_img_ptr` (I + 1,) into the captions; `_idf[n]` (U_n,) float64
 A hypothesis n-gram unseen in the references gets a fresh id (idf log(I), matches nothing).
@@ -116,7 +117,9 @@ class CiderD:
             self._idf.append(idf)
             self._ptr.append(np.searchsorted(c_of, np.arange(n_caps + 1)))
             self._gram.append(g_of.astype(np.int32))
-            self._tf.append(np.minimum(tf, 65535).astype(np.uint16))
+            # uint16 halves the largest array; a gram repeated more often in one caption keeps its count (the
+            # norm above counted it whole)
+            self._tf.append(tf.astype(np.uint16 if tf.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32))
             del c_of, g_of, val, tf, cap
 
     def n_refs(self, key: str) -> int:
