@@ -23,10 +23,10 @@ def check_tokenizer(name: str) -> str:
 
 def normalize(text: str, name: str = DEFAULT_TOKENIZER) -> str:
     """The text as the named tokenizer reads it: without invisible format characters, control characters
-    as spaces (see `_visible`), lower-cased (and NFC for `chars`). Every token of `tokenize(text, name)` is a
-    substring of it, in order (the token cache checks cached tokens against their captions this way)."""
-    text = _visible(text).lower()
-    return unicodedata.normalize("NFC", text) if name == "chars" else text
+    as spaces (see `_visible`), lower-cased and composed (NFC: "café" typed with a separate accent is the same
+    word). Every token of `tokenize(text, name)` is a substring of it, in order (the token cache checks cached
+    tokens against their captions this way)."""
+    return unicodedata.normalize("NFC", _visible(text).lower())
 
 
 def tokenize(text: str, name: str = DEFAULT_TOKENIZER) -> list[str]:
@@ -87,7 +87,7 @@ def _nltk(text: str) -> list[str]:
 
 
 def _chars(text: str) -> list[str]:
-    """Tokens of normalised (lower-cased, NFC) text. Every character that is not a space, punctuation or a
+    """Tokens of normalised text. Every character that is not a space, punctuation or a
     symbol is a token; a combining mark (a Thai vowel sign, a Devanagari matra, a separate accent) stays with
     the character before it."""
     out: list[str] = []

@@ -24,9 +24,10 @@ def test_ptb_tokenizing_keeps_each_caption_on_its_image_whatever_its_line_breaks
         pytest.skip("Java is not installed")
     # the Java tokenizer ends a line at each of these: every later caption moved onto the image before it
     caps = {"1": ["a dog\rruns on grass", "a dog runs"], "2": ["a cat\u2028sleeps", "x\x0by\x0cz\x85w\u2029v"],
-            "3": ["a red bus."]}
+            "3": ["a red bus."], "4": ["un cafe\u0301"]}
     assert metrics.ptb_tokenize(caps) == {"1": ["a dog runs on grass", "a dog runs"],
-                                          "2": ["a cat sleeps", "x y z w v"], "3": ["a red bus"]}
+                                          "2": ["a cat sleeps", "x y z w v"], "3": ["a red bus"],
+                                          "4": ["un caf\u00e9"]}  # composed, as the decoder's words are
 
 
 @pytest.mark.parametrize("java", [True, False], ids=["java", "no-java"])

@@ -53,6 +53,13 @@ def test_nltk_strips_any_scripts_punctuation_glued_to_a_word():
     assert tokenize("It isn't the man's.", "nltk") == ["it", "is", "n't", "the", "man", "'s"]  # clitics kept
 
 
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_a_word_typed_with_a_separate_accent_is_the_same_word(name):
+    # "cafe" + U+0301 and "café" were two words of an nltk or whitespace vocabulary
+    assert tokenize("Un cafe\u0301 noir", name) == tokenize("un café noir", name)
+    assert "caf\u00e9" in "".join(tokenize("Un cafe\u0301", name))
+
+
 def test_whitespace_splits_on_spaces_only_and_strips_any_scripts_punctuation():
     assert tokenize("Un chien, sur l'herbe !", "whitespace") == ["un", "chien", "sur", "l'herbe"]
     assert tokenize("「狗」 在 草地 上 跑 。", "whitespace") == ["狗", "在", "草地", "上", "跑"]

@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import unicodedata
 from collections import Counter
 
 from common.tokenizer import DEFAULT_TOKENIZER, tokenize
@@ -66,7 +67,8 @@ def ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
     keys = [k for k, caps in captions.items() for _ in caps]
     # one line per caption: the tokenizer also ends a line at \r, \v, \f, U+2028..., which shifted every
     # later caption onto the image before it
-    text = "\n".join(" ".join(c.splitlines()) for caps in captions.values() for c in caps)
+    # composed (NFC) as our tokenizers read text: "café" with a separate accent matches the decoder's "café"
+    text = unicodedata.normalize("NFC", "\n".join(" ".join(c.splitlines()) for caps in captions.values() for c in caps))
     jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)),
                        ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
     fd, path = tempfile.mkstemp(prefix="capcache-ptb-", suffix=".txt")
