@@ -868,7 +868,7 @@ def summary(lines: dict[str, dict], device, planned: Sequence[str] = ()) -> dict
 
     stage1 = {**pick("jpegs", "images", "jpeg_size", "mean_kb"),
               **pick("stage1", "decode_only_img_s", "forward_img_s", "end_to_end_img_s", "end_to_end_images", "workers",
-                     "batch", "backbone")}
+                     "batch", "backbone", "precision")}
     notes = [f"{name}: {line['status']}: {line.get('error', '')}".rstrip(": ")
              for name, line in lines.items() if line["status"] != "ok"]
     notes += [f"{name}: {line['note']}" for name, line in lines.items() if line.get("note")]  # e.g. fewer workers

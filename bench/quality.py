@@ -198,6 +198,11 @@ def ratio_interval(ours: dict, other: dict, n_boot: int = 2000, seed: int = 0) -
     return float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))
 
 
+def _times(a: float, b: float) -> str:
+    """a / b as "1.23x", or "n/a" where b scored nothing (a ratio to 0 is no measurement)."""
+    return f"{a / b:.2f}x" if b > 0 else "n/a (CIDEr 0)"
+
+
 def table(name: str, out: dict) -> str:
     rows = [f"### {name} (test split, {out['n_test']} images, MobileNetV2 features)", "",
             "| captioner | BLEU-4 | METEOR | ROUGE-L | CIDEr | distinct captions | most common caption share |",
@@ -218,12 +223,12 @@ def table(name: str, out: dict) -> str:
     ratios = []
     for label in [label for label in labels if label != OURS] if ours else []:
         lo, hi = ratio_interval(ours, out["results"][label])
-        ratios.append(f"ours / {label} = {c[OURS] / max(c[label], 1e-9):.2f}x "
+        ratios.append(f"ours / {label} = {_times(c[OURS], c[label])} "
                       f"(95% bootstrap interval over test images {lo:.2f}-{hi:.2f})")
     if len(seed_runs) > 1:
         ours_c = c[OURS]
-        ratios.append(f"against the seed recipe's single runs {ours_c / max(max(seed_runs), 1e-9):.2f}x (its best run)"
-                      f" to {ours_c / max(min(seed_runs), 1e-9):.2f}x (its worst)")
+        ratios.append(f"against the seed recipe's single runs {_times(ours_c, max(seed_runs))} (its best run)"
+                      f" to {_times(ours_c, min(seed_runs))} (its worst)")
     rows += ["", "CIDEr " + "; ".join(ratios)] if ratios else []
     rows += ["", f"timings: {out['timings']}"]
     return "\n".join(rows)

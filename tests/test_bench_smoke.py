@@ -84,6 +84,21 @@ def test_quality_mean_of_runs_averages_metrics_and_each_image():
     assert lo <= ours["metrics"]["CIDEr"] / m["metrics"]["CIDEr"] <= hi
 
 
+def test_quality_table_shows_no_ratio_to_a_run_that_scored_nothing():
+    sys.path.insert(0, str(REPO / "bench"))
+    from quality import OURS, mean_of_runs, table
+
+    def report(ciders):
+        return {"metrics": {"CIDEr": sum(ciders) / len(ciders), "BLEU-4": 0.1, "ROUGE-L": 0.3},
+                "stats": {"distinct_fraction": 0.5, "most_common_fraction": 0.1},
+                "images": [{"key": k, "cider": c} for k, c in zip("abc", ciders)]}
+
+    # one seed-recipe run that learned nothing was printed as "128504310.85x (its worst)"
+    seed = mean_of_runs([report([0.3, 0.6, 0.9]), report([0.0, 0.0, 0.0])])
+    text = table("COCO", {"n_test": 3, "timings": {}, "results": {"seed recipe": seed, OURS: report([0.5, 0.7, 1.6])}})
+    assert "to n/a (CIDEr 0) (its worst)" in text and "1.56x (its best run)" in text  # 0.933 / 0.6
+
+
 def test_quality_consensus_is_leave_one_out_cider_with_the_corpus_document_frequencies():
     """The nearest neighbour's consensus caption: each reference scored against the image's other
     references, idf from the training corpus. A one-image corpus gave every n-gram idf 0, every score

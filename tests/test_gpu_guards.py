@@ -697,7 +697,7 @@ def test_the_gpu_report_says_which_targets_a_run_meets(monkeypatch):
     assert gpu_report.verdict(15, "max", 30, 15) == "goal" and gpu_report.verdict(31, "max", 30, 15) == "missed"
     assert gpu_report.verdict(0, "max", 0, 0) == "goal" and gpu_report.verdict(None, "max", 0, 0) == "not measured"
     doc = {"stage1": {"end_to_end_img_s": 4000.0, "forward_img_s": 12000.0, "backbone": "resnet152"},
-           "stage2": {"xe_epoch_s": 20.0, "recipe_projected_s": 400.0}, "syncs": {"xe_step": 0.0}}
+           "stage2": {"images": 123_287, "xe_epoch_s": 20.0, "recipe_projected_s": 400.0}, "syncs": {"xe_step": 0.0}}
     assert gpu_report.headline(doc) == pytest.approx(123_287 / 4000 + 400)
     rows = {r.split(" | ")[0][2:]: r for r in gpu_report.report(doc).splitlines() if r.startswith("| ")}
     assert rows["stage 1 resnet152, decode + forward + write, COCO-size JPEGs"].endswith("| 4,000 img/s | floor |")
@@ -707,6 +707,15 @@ def test_the_gpu_report_says_which_targets_a_run_meets(monkeypatch):
     assert rows["host syncs per cross-entropy step"].endswith("| 0 | goal |")
     headline = rows["all of COCO, JPEGs to an SCST-trained captioner (stage 1 + recipe), projected"]
     assert headline.endswith("| 431 s | yes |")
+    # stage 2 timed on fewer images (a --tiny run) is not rated against full-size targets: it met every goal
+    doc["stage2"]["images"], doc["stage1"]["precision"] = 400, "float32"
+    rows = {r.split(" | ")[0][2:]: r for r in gpu_report.report(doc).splitlines() if r.startswith("| ")}
+    assert rows["cross-entropy epoch, full COCO size"].endswith("| 20 s | not full size (400 images) |")
+    assert rows["default recipe (20 XE + 2 SCST epochs with validation), projected"].endswith("| not full size (400 images) |")
+    assert rows["all of COCO, JPEGs to an SCST-trained captioner (stage 1 + recipe), projected"].endswith(
+        "| not full size (400 images) |")
+    assert rows["stage 1 resnet152 forward alone, float32"].endswith("| goal |")  # it said bf16
+    assert rows["500-image beam-3 validation"].endswith("| - | not measured |")
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", "{not json", '{"stage1": 5, "stage2": {"xe_epoch_s": "fast"}, "profile": '
