@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from common.archives import CHUNK, ArchiveDamaged, DownloadError, extract_archive
 from common.atomic import atomic_write
+from common.lock import LOCK_NAME, hold
 from common.jsonio import JSONFileError, read_json
 from common.text import printable
 
@@ -221,8 +222,8 @@ def _download(url: str, part: Path, archive: Archive, progress: bool) -> None:
             raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
         except urllib.error.URLError as e:
             raise _unreachable(url, e.reason, part.parent, archive) from e
-        except (TimeoutError, ConnectionError) as e:
-            raise _unreachable(url, e, part.parent, archive) from e
+        except (TimeoutError, ConnectionError, http.client.HTTPException) as e:  # also a reply that is not HTTP
+            raise _unreachable(url, f"{type(e).__name__}: {e}", part.parent, archive) from e
         with resp:
             resuming = bool(have) and resp.status == 206 and \
                 (resp.headers.get("Content-Range") or "").startswith(f"bytes {have}-")
@@ -334,6 +335,15 @@ def download_dataset(spec: DatasetSpec | str, root: str | os.PathLike = DEFAULT_
     root = Path(root)
     archives_dir, dest = root / "archives", root / spec.name
     dest.mkdir(parents=True, exist_ok=True)
+    archives_dir.mkdir(parents=True, exist_ok=True)
+    # one download at a time per archives folder: datasets share archives (caption_datasets.zip), and two
+    # runs appending to one .part corrupt it
+    with hold(archives_dir / LOCK_NAME, "archives folder"):
+        return _download_locked(spec, archives_dir, dest, mirror, quick, remove_archives, progress)
+
+
+def _download_locked(spec: DatasetSpec, archives_dir: Path, dest: Path, mirror: str | None, quick: bool,
+                     remove_archives: bool, progress: bool) -> list[Step]:
     marker_path = dest / ".extracted.json"
     steps = []
     for archive in spec.archives:

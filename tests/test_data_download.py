@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+import common.archives as archives
 import common.data as data
-from common.archives import DownloadError, extract_archive
+from common.archives import ArchiveDamaged, DownloadError, extract_archive
 from common.data import REGISTRY, Archive, DatasetSpec, download_dataset
 
 
@@ -232,7 +233,7 @@ def test_size_mismatch_is_refused_before_writing(tmp_path, server, tiny):
     spec = DatasetSpec("tiny", "", (Archive(good.url, good.size + 1, good.md5),), ".", "x", "coco")
     with pytest.raises(DownloadError, match="should be"):
         _get(spec, tmp_path, server)
-    assert not list((tmp_path / "archives").iterdir())
+    assert [p.name for p in (tmp_path / "archives").iterdir()] == [".lock"]  # the download's lock, no archive
 
 
 def test_tampered_archive_is_caught_on_rerun(tmp_path, server, tiny):
@@ -252,7 +253,7 @@ def test_tampered_archive_is_caught_on_rerun(tmp_path, server, tiny):
 
 def test_remove_archives_then_rerun(tmp_path, server, tiny):
     _get(tiny, tmp_path, server, remove_archives=True)
-    assert not [p for p in (tmp_path / "archives").iterdir() if p.name != "manifest.json"]
+    assert not [p for p in (tmp_path / "archives").iterdir() if p.name not in ("manifest.json", ".lock")]
     _check_layout(tmp_path)
     server.log.clear()
     steps = _get(tiny, tmp_path, server)
@@ -382,3 +383,105 @@ def test_wrong_typed_or_nested_download_records_are_one_error(tmp_path, server, 
     path.write_text(text)
     with pytest.raises(DownloadError, match=r"(damaged|must be a JSON object|nested deeper).*delete it and run again"):
         _get(tiny, tmp_path, server)
+
+
+# --- archives a mirror (or a file put there by hand) could hold ----------------------------------------------
+
+def test_a_zip_bomb_is_refused_before_a_byte_is_written(tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:  # ~200 kB holding 200 MB of zeros
+        zf.writestr("a.jpg", bytes(200 * 2**20))
+    with pytest.raises(ArchiveDamaged, match=r"unpacks to more than .* bytes, over 100x its own size"):
+        extract_archive(bomb, tmp_path / "out", progress=False)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []  # nothing written, no temp folder left
+
+
+def test_a_tar_bomb_stops_at_the_cap(tmp_path, monkeypatch):
+    monkeypatch.setattr(archives, "RATIO_SLACK", 0)  # the cap: 100x the archive's few kB
+    bomb = tmp_path / "bomb.tar.gz"
+    bomb.write_bytes(_targz({f"{i}.jpg": bytes(2**20) for i in range(8)}))
+    with pytest.raises(ArchiveDamaged, match="over 100x its own size"):
+        extract_archive(bomb, tmp_path / "out", progress=False)
+    assert not list((tmp_path / "out").rglob("*"))
+
+
+@pytest.mark.parametrize("entries, says", [
+    ({"a": b"file", "a/b": b"inside a file"}, "cannot be unpacked: .* for 'a'"),
+    ({"a/b": b"x", "a": b"a file over a folder"}, "cannot be unpacked: Is a directory for 'a'"),
+    ({".": b"the folder itself", "ok.jpg": b"fine"}, None),
+])
+def test_a_member_that_clashes_with_another_is_one_error_and_leaves_no_temp_folder(tmp_path, entries, says):
+    z = tmp_path / "x.zip"
+    z.write_bytes(_zip(entries))
+    if says is None:  # "." names the folder: skipped, the rest extracted
+        assert extract_archive(z, tmp_path / "out", progress=False) == 1 and (tmp_path / "out/ok.jpg").is_file()
+    else:  # was a raw "[Errno 17] File exists: '.../.extracting-x.zip/a'" and the temp folder stayed
+        with pytest.raises(ArchiveDamaged, match=says):
+            extract_archive(z, tmp_path / "out", progress=False)
+    assert not list((tmp_path / "out").glob(".extracting-*"))
+
+
+def test_an_encrypted_member_is_one_error(tmp_path):
+    z = bytearray(_zip({"a.jpg": b"secret"}))
+    z[6] |= 1  # the local header's "encrypted" flag
+    central = z.rindex(b"PK\x01\x02")
+    z[central + 8] |= 1  # and the central directory's
+    (tmp_path / "x.zip").write_bytes(bytes(z))
+    with pytest.raises(ArchiveDamaged, match="cannot be unpacked here .*encrypted"):
+        extract_archive(tmp_path / "x.zip", tmp_path / "out", progress=False)
+
+
+def test_a_member_named_as_the_extraction_record_cannot_mark_archives_done(tmp_path, server, tiny):
+    # it overwrote tiny/.extracted.json, marking the other archives "removed earlier": "ready" without them
+    forged = {f"{a.filename}:{a.into}:{','.join(a.members)}": {"sha256": "x", "files": 1, "archive_removed": True}
+              for a in tiny.archives}
+    images = _zip({"train2014/COCO_train2014_000000000009.jpg": IMAGE_A,
+                   "train2014/COCO_train2014_000000000025.jpg": IMAGE_B,
+                   ".extracted.json": json.dumps(forged).encode(), ".extracting-x/y": b"z"})
+    server.files["train2014.zip"] = images
+    tiny = DatasetSpec(tiny.name, tiny.description, (Archive(tiny.archives[0].url, len(images)), *tiny.archives[1:]),
+                       tiny.images, tiny.captions, tiny.fmt)
+    steps = _get(tiny, tmp_path, server)
+    assert [s.fetched for s in steps] == ["downloaded"] * 3
+    _check_layout(tmp_path)
+
+
+def test_a_download_cut_short_without_a_length_is_set_aside_and_fetched_again(tmp_path, server, tiny):
+    # a zip without its end (the central directory) was "delete it and run again", and stayed recorded as verified
+    good = server.files["caption_datasets.zip"]
+    server.files["caption_datasets.zip"] = good[: len(good) // 2]  # no published size: only the archive can tell
+    with pytest.raises(DownloadError, match=r"caption_datasets.zip is neither a zip nor a tar archive \(cut short\?\): "
+                                            r"moved it to caption_datasets.zip.bad .*run again"):
+        _get(tiny, tmp_path, server)
+    server.files["caption_datasets.zip"] = good
+    assert _get(tiny, tmp_path, server)[2].fetched == "downloaded"
+    _check_layout(tmp_path)
+
+
+def test_a_reply_that_is_not_http_is_one_unreachable_error(tmp_path):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+
+    def answer():
+        conn, _ = sock.accept()
+        conn.recv(4096)
+        conn.sendall(b"SSH-2.0-OpenSSH_8.9\r\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    with pytest.raises(DownloadError, match=r"could not reach 127.0.0.1:\d+: BadStatusLine"):
+        data.fetch(Archive("http://official.invalid/x.zip"), tmp_path / "archives",
+                   mirror=f"http://127.0.0.1:{sock.getsockname()[1]}", progress=False)
+    sock.close()
+
+
+def test_two_downloads_into_one_archives_folder_take_turns(tmp_path, server, tiny):
+    from common.lock import LOCK_NAME, OutputBusy, hold
+
+    (tmp_path / "archives").mkdir()
+    with hold(tmp_path / "archives" / LOCK_NAME, "archives folder"):  # as another download would
+        with pytest.raises(OutputBusy, match="archives folder"):
+            _get(tiny, tmp_path, server)
+    _get(tiny, tmp_path, server)
+    _check_layout(tmp_path)
