@@ -105,7 +105,7 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
             # the decoder alone: the CNN (its weights file, seconds to build, GPU memory) is not needed here
             cap = Captioner(None, *model_from_checkpoint(ckpt, resolve_device(device)), ckpt_path)
             res, recs = captions_from_cache(cap, ckpt, features, split or "test", decode_cfg=decode,
-                                            allow_outside_images=allow_outside_images)
+                                            allow_outside_images=allow_outside_images, progress=not no_progress)
         if not res:
             raise ValueError("no image could be captioned")
         report = evaluate_captions(res, recs, spice, cap.vocab.tokenizer)

@@ -254,6 +254,14 @@ def test_evaluate_from_the_cache_needs_no_cnn_weights(run_dir, shared_cache, mon
     assert report["source"] == "cache:test" and report["metrics"]["CIDEr"] >= 0
 
 
+def test_evaluate_from_the_cache_shows_its_decoding(run_dir, shared_cache):
+    # minutes on a full COCO split on a CPU, and nothing was printed until the table
+    args = ["--checkpoint", run_dir / "best.pt", "--features", shared_cache, "--device", "cpu", "--json"]
+    shown, quiet = _invoke("stage2_decoder.evaluate", args), _invoke("stage2_decoder.evaluate", [*args, "--no-progress"])
+    assert shown.exit_code == quiet.exit_code == 0, shown.output + quiet.output
+    assert "decode" in shown.stderr and "img" in shown.stderr and quiet.stderr == ""
+
+
 def test_evaluate_on_raw_images_refuses_workers_dev_shm_cannot_hold(run_dir, small_set, monkeypatch):
     """In a container with Docker's 64 MB of /dev/shm, the decoding workers died with "Bus error" and a
     traceback once they had filled it; stage 1 already checked, evaluate did not."""

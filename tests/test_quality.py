@@ -181,6 +181,29 @@ def test_validation_cider_scores_the_decoder_it_is_asked_for():
         pytest.approx(metrics.cider(refs, by_beam)[0])
 
 
+def test_validation_shows_its_progress_unless_asked_not_to(capsys):
+    # a minute an epoch on full COCO on a CPU, with nothing on the screen between the epoch's bar and its line
+    import math
+
+    from common.records import ImageRecord
+    from common.vocab import SPECIALS, Vocabulary
+    from stage2_decoder.training.config import TrainConfig
+    from stage2_decoder.training.epochs import validate
+    from stage2_decoder.training.pairs import CaptionPairs
+
+    model, feats = _model(1), torch.randn(16, D)
+    vocab = Vocabulary([*SPECIALS, *(f"w{i}" for i in range(V - len(SPECIALS)))])
+    rows = {f"k{i}": i for i in range(16)}
+    refs = {k: ["w3 w4 w5"] for k in rows}
+    pairs = CaptionPairs([ImageRecord(k, i, f"/{k}.jpg", refs[k]) for k, i in rows.items()], rows, vocab)
+    for progress in (True, False):
+        cfg = TrainConfig(features="f.h5", out="run", batch_size=4, progress=progress)
+        got = validate(model, cfg, pairs, feats, rows, vocab, refs, torch.device("cpu"))
+        err = capsys.readouterr().err
+        assert math.isfinite(got["val_loss"]) and got["val_cider"] >= 0
+        assert ("val loss" in err and "val decode" in err) == progress and (err == "") != progress
+
+
 def test_training_validates_with_the_configured_beam(shared_cache, tmp_path, monkeypatch):
     from stage2_decoder import train as train_mod
     from stage2_decoder.training import epochs as epochs_mod

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from tqdm import tqdm
 
 from common.vocab import Vocabulary
 from stage2_decoder.decoding.beam import beam_search_nbest
@@ -40,12 +41,16 @@ def decode_features(decoder: CaptionDecoder, vocab: Vocabulary, feats: torch.Ten
 
 
 def caption_keys(decoder: CaptionDecoder, vocab: Vocabulary, keys: list[str], feats: torch.Tensor,
-                 decode_cfg: DecodeConfig | None = None, batch_size: int = 256) -> dict[str, str]:
+                 decode_cfg: DecodeConfig | None = None, batch_size: int = 256, progress: bool = False,
+                 desc: str = "decode") -> dict[str, str]:
     """Each key's best caption; `feats` (len(keys), D) holds their features in the same order."""
     dcfg = decode_cfg or DecodeConfig()
     check_bounds(dcfg)
     out = {}
-    for s in range(0, len(keys), batch_size):
-        rows = decode_features(decoder, vocab, feats[s:s + batch_size], dcfg, SampleConfig())
-        out.update(zip(keys[s:s + batch_size], (r["caption"] for r in rows)))
+    # minutes for a full COCO split on a CPU: a bar, gone when done
+    with tqdm(total=len(keys), desc=desc, unit="img", leave=False, disable=not progress, dynamic_ncols=True) as bar:
+        for s in range(0, len(keys), batch_size):
+            rows = decode_features(decoder, vocab, feats[s:s + batch_size], dcfg, SampleConfig())
+            out.update(zip(keys[s:s + batch_size], (r["caption"] for r in rows)))
+            bar.update(len(rows))
     return out

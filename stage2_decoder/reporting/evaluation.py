@@ -19,8 +19,8 @@ PREFETCH = 2  # batches each DataLoader worker keeps ready (in shared memory): P
 
 
 def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_override: dict | None = None,
-                        decode_cfg: DecodeConfig | None = None, allow_outside_images: bool = False
-                        ) -> tuple[dict[str, str], list[ImageRecord]]:
+                        decode_cfg: DecodeConfig | None = None, allow_outside_images: bool = False,
+                        progress: bool = False) -> tuple[dict[str, str], list[ImageRecord]]:
     """Decode the split's images from the cache. Returns ({key: caption}, records)."""
     # imported on use: importing this module stays free of h5py
     from common.feature_cache import load_cache
@@ -40,7 +40,7 @@ def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_over
     if not keys:
         raise ValueError(f"no image of the {split!r} split has features in {features}")
     feats = torch.from_numpy(cache.features[[rows[k] for k in keys]]).float()
-    return caption_keys(cap.decoder, cap.vocab, keys, feats, decode_cfg), [recs[k] for k in keys]
+    return caption_keys(cap.decoder, cap.vocab, keys, feats, decode_cfg, progress=progress), [recs[k] for k in keys]
 
 
 def raw_records(records: list[ImageRecord], ckpt_split: dict | None, split: str | None = None,
@@ -94,7 +94,7 @@ def captions_from_images(cap, records: list[ImageRecord], workers: int = default
                 errors[records[r].key] = e
     kept = [r for r, g in zip(records, ok) if g]
     return caption_keys(cap.decoder, cap.vocab,
-                        [r.key for r in kept], feats[torch.from_numpy(ok)], decode_cfg), kept, errors
+                        [r.key for r in kept], feats[torch.from_numpy(ok)], decode_cfg, progress=progress), kept, errors
 
 
 def evaluate_captions(res: dict[str, str], records: list[ImageRecord], spice: bool = False,
