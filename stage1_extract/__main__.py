@@ -1,6 +1,8 @@
 """CLI: python -m stage1_extract --images DIR --captions FILE --out FILE.h5 [...]"""
 from __future__ import annotations
 
+import os
+
 import click
 
 from common.cli import config_group, run_guarded
@@ -17,8 +19,10 @@ from stage1_extract.extract import ExtractConfig, extract, plan
 def main(cfg: ExtractConfig, dry_run):
     """Extract pooled CNN features for every image of a captions dataset into an HDF5 cache."""
     def work():
-        if dry_run:
-            click.echo(f"dry run: {plan(cfg)}")
+        if dry_run:  # no process group: under torchrun each rank checks, the first one says so
+            line = plan(cfg)
+            if os.environ.get("RANK", "0") == "0":
+                click.echo(f"dry run: {line}")
             return 0
         try:
             s = extract(cfg)

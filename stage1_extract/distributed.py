@@ -42,8 +42,9 @@ class Dist:
         return self.world_size > 1
 
     def mine(self, rows) -> list[int]:
-        """The rows this rank extracts: a fixed round-robin share, so ranks never race for a row."""
-        return [int(r) for r in rows if r % self.world_size == self.rank]
+        """This rank's share of `rows` (the same list on every rank): every world_size-th by position, so a
+        resume spreads what is left evenly (by row number, all of it fell to the rank that fell behind)."""
+        return [int(r) for r in list(rows)[self.rank::self.world_size]]
 
     def reduce(self, ok: bool, *counts: int) -> tuple[bool, list[int]]:
         """(did every rank succeed, the counts summed over ranks); every rank must call it."""

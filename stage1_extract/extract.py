@@ -228,8 +228,11 @@ def _extract(cfg: ExtractConfig, d: Dist, owned: contextlib.ExitStack) -> Extrac
         already = int((status == DONE).sum())
         # an earlier run's unreadable images too: a folder mounted since, a file copied in (an uninterrupted run
         # would have read them)
-        mine = d.mine(np.flatnonzero(status != DONE))
-        share = len(d.mine(range(len(keys))))
+        pending = np.flatnonzero(status != DONE)
+        # every rank has read the status before any rank writes: all split the same pending list
+        d.agree("reading the work done", lambda: None)
+        mine = d.mine(pending)
+        share = max(len(d.mine(range(len(keys)))), len(mine))
         done_here, failed_here = d.agree("extracting", lambda: _extract_rows(cfg, d, writer, backbone, records, mine,
                                                                              share))
         _, (done_now, failed_now) = d.reduce(True, done_here, failed_here)

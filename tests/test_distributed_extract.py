@@ -71,6 +71,18 @@ def _assert_same(out: Path, ref) -> None:
     assert not parts_dir(out).exists()
 
 
+def test_ranks_split_the_work_left_evenly_and_together_take_all_of_it():
+    from stage1_extract.distributed import Dist
+
+    # rank 0 finished its rows, rank 1 was killed early: by row number all of the rest fell to rank 1 again
+    pending = list(range(1, 181, 2))
+    for n in (2, 3):
+        shares = [Dist(r, n).mine(pending) for r in range(n)]
+        assert sorted(sum(shares, [])) == pending and max(map(len, shares)) - min(map(len, shares)) <= 1
+    # a fresh run: the same round-robin as ever
+    assert Dist(1, 2).mine(range(7)) == [1, 3, 5]
+
+
 def test_torchrun_two_processes_equal_one(coco_dir, tmp_path, one_process):
     out = tmp_path / "two.h5"
     proc = subprocess.run(_torchrun(*_args(coco_dir, out)), cwd=REPO, env=_env(), capture_output=True, text=True,

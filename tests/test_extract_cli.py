@@ -80,6 +80,19 @@ def test_dry_run_checks_and_plans_without_loading_the_cnn(coco_dir, tmp_path, mo
     assert captured == [] and not out.exists() and not Path(f"{out}.parts").exists()
 
 
+def test_dry_run_under_torchrun_is_said_once(coco_dir, tmp_path, monkeypatch):
+    # each rank checks (no process group is made), and each printed the same line
+    args = [*_required(coco_dir, tmp_path / "c.h5"), "--backbone", "mobilenet_v2", "--limit", "5", "--dry-run"]
+    said = {}
+    for rank in ("0", "1", "2"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        result = CliRunner().invoke(cli.main, args)
+        assert result.exit_code == 0, result.output
+        said[rank] = result.stdout
+    assert said["0"].startswith("dry run: 5 images") and said["1"] == said["2"] == ""
+
+
 @pytest.mark.parametrize("case", ["captions", "images", "weights"])
 def test_dry_run_refuses_what_a_real_run_would(coco_dir, tmp_path, case):
     args = _required(coco_dir, tmp_path / "c.h5")
