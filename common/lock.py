@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ except ImportError:  # not on Windows: no locking there, as before
 
 LOCK_NAME = ".lock"
 _held: set[int] = set()  # descriptors of the locks this process holds (closed in forked children)
+_held_files: dict[tuple[int, int, int], int] = {}  # (st_dev, st_ino, thread) of those lock files -> descriptor
 
 
 class OutputBusy(OSError):
@@ -45,6 +47,7 @@ def _close_inherited() -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     _held.clear()
+    _held_files.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -65,8 +68,12 @@ def holder(lock_file: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def hold(lock_file: str | os.PathLike, what: str) -> Iterator[Path]:
-    """Hold the lock on `lock_file` for the block; `what` names the output in the busy message."""
+def hold(lock_file: str | os.PathLike, what: str, wait: bool = False, reenter: bool = False) -> Iterator[Path]:
+    """Hold the lock on `lock_file` for the block; `what` names the output in the busy message. `wait`: wait
+    for the holder to let go instead (for writers whose turns take seconds, such as two drawings of one figure).
+    `reenter`: a lock this thread holds already is held again, as it is (a sweep's run holds its folder before
+    it writes there, then train() in it takes the same lock); otherwise a second hold is refused like another
+    process's."""
     lock_file = Path(lock_file)
     if fcntl is None:
         yield lock_file
@@ -85,8 +92,12 @@ def hold(lock_file: str | os.PathLike, what: str) -> Iterator[Path]:
             raise LockFileError(f"cannot lock {what} {lock_file.parent}: its lock file {lock_file} has {st.st_nlink} "
                                 f"hard links (it is another file's name too, which locking would overwrite); "
                                 f"remove it and run again")
+        ident = (st.st_dev, st.st_ino, threading.get_ident())
+        if reenter and ident in _held_files:  # ours already: the outer holder lets go
+            yield lock_file
+            return
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise OutputBusy(f"{what} {lock_file.parent} is in use by process {holder(lock_file)} (lock "
                              f"{lock_file}); wait for it to finish or stop it, or use another folder") from None
@@ -96,10 +107,14 @@ def hold(lock_file: str | os.PathLike, what: str) -> Iterator[Path]:
         except OSError as e:  # a full disk: said with the file, like a failed open
             raise OSError(e.errno, f"cannot lock {what} {lock_file.parent}: {e.strerror}") from e
         _held.add(fd)
-        yield lock_file
+        _held_files[ident] = fd
+        try:
+            yield lock_file
+        finally:
+            _held_files.pop(ident, None)
     finally:
         _held.discard(fd)
-        os.close(fd)  # releases the lock (the last descriptor of this open file)
+        os.close(fd)  # releases the lock (the last descriptor of this open file); a nested hold's: nothing
 
 
 @contextlib.contextmanager

@@ -217,6 +217,32 @@ def test_plot_cli_redraws_a_run(cli, run_dir, tmp_path):
     assert _png(run / "curves.png").size == curves_mod.CURVES_SIZE
 
 
+def test_plot_during_a_run_takes_turns_with_the_runs_own_drawing(run_dir, tmp_path):
+    """`plot` during a run: a drawing that read fewer epochs replaced the run's final curves.png after it, and a
+    run starting in the folder deleted a live plot's temporary (the plot failed)."""
+    import threading
+
+    from common.lock import hold
+    from stage2_decoder.training.loop import RUN_OUTPUTS
+
+    run = tmp_path / "copy"
+    shutil.copytree(run_dir, run)
+    before = (run / "curves.png").stat().st_mtime_ns
+    done = threading.Event()
+    with hold(run / ".curves.png.lock", "curves"):  # another drawing of it is under way
+        t = threading.Thread(target=lambda: (curves_mod.plot_run(run), done.set()), daemon=True)
+        t.start()
+        assert not done.wait(0.5)  # waits its turn, and reads the metrics only then
+        assert (run / "curves.png").stat().st_mtime_ns == before
+    t.join(60)
+    assert done.is_set() and (run / "curves.png").stat().st_mtime_ns != before
+    # a drawing's temporary is the drawing's to clean (under its lock), not a starting run's
+    assert "curves.png" not in RUN_OUTPUTS
+    (run / ".curves.png.killed.tmp").write_bytes(b"left by a killed plot")
+    curves_mod.plot_run(run)
+    assert not (run / ".curves.png.killed.tmp").exists()
+
+
 def test_plot_older_metrics_without_cider_and_duplicate_epochs(tmp_path):
     lines = [{"epoch": 1, "train_loss": 4.0, "val_loss": 3.9, "val_perplexity": 49.4},
              {"epoch": 2, "train_loss": 3.0, "val_loss": 3.5, "val_perplexity": 33.1},

@@ -330,6 +330,27 @@ def test_a_point_no_run_could_train_is_refused_before_any_run_starts(shared_cach
     assert not (tmp_path / "s").exists()
 
 
+def test_a_run_folder_a_train_by_hand_holds_is_left_untouched_and_redone_later(shared_cache, tmp_path):
+    """The sweep wrote params.json (the threads a resume reads) and a failed result.json, with a traceback in
+    train.log, into a folder another `train` owned; that run then finished fine and the sweep still said failed."""
+    import os
+
+    from common.lock import LOCK_NAME, hold
+
+    cfg = SweepConfig(features=str(shared_cache), out=str(tmp_path / "s"), grid={"hidden_size": [16, 24], **TINY},
+                      n_jobs=1, threads=1, dry_run=True, progress=False, plot=False)
+    busy = Path(plan_runs(cfg)[0][1].run_dir)
+    busy.mkdir(parents=True)
+    with hold(busy / LOCK_NAME, "run folder"):  # as a `train --out` of that folder, started by hand
+        r = run_sweep(cfg)
+    assert [x["status"] for x in r.rows] == ["ok", "failed"]
+    assert r.rows[1]["error"].startswith(f"OutputBusy: run folder {busy} is in use by process {os.getpid()}")
+    assert sorted(p.name for p in busy.iterdir()) == [LOCK_NAME, "train.log"]  # no params.json, no result.json
+    assert "Traceback" not in (busy / "train.log").read_text()
+    r2 = run_sweep(cfg)  # the folder is free: the run is redone without --retry-failed
+    assert (r2.ran, r2.skipped) == (1, 1) and [x["status"] for x in r2.rows] == ["ok", "ok"]
+
+
 def test_cli_bad_grid_is_one_error_line(cli, shared_cache, tmp_path):
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps({"hiden_size": [64, 128]}))

@@ -6,7 +6,8 @@ import math
 import os
 from pathlib import Path
 
-from common.atomic import atomic_path
+from common.atomic import atomic_path, remove_stale_temporaries
+from common.lock import hold
 from common.jsonio import JSONFileError, finite_number, iter_jsonl, read_json
 
 
@@ -76,12 +77,22 @@ def marked_best_epoch(config: dict, records: list[dict]) -> int | None:
 
 
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Draw RUN_DIR's metrics.jsonl into `out` (default RUN_DIR/curves.png), atomically. Returns the path."""
+    """Draw RUN_DIR's metrics.jsonl into `out` (default RUN_DIR/curves.png), atomically. Returns the path.
+
+    One drawing of `out` at a time (a lock beside it, waited for): `plot` during a run and the run's own drawing
+    take turns, each reading the metrics in its turn, so the last one written shows the most epochs."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / CURVES_NAME
+    with hold(out.parent / f".{out.name}.lock", "curves", wait=True):
+        remove_stale_temporaries(out.parent, [out.name])  # a killed drawing's: no other is live now
+        return _draw_run(run_dir, out)
+
+
+def _draw_run(run_dir: Path, out: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
-    run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     config = run_config(run_dir)
     best = marked_best_epoch(config, records)
@@ -119,7 +130,6 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=9)
     fig.suptitle(f"{run_dir.resolve().name}: {len(records)} epochs")
-    out = Path(out) if out is not None else run_dir / CURVES_NAME
     with atomic_path(out, what="curves") as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
     return out

@@ -1,6 +1,7 @@
 """Sweep runs: one run, forked runs on CPUs or GPUs, the local and Dask executors (docs/sweeps.md, docs/gpu.md)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -22,6 +23,7 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 from common.bounds import check  # noqa: E402
 from common.jsonio import JSONFileError, finite_number, read_json  # noqa: E402
+from common.lock import LOCK_NAME, OutputBusy, hold, holder  # noqa: E402
 from stage2_decoder.sweeps.grid import RunSpec, effective  # noqa: E402
 from stage2_decoder.sweeps.results import write_json  # noqa: E402
 from stage2_decoder.training.config import TrainConfig  # noqa: E402
@@ -32,6 +34,7 @@ RESULT, PARAMS, LOG = "result.json", "params.json", "train.log"
 
 
 INTERRUPTED_EXIT = 130  # a run stopped by Ctrl-C / SIGTERM: unfinished, not failed
+BUSY_EXIT = 75  # the run's folder is another process's (a `train` started by hand in it): nothing written there
 
 
 RUNS_PER_GPU = 2  # default concurrent runs per GPU: small decoders leave a GPU mostly idle, one run at a time
@@ -92,12 +95,34 @@ def _threads_of_the_run(run_dir: Path, threads: int | None) -> int:
     return threads or torch.get_num_threads()
 
 
-def _run_one(spec: RunSpec, threads: int | None) -> dict:
-    """Train one configuration and write its result.json. Never raises for a failure of the run itself."""
-    import torch
+class RunBusy(Exception):
+    """The run's folder is locked by another process: the run is neither done nor failed, and its folder is left
+    as it is."""
 
+
+def busy_record(spec: RunSpec, why: str) -> dict:
+    """What the sweep reports for a run whose folder another process holds (never written into that folder)."""
+    return record(spec, "failed", why, machine=True)
+
+
+def _run_one(spec: RunSpec, threads: int | None) -> dict:
+    """Train one configuration and write its result.json. Never raises for a failure of the run itself;
+    RunBusy (nothing written in its folder) if another process holds the folder."""
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    held = contextlib.ExitStack()
+    try:  # before params.json: a `train` by hand in this folder owns it, and a resume would read those threads
+        held.enter_context(hold(run_dir / LOCK_NAME, "run folder"))
+    except OutputBusy as e:
+        print(f"not run: {e}", file=sys.stderr)
+        raise RunBusy(str(e)) from None
+    with held:
+        return _run_held(spec, run_dir, threads)
+
+
+def _run_held(spec: RunSpec, run_dir: Path, threads: int | None) -> dict:
+    import torch
+
     threads = _threads_of_the_run(run_dir, threads)
     torch.set_num_threads(threads)
     write_json(run_dir / PARAMS, {"run": spec.name, "features": spec.features, "params": spec.params,
@@ -119,6 +144,11 @@ def _run_one(spec: RunSpec, threads: int | None) -> dict:
     rec.update(started_at=started, host=socket.gethostname(), pid=os.getpid())  # where and when it ran
     write_json(run_dir / RESULT, rec)
     return rec
+
+
+def _busy_reason(spec: RunSpec) -> str:
+    return (f"OutputBusy: run folder {spec.run_dir} is in use by process {holder(Path(spec.run_dir) / LOCK_NAME)}; "
+            f"rerun the sweep once it is done")
 
 
 def read_result(spec: RunSpec) -> dict | None:
@@ -206,6 +236,9 @@ def _child_main(spec: RunSpec, threads: int | None, gpu: str | None = None) -> N
     except KeyboardInterrupt:
         sys.stdout.flush()
         os._exit(INTERRUPTED_EXIT)
+    except RunBusy:
+        sys.stderr.flush()
+        os._exit(BUSY_EXIT)
 
 
 def exit_record(spec: RunSpec, code: int | None) -> dict:
@@ -302,6 +335,8 @@ def _run_forked(spec: RunSpec, threads: int | None, gpus: "queue.Queue | None" =
     finally:
         if gpu is not None:
             gpus.put(gpu)
+    if p.exitcode == BUSY_EXIT:  # its folder is another process's: report it, write nothing there
+        return busy_record(spec, _busy_reason(spec))
     rec = read_result(spec)
     if rec is not None:
         return rec
@@ -382,6 +417,8 @@ def _run_in_process(spec: RunSpec, threads: int) -> dict:
     cmd, env = _fresh_command(spec, threads)
     with open(run_dir / LOG, "a") as log:
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, check=False)
+    if proc.returncode == BUSY_EXIT:
+        return {**busy_record(spec, _busy_reason(spec)), "worker_pid": os.getpid()}
     rec = read_result(spec) or exit_record(spec, proc.returncode)
     rec = {**rec, "worker_pid": os.getpid()}  # pid: the run's own process
     write_json(run_dir / RESULT, rec)
@@ -394,7 +431,10 @@ def _process_main(spec_json: str, threads: str) -> None:
     if os.environ.get(SWEEP_PID_VAR, "").isdigit():
         SWEEP_PID[:] = [int(os.environ[SWEEP_PID_VAR])]
     _die_with_parent()
-    _run_one(RunSpec(**json.loads(spec_json)), int(threads) or None)
+    try:
+        _run_one(RunSpec(**json.loads(spec_json)), int(threads) or None)
+    except RunBusy:
+        sys.exit(BUSY_EXIT)
 
 
 def run_dask(pending: list[RunSpec], bar, scheduler: str, threads: int) -> dict[str, dict]:

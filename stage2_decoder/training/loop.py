@@ -27,7 +27,8 @@ from stage2_decoder.training.resume import resume_run
 from stage2_decoder.training.run_files import EpochRecord, epoch_record, save_epoch, write_run_start
 
 
-RUN_OUTPUTS = ("config.json", "split.json", "vocab.json", "metrics.jsonl", "best.pt", "last.pt", "curves.png")
+# curves.png is not here: `plot` may be drawing it during the run (plot_run cleans its own under its lock)
+RUN_OUTPUTS = ("config.json", "split.json", "vocab.json", "metrics.jsonl", "best.pt", "last.pt")
 
 
 @dataclass
@@ -98,7 +99,7 @@ def _train(cfg: TrainConfig, owned: contextlib.ExitStack) -> TrainResult:
     run = Path(cfg.out)
     data = load_train_data(cfg, device)
     run.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be usable
-    owned.enter_context(hold(run / LOCK_NAME, "run folder"))
+    owned.enter_context(hold(run / LOCK_NAME, "run folder", reenter=True))  # a sweep's run holds it already
     remove_stale_temporaries(run, RUN_OUTPUTS)  # what a killed run was writing: ours now that we hold the lock
 
     model = CaptionDecoder(cfg.decoder_config(data.feature_dim, len(data.vocab))).to(device)
