@@ -43,7 +43,7 @@ from stage2_decoder.training.checkpoint import load_checkpoint, model_from_check
               help="Raw-image mode: captions file format.")
 @click.option("--images", type=click.Path(), default=None, help="Raw-image mode: images folder.")
 @click.option("--captions", type=click.Path(), default=None, help="Raw-image mode: captions file.")
-@click.option("--limit", type=bounded("limit"), default=None, help="Raw-image mode: first N images (of --split).")
+@click.option("--limit", type=bounded("limit"), default=None, help="Score the first N images (of --split).")
 @decode_options
 @click.option("--spice", is_flag=True, help="Also try SPICE (needs a download on first use).")
 @click.option("--workers", type=bounded("workers"), default=default_workers(), show_default=True,
@@ -71,6 +71,10 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
             raise click.UsageError("give either --features (cache split) or --images and --captions (raw images)")
         if raw and not (images and captions):
             raise click.UsageError("raw-image mode needs both --images and --captions")
+        given = click.get_current_context().get_parameter_source
+        for name in ("dataset", "workers"):  # ignored from a cache: said, not silently dropped
+            if not raw and given(name) == click.core.ParameterSource.COMMANDLINE:
+                raise click.UsageError(f"--{name} is for raw-image mode (--images and --captions), not --features")
         if not raw:  # a wrong --features path fails now, not after building the backbone
             # imported on use: importing this module stays free of h5py
             from common.feature_cache import read_meta
@@ -105,7 +109,8 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
             # the decoder alone: the CNN (its weights file, seconds to build, GPU memory) is not needed here
             cap = Captioner(None, *model_from_checkpoint(ckpt, resolve_device(device)), ckpt_path)
             res, recs = captions_from_cache(cap, ckpt, features, split or "test", decode_cfg=decode,
-                                            allow_outside_images=allow_outside_images, progress=not no_progress)
+                                            allow_outside_images=allow_outside_images, progress=not no_progress,
+                                            limit=limit)
         if not res:
             raise ValueError("no image could be captioned")
         report = evaluate_captions(res, recs, spice, cap.vocab.tokenizer)

@@ -7,6 +7,7 @@ and by `make -n`, not run.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shlex
 import subprocess
@@ -150,6 +151,26 @@ def test_readme_make_targets_exist():
         if done.returncode != 0:
             problems.append(f"`make -n {target}` failed: {done.stderr.strip()}")
     assert not problems, "README shows make targets that do not work:\n" + "\n".join(problems)
+
+
+def test_make_quotes_paths_leaves_out_empty_settings_and_ignores_the_shells_exports():
+    """DATA="/x y" split into extra arguments, WEIGHTS= swallowed the next option (the error named --out), and
+    an exported $OUT sent extraction and training elsewhere."""
+    import shlex
+
+    def command(target, *settings, env=None):
+        done = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", target, *settings],
+                              cwd=REPO, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
+        assert done.returncode == 0, done.stderr
+        line = next(ln for ln in done.stdout.replace("\\\n", " ").splitlines() if "-m stage" in ln)
+        return shlex.split(line)
+
+    words = command("features", "DATA=/tmp/x y", "WEIGHTS=", "DEVICE=", "LIMIT=8")
+    assert words[words.index("--images") + 1] == "/tmp/x y/coco2017-mini/images"
+    assert "--weights" not in words and "--device" not in words and words[words.index("--limit") + 1] == "8"
+    words = command("train", "RUN=runs/my run", env={"OUT": "/tmp/elsewhere.h5", "RUN": "/tmp/elsewhere"})
+    assert words[words.index("--out") + 1] == "runs/my run"
+    assert words[words.index("--features") + 1] == "cache/coco-resnet152.h5"
 
 
 def test_readme_links_point_to_files():

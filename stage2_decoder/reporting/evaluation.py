@@ -20,8 +20,8 @@ PREFETCH = 2  # batches each DataLoader worker keeps ready (in shared memory): P
 
 def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_override: dict | None = None,
                         decode_cfg: DecodeConfig | None = None, allow_outside_images: bool = False,
-                        progress: bool = False) -> tuple[dict[str, str], list[ImageRecord]]:
-    """Decode the split's images from the cache. Returns ({key: caption}, records)."""
+                        progress: bool = False, limit: int | None = None) -> tuple[dict[str, str], list[ImageRecord]]:
+    """Decode the split's images from the cache (the first `limit` of them). Returns ({key: caption}, records)."""
     # imported on use: importing this module stays free of h5py
     from common.feature_cache import load_cache
 
@@ -36,7 +36,7 @@ def captions_from_cache(cap, ckpt: dict, features: str, split: str, records_over
     recs = {r.key: r for r in load_dataset(o.get("dataset") or m.dataset_format, o.get("captions") or m.captions_file,
                                            o.get("images") or m.images_dir, allow_outside_images=allow_outside_images)}
     rows = cache.rows_by_key()
-    keys = [k for k in keys if k in rows and k in recs]
+    keys = [k for k in keys if k in rows and k in recs][:limit]
     if not keys:
         raise ValueError(f"no image of the {split!r} split has features in {features}")
     feats = torch.from_numpy(cache.features[[rows[k] for k in keys]]).float()
