@@ -26,9 +26,9 @@ RUN = runs/$(DATASET)-$(BACKBONE)
 EPOCHS = 20
 TRAIN_ARGS =
 
-# `--option "value"`: quoted (a path may hold spaces), and left out when the value is empty, so the command's
-# own default applies or its error names the option (an empty value swallowed the next option)
-opt = $(if $(strip $(2)),$(1) "$(strip $(2))",)
+# `--option 'value'`: quoted as it is (a path may hold spaces, or a `$`), and left out when the value is empty,
+# so the command's own default applies or its error names the option (an empty value swallowed the next one)
+opt = $(if $(strip $(2)),$(1) '$(2)',)
 
 .PHONY: install features train caption serve demo test test-all clean data coco2014
 install: $(VENV)/.installed

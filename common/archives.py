@@ -20,8 +20,8 @@ MAX_RATIO = 100
 RATIO_SLACK = 64 * 2**20
 # what download_dataset writes into a dataset's folder: an archive's member of these names is skipped
 RESERVED = (".extracted.json", ".extracting-")
-# errors of the archive's layout (a file and a folder of one name): the archive's fault, not the disk's
-_LAYOUT_ERRNOS = {errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ}
+# errors of the archive's layout (a file and a folder of one name, in a fresh folder): the archive's fault
+_LAYOUT_ERRNOS = {errno.EEXIST, errno.EISDIR, errno.ENOTDIR}
 _NO_ROOM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
@@ -70,32 +70,41 @@ def extract_archive(path: Path, dest: Path, members: tuple[str, ...] = (), into:
         return target / rel
 
     try:
-        _unpack(path, out_path, progress, MAX_RATIO * path.stat().st_size + RATIO_SLACK)
+        try:
+            _unpack(path, out_path, progress, MAX_RATIO * path.stat().st_size + RATIO_SLACK)
+        except (zlib.error, zipfile.BadZipFile, tarfile.TarError, EOFError) as e:  # a damaged member
+            raise ArchiveDamaged(f"{path} is damaged ({type(e).__name__}: {_reason(e)})") from None
+        except (NotImplementedError, RuntimeError) as e:  # zipfile: Deflate64, an encrypted member
+            raise ArchiveDamaged(f"{path} cannot be unpacked here ({_reason(e)})") from None
+        except DownloadError:
+            raise
+        except OSError as e:  # in a fresh temp folder: a clash is between the archive's own members
+            if e.errno in _LAYOUT_ERRNOS:
+                raise ArchiveDamaged(f"{path} cannot be unpacked: {e.strerror or _reason(e)} for "
+                                     f"{_member(e, tmp, dest)}") from None
+            raise _disk_error(e, path, tmp, dest) from None
         if wanted - found:
             raise DownloadError(f"{path} does not hold {', '.join(sorted(wanted - found))}")
         n = 0
         for src in sorted(p for p in tmp.rglob("*") if p.is_file()):
             dst = dest / src.relative_to(tmp)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dst)
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+            except OSError as e:  # something already in the dataset's folder is in the way: not the archive's fault
+                raise _disk_error(e, path, tmp, dest) from None
             n += 1
-    except (zlib.error, zipfile.BadZipFile, tarfile.TarError, EOFError) as e:  # a damaged member: not our bug
-        raise ArchiveDamaged(f"{path} is damaged ({type(e).__name__}: {_reason(e)})") from None
-    except (NotImplementedError, RuntimeError) as e:  # zipfile: Deflate64, an encrypted member
-        raise ArchiveDamaged(f"{path} cannot be unpacked here ({_reason(e)})") from None
-    except DownloadError:
-        raise
-    except OSError as e:
-        if e.errno in _LAYOUT_ERRNOS:
-            raise ArchiveDamaged(f"{path} cannot be unpacked: {e.strerror or _reason(e)} for "
-                                 f"{_member(e, tmp, dest)}") from None
-        if e.errno in _NO_ROOM_ERRNOS:
-            raise DownloadError(f"no room to extract {path} into {dest} ({e.strerror}); free some space and "
-                                f"run again") from None
-        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # what was moved into place stays; the rest goes
     return n
+
+
+def _disk_error(e: OSError, path: Path, tmp: Path, dest: Path) -> DownloadError:
+    """An OSError of the disk or of what is already in `dest` (the archive is kept: it is not at fault)."""
+    if e.errno in _NO_ROOM_ERRNOS:
+        return DownloadError(f"no room to extract {path} into {dest} ({e.strerror}); free some space and run again")
+    return DownloadError(f"cannot extract {_member(e, tmp, dest)} of {path} into {dest}: {e.strerror or _reason(e)}; "
+                         f"move what is in the way aside and run again")
 
 
 def _member(e: OSError, tmp: Path, dest: Path) -> str:

@@ -20,6 +20,7 @@ import contextlib
 import os
 import stat
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,12 +69,12 @@ def holder(lock_file: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def hold(lock_file: str | os.PathLike, what: str, wait: bool = False, reenter: bool = False) -> Iterator[Path]:
-    """Hold the lock on `lock_file` for the block; `what` names the output in the busy message. `wait`: wait
-    for the holder to let go instead (for writers whose turns take seconds, such as two drawings of one figure).
-    `reenter`: a lock this thread holds already is held again, as it is (a sweep's run holds its folder before
-    it writes there, then train() in it takes the same lock); otherwise a second hold is refused like another
-    process's."""
+def hold(lock_file: str | os.PathLike, what: str, wait: float = 0, reenter: bool = False) -> Iterator[Path]:
+    """Hold the lock on `lock_file` for the block; `what` names the output in the busy message. `wait`: seconds
+    to wait for the holder to let go first (for writers whose turns take seconds, such as two drawings of one
+    figure; a holder stopped with Ctrl-Z must not hang the waiter for ever). `reenter`: a lock this thread holds
+    already is held again, as it is (a sweep's run holds its folder before it writes there, then train() in it
+    takes the same lock); otherwise a second hold is refused like another process's."""
     lock_file = Path(lock_file)
     if fcntl is None:
         yield lock_file
@@ -96,9 +97,15 @@ def hold(lock_file: str | os.PathLike, what: str, wait: bool = False, reenter: b
         if reenter and ident in _held_files:  # ours already: the outer holder lets go
             yield lock_file
             return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
             raise OutputBusy(f"{what} {lock_file.parent} is in use by process {holder(lock_file)} (lock "
                              f"{lock_file}); wait for it to finish or stop it, or use another folder") from None
         try:

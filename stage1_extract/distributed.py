@@ -1,8 +1,8 @@
 """torchrun support for stage 1: which rank this process is, which rows it takes, and agreeing on success.
 
 `torchrun --nproc_per_node=N -m stage1_extract ...` (or multi-node, with torchrun's usual
-arguments) sets WORLD_SIZE, RANK and LOCAL_RANK. Each rank extracts the rows `i % WORLD_SIZE ==
-RANK` still pending and writes its own shards (`rankRRR-*.npz`, see stage1_extract.cache_writer);
+arguments) sets WORLD_SIZE, RANK and LOCAL_RANK. Each rank extracts every WORLD_SIZE-th of the rows
+still pending, from its RANK-th on (round-robin by row on a fresh run), and writes its own shards (`rankRRR-*.npz`, see stage1_extract.cache_writer);
 rank 0 assembles the one cache once all ranks are done. The output folder must be on a
 filesystem every node sees.
 

@@ -485,3 +485,19 @@ def test_two_downloads_into_one_archives_folder_take_turns(tmp_path, server, tin
             _get(tiny, tmp_path, server)
     _get(tiny, tmp_path, server)
     _check_layout(tmp_path)
+
+
+def test_something_in_the_dataset_folders_way_keeps_the_archive(tmp_path, server, tiny):
+    # a clash with what is already in ROOT/NAME is not the archive's fault: it was set aside and fetched again
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "train2014").write_text("a file where the archive has a folder")
+    with pytest.raises(DownloadError, match=r"cannot extract 'train2014.*' of .*train2014.zip into .*: .*move what is "
+                                            r"in the way aside") as e:
+        _get(tiny, tmp_path, server)
+    assert "moved it to" not in str(e.value)
+    assert (tmp_path / "archives/train2014.zip").is_file() and not (tmp_path / "archives/train2014.zip.bad").exists()
+    (tmp_path / "tiny" / "train2014").unlink()
+    server.log.clear()
+    _get(tiny, tmp_path, server)  # the archive kept is used: train2014.zip is not downloaded again
+    assert "train2014.zip" not in [n for n, _ in server.log]
+    _check_layout(tmp_path)

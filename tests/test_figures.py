@@ -236,6 +236,18 @@ def test_plot_during_a_run_takes_turns_with_the_runs_own_drawing(run_dir, tmp_pa
         assert (run / "curves.png").stat().st_mtime_ns == before
     t.join(60)
     assert done.is_set() and (run / "curves.png").stat().st_mtime_ns != before
+    # a drawer that never lets go (stopped with Ctrl-Z) is waited for a while, not for ever
+    from common.lock import OutputBusy
+    from stage2_decoder.training import loop
+
+    with hold(run / ".curves.png.lock", "curves"):
+        curves_mod.CURVES_WAIT_S, wait = 0.2, curves_mod.CURVES_WAIT_S
+        try:
+            with pytest.raises(OutputBusy, match="curves .* is in use by process"):
+                curves_mod.plot_run(run)
+            loop._plot(run)  # the end of training: a warning, the run still finishes
+        finally:
+            curves_mod.CURVES_WAIT_S = wait
     # a drawing's temporary is the drawing's to clean (under its lock), not a starting run's
     assert "curves.png" not in RUN_OUTPUTS
     (run / ".curves.png.killed.tmp").write_bytes(b"left by a killed plot")

@@ -716,6 +716,9 @@ def test_the_gpu_report_says_which_targets_a_run_meets(monkeypatch):
         "| not full size (400 images) |")
     assert rows["stage 1 resnet152 forward alone, float32"].endswith("| goal |")  # it said bf16
     assert rows["500-image beam-3 validation"].endswith("| - | not measured |")
+    doc["stage2"]["val_500_beam3_s"] = 0.5  # 20 validation images in a --tiny run
+    rows = {r.split(" | ")[0][2:]: r for r in gpu_report.report(doc).splitlines() if r.startswith("| ")}
+    assert rows["500-image beam-3 validation"].endswith("| 0.5 s | not full size (400 images) |")
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", "{not json", '{"stage1": 5, "stage2": {"xe_epoch_s": "fast"}, "profile": '

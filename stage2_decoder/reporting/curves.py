@@ -76,14 +76,18 @@ def marked_best_epoch(config: dict, records: list[dict]) -> int | None:
     return -max(scored)[1] if scored else None  # ties: the earliest epoch, as train.py keeps the first best
 
 
+CURVES_WAIT_S = 60  # a drawing takes a second or two; a drawer stopped (Ctrl-Z) must not hang the run's end
+
+
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Draw RUN_DIR's metrics.jsonl into `out` (default RUN_DIR/curves.png), atomically. Returns the path.
 
-    One drawing of `out` at a time (a lock beside it, waited for): `plot` during a run and the run's own drawing
-    take turns, each reading the metrics in its turn, so the last one written shows the most epochs."""
+    One drawing of `out` at a time (a lock beside it, waited for up to CURVES_WAIT_S): `plot` during a run and the
+    run's own drawing take turns, each reading the metrics in its turn, so the last one written shows the most
+    epochs."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / CURVES_NAME
-    with hold(out.parent / f".{out.name}.lock", "curves", wait=True):
+    with hold(out.parent / f".{out.name}.lock", "curves", wait=CURVES_WAIT_S):
         remove_stale_temporaries(out.parent, [out.name])  # a killed drawing's: no other is live now
         return _draw_run(run_dir, out)
 

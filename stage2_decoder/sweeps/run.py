@@ -34,7 +34,7 @@ RESULT, PARAMS, LOG = "result.json", "params.json", "train.log"
 
 
 INTERRUPTED_EXIT = 130  # a run stopped by Ctrl-C / SIGTERM: unfinished, not failed
-BUSY_EXIT = 75  # the run's folder is another process's (a `train` started by hand in it): nothing written there
+BUSY_EXIT = 75  # the run's folder is another process's (a `train` started by hand): only train.log gets a line
 
 
 RUNS_PER_GPU = 2  # default concurrent runs per GPU: small decoders leave a GPU mostly idle, one run at a time
@@ -101,7 +101,7 @@ class RunBusy(Exception):
 
 
 def busy_record(spec: RunSpec, why: str) -> dict:
-    """What the sweep reports for a run whose folder another process holds (never written into that folder)."""
+    """What the sweep reports for a run whose folder another process holds (not written into that folder)."""
     return record(spec, "failed", why, machine=True)
 
 

@@ -100,7 +100,7 @@ def plan_runs(cfg: SweepConfig) -> tuple[list[RunSpec], dict[str, list], list[st
         spec = RunSpec(name, str(out / name), features, params)
         try:  # a combination no run could train with (4 layers of 4096) fails here, not hours into the sweep
             check_settings(TrainConfig(features=features, out=spec.run_dir, **params))
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # OSError: the run's folder name is a file
             raise SweepError(f"grid point {format_point(point)}: {e}") from None
         specs.append(spec)
     return specs, grid, varied
