@@ -71,10 +71,8 @@ def main(checkpoint, features, split, dataset, images, captions, limit, decode, 
             raise click.UsageError("give either --features (cache split) or --images and --captions (raw images)")
         if raw and not (images and captions):
             raise click.UsageError("raw-image mode needs both --images and --captions")
-        given = click.get_current_context().get_parameter_source
-        for name in ("dataset", "workers"):  # ignored from a cache: said, not silently dropped
-            if not raw and given(name) == click.core.ParameterSource.COMMANDLINE:
-                raise click.UsageError(f"--{name} is for raw-image mode (--images and --captions), not --features")
+        if not raw and dataset is not None:  # the cache records its captions' format: not silently dropped
+            raise click.UsageError("--dataset is for raw-image mode (--images and --captions), not --features")
         if not raw:  # a wrong --features path fails now, not after building the backbone
             # imported on use: importing this module stays free of h5py
             from common.feature_cache import read_meta
