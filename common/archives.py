@@ -138,7 +138,6 @@ def _unpack(path: Path, out_path, progress: bool, max_bytes: int) -> None:
             infos = [(i, out_path(i.filename)) for i in zf.infolist() if not i.is_dir()]
             infos = [(i, out) for i, out in infos if out is not None]
             take(sum(i.file_size for i, _ in infos))  # all declared up front: refused before a byte is written
-            written = 0
             for info, out in tqdm(infos, desc=f"extract {path.name}", unit="file", disable=not progress, leave=False):
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(out, "wb") as dst:

@@ -32,7 +32,7 @@ except ImportError:  # not on Windows: no locking there, as before
 
 LOCK_NAME = ".lock"
 _held: set[int] = set()  # descriptors of the locks this process holds (closed in forked children)
-_held_files: dict[tuple[int, int, int], int] = {}  # (st_dev, st_ino, thread) of those lock files -> descriptor
+_held_files: set[tuple[int, int, int]] = set()  # (st_dev, st_ino, thread) of those lock files
 
 
 class OutputBusy(OSError):
@@ -114,11 +114,11 @@ def hold(lock_file: str | os.PathLike, what: str, wait: float = 0, reenter: bool
         except OSError as e:  # a full disk: said with the file, like a failed open
             raise OSError(e.errno, f"cannot lock {what} {lock_file.parent}: {e.strerror}") from e
         _held.add(fd)
-        _held_files[ident] = fd
+        _held_files.add(ident)
         try:
             yield lock_file
         finally:
-            _held_files.pop(ident, None)
+            _held_files.discard(ident)
     finally:
         _held.discard(fd)
         os.close(fd)  # releases the lock (the last descriptor of this open file); a nested hold's: nothing

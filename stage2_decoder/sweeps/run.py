@@ -100,8 +100,11 @@ class RunBusy(Exception):
     as it is."""
 
 
-def busy_record(spec: RunSpec, why: str) -> dict:
-    """What the sweep reports for a run whose folder another process holds (not written into that folder)."""
+def busy_record(spec: RunSpec) -> dict:
+    """What the sweep reports for a run whose folder another process holds (not written into that folder); the
+    next sweep redoes it."""
+    why = (f"OutputBusy: run folder {spec.run_dir} is in use by process {holder(Path(spec.run_dir) / LOCK_NAME)}; "
+           f"rerun the sweep once it is done")
     return record(spec, "failed", why, machine=True)
 
 
@@ -110,13 +113,12 @@ def _run_one(spec: RunSpec, threads: int | None) -> dict:
     RunBusy (nothing written in its folder) if another process holds the folder."""
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    held = contextlib.ExitStack()
-    try:  # before params.json: a `train` by hand in this folder owns it, and a resume would read those threads
-        held.enter_context(hold(run_dir / LOCK_NAME, "run folder"))
-    except OutputBusy as e:
-        print(f"not run: {e}", file=sys.stderr)
-        raise RunBusy(str(e)) from None
-    with held:
+    with contextlib.ExitStack() as held:
+        try:  # before params.json: a `train` by hand in this folder owns it, and a resume would read those threads
+            held.enter_context(hold(run_dir / LOCK_NAME, "run folder"))
+        except OutputBusy as e:
+            print(f"not run: {e}", file=sys.stderr)
+            raise RunBusy(str(e)) from None
         return _run_held(spec, run_dir, threads)
 
 
@@ -144,11 +146,6 @@ def _run_held(spec: RunSpec, run_dir: Path, threads: int | None) -> dict:
     rec.update(started_at=started, host=socket.gethostname(), pid=os.getpid())  # where and when it ran
     write_json(run_dir / RESULT, rec)
     return rec
-
-
-def _busy_reason(spec: RunSpec) -> str:
-    return (f"OutputBusy: run folder {spec.run_dir} is in use by process {holder(Path(spec.run_dir) / LOCK_NAME)}; "
-            f"rerun the sweep once it is done")
 
 
 def read_result(spec: RunSpec) -> dict | None:
@@ -336,7 +333,7 @@ def _run_forked(spec: RunSpec, threads: int | None, gpus: "queue.Queue | None" =
         if gpu is not None:
             gpus.put(gpu)
     if p.exitcode == BUSY_EXIT:  # its folder is another process's: report it, write nothing there
-        return busy_record(spec, _busy_reason(spec))
+        return busy_record(spec)
     rec = read_result(spec)
     if rec is not None:
         return rec
@@ -418,7 +415,7 @@ def _run_in_process(spec: RunSpec, threads: int) -> dict:
     with open(run_dir / LOG, "a") as log:
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, check=False)
     if proc.returncode == BUSY_EXIT:
-        return {**busy_record(spec, _busy_reason(spec)), "worker_pid": os.getpid()}
+        return {**busy_record(spec), "worker_pid": os.getpid()}
     rec = read_result(spec) or exit_record(spec, proc.returncode)
     rec = {**rec, "worker_pid": os.getpid()}  # pid: the run's own process
     write_json(run_dir / RESULT, rec)

@@ -17,7 +17,6 @@ from tqdm import tqdm
 from common.atomic import remove_stale_temporaries
 from common.device import resolve_device
 from common.lock import LOCK_NAME, hold
-from common.tokenizer import TOKENIZERS
 from stage2_decoder.model import CaptionDecoder
 from stage2_decoder.training.config import TrainConfig
 from stage2_decoder.training.data import load_train_data
@@ -53,10 +52,10 @@ def check_settings(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr must be positive, got {cfg.lr}")
-    if cfg.tokenizer not in TOKENIZERS:
-        raise ValueError(f"--tokenizer must be one of {', '.join(TOKENIZERS)}, got {cfg.tokenizer!r}")
-    if cfg.select_by not in ("cider", "loss"):
-        raise ValueError(f"--select-by must be cider or loss, got {cfg.select_by!r}")
+    for name, choices in TrainConfig.CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                             f"got {getattr(cfg, name)!r}")
     if not 0 <= cfg.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if not 0 <= cfg.ema_decay < 1:
